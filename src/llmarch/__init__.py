@@ -1,0 +1,17 @@
+"""llmarch: the architectures and techniques of LLM training and inference, in JAX."""
+
+from llmarch import config, ops, presets, sharding
+from llmarch.config import AttentionConfig, BlockConfig, ModelConfig, RopeScaling
+from llmarch.model import Transformer
+
+__all__ = [
+    "AttentionConfig",
+    "BlockConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "config",
+    "ops",
+    "presets",
+    "sharding",
+]

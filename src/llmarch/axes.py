@@ -1,0 +1,51 @@
+"""The axis alphabet and the logical axis names.
+
+One letter per axis, used in einsum strings, shape comments and weight names
+(``w_q_dnh`` is a ``[D, N, H]`` weight). Extend the alphabet here only.
+"""
+
+ALPHABET = {
+    "B": "batch",
+    "T": "query positions",
+    "S": "key positions",
+    "D": "model width",
+    "F": "FFN hidden",
+    "N": "query heads",
+    "K": "key/value heads",
+    "G": "query heads per KV head (N = K*G)",
+    "H": "head dim",
+    "V": "vocabulary",
+    "L": "layers",
+    "E": "experts",
+    "C": "expert capacity",
+    "R": "RoPE dim (MLA)",
+    "A": "latent (KV LoRA) rank",
+    "Q": "query LoRA rank",
+    "M": "memory slots",
+    "P": "product keys per side",
+}
+
+# Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;
+# model code names only these, never a mesh axis.
+LAYERS = "layers"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+VOCAB = "vocab"
+NORM = "norm"
+EXPERT = "expert"
+MEMORY_ROWS = "memory_rows"
+LATENT = "latent"
+
+# Logical names of activation axes (kept apart from parameter axes so that, e.g., FSDP can
+# shard the embed axis of weights without sharding the embed axis of activations).
+BATCH = "batch"
+SEQ = "seq"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_VOCAB = "act_vocab"
+
+PARAM_AXES = (LAYERS, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, NORM, EXPERT, MEMORY_ROWS, LATENT)
+ACTIVATION_AXES = (BATCH, SEQ, ACT_EMBED, ACT_HEADS, ACT_VOCAB)

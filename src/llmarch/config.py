@@ -1,0 +1,196 @@
+"""Frozen configuration dataclasses, validated on construction, with a JSON round trip.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the
+field, the value and what is allowed, before any array is built or anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+# The kinds a block may use. Later layers register here (e.g. "mla", "moe", "pkm").
+ATTENTION_KINDS = ("mha",)  # "mha" covers MHA, GQA and MQA through num_kv_heads.
+FFN_KINDS = ("swiglu",)
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+IMPLS = ("auto", "xla", "pallas")
+
+
+def _fail(owner: str, field: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
+
+
+def _positive(owner: str, **fields: Any) -> None:
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            _fail(owner, name, value, "must be a positive integer")
+
+
+def _choice(owner: str, field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(owner, field, value, f"must be one of {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling of RoPE (``rope_type="llama3"`` in transformers)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor < 1.0:
+            _fail("RopeScaling", "factor", self.factor, "must be >= 1")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            _fail(
+                "RopeScaling",
+                "low_freq_factor",
+                self.low_freq_factor,
+                f"must satisfy 0 < low_freq_factor < high_freq_factor={self.high_freq_factor}",
+            )
+        _positive("RopeScaling", original_max_position_embeddings=self.original_max_position_embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Multi-head attention with ``num_kv_heads`` groups: MHA (K=N), GQA (1<K<N), MQA (K=1)."""
+
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # a query sees at most this many keys, itself included
+
+    def __post_init__(self):
+        _positive("AttentionConfig", num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                  head_dim=self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            _fail("AttentionConfig", "num_kv_heads", self.num_kv_heads,
+                  f"must divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            _fail("AttentionConfig", "head_dim", self.head_dim, "must be even for RoPE")
+        if not self.rope_theta > 0:
+            _fail("AttentionConfig", "rope_theta", self.rope_theta, "must be > 0")
+        if self.sliding_window is not None:
+            _positive("AttentionConfig", sliding_window=self.sliding_window)
+
+    @property
+    def groups(self) -> int:  # G = N / K
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Which attention and which FFN one decoder block uses."""
+
+    attention: str = "mha"
+    ffn: str = "swiglu"
+
+    def __post_init__(self):
+        _choice("BlockConfig", "attention", self.attention, ATTENTION_KINDS)
+        _choice("BlockConfig", "ffn", self.ffn, FFN_KINDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer.
+
+    ``blocks`` gives each layer's kinds; ``None`` means ``num_layers`` default blocks. Runs of
+    identical consecutive blocks are stacked and scanned, so compile time stays flat in depth.
+    """
+
+    vocab_size: int  # V
+    d_model: int  # D
+    num_layers: int  # L
+    ffn_dim: int  # F
+    attention: AttentionConfig
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    blocks: tuple[BlockConfig, ...] | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    impl: str = "auto"  # kernel implementation for every op, see llmarch.ops
+    init_std: float = 0.02
+    name: str = "custom"
+
+    def __post_init__(self):
+        _positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
+                  num_layers=self.num_layers, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len)
+        if not isinstance(self.attention, AttentionConfig):
+            _fail("ModelConfig", "attention", self.attention, "must be an AttentionConfig")
+        if not 0 < self.norm_eps < 1:
+            _fail("ModelConfig", "norm_eps", self.norm_eps, "must be in (0, 1)")
+        if not self.init_std > 0:
+            _fail("ModelConfig", "init_std", self.init_std, "must be > 0")
+        _choice("ModelConfig", "dtype", self.dtype, DTYPES)
+        _choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
+        _choice("ModelConfig", "remat", self.remat, REMAT_POLICIES)
+        _choice("ModelConfig", "impl", self.impl, IMPLS)
+        if self.blocks is not None:
+            if not isinstance(self.blocks, tuple) or not all(
+                isinstance(b, BlockConfig) for b in self.blocks
+            ):
+                _fail("ModelConfig", "blocks", self.blocks, "must be a tuple of BlockConfig or None")
+            if len(self.blocks) != self.num_layers:
+                _fail("ModelConfig", "blocks", f"<{len(self.blocks)} blocks>",
+                      f"must have num_layers={self.num_layers} entries")
+
+    @property
+    def layer_blocks(self) -> tuple[BlockConfig, ...]:
+        return self.blocks if self.blocks is not None else (BlockConfig(),) * self.num_layers
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # JSON round trip ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _build(cls, data, "ModelConfig")
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Rebuilds dataclass ``cls`` from plain JSON data, following its type hints."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(options[0], value, where) if len(options) == 1 else value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]  # tuple[X, ...]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    return value

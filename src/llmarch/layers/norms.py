@@ -1,0 +1,23 @@
+"""RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmarch import axes
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` over the last axis; statistics in float32, output in x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: jnp.dtype = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axes.NORM,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        # Llama casts back before scaling; doing the same keeps bf16 parity with transformers.
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)

@@ -1,0 +1,210 @@
+"""The decoder: embedding, runs of stacked blocks scanned with ``jax.lax.scan``, final norm.
+
+Each layer's attention and FFN kind comes from ``cfg.layer_blocks``; consecutive identical
+blocks form a run whose parameters are stacked on a leading ``layers`` axis and scanned, so
+compile time does not grow with depth. New block kinds register in ``ATTENTION``/``FFN``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmarch import axes, sharding
+from llmarch.config import BlockConfig, ModelConfig
+from llmarch.layers.attention import Attention
+from llmarch.layers.einsum import Einsum
+from llmarch.layers.embed import Embed
+from llmarch.layers.ffn import SwiGLU
+from llmarch.layers.norms import RMSNorm
+
+ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention}
+FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_ACTIVATION = (axes.BATCH, axes.SEQ, axes.ACT_EMBED)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, kinds: BlockConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.attention = ATTENTION[kinds.attention](cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.ffn = FFN[kinds.ffn](cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        with jax.named_scope("attention"):
+            x = x + self.attention(self.attn_norm(x), positions, segment_ids)
+        with jax.named_scope("ffn"):
+            x = x + self.ffn(self.ffn_norm(x))
+        return sharding.constrain(x, _ACTIVATION)
+
+
+class BlockRun(nnx.Module):
+    """``count`` identical blocks whose parameters are stacked on a leading ``layers`` axis."""
+
+    def __init__(self, cfg: ModelConfig, kinds: BlockConfig, count: int, *, rngs: nnx.Rngs):
+        self.count, self.remat = count, cfg.remat
+
+        def init_one(key: jax.Array) -> nnx.State:
+            with nnx.use_eager_sharding(False):
+                return nnx.state(Block(cfg, kinds, rngs=nnx.Rngs(params=key)))
+
+        # One jax.vmap over per-layer keys: every layer is initialized as a lone block would be.
+        stacked = jax.vmap(init_one)(jax.random.split(rngs.params(), count))
+
+        eager = nnx.using_eager_sharding()
+
+        def add_layer_axis(var: nnx.Variable) -> nnx.Variable:
+            names = var.get_metadata().get("out_sharding")
+            if names:
+                var.set_metadata(out_sharding=(axes.LAYERS, *names))
+            var.set_metadata(eager_sharding=eager)  # as if born in this context, like the rest
+            return var
+
+        stacked = jax.tree.map(add_layer_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        mesh, table = jax.sharding.get_abstract_mesh(), _active_rules()
+        if not mesh.empty and table and nnx.using_eager_sharding():
+            stacked = sharding.shard_state(stacked, _concrete_mesh(), table)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, kinds)))
+        self.layers = nnx.merge(graphdef, stacked)  # a Block whose every variable has an L axis
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, positions, segment_ids), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer: ``model(tokens [B,T]) -> logits [B,T,V]`` (float32).
+
+    Built under ``llmarch.sharding.use(mesh, rules)`` its parameters are born sharded; with
+    no mesh it builds unsharded on the default device.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        sharded = (not jax.sharding.get_abstract_mesh().empty and bool(_active_rules())
+                   and nnx.using_eager_sharding())
+        if sharded:  # fail with a clear message before anything is placed on the mesh
+            abstract = nnx.eval_shape(lambda: _unsharded_model(cfg))
+            sharding.state_shardings(nnx.state(abstract), _concrete_mesh(), _active_rules())
+        with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
+            self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
+                               param_dtype=pd)
+            runs = itertools.groupby(cfg.layer_blocks)
+            self.runs = nnx.List(
+                [BlockRun(cfg, kinds, len(list(group)), rngs=rngs) for kinds, group in runs]
+            )
+            self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+            self.lm_head = None if cfg.tie_embeddings else Einsum(
+                (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), rngs=rngs,
+                init=nnx.initializers.normal(cfg.init_std), param_dtype=pd)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits of ``tokens [B,T]``.
+
+        Args:
+          tokens: int ``[B,T]`` token ids in ``[0, V)``.
+          positions: int ``[B,T]`` RoPE positions; default: position within the segment.
+          segment_ids: int ``[B,T]`` document ids of packed sequences; tokens attend only
+            within their segment. Default: one document per row.
+        Returns:
+          float32 ``[B,T,V]`` logits.
+        """
+        check_inputs(self.cfg, tokens, positions, segment_ids)
+        if positions is None:
+            positions = segment_positions(segment_ids, tokens.shape)
+        x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
+        x = sharding.constrain(x, _ACTIVATION)
+        for i, run in enumerate(self.runs):
+            with jax.named_scope(f"run{i}"):
+                x = run(x, positions, segment_ids)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
+        return sharding.constrain(logits.astype(jnp.float32), (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
+
+
+def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """``[B,T]`` position of each token within its segment (``arange(T)`` with no segments)."""
+    B, T = shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+        return index
+    starts = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None) -> None:
+    """Raises ValueError/TypeError for inputs the model cannot take.
+
+    Shapes and dtypes are always checked; token values only when concrete (outside jit),
+    since a traced value is unknown until it runs.
+    """
+    shape = np.shape(tokens)
+    if len(shape) != 2:
+        raise ValueError(f"tokens has shape {shape}: expected rank 2 [batch, seq]")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens has dtype {tokens.dtype}: expected an integer dtype")
+    if shape[1] > cfg.max_seq_len:
+        raise ValueError(f"tokens has sequence length {shape[1]}, longer than the configured "
+                         f"max_seq_len={cfg.max_seq_len}")
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr is not None and np.shape(arr) != shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}: expected tokens' shape {shape}")
+    if not isinstance(tokens, jax.core.Tracer) and shape[0] * shape[1]:
+        host = np.asarray(tokens)  # concrete: a host copy, so the check is not traced
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids span [{lo}, {hi}]: allowed range is "
+                             f"[0, vocab_size={cfg.vocab_size})")
+
+
+def _unsharded_block(cfg: ModelConfig, kinds: BlockConfig) -> Block:
+    with nnx.use_eager_sharding(False):
+        return Block(cfg, kinds, rngs=nnx.Rngs(0))
+
+
+def _unsharded_model(cfg: ModelConfig) -> Transformer:
+    with nnx.use_eager_sharding(False):
+        return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _active_rules() -> sharding.Rules:
+    from flax.core import spmd as flax_spmd
+
+    return tuple(flax_spmd.get_logical_axis_rules())
+
+
+def _concrete_mesh() -> jax.sharding.Mesh:
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        raise ValueError("a mesh is needed: build the model under llmarch.sharding.use(mesh, rules)")
+    return mesh

@@ -1,0 +1,165 @@
+"""Meshes, logical-axis rules, and the shardings of model state, batches and activations.
+
+Model code names logical axes (``llmarch.axes``); the rules here map them to the mesh axes
+``data, fsdp, tensor, expert, stage``. Every mesh axis is ``Auto``: the compiler propagates
+shardings between the constraints that we place at block boundaries, and shardings are not
+part of array types (with Explicit axes every op's sharding must type-check, which fights
+einsum-heavy model code; shard_map regions reshard their inputs themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llmarch import axes
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+_DATA = ("data", "fsdp")  # the batch is split over every axis that holds no model dimension
+_UNSHARDED = {name: None for name in axes.PARAM_AXES + axes.ACTIVATION_AXES}
+_FSDP = {axes.EMBED: "fsdp"}
+_TP = {axes.HEADS: "tensor", axes.KV_HEADS: "tensor", axes.MLP: "tensor", axes.VOCAB: "tensor",
+       axes.ACT_HEADS: "tensor"}
+_EP = {axes.EXPERT: "expert"}
+
+
+def _rules(*parts: Mapping[str, str | tuple[str, ...] | None], batch=_DATA) -> Rules:
+    table = dict(_UNSHARDED, **{axes.BATCH: batch})
+    for part in parts:
+        table.update(part)
+    return tuple(table.items())
+
+
+RULES: dict[str, Rules] = {
+    "dp": _rules(),
+    "fsdp": _rules(_FSDP),
+    "tp": _rules(_TP),
+    "fsdp_tp": _rules(_FSDP, _TP),
+    "ep": _rules(_EP, batch=(*_DATA, "expert")),
+    "hybrid": _rules(_FSDP, _TP, _EP, batch=(*_DATA, "expert")),
+}
+
+
+def rules(name: str) -> Rules:
+    """The logical-axis rules preset ``name`` (one of ``RULES``)."""
+    if name not in RULES:
+        raise ValueError(f"rules={name!r} is unknown; allowed: {sorted(RULES)}")
+    return RULES[name]
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` -> ``{"data": 2, "fsdp": 2, "tensor": 2}``, validated."""
+    if isinstance(spec, str):
+        sizes: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            name, eq, size = item.partition("=")
+            if not eq or not size.strip().isdigit():
+                raise ValueError(f"mesh spec item {item!r} is invalid: expected NAME=SIZE, e.g. data=2")
+            if name.strip() in sizes:
+                raise ValueError(f"mesh axis {name.strip()!r} is given twice in {spec!r}")
+            sizes[name.strip()] = int(size)
+    else:
+        sizes = dict(spec)
+    for name, size in sizes.items():
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} is unknown; allowed: {MESH_AXES}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh axis {name}={size!r} is invalid: must be a positive integer")
+    return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all five axes (those not in ``spec`` have size 1), every axis ``Auto``."""
+    sizes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh {sizes} needs {math.prod(shape)} devices but {len(devices)} are given; "
+            "the product of the axis sizes must equal the device count"
+        )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules_: Rules | str) -> Iterator[None]:
+    """Activates ``mesh`` and ``rules_``: modules built inside are born sharded."""
+    table = rules(rules_) if isinstance(rules_, str) else rules_
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(table):
+        yield
+
+
+def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec over the axes that ``mesh_axes`` has.
+
+    A mesh axis serves at most one dimension: where two dimensions map to the same axis, the
+    first keeps it and the later one is replicated.
+    """
+    lookup = dict(table)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is not None and name not in lookup:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(lookup)}")
+        target = lookup.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(t for t in targets if t in mesh_axes and t not in used)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*spec)
+
+
+def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
+        mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if size % ways:
+            raise ValueError(
+                f"{path}: dimension {dim} of shape {shape} has size {size}, which the mesh axes "
+                f"{mesh_axes} (x{ways}) do not divide; change the config or the mesh/rules"
+            )
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.State:
+    """The NamedSharding of every variable in ``state``, from its ``sharding_names``."""
+    table = rules(table) if isinstance(table, str) else table
+
+    def one(path, var):
+        names = var.get_metadata().get("out_sharding") or (None,) * np.ndim(var.get_value())
+        spec = logical_to_spec(names, table, mesh.axis_names)
+        _check_divisible(jax.tree_util.keystr(path), np.shape(var.get_value()), spec, mesh)
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.State:
+    """Places ``state`` on ``mesh`` according to ``table``."""
+    return jax.device_put(state, state_shardings(state, mesh, table))
+
+
+def batch_sharding(mesh: Mesh, table: Rules | str, ndim: int = 2) -> NamedSharding:
+    """Sharding of a ``[B, ...]`` input: the batch over the data axes, the rest replicated."""
+    table = rules(table) if isinstance(table, str) else table
+    return NamedSharding(mesh, logical_to_spec((axes.BATCH,) + (None,) * (ndim - 1), table,
+                                               mesh.axis_names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical names; a no-op with no mesh or rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    table = flax_spmd.get_logical_axis_rules()
+    if mesh.empty or not table:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, table, mesh.axis_names))

@@ -1,0 +1,140 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmarch
+from kernels_pallas.flash_attention import attention_reference
+from llmarch import ops
+from llmarch.config import RopeScaling
+from llmarch.layers.einsum import Einsum
+from llmarch.layers.norms import RMSNorm
+from llmarch.layers.rope import apply_rope, inverse_frequencies
+
+
+def test_einsum_applies_its_weight():
+    with nnx.use_eager_sharding(False):  # a lone layer, with no mesh to be sharded on
+        layer = Einsum((3, 2), ("embed", "mlp"), rngs=nnx.Rngs(0))
+    x = jnp.arange(6.0).reshape(1, 2, 3)
+    np.testing.assert_allclose(layer("BTD,DF->BTF", x), x @ layer.w[...], rtol=1e-6)
+    with pytest.raises(ValueError, match="rank"):
+        Einsum((3, 2), ("embed",), rngs=nnx.Rngs(0))
+
+
+def test_rmsnorm_by_hand():
+    with nnx.use_eager_sharding(False):
+        norm = RMSNorm(2, eps=0.0)
+    x = jnp.array([[3.0, 4.0]])
+    rms = np.sqrt((9 + 16) / 2)
+    np.testing.assert_allclose(norm(x), [[3 / rms, 4 / rms]], rtol=1e-6)
+    assert norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    inv_freq = inverse_frequencies(8, 10_000.0)
+    q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 8))
+
+    def score(pq, pk):
+        rq = apply_rope(q, jnp.array([[pq]]), inv_freq)
+        rk = apply_rope(k, jnp.array([[pk]]), inv_freq)
+        return float(jnp.sum(rq * rk))
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(0, 0) == pytest.approx(float(jnp.sum(q * k)), abs=1e-5)
+
+
+def test_llama3_scaling_bands():
+    plain = inverse_frequencies(128, 500_000.0)
+    scaled = inverse_frequencies(128, 500_000.0, RopeScaling(factor=8.0))
+    wavelen = 2 * np.pi / plain
+    high = wavelen < 8192 / 4  # short wavelengths are kept
+    low = wavelen > 8192 / 1  # long wavelengths are divided by the factor
+    np.testing.assert_allclose(scaled[high], plain[high])
+    np.testing.assert_allclose(scaled[low], plain[low] / 8, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any() and np.all(scaled[mid] <= plain[mid]) and np.all(scaled[mid] >= plain[mid] / 8)
+
+
+def _naive_mha(q, k, v, causal=True):
+    """Per-head softmax(q kᵀ/√H) v with explicit loops: the textbook definition."""
+    B, T, N, H = q.shape
+    out = np.zeros((B, T, N, H), np.float64)
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    for b in range(B):
+        for n in range(N):
+            s = q[b, :, n] @ k[b, :, n].T / np.sqrt(H)
+            if causal:
+                s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, n] = (p / p.sum(-1, keepdims=True)) @ v[b, :, n]
+    return out
+
+
+def _qkv(B=2, T=6, N=4, K=4, H=8, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kq, (B, T, N, H)), jax.random.normal(kk, (B, T, K, H)),
+            jax.random.normal(kv, (B, T, K, H)))
+
+
+def _pos(B, T):
+    return jnp.broadcast_to(jnp.arange(T), (B, T))
+
+
+def test_attention_with_kv_heads_equal_heads_is_mha():
+    q, k, v = _qkv(K=4)
+    out = attention_reference(q, k, v, q_positions=_pos(2, 6), kv_positions=_pos(2, 6))
+    np.testing.assert_allclose(out, _naive_mha(q, k, v), atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    q, k, v = _qkv(N=6, K=2)
+    pos = _pos(2, 6)
+    gqa = attention_reference(q, k, v, q_positions=pos, kv_positions=pos)
+    mha = attention_reference(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2),
+                              q_positions=pos, kv_positions=pos)
+    np.testing.assert_allclose(gqa, mha, atol=1e-6)
+    mqa = attention_reference(q, k[:, :, :1], v[:, :, :1], q_positions=pos, kv_positions=pos)
+    np.testing.assert_allclose(mqa, _naive_mha(q, jnp.repeat(k[:, :, :1], 6, 2),
+                                               jnp.repeat(v[:, :, :1], 6, 2)), atol=1e-5)
+
+
+def test_sliding_window_matches_truncated_context():
+    q, k, v = _qkv(B=1, T=8, N=2, K=2)
+    pos = _pos(1, 8)
+    out = attention_reference(q, k, v, q_positions=pos, kv_positions=pos, sliding_window=3)
+    # The last query sees exactly keys 5, 6, 7: the same as full causal attention over them.
+    tail = attention_reference(q[:, 5:], k[:, 5:], v[:, 5:], q_positions=pos[:, 5:],
+                               kv_positions=pos[:, 5:])
+    np.testing.assert_allclose(out[:, -1], tail[:, -1], atol=1e-6)
+
+
+def test_fully_masked_query_gives_zeros_not_nan():
+    q, k, v = _qkv(B=1, T=4, N=2, K=2)
+    seg_q = jnp.array([[1, 1, 1, 1]])
+    seg_k = jnp.array([[2, 2, 2, 2]])
+    out = attention_reference(q, k, v, q_positions=_pos(1, 4), kv_positions=_pos(1, 4),
+                              q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    assert np.all(np.asarray(out) == 0)
+    g = jax.grad(lambda q: attention_reference(q, k, v, q_positions=_pos(1, 4),
+                                               kv_positions=_pos(1, 4), q_segment_ids=seg_q,
+                                               kv_segment_ids=seg_k).sum())(q)
+    assert np.all(np.isfinite(g))
+
+
+def test_ops_dispatch():
+    assert ops.resolve("attention", "auto")[0] == ops.Impl.XLA  # CPU
+    assert ops.resolve("attention", "xla")[0] == ops.Impl.XLA
+    with pytest.raises(ValueError, match="impl='pallas' is not available for op='attention'"):
+        ops.resolve("attention", "pallas")
+    with pytest.raises(ValueError, match="impl='triton'"):
+        ops.resolve("attention", "triton")
+    with pytest.raises(ValueError, match="op='conv'"):
+        ops.resolve("conv")
+
+
+def test_model_config_impl_reaches_ops():
+    cfg = llmarch.presets.get("tiny-dense").replace(impl="pallas")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not available for op='attention'"):
+        model(jnp.zeros((1, 4), jnp.int32))

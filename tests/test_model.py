@@ -1,0 +1,116 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmarch
+from llmarch.model import segment_positions
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    cfg = llmarch.presets.get("tiny-gqa")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, tokens, segment_ids=None: nnx.merge(graphdef, state)(
+        tokens, segment_ids=segment_ids))
+    return cfg, model, state, forward
+
+
+def _tokens(cfg, B, T, seed=0):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, cfg.vocab_size)
+
+
+def test_logits_shape_dtype_and_jit_equals_eager(gqa):
+    cfg, model, state, forward = gqa
+    tokens = _tokens(cfg, 2, 12)
+    eager = model(tokens)
+    assert eager.shape == (2, 12, cfg.vocab_size) and eager.dtype == jnp.float32
+    np.testing.assert_allclose(forward(state, tokens), eager, atol=1e-5)
+
+
+def test_causal_logits_ignore_the_future(gqa):
+    cfg, _, state, forward = gqa
+    tokens = _tokens(cfg, 2, 16)
+    t = 7
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
+    a, b = forward(state, tokens), forward(state, changed)
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3  # and the future does change
+
+
+def test_packed_segments_do_not_see_each_other(gqa):
+    cfg, _, state, forward = gqa
+    doc_a, doc_b = _tokens(cfg, 1, 5, seed=1), _tokens(cfg, 1, 3, seed=2)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
+    out = forward(state, packed, segments)
+    np.testing.assert_allclose(out[:, :5], forward(state, doc_a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], forward(state, doc_b), atol=1e-5)
+    # Without segment ids the second document does see the first.
+    assert np.abs(forward(state, packed)[:, 5:] - out[:, 5:]).max() > 1e-3
+
+
+def test_segment_positions_restart_per_document():
+    seg = jnp.array([[1, 1, 2, 2, 2, 3], [4, 4, 4, 4, 4, 4]])
+    np.testing.assert_array_equal(segment_positions(seg, seg.shape),
+                                  [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_values_and_gradients(gqa, policy):
+    cfg, _, state, _ = gqa
+    tokens = _tokens(cfg, 2, 8)
+
+    def loss_and_grad(cfg):
+        graphdef = nnx.graphdef(llmarch.Transformer(cfg, rngs=nnx.Rngs(0)))
+        loss = lambda s: nnx.merge(graphdef, s)(tokens).std()  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(state)
+
+    (l0, g0), (l1, g1) = loss_and_grad(cfg), loss_and_grad(cfg.replace(remat=policy))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_layers_are_stacked_and_initialized_independently(gqa):
+    _, model, _, _ = gqa
+    w = model.runs[0].layers.attention.w_q_dnh.w[...]
+    assert w.shape[0] == 2 and not np.allclose(w[0], w[1])
+    assert model.runs[0].layers.attention.w_q_dnh.w.get_metadata()["out_sharding"][0] == "layers"
+
+
+def test_same_seed_same_model():
+    cfg = llmarch.presets.get("tiny-dense")
+    a = nnx.state(llmarch.Transformer(cfg, rngs=nnx.Rngs(3)))
+    b = nnx.state(llmarch.Transformer(cfg, rngs=nnx.Rngs(3)))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize(
+    "tokens, error, match",
+    [
+        (np.array([[1, 2, 320]]), ValueError, r"token ids span \[1, 320\].*vocab_size=320"),
+        (np.array([[-1, 2]]), ValueError, r"token ids span \[-1, 2\]"),
+        (np.array([1, 2, 3]), ValueError, "rank 2"),
+        (np.zeros((1, 2, 3), np.int32), ValueError, "rank 2"),
+        (np.zeros((1, 3), np.float32), TypeError, "integer dtype"),
+        (np.zeros((1, 257), np.int32), ValueError, "sequence length 257.*max_seq_len=256"),
+    ],
+)
+def test_bad_inputs_raise(gqa, tokens, error, match):
+    _, model, _, _ = gqa
+    with pytest.raises(error, match=match):
+        model(jnp.asarray(tokens))
+
+
+def test_bad_segment_shape(gqa):
+    _, model, _, _ = gqa
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        model(jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.zeros((1, 3), jnp.int32))
+
+
+def test_too_long_sequence_is_caught_under_jit(gqa):
+    cfg, _, state, forward = gqa
+    with pytest.raises(ValueError, match="max_seq_len"):
+        forward(state, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
