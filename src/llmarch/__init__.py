@@ -1,6 +1,6 @@
 """llmarch: the architectures and techniques of LLM training and inference, in JAX."""
 
-from llmarch import config, ops, presets, sharding
+from llmarch import accounting, config, hf, ops, presets, sharding
 from llmarch.config import AttentionConfig, BlockConfig, ModelConfig, RopeScaling
 from llmarch.model import Transformer
 
@@ -10,7 +10,9 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "Transformer",
+    "accounting",
     "config",
+    "hf",
     "ops",
     "presets",
     "sharding",

@@ -77,8 +77,8 @@ class BlockRun(nnx.Module):
 
         stacked = jax.tree.map(add_layer_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
         mesh, table = jax.sharding.get_abstract_mesh(), _active_rules()
-        if not mesh.empty and table and nnx.using_eager_sharding():
-            stacked = sharding.shard_state(stacked, _concrete_mesh(), table)
+        if not mesh.empty and table and eager:  # born sharded, like flax's eager variables
+            stacked = sharding.constrain_state(stacked, mesh, table)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, kinds)))
         self.layers = nnx.merge(graphdef, stacked)  # a Block whose every variable has an L axis
 
@@ -108,7 +108,8 @@ class Transformer(nnx.Module):
                    and nnx.using_eager_sharding())
         if sharded:  # fail with a clear message before anything is placed on the mesh
             abstract = nnx.eval_shape(lambda: _unsharded_model(cfg))
-            sharding.state_shardings(nnx.state(abstract), _concrete_mesh(), _active_rules())
+            sharding.state_shardings(nnx.state(abstract), jax.sharding.get_abstract_mesh(),
+                                     _active_rules())
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
             self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
                                param_dtype=pd)
@@ -202,9 +203,3 @@ def _active_rules() -> sharding.Rules:
 
     return tuple(flax_spmd.get_logical_axis_rules())
 
-
-def _concrete_mesh() -> jax.sharding.Mesh:
-    mesh = jax.sharding.get_mesh()
-    if mesh.empty:
-        raise ValueError("a mesh is needed: build the model under llmarch.sharding.use(mesh, rules)")
-    return mesh

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llmarch import axes
 
@@ -120,7 +120,8 @@ def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequen
     return PartitionSpec(*spec)
 
 
-def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec,
+                     mesh: Mesh | AbstractMesh) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
         mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
@@ -131,7 +132,7 @@ def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mes
             )
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.State:
+def state_shardings(state: nnx.State, mesh: Mesh | AbstractMesh, table: Rules | str) -> nnx.State:
     """The NamedSharding of every variable in ``state``, from its ``sharding_names``."""
     table = rules(table) if isinstance(table, str) else table
 
@@ -145,8 +146,14 @@ def state_shardings(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.Sta
 
 
 def shard_state(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.State:
-    """Places ``state`` on ``mesh`` according to ``table``."""
+    """Places ``state`` on ``mesh`` according to ``table`` (outside jit)."""
     return jax.device_put(state, state_shardings(state, mesh, table))
+
+
+def constrain_state(state: nnx.State, mesh: Mesh | AbstractMesh, table: Rules | str) -> nnx.State:
+    """Shards ``state`` as ``table`` says, eagerly or under a trace (Auto mesh axes)."""
+    shardings = state_shardings(state, mesh, table)
+    return jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
 
 
 def batch_sharding(mesh: Mesh, table: Rules | str, ndim: int = 2) -> NamedSharding:
