@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,19 +46,21 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.ffn = FFN[kinds.ffn](cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: Any = None) -> tuple[jax.Array, Any]:
         with jax.named_scope("attention"):
-            x = x + self.attention(self.attn_norm(x), positions, segment_ids)
+            out, cache = self.attention(self.attn_norm(x), positions, segment_ids, cache)
+            x = x + out
         with jax.named_scope("ffn"):
             x = x + self.ffn(self.ffn_norm(x))
-        return sharding.constrain(x, _ACTIVATION)
+        return sharding.constrain(x, _ACTIVATION), cache
 
 
 class BlockRun(nnx.Module):
     """``count`` identical blocks whose parameters are stacked on a leading ``layers`` axis."""
 
     def __init__(self, cfg: ModelConfig, kinds: BlockConfig, count: int, *, rngs: nnx.Rngs):
-        self.count, self.remat = count, cfg.remat
+        self.count, self.remat, self.kinds = count, cfg.remat, kinds
 
         def init_one(key: jax.Array) -> nnx.State:
             with nnx.use_eager_sharding(False):
@@ -82,16 +85,22 @@ class BlockRun(nnx.Module):
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, kinds)))
         self.layers = nnx.merge(graphdef, stacked)  # a Block whose every variable has an L axis
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def init_cache(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
+        """The run's decoding cache: one layer's cache stacked ``count`` times."""
+        one = ATTENTION[self.kinds.attention].init_cache(cfg, batch_size, max_len, dtype)
+        return jax.tree.map(lambda x: jnp.zeros((self.count, *x.shape), x.dtype), one)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: Any = None) -> tuple[jax.Array, Any]:
         graphdef, state = nnx.split(self.layers)
 
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, positions, segment_ids), None
+        def body(x, layer):
+            layer_state, layer_cache = layer
+            return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, layer_cache)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
-        return x
+        return jax.lax.scan(body, x, (state, cache))
 
 
 class Transformer(nnx.Module):
@@ -122,34 +131,55 @@ class Transformer(nnx.Module):
                 (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), rngs=rngs,
                 init=nnx.initializers.normal(cfg.init_std), param_dtype=pd)
 
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> list:
+        """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+        A list with one entry per run of blocks, each that run's per-layer caches stacked on a
+        leading layers axis; pass it to ``__call__`` and use the cache it returns.
+        """
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
+        dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
+        return [run.init_cache(self.cfg, batch_size, max_len, dtype) for run in self.runs]
+
     def __call__(
         self,
         tokens: jax.Array,
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: list | None = None,
+    ) -> jax.Array | tuple[jax.Array, list]:
         """Logits of ``tokens [B,T]``.
 
         Args:
           tokens: int ``[B,T]`` token ids in ``[0, V)``.
           positions: int ``[B,T]`` RoPE positions; default: position within the segment.
+            With a cache they are also the slots the new keys and values are written to.
           segment_ids: int ``[B,T]`` document ids of packed sequences; tokens attend only
-            within their segment. Default: one document per row.
+            within their segment. Default: one document per row. Not used with a cache.
+          cache: from ``init_cache``; the tokens then attend to everything cached before them.
         Returns:
-          float32 ``[B,T,V]`` logits.
+          float32 ``[B,T,V]`` logits, and the updated cache when one was given.
         """
-        check_inputs(self.cfg, tokens, positions, segment_ids)
+        check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
             positions = segment_positions(segment_ids, tokens.shape)
         x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
         x = sharding.constrain(x, _ACTIVATION)
+        new_cache = []
         for i, run in enumerate(self.runs):
             with jax.named_scope(f"run{i}"):
-                x = run(x, positions, segment_ids)
+                x, run_cache = run(x, positions, segment_ids, None if cache is None else cache[i])
+            new_cache.append(run_cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
-        return sharding.constrain(logits.astype(jnp.float32), (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
+        logits = sharding.constrain(logits.astype(jnp.float32), (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
+        return logits if cache is None else (logits, new_cache)
 
 
 def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
@@ -163,11 +193,11 @@ def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> 
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
-def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None) -> None:
+def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cache=None) -> None:
     """Raises ValueError/TypeError for inputs the model cannot take.
 
-    Shapes and dtypes are always checked; token values only when concrete (outside jit),
-    since a traced value is unknown until it runs.
+    Shapes and dtypes are always checked; values (token ids, cache positions) only when
+    concrete (outside jit), since a traced value is unknown until it runs.
     """
     shape = np.shape(tokens)
     if len(shape) != 2:
@@ -186,6 +216,18 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None) -> 
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids span [{lo}, {hi}]: allowed range is "
                              f"[0, vocab_size={cfg.vocab_size})")
+    if cache is not None:
+        slots = jax.tree.leaves(cache)[0].shape[2]  # [L,B,S,...]
+        if shape[1] > slots:
+            raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's "
+                             f"{slots} slots")
+        if positions is None:
+            raise ValueError("positions are required with a cache: they are the slots to write")
+        if not isinstance(positions, jax.core.Tracer):
+            host = np.asarray(positions)  # out-of-range slots would be dropped by the scatter
+            if host.size and (host.min() < 0 or host.max() >= slots):
+                raise ValueError(f"positions span [{host.min()}, {host.max()}]: a cache of {slots} "
+                                 f"slots allows [0, {slots})")
 
 
 def _unsharded_block(cfg: ModelConfig, kinds: BlockConfig) -> Block:

@@ -1,10 +1,14 @@
-"""Generation by full recomputation: the simple reference that cached decoding must equal.
+"""Batched generation: with a KV cache (prefill, then one token per step) or by full
+recomputation, the simple reference that cached decoding must equal.
 
-Every step runs the whole sequence again, in a fixed-size buffer so one compiled program
-serves every step (causality makes the padding after position t irrelevant to t's logits).
+Recomputation runs the whole sequence again at every step, in a fixed-size buffer so one
+compiled program serves every step (causality makes the padding after position t
+irrelevant to t's logits). The cached path compiles one prefill and one decode step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +31,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0
 
 
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0) -> np.ndarray:
-    """Continues each row of ``prompt [B,T0]`` by ``max_new_tokens`` tokens; returns ``[B,T0+n]``."""
+             top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+    """Continues each row of ``prompt [B,T0]`` by ``max_new_tokens`` tokens; returns ``[B,T0+n]``.
+
+    Rows share one length (no padding). ``temperature=0`` is greedy; ``use_cache=False``
+    recomputes the whole sequence at every step.
+    """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt has shape {prompt.shape}: expected [batch, length >= 1]")
@@ -43,16 +51,37 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, tem
         raise ValueError(f"top_k={top_k} is invalid: must be in [1, vocab_size={model.cfg.vocab_size}]")
     check_inputs(model.cfg, prompt)
     graphdef, state = nnx.split(model)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    out = np.zeros((B, total), np.int32)
+    out[:, :T0] = prompt
+
+    if not use_cache:
+        @jax.jit
+        def next_token(state, buffer, t, key):
+            logits = nnx.merge(graphdef, state)(buffer)  # [B,total,V]
+            return sample(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), key)
+
+        for i, t in enumerate(range(T0, total)):
+            out[:, t] = next_token(state, jnp.asarray(out), t, keys[i])
+        return out
 
     @jax.jit
-    def next_token(state, buffer, t, key):
-        logits = nnx.merge(graphdef, state)(buffer)  # [B,total,V]
-        last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)  # [B,V]
-        return sample_logits(last, key, temperature=temperature, top_k=top_k)
+    def prefill(state, tokens, key):
+        model = nnx.merge(graphdef, state)
+        positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
+        logits, cache = model(tokens, positions=positions, cache=model.init_cache(B, total))
+        return sample(logits[:, -1], key), cache
 
-    buffer = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt)
-    key = jax.random.key(seed)
-    for t in range(T0, total):
-        key, sub = jax.random.split(key)
-        buffer = buffer.at[:, t].set(next_token(state, buffer, t, sub))
-    return np.asarray(buffer)
+    @jax.jit
+    def decode(state, token, t, cache, key):
+        positions = jnp.full((B, 1), t, jnp.int32)
+        logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
+        return sample(logits[:, -1], key), cache
+
+    token, cache = prefill(state, jnp.asarray(prompt), keys[0])
+    out[:, T0] = token
+    for i, t in enumerate(range(T0, total - 1), start=1):
+        token, cache = decode(state, token, t, cache, keys[i])
+        out[:, t + 1] = token
+    return out

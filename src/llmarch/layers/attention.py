@@ -6,6 +6,8 @@ attend to each other. The score/softmax/value part goes through ``llmarch.ops``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,14 +38,46 @@ class Attention(nnx.Module):
         self.sliding_window = a.sliding_window
         self.impl = cfg.impl
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """``x [B,T,D]``, ``positions [B,T]``, ``segment_ids [B,T]`` (None: one document)."""
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+        """An empty cache: slot ``s`` will hold the key and value of position ``s``."""
+        a = cfg.attention
+        shape = (batch_size, max_len, a.num_kv_heads, a.head_dim)  # [B,S,K,H]
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
+
+        With no cache the tokens attend to each other (``segment_ids [B,T]`` separates packed
+        documents). With a cache, their keys and values are first written to the slots of
+        their positions, then the queries attend over the whole cache: causality on slot
+        positions hides both the future and the slots not yet written.
+        """
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)  # [H/2]
         q = apply_rope(self.w_q_dnh("BTD,DNH->BTNH", x), positions, inv_freq)
         k = apply_rope(self.w_k_dkh("BTD,DKH->BTKH", x), positions, inv_freq)
         v = self.w_v_dkh("BTD,DKH->BTKH", x)
-        out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
+        kv_positions = positions
+        if cache is not None:
+            cache = cache.write(positions, k, v)
+            k, v = cache.k, cache.v  # [B,S,K,H]
+            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            segment_ids = None  # a cache holds one sequence per row
+        out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=kv_positions,
                             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                             sliding_window=self.sliding_window)  # [B,T,N,H]
-        return self.w_o_nhd("BTNH,NHD->BTD", out)
+        return self.w_o_nhd("BTNH,NHD->BTD", out), cache
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+        """Stores ``k, v [B,T,K,H]`` at the slots ``positions [B,T]`` (in range, checked by caller)."""
+        rows = jnp.arange(k.shape[0])[:, None]  # [B,1]
+        return KVCache(k=self.k.at[rows, positions].set(k.astype(self.k.dtype)),
+                       v=self.v.at[rows, positions].set(v.astype(self.v.dtype)))

@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmarch
+from llmarch.config import AttentionConfig
+from llmarch.inference import generate
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_then_decode_with_cache_equals_full_forward(window):
+    cfg = llmarch.presets.get("tiny-gqa")
+    cfg = cfg.replace(attention=AttentionConfig(4, 2, 16, sliding_window=window))
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+    full = model(tokens)
+    cache = model.init_cache(2, 16)
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    logits, cache = model(tokens[:, :6], positions=pos[:, :6], cache=cache)  # prefill 6
+    np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+    for t in range(6, 9):  # then one token at a time
+        logits, cache = model(tokens[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_cache_errors():
+    cfg = llmarch.presets.get("tiny-dense")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    cache = model.init_cache(1, 4)
+    with pytest.raises(ValueError, match="positions are required"):
+        model(jnp.zeros((1, 2), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match=r"positions span \[3, 4\].*4 slots"):
+        model(jnp.zeros((1, 2), jnp.int32), positions=jnp.array([[3, 4]]), cache=cache)
+    with pytest.raises(ValueError, match="more than the cache's 4 slots"):
+        model(jnp.zeros((1, 5), jnp.int32), positions=jnp.arange(5)[None], cache=cache)
+    with pytest.raises(ValueError, match="max_len=300 exceeds max_seq_len=256"):
+        model.init_cache(1, 300)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        model.init_cache(0, 4)
+
+
+def test_greedy_generate_follows_the_argmax_of_full_forward():
+    cfg = llmarch.presets.get("tiny-dense")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    prompt = np.array([[5, 6, 7], [8, 9, 10]])
+    out = generate(model, prompt, 5)
+    assert out.shape == (2, 8)
+    np.testing.assert_array_equal(out[:, :3], prompt)
+    # Each new token is the argmax of the logits before it (causality lets one forward show all).
+    np.testing.assert_array_equal(out[:, 3:], jnp.argmax(model(jnp.asarray(out))[:, 2:-1], -1))
+    np.testing.assert_array_equal(generate(model, prompt, 5, use_cache=False), out)
+    again = generate(model, prompt, 5, temperature=1.0, top_k=5, seed=3)
+    np.testing.assert_array_equal(again, generate(model, prompt, 5, temperature=1.0, top_k=5, seed=3))
+
+
+@pytest.mark.parametrize(
+    "prompt, n, kwargs, match",
+    [
+        (np.zeros((1, 0)), 3, {}, "expected \\[batch, length >= 1\\]"),
+        (np.zeros((1, 3)), 0, {}, "max_new_tokens=0"),
+        (np.zeros((1, 250)), 10, {}, "exceeds max_seq_len=256"),
+        (np.zeros((1, 3)), 3, {"top_k": 0}, "top_k=0"),
+        (np.full((1, 3), 999), 3, {}, "token ids span"),
+    ],
+)
+def test_generate_rejects_bad_requests(prompt, n, kwargs, match):
+    model = llmarch.Transformer(llmarch.presets.get("tiny-dense"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompt, n, **kwargs)
