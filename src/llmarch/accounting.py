@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from llmarch.config import BlockConfig, ModelConfig
 
 
@@ -33,6 +35,13 @@ def _attention_params(cfg: ModelConfig, kinds: BlockConfig) -> int:
     a = cfg.attention
     if kinds.attention == "mha":  # q and o: D·N·H each; k and v: D·K·H each
         return 2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+    if kinds.attention == "mla":  # the latent norms (Q and A scales) are counted here too
+        m, D = cfg.mla, cfg.d_model
+        N, A, R, H, Hv = m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
+        q = D * N * (H + R) if m.q_lora_rank is None else (
+            D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * N * (H + R))  # W_DQ, norm, W_UQ|W_QR
+        kv = D * A + A + D * R + A * N * (H + Hv)  # W_DKV, norm, W_KR, W_UK|W_UV
+        return q + kv + N * Hv * D  # + W_O
     raise ValueError(f"attention={kinds.attention!r} has no parameter count yet")
 
 
@@ -66,9 +75,15 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = 
     """
     a = cfg.attention
     seen = (seq_len + 1) / 2 if causal else seq_len
-    if a.sliding_window is not None:
-        seen = min(seen, a.sliding_window)
-    return 12.0 * cfg.num_layers * a.num_heads * a.head_dim * seen
+    total = 0.0
+    for kinds in cfg.layer_blocks:
+        if kinds.attention == "mla":  # naive path: QKᵀ over H+R dims, PV over H_v
+            m = cfg.mla
+            total += 6.0 * m.num_heads * (m.qk_head_dim + m.v_head_dim) * seen
+        else:
+            window = seen if a.sliding_window is None else min(seen, a.sliding_window)
+            total += 12.0 * a.num_heads * a.head_dim * window
+    return total
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, causal: bool = False) -> float:
@@ -81,6 +96,28 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, causa
     counts = param_counts(cfg)
     matmul = counts.attention + counts.ffn + cfg.d_model * cfg.vocab_size
     return 6.0 * matmul + attention_flops_per_token(cfg, seq_len, causal=causal)
+
+
+def kv_cache_elements_per_token(cfg: ModelConfig) -> int:
+    """Numbers a decoding cache holds per token, summed over layers (DeepSeek-V2, Table 1).
+
+    MHA ``2·N·H`` per layer, GQA ``2·K·H``, MQA ``2·H`` (all ``"mha"`` blocks, through
+    ``num_kv_heads``); MLA ``A + R`` (``d_c + d_h^R``: the latent ``c_KV`` and the shared ``k_R``).
+    """
+    total = 0
+    for kinds in cfg.layer_blocks:
+        if kinds.attention == "mha":
+            total += 2 * cfg.attention.num_kv_heads * cfg.attention.head_dim
+        elif kinds.attention == "mla":
+            total += cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        else:
+            raise ValueError(f"attention={kinds.attention!r} has no KV-cache size yet")
+    return total
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
+    """Bytes of decoding cache per token over all layers, in ``dtype`` (default ``cfg.dtype``)."""
+    return kv_cache_elements_per_token(cfg) * jnp.dtype(dtype or cfg.dtype).itemsize
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:

@@ -37,7 +37,8 @@ VOCAB = "vocab"
 NORM = "norm"
 EXPERT = "expert"
 MEMORY_ROWS = "memory_rows"
-LATENT = "latent"
+LATENT = "latent"  # A: MLA's KV latent
+Q_LATENT = "q_latent"  # Q: MLA's query latent
 
 # Logical names of activation axes (kept apart from parameter axes so that, e.g., FSDP can
 # shard the embed axis of weights without sharding the embed axis of activations).
@@ -47,5 +48,6 @@ ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_VOCAB = "act_vocab"
 
-PARAM_AXES = (LAYERS, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, NORM, EXPERT, MEMORY_ROWS, LATENT)
+PARAM_AXES = (LAYERS, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, NORM, EXPERT, MEMORY_ROWS, LATENT,
+              Q_LATENT)
 ACTIVATION_AXES = (BATCH, SEQ, ACT_EMBED, ACT_HEADS, ACT_VOCAB)

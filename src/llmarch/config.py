@@ -13,11 +13,14 @@ import typing
 from typing import Any
 
 # The kinds a block may use. Later layers register here (e.g. "mla", "moe", "pkm").
-ATTENTION_KINDS = ("mha",)  # "mha" covers MHA, GQA and MQA through num_kv_heads.
+ATTENTION_KINDS = ("mha", "mla")  # "mha" covers MHA, GQA and MQA through num_kv_heads.
 FFN_KINDS = ("swiglu",)
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "xla", "pallas")
+# How an MLA layer attends: expand per-head K/V ("naive"), attend in the latent space with W_UK and
+# W_UV folded into the query and output ("absorbed"), or choose by cost per call ("auto").
+MLA_PATHS = ("naive", "absorbed", "auto")
 
 
 def _fail(owner: str, field: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -87,6 +90,84 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE scaling (Peng et al. 2023) as DeepSeek-V2/V3 configure it (``rope_type="yarn"``).
+
+    ``mscale`` and ``mscale_all_dim`` follow transformers' semantics, 0 meaning unset: the
+    rotary ``cos/sin`` are scaled by ``m(factor, mscale) / m(factor, mscale_all_dim)`` when both
+    are set (else by ``m(factor, 1)``), and the softmax scale by ``m(factor, mscale_all_dim)^2``
+    when ``mscale_all_dim`` is set, with ``m(s, k) = 0.1·k·ln(s) + 1``.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        if not self.factor >= 1.0:
+            _fail("YarnScaling", "factor", self.factor, "must be >= 1")
+        _positive("YarnScaling", original_max_position_embeddings=self.original_max_position_embeddings)
+        if not 0 < self.beta_slow <= self.beta_fast:
+            _fail("YarnScaling", "beta_slow", self.beta_slow,
+                  f"must satisfy 0 < beta_slow <= beta_fast={self.beta_fast}")
+        for name in ("mscale", "mscale_all_dim"):
+            if not getattr(self, name) >= 0:
+                _fail("YarnScaling", name, getattr(self, name), "must be >= 0 (0 means unset)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434; DeepSeek-V3, 2412.19437).
+
+    Queries: ``c_Q = RMSNorm(W_DQ h)`` [Q], then per head ``q_C = W_UQ c_Q`` [H] and
+    ``q_R = RoPE(W_QR c_Q)`` [R]; ``q_lora_rank=None`` projects ``h`` directly (DeepSeek-V2-Lite).
+    Keys/values: ``c_KV = RMSNorm(W_DKV h)`` [A], ``k_C = W_UK c_KV``, ``v = W_UV c_KV``, and one
+    RoPE key shared by all heads ``k_R = RoPE(W_KR h)`` [R]. A decoding cache holds only
+    ``c_KV`` and ``k_R``. ``path`` picks how the layer attends (see ``MLA_PATHS``).
+    """
+
+    num_heads: int  # N
+    kv_lora_rank: int  # A, d_c in the paper
+    qk_nope_head_dim: int  # H of q_C and k_C, d_h
+    qk_rope_head_dim: int  # R, d_h^R
+    v_head_dim: int  # H of the values
+    q_lora_rank: int | None = None  # Q, d_c'; None: no query compression
+    rope_theta: float = 10_000.0
+    rope_scaling: YarnScaling | None = None
+    path: str = "auto"
+
+    def __post_init__(self):
+        _positive("MLAConfig", num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
+                  qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+                  v_head_dim=self.v_head_dim)
+        if self.q_lora_rank is not None:
+            _positive("MLAConfig", q_lora_rank=self.q_lora_rank)
+        if self.qk_rope_head_dim % 2:
+            _fail("MLAConfig", "qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
+        if not self.rope_theta > 0:
+            _fail("MLAConfig", "rope_theta", self.rope_theta, "must be > 0")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
+            _fail("MLAConfig", "rope_scaling", self.rope_scaling, "must be a YarnScaling or None")
+        _choice("MLAConfig", "path", self.path, MLA_PATHS)
+
+    @property
+    def qk_head_dim(self) -> int:  # the width that scores are taken over: H + R
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def mha_baseline(self) -> AttentionConfig:
+        """The MHA that DeepSeek-V2's Table 1 compares MLA with: N heads of ``qk_nope_head_dim``.
+
+        An all-MLA ModelConfig carries it as ``attention`` (which only "mha" blocks use), so that
+        accounting can set MLA's cache against the MHA of the same heads.
+        """
+        return AttentionConfig(num_heads=self.num_heads, num_kv_heads=self.num_heads,
+                               head_dim=self.qk_nope_head_dim, rope_theta=self.rope_theta)
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Which attention and which FFN one decoder block uses."""
 
@@ -117,10 +198,12 @@ class ModelConfig:
     blocks: tuple[BlockConfig, ...] | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    logits_dtype: str = "float32"  # the output's dtype; the loss upcasts to float32 anyway
     remat: str = "none"
     impl: str = "auto"  # kernel implementation for every op, see llmarch.ops
     init_std: float = 0.02
     name: str = "custom"
+    mla: MLAConfig | None = None  # used by the blocks whose attention is "mla"
 
     def __post_init__(self):
         _positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -133,6 +216,7 @@ class ModelConfig:
             _fail("ModelConfig", "init_std", self.init_std, "must be > 0")
         _choice("ModelConfig", "dtype", self.dtype, DTYPES)
         _choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
+        _choice("ModelConfig", "logits_dtype", self.logits_dtype, DTYPES)
         _choice("ModelConfig", "remat", self.remat, REMAT_POLICIES)
         _choice("ModelConfig", "impl", self.impl, IMPLS)
         if self.blocks is not None:
@@ -143,6 +227,13 @@ class ModelConfig:
             if len(self.blocks) != self.num_layers:
                 _fail("ModelConfig", "blocks", f"<{len(self.blocks)} blocks>",
                       f"must have num_layers={self.num_layers} entries")
+        uses_mla = any(b.attention == "mla" for b in self.layer_blocks)
+        if self.mla is not None and not isinstance(self.mla, MLAConfig):
+            _fail("ModelConfig", "mla", self.mla, "must be an MLAConfig or None")
+        if uses_mla and self.mla is None:
+            _fail("ModelConfig", "mla", None, "must be an MLAConfig: blocks use attention 'mla'")
+        if self.mla is not None and not uses_mla:
+            _fail("ModelConfig", "mla", "<MLAConfig>", "must be None: no block uses attention 'mla'")
 
     @property
     def layer_blocks(self) -> tuple[BlockConfig, ...]:
@@ -194,3 +285,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     return value
+
+
+def dataclass_from_dict(cls: type, data: Any) -> Any:
+    """Rebuilds the (possibly nested) frozen dataclass ``cls`` from JSON data, validated."""
+    return _build(cls, data, cls.__name__)

@@ -23,9 +23,10 @@ from llmarch.layers.attention import Attention
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.ffn import SwiGLU
+from llmarch.layers.mla import MLA
 from llmarch.layers.norms import RMSNorm
 
-ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention}
+ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention, "mla": MLA}
 FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
 
 _REMAT_POLICIES = {
@@ -104,7 +105,7 @@ class BlockRun(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only transformer: ``model(tokens [B,T]) -> logits [B,T,V]`` (float32).
+    """Decoder-only transformer: ``model(tokens [B,T]) -> logits [B,T,V]`` (float32 by default).
 
     Built under ``llmarch.sharding.use(mesh, rules)`` its parameters are born sharded; with
     no mesh it builds unsharded on the default device.
@@ -164,7 +165,8 @@ class Transformer(nnx.Module):
             within their segment. Default: one document per row. Not used with a cache.
           cache: from ``init_cache``; the tokens then attend to everything cached before them.
         Returns:
-          float32 ``[B,T,V]`` logits, and the updated cache when one was given.
+          ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise), and the
+          updated cache when one was given.
         """
         check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
@@ -178,7 +180,8 @@ class Transformer(nnx.Module):
             new_cache.append(run_cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
-        logits = sharding.constrain(logits.astype(jnp.float32), (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
+        logits = logits.astype(self.cfg.logits_dtype)
+        logits = sharding.constrain(logits, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
         return logits if cache is None else (logits, new_cache)
 
 

@@ -10,38 +10,55 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-Batch = dict[str, jax.Array]  # inputs [B,T], targets [B,T], optional mask / segment_ids [B,T]
+Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
+StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross entropy of ``logits [B,T,V]`` (float32) over unmasked positions."""
+    """Mean next-token cross entropy of ``logits [B,T,V]`` (in float32) over unmasked positions."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return _masked_mean(losses, mask)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
-        return losses.mean()
+        return values.mean()
     mask = mask.astype(jnp.float32)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch) -> jax.Array:
+def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross entropy plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
+    softmax normalizer near 1 so bf16 logits do not drift); returns ``(total, parts)``."""
     model = nnx.merge(graphdef, params, rest)
-    logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-    return cross_entropy(logits, batch["targets"], batch.get("mask"))
+    logits = model(batch["inputs"], positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids")).astype(jnp.float32)
+    ce = cross_entropy(logits, batch["targets"], batch.get("mask"))
+    z = _masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), batch.get("mask"))
+    return ce + z_loss * z, {"loss": ce, "z_loss": z}
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation
-) -> Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, z_loss: float = 0.0,
+                    donate: bool = False, out_shardings: Any = None) -> StepFn:
     """``step(params, rest, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
     ``params`` are the model's ``nnx.Param`` variables (``nnx.split(model, nnx.Param, ...)``);
-    ``rest`` is any other state, passed through unchanged.
+    ``rest`` is any other state, passed through unchanged. A step whose loss or gradients are
+    not finite leaves parameters and optimizer state untouched and reports ``finite=False``;
+    the caller decides whether to go on or stop.
     """
 
-    @jax.jit
     def step(params, rest, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        (_, parts), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+            graphdef, params, rest, batch, z_loss)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = {**parts, "grad_norm": grad_norm, "finite": finite}
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
-    return step
+    return jax.jit(step, donate_argnums=(0, 2) if donate else (),
+                   out_shardings=None if out_shardings is None else (*out_shardings, None))

@@ -1,0 +1,260 @@
+"""The trainer: data, model, optimizer and checkpoints wired into one resumable loop.
+
+``train(TrainConfig(...))`` trains on one device or on a mesh (``mesh="data=2,fsdp=4"``),
+evaluates on the held-out split, logs metrics as JSON lines and TensorBoard scalars, and saves
+everything needed to continue (parameters, optimizer, step, RNG, data-iterator position) every
+``checkpoint_every`` steps. Run it again with the same ``out_dir`` and it resumes from the
+latest checkpoint: the resumed run sees exactly the batches and computes exactly the losses
+that an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from llmarch import accounting, presets, sharding
+from llmarch.config import ModelConfig, dataclass_from_dict
+from llmarch.data import (
+    PackedRows,
+    batches_per_epoch,
+    load_documents,
+    load_tokenizer,
+    make_batches,
+    pack_documents,
+    train_val_split,
+)
+from llmarch.model import Transformer
+from llmarch.train import metrics as metrics_lib
+from llmarch.train.checkpoint import Checkpointer
+from llmarch.train.optim import OptimizerConfig, build_optimizer
+from llmarch.train.precision import policy
+from llmarch.train.step import cross_entropy, make_train_step
+
+NAN_POLICIES = ("skip", "stop")
+CONFIG_FILE = "train_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str
+    preset: str = "tiny-dense"
+    model: ModelConfig | None = None  # overrides the preset when given
+    data: str = "default"  # "default", a text file, a directory of texts, or JSONL
+    text_field: str = "text"
+    tokenizer: str = "byte"  # "byte" or a tokenizer.json
+    seq_len: int = 128
+    batch_size: int = 16  # global, across all devices and processes
+    steps: int = 300
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    optimizer: OptimizerConfig = OptimizerConfig()
+    precision: str = "float32"
+    z_loss: float = 0.0
+    nan_policy: str = "skip"  # skip the update and count it, or stop with an error
+    mesh: str | None = None
+    rules: str = "fsdp"
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float | None = None  # per device; None: from the device kind if known
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a positive integer")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; "
+                             f"allowed: {NAN_POLICIES}")
+        if self.z_loss < 0:
+            raise ValueError(f"TrainConfig.z_loss={self.z_loss} is invalid: must be >= 0")
+        policy(self.precision)
+        sharding.rules(self.rules)
+        if self.mesh is not None:
+            sharding.parse_mesh_spec(self.mesh)
+        cfg = self.model_config()
+        if self.seq_len > cfg.max_seq_len:
+            raise ValueError(f"TrainConfig.seq_len={self.seq_len} exceeds the model's "
+                             f"max_seq_len={cfg.max_seq_len}")
+
+    def model_config(self) -> ModelConfig:
+        cfg = self.model if self.model is not None else presets.get(self.preset)
+        return policy(self.precision).apply(cfg)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return dataclass_from_dict(cls, data)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float]  # step -> training loss of that step (this invocation's steps)
+    val_loss: float | None
+    skipped_steps: int
+    params: nnx.State
+    rest: nnx.State
+    graphdef: nnx.GraphDef
+    train_rows: PackedRows
+
+    def model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
+    if data_sharding is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+
+
+def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
+    """``(graphdef, tx, state)``: a fresh train state, sharded on ``mesh`` by ``cfg.rules``."""
+    with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
+        model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = build_optimizer(cfg.optimizer, cfg.steps)
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.key(cfg.seed)), "skipped": jnp.int32(0)}
+    if mesh is not None:  # scalars (step counts, RNG) are born on one device: replicate them
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)  # noqa: E731
+        state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
+    return graphdef, tx, state
+
+
+def make_evaluator(graphdef: nnx.GraphDef, rows: PackedRows, *, batch_size: int, batches: int,
+                   data_sharding=None):
+    """``evaluate(params, rest) -> mean loss`` over the first ``batches`` batches of ``rows``
+    in order (token-weighted: padding and cross-document targets do not count)."""
+
+    @jax.jit
+    def eval_step(params, rest, batch):
+        logits = nnx.merge(graphdef, params, rest)(batch["inputs"], positions=batch["positions"],
+                                                   segment_ids=batch["segment_ids"])
+        return cross_entropy(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
+
+    batch_size = min(batch_size, len(rows))
+    batches = min(batches, batches_per_epoch(rows, batch_size, drop_remainder=False))
+
+    def evaluate(params, rest) -> float:
+        it = make_batches(rows, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+        totals = np.zeros(2)
+        for _, batch in zip(range(batches), it, strict=False):
+            loss, count = eval_step(params, rest, _to_global(batch, data_sharding))
+            totals += (float(loss) * float(count), float(count))
+        return totals[0] / max(totals[1], 1.0)
+
+    return evaluate
+
+
+def load_rows(cfg: TrainConfig) -> tuple[PackedRows, PackedRows]:
+    """The run's training and validation rows."""
+    model_cfg = cfg.model_config()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    documents = load_documents(cfg.data, text_field=cfg.text_field)
+    train_docs, val_docs = train_val_split(documents, cfg.val_fraction, seed=cfg.seed)
+    return tuple(pack_documents(docs, tokenizer, seq_len=cfg.seq_len, model_vocab_size=model_cfg.vocab_size)
+                 for docs in (train_docs, val_docs))
+
+
+def train(cfg: TrainConfig, *, log=print) -> TrainResult:
+    """Trains (or resumes) the run in ``cfg.out_dir``; see the module docstring."""
+    out = Path(cfg.out_dir)
+    model_cfg = cfg.model_config()
+    train_rows, val_rows = load_rows(cfg)
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
+    data_sharding = sharding.batch_sharding(mesh, cfg.rules) if mesh is not None else None
+    if cfg.batch_size % jax.process_count():
+        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over "
+                         f"{jax.process_count()} processes")
+    train_iter = make_batches(train_rows, batch_size=cfg.batch_size, seed=cfg.seed)
+    graphdef, tx, state = init_state(cfg, mesh)
+    shardings = (jax.tree.map(lambda x: x.sharding, (state["params"], state["opt_state"]))
+                 if mesh is not None else None)
+    step_fn = make_train_step(graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings)
+    evaluate = make_evaluator(graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches,
+                              data_sharding=data_sharding)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    log_file = metrics_lib.MetricsLog(out, tensorboard=cfg.tensorboard)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, state, train_iter)
+        log(f"resumed from {ckpt.directory / str(start)}")
+        log_file.truncate_after(start)
+    start = int(state["step"])
+
+    flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
+    peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
+    losses: dict[int, float] = {}
+    val_loss = None
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, mininterval=1.0)
+    busy, busy_steps = 0.0, 0  # time in train steps since the last record (not eval, not saving)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            tick = time.perf_counter()
+            batch = _to_global(next(train_iter), data_sharding)
+            params, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"], batch)
+            skipped = state["skipped"] + (~m["finite"]).astype(jnp.int32)
+            state = {**state, "params": params, "opt_state": opt_state, "step": jnp.int32(step),
+                     "skipped": skipped}
+            loss = float(m["loss"])  # waits for the step
+            if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
+                busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
+            losses[step] = loss
+            if not bool(m["finite"]) and cfg.nan_policy == "stop":
+                raise FloatingPointError(
+                    f"step {step}: the loss ({loss}) or gradient norm ({float(m['grad_norm'])}) is "
+                    "not finite; the update was not applied (nan_policy='stop'). Lower the learning "
+                    "rate, add z_loss, or set nan_policy='skip'")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+                          "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
+                          "skipped": int(skipped)}
+                if busy_steps:
+                    tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
+                    record["tokens_per_s"] = tokens_per_s
+                    if peak:
+                        record["mfu"] = accounting.mfu(tokens_per_s / jax.device_count(), flops_per_token,
+                                                       peak)
+                busy, busy_steps = 0.0, 0
+                log_file.write(step, record)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = evaluate(params, state["rest"])
+                log_file.write(step, {"val_loss": val_loss,
+                                      "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
+            ckpt.save(step, state, train_iter, force=step == cfg.steps)
+        ckpt.wait()
+    finally:
+        bar.close()
+        log_file.close()
+        ckpt.close()
+    if val_loss is not None:
+        log(f"step {int(state['step'])}: validation loss {val_loss:.4f}")
+    return TrainResult(step=int(state["step"]), losses=losses, val_loss=val_loss,
+                       skipped_steps=int(state["skipped"]), params=state["params"], rest=state["rest"],
+                       graphdef=graphdef, train_rows=train_rows)
+
