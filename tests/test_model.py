@@ -114,3 +114,50 @@ def test_too_long_sequence_is_caught_under_jit(gqa):
     cfg, _, state, forward = gqa
     with pytest.raises(ValueError, match="max_seq_len"):
         forward(state, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
+
+
+def test_skip_layer_module_reads_block_i_and_adds_after_block_j():
+    from llmarch.model import run_layout
+
+    cfg = llmarch.presets.get("tiny-dense").replace(num_layers=4, skip_layers=((1, 2),), skip_kind="swiglu")
+    assert [(start, count) for _, start, count in run_layout(cfg)] == [(0, 1), (1, 2), (3, 1)]
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(cfg, 2, 8)
+    # By hand: run blocks 0..3 one at a time, the skip module on the stream entering block 1,
+    # its output added to the stream leaving block 2.
+    x = model.embed.encode(tokens, jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    layers = [(run, j) for run in model.runs for j in range(run.count)]
+    for layer, (run, j) in enumerate(layers):
+        if layer == 1:
+            skip_out = model.skips[0](x)
+        block = nnx.merge(nnx.graphdef(run.layers),
+                          jax.tree.map(lambda v, j=j: v[j], nnx.state(run.layers)))
+        x, _ = block(x, pos, None)
+        if layer == 2:
+            x = x + skip_out
+    expected = model.embed.attend(model.final_norm(x)) if model.lm_head is None else \
+        model.lm_head("BTD,DV->BTV", model.final_norm(x))
+    np.testing.assert_allclose(model(tokens), expected, atol=1e-5)
+    assert jax.tree.leaves(nnx.state(model.skips))  # the skip module has parameters
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [({"skip_layers": ((0, 5),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j < num_layers=2"),
+     ({"skip_layers": ((1, 0),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j"),
+     ({"num_layers": 4, "skip_layers": ((0, 2), (1, 3)), "skip_kind": "swiglu"}, "overlap"),
+     ({"skip_layers": ((0, 1),)}, "skip_kind=None"),
+     ({"skip_kind": "swiglu"}, "must be None without skip_layers")],
+)
+def test_bad_skip_layers(changes, match):
+    with pytest.raises(ValueError, match=match):
+        llmarch.presets.get("tiny-dense").replace(**changes)
+
+
+def test_dense_model_has_no_aux_loss(gqa):
+    from llmarch.model import aux_loss
+
+    cfg, model, _, _ = gqa
+    logits, aux = model(_tokens(cfg, 1, 4), return_aux=True)
+    assert logits.shape == (1, 4, cfg.vocab_size) and float(aux_loss(aux)) == 0.0

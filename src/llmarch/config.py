@@ -15,6 +15,7 @@ from typing import Any
 # The kinds a block may use. Later layers register here (e.g. "mla", "moe", "pkm").
 ATTENTION_KINDS = ("mha", "mla")  # "mha" covers MHA, GQA and MQA through num_kv_heads.
 FFN_KINDS = ("swiglu",)
+SKIP_KINDS = ("swiglu",)  # modules that skip-layer spans may hold (UltraMem adds "ultramem")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "xla", "pallas")
@@ -204,6 +205,11 @@ class ModelConfig:
     init_std: float = 0.02
     name: str = "custom"
     mla: MLAConfig | None = None  # used by the blocks whose attention is "mla"
+    # Skip-layer modules (UltraMem's wiring): for each (i, j), a module of kind `skip_kind`
+    # reads the residual stream entering block i and adds its output to the stream leaving
+    # block j (i <= j). Spans may not overlap.
+    skip_layers: tuple[tuple[int, int], ...] = ()
+    skip_kind: str | None = None
 
     def __post_init__(self):
         _positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -234,6 +240,29 @@ class ModelConfig:
             _fail("ModelConfig", "mla", None, "must be an MLAConfig: blocks use attention 'mla'")
         if self.mla is not None and not uses_mla:
             _fail("ModelConfig", "mla", "<MLAConfig>", "must be None: no block uses attention 'mla'")
+
+        self._check_skip_layers()
+
+    def _check_skip_layers(self) -> None:
+        if not isinstance(self.skip_layers, tuple):
+            _fail("ModelConfig", "skip_layers", self.skip_layers, "must be a tuple of (i, j) pairs")
+        for pair in self.skip_layers:
+            if (not isinstance(pair, tuple) or len(pair) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+                _fail("ModelConfig", "skip_layers", pair, "each entry must be a pair of ints (i, j)")
+            i, j = pair
+            if not 0 <= i <= j < self.num_layers:
+                _fail("ModelConfig", "skip_layers", pair,
+                      f"needs 0 <= i <= j < num_layers={self.num_layers}")
+        spans = sorted(self.skip_layers)
+        for (i0, j0), (i1, j1) in zip(spans, spans[1:], strict=False):
+            if i1 <= j0:
+                _fail("ModelConfig", "skip_layers", self.skip_layers,
+                      f"spans ({i0}, {j0}) and ({i1}, {j1}) overlap; they must be disjoint")
+        if self.skip_layers and self.skip_kind not in SKIP_KINDS:
+            _fail("ModelConfig", "skip_kind", self.skip_kind, f"must be one of {SKIP_KINDS} with skip_layers")
+        if not self.skip_layers and self.skip_kind is not None:
+            _fail("ModelConfig", "skip_kind", self.skip_kind, "must be None without skip_layers")
 
     @property
     def layer_blocks(self) -> tuple[BlockConfig, ...]:

@@ -15,7 +15,6 @@ stores RoPE columns in interleaved pairs: permuted to rotate-half on import, bac
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from llmarch.config import (
     RopeScaling,
     YarnScaling,
 )
-from llmarch.model import Transformer
+from llmarch.model import Transformer, run_layout
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -202,15 +201,16 @@ def tensor_plan(cfg: ModelConfig, rope_interleave: bool = True) -> list[Entry]:
     """Every HF tensor of a model of ``cfg`` (fused ones once per ``Part``) and where it lives."""
     plan = [Entry(name, path, None, t) for name, (path, t) in MODEL_TENSORS.items()
             if not (name == LM_HEAD and cfg.tie_embeddings)]
-    first = 0  # global index of the run's first layer
-    for r, (kinds, group) in enumerate(itertools.groupby(cfg.layer_blocks)):
-        count, table = len(list(group)), block_tensors(kinds, cfg, rope_interleave)
+    if cfg.skip_layers:
+        raise ValueError(f"ModelConfig.skip_layers={cfg.skip_layers} has no Hugging Face equivalent; "
+                         "allowed: ()")
+    for r, (kinds, first, count) in enumerate(run_layout(cfg)):
+        table = block_tensors(kinds, cfg, rope_interleave)
         for j in range(count):
             prefix = LAYER_PREFIX.format(first + j)
             plan += [Entry(prefix + suffix, ("runs", r, "layers", *sub), j, t)
                      for suffix, rules in table.items()
                      for sub, t in (rules if isinstance(rules, list) else [rules])]
-        first += count
     return plan
 
 

@@ -8,7 +8,6 @@ compile time does not grow with depth. New block kinds register in ``ATTENTION``
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,9 @@ from llmarch.layers.norms import RMSNorm
 
 ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention, "mla": MLA}
 FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
+# Modules for skip-layer spans (cfg.skip_layers): called as module(x [B,T,D]) -> [B,T,D] or
+# (out, aux), reading the stream entering block i; out is added to the stream leaving block j.
+SKIP: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -48,13 +50,15 @@ class Block(nnx.Module):
         self.ffn = FFN[kinds.ffn](cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: Any = None) -> tuple[jax.Array, Any]:
+                 cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
+        """Returns ``(x, (cache, aux))``: the scan carries x and stacks cache and aux per layer."""
         with jax.named_scope("attention"):
             out, cache = self.attention(self.attn_norm(x), positions, segment_ids, cache)
             x = x + out
         with jax.named_scope("ffn"):
-            x = x + self.ffn(self.ffn_norm(x))
-        return sharding.constrain(x, _ACTIVATION), cache
+            out, aux = _with_aux(self.ffn(self.ffn_norm(x)))
+            x = x + out
+        return sharding.constrain(x, _ACTIVATION), (cache, aux)
 
 
 class BlockRun(nnx.Module):
@@ -92,7 +96,8 @@ class BlockRun(nnx.Module):
         return jax.tree.map(lambda x: jnp.zeros((self.count, *x.shape), x.dtype), one)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: Any = None) -> tuple[jax.Array, Any]:
+                 cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
+        """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
         graphdef, state = nnx.split(self.layers)
 
         def body(x, layer):
@@ -123,10 +128,9 @@ class Transformer(nnx.Module):
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
             self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
                                param_dtype=pd)
-            runs = itertools.groupby(cfg.layer_blocks)
-            self.runs = nnx.List(
-                [BlockRun(cfg, kinds, len(list(group)), rngs=rngs) for kinds, group in runs]
-            )
+            self.runs = nnx.List([BlockRun(cfg, kinds, count, rngs=rngs)
+                                  for kinds, _, count in run_layout(cfg)])
+            self.skips = nnx.List([SKIP[cfg.skip_kind](cfg, rngs=rngs) for _ in cfg.skip_layers])
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
             self.lm_head = None if cfg.tie_embeddings else Einsum(
                 (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), rngs=rngs,
@@ -154,7 +158,8 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: list | None = None,
-    ) -> jax.Array | tuple[jax.Array, list]:
+        return_aux: bool = False,
+    ) -> jax.Array | tuple:
         """Logits of ``tokens [B,T]``.
 
         Args:
@@ -164,25 +169,66 @@ class Transformer(nnx.Module):
           segment_ids: int ``[B,T]`` document ids of packed sequences; tokens attend only
             within their segment. Default: one document per row. Not used with a cache.
           cache: from ``init_cache``; the tokens then attend to everything cached before them.
+          return_aux: also return the blocks' auxiliary outputs (router losses and statistics),
+            one dict per run stacked over its layers; ``aux_loss`` sums their losses.
         Returns:
-          ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise), and the
-          updated cache when one was given.
+          ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise); then the
+          updated cache when one was given; then the aux list when ``return_aux``.
         """
         check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
             positions = segment_positions(segment_ids, tokens.shape)
         x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
         x = sharding.constrain(x, _ACTIVATION)
-        new_cache = []
-        for i, run in enumerate(self.runs):
+        new_cache, aux = [], []
+        pending: dict[int, jax.Array] = {}  # skip outputs waiting to be added, by target layer
+        for i, (run, (_, start, count)) in enumerate(zip(self.runs, run_layout(self.cfg), strict=True)):
+            for skip, (read, add) in zip(self.skips, self.cfg.skip_layers, strict=True):
+                if read == start:  # runs are split at every skip boundary
+                    with jax.named_scope(f"skip{read}_{add}"):
+                        pending[add], skip_aux = _with_aux(skip(x))
+                    aux.append(skip_aux)
             with jax.named_scope(f"run{i}"):
-                x, run_cache = run(x, positions, segment_ids, None if cache is None else cache[i])
+                x, (run_cache, run_aux) = run(x, positions, segment_ids,
+                                              None if cache is None else cache[i])
             new_cache.append(run_cache)
+            aux.append(run_aux)
+            if start + count - 1 in pending:
+                x = x + pending.pop(start + count - 1)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
         logits = logits.astype(self.cfg.logits_dtype)
         logits = sharding.constrain(logits, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
-        return logits if cache is None else (logits, new_cache)
+        outputs = (logits,) + ((new_cache,) if cache is not None else ()) + ((aux,) if return_aux else ())
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+Aux = dict[str, Any]
+
+
+def _with_aux(out: jax.Array | tuple[jax.Array, Aux]) -> tuple[jax.Array, Aux]:
+    """A layer returns its output, or ``(output, aux)`` when it has auxiliary results."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def aux_loss(aux: list[Aux]) -> jax.Array:
+    """The sum of every ``"loss"`` entry in the aux outputs (each layer's weighted aux loss)."""
+    losses = [jnp.sum(a["loss"]) for a in aux if "loss" in a]
+    return sum(losses, jnp.zeros((), jnp.float32))
+
+
+def run_layout(cfg: ModelConfig) -> list[tuple[BlockConfig, int, int]]:
+    """``(kinds, first layer, count)`` of each run: consecutive identical blocks, also split
+    where a skip-layer module reads (before block i) or adds (after block j)."""
+    cuts = {i for i, _ in cfg.skip_layers} | {j + 1 for _, j in cfg.skip_layers}
+    layout: list[tuple[BlockConfig, int, int]] = []
+    for layer, kinds in enumerate(cfg.layer_blocks):
+        if layout and layout[-1][0] == kinds and layer not in cuts:
+            kinds_, start, count = layout[-1]
+            layout[-1] = (kinds_, start, count + 1)
+        else:
+            layout.append((kinds, layer, 1))
+    return layout
 
 
 def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llmarch.model import aux_loss
+
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
 StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
 
@@ -29,14 +31,17 @@ def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch,
             z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Cross entropy plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
-    softmax normalizer near 1 so bf16 logits do not drift); returns ``(total, parts)``."""
+    """Cross entropy, plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
+    softmax normalizer near 1 so bf16 logits do not drift), plus the layers' aux losses;
+    returns ``(total, parts)``."""
     model = nnx.merge(graphdef, params, rest)
-    logits = model(batch["inputs"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids")).astype(jnp.float32)
+    logits, aux = model(batch["inputs"], positions=batch.get("positions"),
+                        segment_ids=batch.get("segment_ids"), return_aux=True)
+    logits = logits.astype(jnp.float32)
     ce = cross_entropy(logits, batch["targets"], batch.get("mask"))
     z = _masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), batch.get("mask"))
-    return ce + z_loss * z, {"loss": ce, "z_loss": z}
+    extra = aux_loss(aux)  # the layers' own weighted losses (e.g. MoE load balancing)
+    return ce + z_loss * z + extra, {"loss": ce, "z_loss": z, "aux_loss": extra}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, z_loss: float = 0.0,
