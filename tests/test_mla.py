@@ -204,24 +204,20 @@ def test_mixed_stack_counts_each_kind():
 # Training and sharding ------------------------------------------------------------------------
 
 
-def test_mla_trains_on_tinyshakespeare(shared_data, tiny_model):
-    from llmarch.data import ByteTokenizer
-    from llmarch.train.step import make_train_step
+def test_mla_trains_through_the_trainer_on_tinyshakespeare(shared_data, tmp_path):
+    from llmarch.train.optim import OptimizerConfig
+    from llmarch.train.trainer import TrainConfig, train
 
-    ids = ByteTokenizer().encode((shared_data / "tinyshakespeare.txt").read_text()[:200_000])
-    graphdef, params, rest = nnx.split(tiny_model, nnx.Param, ...)
-    tx = optax.adam(3e-3)
-    step, opt_state = make_train_step(graphdef, tx), tx.init(params)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(40):
-        starts = rng.integers(0, len(ids) - 65, 16)
-        rows = np.stack([ids[s:s + 65] for s in starts])
-        batch = {"inputs": jnp.asarray(rows[:, :-1]), "targets": jnp.asarray(rows[:, 1:])}
-        params, opt_state, metrics = step(params, rest, opt_state, batch)
-        losses.append(float(metrics["loss"]))
+    result = train(TrainConfig(out_dir=str(tmp_path), preset="tiny-mla",
+                               data=str(shared_data / "tinyshakespeare.txt"), steps=30, seq_len=64,
+                               batch_size=16, eval_every=30, eval_batches=2, log_every=10,
+                               progress=False, tensorboard=False,
+                               optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=3)),
+                   log=lambda s: None)
+    losses = [result.losses[s] for s in sorted(result.losses)]
     assert losses[0] > 5.0  # ~ln(320) at init
     assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+    assert result.val_loss < losses[0] - 2.0
 
 
 def _loss(graphdef, state, tokens):
