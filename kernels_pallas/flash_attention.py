@@ -1,13 +1,34 @@
-"""Attention over packed, causal, optionally windowed sequences with grouped KV heads.
+"""Flash attention: packed, causal, optionally windowed sequences with grouped KV heads.
 
-``attention_reference`` is the specification that the Pallas flash-attention kernel must
-equal; ``llmarch.ops`` uses it as the XLA implementation.
+``attention_reference`` is the specification (and ``llmarch.ops``' XLA implementation);
+``flash_attention`` computes the same function with Pallas kernels that never hold a
+``[T,S]`` score matrix: an online softmax over key blocks forward (FlashAttention-2,
+arXiv 2307.08691), and two kernels backward, one for ``dq`` (looping over key blocks) and
+one for ``dk, dv`` (looping over the query blocks of every query head of its KV group).
+
+Masking compares *positions* and *segment ids*, not indices, so one kernel serves training
+(packed documents), prefill and decoding against a cache. Each key block is skipped when
+position bounds prove it invisible to the whole query block (causal future, outside the
+window), which halves the work of plain causal attention.
+
+Layout inside the kernels is heads-major, ``q [B,N,T,H]`` and ``k, v [B,K,S,H]``, so that
+every tile's two minor dims are ``(rows, H)`` as Mosaic wants; the wrapper transposes. The
+whole key sequence of one (batch, KV head) is one block (it stays resident while the grid
+walks the query blocks; on GPU it is only a pointer), and the kernel loops over it in
+``block_kv`` steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas import _common as C
 
 
 def attention_mask(
@@ -67,3 +88,485 @@ def attention_reference(
     probs = weights / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
     return out.reshape(B, T, N, H)  # [B,T,N,H]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel pieces shared by the forward and both backward kernels.
+
+# The log-sum-exp given to a query that sees no key: exp(s - LSE_EMPTY) = 0 for any score.
+LSE_EMPTY = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the flash-attention kernels (rows of ``q`` and of ``k, v`` per step).
+
+    Attributes:
+      block_q: query rows per forward program.
+      block_kv: keys per step of the forward loop.
+      block_q_bwd: query rows per ``dq`` program and per step of the ``dk, dv`` loop.
+      block_kv_bwd: keys per ``dk, dv`` program and per step of the ``dq`` loop.
+      num_warps: GPU only; ``None`` picks 4 for ``H <= 64``, else 8.
+      num_stages: GPU only: software-pipelining depth of Triton's loops.
+      vmem_limit_bytes: TPU only: the scoped VMEM the kernels may use. The key sequence of
+        one (batch, KV head) stays in VMEM, double-buffered: about ``4·S·H·itemsize`` bytes
+        (8 MiB at S=8192, H=128, bf16); raise this for longer sequences.
+
+    A block larger than the sequence shrinks to it; sequences that are not a multiple of
+    the block are padded and the padding masked. On TPU ``block_q`` must be a multiple of 8
+    and the others of 128 (they are lane dims of the position and log-sum-exp tiles); on GPU
+    every block is a power of two >= 16.
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    block_q_bwd: int = 128
+    block_kv_bwd: int = 128
+    num_warps: int | None = None
+    num_stages: int = 2
+    vmem_limit_bytes: int | None = None
+
+    def __post_init__(self):
+        C.check_positive("BlockSizes", **dataclasses.asdict(self))
+
+    @classmethod
+    def default(cls, target: str) -> BlockSizes:
+        """Starting points per target: big tiles for the MXU, Triton-friendly ones for GPUs."""
+        if target == "tpu":
+            return cls(block_q=256, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
+        return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
+
+
+def _dot_nt(a, b):
+    """``a [m,k] · b[n,k]ᵀ -> [m,n]`` in float32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+    """``a [m,k] · b[k,n] -> [m,n]`` in float32."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _and(a, b):
+    return b if a is None else a & b
+
+
+def _mask(q_pos, kv_pos, q_seg, kv_seg, kv_valid, *, causal, window):
+    """Which (query, key) pairs may attend; the arguments broadcast against each other
+    (``[rows,1]`` against ``[1,cols]``, either way round). ``None`` means "all"."""
+    mask = None
+    if causal:
+        mask = kv_pos <= q_pos
+    if window is not None:
+        mask = _and(mask, q_pos - kv_pos < window)
+    if q_seg is not None:
+        mask = _and(mask, q_seg == kv_seg)
+    if kv_valid is not None:
+        mask = _and(mask, kv_valid)
+    return mask
+
+
+def _visible(q_pos, kv_pos, *, causal, window):
+    """Scalar: can any query of the tile see any key of the tile (from position bounds only)?
+    ``None`` when nothing can be ruled out (no causality, no window)."""
+    ok = None
+    if causal:
+        ok = jnp.min(kv_pos) <= jnp.max(q_pos)
+    if window is not None:
+        ok = _and(ok, jnp.min(q_pos) - jnp.max(kv_pos) < window)
+    return ok
+
+
+def _maybe(pred, fn, carry):
+    """``fn(carry)`` where ``pred`` holds (a scalar or None: always), else ``carry``."""
+    if pred is None:
+        return fn(carry)
+    return lax.cond(pred, fn, lambda c: c, carry)
+
+
+def _valid_index(start, size, length, *, axis):
+    """Boolean ``[1,size]`` (axis=1) or ``[size,1]`` (axis=0): index < length. None if all are."""
+    if length is None:
+        return None
+    shape = (1, size) if axis == 1 else (size, 1)
+    return start + lax.broadcasted_iota(jnp.int32, shape, axis) < length
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs are tiles: q_ref [bq,H], k_ref/v_ref [S_pad,H] (forward, dq), positions and
+# segment ids as columns [rows,1] or rows [1,cols].
+
+
+def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
+    if has_seg:
+        qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    else:
+        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        qseg_ref = kvseg_ref = None
+    q = q_ref[...]
+    q_pos = qpos_ref[...]  # [bq,1]
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+    bq, H = q.shape
+
+    def body(j, carry):
+        start = pl.multiple_of(j * block_kv, block_kv)
+        kv_pos = kvpos_ref[:, pl.ds(start, block_kv)]  # [1,bk]
+
+        def step(carry):
+            acc, m, l = carry
+            k = k_ref[pl.ds(start, block_kv), :]
+            v = v_ref[pl.ds(start, block_kv), :]
+            s = _dot_nt(q, k) * scale  # [bq,bk]
+            kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
+            mask = _mask(q_pos, kv_pos, q_seg, kv_seg,
+                         _valid_index(start, block_kv, kv_len, axis=1), causal=causal, window=window)
+            if mask is not None:
+                s = jnp.where(mask, s, C.MASKED)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)  # a fully masked row keeps l = 0, not a uniform average
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+            acc = alpha * acc + _dot_nn(p.astype(v.dtype), v)
+            return acc, m_new, l
+
+        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
+
+    init = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq, 1), C.MASKED, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32))
+    acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, init)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log(l_safe))
+
+
+def _dq_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
+    if has_seg:
+        (qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+         dq_ref) = refs
+    else:
+        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+        qseg_ref = kvseg_ref = None
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq,1]
+    q_pos = qpos_ref[...]
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+
+    def body(j, dq):
+        start = pl.multiple_of(j * block_kv, block_kv)
+        kv_pos = kvpos_ref[:, pl.ds(start, block_kv)]
+
+        def step(dq):
+            k = k_ref[pl.ds(start, block_kv), :]
+            v = v_ref[pl.ds(start, block_kv), :]
+            kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
+            mask = _mask(q_pos, kv_pos, q_seg, kv_seg,
+                         _valid_index(start, block_kv, kv_len, axis=1), causal=causal, window=window)
+            p = jnp.exp(_dot_nt(q, k) * scale - lse)  # [bq,bk]
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+            ds = p * (_dot_nt(do, v) - delta)
+            return dq + _dot_nn(ds.astype(k.dtype), k)
+
+        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, dq)
+
+    dq = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, scale, causal, window, block_q, kv_len, kv_block, has_seg):
+    """dk, dv of one key tile, summed over the G query heads of its KV head: the transposed
+    problem (keys as rows), so every matmul is ``a·b`` or ``a·bᵀ``."""
+    if has_seg:
+        (qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+         dk_ref, dv_ref) = refs
+    else:
+        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+        qseg_ref = kvseg_ref = None
+    k, v = k_ref[...], v_ref[...]  # [bk,H]
+    kv_pos = kvpos_ref[...]  # [bk,1]
+    kv_seg = None if kvseg_ref is None else kvseg_ref[...]
+    kv_valid = _valid_index(pl.program_id(2) * kv_block, kv_block, kv_len, axis=0)
+    G, T_pad = q_ref.shape[0], q_ref.shape[1]
+    n_q = T_pad // block_q
+
+    def body(idx, carry):
+        g, i = lax.div(idx, n_q), lax.rem(idx, n_q)
+        start = pl.multiple_of(i * block_q, block_q)
+        q_pos = qpos_ref[:, pl.ds(start, block_q)]  # [1,bq]
+
+        def step(carry):
+            dk, dv = carry
+            q = q_ref[g, pl.ds(start, block_q), :]
+            do = do_ref[g, pl.ds(start, block_q), :]
+            lse = lse_ref[g, :, pl.ds(start, block_q)]  # [1,bq]
+            delta = delta_ref[g, :, pl.ds(start, block_q)]
+            q_seg = None if qseg_ref is None else qseg_ref[:, pl.ds(start, block_q)]
+            mask = _mask(q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal=causal, window=window)
+            p_t = jnp.exp(_dot_nt(k, q) * scale - lse)  # [bk,bq]
+            if mask is not None:
+                p_t = jnp.where(mask, p_t, 0.0)
+            dv = dv + _dot_nn(p_t.astype(do.dtype), do)
+            ds_t = p_t * (_dot_nt(v, do) - delta)
+            dk = dk + _dot_nn(ds_t.astype(q.dtype), q)
+            return dk, dv
+
+        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, G * n_q, body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call builders: one per kernel, each for a target.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    window: int | None
+    scale: float
+    block_sizes: BlockSizes | None
+    interpret: bool
+
+    def kernel_args(self):
+        return dict(scale=self.scale, causal=self.causal, window=self.window)
+
+
+def _fit(name, block, extent, target, interpret, lane):
+    return C.fit_block("BlockSizes", name, block, extent, target, interpret, lane=lane, min_gpu=16)
+
+
+def _head_dim(H, target, interpret):
+    """Triton tiles must be powers of two: pad the head dim with zeros (they add nothing to
+    ``q·k``, and the padded value columns are sliced off)."""
+    return C.next_pow2(H) if target == "gpu" and not interpret else H
+
+
+def _heads_major(x, rows, width):
+    """``[B,T,N,H] -> [B,N,rows,width]``, zero-padded."""
+    return C.pad_axis(C.pad_axis(x, 1, rows), 3, width).transpose(0, 2, 1, 3)
+
+
+def _ids(x, size, *, column):
+    """Positions / segment ids ``[B,T]`` as int32 columns ``[B,size,1]`` or rows ``[B,1,size]``;
+    padded with the edge value (keeps the visibility bounds tight; padding is masked anyway)."""
+    x = C.pad_axis(x.astype(jnp.int32), 1, size, mode="edge")
+    return x[:, :, None] if column else x[:, None, :]
+
+
+def _params(st, target, interpret, H, num_dims):
+    bs = st.block_sizes or BlockSizes.default(target)
+    warps = bs.num_warps or (4 if H <= 64 else 8)
+    return C.compiler_params(target, interpret, semantics=("parallel",) * num_dims,
+                             num_warps=warps, num_stages=bs.num_stages,
+                             vmem_limit_bytes=bs.vmem_limit_bytes)
+
+
+def _forward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg):
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    bs = st.block_sizes or BlockSizes.default(target)
+    bq = _fit("block_q", bs.block_q, T, target, interpret, lane=False)
+    bk = _fit("block_kv", bs.block_kv, S, target, interpret, lane=True)
+    Tp, Sp, Hp = C.round_up(T, bq), C.round_up(S, bk), _head_dim(H, target, interpret)
+    has_seg = qseg is not None
+
+    col = pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0))
+    row = pl.BlockSpec((None, 1, Sp), lambda b, n, i: (b, 0, 0))
+    q_spec = pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, i, 0))
+    kv_spec = pl.BlockSpec((None, None, Sp, Hp), lambda b, n, i: (b, lax.div(n, G), 0, 0))
+    inputs = [_ids(qpos, Tp, column=True), _ids(kvpos, Sp, column=False)]
+    specs = [col, row]
+    if has_seg:
+        inputs += [_ids(qseg, Tp, column=True), _ids(kvseg, Sp, column=False)]
+        specs += [col, row]
+    inputs += [_heads_major(q, Tp, Hp), _heads_major(k, Sp, Hp), _heads_major(v, Sp, Hp)]
+    specs += [q_spec, kv_spec, kv_spec]
+
+    kernel = functools.partial(_fwd_kernel, **st.kernel_args(), block_kv=bk,
+                               kv_len=S if Sp != S else None, has_seg=has_seg)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(B, N, Tp // bq),
+        in_specs=specs,
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, N, Tp, Hp), q.dtype),
+                   jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32)],
+        compiler_params=_params(st, target, interpret, Hp, 3),
+        interpret=interpret,
+        name="flash_attention_fwd",
+    )(*inputs)
+    return out[:, :, :T, :H].transpose(0, 2, 1, 3), lse[:, :, :T, 0]  # [B,T,N,H], [B,N,T]
+
+
+def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out, lse, do):
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    bs = st.block_sizes or BlockSizes.default(target)
+    bq = _fit("block_q_bwd", bs.block_q_bwd, T, target, interpret, lane=True)
+    bk = _fit("block_kv_bwd", bs.block_kv_bwd, S, target, interpret, lane=True)
+    Tp, Sp, Hp = C.round_up(T, bq), C.round_up(S, bk), _head_dim(H, target, interpret)
+    has_seg = qseg is not None
+    kv_len = S if Sp != S else None
+    params = _params(st, target, interpret, Hp, 3)
+
+    # delta_t = rowsum(dO ∘ O): the softmax backward's correction, one number per query row.
+    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), do.astype(jnp.float32))
+    lse = C.pad_axis(lse, 2, Tp, mode="constant").at[:, :, T:].set(LSE_EMPTY)  # [B,N,Tp]
+    delta = C.pad_axis(delta, 2, Tp)
+    qh, doh = _heads_major(q, Tp, Hp), _heads_major(do, Tp, Hp)  # [B,N,Tp,Hp]
+    kh, vh = _heads_major(k, Sp, Hp), _heads_major(v, Sp, Hp)  # [B,K,Sp,Hp]
+
+    # dq: grid over query tiles of every head, looping over keys.
+    q_col = pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0))
+    kv_row = pl.BlockSpec((None, 1, Sp), lambda b, n, i: (b, 0, 0))
+    q_tile = pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, i, 0))
+    kv_all = pl.BlockSpec((None, None, Sp, Hp), lambda b, n, i: (b, lax.div(n, G), 0, 0))
+    stat = pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0))
+    inputs = [_ids(qpos, Tp, column=True), _ids(kvpos, Sp, column=False)]
+    specs = [q_col, kv_row]
+    if has_seg:
+        inputs += [_ids(qseg, Tp, column=True), _ids(kvseg, Sp, column=False)]
+        specs += [q_col, kv_row]
+    inputs += [qh, kh, vh, doh, lse[..., None], delta[..., None]]
+    specs += [q_tile, kv_all, kv_all, q_tile, stat, stat]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **st.kernel_args(), block_kv=bk, kv_len=kv_len,
+                          has_seg=has_seg),
+        grid=(B, N, Tp // bq), in_specs=specs, out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+        compiler_params=params, interpret=interpret, name="flash_attention_dq",
+    )(*inputs)
+
+    # dk, dv: grid over key tiles of every KV head, looping over its G heads' query tiles.
+    q_row = pl.BlockSpec((None, 1, Tp), lambda b, h, j: (b, 0, 0))
+    kv_col = pl.BlockSpec((None, bk, 1), lambda b, h, j: (b, j, 0))
+    q_group = pl.BlockSpec((None, G, Tp, Hp), lambda b, h, j: (b, h, 0, 0))
+    kv_tile = pl.BlockSpec((None, None, bk, Hp), lambda b, h, j: (b, h, j, 0))
+    stat_t = pl.BlockSpec((None, G, 1, Tp), lambda b, h, j: (b, h, 0, 0))
+    inputs = [_ids(qpos, Tp, column=False), _ids(kvpos, Sp, column=True)]
+    specs = [q_row, kv_col]
+    if has_seg:
+        inputs += [_ids(qseg, Tp, column=False), _ids(kvseg, Sp, column=True)]
+        specs += [q_row, kv_col]
+    inputs += [qh, kh, vh, doh, lse[:, :, None, :], delta[:, :, None, :]]
+    specs += [q_group, kv_tile, kv_tile, q_group, stat_t, stat_t]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **st.kernel_args(), block_q=bq, kv_len=kv_len, kv_block=bk,
+                          has_seg=has_seg),
+        grid=(B, K, Sp // bk), in_specs=specs, out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+        compiler_params=params, interpret=interpret, name="flash_attention_dkv",
+    )(*inputs)
+
+    def back(x, rows):  # [B,·,rows_pad,Hp] -> [B,rows,·,H]
+        return x[:, :, :rows, :H].transpose(0, 2, 1, 3)
+
+    return back(dq, T), back(dk, S), back(dv, S)
+
+
+def _forward(st, *args):
+    def build(target, interpret):
+        return functools.partial(_forward_call, st, target, interpret)
+
+    return C.dispatch(build, *args, interpret=st.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, qpos, kvpos, qseg, kvseg):
+    return _forward(st, q, k, v, qpos, kvpos, qseg, kvseg)[0]
+
+
+def _flash_fwd(st, q, k, v, qpos, kvpos, qseg, kvseg):
+    out, lse = _forward(st, q, k, v, qpos, kvpos, qseg, kvseg)
+    return out, (q, k, v, qpos, kvpos, qseg, kvseg, out, lse)
+
+
+def _flash_bwd(st, res, do):
+    def build(target, interpret):
+        return functools.partial(_backward_call, st, target, interpret)
+
+    dq, dk, dv = C.dispatch(build, *res, do, interpret=st.interpret)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``attention_reference`` computed by the flash-attention kernels; differentiable.
+
+    Args:
+      q: ``[B,T,N,H]`` queries; k, v: ``[B,S,K,H]`` with ``N = K*G`` (GQA; MQA is K=1).
+      q_positions, kv_positions: int ``[B,T]``, ``[B,S]``; causality (``kv <= q``) and the
+        window (``q - kv < sliding_window``) compare these.
+      q_segment_ids, kv_segment_ids: int ``[B,T]``, ``[B,S]`` or both None; a query sees
+        only keys of its own segment (packed documents).
+      scale: multiplies ``q·k``; default ``H**-0.5``.
+      block_sizes: tiles; default ``BlockSizes.default(target)``.
+      interpret: run the kernels with the Pallas interpreter (any backend, e.g. CPU).
+    Returns:
+      ``[B,T,N,H]`` in ``q``'s dtype (k and v are cast to it); a query that sees no key gets
+      zeros.
+    Raises:
+      ValueError: for mismatched shapes or head counts, or block sizes that do not tile.
+    """
+    _check(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window,
+           block_sizes)
+    H = q.shape[-1]
+    scale = H**-0.5 if scale is None else float(scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)  # the kernels' matmuls take one dtype
+    st = _Static(bool(causal), sliding_window, scale, block_sizes, bool(interpret))
+    return _flash(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def _check(q, k, v, qpos, kvpos, qseg, kvseg, window, block_sizes):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.check_rank(name, x, 4, "[B,T,N,H]" if name == "q" else "[B,S,K,H]")
+        C.check_dtype(name, x, (jnp.floating,))
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {k.shape} but v has {v.shape}: they must match [B,S,K,H]")
+    B, T, N, H = q.shape
+    _, S, K, Hk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch {k.shape[0]} but q has {B}")
+    if Hk != H:
+        raise ValueError(f"k has head dim {Hk} but q has {H}: they must be equal")
+    if N % K:
+        raise ValueError(f"q has {N} heads, not a multiple of k's {K} KV heads (N = K*G)")
+    if T == 0 or S == 0:
+        raise ValueError(f"q has {T} positions and k {S}: both must be positive")
+    for name, x, shape in (("q_positions", qpos, (B, T)), ("kv_positions", kvpos, (B, S)),
+                           ("q_segment_ids", qseg, (B, T)), ("kv_segment_ids", kvseg, (B, S))):
+        if x is None:
+            continue
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: expected {shape}")
+        C.check_dtype(name, x, (jnp.integer,))
+    if (qseg is None) != (kvseg is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together or not at all")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"sliding_window={window!r} is invalid: must be a positive int or None")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes={block_sizes!r} must be a flash_attention.BlockSizes")

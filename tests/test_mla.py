@@ -175,7 +175,7 @@ def test_kv_cache_bytes_follow_deepseek_v2_table_1():
     assert accounting.kv_cache_bytes_per_token(v3) == (512 + 64) * 61 * 2 == 70_272  # bf16
     assert accounting.kv_cache_bytes_per_token(v3, "float32") == 576 * 61 * 4
     # Table 1: MLA (d_c + d_h^R)·l = (4 d_h + d_h/2)·l against MHA 2·n_h·d_h·l (d_h=128, n_h=128).
-    mha = v3.replace(blocks=None, mla=None)  # the same model with MHA in every layer
+    mha = v3.replace(blocks=None, mla=None, moe=None)  # MHA (+ dense FFN) in every layer
     d_h, n_h, layers = 128, 128, 61
     assert accounting.kv_cache_elements_per_token(v3) == (4 * d_h + d_h // 2) * layers
     assert accounting.kv_cache_elements_per_token(mha) == 2 * n_h * d_h * layers == 32_768 * layers

@@ -21,10 +21,11 @@ class ParamCounts:
     attention: int  # all layers
     ffn: int  # all layers
     norms: int  # all layers plus the final norm
+    memory: int = 0  # memory layers (PKM/UltraMem): FFN "pkm" blocks and memory skip modules
 
     @property
     def total(self) -> int:
-        return self.embedding + self.lm_head + self.attention + self.ffn + self.norms
+        return self.embedding + self.lm_head + self.attention + self.ffn + self.norms + self.memory
 
     @property
     def non_embedding(self) -> int:
@@ -45,9 +46,17 @@ def _attention_params(cfg: ModelConfig, kinds: BlockConfig) -> int:
     raise ValueError(f"attention={kinds.attention!r} has no parameter count yet")
 
 
-def _ffn_params(cfg: ModelConfig, kinds: BlockConfig) -> int:
+def _ffn_params(cfg: ModelConfig, kinds: BlockConfig, *, active: bool = False) -> int:
+    """One block's FFN parameters; ``active``: only those one token uses (MoE: the k routed
+    experts, not all E)."""
     if kinds.ffn == "swiglu":  # gate, up [D,F] and down [F,D]
         return 3 * cfg.d_model * cfg.ffn_dim
+    if kinds.ffn == "moe":  # router [D,E], routed experts 3·D·F each, shared experts 3·D·F_shared
+        m, D = cfg.moe, cfg.d_model
+        routed = m.top_k if active else m.num_experts
+        return D * m.num_experts + routed * 3 * D * m.expert_dim + 3 * D * m.shared_dim
+    if kinds.ffn == "pkm":  # a memory layer: counted in ParamCounts.memory
+        return 0
     raise ValueError(f"ffn={kinds.ffn!r} has no parameter count yet")
 
 
@@ -60,7 +69,22 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         attention=sum(_attention_params(cfg, b) for b in blocks),
         ffn=sum(_ffn_params(cfg, b) for b in blocks),
         norms=(2 * len(blocks) + 1) * D,
+        memory=memory_params(cfg),
     )
+
+
+def active_param_counts(cfg: ModelConfig) -> ParamCounts:
+    """The parameters one token activates: as ``param_counts``, but an MoE FFN counts its router,
+    shared experts and ``top_k`` of its routed experts (the convention of Mixtral's 12.9B of 46.7B
+    and DeepSeek-V3's 37B of 671B; embeddings and lm_head included)."""
+    blocks = cfg.layer_blocks
+    return dataclasses.replace(param_counts(cfg),
+                               ffn=sum(_ffn_params(cfg, b, active=True) for b in blocks),
+                               memory=memory_params(cfg, active=True))
+
+
+def active_param_count(cfg: ModelConfig) -> int:
+    return active_param_counts(cfg).total
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -90,11 +114,11 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, causa
     """``6·N_matmul + attention`` FLOPs to train on one token of a ``seq_len`` sequence.
 
     ``N_matmul`` counts every weight that enters a matmul: all but the embedding lookup and
-    norms; a tied embedding still costs its output matmul.
+    norms; a tied embedding still costs its output matmul; of MoE layers, the activated weights.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    counts = param_counts(cfg)
-    matmul = counts.attention + counts.ffn + cfg.d_model * cfg.vocab_size
+    counts = active_param_counts(cfg)  # an MoE token multiplies by its k experts only
+    matmul = counts.attention + counts.ffn + counts.memory + cfg.d_model * cfg.vocab_size
     return 6.0 * matmul + attention_flops_per_token(cfg, seq_len, causal=causal)
 
 
@@ -125,3 +149,96 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
     if peak_flops <= 0:
         raise ValueError(f"peak_flops={peak_flops!r} is invalid: must be > 0")
     return tokens_per_second * flops_per_token / peak_flops
+
+
+# -- memory layers (PKM / UltraMem) ---------------------------------------------------------------
+
+
+def memory_layer_count(cfg: ModelConfig) -> int:
+    """Memory layers in the model: ``"pkm"`` FFN blocks plus ``"pkm"``/``"ultramem"`` skip modules."""
+    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
+    return sum(b.ffn == "pkm" for b in cfg.layer_blocks) + skips
+
+
+def _memory_params(cfg: ModelConfig, *, skip: bool, active: bool) -> int:
+    """One memory layer (``llmarch.layers.memory``); ``active``: the value rows one token reads
+    (heads × top-m) instead of the whole table. Queries, keys, cores and projections count whole:
+    every token multiplies by all of them (the keys too: each query is scored against all 2·P)."""
+    m, D = cfg.memory, cfg.d_model
+    Z, U, W = max(m.tucker_rank, 1), m.width(D), m.virtual_blocks
+    rows = min(m.reads_per_token, m.physical_rows) if active else m.physical_rows
+    return (2 * D * m.num_heads * m.key_dim + 2 * m.key_dim  # W_q row/col, query LayerNorm
+            + 2 * m.num_heads * m.num_keys * Z * m.key_dim + (2 * m.key_dim if m.key_norm else 0)
+            + (m.num_cores * m.num_heads * Z * Z if m.tucker_rank else 0)
+            + rows * U
+            + (D * W * U if m.gate else 0) + (W * U * D if m.output_proj else 0)
+            + (D if skip else 0))  # a skip-layer memory's own RMSNorm
+
+
+def memory_params(cfg: ModelConfig, *, active: bool = False) -> int:
+    """All memory layers' parameters (``ParamCounts.memory``); ``active``: per token."""
+    if cfg.memory is None:
+        return 0
+    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
+    blocks = sum(b.ffn == "pkm" for b in cfg.layer_blocks)
+    return (blocks * _memory_params(cfg, skip=False, active=active)
+            + skips * _memory_params(cfg, skip=True, active=active))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTraffic:
+    """Bytes one decoding step reads for a batch of B sequences (one new token each).
+
+    ``dense``: weights every step reads whatever B is (attention, dense FFNs, norms, the logits'
+    matrix, MoE routers and shared experts, memory queries/keys/cores/projections) plus the B
+    embedding rows; ``sparse``: the expected MoE experts or memory value rows the batch touches;
+    ``kv_cache``: the cache of ``context_len`` positions per sequence.
+    """
+
+    dense: float
+    sparse: float
+    kv_cache: float
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.sparse + self.kv_cache
+
+
+def _distinct(n: int, draws: float, p: float) -> float:
+    """Expected distinct items among ``n`` when each of ``draws`` independent draws picks a given
+    item with probability ``p``: ``n·(1 − (1 − p)^draws)``."""
+    return n * (1.0 - (1.0 - p) ** draws)
+
+
+def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
+                   dtype: str | None = None) -> DecodeTraffic:
+    """The decode-step traffic model (UltraMem's Figure 1c argument, from the config alone).
+
+    Routing and memory picks are assumed uniform and independent: an MoE layer's batch touches
+    ``E·(1 − (1 − k/E)^B)`` experts of ``3·D·F`` weights each; a memory layer's touches
+    ``M·(1 − (1 − 1/M)^{B·J})`` ≈ ``B·J`` value rows of ``U`` numbers (J = heads × top-m), so its
+    sparse bytes grow with the batch, an MoE's with the experts woken up. Weights in ``dtype``
+    (default ``cfg.dtype``), the KV cache too.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    nbytes = jnp.dtype(dtype or cfg.dtype).itemsize
+    D, B = cfg.d_model, batch_size
+    counts = param_counts(cfg)
+    dense = counts.attention + counts.norms + D * cfg.vocab_size + B * D  # + the B embedding rows
+    sparse = 0.0
+    for kinds in cfg.layer_blocks:
+        if kinds.ffn == "moe":
+            m = cfg.moe
+            dense += D * m.num_experts + 3 * D * m.shared_dim
+            sparse += _distinct(m.num_experts, B, m.top_k / m.num_experts) * 3 * D * m.expert_dim
+        elif kinds.ffn != "pkm":
+            dense += _ffn_params(cfg, kinds)
+    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
+    for skip in [False] * sum(b.ffn == "pkm" for b in cfg.layer_blocks) + [True] * skips:
+        m = cfg.memory
+        U, M = m.width(D), m.physical_rows
+        dense += _memory_params(cfg, skip=skip, active=True) - min(m.reads_per_token, M) * U
+        sparse += _distinct(M, B * m.reads_per_token, 1.0 / M) * U
+    kv = kv_cache_elements_per_token(cfg) * context_len * B
+    return DecodeTraffic(dense=dense * nbytes, sparse=sparse * nbytes, kv_cache=kv * nbytes)

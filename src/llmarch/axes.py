@@ -23,6 +23,14 @@ ALPHABET = {
     "Q": "query LoRA rank",
     "M": "memory slots",
     "P": "product keys per side",
+    # memory layers (llmarch.layers.memory); N and H there are memory heads and key width
+    "U": "memory value-row width",
+    "I": "memory row candidates / top-m slots per head",
+    "J": "memory column candidates; heads x top-m picks per token in ops.memory_lookup",
+    "Z": "TDQKR rank r (row side of a Tucker core)",
+    "Y": "TDQKR rank r (column side of a Tucker core)",
+    "X": "UltraMem Tucker cores h (multi-core scoring)",
+    "W": "UltraMem IVE virtual blocks",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

@@ -104,6 +104,59 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"token ids {text!r} must be integers separated by commas or spaces") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Serves the prompts with the inference engine and prints each completion."""
+    import time
+
+    from llmarch.data.tokenizer import load_tokenizer
+    from llmarch.inference import Engine, SamplingParams
+    from llmarch.inference.loading import load_for_inference
+
+    prompts: list = list(args.prompt or []) + [_ids(t) for t in args.prompt_ids or []]
+    if not prompts:
+        raise ValueError("give at least one --prompt TEXT or --prompt-ids IDS")
+    model, cfg, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.prompt and tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer: pass --tokenizer, or --prompt-ids")
+    stop = tuple(_ids(args.stop_ids)) if args.stop_ids else ()
+    if tokenizer is not None and not args.ignore_eos and tokenizer.eos_id < cfg.vocab_size:
+        stop += (tokenizer.eos_id,)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=stop, n=args.n)
+    lengths = [len(tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
+    max_len = args.max_len or min(cfg.max_seq_len, max(lengths) + args.max_tokens)  # sizes the pool
+    budget = min(args.max_num_batched_tokens, cfg.max_seq_len)
+    engine = Engine(model, cfg, tokenizer=tokenizer, max_num_seqs=min(args.n * len(prompts), budget),
+                    max_num_batched_tokens=budget, max_prefill_chunk=min(budget, 256), max_len=max_len)
+    start = time.perf_counter()
+    if args.stream:
+        single = len(prompts) == 1 and args.n == 1
+        for event in engine.stream(prompts, params):
+            piece = event.text if event.text is not None else f" {event.token_id}"
+            print(piece if single else f"[{event.request_id}.{event.index}] {piece!r}", end="" if single
+                  else "\n", flush=True)
+        print()
+    else:
+        for out in engine.generate(prompts, params):
+            for c in out.completions:
+                body = c.text if c.text is not None else " ".join(map(str, c.token_ids))
+                print(f"[{out.request_id}.{c.index}] ({c.finish_reason}) {body}")
+    seconds = time.perf_counter() - start
+    tokens = engine.stats["decode_tokens"] + len(prompts) * args.n
+    print(f"{tokens} tokens in {seconds:.2f}s ({engine.stats['steps']} steps, "
+          f"{engine.stats['preemptions']} preemptions)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmarch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
     listing = sub.add_parser("presets", help="list the presets with parameter and FLOP counts")
     listing.set_defaults(func=_presets)
+    gen = sub.add_parser("generate", help="generate from an llmarch run or a Hugging Face checkpoint")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a run directory of `llmarch train`, or config.json + *.safetensors")
+    gen.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
+    gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, e.g. 1,2,3")
+    gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens per completion")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    gen.add_argument("--seed", type=int, help="makes sampling reproducible")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt (sharing its cache pages)")
+    gen.add_argument("--stop-ids", help="token ids that end a completion, e.g. 2,13")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
+    gen.add_argument("--dtype", help="parameter and compute dtype of a Hugging Face checkpoint")
+    gen.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's)")
+    gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.set_defaults(func=_generate)
     return parser
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 # The kinds a block may use. Later layers register here (e.g. "mla", "moe", "pkm").
 ATTENTION_KINDS = ("mha", "mla")  # "mha" covers MHA, GQA and MQA through num_kv_heads.
-FFN_KINDS = ("swiglu",)
-SKIP_KINDS = ("swiglu",)  # modules that skip-layer spans may hold (UltraMem adds "ultramem")
+FFN_KINDS = ("swiglu", "moe", "pkm")
+SKIP_KINDS = ("swiglu", "pkm", "ultramem")  # modules that skip-layer spans may hold
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "xla", "pallas")
@@ -168,6 +168,186 @@ class MLAConfig:
                                head_dim=self.qk_nope_head_dim, rope_theta=self.rope_theta)
 
 
+# Mixture of experts (llmarch.layers.moe): how a token's affinities to the experts are scored, and
+# how the routed expert FFNs are computed (all on one set of weights).
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_STRATEGIES = ("dropless", "capacity", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts FFN: E routed SwiGLU experts of width ``expert_dim``, k per token.
+
+    Routing (``router``): ``"softmax"`` scores ``s = softmax(logits)`` (Mixtral: with ``norm_topk``
+    the gates are the softmax over the k selected logits); ``"sigmoid"`` scores ``s = σ(logits)``
+    (DeepSeek-V3). The k experts are the top-k of ``s + b`` where ``b`` is the per-expert bias
+    (``router_bias``; zero-initialized, non-trainable), restricted to the ``topk_group`` best of
+    ``n_group`` expert groups (a group scores by the sum of its two best ``s + b``); the gates come
+    from the unbiased ``s``, renormalized over the k when ``norm_topk``, times ``route_scale``.
+    ``num_shared_experts`` experts (one SwiGLU of width ``num_shared_experts·expert_dim``) see every
+    token. Which layers are MoE is ``ModelConfig.blocks`` (``moe_blocks`` builds DeepSeek's
+    ``first_k_dense_replace`` layout).
+
+    Balancing: ``aux_loss_coef`` (Switch/GShard batch-wise loss ``α·Σ_i f_i·P_i``),
+    ``seq_aux_loss_coef`` (DeepSeek-V3's sequence-wise loss), ``z_loss_coef`` (ST-MoE router
+    z-loss), and ``bias_update_rate`` γ (DeepSeek-V3's auxiliary-loss-free balancing: after each
+    train step ``b_i += γ·sign(mean load − load_i)``; needs ``router_bias``).
+
+    Compute (``strategy``): ``"dropless"`` sorts token copies by expert and runs grouped matmuls;
+    ``"capacity"`` gives each expert ``ceil(capacity_factor·N·k/E)`` slots and drops (and counts)
+    the rest; ``"dense"`` runs every expert on every token (a reference for tests). Under a mesh
+    whose ``expert`` axis has size > 1 the experts are sharded and tokens travel by all-to-all
+    (``llmarch.layers.moe_parallel``), in ``ep_chunks`` pipelined chunks (1: no overlap).
+    """
+
+    num_experts: int  # E
+    top_k: int  # k
+    expert_dim: int  # F of one routed expert (moe_intermediate_size)
+    num_shared_experts: int = 0
+    router: str = "softmax"
+    norm_topk: bool = True
+    route_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias b_i
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # γ
+    strategy: str = "dropless"
+    capacity_factor: float = 1.25
+    ep_chunks: int = 1
+
+    def __post_init__(self):
+        _positive("MoEConfig", num_experts=self.num_experts, top_k=self.top_k,
+                  expert_dim=self.expert_dim, n_group=self.n_group, topk_group=self.topk_group,
+                  ep_chunks=self.ep_chunks)
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
+                or self.num_shared_experts < 0:
+            _fail("MoEConfig", "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        _choice("MoEConfig", "router", self.router, MOE_ROUTERS)
+        _choice("MoEConfig", "strategy", self.strategy, MOE_STRATEGIES)
+        if self.top_k > self.num_experts:
+            _fail("MoEConfig", "top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
+        if self.num_experts % self.n_group:
+            _fail("MoEConfig", "n_group", self.n_group,
+                  f"must divide num_experts={self.num_experts} (experts are split into equal groups)")
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            _fail("MoEConfig", "n_group", self.n_group,
+                  f"must leave >= 2 experts per group (a group scores by its top 2); "
+                  f"num_experts={self.num_experts}")
+        if self.topk_group > self.n_group:
+            _fail("MoEConfig", "topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
+        reachable = self.topk_group * (self.num_experts // self.n_group)
+        if self.top_k > reachable:
+            _fail("MoEConfig", "top_k", self.top_k,
+                  f"must be <= topk_group·num_experts/n_group={reachable}, the experts routing can reach")
+        if not self.route_scale > 0:
+            _fail("MoEConfig", "route_scale", self.route_scale, "must be > 0")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                _fail("MoEConfig", name, getattr(self, name), "must be >= 0")
+        if self.bias_update_rate > 0 and not self.router_bias:
+            _fail("MoEConfig", "bias_update_rate", self.bias_update_rate,
+                  "must be 0 unless router_bias=True (the bias it updates)")
+        if not self.capacity_factor > 0:
+            _fail("MoEConfig", "capacity_factor", self.capacity_factor, "must be > 0")
+
+    @property
+    def shared_dim(self) -> int:  # F of the shared experts together
+        return self.num_shared_experts * self.expert_dim
+
+
+MEMORY_SCORES = ("softmax", "raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """A product-key memory layer: PKM (Lample et al. 2019, arXiv 1907.05242) and UltraMem
+    (Huang et al., ICLR 2025, arXiv 2411.12364), each UltraMem part switchable (``llmarch.layers.memory``).
+
+    Keys: ``num_keys`` (P) row and P column sub-keys per head over a grid of ``P²`` slots; a token
+    reads ``topk`` (m) slots per head, ``num_heads·topk`` rows of the value table in all.
+    ``tucker_rank`` r = 0 scores a slot PKM's way, ``s_row[i] + s_col[j]``; r >= 1 is TDQKR, the
+    grid score ``S_row C S_colᵀ`` with ``num_cores`` (h) Tucker cores ``C_c [r,r]``, candidates by the
+    leading singular vectors of ``ΣC_c``, and the aux loss ``aux_alpha·mean(relu(σ_{2..r} − aux_tau)²)``.
+    ``num_cores`` > 1 is multi-core scoring (MCS): a value row is h chunks, chunk c scaled by core c's
+    score. ``virtual_blocks`` (E) > 1 is implicit value expansion (IVE): the P² grid slots are E
+    virtual blocks over ``P²/E`` physical rows through a fixed random permutation, pooled per block
+    and projected. ``score="raw"`` uses the scores as weights (UltraMem), ``"softmax"`` normalizes
+    the m scores of a head (PKM). ``value_dim`` (None: d_model) with ``output_proj`` is UltraMem's
+    halved value width and projection; ``gate`` is Memory+'s SiLU gate (Berges et al. 2024).
+    ``value_lr``/``value_lr_final`` are the value table's learning-rate multiplier λ, decaying
+    linearly from λ₀ = 4 to 1 in UltraMem (``llmarch.layers.memory.value_lr_groups`` makes the
+    optimizer's ``LrGroup``).
+    """
+
+    num_keys: int  # P
+    topk: int  # m
+    num_heads: int = 1  # memory heads
+    key_dim: int = 32  # width of a query half and of a sub-key
+    value_dim: int | None = None  # width of a value row; None: d_model
+    score: str = "softmax"
+    output_proj: bool = False
+    gate: bool = False
+    tucker_rank: int = 0  # r; 0: PKM's additive scoring
+    num_cores: int = 1  # h
+    virtual_blocks: int = 1  # E
+    key_norm: bool = False  # LayerNorm on the keys too (the query always has one)
+    value_init_std: float | None = None  # None: value_dim**-0.5 (Lample et al.)
+    aux_alpha: float = 0.001
+    aux_tau: float = 0.15
+    value_lr: float = 1.0  # λ₀
+    value_lr_final: float = 1.0
+
+    def __post_init__(self):
+        _positive("MemoryConfig", num_keys=self.num_keys, topk=self.topk, num_heads=self.num_heads,
+                  key_dim=self.key_dim, num_cores=self.num_cores, virtual_blocks=self.virtual_blocks)
+        if self.value_dim is not None:
+            _positive("MemoryConfig", value_dim=self.value_dim)
+        r = self.tucker_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            _fail("MemoryConfig", "tucker_rank", self.tucker_rank, "must be an integer >= 0 (0: PKM scoring)")
+        if self.topk > self.num_keys:
+            _fail("MemoryConfig", "topk", self.topk, f"must be <= num_keys={self.num_keys} (m <= P)")
+        _choice("MemoryConfig", "score", self.score, MEMORY_SCORES)
+        if self.num_cores > 1 and self.tucker_rank == 0:
+            _fail("MemoryConfig", "num_cores", self.num_cores,
+                  "must be 1 with tucker_rank=0: multi-core scoring needs TDQKR cores (tucker_rank >= 1)")
+        if self.num_cores > 1 and self.score != "raw":
+            _fail("MemoryConfig", "score", self.score,
+                  f"must be 'raw' with num_cores={self.num_cores}: each core's score scales its chunk")
+        if self.num_keys ** 2 % self.virtual_blocks:
+            _fail("MemoryConfig", "virtual_blocks", self.virtual_blocks,
+                  f"must divide the num_keys²={self.num_keys ** 2} grid slots")
+        if self.virtual_blocks > 1 and not self.output_proj:
+            _fail("MemoryConfig", "output_proj", self.output_proj,
+                  f"must be True with virtual_blocks={self.virtual_blocks}: IVE projects each block")
+        if self.value_init_std is not None and not self.value_init_std > 0:
+            _fail("MemoryConfig", "value_init_std", self.value_init_std, "must be > 0 or None")
+        for name in ("aux_alpha", "aux_tau"):
+            if not getattr(self, name) >= 0:
+                _fail("MemoryConfig", name, getattr(self, name), "must be >= 0")
+        for name in ("value_lr", "value_lr_final"):
+            if not getattr(self, name) > 0:
+                _fail("MemoryConfig", name, getattr(self, name), "must be > 0")
+
+    @property
+    def num_slots(self) -> int:  # the P² grid (virtual slots with IVE)
+        return self.num_keys ** 2
+
+    @property
+    def physical_rows(self) -> int:  # rows of the value table
+        return self.num_keys ** 2 // self.virtual_blocks
+
+    @property
+    def reads_per_token(self) -> int:  # value rows one token reads: heads × m
+        return self.num_heads * self.topk
+
+    def width(self, d_model: int) -> int:  # the value row width
+        return d_model if self.value_dim is None else self.value_dim
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Which attention and which FFN one decoder block uses."""
@@ -178,6 +358,16 @@ class BlockConfig:
     def __post_init__(self):
         _choice("BlockConfig", "attention", self.attention, ATTENTION_KINDS)
         _choice("BlockConfig", "ffn", self.ffn, FFN_KINDS)
+
+
+def moe_blocks(num_layers: int, first_k_dense_replace: int = 0,
+               attention: str = "mha") -> tuple[BlockConfig, ...]:
+    """DeepSeek's layout: the first ``first_k_dense_replace`` blocks dense SwiGLU, the rest MoE."""
+    if not 0 <= first_k_dense_replace <= num_layers:
+        _fail("moe_blocks", "first_k_dense_replace", first_k_dense_replace,
+              f"must be in [0, num_layers={num_layers}]")
+    return tuple(BlockConfig(attention=attention, ffn="swiglu" if i < first_k_dense_replace else "moe")
+                 for i in range(num_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +395,8 @@ class ModelConfig:
     init_std: float = 0.02
     name: str = "custom"
     mla: MLAConfig | None = None  # used by the blocks whose attention is "mla"
+    moe: MoEConfig | None = None  # used by the blocks whose ffn is "moe"
+    memory: MemoryConfig | None = None  # ffn "pkm" blocks; skip_kind "pkm"/"ultramem"
     # Skip-layer modules (UltraMem's wiring): for each (i, j), a module of kind `skip_kind`
     # reads the residual stream entering block i and adds its output to the stream leaving
     # block j (i <= j). Spans may not overlap.
@@ -240,8 +432,16 @@ class ModelConfig:
             _fail("ModelConfig", "mla", None, "must be an MLAConfig: blocks use attention 'mla'")
         if self.mla is not None and not uses_mla:
             _fail("ModelConfig", "mla", "<MLAConfig>", "must be None: no block uses attention 'mla'")
+        uses_moe = any(b.ffn == "moe" for b in self.layer_blocks)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            _fail("ModelConfig", "moe", self.moe, "must be a MoEConfig or None")
+        if uses_moe and self.moe is None:
+            _fail("ModelConfig", "moe", None, "must be a MoEConfig: blocks use ffn 'moe'")
+        if self.moe is not None and not uses_moe:
+            _fail("ModelConfig", "moe", "<MoEConfig>", "must be None: no block uses ffn 'moe'")
 
         self._check_skip_layers()
+        self._check_memory()
 
     def _check_skip_layers(self) -> None:
         if not isinstance(self.skip_layers, tuple):
@@ -263,6 +463,28 @@ class ModelConfig:
             _fail("ModelConfig", "skip_kind", self.skip_kind, f"must be one of {SKIP_KINDS} with skip_layers")
         if not self.skip_layers and self.skip_kind is not None:
             _fail("ModelConfig", "skip_kind", self.skip_kind, "must be None without skip_layers")
+
+    def _check_memory(self) -> None:
+        uses = ["ffn 'pkm' blocks"] if any(b.ffn == "pkm" for b in self.layer_blocks) else []
+        if self.skip_kind in ("pkm", "ultramem"):
+            uses.append(f"skip_kind {self.skip_kind!r}")
+        if self.memory is not None and not isinstance(self.memory, MemoryConfig):
+            _fail("ModelConfig", "memory", self.memory, "must be a MemoryConfig or None")
+        if uses and self.memory is None:
+            _fail("ModelConfig", "memory", None, f"must be a MemoryConfig: the model has {uses[0]}")
+        if self.memory is not None and not uses:
+            _fail("ModelConfig", "memory", "<MemoryConfig>",
+                  "must be None: no block uses ffn 'pkm' and skip_kind is not 'pkm'/'ultramem'")
+        if self.memory is None:
+            return
+        width = self.memory.width(self.d_model)
+        if width % self.memory.num_cores:
+            _fail("MemoryConfig", "value_dim", width,
+                  f"must be divisible by num_cores={self.memory.num_cores} (MCS splits a value row "
+                  "into one chunk per core); value_dim=None means d_model")
+        if width != self.d_model and not self.memory.output_proj:
+            _fail("MemoryConfig", "output_proj", False,
+                  f"must be True when the value width {width} differs from d_model={self.d_model}")
 
     @property
     def layer_blocks(self) -> tuple[BlockConfig, ...]:

@@ -22,14 +22,16 @@ from llmarch.layers.attention import Attention
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.ffn import SwiGLU
+from llmarch.layers.memory import MemoryLayer, skip_memory
 from llmarch.layers.mla import MLA
+from llmarch.layers.moe import MoE
 from llmarch.layers.norms import RMSNorm
 
 ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention, "mla": MLA}
-FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
+FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU, "moe": MoE, "pkm": MemoryLayer}
 # Modules for skip-layer spans (cfg.skip_layers): called as module(x [B,T,D]) -> [B,T,D] or
 # (out, aux), reading the stream entering block i; out is added to the stream leaving block j.
-SKIP: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU}
+SKIP: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU, "pkm": skip_memory, "ultramem": skip_memory}
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -99,6 +101,8 @@ class BlockRun(nnx.Module):
                  cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
         graphdef, state = nnx.split(self.layers)
+        if hasattr(cache, "for_layer"):  # a pooled cache (paged): carried whole, updated in place
+            return self._scan_pooled(graphdef, state, x, positions, segment_ids, cache)
 
         def body(x, layer):
             layer_state, layer_cache = layer
@@ -107,6 +111,20 @@ class BlockRun(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         return jax.lax.scan(body, x, (state, cache))
+
+    def _scan_pooled(self, graphdef, state, x, positions, segment_ids, cache):
+        """The scan for a cache whose pools hold every layer of the run (``cache.for_layer(i)``
+        addresses layer i): it rides in the carry, so each layer's writes update the one buffer in
+        place instead of slicing it per layer and stacking a new copy, as ``xs``/``ys`` would."""
+
+        def body(carry, layer_state):
+            x, cache, i = carry
+            x, (cache, aux) = nnx.merge(graphdef, layer_state)(x, positions, segment_ids,
+                                                              cache.for_layer(i))
+            return (x, cache, i + 1), aux
+
+        (x, cache, _), aux = jax.lax.scan(body, (x, cache, jnp.int32(0)), state)
+        return x, (cache, aux)
 
 
 class Transformer(nnx.Module):
@@ -151,6 +169,25 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
         return [run.init_cache(self.cfg, batch_size, max_len, dtype) for run in self.runs]
 
+    def aux_sources(self) -> list[nnx.Module]:
+        """The module behind each entry of the aux list that ``__call__`` returns, in its order:
+        each skip module before the run it reads, each run's FFN (whose variables, like its aux,
+        carry the run's layers axis)."""
+        sources = []
+        for run, (_, start, _) in zip(self.runs, run_layout(self.cfg), strict=True):
+            sources += [skip for skip, (read, _) in zip(self.skips, self.cfg.skip_layers, strict=True)
+                        if read == start]
+            sources.append(run.layers.ffn)
+        return sources
+
+    def update_state(self, aux: list[Aux]) -> None:
+        """Applies the layers' post-step updates of their non-trainable state from ``aux`` of a
+        forward pass (e.g. the aux-loss-free expert bias): each module with an ``update_state``
+        method gets its own aux entry. The train step calls it after the parameter update."""
+        for module, entry in zip(self.aux_sources(), aux, strict=True):
+            if hasattr(module, "update_state") and entry:
+                module.update_state(entry)
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -159,6 +196,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: list | None = None,
         return_aux: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array | tuple:
         """Logits of ``tokens [B,T]``.
 
@@ -171,6 +209,8 @@ class Transformer(nnx.Module):
           cache: from ``init_cache``; the tokens then attend to everything cached before them.
           return_aux: also return the blocks' auxiliary outputs (router losses and statistics),
             one dict per run stacked over its layers; ``aux_loss`` sums their losses.
+          logits_at: int ``[B,J]`` indices into T: compute logits only there (``[B,J,V]``), as a
+            serving step does for the last token of each sequence.
         Returns:
           ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise); then the
           updated cache when one was given; then the aux list when ``return_aux``.
@@ -195,6 +235,8 @@ class Transformer(nnx.Module):
             aux.append(run_aux)
             if start + count - 1 in pending:
                 x = x + pending.pop(start + count - 1)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B,J,D]
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
         logits = logits.astype(self.cfg.logits_dtype)
@@ -209,6 +251,16 @@ Aux = dict[str, Any]
 def _with_aux(out: jax.Array | tuple[jax.Array, Aux]) -> tuple[jax.Array, Aux]:
     """A layer returns its output, or ``(output, aux)`` when it has auxiliary results."""
     return out if isinstance(out, tuple) else (out, {})
+
+
+def aux_metrics(aux: list[Aux]) -> dict[str, jax.Array]:
+    """Every layer's ``"metrics"`` entries, concatenated over layers: ``name -> [layers, ...]``
+    (e.g. the MoE layers' ``expert_load [layers, E]`` and ``load_ratio [layers]``)."""
+    found: dict[str, list[jax.Array]] = {}
+    for a in aux:
+        for name, value in a.get("metrics", {}).items():
+            found.setdefault(name, []).append(jnp.atleast_1d(value))  # stacked [L, ...] by the scan
+    return {name: jnp.concatenate(values) for name, values in found.items()}
 
 
 def aux_loss(aux: list[Aux]) -> jax.Array:
@@ -265,13 +317,17 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids span [{lo}, {hi}]: allowed range is "
                              f"[0, vocab_size={cfg.vocab_size})")
-    if cache is not None:
+    if cache is not None and positions is None:
+        raise ValueError("positions are required with a cache: they are the slots to write")
+    run_cache = cache[0] if isinstance(cache, list) and cache else cache
+    # Caches say how many slots they hold; None: the cache places tokens itself (paged).
+    slots = getattr(run_cache, "num_slots", None) if cache is not None else None
+    if cache is not None and not hasattr(run_cache, "num_slots"):
         slots = jax.tree.leaves(cache)[0].shape[2]  # [L,B,S,...]
+    if slots is not None:
         if shape[1] > slots:
             raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's "
                              f"{slots} slots")
-        if positions is None:
-            raise ValueError("positions are required with a cache: they are the slots to write")
         if not isinstance(positions, jax.core.Tracer):
             host = np.asarray(positions)  # out-of-range slots would be dropped by the scatter
             if host.size and (host.min() < 0 or host.max() >= slots):

@@ -3,17 +3,47 @@
 Layers call the functions here, never a kernel directly. ``impl`` is resolved per call:
 an explicit argument wins, then the model config's ``impl``; ``"auto"`` takes the Pallas
 kernel on TPU/GPU when one is registered for the op and the XLA reference otherwise. Asking
-for Pallas where no kernel exists is an error, not a silent fallback.
+for Pallas where no kernel exists is an error, not a silent fallback. Pallas on a backend
+without a kernel compiler (CPU) runs the kernel in the Pallas interpreter, so ``impl="pallas"``
+is how CPU tests exercise the kernels end to end.
+
+Ops and their layouts (axis letters as in ``llmarch.axes``):
+
+- ``attention(q [B,T,N,H], k, v [B,S,K,H], *, q_positions, kv_positions, ...)`` -> ``[B,T,N,H]``:
+  causal-by-position softmax attention with GQA, window and segment ids (training, prefill,
+  decoding against a contiguous cache). Pallas: flash attention, forward and backward.
+- ``grouped_matmul(lhs [M,K], rhs [E,K,N], group_sizes [E], *, transpose_rhs=False)`` -> ``[M,N]``:
+  rows sorted by expert, row of group e times ``rhs[e]``; rows past ``sum(group_sizes)`` are
+  zero. Dropless MoE: ``M`` routed token copies, K/N = D/F or F/D. Differentiable.
+- ``memory_lookup(table [M,D], indices [B,J], weights [B,J])`` -> ``[B,D]``: ``Σ_j w·table[idx]``
+  for PKM/UltraMem (J = heads × top-m). Differentiable in table (touched rows) and weights.
+  ``memory_lookup_grouped(table, indices, weights, blocks [B,J], num_blocks)`` -> ``[B,W,D]``
+  (UltraMem's value expansion) has its Pallas kernel here and its XLA version in
+  ``llmarch.layers.memory_lookup``.
+- ``paged_attention(q [B,T,N,H], k_pages, v_pages [P,page_size,K,H], block_tables [B,max_pages],
+  lengths [B], q_positions [B,T], *, sliding_window=None, scale=None)`` -> ``[B,T,N,H]``: decode
+  steps and chunked-prefill chunks in one batch (position -1 pads a row's queries).
+- ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [P,page_size,A],
+  k_rope_pages [P,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
+  absorbed MLA over the paged latent cache, output in the latent space.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 
 import jax
 
-from kernels_pallas.flash_attention import attention_reference
+from kernels_pallas.flash_attention import attention_reference, flash_attention
+from kernels_pallas.grouped_matmul import gmm, gmm_xla
+from kernels_pallas.memory_lookup import memory_lookup as memory_lookup_kernel
+from kernels_pallas.memory_lookup import memory_lookup_grouped, memory_lookup_reference
+from kernels_pallas.mla_decode import mla_decode as mla_decode_kernel
+from kernels_pallas.mla_decode import mla_decode_reference
+from kernels_pallas.paged_attention import paged_attention as paged_attention_kernel
+from kernels_pallas.paged_attention import paged_attention_reference
 
 
 class Impl(enum.Enum):
@@ -23,8 +53,16 @@ class Impl(enum.Enum):
 
 # op name -> {Impl: function}. Kernels register their Pallas entry as they land.
 _REGISTRY: dict[str, dict[Impl, Callable]] = {
-    "attention": {Impl.XLA: attention_reference},
+    "attention": {Impl.XLA: attention_reference, Impl.PALLAS: flash_attention},
+    "grouped_matmul": {Impl.XLA: gmm_xla, Impl.PALLAS: gmm},
+    "memory_lookup": {Impl.XLA: memory_lookup_reference, Impl.PALLAS: memory_lookup_kernel},
+    "paged_attention": {Impl.XLA: paged_attention_reference, Impl.PALLAS: paged_attention_kernel},
+    "mla_decode": {Impl.XLA: mla_decode_reference, Impl.PALLAS: mla_decode_kernel},
+    # UltraMem's grouped read; its XLA entry is registered by llmarch.layers.memory_lookup.
+    "memory_lookup_grouped": {Impl.PALLAS: memory_lookup_grouped},
 }
+
+_KERNEL_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
 
 
 def register(op: str, impl: Impl, fn: Callable) -> None:
@@ -36,13 +74,20 @@ def available(op: str) -> tuple[Impl, ...]:
 
 
 def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
-    """The implementation ``op`` runs with under the request ``impl`` (None or "auto": default)."""
+    """The implementation ``op`` runs with under the request ``impl`` (None or "auto": default).
+
+    A Pallas kernel resolved on a backend that cannot compile it (CPU) comes back bound to
+    ``interpret=True``.
+    """
     if op not in _REGISTRY:
         raise ValueError(f"op={op!r} is unknown; known ops: {sorted(_REGISTRY)}")
     impls = _REGISTRY[op]
+    on_accelerator = jax.default_backend() in _KERNEL_BACKENDS
     if impl is None or impl == "auto":
-        on_accelerator = jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
         chosen = Impl.PALLAS if on_accelerator and Impl.PALLAS in impls else Impl.XLA
+        if chosen not in impls:
+            raise ValueError(f"op={op!r} has no {chosen.value!r} implementation registered; "
+                             f"available: {[i.value for i in impls]}")
     else:
         try:
             chosen = Impl(impl)
@@ -55,10 +100,42 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
                 f"impl={chosen.value!r} is not available for op={op!r}; "
                 f"available: {[i.value for i in impls]}"
             )
-    return chosen, impls[chosen]
+    fn = impls[chosen]
+    if chosen is Impl.PALLAS and not on_accelerator:
+        fn = functools.partial(fn, interpret=True)
+    return chosen, fn
 
 
 def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array:
     """Attention of ``q [B,T,N,H]`` over ``k, v [B,S,K,H]``; see ``attention_reference``."""
     _, fn = resolve("attention", impl)
     return fn(q, k, v, **kwargs)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
+                   impl: Impl | str | None = None) -> jax.Array:
+    """``[M,N]``: each group of rows of ``lhs [M,K]`` times its ``rhs [E,K,N]`` (or ``[E,N,K]``
+    transposed); see ``kernels_pallas.grouped_matmul.gmm_reference``."""
+    _, fn = resolve("grouped_matmul", impl)
+    return fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
+
+
+def memory_lookup(table, indices, weights, *, impl: Impl | str | None = None) -> jax.Array:
+    """``[B,D]``: ``Σ_j weights[b,j]·table[indices[b,j]]``; see ``memory_lookup_reference``."""
+    _, fn = resolve("memory_lookup", impl)
+    return fn(table, indices, weights)
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
+                    impl: Impl | str | None = None, **kwargs) -> jax.Array:
+    """Attention over a paged KV cache; see ``paged_attention_reference``."""
+    _, fn = resolve("paged_attention", impl)
+    return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
+
+
+def mla_decode(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *,
+               scale: float, impl: Impl | str | None = None) -> jax.Array:
+    """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference``."""
+    _, fn = resolve("mla_decode", impl)
+    return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions,
+              scale=scale)

@@ -31,6 +31,10 @@ _FSDP = {axes.EMBED: "fsdp"}
 _TP = {axes.HEADS: "tensor", axes.KV_HEADS: "tensor", axes.MLP: "tensor", axes.VOCAB: "tensor",
        axes.ACT_HEADS: "tensor"}
 _EP = {axes.EXPERT: "expert"}
+# Memory-layer value tables (llmarch.layers.memory_sharded) split their rows as tensor parallelism
+# splits FFN hidden units, and as expert parallelism splits the experts.
+_TP[axes.MEMORY_ROWS] = "tensor"
+_EP[axes.MEMORY_ROWS] = "expert"
 
 
 def _rules(*parts: Mapping[str, str | tuple[str, ...] | None], batch=_DATA) -> Rules:

@@ -1,5 +1,31 @@
-"""Inference: sampling and generation."""
+"""Inference: sampling, generation, and the serving engine (paged cache, continuous batching,
+speculative decoding)."""
 
+from llmarch.inference.block_manager import BlockManager, OutOfPages
+from llmarch.inference.engine import (
+                                      Completion,
+                                      Engine,
+                                      EngineConfig,
+                                      RequestOutput,
+                                      TokenEvent,
+                                      compiled_programs,
+)
 from llmarch.inference.generate import generate, sample_logits
+from llmarch.inference.sampling import SamplingParams
+from llmarch.inference.speculative import SpeculativeDecoder, SpeculativeOutput
 
-__all__ = ["generate", "sample_logits"]
+__all__ = [
+    "BlockManager",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "OutOfPages",
+    "RequestOutput",
+    "SamplingParams",
+    "SpeculativeDecoder",
+    "SpeculativeOutput",
+    "TokenEvent",
+    "compiled_programs",
+    "generate",
+    "sample_logits",
+]

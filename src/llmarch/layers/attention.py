@@ -58,23 +58,41 @@ class Attention(nnx.Module):
         q = apply_rope(self.w_q_dnh("BTD,DNH->BTNH", x), positions, inv_freq)
         k = apply_rope(self.w_k_dkh("BTD,DKH->BTKH", x), positions, inv_freq)
         v = self.w_v_dkh("BTD,DKH->BTKH", x)
-        kv_positions = positions
-        if cache is not None:
+        if cache is None:
+            out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
+                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                                sliding_window=self.sliding_window)  # [B,T,N,H]
+        else:  # any cache of the protocol below: contiguous here, paged in llmarch.inference
             cache = cache.write(positions, k, v)
-            k, v = cache.k, cache.v  # [B,S,K,H]
-            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
-            segment_ids = None  # a cache holds one sequence per row
-        out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=kv_positions,
-                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                            sliding_window=self.sliding_window)  # [B,T,N,H]
+            out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``."""
+    """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``.
+
+    The cache protocol that ``Attention`` relies on (``llmarch.inference.paged_cache`` has a
+    paged implementation): ``write(positions, k, v) -> cache`` stores this call's keys and
+    values, then ``attend(q, positions, *, impl, sliding_window) -> [B,T,N,H]`` attends over
+    everything stored so far, causally by position; ``num_slots`` bounds the positions
+    (``None`` when the cache checks them itself).
+    """
 
     k: jax.Array
     v: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[-3]  # [..., S, K, H], with or without a leading layers axis
+
+    def attend(self, q: jax.Array, positions: jax.Array, *, impl=None,
+               sliding_window: int | None = None) -> jax.Array:
+        """``q [B,T,N,H]`` at ``positions [B,T]`` over all slots: causality on slot positions
+        hides both the future and the slots not yet written."""
+        kv_positions = jnp.broadcast_to(jnp.arange(self.k.shape[1]), self.k.shape[:2])  # [B,S]
+        return ops.attention(q, self.k.astype(q.dtype), self.v.astype(q.dtype), impl=impl,
+                             q_positions=positions, kv_positions=kv_positions, causal=True,
+                             sliding_window=sliding_window)
 
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
         """Stores ``k, v [B,T,K,H]`` at the slots ``positions [B,T]`` (in range, checked by caller)."""

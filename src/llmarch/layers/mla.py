@@ -25,6 +25,7 @@ rotation between ``W_UK`` and ``c_KV``. Both paths call ``llmarch.ops.attention`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -182,21 +183,31 @@ class MLA(nnx.Module):
         c_kv = self.kv_norm(self.w_dkv_da("BTD,DA->BTA", x))  # [B,T,A]
         k_r = self.w_kr_dr("BTD,DR->BTR", x)[:, :, None, :]  # [B,T,1,R]: one head for all
         k_r = (apply_rope(k_r, positions, inv_freq) * mscale)[:, :, 0, :]  # [B,T,R]
-        kv_positions = positions
-        if cache is not None:
+        kv_positions, scale = positions, softmax_scale(m)
+        num_keys = x.shape[1]
+        if cache is not None:  # any latent cache of MLACache's protocol: contiguous or paged
             cache = cache.write(positions, c_kv, k_r)
-            c_kv, k_r = cache.c_kv.astype(x.dtype), cache.k_r.astype(x.dtype)  # [B,S,A], [B,S,R]
-            kv_positions = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])
+            num_keys = cache.num_slots or num_keys
             segment_ids = None  # a cache holds one sequence per row
         if path == "auto":
-            path = choose_path(m, x.shape[1], c_kv.shape[1])
+            path = choose_path(m, x.shape[1], num_keys)
+        if cache is not None and path == "naive" and getattr(cache, "read", None) is None:
+            path = "absorbed"  # a paged latent cache is only read in the latent space (FlashMLA)
+        if cache is not None and path == "naive":
+            c_kv, k_r, kv_positions = cache.read(x.dtype)  # [B,S,A], [B,S,R], [B,S]
         mask = dict(q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
-                    kv_segment_ids=segment_ids, causal=True, scale=softmax_scale(m))
+                    kv_segment_ids=segment_ids, causal=True, scale=scale)
+        if cache is not None:
+            attend_latent = functools.partial(cache.attend_latent, positions=positions, scale=scale,
+                                              impl=self.impl)
+        else:
+            attend_latent = functools.partial(latent_attention, c_kv=c_kv, k_r=k_r, mask=mask,
+                                              impl=self.impl)
         with jax.named_scope(f"mla_{path}"):
             if path == "naive":
                 out = self._naive(q_c, q_r, c_kv, k_r, mask)
             else:
-                out = self._absorbed(q_c, q_r, c_kv, k_r, mask)
+                out = self._absorbed(q_c, q_r, attend_latent)
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
 
     def _naive(self, q_c, q_r, c_kv, k_r, mask) -> jax.Array:
@@ -216,15 +227,26 @@ class MLA(nnx.Module):
         out = ops.attention(pad(q), pad(k), pad(v), impl=self.impl, **mask)
         return out[..., : v.shape[-1]]  # [B,T,N,H_v]
 
-    def _absorbed(self, q_c, q_r, c_kv, k_r, mask) -> jax.Array:
-        """Attention in the latent space (MQA over ``[c_KV; k_R]``): ``[B,T,N,H_v]``."""
-        A = c_kv.shape[-1]
+    def _absorbed(self, q_c, q_r, attend_latent) -> jax.Array:
+        """Attention in the latent space: ``attend_latent(q_latent, q_rope) -> [B,T,N,A]`` (MQA
+        over ``[c_KV; k_R]``, a cache's or this call's own); returns ``[B,T,N,H_v]``."""
         q_a = self.w_uk_anh("BTNH,ANH->BTNA", q_c)  # W_UK folded into the query: [B,T,N,A]
-        q = jnp.concatenate([q_a, q_r], axis=-1)  # [B,T,N,A+R]
-        kv = jnp.concatenate([c_kv, k_r], axis=-1)[:, :, None, :]  # [B,S,1,A+R]: one KV head
-        # The values are the keys' first A columns (c_KV): pass kv as both and drop the R columns.
-        o_a = ops.attention(q, kv, kv, impl=self.impl, **mask)[..., :A]  # [B,T,N,A]
+        o_a = attend_latent(q_a, q_r)  # [B,T,N,A]
         return self.w_uv_anh("BTNA,ANH->BTNH", o_a)  # W_UV folded into the output: [B,T,N,H_v]
+
+
+def latent_attention(q_latent: jax.Array, q_rope: jax.Array, *, c_kv: jax.Array, k_r: jax.Array,
+                     mask: dict, impl=None) -> jax.Array:
+    """Absorbed MLA as MQA over one KV head ``[c_KV; k_R]``: ``[B,T,N,A]`` latent outputs.
+
+    ``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]``, ``c_kv [B,S,A]``, ``k_r [B,S,R]``; ``mask``
+    holds ``ops.attention``'s position, segment and scale arguments.
+    """
+    A = c_kv.shape[-1]
+    q = jnp.concatenate([q_latent, q_rope], axis=-1)  # [B,T,N,A+R]
+    kv = jnp.concatenate([c_kv, k_r], axis=-1)[:, :, None, :]  # [B,S,1,A+R]: one KV head
+    # The values are the keys' first A columns (c_KV): pass kv as both and drop the R columns.
+    return ops.attention(q, kv, kv, impl=impl, **mask)[..., :A]  # [B,T,N,A]
 
 
 class MLACache(NamedTuple):
@@ -238,6 +260,27 @@ class MLACache(NamedTuple):
 
     c_kv: jax.Array
     k_r: jax.Array
+
+    # The latent-cache protocol MLA relies on (``llmarch.inference.paged_cache`` has a paged
+    # one): ``write``, ``attend_latent``, ``num_slots``, and, for the naive path, ``read``
+    # (a cache without ``read`` is always attended in the latent space).
+
+    @property
+    def num_slots(self) -> int:
+        return self.c_kv.shape[-2]  # [..., S, A], with or without a leading layers axis
+
+    def read(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(c_kv [B,S,A], k_r [B,S,R], kv_positions [B,S])`` in ``dtype``: slot s is position s."""
+        kv_positions = jnp.broadcast_to(jnp.arange(self.c_kv.shape[1]), self.c_kv.shape[:2])
+        return self.c_kv.astype(dtype), self.k_r.astype(dtype), kv_positions
+
+    def attend_latent(self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array,
+                      scale: float, impl=None) -> jax.Array:
+        """Absorbed attention of ``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]`` at ``positions``
+        over every slot (causality hides unwritten ones): ``[B,T,N,A]``."""
+        c_kv, k_r, kv_positions = self.read(q_latent.dtype)
+        mask = dict(q_positions=positions, kv_positions=kv_positions, causal=True, scale=scale)
+        return latent_attention(q_latent, q_rope, c_kv=c_kv, k_r=k_r, mask=mask, impl=impl)
 
     def write(self, positions: jax.Array, c_kv: jax.Array, k_r: jax.Array) -> MLACache:
         """Stores ``c_kv [B,T,A]``, ``k_r [B,T,R]`` at the slots ``positions [B,T]``."""

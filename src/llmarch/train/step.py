@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llmarch.model import aux_loss
+from llmarch.model import aux_loss, aux_metrics
 
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
 StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
@@ -30,10 +30,11 @@ def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch,
-            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            z_loss: float = 0.0, *, with_aux: bool = False) -> tuple[jax.Array, Any]:
     """Cross entropy, plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
     softmax normalizer near 1 so bf16 logits do not drift), plus the layers' aux losses;
-    returns ``(total, parts)``."""
+    returns ``(total, parts)``, or ``(total, (parts, aux))`` with ``with_aux`` (the layers' aux
+    list, see ``Transformer.__call__``)."""
     model = nnx.merge(graphdef, params, rest)
     logits, aux = model(batch["inputs"], positions=batch.get("positions"),
                         segment_ids=batch.get("segment_ids"), return_aux=True)
@@ -41,28 +42,37 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: B
     ce = cross_entropy(logits, batch["targets"], batch.get("mask"))
     z = _masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), batch.get("mask"))
     extra = aux_loss(aux)  # the layers' own weighted losses (e.g. MoE load balancing)
-    return ce + z_loss * z + extra, {"loss": ce, "z_loss": z, "aux_loss": extra}
+    parts = {"loss": ce, "z_loss": z, "aux_loss": extra}
+    return ce + z_loss * z + extra, ((parts, aux) if with_aux else parts)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, z_loss: float = 0.0,
-                    donate: bool = False, out_shardings: Any = None) -> StepFn:
+                    donate: bool = False, out_shardings: Any = None, update_rest: bool = False) -> StepFn:
     """``step(params, rest, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
     ``params`` are the model's ``nnx.Param`` variables (``nnx.split(model, nnx.Param, ...)``);
-    ``rest`` is any other state, passed through unchanged. A step whose loss or gradients are
-    not finite leaves parameters and optimizer state untouched and reports ``finite=False``;
-    the caller decides whether to go on or stop.
+    ``rest`` is any other state, passed through unchanged; with ``update_rest`` the step returns
+    ``(params, rest, opt_state, metrics)`` with ``rest`` updated by ``Transformer.update_state``
+    from the forward pass's aux (e.g. the MoE aux-loss-free expert bias; ``out_shardings`` then
+    names params, rest and opt_state). A step whose loss or gradients are not finite leaves all
+    state untouched and reports ``finite=False``; the caller decides whether to go on or stop.
+    ``metrics`` also holds the layers' ``aux_metrics`` (e.g. ``expert_load``, ``load_ratio``).
     """
 
     def step(params, rest, opt_state, batch):
-        (_, parts), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-            graphdef, params, rest, batch, z_loss)
+        (_, (parts, aux)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+            graphdef, params, rest, batch, z_loss, with_aux=True)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        metrics = {**parts, "grad_norm": grad_norm, "finite": finite}
+        metrics = {**parts, **aux_metrics(aux), "grad_norm": grad_norm, "finite": finite}
+        if update_rest:
+            model = nnx.merge(graphdef, new_params, rest)
+            model.update_state(aux)
+            new_rest = nnx.state(model, nnx.Not(nnx.Param))
+            return keep(new_params, params), keep(new_rest, rest), keep(new_opt_state, opt_state), metrics
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0, 2) if donate else (),

@@ -126,6 +126,25 @@ def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Arr
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
 
 
+_STEP_METRICS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite")
+
+
+def _layer_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """The layers' metrics of a step (``[layers]`` or ``[layers, ...]`` arrays, e.g. MoE
+    ``load_ratio`` and ``expert_load``) as JSON: per-layer scalars as their mean (and ``_max``),
+    anything larger as nested lists."""
+    out: dict[str, Any] = {}
+    for name, value in m.items():
+        if name in _STEP_METRICS:
+            continue
+        value = np.asarray(value)
+        if value.ndim <= 1:
+            out[name], out[f"{name}_max"] = float(value.mean()), float(value.max())
+        else:
+            out[name] = value.tolist()
+    return out
+
+
 def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     """``(graphdef, tx, state)``: a fresh train state, sharded on ``mesh`` by ``cfg.rules``."""
     with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
@@ -188,9 +207,10 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
                          f"{jax.process_count()} processes")
     train_iter = make_batches(train_rows, batch_size=cfg.batch_size, seed=cfg.seed)
     graphdef, tx, state = init_state(cfg, mesh)
-    shardings = (jax.tree.map(lambda x: x.sharding, (state["params"], state["opt_state"]))
+    shardings = (jax.tree.map(lambda x: x.sharding, (state["params"], state["rest"], state["opt_state"]))
                  if mesh is not None else None)
-    step_fn = make_train_step(graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings)
+    step_fn = make_train_step(graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings,
+                              update_rest=True)  # rest: e.g. the MoE expert bias, updated per step
     evaluate = make_evaluator(graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches,
                               data_sharding=data_sharding)
 
@@ -215,10 +235,10 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
         for step in range(start + 1, cfg.steps + 1):
             tick = time.perf_counter()
             batch = _to_global(next(train_iter), data_sharding)
-            params, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"], batch)
+            params, rest, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"], batch)
             skipped = state["skipped"] + (~m["finite"]).astype(jnp.int32)
-            state = {**state, "params": params, "opt_state": opt_state, "step": jnp.int32(step),
-                     "skipped": skipped}
+            state = {**state, "params": params, "rest": rest, "opt_state": opt_state,
+                     "step": jnp.int32(step), "skipped": skipped}
             loss = float(m["loss"])  # waits for the step
             if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
                 busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
@@ -232,7 +252,7 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
                           "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                          "skipped": int(skipped)}
+                          "skipped": int(skipped), **_layer_metrics(m)}
                 if busy_steps:
                     tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
                     record["tokens_per_s"] = tokens_per_s

@@ -1,0 +1,93 @@
+"""MLA latent decoding over a paged latent cache (as FlashMLA does on GPUs).
+
+Absorbed multi-head latent attention (DeepSeek-V2, arXiv 2405.04434) folds ``W_UK`` into
+the query and ``W_UV`` into the output, so attention runs in the latent space: every query
+head scores ``q_A·c_KV + q_R·k_R`` against one shared KV head and averages the latents
+``c_KV`` themselves. The cache holds per token only ``c_KV`` (width A) and ``k_R`` (width R),
+as two page pools ``[P, page_size, A]`` and ``[P, page_size, R]`` with block tables as in
+``paged_attention``. All N heads of a token share every page read, so one program attends
+``T·N`` query rows at once: a decode step becomes a matmul-shaped problem, which is what
+lets it run near memory bandwidth.
+
+``mla_decode_reference`` is MQA over ``[c_KV; k_R]`` with values ``[c_KV; 0]``, by way of
+``paged_attention_reference``; the output is in the latent space, ``[B,T,N,A]`` (the caller
+applies ``W_UV``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import _common as C
+from kernels_pallas import _paged
+from kernels_pallas._paged import BlockSizes
+from kernels_pallas.paged_attention import paged_attention_reference
+
+__all__ = ["BlockSizes", "mla_decode", "mla_decode_reference"]
+
+
+def mla_decode_reference(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths,
+                         q_positions, *, scale: float) -> jax.Array:
+    """``[B,T,N,A]``: softmax over visible keys of ``scale·(q_A·c_KV + q_R·k_R)``, times ``c_KV``."""
+    A = q_latent.shape[-1]
+    q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B,T,N,A+R]
+    k = jnp.concatenate([c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)], axis=-1)[:, :, None]
+    v = jnp.concatenate([c_kv_pages, jnp.zeros_like(k_rope_pages, c_kv_pages.dtype)],
+                        axis=-1)[:, :, None]  # [P,ps,1,A+R]: the values are c_KV
+    out = paged_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), block_tables, lengths,
+                                    q_positions, scale=scale)
+    return out[..., :A]
+
+
+def mla_decode(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    c_kv_pages: jax.Array,
+    k_rope_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scale: float,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Absorbed-MLA attention over the paged latent cache; equals ``mla_decode_reference``.
+
+    Args:
+      q_latent: ``[B,T,N,A]``, the queries with ``W_UK`` folded in (``q_C W_UKᵀ``).
+      q_rope: ``[B,T,N,R]``, the rotated RoPE queries.
+      c_kv_pages: ``[P, page_size, A]`` latent pool; k_rope_pages: ``[P, page_size, R]``.
+      block_tables, lengths, q_positions: as ``paged_attention`` (position -1: padding).
+      scale: the softmax scale, MLA's ``1/sqrt(H + R)`` (times YaRN's mscale²) — not derivable
+        from the widths here, so it is required.
+    Returns:
+      ``[B,T,N,A]`` latent outputs in ``q_latent``'s dtype.
+    """
+    C.check_rank("q_latent", q_latent, 4, "[B,T,N,A]")
+    C.check_rank("q_rope", q_rope, 4, "[B,T,N,R]")
+    C.check_rank("c_kv_pages", c_kv_pages, 3, "[P, page_size, A]")
+    C.check_rank("k_rope_pages", k_rope_pages, 3, "[P, page_size, R]")
+    B, T, N, A = q_latent.shape
+    P, ps, Ac = c_kv_pages.shape
+    R = q_rope.shape[-1]
+    if q_rope.shape[:3] != (B, T, N):
+        raise ValueError(f"q_rope has shape {q_rope.shape}: expected {(B, T, N, R)} like q_latent")
+    if Ac != A:
+        raise ValueError(f"c_kv_pages has latent width {Ac} but q_latent has {A}")
+    if k_rope_pages.shape != (P, ps, R):
+        raise ValueError(f"k_rope_pages has shape {k_rope_pages.shape}: expected {(P, ps, R)} "
+                         "(c_kv_pages' pages and page size, q_rope's width)")
+    _paged.check_tables(block_tables, lengths, q_positions, batch=B, queries=T, num_pages=P,
+                        page_size=ps)
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes={block_sizes!r} must be a mla_decode.BlockSizes")
+    spec = _paged.Spec(
+        caches=(_paged.Cache(A, per_head=False), _paged.Cache(R, per_head=False)),
+        score_caches=(0, 1), value_cache=0, value_width=A, page_size=ps, scale=float(scale),
+        window=None, block_sizes=block_sizes, interpret=bool(interpret), name="mla_decode")
+    out = _paged.run(spec, [q_latent, q_rope.astype(q_latent.dtype)],
+                     [c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)], block_tables, lengths,
+                     q_positions, num_kv_heads=1)
+    return out.astype(q_latent.dtype)

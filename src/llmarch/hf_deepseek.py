@@ -1,0 +1,159 @@
+"""DeepSeek-V3 (``DeepseekV3ForCausalLM``): MLA tensors, MoE tensors and the config translation.
+
+Layers before ``first_k_dense_replace`` are MLA + SwiGLU, the rest MLA + MoE: ``n_routed_experts``
+experts stored one tensor each (``mlp.experts.{e}.gate_proj.weight``), sigmoid routing with
+``e_score_correction_bias`` (our ``ExpertBias`` ``b_i``), group-limited to ``topk_group`` of
+``n_group`` groups, ``routed_scaling_factor``, and ``n_shared_experts`` shared experts fused into
+one SwiGLU of width ``n_shared_experts·moe_intermediate_size`` (``mlp.shared_experts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmarch.config import MLAConfig, ModelConfig, MoEConfig, moe_blocks
+from llmarch.hf_tables import (
+    ATTENTION_TENSORS,
+    MOE_TENSORS,
+    Expert,
+    Linear,
+    Part,
+    Rule,
+    Same,
+    _check_llama,
+    _get,
+    _model_from_hf,
+    _model_to_hf,
+    _rope,
+    block_tensors,
+)
+
+
+def mla_tensors(cfg: ModelConfig, rope_interleave: bool = True) -> dict[str, Rule | list[Rule]]:
+    """transformers ``DeepseekV3Attention``'s tensors for ``cfg.mla``; a fused one maps to a list."""
+    m = cfg.mla
+    H, R, Hv, A = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+
+    def at(name: str) -> tuple[str, ...]:
+        return ("attention", name, "w")
+
+    qk = [(at("w_uq_qnh" if m.q_lora_rank else "w_q_dnh"), Part((H, R), 0)),
+          (at("w_qr_qnr" if m.q_lora_rank else "w_qr_dnr"), Part((H, R), 1, rope_interleave))]
+    q = {"self_attn.q_proj.weight": qk} if m.q_lora_rank is None else {
+        "self_attn.q_a_proj.weight": (at("w_dq_dq"), Linear()),
+        "self_attn.q_a_layernorm.weight": (("attention", "q_norm", "scale"), Same()),
+        "self_attn.q_b_proj.weight": qk}
+    return {**q,
+            "self_attn.kv_a_proj_with_mqa.weight": [(at("w_dkv_da"), Part((A, R), 0)),
+                                                    (at("w_kr_dr"), Part((A, R), 1, rope_interleave))],
+            "self_attn.kv_a_layernorm.weight": (("attention", "kv_norm", "scale"), Same()),
+            "self_attn.kv_b_proj.weight": [(at("w_uk_anh"), Part((H, Hv), 0)),
+                                           (at("w_uv_anh"), Part((H, Hv), 1))],
+            "self_attn.o_proj.weight": (at("w_o_nhd"), Linear(in_axes=2))}
+
+
+
+def moe_tensors(cfg: ModelConfig) -> dict[str, Rule | list[Rule]]:
+    """transformers ``DeepseekV3MoE``'s tensors for ``cfg.moe`` (the router, each expert, the
+    shared experts and the bias)."""
+    m = cfg.moe
+    table: dict[str, Rule | list[Rule]] = {
+        "mlp.gate.weight": (("ffn", "w_router_de", "w"), Linear()),
+        "mlp.gate.e_score_correction_bias": (("ffn", "bias_e"), Same()),
+    }
+    for e in range(m.num_experts):
+        table |= {f"mlp.experts.{e}.gate_proj.weight": (("ffn", "w_gate_edf", "w"), Expert(e, Linear())),
+                  f"mlp.experts.{e}.up_proj.weight": (("ffn", "w_up_edf", "w"), Expert(e, Linear())),
+                  f"mlp.experts.{e}.down_proj.weight": (("ffn", "w_down_efd", "w"), Expert(e, Linear()))}
+    if m.num_shared_experts:
+        table |= {f"mlp.shared_experts.{p}_proj.weight": (("ffn", "shared", f"w_{p}_{io}", "w"), Linear())
+                  for p, io in (("gate", "df"), ("up", "df"), ("down", "fd"))}
+    return table
+
+
+ATTENTION_TENSORS["mla"] = mla_tensors
+MOE_TENSORS["deepseek_v3"] = moe_tensors
+
+# Fields of DeepSeek's own configs that transformers' DeepseekV3 does not read; only the values that
+# transformers implements are accepted.
+_FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+
+
+def _moe_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
+    for key, allowed in _FIXED.items():
+        if hf.get(key, allowed) != allowed:
+            raise ValueError(f"config.json {key}={hf[key]!r} is not supported; allowed: {allowed!r}")
+    experts = int(_get(hf, "n_routed_experts"))
+    return MoEConfig(
+        num_experts=experts, top_k=int(_get(hf, "num_experts_per_tok")),
+        expert_dim=int(_get(hf, "moe_intermediate_size")),
+        num_shared_experts=int(hf.get("n_shared_experts") or 0), router="sigmoid",
+        norm_topk=bool(hf.get("norm_topk_prob", True)),
+        route_scale=float(hf.get("routed_scaling_factor") or 1.0),
+        n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1), router_bias=True)
+
+
+def deepseek_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
+    """A DeepseekV3 config: MLA blocks, SwiGLU before ``first_k_dense_replace`` and MoE after."""
+    _check_llama(hf)  # the same bias and activation checks
+    layers = int(_get(hf, "num_hidden_layers"))
+    dense = 3 if hf.get("first_k_dense_replace") is None else int(hf["first_k_dense_replace"])
+    dense = min(dense, layers)  # 3: DeepseekV3Config's default
+    heads = int(_get(hf, "num_attention_heads"))
+    if int(hf.get("num_key_value_heads") or heads) != heads:
+        raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']!r} is not "
+                         f"supported; allowed: num_attention_heads={heads}")
+    theta, yarn = _rope(hf, scaled="yarn")
+    q_rank = hf.get("q_lora_rank")
+    mla = MLAConfig(num_heads=heads, q_lora_rank=None if q_rank is None else int(q_rank),
+                    **{k: int(_get(hf, k)) for k in ("kv_lora_rank", "qk_nope_head_dim",
+                                                     "qk_rope_head_dim", "v_head_dim")},
+                    rope_theta=theta, rope_scaling=yarn)
+    moe = _moe_from_hf(hf) if dense < layers else None
+    return _model_from_hf(hf, name, 4096, attention=mla.mha_baseline(), mla=mla, moe=moe,
+                          blocks=moe_blocks(layers, dense, attention="mla"))
+
+
+def _first_k_dense(cfg: ModelConfig) -> int:
+    kinds = [b.ffn for b in cfg.layer_blocks]
+    dense = next((i for i, k in enumerate(kinds) if k != "swiglu"), len(kinds))
+    if any(k != "moe" for k in kinds[dense:]):
+        raise ValueError(f"ModelConfig.blocks FFN kinds {kinds} have no DeepseekV3 equivalent; allowed "
+                         "for export: 'swiglu' blocks, then only 'moe' blocks (first_k_dense_replace)")
+    return dense
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.moe
+    if m is None:
+        return {}
+    for field, value, allowed in (("router", m.router, "sigmoid"), ("router_bias", m.router_bias, True)):
+        if value != allowed:
+            raise ValueError(f"MoEConfig.{field}={value!r} has no DeepseekV3 equivalent; allowed for "
+                             f"export: {allowed!r}")
+    return dict(n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                moe_intermediate_size=m.expert_dim, n_shared_experts=m.num_shared_experts,
+                norm_topk_prob=m.norm_topk, routed_scaling_factor=m.route_scale, n_group=m.n_group,
+                topk_group=m.topk_group)
+
+
+def deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers reads as a DeepseekV3ForCausalLM."""
+    m, s = cfg.mla, cfg.mla.rope_scaling
+    if any(b.attention != "mla" for b in cfg.layer_blocks):
+        raise ValueError("ModelConfig.blocks mix 'mla' with other attention kinds: no Hugging Face "
+                         "architecture has that; allowed for export: all 'mla' or all 'mha'")
+    for kinds in cfg.layer_blocks:
+        block_tensors(kinds, cfg)  # raises for FFN kinds without a mapping
+    yarn = None if s is None else {
+        "rope_type": "yarn", "factor": s.factor, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
+        "mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim,
+        "original_max_position_embeddings": s.original_max_position_embeddings}
+    return _model_to_hf(
+        cfg, "deepseek_v3", yarn, m.rope_theta, first_k_dense_replace=_first_k_dense(cfg),
+        **_moe_to_hf(cfg),
+        num_nextn_predict_layers=0, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+        q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+        qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+        rope_interleave=True)  # to_hf_tensors writes the RoPE columns interleaved

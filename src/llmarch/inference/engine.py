@@ -1,0 +1,525 @@
+"""The serving engine: paged KV cache, continuous batching, chunked prefill, sampling.
+
+``Engine(model, cfg)`` serves many requests at once on one device. Each ``step()`` asks the
+``Scheduler`` what to run, lays the step's tokens out as one flat row (decode tokens and
+prefill chunks of different sequences side by side, padded to a bucket), and runs one jitted
+program: copy-on-write page copies, the model over the paged cache (``paged_cache``), and
+per-row sampling (``sampling``). Shapes are bucketed (tokens, decode rows and chunk width
+by powers of two and the 1.5x points between; block tables always span ``max_len``, since
+attention loops only over the pages in use), so the program compiles once per bucket and a
+steady decode never recompiles.
+
+    engine = Engine(model, cfg, tokenizer=tok, max_num_seqs=32)
+    outs = engine.generate(["Once upon", "The"], SamplingParams(max_tokens=64, temperature=0))
+    for event in engine.stream(prompts, params): print(event.text, end="")
+
+Lower level: ``add_request`` (validated before anything changes, so a bad request never
+disturbs the ones in flight), ``step``, ``has_unfinished``, ``abort``, ``stats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llmarch.config import ModelConfig
+from llmarch.inference import paged_cache, sampling
+from llmarch.inference.block_manager import BlockManager, pages_for
+from llmarch.inference.sampling import SamplingParams
+from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
+from llmarch.inference.scheduler import Sequence as Seq
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Budgets and buckets of an ``Engine``.
+
+    Attributes:
+      page_size: tokens per cache page.
+      num_pages: pages in the pool, the trash page included (None: enough for ``max_num_seqs``
+        sequences of ``max_len`` tokens).
+      max_num_seqs: sequences running at once (the batch budget).
+      max_num_batched_tokens: tokens per step, decode and prefill together (<= the model's
+        max_seq_len: a step is one row of the model).
+      max_prefill_chunk: prompt tokens of one sequence per step (chunked prefill).
+      max_prefill_rows: sequences prefilling in one step.
+      max_len: prompt + generated tokens per sequence (None: the model's max_seq_len).
+      max_logprobs: the most alternatives ``SamplingParams.logprobs`` may ask for.
+      min_decode_rows, min_tokens, min_chunk: the smallest buckets (fewer programs to compile).
+      fixed_shapes: every step at the largest bucket: one program, more padding.
+      watermark: fraction of the pages kept free when admitting new sequences while others run.
+      seed: draws the seeds of requests that give none.
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    max_prefill_chunk: int = 128
+    max_prefill_rows: int = 4
+    max_len: int | None = None
+    max_logprobs: int = 5
+    min_decode_rows: int = 4
+    min_tokens: int = 16
+    min_chunk: int = 16
+    watermark: float = 0.01
+    fixed_shapes: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("watermark", "num_pages", "max_len", "seed", "max_logprobs", "fixed_shapes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{f.name}={value!r} is invalid: must be a positive integer")
+        for name in ("num_pages", "max_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be None or a "
+                                 "positive integer")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} is invalid: must be >= 0")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"EngineConfig.watermark={self.watermark!r} is invalid: must be in [0, 1)")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"EngineConfig.max_num_batched_tokens={self.max_num_batched_tokens} is invalid: "
+                             f"must be >= max_num_seqs={self.max_num_seqs} (one decode token each)")
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} is invalid: must be "
+                             f"<= max_num_batched_tokens={self.max_num_batched_tokens}")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One completion of a prompt. ``token_ids`` include a final stop token, if one ended it."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state: its completions so far, and latency metrics in seconds."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    finished: bool
+    ttft: float | None  # arrival -> first generated token
+    token_latencies: list[float]  # gaps between successive tokens of each completion
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.completions[0].token_ids
+
+    @property
+    def text(self) -> str | None:
+        return self.completions[0].text
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """One generated token, as ``Engine.stream`` yields it."""
+
+    request_id: str
+    index: int  # which completion
+    token_id: int
+    text: str | None  # the text this token adds (with a tokenizer)
+    logprob: float | None
+    finished: bool
+    finish_reason: str | None
+
+
+def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
+    """The smallest bucket >= max(n, lo), capped at hi (0 stays 0). Buckets are the powers of
+    two and, when ``fine``, the points 1.5x between them (…, 16, 24, 32, 48, 64, …): at most a
+    third of a step is padding, for about twice as many programs as powers of two alone."""
+    if n == 0:
+        return 0
+    n = max(n, lo)
+    power = 1 << (n - 1).bit_length()
+    return min(hi, 3 * power // 4 if fine and n <= 3 * power // 4 and power >= 4 else power)
+
+
+# Decode rows attend in up to DECODE_GROUPS groups (of at least DECODE_GROUP_ROWS rows) by length.
+DECODE_GROUPS, DECODE_GROUP_ROWS = 8, 8
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "num_logprobs"),
+                   donate_argnames=("pools",))
+def _step(state, pools, batch, *, graphdef, kinds, num_logprobs):
+    """One fixed-shape serving step: page copies, the model over the paged cache, sampling."""
+    pools = paged_cache.copy_pages(pools, batch["copy_src"], batch["copy_dst"])
+    # Decode rows come padding first, then sorted by length; groups of them attend separately,
+    # so each group's loop over pages stops at its own longest sequence.
+    decode, rows = batch["decode"], batch["decode"]["index"].shape[0]
+    parts = max(1, min(DECODE_GROUPS, rows // DECODE_GROUP_ROWS))
+    bounds = [j * (rows // parts) for j in range(parts)] + [rows]  # the last takes the rest
+    split = [{k: v[a:b] for k, v in decode.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
+    groups = tuple(paged_cache.AttentionGroup(**g) for g in (*split, batch["prefill"]))
+    meta = paged_cache.PageMeta(slots=batch["slots"], groups=groups)
+    model = nnx.merge(graphdef, state)
+    logits, caches = model(batch["tokens"][None], positions=batch["positions"][None],
+                           cache=paged_cache.attach(kinds, pools, meta), logits_at=batch["logits_at"][None])
+    out = sampling.sample_rows(logits[0], batch["rows"], num_logprobs=num_logprobs)
+    return [c.pools for c in caches], out
+
+
+def compiled_programs() -> int:
+    """Programs the engine step has compiled in this process (one per bucket and model)."""
+    return _step._cache_size()
+
+
+class Engine:
+    """Serves generation requests for ``model`` with a paged cache and continuous batching.
+
+    Args:
+      model: a ``Transformer`` (dense/GQA, MLA, MoE, memory layers: any block whose attention
+        kind has a paged cache).
+      cfg: its config (default ``model.cfg``).
+      tokenizer: optional; lets prompts be strings and completions carry text.
+      config: an ``EngineConfig``; keyword overrides replace its fields.
+    """
+
+    def __init__(self, model, cfg: ModelConfig | None = None, *, tokenizer=None,
+                 config: EngineConfig | None = None, **overrides):
+        cfg = model.cfg if cfg is None else cfg
+        if cfg != model.cfg:
+            raise ValueError(f"cfg {cfg.name!r} is not the model's config {model.cfg.name!r}")
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
+        self.max_len = cfg.max_seq_len if config.max_len is None else config.max_len
+        if self.max_len > cfg.max_seq_len:
+            raise ValueError(f"EngineConfig.max_len={self.max_len} exceeds the model's "
+                             f"max_seq_len={cfg.max_seq_len}")
+        if config.max_num_batched_tokens > cfg.max_seq_len:
+            raise ValueError(f"EngineConfig.max_num_batched_tokens={config.max_num_batched_tokens} exceeds "
+                             f"the model's max_seq_len={cfg.max_seq_len} (a step is one row)")
+        self.max_pages_per_seq = pages_for(self.max_len, config.page_size)
+        num_pages = config.num_pages or config.max_num_seqs * self.max_pages_per_seq + 1
+        self.kinds = paged_cache.cache_kinds(model)
+        self.graphdef, self.state = nnx.split(model)
+        self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
+        self.block_manager = BlockManager(num_pages, config.page_size)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_chunk=config.max_prefill_chunk, max_prefill_rows=config.max_prefill_rows,
+            watermark_pages=int(config.watermark * num_pages))
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+        self._texts: dict[tuple[str, int], str] = {}
+        self._seq_times: dict[int, list[float]] = {}  # token arrival times per sequence
+        self.counters = dict(steps=0, mixed_steps=0, decode_tokens=0, prefill_tokens=0, padded_tokens=0,
+                             prefill_step_seconds=0.0, decode_step_seconds=0.0)
+        self.shapes: set[tuple[int, ...]] = set()
+
+    # Requests ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: Engine(..., tokenizer=...)")
+            prompt = self.tokenizer.encode(prompt)
+        ids = np.asarray(prompt)
+        if ids.ndim != 1:
+            raise ValueError(f"prompt has shape {ids.shape}: expected a 1-D sequence of token ids")
+        if ids.size == 0:
+            raise ValueError("prompt is empty: a request needs at least one prompt token")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt has dtype {ids.dtype}: expected integer token ids")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"prompt token ids span [{ids.min()}, {ids.max()}]: allowed range is "
+                             f"[0, vocab_size={self.cfg.vocab_size})")
+        return ids.astype(int).tolist()
+
+    def _make_request(self, prompt, params: SamplingParams | None, request_id: str | None) -> Request:
+        """A validated request; raises ValueError (changing nothing) for a bad one."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        params.check(self.cfg.vocab_size, self.config.max_logprobs)
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens: longer than the maximum of "
+                             f"{self.max_len - 1} (max_len={self.max_len} leaves room for one token)")
+        if len(ids) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
+                             f"max_len={self.max_len}")
+        if pages_for(len(ids) + params.max_tokens, self.config.page_size) > self.block_manager.capacity:
+            raise ValueError(f"prompt + max_tokens needs more pages than the cache's "
+                             f"{self.block_manager.capacity}")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"SamplingParams.n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        seed = int(self._rng.integers(2**63)) if params.seed is None else params.seed
+        return Request(request_id, ids, params, seed, time.perf_counter())
+
+    def add_request(self, prompt, params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        """Queues one request (token ids, or text with a tokenizer); returns its id.
+
+        Raises:
+          ValueError: empty prompt, prompt too long for ``max_len``, unknown stop token,
+            ``max_tokens <= 0`` (in ``SamplingParams``), ...; requests in flight are untouched.
+        """
+        return self._enqueue(self._make_request(prompt, params, request_id))
+
+    def _enqueue(self, request: Request) -> str:
+        request.arrival_time = time.perf_counter()
+        self.requests[request.request_id] = request
+        sched, n = self.scheduler, request.params.n
+        if n == 1:
+            seq = sched.new_sequence(request, 0, request.prompt)
+            request.completions = [seq]
+            sched.add(seq)
+        elif len(request.prompt) == 1:  # nothing to share: n independent sequences
+            request.completions = [sched.new_sequence(request, i, request.prompt) for i in range(n)]
+            for seq in request.completions:
+                sched.add(seq)
+        else:  # prefill all but the last prompt token once, then fork
+            sched.add(sched.new_sequence(request, -1, request.prompt[:-1]))
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request; its pages are freed and its completions end with reason "abort"."""
+        request = self.requests[request_id]
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.request is request:
+                self.scheduler.finish(seq, "abort")
+        request.finish_time = time.perf_counter()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # The step ----------------------------------------------------------------------------
+
+    def _batch(self, plan: Plan) -> tuple[dict, tuple[int, ...]]:
+        """The step's padded arrays and its bucket ``(N, Rd, Rp, Tc)``."""
+        c, ps = self.config, self.config.page_size
+        plan.decode.sort(key=lambda seq: seq.num_computed)  # shortest first: see _step
+        dec, pre = plan.decode, plan.prefill
+        W = self.max_pages_per_seq  # attention loops over the pages in use, not the width
+        if c.fixed_shapes:
+            N, Rd, Rp, Tc = c.max_num_batched_tokens, c.max_num_seqs, c.max_prefill_rows, c.max_prefill_chunk
+        else:  # fine buckets for decode-only steps (the steady state), coarse ones with prefill
+            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens)
+            Rd = _bucket(len(dec), c.min_decode_rows, c.max_num_seqs, fine=not pre)
+            Rp = c.max_prefill_rows if pre else 0
+            Tc = _bucket(max((e - s for _, s, e in pre), default=0), c.min_chunk, c.max_prefill_chunk)
+        tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
+        decode = dict(index=np.zeros((Rd, 1), np.int32), positions=np.full((Rd, 1), -1, np.int32),
+                      tables=np.zeros((Rd, W), np.int32), lengths=np.zeros(Rd, np.int32))
+        prefill = dict(index=np.zeros((Rp, Tc), np.int32), positions=np.full((Rp, Tc), -1, np.int32),
+                       tables=np.zeros((Rp, W), np.int32), lengths=np.zeros(Rp, np.int32))
+        logits_at = np.zeros(Rd + Rp, np.int32)
+        params: list = [None] * (Rd + Rp)
+        seeds, samples, counters = [0] * (Rd + Rp), [0] * (Rd + Rp), [0] * (Rd + Rp)
+
+        def place(i: int, seq: Seq, start: int, end: int) -> np.ndarray:
+            """Puts tokens [start, end) of seq at flat indices i..; returns their positions."""
+            pos = np.arange(start, end)
+            tokens[i:i + len(pos)] = seq.tokens[start:end]
+            positions[i:i + len(pos)] = pos
+            pages = np.asarray(seq.pages)
+            slots[i:i + len(pos)] = pages[pos // ps] * ps + pos % ps
+            return pos
+
+        def sample_row(r: int, seq: Seq, flat: int) -> None:
+            logits_at[r] = flat
+            if not seq.is_parent:
+                params[r], seeds[r] = seq.request.params, seq.request.seed
+                samples[r], counters[r] = seq.sample_index, seq.num_generated
+
+        i = 0
+        first = Rd - len(dec)  # padding rows first, then the shortest: see _step's groups
+        for r, seq in enumerate(dec, start=first):
+            place(i, seq, seq.num_computed, seq.num_computed + 1)
+            decode["index"][r, 0], decode["positions"][r, 0] = i, seq.num_computed
+            decode["tables"][r, :len(seq.pages)], decode["lengths"][r] = seq.pages, seq.num_computed + 1
+            sample_row(r, seq, i)
+            i += 1
+        for r, (seq, start, end) in enumerate(pre):
+            pos = place(i, seq, start, end)
+            prefill["index"][r, :len(pos)] = np.arange(i, i + len(pos))
+            prefill["positions"][r, :len(pos)] = pos
+            prefill["tables"][r, :len(seq.pages)], prefill["lengths"][r] = seq.pages, end
+            if end == len(seq.tokens):
+                sample_row(Rd + r, seq, i + len(pos) - 1)
+            i += len(pos)
+        C = Rd + Rp
+        if len(plan.copies) > C:
+            raise RuntimeError(f"{len(plan.copies)} page copies in one step, more than its {C} rows")
+        copy_src, copy_dst = np.zeros(C, np.int32), np.zeros(C, np.int32)
+        for k, (src, dst) in enumerate(plan.copies):
+            copy_src[k], copy_dst[k] = src, dst
+        batch = dict(tokens=tokens, positions=positions, slots=slots, decode=decode, prefill=prefill,
+                     logits_at=logits_at, copy_src=copy_src, copy_dst=copy_dst,
+                     rows=sampling.host_rows(params, seeds, samples, counters))
+        self.counters["padded_tokens"] += N - plan.num_tokens
+        return batch, (N, Rd, Rp, Tc)
+
+    def step(self) -> list[TokenEvent]:
+        """Runs one step; returns the tokens it generated (empty if nothing could run)."""
+        plan = self.scheduler.schedule()
+        if not plan.decode and not plan.prefill:
+            if self.scheduler.has_work():
+                raise RuntimeError("no sequence can be scheduled: the cache is too small for the "
+                                   "waiting requests")
+            return []
+        start = time.perf_counter()
+        batch, shape = self._batch(plan)
+        self.shapes.add(shape)
+        self.pools, out = _step(self.state, self.pools, batch, graphdef=self.graphdef, kinds=self.kinds,
+                                num_logprobs=self.config.max_logprobs)
+        out = jax.device_get(out)
+        now = time.perf_counter()
+        self.counters["steps"] += 1
+        self.counters["prefill_step_seconds" if plan.prefill else "decode_step_seconds"] += now - start
+        self.counters["mixed_steps"] += bool(plan.decode and plan.prefill)  # chunked prefill + decode
+        self.counters["decode_tokens"] += len(plan.decode)
+        self.counters["prefill_tokens"] += plan.num_tokens - len(plan.decode)
+        events = []
+        Rd = shape[1]
+        first = Rd - len(plan.decode)  # the first decode row that holds a sequence
+        for r, seq in enumerate(plan.decode):
+            seq.num_computed += 1
+            events.append(self._append(seq, out, first + r, now))
+        for r, (seq, _, end) in enumerate(plan.prefill):
+            seq.num_computed = end
+            if end < len(seq.tokens):
+                continue
+            if seq.is_parent:
+                self.scheduler.fork(seq)
+            else:
+                events.append(self._append(seq, out, Rd + r, now))
+        return events
+
+    def _append(self, seq: Seq, out: dict, r: int, now: float) -> TokenEvent:
+        """Appends row r's sampled token to seq and ends it if a stop condition holds."""
+        request, params = seq.request, seq.request.params
+        token = int(out["tokens"][r])
+        seq.tokens.append(token)
+        logprob = None
+        if params.logprobs is not None:
+            logprob = float(out["logprobs"][r])
+            seq.logprobs.append(logprob)
+            n = params.logprobs
+            seq.top_logprobs.append({int(t): float(v) for t, v in
+                                     zip(out["top_ids"][r][:n], out["top_logprobs"][r][:n], strict=True)}
+                                    if n else {})
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.token_times.append(now)
+        seq_times = self._seq_times.setdefault(seq.seq_id, [])
+        seq_times.append(now)
+        if token in params.stop_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_generated >= params.max_tokens:
+            self.scheduler.finish(seq, "length")
+        if request.finished:
+            request.finish_time = now
+        return TokenEvent(request.request_id, seq.sample_index, token, self._text_delta(seq), logprob,
+                          seq.status is Status.FINISHED, seq.finish_reason)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids; ids past the tokenizer's vocabulary (a model's vocabulary may
+        be padded beyond it) show as U+FFFD rather than failing."""
+        V, parts, run = self.tokenizer.vocab_size, [], []
+        for i in ids:
+            if i < V:
+                run.append(i)
+            else:
+                parts += [self.tokenizer.decode(run), "\ufffd"]
+                run = []
+        return "".join([*parts, self.tokenizer.decode(run)])
+
+    def _text_delta(self, seq: Seq) -> str | None:
+        if self.tokenizer is None:
+            return None
+        key = (seq.request.request_id, seq.sample_index)
+        text = self.decode(seq.tokens[len(seq.request.prompt):])
+        before = self._texts.get(key, "")
+        self._texts[key] = text
+        return text[len(before):] if text.startswith(before) else text
+
+    # Results -----------------------------------------------------------------------------
+
+    def output(self, request_id: str) -> RequestOutput:
+        """The request's completions and metrics so far."""
+        request = self.requests[request_id]
+        completions, gaps = [], []
+        for seq in request.completions:
+            generated = seq.tokens[len(request.prompt):]
+            want_lp = request.params.logprobs is not None
+            completions.append(Completion(
+                seq.sample_index, generated,
+                None if self.tokenizer is None else self.decode(generated),
+                list(seq.logprobs) if want_lp else None, list(seq.top_logprobs) if want_lp else None,
+                seq.finish_reason))
+            times = self._seq_times.get(seq.seq_id, [])
+            gaps += list(np.diff(times))
+        ttft = None if request.first_token_time is None else request.first_token_time - request.arrival_time
+        return RequestOutput(request.request_id, list(request.prompt), completions, request.finished,
+                             ttft, [float(g) for g in gaps])
+
+    def _requests_for(self, prompts, params) -> list[Request]:
+        if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                requests.append(self._make_request(prompt, p, None))
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+        return requests
+
+    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[TokenEvent]:
+        """Queues the prompts (all validated first) and yields their tokens as they come."""
+        ids = {self._enqueue(r) for r in self._requests_for(prompts, params)}
+        while any(not self.requests[i].finished for i in ids):
+            for event in self.step():
+                if event.request_id in ids:
+                    yield event
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generates for every prompt (token ids, or text with a tokenizer); one output each.
+
+        All prompts are validated before any is queued: a bad one raises ValueError naming its
+        index, and nothing changes. Requests already in flight keep running alongside.
+        """
+        ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
+        while any(not self.requests[i].finished for i in ids):
+            self.step()
+        return [self.output(i) for i in ids]
+
+    @property
+    def stats(self) -> dict:
+        """Counters: steps (and those mixing prefill chunks with decode tokens), tokens by kind,
+        padding, seconds in steps with and without prefill, preemptions, distinct step shapes,
+        pages."""
+        return dict(self.counters, preemptions=self.scheduler.num_preemptions,
+                    step_shapes=len(self.shapes), free_pages=self.block_manager.num_free,
+                    num_pages=self.block_manager.num_pages)

@@ -1,0 +1,234 @@
+"""Continuous batching: which sequences run in the next step, and what each computes.
+
+At every step (Orca's iteration-level scheduling, vLLM's scheduler) running sequences go
+first, oldest first: a sequence with one token to feed decodes it; one still in its prompt
+(or recomputing after preemption) takes the next chunk of it, so long prompts are prefilled
+in chunks *in the same step* as the other sequences' decode tokens. Then waiting sequences
+join, first come first served, while the batch budget (``max_num_seqs``), the token budget
+(``max_num_batched_tokens``), the prefill-row budget and free pages allow.
+
+When a running sequence needs a page and none is free, the newest running sequence is
+preempted: its pages are released and it goes back to the front of the queue, to be
+recomputed from its tokens (prompt and generated so far) when pages free up. The oldest
+running sequence is never preempted for a newer one, so it always progresses, and every
+admitted request completes.
+
+A request for ``n > 1`` completions first prefills its prompt (all but the last token) as one
+*parent* sequence; then ``fork`` makes ``n`` children that share the parent's pages (copy on
+write) and each feed the last prompt token as their first decode step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+
+from llmarch.inference.block_manager import BlockManager, OutOfPages
+from llmarch.inference.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt and its sampling parameters; ``completions`` are filled in by ``fork``."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_time: float
+    completions: list[Sequence] = dataclasses.field(default_factory=list)
+    first_token_time: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        """All completions ended (or the request was aborted)."""
+        return self.finish_time is not None or (
+            bool(self.completions) and all(s.status is Status.FINISHED for s in self.completions))
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """A token sequence in the cache. ``tokens[:num_computed]`` have keys and values in
+    ``pages``; ``tokens[num_computed:]`` are fed next. ``sample_index`` -1 marks the
+    shared-prompt parent of an ``n > 1`` request (it never samples)."""
+
+    seq_id: int
+    request: Request
+    sample_index: int
+    tokens: list[int]
+    num_computed: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    order: int = -1  # admission stamp: the largest is the newest, preempted first
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def is_parent(self) -> bool:
+        return self.sample_index < 0
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.request.prompt)
+
+    @property
+    def to_compute(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+
+@dataclasses.dataclass
+class Plan:
+    """One step: decode sequences (one token each), prefill chunks ``(seq, start, end)``, and
+    the copy-on-write page copies to apply before any write."""
+
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int, int]]
+    copies: list[tuple[int, int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(end - start for _, start, end in self.prefill)
+
+
+class Scheduler:
+    """Admission, chunking and preemption over a ``BlockManager``'s pages."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_chunk: int, max_prefill_rows: int, watermark_pages: int = 0):
+        self.bm = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_prefill_chunk, self.max_prefill_rows = max_prefill_chunk, max_prefill_rows
+        self.watermark_pages = watermark_pages
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # ordered by admission, oldest first
+        self.num_preemptions = 0
+        self._stamps = itertools.count()
+        self._ids = itertools.count()
+
+    # Sequences ---------------------------------------------------------------------------
+
+    def new_sequence(self, request: Request, sample_index: int, tokens: list[int]) -> Sequence:
+        return Sequence(next(self._ids), request, sample_index, list(tokens))
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _slots_taken(self, seq: Sequence) -> int:
+        """Batch slots a sequence will take: a parent becomes its request's ``n`` completions."""
+        return seq.request.params.n if seq.is_parent else 1
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.status, seq.order = Status.RUNNING, next(self._stamps)
+        self.running.append(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees ``seq``'s pages; it waits at the front of the queue to be recomputed."""
+        self.bm.release(seq.pages)
+        seq.num_computed, seq.status = 0, Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.bm.release(seq.pages)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """Replaces a parent whose prompt prefix is cached by its request's n completions."""
+        request = parent.request
+        children = []
+        for i in range(request.params.n):
+            child = self.new_sequence(request, i, request.prompt)
+            child.num_computed, child.pages = parent.num_computed, self.bm.share(parent.pages)
+            children.append(child)
+        self.bm.release(parent.pages)
+        if parent.status is Status.RUNNING:
+            self.running.remove(parent)
+        parent.status = Status.FINISHED
+        for child in children:
+            self._admit(child)
+        request.completions = children
+        return children
+
+    # Scheduling --------------------------------------------------------------------------
+
+    def _prepare(self, seq: Sequence, start: int, end: int, copies: list, scheduled: set) -> bool:
+        """Pages for ``seq``'s positions ``[start, end)``, preempting the newest unscheduled
+        running sequences as needed; False if ``seq`` itself had to be preempted."""
+        while True:
+            try:
+                copies += self.bm.prepare_write(seq.pages, start, end)
+                return True
+            except OutOfPages:
+                victim = next(s for s in reversed(self.running) if s not in scheduled)
+                if victim.order < seq.order:  # never an older sequence for a newer one
+                    victim = seq
+                self.preempt(victim)
+                if victim is seq:
+                    return False
+
+    def schedule(self) -> Plan:
+        """The next step's plan (possibly empty when nothing can run)."""
+        budget = self.max_num_batched_tokens
+        plan = Plan([], [], [])
+        scheduled: set[Sequence] = set()
+        for decoding in (True, False):  # decode tokens first, then prefill chunks; oldest first
+            for seq in list(self.running):
+                if seq.status is not Status.RUNNING or (seq.to_compute == 1) != decoding:
+                    continue  # preempted for an older sequence in this loop, or the other pass
+                start = seq.num_computed
+                if decoding:
+                    end = start + 1
+                else:
+                    if len(plan.prefill) >= self.max_prefill_rows:
+                        break
+                    end = start + min(seq.to_compute, budget, self.max_prefill_chunk)
+                if end - start > budget or end <= start:
+                    continue
+                if self._prepare(seq, start, end, plan.copies, scheduled):
+                    self._schedule(plan, scheduled, seq, start, end)
+                    budget -= end - start
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if sum(map(self._slots_taken, self.running)) + self._slots_taken(seq) > self.max_num_seqs:
+                break
+            start, todo = seq.num_computed, seq.to_compute
+            if todo > 1 and len(plan.prefill) >= self.max_prefill_rows:
+                break
+            end = start + min(todo, budget, self.max_prefill_chunk)
+            needed = self.bm.pages_to_write(seq.pages, start, end)
+            headroom = self.watermark_pages if self.running else 0  # room for the running to grow
+            if needed + headroom > self.bm.num_free:
+                break
+            plan.copies += self.bm.prepare_write(seq.pages, start, end)
+            self.waiting.popleft()
+            self._admit(seq)
+            self._schedule(plan, scheduled, seq, start, end)
+            budget -= end - start
+        return plan
+
+    @staticmethod
+    def _schedule(plan: Plan, scheduled: set, seq: Sequence, start: int, end: int) -> None:
+        scheduled.add(seq)
+        if end - start == 1 and seq.to_compute == 1:
+            plan.decode.append(seq)
+        else:
+            plan.prefill.append((seq, start, end))

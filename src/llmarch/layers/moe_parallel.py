@@ -1,0 +1,158 @@
+"""Expert parallelism: experts sharded over the ``expert`` mesh axis, tokens moved by all-to-all.
+
+Inside one ``shard_map`` over the whole mesh every device holds its tokens ``x [n,D]`` (the batch
+is split over the data axes and ``expert``) and ``E_l = E/P`` experts (P = size of the ``expert``
+axis). A step (GShard, Lepikhin et al. 2020):
+
+1. dispatch: each device packs its token copies into capacity buffers ``[E,C,D] = [P,E_l,C,D]``
+   (``moe_dispatch.to_buffers``) and an ``all_to_all`` over ``expert`` sends block ``j`` to device
+   ``j``: each device receives ``[P,E_l,C,D]``, slot for slot the tokens every source sent to its
+   experts;
+2. the local experts run on what arrived (a batched einsum over ``E_l``);
+3. combine: the reverse ``all_to_all`` returns every result to the device its token came from,
+   which weights it by the gate (``moe_dispatch.from_buffers``).
+
+``C = ceil(capacity_factor·n·k/E)`` per (source device, expert) for ``strategy="capacity"`` (a
+per-device capacity, so what is dropped differs from the single-device path once anything is),
+and ``C = n`` for ``"dropless"``, the most one device can send one expert: exact, at ``E/k`` times
+the memory of the routed copies. (``jax.lax.ragged_all_to_all`` would send exact counts, but XLA:CPU
+does not implement it; the padded exchange runs everywhere.)
+
+Overlap (COMET, Zhang et al., MLSys 2025, expressed with JAX collectives): with ``ep_chunks = c > 1``
+the capacity dimension is split into c chunks, each dispatched, computed and combined on its
+own. The chunks are independent, so the compiler may run chunk i's expert GEMMs while chunk i+1's
+dispatch and chunk i−1's combine are in flight; XLA's latency-hiding scheduler does this on GPU
+and TPU, where all-to-all is an async start/done pair. The result is identical to ``c = 1``.
+``collective_schedule`` reads the compiled program to show what the compiler actually did.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from llmarch import axes, sharding
+from llmarch.config import MoEConfig
+from llmarch.layers import moe_dispatch as dispatch
+from llmarch.layers.moe_dispatch import ExpertWeights
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def layout(mesh, table: sharding.Rules) -> tuple[tuple[str, ...], str | None, int, int]:
+    """``(token axes, expert axis, its size P, token shards)`` of ``mesh`` under ``table``."""
+    token_axes = _axes_of(sharding.logical_to_spec((axes.BATCH,), table, mesh.axis_names)[0])
+    expert = _axes_of(sharding.logical_to_spec((axes.EXPERT,), table, mesh.axis_names)[0])
+    if len(expert) > 1:
+        raise ValueError(f"rules map logical axis 'expert' to {expert}: allowed: one mesh axis or none")
+    ep_axis = expert[0] if expert and mesh.shape[expert[0]] > 1 else None
+    ep = mesh.shape[ep_axis] if ep_axis else 1
+    return token_axes, ep_axis, ep, math.prod(mesh.shape[a] for a in token_axes)
+
+
+def check_experts_divide(cfg: MoEConfig, mesh, table: sharding.Rules) -> None:
+    """Raises ValueError unless the expert mesh axis divides ``cfg.num_experts``."""
+    _, ep_axis, ep, _ = layout(mesh, table)
+    if cfg.num_experts % ep:
+        raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} is invalid for this mesh: must be "
+                         f"divisible by the '{ep_axis}' mesh axis size {ep} (experts are split evenly)")
+
+
+def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> jax.Array:
+    """``[P,E_l,C,D] -> [P,E_l,C,D]``: dispatch, the local experts, combine; in ``chunks`` chunks of
+    the C slots (chunk i's GEMMs independent of chunk i+1's all-to-all, so they may overlap)."""
+    size = buffers.shape[2] // chunks
+    out = []
+    for c in range(chunks):  # unrolled: the scheduler sees every chunk's ops at once
+        part = buffers[:, :, c * size:(c + 1) * size]  # [P,E_l,C/c,D]
+        with jax.named_scope(f"ep_chunk{c}"):
+            arrived = jax.lax.all_to_all(part, axis, 0, 0, tiled=True)  # [s] = sent by source s
+            y = dispatch.expert_ffn(arrived, w)  # [P,E_l,C/c,D]
+            out.append(jax.lax.all_to_all(y, axis, 0, 0, tiled=True))  # [j] = from expert owner j
+    return out[0] if chunks == 1 else jnp.concatenate(out, axis=2)
+
+
+def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights,
+                 cfg: MoEConfig, *, strategy: str, mesh, table: sharding.Rules,
+                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``([N,D], dropped)``: the routed experts of ``x [N,D]`` under ``mesh``, tokens split over the
+    batch axes; with an ``expert`` axis of size P > 1 the experts are split P ways (EP).
+
+    Without EP each device runs ``strategy`` on its own tokens (a local sort for dropless).
+    Raises ValueError when N is not divisible by the token shards or E by P.
+    """
+    token_axes, ep_axis, ep, shards = layout(mesh, table)
+    check_experts_divide(cfg, mesh, table)
+    N, D = x.shape
+    if N % shards:
+        raise ValueError(f"{N} tokens cannot be split over the batch mesh axes {token_axes} "
+                         f"(x{shards}); allowed: a multiple of {shards}")
+    E, k, chunks = cfg.num_experts, cfg.top_k, cfg.ep_chunks
+    tokens = P(token_axes or None, None)
+    expert_spec = P(ep_axis, None, None)
+
+    def body(x, experts, gates, wg, wu, wd):
+        w, n = ExpertWeights(wg, wu, wd), x.shape[0]
+        if ep == 1:  # every expert is here: the single-device strategies on the local tokens
+            if strategy == "dropless":
+                return dispatch.dropless(x, experts, gates, w, impl=impl), jnp.zeros((1,), jnp.int32)
+            out, dropped = dispatch.capacity_compute(x, experts, gates, w,
+                                                     dispatch.capacity_of(n, k, E, cfg.capacity_factor))
+            return out, dropped[None]
+        capacity = n if strategy == "dropless" else dispatch.capacity_of(n, k, E, cfg.capacity_factor)
+        padded = -(-capacity // chunks) * chunks  # C rounded up to whole chunks; the rest stays empty
+        slot, keep = dispatch.slots(experts, E, capacity)
+        slot = jnp.where(keep, slot, padded)  # dropped copies go past the buffer
+        buffers = dispatch.to_buffers(x, experts, slot, E, padded).reshape(ep, E // ep, padded, D)
+        y = exchange(buffers, w, ep_axis, chunks).reshape(E, padded, D)
+        return dispatch.from_buffers(y, experts, slot, keep, gates), jnp.sum(~keep, dtype=jnp.int32)[None]
+
+    out, dropped = jax.shard_map(
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_spec, expert_spec, expert_spec),
+        out_specs=(tokens, P(token_axes or None)))(x, experts, gates, *w)
+    return out, dropped.sum()
+
+
+# Reading the compiled schedule --------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(\S+) = .*? ([a-z][a-z0-9-]*)\((%?[^,)\s]*)", re.M)
+_COMPUTE = ("dot", "convolution", "fusion", "custom-call")
+_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def collective_schedule(hlo_text: str) -> dict:
+    """What the compiler scheduled, from optimized HLO (``jit(f).lower(...).compile().as_text()``).
+
+    Returns a dict: ``async_pairs`` (collectives issued as ``*-start``/``*-done``, each with the
+    number of compute ops, dots, fusions or custom calls, scheduled between its start and done),
+    ``overlapped`` (pairs with compute between), ``sync_collectives`` (collectives issued as one
+    blocking op), and ``sequence`` (the entry computation's collective and compute ops in order,
+    e.g. ``["all-to-all", "fusion", ...]``).
+    """
+    entry = hlo_text[hlo_text.find("ENTRY"):]
+    body = entry[:entry.find("\n}\n")] if "\n}\n" in entry else entry
+    sequence, open_, pairs, sync = [], {}, [], 0  # open_: start name -> compute ops seen since
+    for name, op, operand in _INSTRUCTION.findall(body):
+        base = op.removesuffix("-start").removesuffix("-done")
+        if base in _COLLECTIVES:
+            sequence.append(op)
+            if op.endswith("-start"):
+                open_[name] = 0
+            elif op.endswith("-done"):  # its operand is the start it completes
+                started = operand.lstrip("%")
+                if started in open_:
+                    pairs.append({"collective": base, "compute_between": open_.pop(started)})
+            else:
+                sync += 1
+        elif op in _COMPUTE:
+            sequence.append(op)
+            for start in open_:
+                open_[start] += 1
+    return {"async_pairs": pairs, "overlapped": sum(p["compute_between"] > 0 for p in pairs),
+            "sync_collectives": sync, "sequence": sequence}

@@ -1,0 +1,163 @@
+"""``llmarch.ops`` routes every op to its XLA reference or its Pallas kernel, and a model run
+with every op forced to Pallas (interpreted on this CPU) equals the XLA model.
+
+The model test runs every ``tiny-*`` preset, so each block kind is covered as it lands.
+Today: attention "mha" (tiny-dense: MHA, tiny-gqa: GQA) and "mla" (tiny-mla: "auto" picks
+the naive path without a cache, the absorbed one with a cache); FFN "swiglu" (no op), "moe"
+and "pkm" (tiny-pkm: memory lookup); UltraMem's skip-layer memory (tiny-ultramem: grouped
+memory lookup). The MoE layer does not read ``cfg.impl`` (its grouped matmuls run XLA inside
+the tiny-moe model), so a layer test forces ``impl`` per call on its dropless path.
+Tolerances: float32 logits and gradients within 1e-5 of the largest magnitude.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmarch
+from llmarch import ops
+
+OPS = ("attention", "grouped_matmul", "memory_lookup", "paged_attention", "mla_decode")
+
+
+def assert_close(actual, expected, tol=1e-5, what=""):
+    expected = np.asarray(expected, np.float32)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0, atol=tol * scale,
+                               err_msg=what)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dispatch_on_cpu(op):
+    assert ops.available(op) == (ops.Impl.XLA, ops.Impl.PALLAS)
+    assert ops.resolve(op)[0] is ops.Impl.XLA  # auto: XLA on CPU
+    impl, fn = ops.resolve(op, "pallas")
+    assert impl is ops.Impl.PALLAS
+    assert isinstance(fn, functools.partial) and fn.keywords == {"interpret": True}
+
+
+def test_grouped_memory_lookup_has_both_impls():
+    import llmarch.layers.memory_lookup  # noqa: F401  (registers the XLA entry)
+
+    assert set(ops.available("memory_lookup_grouped")) == {ops.Impl.XLA, ops.Impl.PALLAS}
+    assert ops.resolve("memory_lookup_grouped")[0] is ops.Impl.XLA
+
+
+def test_missing_kernel_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setitem(ops._REGISTRY, "only_xla", {ops.Impl.XLA: lambda x: x})
+    with pytest.raises(ValueError, match="impl='pallas' is not available for op='only_xla'"):
+        ops.resolve("only_xla", "pallas")
+    assert ops.resolve("only_xla", "auto")[0] is ops.Impl.XLA
+
+
+def test_grouped_matmul_and_memory_lookup_ops_agree():
+    k = jax.random.split(jax.random.key(0), 5)
+    lhs, rhs = jax.random.normal(k[0], (20, 16)), jax.random.normal(k[1], (3, 16, 24))
+    sizes = jnp.array([6, 0, 11], jnp.int32)
+    assert_close(ops.grouped_matmul(lhs, rhs, sizes, impl="pallas"),
+                 ops.grouped_matmul(lhs, rhs, sizes, impl="xla"))
+    table, idx = jax.random.normal(k[2], (40, 16)), jax.random.randint(k[3], (5, 4), 0, 40)
+    w = jax.random.normal(k[4], (5, 4))
+    assert_close(ops.memory_lookup(table, idx, w, impl="pallas"),
+                 ops.memory_lookup(table, idx, w, impl="xla"))
+
+
+def test_paged_ops_agree():
+    k = jax.random.split(jax.random.key(1), 7)
+    P, ps = 8, 4
+    q, kp, vp = (jax.random.normal(k[0], (2, 2, 4, 8)), jax.random.normal(k[1], (P, ps, 2, 8)),
+                 jax.random.normal(k[2], (P, ps, 2, 8)))
+    tables = jnp.array([[3, 1, 5], [0, 7, 2]], jnp.int32)
+    lengths = jnp.array([10, 3], jnp.int32)
+    q_pos = jnp.array([[9, -1], [1, 2]], jnp.int32)  # a decode step and a prefill chunk
+    assert_close(ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="pallas"),
+                 ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="xla"))
+    q_a, q_r = jax.random.normal(k[3], (2, 2, 4, 16)), jax.random.normal(k[4], (2, 2, 4, 8))
+    c, k_r = jax.random.normal(k[5], (P, ps, 16)), jax.random.normal(k[6], (P, ps, 8))
+    assert_close(ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="pallas"),
+                 ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="xla"))
+
+
+def _loss_and_grads(model, tokens, segment_ids):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params, rest)(tokens, segment_ids=segment_ids)
+        return jnp.mean(logits**2), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads
+
+
+# Every tiny preset, so each block kind is covered as it lands. (MLA's absorbed path runs in
+# test_cached_decoding_pallas_equals_xla, where "auto" picks it.)
+# Skipped for time: presets that only combine kinds covered by others.
+REDUNDANT = {"tiny-deepseek"}  # MLA + MoE: tiny-mla and tiny-moe
+TINY = [n for n in llmarch.presets.names() if n.startswith("tiny-") and n not in REDUNDANT]
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_model_forward_and_backward_pallas_equals_xla(preset):
+    cfg = llmarch.presets.get(preset)
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+    segment_ids = jnp.array([[0] * 5 + [1] * 7, [0] * 12])  # packed documents in row 0
+    results = {}
+    for impl in ("xla", "pallas"):
+        model = llmarch.Transformer(cfg.replace(impl=impl), rngs=nnx.Rngs(0))
+        results[impl] = _loss_and_grads(model, tokens, segment_ids)
+    (v1, l1, g1), (v2, l2, g2) = results["xla"], results["pallas"]
+    assert_close(v2, v1, what="loss")
+    assert_close(l2, l1, what="logits")
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1), strict=True):
+        assert_close(a, b, what=jax.tree_util.keystr(p))
+
+
+def test_moe_layer_dropless_pallas_equals_xla():
+    """The MoE layer's grouped matmuls (dropless) through ops.grouped_matmul, forced per call:
+    the layer takes ``impl`` as a call argument (it does not read ``cfg.impl``)."""
+    from llmarch.layers.moe import MoE
+
+    cfg = llmarch.presets.get("tiny-moe")
+    with nnx.use_eager_sharding(False):
+        layer = MoE(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(4), (2, 6, cfg.d_model))
+
+    def loss(params, x, impl):
+        y, _ = nnx.merge(graphdef, params, rest)(x, strategy="dropless", impl=impl)
+        return jnp.mean(y**2), y
+
+    results = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), argnums=(0, 1),
+                                                has_aux=True))(params, x)
+               for impl in ("xla", "pallas")}
+    ((_, y1), g1), ((_, y2), g2) = results["xla"], results["pallas"]
+    assert_close(y2, y1, what="y")
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gqa", "tiny-mla"])
+def test_cached_decoding_pallas_equals_xla(preset):
+    """Prefill 6 tokens into a cache, then decode one: the cache path of every attention kind."""
+    cfg = llmarch.presets.get(preset)
+    tokens = jax.random.randint(jax.random.key(3), (2, 7), 0, cfg.vocab_size)
+    outs = {}
+    for impl in ("xla", "pallas"):
+        model = llmarch.Transformer(cfg.replace(impl=impl), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state, tokens, positions, cache, graphdef=graphdef):
+            return nnx.merge(graphdef, state)(tokens, positions=positions, cache=cache)
+
+        cache = model.init_cache(2, 16)
+        pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+        prefill, cache = run(state, tokens[:, :6], pos[:, :6], cache)
+        step, _ = run(state, tokens[:, 6:], pos[:, 6:], cache)
+        outs[impl] = (prefill, step)
+    for a, b in zip(outs["pallas"], outs["xla"], strict=True):
+        assert_close(a, b)

@@ -1,0 +1,326 @@
+"""PKM / UltraMem layers (llmarch.layers.memory): each component's promise, wiring, config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmarch
+from llmarch import accounting, presets
+from llmarch.config import AttentionConfig, BlockConfig, MemoryConfig, ModelConfig
+from llmarch.layers import memory as memory_lib
+from llmarch.layers.memory import MemoryLayer, MemoryState, value_lr_groups
+from llmarch.layers.memory_search import leading_singular_vectors
+from llmarch.model import aux_loss
+
+ATT = AttentionConfig(num_heads=2, num_kv_heads=2, head_dim=8)
+
+
+def _cfg(mem: MemoryConfig, **kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=16, num_layers=2, ffn_dim=32, max_seq_len=32, attention=ATT,
+                blocks=(BlockConfig(), BlockConfig(ffn="pkm")), memory=mem)
+    return ModelConfig(**{**base, **kw})
+
+
+# -- config errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MemoryConfig(num_keys=4, topk=5), r"MemoryConfig.topk=5 is invalid: must be <= num_keys=4"),
+    (lambda: MemoryConfig(num_keys=4, topk=2, score="sparsemax"), r"score='sparsemax'.*one of"),
+    (lambda: MemoryConfig(num_keys=4, topk=2, num_cores=2), r"num_cores=2.*tucker_rank >= 1"),
+    (lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=2),
+     r"score='softmax' is invalid: must be 'raw'"),
+    (lambda: MemoryConfig(num_keys=5, topk=2, virtual_blocks=4, output_proj=True),
+     r"virtual_blocks=4 is invalid: must divide the num_keys²=25"),
+    (lambda: MemoryConfig(num_keys=4, topk=2, virtual_blocks=4), r"output_proj=False.*IVE"),
+    (lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=-1), r"tucker_rank=-1"),
+    (lambda: MemoryConfig(num_keys=0, topk=2), r"num_keys=0.*positive"),
+    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=3, score="raw")),
+     r"MemoryConfig.value_dim=16 is invalid: must be divisible by num_cores=3"),
+    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2, value_dim=8)), r"output_proj=False.*differs from d_model"),
+    (lambda: _cfg(None), r"ModelConfig.memory=None is invalid: must be a MemoryConfig"),
+    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None), r"memory=.*must be None"),
+    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None, skip_layers=((1, 2),), skip_kind="ultramem"),
+     r"skip_layers=\(1, 2\) is invalid: needs 0 <= i <= j < num_layers=2"),
+    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None, num_layers=4,
+                  skip_layers=((0, 2), (1, 3)), skip_kind="ultramem"), r"overlap"),
+])
+def test_bad_configs_raise_naming_field_value_and_allowed(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_memory_config_json_round_trip():
+    cfg = presets.get("tiny-ultramem")
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+# -- the full UltraMem layer ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ultramem():
+    cfg = presets.get("tiny-ultramem")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    return cfg, model, tokens
+
+
+def test_skip_layer_wiring_adds_after_block_j(ultramem):
+    """Span (0, 1): the memory reads the stream entering block 0 (the embeddings) and its output is
+    added to the stream leaving block 1."""
+    cfg, model, tokens = ultramem
+    logits, aux = model(tokens, return_aux=True)
+    x = model.embed.encode(tokens, jnp.float32)
+    mem_out, mem_aux = model.skips[0](x)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    h, _ = model.runs[0](x, positions, None)
+    want = model.lm_head("BTD,DV->BTV", model.final_norm(h + mem_out))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    assert float(aux_loss(aux)) == pytest.approx(float(mem_aux["loss"]))
+    assert float(mem_aux["loss"]) > 0  # the TDQKR singular-value loss reaches the objective
+
+
+def test_skip_span_inside_the_stack_splits_the_runs():
+    mem = MemoryConfig(num_keys=8, topk=2, num_heads=2, key_dim=8)  # a plain PKM as the skip module
+    cfg = _cfg(mem, blocks=None, num_layers=4, skip_layers=((1, 2),), skip_kind="pkm")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    assert [count for *_, count in llmarch.model.run_layout(cfg)] == [1, 2, 1]
+    tokens = jnp.arange(10, dtype=jnp.int32).reshape(1, 10)
+    g, state = nnx.split(model)
+
+    @jax.jit
+    def both(state):
+        model = nnx.merge(g, state)
+        pos = jnp.arange(10)[None]
+        x = model.embed.encode(tokens, jnp.float32)
+        x, _ = model.runs[0](x, pos, None)
+        mem_out, _ = model.skips[0](x)  # reads what enters block 1
+        x, _ = model.runs[1](x, pos, None)
+        x, _ = model.runs[2](x + mem_out, pos, None)  # added after block 2
+        return model(tokens), model.lm_head("BTD,DV->BTV", model.final_norm(x))
+
+    got, want = both(state)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _manual_output(layer: MemoryLayer, x):
+    """UltraMem's formula written out from the picks: MCS chunks, IVE blocks, per-block projection."""
+    m = layer.mem
+    h = layer.norm(x)
+    weights, slots = layer.search(h)  # [B,T,N,m,X], [B,T,N,m]
+    perm = np.asarray(layer.ive_permutation[...])
+    shuffled = perm[np.asarray(slots)]
+    rows, blocks = shuffled % m.physical_rows, shuffled // m.physical_rows
+    values = np.asarray(layer.values_mu[...])
+    X, U = m.num_cores, values.shape[1]
+    chunks = values[rows].reshape(*rows.shape, X, U // X)  # [B,T,N,m,X,U/X]
+    scaled = (np.asarray(weights)[..., None] * chunks).reshape(*rows.shape, U)
+    pooled = np.zeros((*rows.shape[:2], m.virtual_blocks, U))
+    for w in range(m.virtual_blocks):
+        pooled[:, :, w] = (scaled * (blocks == w)[..., None]).sum(axis=(2, 3))
+    return np.einsum("btwu,wud->btd", pooled, np.asarray(layer.w_out_wud.w[...]))
+
+
+def test_mcs_ive_output_is_the_papers_formula(ultramem):
+    cfg, model, _ = ultramem
+    layer = model.skips[0]
+    x = jax.random.normal(jax.random.key(2), (2, 3, cfg.d_model))
+    out, _ = layer(x)
+    np.testing.assert_allclose(out, _manual_output(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_ive_reads_only_heads_times_m_physical_rows(ultramem, monkeypatch):
+    cfg, model, _ = ultramem
+    layer, m = model.skips[0], cfg.memory
+    seen = []
+    real = memory_lib.read_values
+
+    def spy(table, rows, weights, blocks, num_blocks, **kw):
+        seen.append((table.shape, rows.shape, weights.shape, num_blocks))
+        return real(table, rows, weights, blocks, num_blocks, **kw)
+
+    monkeypatch.setattr(memory_lib, "read_values", spy)
+    x = jax.random.normal(jax.random.key(3), (1, 1, cfg.d_model))  # one token
+    g, params, rest = nnx.split(layer, nnx.Param, ...)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(g, p, rest)(x)[0] ** 2)))(params)
+    assert seen[0] == ((m.physical_rows, 32), (1, m.num_heads * m.topk), (1, m.num_heads * m.topk, 2), 4)
+    touched = np.flatnonzero(np.abs(np.asarray(grads["values_mu"][...])).sum(-1))
+    assert 0 < len(touched) <= m.num_heads * m.topk  # of 1,024 physical rows (4,096 virtual slots)
+
+
+def test_no_dense_score_and_no_table_sized_intermediate(ultramem):
+    """The jaxpr of the layer's forward and backward: nothing has a P² (slot-count) axis but the
+    IVE permutation itself, and the only arrays of table size are the table, its views, its grad."""
+    cfg, model, _ = ultramem
+    m = cfg.memory
+    g, params, rest = nnx.split(model.skips[0], nnx.Param, ...)
+    x = jnp.ones((2, 8, cfg.d_model))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(nnx.merge(g, p, rest)(x)[0])))(params)
+    table = m.physical_rows * m.width(cfg.d_model)
+    shapes = set()
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else (p,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert (m.physical_rows, 32) in shapes  # the table's gradient is built (scatter-add)
+    for shape in shapes:
+        size = int(np.prod(shape))
+        assert m.num_slots not in shape or shape == (m.num_slots,), shape
+        assert size < table or size == table, shape
+
+
+def test_query_and_key_layernorm_use_the_papers_init(ultramem):
+    cfg, model, _ = ultramem
+    layer, H = model.skips[0], cfg.memory.key_dim
+    for norm in (layer.query_norm, layer.key_norm):
+        np.testing.assert_allclose(norm.scale[...], H ** -0.33, rtol=1e-6)
+    q = layer.query_norm(jax.random.normal(jax.random.key(4), (5, H)) * 7 + 3)
+    np.testing.assert_allclose(q.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(q.std(-1), H ** -0.33, rtol=1e-3)
+
+
+def test_update_state_keeps_the_sign_reference_of_the_previous_step(ultramem):
+    """``Transformer.update_state`` (which the train step calls after each update; the trainer test
+    checks that path) stores the current cores' aligned (u, v); the reference decides the sign."""
+    cfg, model, tokens = ultramem
+    layer = model.skips[0]
+    saved_cores, saved_ref = layer.cores_xnzy[...], layer.tucker_ref[...]
+    try:
+        layer.cores_xnzy[...] = saved_cores + 0.3 * jax.random.normal(jax.random.key(8), saved_cores.shape)
+        _, aux = model(tokens, return_aux=True)
+        model.update_state(aux)
+        u, v = leading_singular_vectors(layer.cores_xnzy[...], saved_ref)
+        np.testing.assert_allclose(layer.tucker_ref[...], jnp.stack([u, v], 1), atol=1e-6)
+        assert not np.allclose(layer.tucker_ref[...], saved_ref)  # it moved with the cores
+        # Flipping the reference flips (u, v), hence the candidate rows: the reference rules.
+        x = jax.random.normal(jax.random.key(5), (1, 4, cfg.d_model))
+        _, slots = layer.search(layer.norm(x))
+        layer.tucker_ref[...] = -layer.tucker_ref[...]
+        _, flipped = layer.search(layer.norm(x))
+        assert not np.array_equal(slots, flipped)
+    finally:
+        layer.cores_xnzy[...], layer.tucker_ref[...] = saved_cores, saved_ref
+
+
+def test_value_lr_group_decays_from_4_to_1(ultramem):
+    import optax
+
+    from llmarch.train.optim import OptimizerConfig, build_optimizer
+
+    cfg, model, _ = ultramem
+    (group,) = value_lr_groups(cfg)
+    assert (group.multiplier, group.final_multiplier) == (4.0, 1.0)
+    params = nnx.state(model, nnx.Param)
+    tx = build_optimizer(OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None,
+                                         lr_groups=(group,)), 10)
+    ones = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    first, state = tx.update(ones, state, params)
+    for _ in range(9):
+        last, state = tx.update(ones, state, params)
+    assert float(first["skips"][0]["values_mu"][...][0, 0]) == pytest.approx(-4.0)
+    assert float(last["skips"][0]["values_mu"][...][0, 0]) == pytest.approx(-1.0 - 3.0 / 10, abs=0.01)
+    assert float(first["skips"][0]["keys_row_npzh"][...].ravel()[0]) == pytest.approx(-1.0)
+    assert value_lr_groups(presets.get("tiny-pkm")) == ()
+    del optax
+
+
+# -- PKM ------------------------------------------------------------------------------------------
+
+
+def test_pkm_blocks_are_scanned_and_softmax_weights_sum_to_one():
+    mem = MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, tucker_rank=1)  # TDQKR r=1 in an FFN
+    cfg = _cfg(mem, blocks=(BlockConfig(ffn="pkm"),) * 2)
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.runs[0].layers.ffn.values_mu[...].shape == (2, 64, 16)  # stacked [L, M, D]
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    logits, aux = model(tokens, return_aux=True)
+    assert logits.shape == (2, 6, 64) and aux[0]["loss"].shape == (2,)
+    model.update_state(aux)  # a scanned run's stacked reference updates through its layers axis
+    assert model.runs[0].layers.ffn.tucker_ref[...].shape == (2, 2, 2, 1)
+    with nnx.use_eager_sharding(False):  # a lone layer outside Transformer: no mesh to shard on
+        layer = MemoryLayer(_cfg(MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True)),
+                            rngs=nnx.Rngs(1))
+    weights, slots = layer.search(jnp.ones((1, 2, 16)))
+    np.testing.assert_allclose(weights.sum(-2), 1.0, rtol=1e-6)  # a softmax per head
+    assert slots.shape == (1, 2, 2, 3) and int(slots.max()) < 64
+    out, _ = layer(jnp.ones((1, 2, 16)))
+    assert out.shape == (1, 2, 16) and layer.w_gate_dwu is not None
+
+
+def test_raw_scores_are_the_grid_scores_and_softmax_normalizes_them():
+    """UltraMem's raw scores are the product-key grid scores themselves; PKM's are their softmax."""
+    x = jax.random.normal(jax.random.key(6), (1, 3, 16))
+    weights = {}
+    for score in ("raw", "softmax"):
+        with nnx.use_eager_sharding(False):
+            layer = MemoryLayer(_cfg(MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score=score)),
+                                rngs=nnx.Rngs(7))
+        weights[score], slots = layer.search(x)
+    q_row = layer.query_norm(layer.w_q_row_dnh("BTD,DNH->BTNH", x))
+    q_col = layer.query_norm(layer.w_q_col_dnh("BTD,DNH->BTNH", x))
+    s_row = jnp.einsum("BTNH,NPH->BTNP", q_row, layer.keys_row_npzh[...][:, :, 0])
+    s_col = jnp.einsum("BTNH,NPH->BTNP", q_col, layer.keys_col_npzh[...][:, :, 0])
+    grid = (s_row[..., :, None] + s_col[..., None, :]).reshape(1, 3, 2, 64)
+    raw = jnp.take_along_axis(grid, slots, axis=-1)
+    np.testing.assert_allclose(weights["raw"][..., 0], raw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights["softmax"][..., 0], jax.nn.softmax(raw, -1), rtol=1e-5, atol=1e-6)
+
+
+# -- accounting -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-pkm", "tiny-ultramem"])
+def test_param_counts_match_the_built_model(name, ultramem):
+    cfg = presets.get(name)
+    model = ultramem[1] if name == "tiny-ultramem" else llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    built = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert accounting.param_count(cfg) == built
+    state = nnx.state(model, MemoryState)  # non-trainable state is not a parameter
+    assert all(not isinstance(v, nnx.Param) for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(
+        v, nnx.Variable)))
+    active = accounting.active_param_counts(cfg)
+    assert active.memory < accounting.param_counts(cfg).memory
+    assert abs(active.total - accounting.param_count(presets.get("tiny-dense"))) < 0.002 * active.total
+
+
+def test_decode_traffic_model():
+    um, moe = presets.get("ultramem-1.6b"), presets.get("moe-1.6b-2in34")
+    assert abs(accounting.param_count(um) / accounting.param_count(moe) - 1) < 1e-3  # equal totals
+    m = um.memory
+    for B in (1, 8, 64):
+        t = accounting.decode_traffic(um, B)
+        rows = 8 * B * m.reads_per_token  # 8 memory layers; rows hardly ever collide at this size
+        assert t.sparse == pytest.approx(rows * m.width(um.d_model) * 2, rel=1e-3)  # bf16
+        e = moe.moe
+        experts = 32 * e.num_experts * (1 - (1 - e.top_k / e.num_experts) ** B)
+        want = experts * 3 * 2048 * e.expert_dim * 2
+        assert accounting.decode_traffic(moe, B).sparse == pytest.approx(want)
+    assert accounting.decode_traffic(moe, 64).total > 5 * accounting.decode_traffic(um, 64).total
+    assert accounting.decode_traffic(um, 4, context_len=16).kv_cache == (
+        accounting.kv_cache_bytes_per_token(um) * 16 * 4)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        accounting.decode_traffic(um, 0)
+
+
+def test_paper_shapes_are_the_derived_sizes():
+    sizes = ("151m", "680m", "1.6b")
+    dense = {s: accounting.param_counts(presets.get(f"dense-{s}")).non_embedding for s in sizes}
+    assert [round(v / 1e6) for v in dense.values()] == [151, 680, 1611]
+    for s in dense:
+        total = accounting.param_counts(presets.get(f"ultramem-{s}")).non_embedding
+        assert 11.5 < total / dense[s] < 12.0
+    assert dataclasses.replace(presets.get("ultramem-1.6b").memory).virtual_blocks == 4

@@ -1,0 +1,110 @@
+"""Value-table reads (llmarch.layers.memory_lookup): plain, MCS, IVE; sparse gradients; memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmarch import ops
+from llmarch.layers.memory_lookup import grouped_lookup, read_values, virtual_to_physical
+
+M, U, B, J = 40, 12, 5, 6
+
+
+def _inputs(X, W, seed=0):
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.normal(size=(M, U)), jnp.float32)
+    rows = jnp.asarray(rng.integers(0, M // 2, size=(B, J)), jnp.int32)  # rows >= M/2 never picked
+    weights = jnp.asarray(rng.normal(size=(B, J, X)), jnp.float32)
+    blocks = jnp.asarray(rng.integers(0, W, size=(B, J)), jnp.int32) if W > 1 else None
+    return table, rows, weights, blocks
+
+
+def _reference(table, rows, weights, blocks, W):
+    """The specification, densely: out[b,w, chunk c] = Σ_j [block=w]·weights[b,j,c]·table[row, chunk c]."""
+    X = weights.shape[-1]
+    picked = table[rows].reshape(B, J, X, U // X)  # [B,J,X,U/X]
+    onehot = jax.nn.one_hot(jnp.zeros((B, J), jnp.int32) if blocks is None else blocks, W)
+    return jnp.einsum("bjx,bjw,bjxu->bwxu", weights, onehot, picked).reshape(B, W, U)
+
+
+@pytest.mark.parametrize("X,W", [(1, 1), (3, 1), (1, 4), (2, 4)])
+def test_read_values_and_gradients_match_the_dense_specification(X, W):
+    table, rows, weights, blocks = _inputs(X, W)
+    got = read_values(table, rows, weights, blocks, W)
+    np.testing.assert_allclose(got, _reference(table, rows, weights, blocks, W), rtol=1e-5, atol=1e-6)
+    probe = jnp.asarray(np.random.default_rng(1).normal(size=(B, W, U)), jnp.float32)
+    grads = jax.grad(lambda t, w: jnp.sum(read_values(t, rows, w, blocks, W) * probe), argnums=(0, 1))
+    want = jax.grad(lambda t, w: jnp.sum(_reference(t, rows, w, blocks, W) * probe), argnums=(0, 1))
+    for g, w in zip(grads(table, weights), want(table, weights), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    d_table = np.asarray(grads(table, weights)[0])
+    untouched = np.setdiff1d(np.arange(M), np.asarray(rows))
+    assert (d_table[untouched] == 0).all()  # only the picked rows get gradient
+    assert (np.abs(d_table[np.unique(np.asarray(rows))]).sum(-1) > 0).all()
+
+
+def test_plain_read_is_ops_memory_lookup():
+    table, rows, weights, _ = _inputs(1, 1)
+    np.testing.assert_allclose(read_values(table, rows, weights, None, 1)[:, 0],
+                               ops.memory_lookup(table, rows, weights[..., 0]), rtol=1e-6)
+    assert ops.Impl.XLA in ops.available("memory_lookup_grouped")  # registered by memory_lookup
+
+
+@pytest.mark.parametrize("X,W", [(1, 1), (2, 4)])
+def test_pallas_reads_equal_xla(X, W):
+    """impl="pallas": the Pallas memory-lookup kernels (plain and grouped; interpreted on CPU)."""
+    table, rows, weights, blocks = _inputs(X, W, seed=4)
+    probe = jnp.asarray(np.random.default_rng(5).normal(size=(B, W, U)), jnp.float32)
+
+    def loss(t, w, impl):
+        return jnp.sum(read_values(t, rows, w, blocks, W, impl=impl) * probe)
+
+    results = [jax.value_and_grad(loss, argnums=(0, 1))(table, weights, impl) for impl in ("xla", "pallas")]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_lookup_custom_vjp_matches_autodiff():
+    table, rows, weights, blocks = _inputs(1, 3, seed=2)
+    w = weights[..., 0]
+
+    def naive(t, w):
+        return jnp.einsum("bj,bjw,bju->bwu", w, jax.nn.one_hot(blocks, 3), t[rows])
+
+    probe = jnp.asarray(np.random.default_rng(3).normal(size=(B, 3, U)), jnp.float32)
+    got = jax.grad(lambda t, w: jnp.sum(grouped_lookup(t, rows, w, blocks, 3) * probe), (0, 1))(table, w)
+    want = jax.grad(lambda t, w: jnp.sum(naive(t, w) * probe), (0, 1))(table, w)
+    for g, ww in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, ww, rtol=1e-5, atol=1e-5)
+
+
+def test_virtual_to_physical_is_a_bijection_onto_rows_and_blocks():
+    Wb, Mp = 4, 16
+    perm = jax.random.permutation(jax.random.key(0), Wb * Mp).astype(jnp.int32)
+    rows, blocks = virtual_to_physical(jnp.arange(Wb * Mp), perm, Mp)
+    pairs = set(zip(np.asarray(rows).tolist(), np.asarray(blocks).tolist(), strict=True))
+    assert pairs == {(r, b) for r in range(Mp) for b in range(Wb)}  # every (row, block) exactly once
+    same, none = virtual_to_physical(jnp.arange(5), None, 5)
+    assert none is None and (same == jnp.arange(5)).all()
+
+
+@pytest.mark.parametrize("X,W", [(1, 1), (2, 4)])
+def test_lookup_memory_does_not_grow_with_the_table(X, W):
+    """Compiled forward+backward: temporaries are the same for a 16x larger table, and the only
+    table-sized buffers are the table and its gradient (arguments and outputs)."""
+    Bt, Jt, Ut = 32, 16, 64
+
+    def compiled(rows_count):
+        sds = jax.ShapeDtypeStruct
+        args = (sds((rows_count, Ut), jnp.float32), sds((Bt, Jt), jnp.int32), sds((Bt, Jt, X), jnp.float32),
+                sds((Bt, Jt), jnp.int32) if W > 1 else None)
+        f = jax.value_and_grad(lambda t, r, w, b: jnp.sum(jnp.sin(read_values(t, r, w, b, W))),
+                               argnums=(0, 2))
+        return jax.jit(f).lower(*args).compile().memory_analysis()
+
+    small, large = compiled(2048), compiled(32768)
+    assert large.temp_size_in_bytes == small.temp_size_in_bytes
+    assert large.temp_size_in_bytes < 32768 * Ut * 4 / 8  # per-pick buffers, far below the table
+    grow = large.output_size_in_bytes - small.output_size_in_bytes
+    assert grow == (32768 - 2048) * Ut * 4  # the gradient of the table, nothing else
