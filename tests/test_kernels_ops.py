@@ -5,12 +5,13 @@ The model test runs every ``tiny-*`` preset, so each block kind is covered as it
 Today: attention "mha" (tiny-dense: MHA, tiny-gqa: GQA) and "mla" (tiny-mla: "auto" picks
 the naive path without a cache, the absorbed one with a cache); FFN "swiglu" (no op), "moe"
 and "pkm" (tiny-pkm: memory lookup); UltraMem's skip-layer memory (tiny-ultramem: grouped
-memory lookup). The MoE layer does not read ``cfg.impl`` (its grouped matmuls run XLA inside
-the tiny-moe model), so a layer test forces ``impl`` per call on its dropless path.
+memory lookup). The model test also checks, in the traced program, that the Pallas run really
+calls each kernel its block kinds need (flash attention; gmm for MoE; memory lookup for memory).
 Tolerances: float32 logits and gradients within 1e-5 of the largest magnitude.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,13 @@ REDUNDANT = {"tiny-deepseek"}  # MLA + MoE: tiny-mla and tiny-moe
 TINY = [n for n in llmarch.presets.names() if n.startswith("tiny-") and n not in REDUNDANT]
 
 
+def _kernels_called(model, tokens, segment_ids) -> set[str]:
+    """Names of the ``pallas_call``s in the traced forward of ``model``."""
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, segment_ids=segment_ids))(state)
+    return set(re.findall(r"pallas_call\[.*?name=(\w+)", str(jaxpr), flags=re.S))
+
+
 @pytest.mark.parametrize("preset", TINY)
 def test_model_forward_and_backward_pallas_equals_xla(preset):
     cfg = llmarch.presets.get(preset)
@@ -109,6 +117,10 @@ def test_model_forward_and_backward_pallas_equals_xla(preset):
     for impl in ("xla", "pallas"):
         model = llmarch.Transformer(cfg.replace(impl=impl), rngs=nnx.Rngs(0))
         results[impl] = _loss_and_grads(model, tokens, segment_ids)
+        if impl == "pallas":
+            expected = {"flash_attention_fwd"} | ({"gmm"} if cfg.moe else set()) | (
+                {"memory_lookup_fwd"} if cfg.memory else set())
+            assert expected <= _kernels_called(model, tokens, segment_ids)
     (v1, l1, g1), (v2, l2, g2) = results["xla"], results["pallas"]
     assert_close(v2, v1, what="loss")
     assert_close(l2, l1, what="logits")
@@ -117,8 +129,8 @@ def test_model_forward_and_backward_pallas_equals_xla(preset):
 
 
 def test_moe_layer_dropless_pallas_equals_xla():
-    """The MoE layer's grouped matmuls (dropless) through ops.grouped_matmul, forced per call:
-    the layer takes ``impl`` as a call argument (it does not read ``cfg.impl``)."""
+    """The MoE layer's grouped matmuls (dropless) through ops.grouped_matmul, forced per call
+    (the model-level test above forces them through ``cfg.impl``)."""
     from llmarch.layers.moe import MoE
 
     cfg = llmarch.presets.get("tiny-moe")

@@ -53,7 +53,7 @@ class MoE(nnx.Module):
         mesh, table = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
         if not mesh.empty and table:  # fail before anything is placed on the mesh
             moe_parallel.check_experts_divide(m, mesh, table)
-        self.moe = m
+        self.moe, self.impl = m, cfg.impl
         init = nnx.initializers.normal(cfg.init_std)
         pd = jnp.dtype(cfg.param_dtype)
         self.w_router_de = Einsum((D, E), (axes.EMBED, None), rngs=rngs, init=init, param_dtype=pd)
@@ -77,8 +77,10 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, *, strategy: str | None = None,
                  impl: str | None = None) -> tuple[jax.Array, dict]:
-        """``(y [B,T,D], aux)``; ``strategy`` overrides ``MoEConfig.strategy`` for this call."""
+        """``(y [B,T,D], aux)``; ``strategy`` overrides ``MoEConfig.strategy`` and ``impl`` (of the
+        grouped matmuls) ``cfg.impl`` for this call."""
         m = self.moe
+        impl = self.impl if impl is None else impl
         B, T, D = x.shape
         with jax.named_scope("router"):
             r = self.route(x)
