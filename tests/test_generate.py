@@ -1,3 +1,5 @@
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +71,14 @@ def test_generate_rejects_bad_requests(prompt, n, kwargs, match):
     model = llmarch.Transformer(llmarch.presets.get("tiny-dense"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, n, **kwargs)
+
+
+def test_repeated_generate_calls_reuse_the_compiled_steps():
+    gen_module = importlib.import_module("llmarch.inference.generate")  # the package exports the function
+
+    model = llmarch.Transformer(llmarch.presets.get("tiny-dense"), rngs=nnx.Rngs(0))
+    prompt = np.ones((2, 5), np.int32)
+    first = generate(model, prompt, 4)
+    sizes = gen_module._prefill._cache_size(), gen_module._decode._cache_size()
+    np.testing.assert_array_equal(generate(model, prompt, 4), first)
+    assert (gen_module._prefill._cache_size(), gen_module._decode._cache_size()) == sizes

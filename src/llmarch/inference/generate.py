@@ -51,37 +51,45 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, tem
         raise ValueError(f"top_k={top_k} is invalid: must be in [1, vocab_size={model.cfg.vocab_size}]")
     check_inputs(model.cfg, prompt)
     graphdef, state = nnx.split(model)
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+    how = dict(graphdef=graphdef, temperature=temperature, top_k=top_k)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     out = np.zeros((B, total), np.int32)
     out[:, :T0] = prompt
-
     if not use_cache:
-        @jax.jit
-        def next_token(state, buffer, t, key):
-            logits = nnx.merge(graphdef, state)(buffer)  # [B,total,V]
-            return sample(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), key)
-
         for i, t in enumerate(range(T0, total)):
-            out[:, t] = next_token(state, jnp.asarray(out), t, keys[i])
+            out[:, t] = _next_token(state, jnp.asarray(out), t, keys[i], **how)
         return out
-
-    @jax.jit
-    def prefill(state, tokens, key):
-        model = nnx.merge(graphdef, state)
-        positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
-        logits, cache = model(tokens, positions=positions, cache=model.init_cache(B, total))
-        return sample(logits[:, -1], key), cache
-
-    @jax.jit
-    def decode(state, token, t, cache, key):
-        positions = jnp.full((B, 1), t, jnp.int32)
-        logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
-        return sample(logits[:, -1], key), cache
-
-    token, cache = prefill(state, jnp.asarray(prompt), keys[0])
+    token, cache = _prefill(state, jnp.asarray(prompt), keys[0], total=total, **how)
     out[:, T0] = token
     for i, t in enumerate(range(T0, total - 1), start=1):
-        token, cache = decode(state, token, t, cache, keys[i])
+        token, cache = _decode(state, token, t, cache, keys[i], **how)
         out[:, t + 1] = token
     return out
+
+
+# Module-level programs (the model's graphdef and the sampling settings static), so repeated
+# generate calls with the same shapes reuse their compiled prefill and decode steps.
+_STATIC = ("graphdef", "temperature", "top_k")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _next_token(state, buffer, t, key, *, graphdef, temperature, top_k):
+    logits = nnx.merge(graphdef, state)(buffer)  # [B,total,V]
+    last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+    return sample_logits(last, key, temperature=temperature, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "total"))
+def _prefill(state, tokens, key, *, graphdef, temperature, top_k, total):
+    model = nnx.merge(graphdef, state)
+    B, T0 = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
+    logits, cache = model(tokens, positions=positions, cache=model.init_cache(B, total))
+    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k), cache
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _decode(state, token, t, cache, key, *, graphdef, temperature, top_k):
+    positions = jnp.full((token.shape[0], 1), t, jnp.int32)
+    logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
+    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k), cache
