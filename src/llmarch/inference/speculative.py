@@ -159,7 +159,10 @@ class SpeculativeDecoder:
         seeds = [int(self._rng.integers(2**63)) if s.seed is None else s.seed for s in params]
         B, gamma = len(seqs), self.gamma
         lengths = [len(s) for s in seqs]
-        S = self.max_len
+        # Caches as long as this batch needs (bucketed: few programs), not max_seq_len: a contiguous
+        # cache's attention costs its full length at every step.
+        S = min(self.max_len, _bucket(max(n + s.max_tokens for n, s in zip(lengths, params, strict=True))
+                                      + gamma + 1))
         t_def, t_state = nnx.split(self.target)
         d_def, d_state = nnx.split(self.draft)
         t_cache, d_cache = self.target.init_cache(B, S), self.draft.init_cache(B, S)
