@@ -11,7 +11,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from llmarch.config import BlockConfig, ModelConfig
+from llmarch.config import MEMORY_SKIP_KINDS, BlockConfig, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +154,10 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
 # -- memory layers (PKM / UltraMem) ---------------------------------------------------------------
 
 
-def memory_layer_count(cfg: ModelConfig) -> int:
-    """Memory layers in the model: ``"pkm"`` FFN blocks plus ``"pkm"``/``"ultramem"`` skip modules."""
-    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
-    return sum(b.ffn == "pkm" for b in cfg.layer_blocks) + skips
+def _memory_layers(cfg: ModelConfig) -> tuple[int, int]:
+    """``(blocks, skips)``: the model's ``"pkm"`` FFN blocks and its memory skip-layer modules."""
+    skips = len(cfg.skip_layers) if cfg.skip_kind in MEMORY_SKIP_KINDS else 0
+    return sum(b.ffn == "pkm" for b in cfg.layer_blocks), skips
 
 
 def _memory_params(cfg: ModelConfig, *, skip: bool, active: bool) -> int:
@@ -179,8 +179,7 @@ def memory_params(cfg: ModelConfig, *, active: bool = False) -> int:
     """All memory layers' parameters (``ParamCounts.memory``); ``active``: per token."""
     if cfg.memory is None:
         return 0
-    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
-    blocks = sum(b.ffn == "pkm" for b in cfg.layer_blocks)
+    blocks, skips = _memory_layers(cfg)
     return (blocks * _memory_params(cfg, skip=False, active=active)
             + skips * _memory_params(cfg, skip=True, active=active))
 
@@ -234,8 +233,8 @@ def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
             sparse += _distinct(m.num_experts, B, m.top_k / m.num_experts) * 3 * D * m.expert_dim
         elif kinds.ffn != "pkm":
             dense += _ffn_params(cfg, kinds)
-    skips = len(cfg.skip_layers) if cfg.skip_kind in ("pkm", "ultramem") else 0
-    for skip in [False] * sum(b.ffn == "pkm" for b in cfg.layer_blocks) + [True] * skips:
+    blocks, skips = _memory_layers(cfg)
+    for skip in [False] * blocks + [True] * skips:
         m = cfg.memory
         U, M = m.width(D), m.physical_rows
         dense += _memory_params(cfg, skip=skip, active=True) - min(m.reads_per_token, M) * U

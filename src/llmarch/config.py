@@ -16,6 +16,7 @@ from typing import Any
 ATTENTION_KINDS = ("mha", "mla")  # "mha" covers MHA, GQA and MQA through num_kv_heads.
 FFN_KINDS = ("swiglu", "moe", "pkm")
 SKIP_KINDS = ("swiglu", "pkm", "ultramem")  # modules that skip-layer spans may hold
+MEMORY_SKIP_KINDS = ("pkm", "ultramem")  # the skip kinds that are memory layers (need ``memory``)
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "xla", "pallas")
@@ -37,6 +38,18 @@ def _positive(owner: str, **fields: Any) -> None:
 def _choice(owner: str, field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         _fail(owner, field, value, f"must be one of {allowed}")
+
+
+def _sub_config(field: str, value: Any, cls: type, article: str, used_by: str | None, *,
+                unused: str) -> None:
+    """``ModelConfig.<field>`` must be a ``cls`` exactly when some part of the model (``used_by``,
+    None when nothing) needs it; ``unused`` says why it must be None otherwise."""
+    if value is not None and not isinstance(value, cls):
+        _fail("ModelConfig", field, value, f"must be {article} {cls.__name__} or None")
+    if used_by and value is None:
+        _fail("ModelConfig", field, None, f"must be {article} {cls.__name__}: {used_by}")
+    if value is not None and not used_by:
+        _fail("ModelConfig", field, f"<{cls.__name__}>", f"must be None: {unused}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,20 +438,12 @@ class ModelConfig:
             if len(self.blocks) != self.num_layers:
                 _fail("ModelConfig", "blocks", f"<{len(self.blocks)} blocks>",
                       f"must have num_layers={self.num_layers} entries")
-        uses_mla = any(b.attention == "mla" for b in self.layer_blocks)
-        if self.mla is not None and not isinstance(self.mla, MLAConfig):
-            _fail("ModelConfig", "mla", self.mla, "must be an MLAConfig or None")
-        if uses_mla and self.mla is None:
-            _fail("ModelConfig", "mla", None, "must be an MLAConfig: blocks use attention 'mla'")
-        if self.mla is not None and not uses_mla:
-            _fail("ModelConfig", "mla", "<MLAConfig>", "must be None: no block uses attention 'mla'")
-        uses_moe = any(b.ffn == "moe" for b in self.layer_blocks)
-        if self.moe is not None and not isinstance(self.moe, MoEConfig):
-            _fail("ModelConfig", "moe", self.moe, "must be a MoEConfig or None")
-        if uses_moe and self.moe is None:
-            _fail("ModelConfig", "moe", None, "must be a MoEConfig: blocks use ffn 'moe'")
-        if self.moe is not None and not uses_moe:
-            _fail("ModelConfig", "moe", "<MoEConfig>", "must be None: no block uses ffn 'moe'")
+        _sub_config("mla", self.mla, MLAConfig, "an",
+                    "blocks use attention 'mla'" if any(b.attention == "mla" for b in self.layer_blocks)
+                    else None, unused="no block uses attention 'mla'")
+        _sub_config("moe", self.moe, MoEConfig, "a",
+                    "blocks use ffn 'moe'" if any(b.ffn == "moe" for b in self.layer_blocks) else None,
+                    unused="no block uses ffn 'moe'")
 
         self._check_skip_layers()
         self._check_memory()
@@ -466,15 +471,10 @@ class ModelConfig:
 
     def _check_memory(self) -> None:
         uses = ["ffn 'pkm' blocks"] if any(b.ffn == "pkm" for b in self.layer_blocks) else []
-        if self.skip_kind in ("pkm", "ultramem"):
+        if self.skip_kind in MEMORY_SKIP_KINDS:
             uses.append(f"skip_kind {self.skip_kind!r}")
-        if self.memory is not None and not isinstance(self.memory, MemoryConfig):
-            _fail("ModelConfig", "memory", self.memory, "must be a MemoryConfig or None")
-        if uses and self.memory is None:
-            _fail("ModelConfig", "memory", None, f"must be a MemoryConfig: the model has {uses[0]}")
-        if self.memory is not None and not uses:
-            _fail("ModelConfig", "memory", "<MemoryConfig>",
-                  "must be None: no block uses ffn 'pkm' and skip_kind is not 'pkm'/'ultramem'")
+        _sub_config("memory", self.memory, MemoryConfig, "a", f"the model has {uses[0]}" if uses else None,
+                    unused="no block uses ffn 'pkm' and skip_kind is not 'pkm'/'ultramem'")
         if self.memory is None:
             return
         width = self.memory.width(self.d_model)

@@ -319,11 +319,8 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
                              f"[0, vocab_size={cfg.vocab_size})")
     if cache is not None and positions is None:
         raise ValueError("positions are required with a cache: they are the slots to write")
-    run_cache = cache[0] if isinstance(cache, list) and cache else cache
-    # Caches say how many slots they hold; None: the cache places tokens itself (paged).
-    slots = getattr(run_cache, "num_slots", None) if cache is not None else None
-    if cache is not None and not hasattr(run_cache, "num_slots"):
-        slots = jax.tree.leaves(cache)[0].shape[2]  # [L,B,S,...]
+    # Every cache kind says how many slots it holds; None: it places tokens itself (paged).
+    slots = None if cache is None else (cache[0] if isinstance(cache, list) else cache).num_slots
     if slots is not None:
         if shape[1] > slots:
             raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's "
