@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
+import traceback
 
 from llmarch import accounting, presets
 
@@ -50,6 +52,11 @@ _TRAIN_FLAGS = [
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept"),
     ("--z-loss", "z_loss", float, "z-loss coefficient"),
     ("--nan-policy", "nan_policy", str, "skip or stop on a non-finite step"),
+    ("--max-skipped-fraction", "max_skipped_fraction", float,
+     "fail the run once more than this share of its steps were skipped (default 0.1)"),
+    ("--resume", "resume", str, "auto: continue from the newest checkpoint if any (default); must: fail "
+     "without one; never: fail if one exists; fallback: set corrupted checkpoints aside and continue "
+     "from the newest intact one"),
     ("--val-fraction", "val_fraction", float, "held-out fraction of the corpus"),
     ("--peak-flops", "peak_flops", float, "peak FLOP/s per device for MFU"),
     ("--optimizer", "optimizer.name", str, "sgd, momentum, adagrad, adadelta, rmsprop, adam, adamw"),
@@ -72,8 +79,11 @@ def _train_config(args: argparse.Namespace):
             raise ValueError(f"--config {path} does not exist")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"--config {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields, "
+                             f"not a {type(data).__name__}")
     for _, field, _, _ in _TRAIN_FLAGS:
         value = getattr(args, field.replace(".", "_"))
         if value is None:
@@ -86,7 +96,10 @@ def _train_config(args: argparse.Namespace):
         data["tensorboard"] = False
     if "out_dir" not in data:
         raise ValueError("an output directory is required: --out DIR (or out_dir in --config)")
-    return TrainConfig.from_dict(data)
+    try:
+        return TrainConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"--config {args.config}: {e}" if args.config else str(e)) from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -138,9 +151,11 @@ def _generate(args: argparse.Namespace) -> int:
     engine = Engine(model, cfg, tokenizer=tokenizer, max_num_seqs=min(args.n * len(prompts), budget),
                     max_num_batched_tokens=budget, max_prefill_chunk=min(budget, 256), max_len=max_len)
     start = time.perf_counter()
+    tokens = 0  # generated tokens, counted from what was printed
     if args.stream:
         single = len(prompts) == 1 and args.n == 1
         for event in engine.stream(prompts, params):
+            tokens += 1
             piece = event.text if event.text is not None else f" {event.token_id}"
             print(piece if single else f"[{event.request_id}.{event.index}] {piece!r}", end="" if single
                   else "\n", flush=True)
@@ -148,19 +163,23 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         for out in engine.generate(prompts, params):
             for c in out.completions:
+                tokens += len(c.token_ids)
                 body = c.text if c.text is not None else " ".join(map(str, c.token_ids))
                 print(f"[{out.request_id}.{c.index}] ({c.finish_reason}) {body}")
     seconds = time.perf_counter() - start
-    tokens = engine.stats["decode_tokens"] + len(prompts) * args.n
     print(f"{tokens} tokens in {seconds:.2f}s ({engine.stats['steps']} steps, "
           f"{engine.stats['preemptions']} preemptions)", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmarch", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback and library logs on an error")
+    parser = argparse.ArgumentParser(prog="llmarch", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a tiny model on the embedded corpus and sample from it")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="train a tiny model on the embedded corpus and sample from it")
     demo.add_argument("--preset", choices=[n for n in presets.names() if n.startswith("tiny-")])
     demo.add_argument("--steps", type=int)
     demo.add_argument("--batch-size", type=int)
@@ -171,20 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt")
     demo.add_argument("--out-dir", help="keep the run (checkpoints, metrics) here; default: a temp dir")
     demo.set_defaults(func=_demo)
-    train = sub.add_parser("train", help="train a model; resumes from the latest checkpoint in --out")
+    train = sub.add_parser("train", parents=[common],
+                           help="train a model; resumes from the latest checkpoint in --out")
     train.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
     for flag, field, kind, text in _TRAIN_FLAGS:
         train.add_argument(flag, dest=field.replace(".", "_"), type=kind, help=text)
     train.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
     train.set_defaults(func=_train)
-    evaluate = sub.add_parser("eval", help="evaluate a run's latest checkpoint on held-out data")
+    evaluate = sub.add_parser("eval", parents=[common],
+                              help="evaluate a run's latest checkpoint on held-out data")
     evaluate.add_argument("--checkpoint", required=True, help="a run directory written by `llmarch train`")
     evaluate.add_argument("--data", help="evaluate on this corpus instead of the run's validation split")
     evaluate.add_argument("--batches", type=int, default=16, help="batches to evaluate")
     evaluate.set_defaults(func=_eval)
-    listing = sub.add_parser("presets", help="list the presets with parameter and FLOP counts")
+    listing = sub.add_parser("presets", parents=[common],
+                             help="list the presets with parameter and FLOP counts")
     listing.set_defaults(func=_presets)
-    gen = sub.add_parser("generate", help="generate from an llmarch run or a Hugging Face checkpoint")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="generate from an llmarch run or a Hugging Face checkpoint")
     gen.add_argument("--checkpoint", required=True,
                      help="a run directory of `llmarch train`, or config.json + *.safetensors")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
@@ -206,13 +229,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log their own view of an error we report in one line (orbax and tensorstore
+# through absl, asyncio's "exception was never retrieved").
+_NOISY_LOGGERS = ("absl", "orbax", "asyncio", "jax", "tensorstore")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user error (a bad option, file or checkpoint) prints one line and
+    returns 2; a run that fails (diverged, interrupted, locked) prints one line and returns 1,
+    or 128 + the signal number when a signal stopped it; ``--debug`` shows the traceback."""
+    from llmarch.train.guard import TrainingError, TrainingInterrupted
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not debug:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # a bad option: say what, not where in the stack
-        print(f"llmarch {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as e:
+        return _fail(args, e, 128 + e.signum, debug)
+    except KeyboardInterrupt as e:
+        return _fail(args, e if str(e) else "interrupted", 130, debug)
+    except (ValueError, OSError) as e:  # a bad option, file or checkpoint: say what, not where
+        return _fail(args, e, 2, debug)
+    except (TrainingError, RuntimeError) as e:  # the run failed; its message says why
+        return _fail(args, e, 1, debug)
+
+
+def _fail(args: argparse.Namespace, error: BaseException | str, code: int, debug: bool) -> int:
+    if debug and isinstance(error, BaseException):
+        traceback.print_exception(error)
+    message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever it held
+    print(f"llmarch {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -27,6 +28,15 @@ MLA_PATHS = ("naive", "absorbed", "auto")
 
 def _fail(owner: str, field: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
+
+
+def check_number(owner: str, field: str, value: Any, allowed: str,
+                 ok: typing.Callable[[float], bool]) -> None:
+    """A float field must be a real, finite number for which ``ok`` holds. NaN fails every
+    comparison, so a check such as ``value < 0`` alone would let it through."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not ok(value):
+        _fail(owner, field, value, allowed)
 
 
 def _positive(owner: str, **fields: Any) -> None:
@@ -511,31 +521,71 @@ class ModelConfig:
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Rebuilds dataclass ``cls`` from plain JSON data, following its type hints."""
+    """Rebuilds dataclass ``cls`` from plain JSON data, following its type hints: every value
+    must already have its field's type (JSON ``"0.01"`` is not a float, ``"no"`` not a bool)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where} has unknown fields {unknown}; allowed: {sorted(names)}")
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where} is missing the required fields {missing}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a __post_init__ comparing a value of the wrong type
+        raise ValueError(f"{where}: {e}") from None
+
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
-    if value is None:
-        return None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(options[0], value, where) if len(options) == 1 else value
+        if value is None:
+            if len(options) < len(typing.get_args(hint)):
+                return None
+            raise ValueError(f"{where}=null is invalid: must be {_describe(options)}")
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, where)
+            except ValueError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ValueError(f"{where}={value!r} is invalid: must be {_describe(options)} or null")
     if origin is tuple:
-        item = typing.get_args(hint)[0]  # tuple[X, ...]
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}={value!r} is invalid: must be a list")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}={value!r} is invalid: must be a list of {len(args)} items")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if hint in _SCALARS:
+        ok = (isinstance(value, bool) if hint is bool else
+              isinstance(value, int | float) and not isinstance(value, bool) if hint is float else
+              isinstance(value, hint) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where}={value!r} is invalid: must be {_SCALARS[hint]}")
+        return float(value) if hint is float else value
     return value
+
+
+def _describe(options: list) -> str:
+    return " or ".join(_SCALARS.get(o, getattr(o, "__name__", str(o))) for o in options)
 
 
 def dataclass_from_dict(cls: type, data: Any) -> Any:

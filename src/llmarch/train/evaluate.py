@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 
 from llmarch.data import load_documents, load_tokenizer, pack_documents
-from llmarch.train.checkpoint import Checkpointer, CheckpointError
-from llmarch.train.trainer import CONFIG_FILE, TrainConfig, init_state, load_rows, make_evaluator
+from llmarch.train.run_dir import latest_verified
+from llmarch.train.trainer import TrainConfig, init_state, load_rows, make_evaluator
+
+
+def restore_run(run_dir: str | os.PathLike, *, log=lambda s: None):
+    """``(cfg, graphdef, state, step)`` of the newest verified checkpoint of a training run,
+    restored on one device; see ``llmarch.train.run_dir.latest_verified`` for what is checked."""
+    config, ckpt, step = latest_verified(run_dir, log=log)
+    try:
+        cfg = TrainConfig.from_dict(config)
+        graphdef, _, state = init_state(cfg, mesh=None)
+        state = ckpt.restore(step, state)
+    finally:
+        ckpt.close()
+    return cfg, graphdef, state, step
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches: int = 16) -> dict:
     """Loss and perplexity of the latest checkpoint in ``run_dir`` (written by ``llmarch train``)
     on the run's validation split, or on all of ``data`` when given."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
-    config_path = root / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{root} is not a training run: it has no {CONFIG_FILE}")
-    cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    ckpt = Checkpointer(root / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint to evaluate")
-    graphdef, _, state = init_state(cfg, mesh=None)
-    state = ckpt.restore(step, state)
-    ckpt.close()
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches <= 0:
+        raise ValueError(f"batches={batches!r} is invalid: must be a positive integer")
+    cfg, graphdef, state, step = restore_run(run_dir)
     if data is None:
         rows = load_rows(cfg)[1]
     else:

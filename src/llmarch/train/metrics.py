@@ -8,6 +8,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from llmarch.train.checkpoint import atomic_write_text
+
 # Dense peak FLOP/s per chip at the precision training uses (bf16 on accelerators).
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -28,21 +30,42 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 class MetricsLog:
-    """Appends ``{"step": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
+    """Appends ``{"step": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
 
-    def __init__(self, directory: str | Path, *, tensorboard: bool = True):
+    Opened with ``start``, the step the run starts from (0 for a fresh start), it first drops
+    every record past ``start``, atomically: a fresh start in an old directory does not append
+    after the old steps, and a resumed run rewrites the steps it replays, so every step is in
+    the log exactly once. TensorBoard is told the same (``purge_step``) and flushed on every
+    write, so a ``kill -9`` loses no point that the checkpoint does not replay.
+    """
+
+    def __init__(self, directory: str | Path, *, start: int = 0, tensorboard: bool = True):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
-        self.writer = SummaryWriter(str(self.directory / "tensorboard")) if tensorboard else None
+        self.truncate_after(start)
+        self.writer = (SummaryWriter(str(self.directory / "tensorboard"), purge_step=start + 1)
+                       if tensorboard else None)
 
     def truncate_after(self, step: int) -> None:
-        """Drops records past ``step``: a resumed run rewrites the steps it replays."""
+        """Drops records past ``step`` (atomically). A torn last line, left by a kill during a
+        write, is dropped too: it is past every checkpoint, since saving follows logging."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for i, line in enumerate(lines):
+            if not line.strip() or (i == len(lines) - 1 and not line.endswith("\n")):
+                continue  # blank, or torn by a kill mid-write
+            try:
+                record = json.loads(line)
+                record_step = record["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{self.path} line {i + 1} is not a metrics record: {line.strip()[:80]!r}; "
+                                 "repair or delete the line to resume") from None
+            if record_step <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -52,6 +75,7 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -67,4 +91,12 @@ def _plain(value: Any) -> Any:
 
 def read(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    path = Path(path)
+    records = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i + 1} is not valid JSON ({e})") from None
+    return records

@@ -8,15 +8,19 @@ learning-rate multipliers, the learning-rate schedule, and gradient accumulation
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 
 import jax
 import optax
 
+from llmarch.config import check_number
+
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 _NO_DECAY = re.compile(r"(norm|bias)", re.IGNORECASE)
+_check = functools.partial(check_number, "OptimizerConfig")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +40,8 @@ class LrGroup:
             raise ValueError(f"LrGroup.pattern={self.pattern!r} is not a regex: {e}") from None
         for name in ("multiplier", "final_multiplier"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"LrGroup.{name}={value} is invalid: must be >= 0")
+            if value is not None:
+                check_number("LrGroup", name, value, "must be a finite number >= 0", lambda x: x >= 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +66,19 @@ class OptimizerConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimizerConfig.schedule={self.schedule!r} is unknown; "
                              f"allowed: {SCHEDULES}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} is invalid: must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} is invalid: must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"OptimizerConfig.min_lr_ratio={self.min_lr_ratio} is invalid: "
-                             "must be in [0, 1]")
-        if self.weight_decay < 0:
-            raise ValueError(f"OptimizerConfig.weight_decay={self.weight_decay} is invalid: must be >= 0")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"OptimizerConfig.clip_norm={self.clip_norm} is invalid: must be > 0 or None")
+        _check("learning_rate", self.learning_rate, "must be a finite number > 0", lambda x: x > 0)
+        _check("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", lambda x: 0 <= x <= 1)
+        _check("weight_decay", self.weight_decay, "must be a finite number >= 0", lambda x: x >= 0)
+        if self.clip_norm is not None:
+            _check("clip_norm", self.clip_norm, "must be a finite number > 0, or None", lambda x: x > 0)
+        _check("momentum", self.momentum, "must be in [0, 1)", lambda x: 0 <= x < 1)
+        _check("b1", self.b1, "must be in [0, 1)", lambda x: 0 <= x < 1)
+        _check("b2", self.b2, "must be in [0, 1)", lambda x: 0 <= x < 1)
+        _check("eps", self.eps, "must be a finite number > 0", lambda x: x > 0)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps!r} is invalid: "
+                             "must be an integer >= 0")
         if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) \
                 or self.grad_accum_steps < 1:
             raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps!r} is invalid: "

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from llmarch.model import aux_loss, aux_metrics
+from llmarch.train.guard import all_finite
 
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
 StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
@@ -54,8 +55,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     ``rest`` is any other state, passed through unchanged; with ``update_rest`` the step returns
     ``(params, rest, opt_state, metrics)`` with ``rest`` updated by ``Transformer.update_state``
     from the forward pass's aux (e.g. the MoE aux-loss-free expert bias; ``out_shardings`` then
-    names params, rest and opt_state). A step whose loss or gradients are not finite leaves all
-    state untouched and reports ``finite=False``; the caller decides whether to go on or stop.
+    names params, rest and opt_state). A step is accepted only when its loss, gradients, new
+    parameters and new optimizer state (and new ``rest``) are all finite; otherwise it leaves
+    all state untouched and reports ``finite=False``, and the caller decides whether to go on.
     ``metrics`` also holds the layers' ``aux_metrics`` (e.g. ``expert_load``, ``load_ratio``).
     """
 
@@ -63,15 +65,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         (_, (parts, aux)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
             graphdef, params, rest, batch, z_loss, with_aux=True)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        metrics = {**parts, **aux_metrics(aux), "grad_norm": grad_norm, "finite": finite}
+        new_rest = rest
         if update_rest:
             model = nnx.merge(graphdef, new_params, rest)
             model.update_state(aux)
             new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        # A finite loss and gradient can still give a non-finite update (a huge learning rate,
+        # a NaN hyperparameter): check what would be kept, not only what it was built from.
+        finite = (jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
+                  & all_finite((new_params, new_opt_state, new_rest)))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = {**parts, **aux_metrics(aux), "grad_norm": grad_norm, "finite": finite}
+        if update_rest:
             return keep(new_params, params), keep(new_rest, rest), keep(new_opt_state, opt_state), metrics
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 

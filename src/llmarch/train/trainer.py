@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from llmarch import accounting, presets, sharding
-from llmarch.config import ModelConfig, dataclass_from_dict
+from llmarch.config import ModelConfig, check_number, dataclass_from_dict
 from llmarch.data import (
     PackedRows,
     batches_per_epoch,
@@ -36,13 +38,17 @@ from llmarch.data import (
 )
 from llmarch.model import Transformer
 from llmarch.train import metrics as metrics_lib
-from llmarch.train.checkpoint import Checkpointer
+from llmarch.train import run_dir
+from llmarch.train.checkpoint import Checkpointer, atomic_write_text
+from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
+from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import OptimizerConfig, build_optimizer
 from llmarch.train.precision import policy
 from llmarch.train.step import cross_entropy, make_train_step
 
 NAN_POLICIES = ("skip", "stop")
-CONFIG_FILE = "train_config.json"
+CONFIG_FILE = run_dir.CONFIG_FILE
+_check = functools.partial(check_number, "TrainConfig")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,8 @@ class TrainConfig:
     precision: str = "float32"
     z_loss: float = 0.0
     nan_policy: str = "skip"  # skip the update and count it, or stop with an error
+    max_skipped_fraction: float = 0.1  # more skipped steps than this share of `steps`: the run fails
+    resume: str = "auto"  # auto, must, never, fallback: see llmarch.train.run_dir.start_step
     mesh: str | None = None
     rules: str = "fsdp"
     tensorboard: bool = True
@@ -79,11 +87,35 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TrainConfig.seed={self.seed!r} is invalid: must be an integer")
+        for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a non-empty string")
+        for name in ("tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: "
+                                 "must be True or False")
+        if self.model is not None and not isinstance(self.model, ModelConfig):
+            raise ValueError(f"TrainConfig.model={self.model!r} is invalid: must be a ModelConfig or None")
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is invalid: "
+                             "must be an OptimizerConfig")
+        _check("z_loss", self.z_loss, "must be a finite number >= 0", lambda x: x >= 0)
+        _check("val_fraction", self.val_fraction, "must be in (0, 1)", lambda x: 0 < x < 1)
+        _check("max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]", lambda x: 0 <= x <= 1)
+        if self.peak_flops is not None:
+            _check("peak_flops", self.peak_flops, "must be a finite number > 0 (FLOP/s per device), or None",
+                    lambda x: x > 0)
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; "
                              f"allowed: {NAN_POLICIES}")
-        if self.z_loss < 0:
-            raise ValueError(f"TrainConfig.z_loss={self.z_loss} is invalid: must be >= 0")
+        if self.resume not in run_dir.RESUME_MODES:
+            raise ValueError(f"TrainConfig.resume={self.resume!r} is unknown; "
+                             f"allowed: {run_dir.RESUME_MODES}")
+        if self.model is None and self.preset not in presets.names():
+            raise ValueError(f"TrainConfig.preset={self.preset!r} is unknown; allowed: {presets.names()}")
         policy(self.precision)
         sharding.rules(self.rules)
         if self.mesh is not None:
@@ -103,6 +135,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, data)
+
+    def resolved(self) -> TrainConfig:
+        """The same run with its paths absolute, as it is stored: ``eval`` and ``generate`` then
+        work from any directory."""
+        def absolute(value: str, keep: tuple[str, ...]) -> str:
+            return value if value in keep or not Path(value).exists() else str(Path(value).absolute())
+
+        return dataclasses.replace(self, out_dir=str(Path(self.out_dir).absolute()),
+                                   data=absolute(self.data, ("default",)),
+                                   tokenizer=absolute(self.tokenizer, ("byte",)))
 
 
 @dataclasses.dataclass
@@ -196,8 +238,28 @@ def load_rows(cfg: TrainConfig) -> tuple[PackedRows, PackedRows]:
 
 
 def train(cfg: TrainConfig, *, log=print) -> TrainResult:
-    """Trains (or resumes) the run in ``cfg.out_dir``; see the module docstring."""
+    """Trains (or resumes) the run in ``cfg.out_dir``; see the module docstring.
+
+    Raises:
+      ValueError, CheckpointError: bad settings, or a run directory that this run cannot use
+        (corrupted or mismatching checkpoint, ``resume`` mode not satisfied); nothing is changed.
+      RuntimeError: another process is training in ``cfg.out_dir``.
+      TrainingError: the run diverged (too many skipped steps, ``nan_policy='stop'``, non-finite
+        final weights or validation loss); the checkpoints saved before stay as they were.
+      TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was saved.
+    """
+    cfg = cfg.resolved()
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
+    lock = run_dir.lock(out)
+    try:
+        return _train(cfg, out, log)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
     model_cfg = cfg.model_config()
     train_rows, val_rows = load_rows(cfg)
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
@@ -214,67 +276,96 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
     evaluate = make_evaluator(graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches,
                               data_sharding=data_sharding)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    config = run_dir.as_dict(cfg)
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-    log_file = metrics_lib.MetricsLog(out, tensorboard=cfg.tensorboard)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, state, train_iter)
-        log(f"resumed from {ckpt.directory / str(start)}")
-        log_file.truncate_after(start)
-    start = int(state["step"])
-
-    flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
-    peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
-    losses: dict[int, float] = {}
-    val_loss = None
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, mininterval=1.0)
-    busy, busy_steps = 0.0, 0  # time in train steps since the last record (not eval, not saving)
+    log_file = None
+    bar = None
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            tick = time.perf_counter()
-            batch = _to_global(next(train_iter), data_sharding)
-            params, rest, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"], batch)
-            skipped = state["skipped"] + (~m["finite"]).astype(jnp.int32)
-            state = {**state, "params": params, "rest": rest, "opt_state": opt_state,
-                     "step": jnp.int32(step), "skipped": skipped}
-            loss = float(m["loss"])  # waits for the step
-            if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
-                busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
-            losses[step] = loss
-            if not bool(m["finite"]) and cfg.nan_policy == "stop":
-                raise FloatingPointError(
-                    f"step {step}: the loss ({loss}) or gradient norm ({float(m['grad_norm'])}) is "
-                    "not finite; the update was not applied (nan_policy='stop'). Lower the learning "
-                    "rate, add z_loss, or set nan_policy='skip'")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
-                          "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                          "skipped": int(skipped), **_layer_metrics(m)}
-                if busy_steps:
-                    tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
-                    record["tokens_per_s"] = tokens_per_s
-                    if peak:
-                        record["mfu"] = accounting.mfu(tokens_per_s / jax.device_count(), flops_per_token,
-                                                       peak)
-                busy, busy_steps = 0.0, 0
-                log_file.write(step, record)
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = evaluate(params, state["rest"])
-                log_file.write(step, {"val_loss": val_loss,
-                                      "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
-            ckpt.save(step, state, train_iter, force=step == cfg.steps)
-        ckpt.wait()
+        start = run_dir.start_step(ckpt, cfg.resume, config, log=log)
+        if start is not None:
+            state = ckpt.restore(start, state, train_iter)
+            log(f"resumed from {ckpt.step_dir(start)}")
+        start = int(state["step"])
+        # Only now, with a fresh start or a verified restore, is the directory this run's.
+        atomic_write_text(out / CONFIG_FILE, cfg.to_json() + "\n")
+        log_file = metrics_lib.MetricsLog(out, start=start, tensorboard=cfg.tensorboard)
+
+        flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
+        peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
+        health = RunHealth(cfg.steps, cfg.max_skipped_fraction, warn=log)
+        losses: dict[int, float] = {}
+        val_loss = None
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, mininterval=1.0)
+        busy, busy_steps = 0.0, 0  # time in train steps since the last record (not eval, not saving)
+
+        def last_good() -> str:
+            step = ckpt.latest_step()
+            return "no checkpoint exists" if step is None else f"the last checkpoint is {ckpt.step_dir(step)}"
+
+        with graceful_stop(log=log) as stop:
+            for step in range(start + 1, cfg.steps + 1):
+                tick = time.perf_counter()
+                batch = _to_global(next(train_iter), data_sharding)
+                params, rest, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"],
+                                                     batch)
+                skipped = state["skipped"] + (~m["finite"]).astype(jnp.int32)
+                state = {**state, "params": params, "rest": rest, "opt_state": opt_state,
+                         "step": jnp.int32(step), "skipped": skipped}
+                loss = float(m["loss"])  # waits for the step
+                if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
+                    busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
+                losses[step] = loss
+                finite = bool(m["finite"])
+                if not finite and cfg.nan_policy == "stop":
+                    raise TrainingError(
+                        f"step {step}: the loss ({loss}), gradient norm ({float(m['grad_norm'])}) or "
+                        f"update is not finite; stopped without applying it (nan_policy='stop'); "
+                        f"{last_good()}. Lower the learning rate, add z_loss, or set nan_policy='skip'")
+                try:
+                    health.observe(step, loss, float(m["grad_norm"]), finite, int(skipped))
+                except TrainingError as e:
+                    raise TrainingError(f"{e}; {last_good()}") from None
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps or stop:
+                    record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+                              "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
+                              "skipped": int(skipped), **_layer_metrics(m)}
+                    if busy_steps:
+                        tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
+                        record["tokens_per_s"] = tokens_per_s
+                        if peak:
+                            record["mfu"] = accounting.mfu(tokens_per_s / jax.device_count(), flops_per_token,
+                                                           peak)
+                    busy, busy_steps = 0.0, 0
+                    log_file.write(step, record)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    val_loss = evaluate(params, state["rest"])
+                    log_file.write(step, {"val_loss": val_loss,
+                                          "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
+                    if not math.isfinite(val_loss):
+                        log(f"WARNING: step {step}: the validation loss is {val_loss}")
+                final = step == cfg.steps or bool(stop)
+                if final or step % cfg.checkpoint_every == 0:
+                    if not bool(all_finite(state)):  # unreachable through the guarded step; never save it
+                        raise TrainingError(f"step {step}: the train state holds non-finite values; not "
+                                            f"saved; {last_good()}")
+                    ckpt.save(step, state, train_iter, config=config, force=final)
+                if stop:
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name} after step {step}; saved {ckpt.step_dir(step)}; run the "
+                        "same command again to resume", stop.signum)
     finally:
-        bar.close()
-        log_file.close()
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+        ended = last_good() if log_file is not None else ""
         ckpt.close()
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise TrainingError(f"the run ended with validation loss {val_loss}: the model is broken; {ended}")
     if val_loss is not None:
         log(f"step {int(state['step'])}: validation loss {val_loss:.4f}")
     return TrainResult(step=int(state["step"]), losses=losses, val_loss=val_loss,
                        skipped_steps=int(state["skipped"]), params=state["params"], rest=state["rest"],
                        graphdef=graphdef, train_rows=train_rows)
-

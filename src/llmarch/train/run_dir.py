@@ -1,0 +1,139 @@
+"""A training run's directory: who may write it, which checkpoint to start from, and how
+readers (``eval``, ``generate``) find a verified checkpoint in it.
+
+Layout: ``train_config.json`` (the run's configuration, written only once a fresh start or a
+restore has succeeded), ``checkpoints/<step>/`` (each sealed by a manifest that also stores the
+configuration it was saved under), ``metrics.jsonl``, ``tensorboard/``, and ``.lock`` while a
+trainer writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from llmarch.train.checkpoint import Checkpointer, CheckpointError
+
+CONFIG_FILE = "train_config.json"
+LOCK_FILE = ".lock"
+RESUME_MODES = ("auto", "must", "never", "fallback")
+# Fields that may change between a run and its resumption: they steer the loop, not the state.
+RESUMABLE_CHANGES = frozenset({"out_dir", "steps", "eval_every", "eval_batches", "log_every",
+                               "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
+                               "peak_flops", "nan_policy", "mesh", "rules", "resume", "max_skipped_fraction"})
+
+
+def lock(out_dir: Path) -> filelock.BaseFileLock:
+    """Takes the run's writer lock, or raises naming the directory. The OS releases it when the
+    process dies (``kill -9`` included), so a stale lock never blocks a restart."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = filelock.FileLock(out_dir / LOCK_FILE)
+    try:
+        handle.acquire(timeout=0)
+    except filelock.Timeout:
+        raise RuntimeError(f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); "
+                           "wait for it to finish or stop it, or choose another --out") from None
+    return handle
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): it should hold {what}") from None
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """The fields (dotted paths) whose values differ and that a resumed run may not change."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in config_diff(a, b)]
+        elif a != b:
+            out.append(f"{key}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} now")
+    return out
+
+
+def start_step(ckpt: Checkpointer, mode: str, config: dict, *, log) -> int | None:
+    """The checkpoint to resume from under ``mode`` (None: a fresh start), verified.
+
+    ``auto`` resumes from the newest checkpoint and fails if it is corrupted; ``must`` also
+    fails when there is none; ``never`` fails when there is one; ``fallback`` sets corrupted
+    checkpoints aside (to ``checkpoints_set_aside/``) and resumes from the newest intact one.
+    A newest step without a manifest is a save that a kill interrupted: it is set aside in
+    every mode, since its files may be incomplete.
+    """
+    steps = ckpt.steps()
+    if steps and not ckpt.is_sealed(steps[-1]):
+        where = ckpt.set_aside(steps[-1], "unfinished")
+        log(f"checkpoint {steps[-1]} was still being saved when the last run stopped: moved to {where}")
+        steps = steps[:-1]
+    if mode == "never" and steps:
+        raise CheckpointError(f"{ckpt.directory} already holds checkpoints {steps} and --resume never was "
+                              "given; choose another --out, or --resume auto to continue the run")
+    if mode == "must" and not steps:
+        raise CheckpointError(f"{ckpt.directory} holds no checkpoint to resume from (--resume must)")
+    while steps:
+        step = steps[-1]
+        try:
+            saved = ckpt.verify(step).get("config") or {}
+        except CheckpointError as e:
+            if mode != "fallback":
+                raise CheckpointError(f"{e}; rerun with --resume fallback to set it aside and resume from "
+                                      "the newest intact checkpoint") from None
+            log(f"{e}: moved to {ckpt.set_aside(step, 'corrupted')}")
+            steps = steps[:-1]
+            continue
+        differ = config_diff(saved, config)
+        if differ:
+            raise CheckpointError(f"{ckpt.step_dir(step)} was saved by a run with another configuration "
+                                  f"({'; '.join(differ)}); nothing was changed: use the same settings "
+                                  "to resume, or another --out for a new run")
+        return step
+    if mode == "must":
+        raise CheckpointError(f"{ckpt.directory} holds no intact checkpoint to resume from (--resume must)")
+    return None
+
+
+def latest_verified(root: str | os.PathLike, *, log=lambda s: None) -> tuple[dict, Checkpointer, int]:
+    """For readers: ``(config dict, read-only checkpointer, step)`` of the newest sealed and
+    verified checkpoint of the run in ``root``.
+
+    Raises:
+      FileNotFoundError: ``root`` does not exist or is not a directory.
+      CheckpointError: not a run, no checkpoint, or the newest one is corrupted.
+    """
+    root = Path(root).absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory: give the run directory of `llmarch train`")
+    if not (root / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{root} is not a training run: it has no {CONFIG_FILE}")
+    config = read_json(root / CONFIG_FILE, "a training configuration")
+    if not (root / "checkpoints").is_dir():
+        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
+    ckpt = Checkpointer(root / "checkpoints", save_every=1, keep=1, read_only=True)
+    steps = ckpt.steps()
+    if steps and not ckpt.is_sealed(steps[-1]):  # being saved right now, or cut short by a kill
+        log(f"skipping checkpoint {steps[-1]}: its save has not finished")
+        steps = steps[:-1]
+    if not steps:
+        ckpt.close()
+        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
+    manifest = ckpt.verify(steps[-1])
+    return manifest.get("config") or config, ckpt, steps[-1]
+
+
+def as_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
