@@ -379,9 +379,13 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.decode and not plan.prefill:
             if self.scheduler.has_work():
+                live = (*self.scheduler.running, *self.scheduler.waiting)
                 raise RuntimeError("no sequence can be scheduled: the cache is too small for the "
-                                   "waiting requests")
+                                   f"waiting requests; {self._describe(live)}")
             return []
+        if parents := [seq for seq in plan.decode if seq.is_parent]:  # its last piece forks, never samples
+            raise RuntimeError(f"scheduler error: a prompt parent was planned as a decode row; "
+                               f"{self._describe(parents)}")
         start = time.perf_counter()
         batch, shape = self._batch(plan)
         self.shapes.add(shape)
@@ -494,14 +498,50 @@ class Engine:
                 raise ValueError(f"request {i}: {e}") from None
         return requests
 
+    def _describe(self, requests) -> str:
+        """The states of requests (ids, or sequences standing for theirs) and of their sequences,
+        for errors about requests that cannot go on."""
+        request_ids = list(dict.fromkeys(r if isinstance(r, str) else r.request.request_id for r in requests))
+        seqs: dict[str, list[Seq]] = {}
+        for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            seqs.setdefault(seq.request.request_id, []).append(seq)
+        parts = []
+        for rid in request_ids:
+            request = self.requests[rid]
+            p = request.params
+            live = seqs.get(rid, [])
+            shown = live + [s for s in request.completions if s not in live]
+            states = "; ".join(
+                f"{'prompt parent' if s.is_parent else f'completion {s.sample_index}'} {s.status.value}"
+                f"{f' ({s.finish_reason})' if s.finish_reason else ''}: {s.num_computed}/{len(s.tokens)} "
+                f"tokens computed, {max(0, s.num_generated)} generated, {len(s.pages)} pages"
+                for s in shown) or "no sequence"
+            parts.append(f"request {rid!r} (prompt of {len(request.prompt)} tokens, n={p.n}, "
+                         f"max_tokens={p.max_tokens}, {len(request.completions)} completions, "
+                         f"{'finished' if request.finished else 'unfinished'}, "
+                         f"{'queued or running' if live else 'in neither queue'}): {states}")
+        return (f"{len(request_ids)} request(s), {self.block_manager.num_free} of "
+                f"{self.block_manager.capacity} pages free: " + " | ".join(parts))
+
+    def _run(self, ids: list[str]) -> Iterator[TokenEvent]:
+        """Steps until the requests ``ids`` finish, yielding every event. A step that runs nothing
+        while some are unfinished raises RuntimeError naming them, rather than looping forever."""
+        while pending := [i for i in ids if not self.requests[i].finished]:
+            steps = self.counters["steps"]
+            events = self.step()
+            if self.counters["steps"] == steps:  # nothing scheduled, so nothing can have finished
+                raise RuntimeError("the engine made no progress: nothing can be scheduled, yet "
+                                   f"requests are unfinished; {self._describe(pending)}")
+            yield from events
+
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[TokenEvent]:
         """Queues the prompts (all validated first) and yields their tokens as they come."""
-        ids = {self._enqueue(r) for r in self._requests_for(prompts, params)}
-        while any(not self.requests[i].finished for i in ids):
-            for event in self.step():
-                if event.request_id in ids:
-                    yield event
+        ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
+        wanted = set(ids)
+        for event in self._run(ids):
+            if event.request_id in wanted:
+                yield event
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -509,10 +549,14 @@ class Engine:
 
         All prompts are validated before any is queued: a bad one raises ValueError naming its
         index, and nothing changes. Requests already in flight keep running alongside.
+
+        Raises:
+          RuntimeError: naming the unfinished requests and their states, if a step can schedule
+            nothing while some are unfinished (a bug: it never loops forever instead).
         """
         ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
-        while any(not self.requests[i].finished for i in ids):
-            self.step()
+        for _ in self._run(ids):
+            pass
         return [self.output(i) for i in ids]
 
     @property

@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run in the next step, and what each computes.
 
 At every step (Orca's iteration-level scheduling, vLLM's scheduler) running sequences go
-first, oldest first: a sequence with one token to feed decodes it; one still in its prompt
+first, oldest first: a completion with one token to feed decodes it; one still in its prompt
 (or recomputing after preemption) takes the next chunk of it, so long prompts are prefilled
 in chunks *in the same step* as the other sequences' decode tokens. Then waiting sequences
 join, first come first served, while the batch budget (``max_num_seqs``), the token budget
@@ -16,6 +16,10 @@ admitted request completes.
 A request for ``n > 1`` completions first prefills its prompt (all but the last token) as one
 *parent* sequence; then ``fork`` makes ``n`` children that share the parent's pages (copy on
 write) and each feed the last prompt token as their first decode step.
+
+Whether a row decodes is the sequence's state (``Sequence.decoding``), never the length of the
+piece it feeds: a parent's last prefill piece may be a single token, and it must still fork, not
+sample.
 """
 
 from __future__ import annotations
@@ -86,11 +90,20 @@ class Sequence:
     def to_compute(self) -> int:
         return len(self.tokens) - self.num_computed
 
+    @property
+    def decoding(self) -> bool:
+        """Feeds its last token and samples the next one: a completion (never a parent, whose
+        tokens are all prompt and whose last piece forks) with one token left to compute. A
+        completion's last piece samples whatever its length, so a one-token piece left after
+        chunked prefill or recomputation is a decode step."""
+        return not self.is_parent and self.to_compute == 1
+
 
 @dataclasses.dataclass
 class Plan:
-    """One step: decode sequences (one token each), prefill chunks ``(seq, start, end)``, and
-    the copy-on-write page copies to apply before any write."""
+    """One step: decode sequences (one token each, each samples), prefill chunks
+    ``(seq, start, end)`` (the one ending a completion's tokens samples; the one ending a
+    parent's forks it), and the copy-on-write page copies to apply before any write."""
 
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int, int]]
@@ -192,7 +205,7 @@ class Scheduler:
         scheduled: set[Sequence] = set()
         for decoding in (True, False):  # decode tokens first, then prefill chunks; oldest first
             for seq in list(self.running):
-                if seq.status is not Status.RUNNING or (seq.to_compute == 1) != decoding:
+                if seq.status is not Status.RUNNING or seq.decoding != decoding:
                     continue  # preempted for an older sequence in this loop, or the other pass
                 start = seq.num_computed
                 if decoding:
@@ -211,7 +224,7 @@ class Scheduler:
             if sum(map(self._slots_taken, self.running)) + self._slots_taken(seq) > self.max_num_seqs:
                 break
             start, todo = seq.num_computed, seq.to_compute
-            if todo > 1 and len(plan.prefill) >= self.max_prefill_rows:
+            if not seq.decoding and len(plan.prefill) >= self.max_prefill_rows:
                 break
             end = start + min(todo, budget, self.max_prefill_chunk)
             needed = self.bm.pages_to_write(seq.pages, start, end)
@@ -228,7 +241,7 @@ class Scheduler:
     @staticmethod
     def _schedule(plan: Plan, scheduled: set, seq: Sequence, start: int, end: int) -> None:
         scheduled.add(seq)
-        if end - start == 1 and seq.to_compute == 1:
+        if seq.decoding:  # the sequence's state decides, not the piece's length
             plan.decode.append(seq)
         else:
             plan.prefill.append((seq, start, end))
