@@ -75,3 +75,9 @@ def test_cli_generates_from_an_llmarch_run(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "6 tokens" in out.err
+    # n > 1 with a 2-token prompt once hung; the summary counts the tokens generated.
+    argv = ["generate", "--checkpoint", str(run), "--prompt", "hi", "--n", "3", "--max-tokens", "4",
+            "--ignore-eos"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.count("(length)") == 3 and out.err.startswith("12 tokens in"), out.err

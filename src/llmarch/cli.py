@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions per prompt (sharing its cache pages)")
     gen.add_argument("--stop-ids", help="token ids that end a completion, e.g. 2,13")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
-    gen.add_argument("--dtype", help="parameter and compute dtype of a Hugging Face checkpoint")
+    gen.add_argument("--dtype", help="parameter and compute dtype, e.g. bfloat16 (default: as trained; "
+                     "float32 for Hugging Face checkpoints)")
     gen.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's)")
     gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")

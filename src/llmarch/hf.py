@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llmarch import sharding
@@ -49,6 +49,7 @@ from llmarch.hf_tables import (  # noqa: F401  (re-exported: the tables are part
     Rule,
     Same,
     Transform,
+    _bool,
     _model_type,
     architecture,
     block_tensors,
@@ -60,6 +61,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
+HF_CHECKPOINT = f"a Hugging Face checkpoint directory ({CONFIG_FILE} + *.safetensors)"
 _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Old checkpoints carry RoPE's inverse frequencies as buffers; we recompute them from the config.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
@@ -74,8 +76,11 @@ def config_from_hf(hf: Mapping[str, Any], *, name: str = "hf") -> ModelConfig:
     """The ModelConfig of a transformers Llama, Mixtral or DeepseekV3 ``config.json`` dict.
 
     Raises:
-      ValueError: naming the field, for a model type or feature that llmarch cannot run.
+      ValueError: naming the field, for a model type or feature that llmarch cannot run, or a
+        field of the wrong type or out of range.
     """
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json must hold a JSON object, not {_json_kind(hf)}")
     return _FROM_HF[_model_type(hf)](hf, name)
 
 
@@ -141,7 +146,8 @@ def from_hf_tensors(tensors: Mapping[str, Any], cfg: ModelConfig, *,
     expected = {e.name for e in plan}
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint tensors do not match the config: missing "
+        where = f" in {tensors.root}" if isinstance(tensors, _CheckpointTensors) else ""
+        raise ValueError(f"checkpoint tensors{where} do not match the config: missing "
                          f"[{_listed(missing)}]; unexpected [{_listed(unexpected)}]")
     # Eager sharding off: shapes only here (Transformer's own mesh checks cannot run traced);
     # _place shards the filled state by the same logical names.
@@ -156,7 +162,8 @@ def from_hf_tensors(tensors: Mapping[str, Any], cfg: ModelConfig, *,
         shape = tuple(target.shape[len(index):])
         w = np.asarray(tensors[e.name])
         if w.shape != e.transform.hf_shape(shape):
-            raise ValueError(f"tensor {e.name} has shape {w.shape}: the config needs "
+            where = f" in {tensors.file(e.name)}" if isinstance(tensors, _CheckpointTensors) else ""
+            raise ValueError(f"tensor {e.name} has shape {w.shape}{where}: the config needs "
                              f"{e.transform.hf_shape(shape)}")
         w = e.transform.from_hf(w, shape).astype(target.dtype)
         if not index:
@@ -183,15 +190,22 @@ def _place(state: nnx.State) -> nnx.State:
 class _CheckpointTensors(Mapping[str, np.ndarray]):
     """A checkpoint's tensors by name, each read from its file only when asked for."""
 
-    def __init__(self, files: Mapping[str, Path]):
+    def __init__(self, root: Path, files: Mapping[str, Path]):
+        self.root = root
         self._files = dict(files)  # tensor name -> safetensors file
+
+    def file(self, name: str) -> Path:
+        return self._files[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
         # numpy cannot read bfloat16 from safetensors, flax can; reading onto the CPU keeps
         # the whole checkpoint off the accelerator until the final (maybe sharded) placement.
         with jax.default_device(jax.devices("cpu")[0]):
-            with safe_open(self._files[name], framework="flax") as f:
-                return np.asarray(f.get_tensor(name))
+            try:
+                with safe_open(self._files[name], framework="flax") as f:
+                    return np.asarray(f.get_tensor(name))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"tensor {name} in {self._files[name]} cannot be read: {e}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -200,27 +214,87 @@ class _CheckpointTensors(Mapping[str, np.ndarray]):
         return len(self._files)
 
 
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def _json_kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+      ValueError: naming the file, when it cannot be read, is not JSON, or holds no object.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {_json_kind(data)}")
+    return data
+
+
+def checkpoint_dir(path: str | os.PathLike, expected: str) -> Path:
+    """``path`` as a directory; ``expected`` says what the directory should hold.
+
+    Raises:
+      FileNotFoundError: when ``path`` does not exist or is not a directory.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist; expected {expected}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(root)!r} is not a directory; expected {expected}")
+    return root
+
+
+def _tensor_names(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (reading no tensor)."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{e}") from None
+
+
 def _weight_files(root: Path) -> dict[str, Path]:
-    """Tensor name -> file, from the shard index or the single weights file."""
+    """Tensor name -> file, from the shard index or the single weights file; each file's header
+    is read, so that a truncated or corrupt file is named before anything is built."""
     index = root / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object")
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no 'weight_map' object of tensor name -> file name")
         absent = sorted({f for f in weight_map.values() if not (root / f).is_file()})
         if absent:
             raise FileNotFoundError(f"{index} lists shards that do not exist: {_listed(absent)}")
+        for shard in sorted(set(weight_map.values())):
+            held = set(_tensor_names(root / shard))
+            lost = sorted(name for name, f in weight_map.items() if f == shard and name not in held)
+            if lost:
+                raise ValueError(f"{index} places tensors in {root / shard} that it does not hold: "
+                                 f"{_listed(lost)}")
         return {name: root / f for name, f in weight_map.items()}
     single = root / WEIGHTS_FILE
     if not single.is_file():
         raise FileNotFoundError(f"{root} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; only "
                                 "safetensors checkpoints are supported")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    return dict.fromkeys(_tensor_names(single), single)
 
 
-def _dtype_name(dtype: Any) -> str:
-    name = np.dtype(jax.numpy.dtype(dtype)).name
+def dtype_name(dtype: Any) -> str:
+    """The name in ``DTYPES`` of a dtype (or dtype name) for parameters and computation."""
+    try:
+        name = np.dtype(jax.numpy.dtype(dtype)).name
+    except TypeError:  # not a dtype at all, e.g. "float33"
+        name = None
     if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {DTYPES}")
     return name
@@ -238,22 +312,27 @@ def load_pretrained(path: str | os.PathLike, *,
     Returns:
       ``(model, cfg)``.
     Raises:
-      FileNotFoundError: for a missing directory, config or weights file.
-      ValueError: for an unsupported config, or tensors that do not match it.
+      FileNotFoundError: for a missing directory (or a file in its place), config or weights file.
+      ValueError: naming the file, for one that is not valid JSON or safetensors, an unsupported or
+        invalid config field, or tensors that do not match the config.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
+    root = checkpoint_dir(path, HF_CHECKPOINT)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: a checkpoint needs {CONFIG_FILE}")
-    hf_config = json.loads(config_path.read_text())
-    cfg = config_from_hf(hf_config, name=root.resolve().name)
+    hf_config = read_json(config_path)
+    try:
+        cfg = config_from_hf(hf_config, name=root.resolve().name)
+        interleave = _bool(hf_config, "rope_interleave", True)  # DeepseekV3Config's default
+    except ValueError as e:  # name the file: "config.json x=..." or "ModelConfig.x=... (from it)"
+        message = str(e)
+        message = (str(config_path) + message.removeprefix(CONFIG_FILE)
+                   if message.startswith(CONFIG_FILE) else f"{config_path}: {message}")
+        raise ValueError(message) from None
     if dtype is not None:
-        cfg = cfg.replace(dtype=_dtype_name(dtype), param_dtype=_dtype_name(dtype))
-    interleave = hf_config.get("rope_interleave")  # DeepseekV3Config's default is True
-    return from_hf_tensors(_CheckpointTensors(_weight_files(root)), cfg,
-                           rope_interleave=interleave is None or bool(interleave)), cfg
+        cfg = cfg.replace(dtype=dtype_name(dtype), param_dtype=dtype_name(dtype))
+    return from_hf_tensors(_CheckpointTensors(root, _weight_files(root)), cfg,
+                           rope_interleave=interleave), cfg
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

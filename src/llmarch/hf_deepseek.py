@@ -21,8 +21,10 @@ from llmarch.hf_tables import (
     Part,
     Rule,
     Same,
+    _bool,
     _check_llama,
-    _get,
+    _float,
+    _int,
     _model_from_hf,
     _model_to_hf,
     _rope,
@@ -84,31 +86,29 @@ def _moe_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
     for key, allowed in _FIXED.items():
         if hf.get(key, allowed) != allowed:
             raise ValueError(f"config.json {key}={hf[key]!r} is not supported; allowed: {allowed!r}")
-    experts = int(_get(hf, "n_routed_experts"))
     return MoEConfig(
-        num_experts=experts, top_k=int(_get(hf, "num_experts_per_tok")),
-        expert_dim=int(_get(hf, "moe_intermediate_size")),
-        num_shared_experts=int(hf.get("n_shared_experts") or 0), router="sigmoid",
-        norm_topk=bool(hf.get("norm_topk_prob", True)),
-        route_scale=float(hf.get("routed_scaling_factor") or 1.0),
-        n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1), router_bias=True)
+        num_experts=_int(hf, "n_routed_experts"), top_k=_int(hf, "num_experts_per_tok"),
+        expert_dim=_int(hf, "moe_intermediate_size"),
+        num_shared_experts=_int(hf, "n_shared_experts", 0, minimum=0), router="sigmoid",
+        norm_topk=_bool(hf, "norm_topk_prob", True),
+        route_scale=_float(hf, "routed_scaling_factor", 1.0),
+        n_group=_int(hf, "n_group", 1), topk_group=_int(hf, "topk_group", 1), router_bias=True)
 
 
 def deepseek_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
     """A DeepseekV3 config: MLA blocks, SwiGLU before ``first_k_dense_replace`` and MoE after."""
     _check_llama(hf)  # the same bias and activation checks
-    layers = int(_get(hf, "num_hidden_layers"))
-    dense = 3 if hf.get("first_k_dense_replace") is None else int(hf["first_k_dense_replace"])
-    dense = min(dense, layers)  # 3: DeepseekV3Config's default
-    heads = int(_get(hf, "num_attention_heads"))
-    if int(hf.get("num_key_value_heads") or heads) != heads:
+    layers = _int(hf, "num_hidden_layers")
+    dense = min(_int(hf, "first_k_dense_replace", 3, minimum=0), layers)  # 3: DeepseekV3Config's default
+    heads = _int(hf, "num_attention_heads")
+    if _int(hf, "num_key_value_heads", heads) != heads:
         raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']!r} is not "
                          f"supported; allowed: num_attention_heads={heads}")
     theta, yarn = _rope(hf, scaled="yarn")
-    q_rank = hf.get("q_lora_rank")
-    mla = MLAConfig(num_heads=heads, q_lora_rank=None if q_rank is None else int(q_rank),
-                    **{k: int(_get(hf, k)) for k in ("kv_lora_rank", "qk_nope_head_dim",
-                                                     "qk_rope_head_dim", "v_head_dim")},
+    q_rank = None if hf.get("q_lora_rank") is None else _int(hf, "q_lora_rank")
+    mla = MLAConfig(num_heads=heads, q_lora_rank=q_rank,
+                    **{k: _int(hf, k) for k in ("kv_lora_rank", "qk_nope_head_dim",
+                                                "qk_rope_head_dim", "v_head_dim")},
                     rope_theta=theta, rope_scaling=yarn)
     moe = _moe_from_hf(hf) if dense < layers else None
     return _model_from_hf(hf, name, 4096, attention=mla.mha_baseline(), mla=mla, moe=moe,

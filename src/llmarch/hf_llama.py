@@ -7,17 +7,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmarch.config import AttentionConfig, ModelConfig
-from llmarch.hf_tables import _check_llama, _get, _model_from_hf, _model_to_hf, _rope, block_tensors
+from llmarch.hf_tables import _check_llama, _int, _model_from_hf, _model_to_hf, _rope, block_tensors
 
 
 def attention_from_hf(hf: Mapping[str, Any]) -> AttentionConfig:
     """MHA/GQA with Llama-3 RoPE scaling, from a Llama-family ``config.json`` (also Mixtral's)."""
-    heads = int(_get(hf, "num_attention_heads"))
+    heads = _int(hf, "num_attention_heads")
+    kv_heads = _int(hf, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"config.json num_key_value_heads={kv_heads} is invalid: must divide "
+                         f"num_attention_heads={heads}")
+    hidden = _int(hf, "hidden_size")
+    if hf.get("head_dim") is None and hidden < heads:
+        raise ValueError(f"config.json hidden_size={hidden} is invalid without head_dim: must be >= "
+                         f"num_attention_heads={heads} (head_dim defaults to hidden_size // heads)")
+    head_dim = _int(hf, "head_dim", hidden // heads)  # transformers' default
     theta, scaling = _rope(hf)
-    return AttentionConfig(
-        num_heads=heads, num_kv_heads=int(_get(hf, "num_key_value_heads", heads)),
-        head_dim=int(_get(hf, "head_dim", int(_get(hf, "hidden_size")) // heads)), rope_theta=theta,
-        rope_scaling=scaling)
+    return AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                           rope_theta=theta, rope_scaling=scaling)
 
 
 def llama_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:

@@ -18,7 +18,8 @@ from llmarch.hf_tables import (
     Linear,
     Rule,
     _check_llama,
-    _get,
+    _float,
+    _int,
     _model_from_hf,
     _model_to_hf,
 )
@@ -44,11 +45,10 @@ def mixtral_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
     if hf.get("sliding_window") is not None:
         raise ValueError(f"config.json sliding_window={hf['sliding_window']!r} is not supported for "
                          "Mixtral; allowed: null")
-    moe = MoEConfig(num_experts=int(_get(hf, "num_local_experts")),
-                    top_k=int(_get(hf, "num_experts_per_tok")),
-                    expert_dim=int(_get(hf, "intermediate_size")), router="softmax", norm_topk=True,
-                    aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0))
-    layers = int(_get(hf, "num_hidden_layers"))
+    moe = MoEConfig(num_experts=_int(hf, "num_local_experts"), top_k=_int(hf, "num_experts_per_tok"),
+                    expert_dim=_int(hf, "intermediate_size"), router="softmax", norm_topk=True,
+                    aux_loss_coef=_float(hf, "router_aux_loss_coef", 0.0))
+    layers = _int(hf, "num_hidden_layers")
     return _model_from_hf(hf, name, 4096 * 32, attention=attention_from_hf(hf), moe=moe,
                           blocks=moe_blocks(layers))
 

@@ -206,14 +206,57 @@ def tensor_plan(cfg: ModelConfig, rope_interleave: bool = True) -> list[Entry]:
 # Configs --------------------------------------------------------------------------------
 
 
-def _get(hf: Mapping[str, Any], key: str, default: Any = None) -> Any:
+def _field(hf: Mapping[str, Any], key: str, default: Any, prefix: str) -> Any:
     """``hf[key]``, with JSON null read as absent; required when ``default`` is None."""
     value = hf.get(key)
     if value is not None:
         return value
     if default is None:
-        raise ValueError(f"config.json has no {key!r}: the model needs it")
+        raise ValueError(f"config.json has no {prefix}{key!r}: the model needs it")
     return default
+
+
+def _int(hf: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 1,
+         prefix: str = "") -> int:
+    """``hf[key]`` as an integer >= ``minimum`` (see ``_field``). A string, a fraction or a bool
+    is refused naming the field: ``int("8")`` would hide a broken config, and a zero dimension
+    would fail far from here (in a division, or a shape)."""
+    value = _field(hf, key, default, prefix)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 4096.0, as some tools write it
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"config.json {prefix}{key}={value!r} is invalid: must be {allowed}")
+    return value
+
+
+def _float(hf: Mapping[str, Any], key: str, default: float | None = None, *, prefix: str = "") -> float:
+    """``hf[key]`` as a float (see ``_field``); a string or a bool is refused naming the field.
+    Ranges are checked by the config dataclasses."""
+    value = _field(hf, key, default, prefix)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"config.json {prefix}{key}={value!r} is invalid: must be a finite number")
+    return float(value)
+
+
+def _bool(hf: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``hf[key]`` as a bool (JSON null: ``default``); ``"false"`` would read as true, so refused."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json {key}={value!r} is invalid: must be true or false")
+    return value
+
+
+def _object(hf: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``hf[key]`` as a JSON object, ``{}`` for null or absent."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"config.json {key}={value!r} is invalid: must be an object or null")
+    return value
 
 
 def _rope(hf: Mapping[str, Any], scaled: str = "llama3") -> tuple[float, RopeScaling | None]:
@@ -222,9 +265,11 @@ def _rope(hf: Mapping[str, Any], scaled: str = "llama3") -> tuple[float, RopeSca
     transformers 5 writes ``rope_parameters = {"rope_type", "rope_theta", ...}``; 4.x wrote
     top-level ``rope_theta`` and ``rope_scaling = {"rope_type" (or legacy "type"), ...}``.
     """
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
+    params, scaling = _object(hf, "rope_parameters"), _object(hf, "rope_scaling")
+    if params.get("rope_theta") is not None:
+        theta = _float(params, "rope_theta", prefix="rope_parameters.")
+    else:
+        theta = _float(hf, "rope_theta", 10_000.0)
     source = params if "rope_type" in params or "type" in params else scaling
     field = "rope_parameters" if source is params else "rope_scaling"
     kind = source.get("rope_type", source.get("type", "default"))
@@ -234,15 +279,17 @@ def _rope(hf: Mapping[str, Any], scaled: str = "llama3") -> tuple[float, RopeSca
         raise ValueError(f"config.json {field}.rope_type={kind!r} is not supported; "
                          f"allowed: 'default', {scaled!r}")
     if scaled == "yarn":
-        return theta, _yarn(source, field, int(_get(hf, "max_position_embeddings", 4096)))
+        return theta, _yarn(source, field, _int(hf, "max_position_embeddings", 4096))
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if source.get(k) is None]
     if missing:
         raise ValueError(f"config.json {field} (rope_type 'llama3') lacks {missing}")
+    at = f"{field}."
     return theta, RopeScaling(
-        factor=float(source["factor"]), low_freq_factor=float(source["low_freq_factor"]),
-        high_freq_factor=float(source["high_freq_factor"]),
-        original_max_position_embeddings=int(source["original_max_position_embeddings"]))
+        factor=_float(source, "factor", prefix=at),
+        low_freq_factor=_float(source, "low_freq_factor", prefix=at),
+        high_freq_factor=_float(source, "high_freq_factor", prefix=at),
+        original_max_position_embeddings=_int(source, "original_max_position_embeddings", prefix=at))
 
 
 def _yarn(source: Mapping[str, Any], field: str, max_positions: int) -> YarnScaling:
@@ -253,11 +300,14 @@ def _yarn(source: Mapping[str, Any], field: str, max_positions: int) -> YarnScal
         if source.get(key, allowed) != allowed:
             raise ValueError(f"config.json {field}.{key}={source[key]!r} is not supported; "
                              f"allowed: {allowed}")
-    omp = int(source.get("original_max_position_embeddings") or max_positions)
+    at = f"{field}."
+    omp = _int(source, "original_max_position_embeddings", max_positions, prefix=at)
     return YarnScaling(
-        factor=float(source["factor"]), original_max_position_embeddings=omp,
-        beta_fast=float(source.get("beta_fast") or 32), beta_slow=float(source.get("beta_slow") or 1),
-        mscale=float(source.get("mscale") or 0), mscale_all_dim=float(source.get("mscale_all_dim") or 0))
+        factor=_float(source, "factor", prefix=at), original_max_position_embeddings=omp,
+        beta_fast=_float(source, "beta_fast", 32.0, prefix=at) or 32.0,
+        beta_slow=_float(source, "beta_slow", 1.0, prefix=at) or 1.0,
+        mscale=_float(source, "mscale", 0.0, prefix=at),
+        mscale_all_dim=_float(source, "mscale_all_dim", 0.0, prefix=at))
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
@@ -286,13 +336,12 @@ def _check_llama(hf: Mapping[str, Any]) -> None:
 
 def _model_from_hf(hf: Mapping[str, Any], name: str, max_positions: int, **kw: Any) -> ModelConfig:
     return ModelConfig(
-        vocab_size=int(_get(hf, "vocab_size")), d_model=int(_get(hf, "hidden_size")),
-        num_layers=int(_get(hf, "num_hidden_layers")), ffn_dim=int(_get(hf, "intermediate_size")),
-        max_seq_len=int(_get(hf, "max_position_embeddings", max_positions)),
-        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),  # LlamaConfig's and DeepseekV3's default
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(_get(hf, "initializer_range", 0.02)), name=name, **kw)
-
+        vocab_size=_int(hf, "vocab_size"), d_model=_int(hf, "hidden_size"),
+        num_layers=_int(hf, "num_hidden_layers"), ffn_dim=_int(hf, "intermediate_size"),
+        max_seq_len=_int(hf, "max_position_embeddings", max_positions),
+        norm_eps=_float(hf, "rms_norm_eps", 1e-6),  # LlamaConfig's and DeepseekV3's default
+        tie_embeddings=_bool(hf, "tie_word_embeddings", False),
+        init_std=_float(hf, "initializer_range", 0.02), name=name, **kw)
 
 
 def _model_to_hf(cfg: ModelConfig, arch: str, scaling: dict[str, Any] | None, theta: float,

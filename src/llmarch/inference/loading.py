@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from llmarch import hf
 from llmarch.config import ModelConfig
 from llmarch.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from llmarch.model import Transformer
 
 
 def _hf_tokenizer(root: Path):
@@ -19,7 +20,7 @@ def _hf_tokenizer(root: Path):
     names: dict[str, str] = {}
     config = root / "tokenizer_config.json"
     if config.is_file():
-        data = json.loads(config.read_text())
+        data = hf.read_json(config)
         for field in ("bos_token", "eos_token", "pad_token"):
             value = data.get(field)
             value = value.get("content") if isinstance(value, dict) else value
@@ -28,9 +29,9 @@ def _hf_tokenizer(root: Path):
     names.setdefault("pad_token", names.get("eos_token", "<pad>"))
     try:
         return load_tokenizer(root, **names)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"the tokenizer in {root} cannot be loaded ({e}); pass a tokenizer "
-                         "explicitly, or token ids instead of text") from None
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises a bare Exception)
+        raise ValueError(f"the tokenizer in {root / TOKENIZER_FILE} cannot be loaded ({e}); pass a "
+                         "tokenizer explicitly, or token ids instead of text") from None
 
 
 def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[nnx.Module, ModelConfig, Any]:
@@ -38,39 +39,55 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
 
     ``path`` is either a run directory written by ``llmarch train`` (its latest checkpoint and
     its tokenizer) or a Hugging Face checkpoint (``config.json`` + safetensors; its
-    ``tokenizer.json`` when present). ``dtype`` applies to Hugging Face checkpoints.
+    ``tokenizer.json`` when present). ``dtype`` (e.g. ``"bfloat16"``) becomes the dtype of the
+    parameters and of the computation, for either kind; None keeps a run's dtypes as trained and
+    loads a Hugging Face checkpoint in float32.
 
     Raises:
-      FileNotFoundError: no such directory, or neither kind of checkpoint in it.
+      FileNotFoundError: no such directory, not a directory, or neither kind of checkpoint in it.
+      ValueError: naming the file, for a config or weights file that cannot be read or used.
     """
     from llmarch.train.trainer import CONFIG_FILE
 
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
+    expected = (f"an llmarch run directory ({CONFIG_FILE} + checkpoints/, written by `llmarch "
+                f"train`) or {hf.HF_CHECKPOINT}")
+    root = hf.checkpoint_dir(path, expected)
+    name = None if dtype is None else hf.dtype_name(dtype)  # a bad dtype fails before any loading
     if (root / CONFIG_FILE).is_file():
-        return _load_run(root)
+        model, cfg, tokenizer = _load_run(root)
+        if name is not None:
+            model = _with_dtype(model, cfg.replace(dtype=name, param_dtype=name))
+        return model, model.cfg, tokenizer
     if (root / hf.CONFIG_FILE).is_file():
-        model, cfg = hf.load_pretrained(root, dtype=dtype)
+        model, cfg = hf.load_pretrained(root, dtype=name)
         tokenizer = _hf_tokenizer(root) if (root / TOKENIZER_FILE).is_file() else None
         return model, cfg, tokenizer
-    raise FileNotFoundError(f"{root} holds neither an llmarch run ({CONFIG_FILE}) nor a Hugging Face "
-                            f"checkpoint ({hf.CONFIG_FILE} + safetensors)")
+    raise FileNotFoundError(f"{root} is not a checkpoint: it has neither {CONFIG_FILE} nor "
+                            f"{hf.CONFIG_FILE}; expected {expected}")
 
 
 def _load_run(root: Path):
-    """The latest checkpoint of an ``llmarch train`` run, restored as ``evaluate_run`` does."""
-    from llmarch.train.checkpoint import Checkpointer, CheckpointError
-    from llmarch.train.trainer import CONFIG_FILE, TrainConfig, init_state
+    """The newest verified checkpoint of an ``llmarch train`` run, restored as ``evaluate_run`` does."""
+    from llmarch.train.evaluate import restore_run
 
-    cfg = TrainConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
-    ckpt = Checkpointer(root / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint to generate from")
-    graphdef, _, state = init_state(cfg, mesh=None)
-    state = ckpt.restore(step, state)
-    ckpt.close()
+    cfg, graphdef, state, _ = restore_run(root)
     model = nnx.merge(graphdef, state["params"], state["rest"])
     return model, model.cfg, load_tokenizer(cfg.tokenizer)
+
+
+def _with_dtype(model: Transformer, cfg: ModelConfig) -> Transformer:
+    """``model``'s weights in a model of ``cfg`` (the same but for its dtypes), each floating
+    variable cast to the dtype that ``cfg`` gives it, as ``hf.load_pretrained`` casts a checkpoint."""
+    with nnx.use_eager_sharding(False):  # shapes and dtypes only: nothing is initialized
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract)
+    targets = dict(nnx.to_flat_state(target))
+    flat = dict(nnx.to_flat_state(nnx.state(model)))  # the same paths: only dtypes differ
+
+    def cast(path, variable):
+        value, want = variable.get_value(), targets[path].get_value().dtype
+        floating = jax.numpy.issubdtype(value.dtype, jax.numpy.floating)
+        return variable.replace(value.astype(want) if floating and value.dtype != want else value)
+
+    state = nnx.from_flat_state([(p, cast(p, v)) for p, v in flat.items()])
+    return nnx.merge(graphdef, state)

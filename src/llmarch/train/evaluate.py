@@ -13,9 +13,8 @@ from llmarch.train.trainer import TrainConfig, init_state, load_rows, make_evalu
 def restore_run(run_dir: str | os.PathLike, *, log=lambda s: None):
     """``(cfg, graphdef, state, step)`` of the newest verified checkpoint of a training run,
     restored on one device; see ``llmarch.train.run_dir.latest_verified`` for what is checked."""
-    config, ckpt, step = latest_verified(run_dir, log=log)
+    cfg, ckpt, step = latest_verified(run_dir, TrainConfig.from_dict, log=log)
     try:
-        cfg = TrainConfig.from_dict(config)
         graphdef, _, state = init_state(cfg, mesh=None)
         state = ckpt.restore(step, state)
     finally:

@@ -35,8 +35,9 @@ class MetricsLog:
     Opened with ``start``, the step the run starts from (0 for a fresh start), it first drops
     every record past ``start``, atomically: a fresh start in an old directory does not append
     after the old steps, and a resumed run rewrites the steps it replays, so every step is in
-    the log exactly once. TensorBoard is told the same (``purge_step``) and flushed on every
-    write, so a ``kill -9`` loses no point that the checkpoint does not replay.
+    the log exactly once. TensorBoard is told the same (``purge_step``). ``sync`` makes every
+    point written so far durable; the trainer calls it before each checkpoint, so a ``kill -9``
+    loses no point that the resumed run does not write again.
     """
 
     def __init__(self, directory: str | Path, *, start: int = 0, tensorboard: bool = True):
@@ -44,6 +45,7 @@ class MetricsLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
         self.truncate_after(start)
+        self.tensorboard = tensorboard
         self.writer = (SummaryWriter(str(self.directory / "tensorboard"), purge_step=start + 1)
                        if tensorboard else None)
 
@@ -71,15 +73,22 @@ class MetricsLog:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
+        if self.tensorboard:
+            if self.writer is None:  # after a sync: continue in a new events file
+                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+
+    def sync(self) -> None:
+        """Puts every TensorBoard point written so far on disk. tensorboardX writes from a
+        background queue and its ``flush`` does not wait for that queue; only ``close`` drains it."""
+        self.close()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def _plain(value: Any) -> Any:

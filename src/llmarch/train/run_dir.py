@@ -17,7 +17,7 @@ from typing import Any
 
 import filelock
 
-from llmarch.train.checkpoint import Checkpointer, CheckpointError
+from llmarch.train.checkpoint import MANIFEST, Checkpointer, CheckpointError
 
 CONFIG_FILE = "train_config.json"
 LOCK_FILE = ".lock"
@@ -105,12 +105,15 @@ def start_step(ckpt: Checkpointer, mode: str, config: dict, *, log) -> int | Non
     return None
 
 
-def latest_verified(root: str | os.PathLike, *, log=lambda s: None) -> tuple[dict, Checkpointer, int]:
-    """For readers: ``(config dict, read-only checkpointer, step)`` of the newest sealed and
-    verified checkpoint of the run in ``root``.
+def latest_verified(root: str | os.PathLike, parse, *, log=lambda s: None) -> tuple[Any, Checkpointer, int]:
+    """For readers: ``(config, read-only checkpointer, step)`` of the newest sealed and verified
+    checkpoint of the run in ``root``; ``parse`` turns the stored config dict into the config
+    (e.g. ``TrainConfig.from_dict``), and runs first, on ``train_config.json``, so that a bad
+    file is named before anything else is looked at.
 
     Raises:
       FileNotFoundError: ``root`` does not exist or is not a directory.
+      ValueError: ``train_config.json`` is not valid JSON or not a valid configuration.
       CheckpointError: not a run, no checkpoint, or the newest one is corrupted.
     """
     root = Path(root).absolute()
@@ -118,9 +121,19 @@ def latest_verified(root: str | os.PathLike, *, log=lambda s: None) -> tuple[dic
         raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory: give the run directory of `llmarch train`")
-    if not (root / CONFIG_FILE).is_file():
+    path = root / CONFIG_FILE
+    if not path.is_file():
         raise CheckpointError(f"{root} is not a training run: it has no {CONFIG_FILE}")
-    config = read_json(root / CONFIG_FILE, "a training configuration")
+
+    def parsed(data: Any, where: Path) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must hold a JSON object, not {_JSON_TYPES.get(type(data), 'that')}")
+        try:
+            return parse(data)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    config = parsed(read_json(path, "a training configuration"), path)
     if not (root / "checkpoints").is_dir():
         raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
     ckpt = Checkpointer(root / "checkpoints", save_every=1, keep=1, read_only=True)
@@ -131,8 +144,18 @@ def latest_verified(root: str | os.PathLike, *, log=lambda s: None) -> tuple[dic
     if not steps:
         ckpt.close()
         raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
-    manifest = ckpt.verify(steps[-1])
-    return manifest.get("config") or config, ckpt, steps[-1]
+    try:
+        saved = ckpt.verify(steps[-1]).get("config")
+        if saved is not None:  # the configuration the checkpoint was saved under
+            config = parsed(saved, ckpt.step_dir(steps[-1]) / MANIFEST)
+    except Exception:
+        ckpt.close()
+        raise
+    return config, ckpt, steps[-1]
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def as_dict(cfg: Any) -> dict:

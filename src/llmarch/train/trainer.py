@@ -350,6 +350,7 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
                     if not bool(all_finite(state)):  # unreachable through the guarded step; never save it
                         raise TrainingError(f"step {step}: the train state holds non-finite values; not "
                                             f"saved; {last_good()}")
+                    log_file.sync()  # every point up to here survives a kill, as the checkpoint does
                     ckpt.save(step, state, train_iter, config=config, force=final)
                 if stop:
                     raise TrainingInterrupted(
