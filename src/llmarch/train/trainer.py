@@ -286,6 +286,9 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
             state = ckpt.restore(start, state, train_iter)
             log(f"resumed from {ckpt.step_dir(start)}")
         start = int(state["step"])
+        if start >= cfg.steps:
+            log(f"the run is already at step {start}, at or past steps={cfg.steps}: nothing to train "
+                "(raise --steps to continue it)")
         # Only now, with a fresh start or a verified restore, is the directory this run's.
         atomic_write_text(out / CONFIG_FILE, cfg.to_json() + "\n")
         log_file = metrics_lib.MetricsLog(out, start=start, tensorboard=cfg.tensorboard)
@@ -301,6 +304,13 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
         def last_good() -> str:
             step = ckpt.latest_step()
             return "no checkpoint exists" if step is None else f"the last checkpoint is {ckpt.step_dir(step)}"
+
+        def save(step: int, state: dict) -> None:
+            if not bool(all_finite(state)):  # unreachable through the guarded step: never save it
+                raise TrainingError(f"step {step}: the train state holds non-finite values; not saved; "
+                                    f"{last_good()}")
+            log_file.sync()  # every point logged so far survives a kill, as the checkpoint does
+            ckpt.save(step, state, train_iter, config=config, force=True)  # a no-op if already saved
 
         with graceful_stop(log=log) as stop:
             for step in range(start + 1, cfg.steps + 1):
@@ -345,14 +355,10 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
                                           "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
                     if not math.isfinite(val_loss):
                         log(f"WARNING: step {step}: the validation loss is {val_loss}")
-                final = step == cfg.steps or bool(stop)
-                if final or step % cfg.checkpoint_every == 0:
-                    if not bool(all_finite(state)):  # unreachable through the guarded step; never save it
-                        raise TrainingError(f"step {step}: the train state holds non-finite values; not "
-                                            f"saved; {last_good()}")
-                    log_file.sync()  # every point up to here survives a kill, as the checkpoint does
-                    ckpt.save(step, state, train_iter, config=config, force=final)
-                if stop:
+                if step == cfg.steps or step % cfg.checkpoint_every == 0:
+                    save(step, state)
+                if stop:  # checked after saving: the signal may arrive during the save
+                    save(step, state)
                     raise TrainingInterrupted(
                         f"stopped by {stop.name} after step {step}; saved {ckpt.step_dir(step)}; run the "
                         "same command again to resume", stop.signum)
