@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 # The kinds a block may use. Later layers register here (e.g. "mla", "moe", "pkm").
@@ -586,6 +588,31 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 def _describe(options: list) -> str:
     return " or ".join(_SCALARS.get(o, getattr(o, "__name__", str(o))) for o in options)
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+      ValueError: naming the file, when it cannot be read, is not JSON, or holds no object.
+    """
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {json_kind(data)}")
+    return data
 
 
 def dataclass_from_dict(cls: type, data: Any) -> Any:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llmarch import sharding
-from llmarch.config import DTYPES, ModelConfig
+from llmarch.config import DTYPES, ModelConfig, json_kind, read_json  # noqa: F401  (read_json re-exported)
 from llmarch.hf_deepseek import deepseek_from_hf, deepseek_to_hf, mla_tensors, moe_tensors  # noqa: F401
 from llmarch.hf_llama import llama_from_hf, llama_to_hf
 from llmarch.hf_mixtral import mixtral_from_hf, mixtral_to_hf
@@ -80,7 +80,7 @@ def config_from_hf(hf: Mapping[str, Any], *, name: str = "hf") -> ModelConfig:
         field of the wrong type or out of range.
     """
     if not isinstance(hf, Mapping):
-        raise ValueError(f"config.json must hold a JSON object, not {_json_kind(hf)}")
+        raise ValueError(f"config.json must hold a JSON object, not {json_kind(hf)}")
     return _FROM_HF[_model_type(hf)](hf, name)
 
 
@@ -212,31 +212,6 @@ class _CheckpointTensors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._files)
-
-
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-               int: "a number", float: "a number", type(None): "null"}
-
-
-def _json_kind(value: Any) -> str:
-    return _JSON_KINDS.get(type(value), type(value).__name__)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``.
-
-    Raises:
-      ValueError: naming the file, when it cannot be read, is not JSON, or holds no object.
-    """
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {_json_kind(data)}")
-    return data
 
 
 def checkpoint_dir(path: str | os.PathLike, expected: str) -> Path:

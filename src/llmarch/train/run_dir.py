@@ -17,6 +17,7 @@ from typing import Any
 
 import filelock
 
+from llmarch.config import json_kind, read_json
 from llmarch.train.checkpoint import MANIFEST, Checkpointer, CheckpointError
 
 CONFIG_FILE = "train_config.json"
@@ -39,15 +40,6 @@ def lock(out_dir: Path) -> filelock.BaseFileLock:
         raise RuntimeError(f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); "
                            "wait for it to finish or stop it, or choose another --out") from None
     return handle
-
-
-def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): it should hold {what}") from None
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
@@ -127,13 +119,13 @@ def latest_verified(root: str | os.PathLike, parse, *, log=lambda s: None) -> tu
 
     def parsed(data: Any, where: Path) -> Any:
         if not isinstance(data, dict):
-            raise ValueError(f"{where} must hold a JSON object, not {_JSON_TYPES.get(type(data), 'that')}")
+            raise ValueError(f"{where} must hold a JSON object, not {json_kind(data)}")
         try:
             return parse(data)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
-    config = parsed(read_json(path, "a training configuration"), path)
+    config = parsed(read_json(path), path)
     if not (root / "checkpoints").is_dir():
         raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
     ckpt = Checkpointer(root / "checkpoints", save_every=1, keep=1, read_only=True)
@@ -152,10 +144,6 @@ def latest_verified(root: str | os.PathLike, parse, *, log=lambda s: None) -> tu
         ckpt.close()
         raise
     return config, ckpt, steps[-1]
-
-
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
 
 
 def as_dict(cfg: Any) -> dict:
