@@ -1,5 +1,5 @@
 """``llmarch.ops`` routes every op to its XLA reference or its Pallas kernel, and a model run
-with every op forced to Pallas (interpreted on this CPU) equals the XLA model.
+with every op forced to Pallas (interpreted on a CPU, compiled on TPU/GPU) equals the XLA model.
 
 The model test runs every ``tiny-*`` preset, so each block kind is covered as it lands.
 Today: attention "mha" (tiny-dense: MHA, tiny-gqa: GQA) and "mla" (tiny-mla: "auto" picks
@@ -32,20 +32,32 @@ def assert_close(actual, expected, tol=1e-5, what=""):
                                err_msg=what)
 
 
+# What llmarch.ops documents: "auto" is the Pallas kernel on TPU/GPU, the XLA reference elsewhere
+# (CPU), where an explicit "pallas" runs the kernel in the Pallas interpreter.
+ON_ACCELERATOR = jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
+DEFAULT_IMPL = ops.Impl.PALLAS if ON_ACCELERATOR else ops.Impl.XLA
+
+
 @pytest.mark.parametrize("op", OPS)
-def test_dispatch_on_cpu(op):
+def test_dispatch_follows_the_backend(op):
     assert ops.available(op) == (ops.Impl.XLA, ops.Impl.PALLAS)
-    assert ops.resolve(op)[0] is ops.Impl.XLA  # auto: XLA on CPU
+    assert ops.resolve(op)[0] is DEFAULT_IMPL, jax.default_backend()
+    assert ops.resolve(op, "auto")[0] is DEFAULT_IMPL
+    assert ops.resolve(op, "xla") == (ops.Impl.XLA, ops._REGISTRY[op][ops.Impl.XLA])
     impl, fn = ops.resolve(op, "pallas")
     assert impl is ops.Impl.PALLAS
-    assert isinstance(fn, functools.partial) and fn.keywords == {"interpret": True}
+    if ON_ACCELERATOR:  # compiled: the kernel itself
+        assert fn is ops._REGISTRY[op][ops.Impl.PALLAS]
+    else:  # no kernel compiler: the same kernel, interpreted
+        assert isinstance(fn, functools.partial) and fn.keywords == {"interpret": True}
+        assert fn.func is ops._REGISTRY[op][ops.Impl.PALLAS]
 
 
 def test_grouped_memory_lookup_has_both_impls():
     import llmarch.layers.memory_lookup  # noqa: F401  (registers the XLA entry)
 
     assert set(ops.available("memory_lookup_grouped")) == {ops.Impl.XLA, ops.Impl.PALLAS}
-    assert ops.resolve("memory_lookup_grouped")[0] is ops.Impl.XLA
+    assert ops.resolve("memory_lookup_grouped")[0] is DEFAULT_IMPL, jax.default_backend()
 
 
 def test_missing_kernel_is_an_error_not_a_fallback(monkeypatch):

@@ -108,30 +108,111 @@ def test_skip_span_inside_the_stack_splits_the_runs():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _manual_output(layer: MemoryLayer, x):
-    """UltraMem's formula written out from the picks: MCS chunks, IVE blocks, per-block projection."""
-    m = layer.mem
-    h = layer.norm(x)
-    weights, slots = layer.search(h)  # [B,T,N,m,X], [B,T,N,m]
-    perm = np.asarray(layer.ive_permutation[...])
-    shuffled = perm[np.asarray(slots)]
-    rows, blocks = shuffled % m.physical_rows, shuffled // m.physical_rows
-    values = np.asarray(layer.values_mu[...])
-    X, U = m.num_cores, values.shape[1]
+def _layer_norm(x, norm):
+    x = x - x.mean(-1, keepdims=True)
+    x = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + norm.eps)
+    return x * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...], np.float64)
+
+
+def _leading_pair(cores, ref):
+    """``u, v [N, Z]`` of ``Σ_c C_c`` by numpy's SVD; of ``±(u, v)`` the one nearer ``ref`` in L1."""
+    pairs = []
+    for total, (ref_u, ref_v) in zip(cores.sum(0), ref, strict=True):
+        left, _, right_t = np.linalg.svd(total)
+        u, v = left[:, 0], right_t[0]
+        plus = np.abs(u - ref_u).sum() + np.abs(v - ref_v).sum()
+        minus = np.abs(u + ref_u).sum() + np.abs(v + ref_v).sum()
+        pairs.append((-u, -v) if minus < plus else (u, v))
+    return np.array([u for u, _ in pairs]), np.array([v for _, v in pairs])
+
+
+def _brute_force_memory(layer: MemoryLayer, x):
+    """``(out [B,T,D], slots [B,T,N,m])`` from the layer's parameters alone, in float64 numpy, by
+    brute force: every one of the P² slots is scored explicitly (PKM: ``s_row[i] + s_col[j]``;
+    TDQKR: ``Σ_c S_row C_c S_colᵀ`` per core), each head's m best by a full sort, then softmax (PKM)
+    or the raw scores, and the weighted sum of the value rows the slots name (IVE: permuted and
+    pooled per virtual block; MCS: core c's score weights chunk c), gate, output projection.
+    TDQKR is approximate by design: it ranks only the slots on the m best rows by ``S_row u`` and
+    the m best columns by ``S_col v`` (u, v the leading singular pair of ``ΣC_c``, the sign nearer
+    ``tucker_ref``), so the full sort runs over the P² slots with the others masked out."""
+    m, f64 = layer.mem, (lambda v: np.asarray(v[...], np.float64))
+    P, k, W = m.num_keys, m.topk, m.virtual_blocks
+    h = np.asarray(x, np.float64)
+    if layer.norm is not None:  # a skip-layer memory normalizes the stream itself (RMSNorm)
+        h = h / np.sqrt(np.mean(h ** 2, -1, keepdims=True) + layer.norm.eps) * f64(layer.norm.scale)
+    q_row = _layer_norm(np.einsum("btd,dnh->btnh", h, f64(layer.w_q_row_dnh.w)), layer.query_norm)
+    q_col = _layer_norm(np.einsum("btd,dnh->btnh", h, f64(layer.w_q_col_dnh.w)), layer.query_norm)
+    k_row, k_col = f64(layer.keys_row_npzh), f64(layer.keys_col_npzh)  # [N,P,Z,H]
+    if layer.key_norm is not None:
+        k_row, k_col = _layer_norm(k_row, layer.key_norm), _layer_norm(k_col, layer.key_norm)
+    s_row = np.einsum("btnh,npzh->btnpz", q_row, k_row)  # [B,T,N,P,Z]
+    s_col = np.einsum("btnh,npzh->btnpz", q_col, k_col)
+    if m.tucker_rank == 0:
+        grid = (s_row[..., :, None, 0] + s_col[..., None, :, 0])[..., None]  # [B,T,N,P,P,1]
+        allowed = np.ones(grid.shape[:-1], bool)
+    else:
+        cores = f64(layer.cores_xnzy)  # [X,N,Z,Y]
+        grid = np.einsum("btnpz,xnzy,btnqy->btnpqx", s_row, cores, s_col)  # [B,T,N,P,P,X]
+        u, v = _leading_pair(cores, f64(layer.tucker_ref))
+        best_rows = np.argsort(-np.einsum("btnpz,nz->btnp", s_row, u), -1)[..., :k]
+        best_cols = np.argsort(-np.einsum("btnpz,nz->btnp", s_col, v), -1)[..., :k]
+        on_row = np.zeros(s_row.shape[:-1], bool)
+        on_col = np.zeros(s_col.shape[:-1], bool)
+        np.put_along_axis(on_row, best_rows, True, -1)
+        np.put_along_axis(on_col, best_cols, True, -1)
+        allowed = on_row[..., :, None] & on_col[..., None, :]
+    B, T, N, X = *grid.shape[:3], grid.shape[-1]
+    grid = grid.reshape(B, T, N, P * P, X)
+    total = np.where(allowed.reshape(B, T, N, P * P), grid.sum(-1), -np.inf)
+    slots = np.argsort(-total, axis=-1, kind="stable")[..., :k]  # [B,T,N,m]: a full sort of P² slots
+    scores = np.take_along_axis(grid, slots[..., None], axis=-2)  # [B,T,N,m,X]
+    if m.score == "softmax":
+        e = np.exp(scores.sum(-1) - scores.sum(-1).max(-1, keepdims=True))
+        weights = (e / e.sum(-1, keepdims=True))[..., None]  # [B,T,N,m,1]
+    else:
+        weights = scores
+    virtual = np.asarray(layer.ive_permutation[...])[slots] if W > 1 else slots
+    rows, blocks = virtual % m.physical_rows, virtual // m.physical_rows
+    values = f64(layer.values_mu)  # [M,U]
+    U = values.shape[1]
     chunks = values[rows].reshape(*rows.shape, X, U // X)  # [B,T,N,m,X,U/X]
-    scaled = (np.asarray(weights)[..., None] * chunks).reshape(*rows.shape, U)
-    pooled = np.zeros((*rows.shape[:2], m.virtual_blocks, U))
-    for w in range(m.virtual_blocks):
-        pooled[:, :, w] = (scaled * (blocks == w)[..., None]).sum(axis=(2, 3))
-    return np.einsum("btwu,wud->btd", pooled, np.asarray(layer.w_out_wud.w[...]))
+    picked = (weights[..., None] * chunks).reshape(*rows.shape, U)  # [B,T,N,m,U]
+    pooled = np.stack([np.where((blocks == w)[..., None], picked, 0.0).sum((2, 3)) for w in range(W)], 2)
+    if layer.w_gate_dwu is not None:
+        g = np.einsum("btd,dwu->btwu", h, f64(layer.w_gate_dwu.w))
+        pooled = pooled * g / (1 + np.exp(-g))
+    if layer.w_out_wud is None:
+        return pooled[:, :, 0], slots
+    return np.einsum("btwu,wud->btd", pooled, f64(layer.w_out_wud.w)), slots
 
 
-def test_mcs_ive_output_is_the_papers_formula(ultramem):
-    cfg, model, _ = ultramem
-    layer = model.skips[0]
-    x = jax.random.normal(jax.random.key(2), (2, 3, cfg.d_model))
+_VARIANTS = {  # (MemoryConfig, pre_norm) on d_model=16; "tiny-ultramem": the preset's skip layer
+    "pkm-gate": (MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True), False),
+    "raw-ive-keynorm": (MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score="raw", value_dim=8,
+                                     output_proj=True, virtual_blocks=4, key_norm=True), True),
+    "tdqkr-softmax": (MemoryConfig(num_keys=12, topk=4, num_heads=2, key_dim=8, tucker_rank=3), False),
+    "tiny-ultramem": None,  # TDQKR r=2, MCS with 2 cores, IVE over 4 blocks, key norm, raw scores
+}
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_output_is_brute_force_over_all_slots(variant, ultramem):
+    """The layer against ``_brute_force_memory``, which uses no code of the layer's: the picked
+    slots (as sets per head) and the output."""
+    if _VARIANTS[variant] is None:
+        cfg, model, _ = ultramem
+        layer = model.skips[0]
+    else:
+        mem, pre_norm = _VARIANTS[variant]
+        cfg = _cfg(mem)
+        with nnx.use_eager_sharding(False):
+            layer = MemoryLayer(cfg, rngs=nnx.Rngs(3), pre_norm=pre_norm)
+    x = jax.random.normal(jax.random.key(2), (2, 5, cfg.d_model))
+    want, want_slots = _brute_force_memory(layer, x)
+    _, slots = layer.search(layer.norm(x) if layer.norm is not None else x)
+    np.testing.assert_array_equal(np.sort(slots, -1), np.sort(want_slots, -1))
     out, _ = layer(x)
-    np.testing.assert_allclose(out, _manual_output(layer, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
 
 
 def test_ive_reads_only_heads_times_m_physical_rows(ultramem, monkeypatch):
