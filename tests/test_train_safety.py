@@ -344,3 +344,11 @@ def test_tensorboard_points_are_on_disk_before_close(tmp_path):
     log.write(2, {"another_tag": 2.5})
     log.close()
     assert any(b"another_tag" in p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.*"))
+
+
+def test_paths_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("some text")
+    cfg = TrainConfig(out_dir="runs/a", data="corpus.txt").resolved()
+    assert cfg.out_dir == str(tmp_path / "runs" / "a") and cfg.data == str(tmp_path / "corpus.txt")
+    assert TrainConfig(out_dir="x").resolved().data == "default"

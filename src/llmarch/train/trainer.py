@@ -295,7 +295,11 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
 
         flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
         peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
-        health = RunHealth(cfg.steps, cfg.max_skipped_fraction, warn=log)
+        def warn(message: str) -> None:
+            with tqdm.external_write_mode():  # above the progress bar, not through it
+                log(message)
+
+        health = RunHealth(cfg.steps, cfg.max_skipped_fraction, warn=warn)
         losses: dict[int, float] = {}
         val_loss = None
         bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, mininterval=1.0)
@@ -354,7 +358,7 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
                     log_file.write(step, {"val_loss": val_loss,
                                           "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
                     if not math.isfinite(val_loss):
-                        log(f"WARNING: step {step}: the validation loss is {val_loss}")
+                        warn(f"WARNING: step {step}: the validation loss is {val_loss}")
                 if step == cfg.steps or step % cfg.checkpoint_every == 0:
                     save(step, state)
                 if stop:  # checked after saving: the signal may arrive during the save
