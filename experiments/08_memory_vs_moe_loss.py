@@ -23,7 +23,6 @@ import time
 
 from llmarch import accounting, machine, presets
 from llmarch.config import MoEConfig, moe_blocks
-from llmarch.layers.memory import value_lr_groups
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.trainer import TrainConfig, train
 
@@ -49,8 +48,8 @@ models = {
 rows = []
 with tempfile.TemporaryDirectory() as tmp:
     for label, cfg in models.items():
-        optimizer = OptimizerConfig(learning_rate=args.lr, warmup_steps=args.steps // 15,
-                                    lr_groups=value_lr_groups(cfg))
+        # The trainer adds the model's own LR groups (UltraMem's value tables: 4x -> 1x).
+        optimizer = OptimizerConfig(learning_rate=args.lr, warmup_steps=args.steps // 15)
         run = TrainConfig(out_dir=f"{tmp}/{cfg.name}", model=cfg, data=args.data, seq_len=args.seq_len,
                           batch_size=args.batch_size, steps=args.steps, eval_every=args.steps,
                           eval_batches=16, log_every=50, checkpoint_every=args.steps, progress=False,

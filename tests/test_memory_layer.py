@@ -12,7 +12,7 @@ import llmarch
 from llmarch import accounting, presets
 from llmarch.config import AttentionConfig, BlockConfig, MemoryConfig, ModelConfig
 from llmarch.layers import memory as memory_lib
-from llmarch.layers.memory import MemoryLayer, MemoryState, value_lr_groups
+from llmarch.layers.memory import MemoryLayer, MemoryState
 from llmarch.layers.memory_search import leading_singular_vectors
 from llmarch.model import aux_loss
 
@@ -296,27 +296,25 @@ def test_update_state_keeps_the_sign_reference_of_the_previous_step(ultramem):
         layer.cores_xnzy[...], layer.tucker_ref[...] = saved_cores, saved_ref
 
 
-def test_value_lr_group_decays_from_4_to_1(ultramem):
-    import optax
+def test_trainer_applies_the_value_lr_from_4_to_1(tmp_path):
+    """``llmarch train --preset tiny-ultramem`` trains the value tables at λ × the learning rate,
+    λ from 4 to 1, with no option to set: the trainer's optimizer reads it from the model config."""
+    from llmarch.train.optim import OptimizerConfig, model_lr_groups
+    from llmarch.train.trainer import TrainConfig, init_state
 
-    from llmarch.train.optim import OptimizerConfig, build_optimizer
-
-    cfg, model, _ = ultramem
-    (group,) = value_lr_groups(cfg)
-    assert (group.multiplier, group.final_multiplier) == (4.0, 1.0)
-    params = nnx.state(model, nnx.Param)
-    tx = build_optimizer(OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None,
-                                         lr_groups=(group,)), 10)
+    sgd = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None)
+    cfg = TrainConfig(out_dir=str(tmp_path), preset="tiny-ultramem", steps=10, optimizer=sgd)
+    _, tx, state = init_state(cfg, mesh=None)
+    params = state["params"]
     ones = jax.tree.map(jnp.ones_like, params)
-    state = tx.init(params)
-    first, state = tx.update(ones, state, params)
+    opt_state = tx.init(params)
+    first, opt_state = tx.update(ones, opt_state, params)
     for _ in range(9):
-        last, state = tx.update(ones, state, params)
+        last, opt_state = tx.update(ones, opt_state, params)
     assert float(first["skips"][0]["values_mu"][...][0, 0]) == pytest.approx(-4.0)
     assert float(last["skips"][0]["values_mu"][...][0, 0]) == pytest.approx(-1.0 - 3.0 / 10, abs=0.01)
     assert float(first["skips"][0]["keys_row_npzh"][...].ravel()[0]) == pytest.approx(-1.0)
-    assert value_lr_groups(presets.get("tiny-pkm")) == ()
-    del optax
+    assert model_lr_groups(presets.get("tiny-pkm")) == ()
 
 
 # -- PKM ------------------------------------------------------------------------------------------

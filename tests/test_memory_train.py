@@ -6,7 +6,6 @@ from flax import nnx
 
 import llmarch
 from llmarch import presets
-from llmarch.layers.memory import value_lr_groups
 from llmarch.layers.memory_search import leading_singular_vectors
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.trainer import TrainConfig, train
@@ -16,7 +15,7 @@ from llmarch.train.trainer import TrainConfig, train
 @pytest.mark.parametrize("preset", ["tiny-pkm", "tiny-ultramem"])
 def test_memory_presets_train_on_tinyshakespeare(tmp_path, shared_data, preset):
     cfg = presets.get(preset)
-    optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, lr_groups=value_lr_groups(cfg))
+    optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=5)  # the value LR group comes from cfg
     run = TrainConfig(out_dir=str(tmp_path / preset), preset=preset,
                       data=str(shared_data / "tinyshakespeare.txt"), seq_len=64, batch_size=8, steps=30,
                       eval_every=30, eval_batches=2, log_every=10, checkpoint_every=30, progress=False,

@@ -303,8 +303,8 @@ class MemoryConfig:
     the m scores of a head (PKM). ``value_dim`` (None: d_model) with ``output_proj`` is UltraMem's
     halved value width and projection; ``gate`` is Memory+'s SiLU gate (Berges et al. 2024).
     ``value_lr``/``value_lr_final`` are the value table's learning-rate multiplier λ, decaying
-    linearly from λ₀ = 4 to 1 in UltraMem (``llmarch.layers.memory.value_lr_groups`` makes the
-    optimizer's ``LrGroup``).
+    linearly from λ₀ = 4 to 1 in UltraMem (``llmarch.train.optim.model_lr_groups`` makes the
+    optimizer's ``LrGroup``, which the trainer applies).
     """
 
     num_keys: int  # P

@@ -182,13 +182,3 @@ class MemoryLayer(nnx.Module):
 def skip_memory(cfg: ModelConfig, *, rngs: nnx.Rngs) -> MemoryLayer:
     """A memory layer in a skip-layer span: it RMS-normalizes the residual stream it reads."""
     return MemoryLayer(cfg, rngs=rngs, pre_norm=True)
-
-
-def value_lr_groups(cfg: ModelConfig):
-    """The optimizer's learning-rate group for the value tables: λ₀ = ``memory.value_lr`` decaying
-    linearly to ``memory.value_lr_final`` (UltraMem: 4 → 1); ``()`` without memory layers."""
-    from llmarch.train.optim import LrGroup
-
-    if cfg.memory is None or (cfg.memory.value_lr == 1.0 and cfg.memory.value_lr_final == 1.0):
-        return ()
-    return (LrGroup(VALUES_PATTERN, cfg.memory.value_lr, cfg.memory.value_lr_final),)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import jax
 import optax
 
-from llmarch.config import check_number
+from llmarch.config import ModelConfig, check_number
+from llmarch.layers.memory import VALUES_PATTERN
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -141,10 +142,25 @@ def _group_labels(groups: tuple[LrGroup, ...]) -> Callable:
     return labels
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer for ``total_steps`` updates (``optax.MultiSteps`` when accumulating)."""
+def model_lr_groups(model: ModelConfig) -> tuple[LrGroup, ...]:
+    """The learning-rate groups a model's own config asks for: UltraMem's value tables train at
+    λ × the learning rate, λ decaying linearly from ``memory.value_lr`` (λ₀ = 4) to
+    ``memory.value_lr_final`` (1); ``()`` when nothing asks."""
+    memory = model.memory
+    if memory is None or (memory.value_lr == 1.0 and memory.value_lr_final == 1.0):
+        return ()
+    return (LrGroup(VALUES_PATTERN, memory.value_lr, memory.value_lr_final),)
+
+
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: ModelConfig | None = None
+                    ) -> optax.GradientTransformation:
+    """The optimizer for ``total_steps`` updates (``optax.MultiSteps`` when accumulating), with
+    ``cfg.lr_groups`` and then the groups that ``model``'s config asks for (``model_lr_groups``;
+    the first group whose pattern matches a parameter wins)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} is invalid: must be > 0")
+    if model is not None:
+        cfg = dataclasses.replace(cfg, lr_groups=cfg.lr_groups + model_lr_groups(model))
     updates = total_steps // cfg.grad_accum_steps or 1
     parts = []
     if cfg.clip_norm is not None:

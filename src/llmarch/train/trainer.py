@@ -192,7 +192,7 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = build_optimizer(cfg.optimizer, cfg.steps)
+    tx = build_optimizer(cfg.optimizer, cfg.steps, model=cfg.model_config())  # + e.g. UltraMem's value LR
     state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.int32(0),
              "rng": jax.random.key_data(jax.random.key(cfg.seed)), "skipped": jnp.int32(0)}
     if mesh is not None:  # scalars (step counts, RNG) are born on one device: replicate them
