@@ -85,11 +85,14 @@ def test_run_health_warns_on_dead_model_and_spikes_and_stops_on_skips():
         health.observe(46, float("nan"), float("nan"), False, 6)
 
 
-def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     # lr 1e30: step 1's update is finite (weights ~1e30), every later loss is not.
     with pytest.raises(TrainingError, match=r"steps were skipped.*last checkpoint is .*checkpoints/1"):
         _run(tmp_path, "skip", steps=6, optimizer=WILD, checkpoint_every=1)
     assert Checkpointer(tmp_path / "skip" / "checkpoints", save_every=1, keep=3).steps() == [1]
+    # That checkpoint's weights are finite but useless: eval fails rather than print NaN.
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "skip"), "--batches", "1"]) == 1
+    assert "gives a non-finite loss (nan)" in _one_error_line(capsys)
     # Skipping everything allowed: skipped steps leave the state alone, and a run whose model
     # is broken (validation loss NaN) still fails rather than exiting "successfully".
     with pytest.raises(TrainingError, match="validation loss nan"):
@@ -117,6 +120,13 @@ def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     (lambda: TrainConfig.from_dict({"out_dir": "x", "model": {"d_model": 8}}),
      r"TrainConfig.model is missing the required fields \['vocab_size'"),
     (lambda: TrainConfig.from_dict({"out_dir": "x", "steps": 2.5}), r"steps=2.5 is invalid"),
+    (lambda: OptimizerConfig(warmup_steps=99999999999), r"warmup_steps=99999999999 is invalid: must be an "
+                                                        r"integer in \[0, 2147483647\]"),
+    (lambda: TrainConfig(out_dir="x", steps=5, optimizer=OptimizerConfig(grad_accum_steps=10)),
+     r"grad_accum_steps=10 exceeds TrainConfig.steps=5: no update would ever be applied"),
+    (lambda: TrainConfig(out_dir="x", seed=-1), r"seed=-1 is invalid"),
+    (lambda: TrainConfig(out_dir="x", mesh=""), r"mesh='' is invalid"),
+    (lambda: TrainConfig(out_dir="x", steps=np.int64(3)), r"steps=np.int64\(3\) is invalid: must be"),
 ])
 def test_bad_values_are_rejected_on_construction(build, match):
     with pytest.raises(ValueError, match=match):
@@ -226,6 +236,31 @@ def test_resume_modes_and_unfinished_saves(finished_run, tmp_path):
     for a, b in zip(_leaves(resumed.params), _leaves(finished_run[1].params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert Checkpointer(run / "checkpoints", save_every=2, keep=3).steps() == [2, 4]
+
+
+def test_fallback_with_nothing_intact_fails(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    for step in (2, 4):
+        (run / "checkpoints" / str(step) / MANIFEST).write_text("x")
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* was corrupted \(2 set aside"):
+        _run(tmp_path, "run", steps=4, checkpoint_every=2, resume="fallback")
+
+
+def test_a_changed_corpus_is_caught_on_resume_and_a_failed_save_fails_the_run(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    _run(tmp_path, "run", steps=2, checkpoint_every=2, data=str(corpus))
+    corpus.write_text("a different text entirely, of another length! " * 150)
+    with pytest.raises(CheckpointError, match=r"another configuration \(the training or validation tokens"):
+        _run(tmp_path, "run", steps=4, checkpoint_every=2, data=str(corpus))
+
+    def full_disk(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing: No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "save", lambda self, *a, **k: full_disk())
+    with pytest.raises(TrainingError, match=r"saving .*checkpoints/2 failed \(RESOURCE_EXHAUSTED.*no "
+                                            r"checkpoint exists"):
+        _run(tmp_path, "full", steps=2, checkpoint_every=2)
 
 
 def test_rotation_keeps_the_newest_intact_checkpoints(tmp_path):

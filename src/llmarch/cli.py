@@ -6,8 +6,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import pathlib
+import signal
 import sys
+import threading
 import traceback
 
 from llmarch import accounting, presets
@@ -111,8 +114,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from llmarch.train.evaluate import evaluate_run
+    from llmarch.train.guard import TrainingError
 
+    if args.data is not None and not args.data.strip():
+        raise ValueError("--data '' is invalid: give a text file, a directory of texts or a .jsonl file")
     result = evaluate_run(args.checkpoint, data=args.data, batches=args.batches)
+    if not math.isfinite(result["loss"]):  # a broken model is not a result: no exit 0, no NaN "JSON"
+        raise TrainingError(f"checkpoint step {result['step']} of {args.checkpoint} gives a non-finite "
+                            f"loss ({result['loss']}): its weights are broken")
     print(json.dumps(result, indent=2))
     return 0
 
@@ -242,16 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     from llmarch.train.guard import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    for name in ("checkpoint",):
+        if getattr(args, name, None) == "":
+            return _fail(args, f"--{name} '' is invalid: give a directory", 2, False)
     debug = getattr(args, "debug", False)
     if not debug:
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        # After an error is reported, orbax's background threads and coroutines die noisily
+        # ("Event loop is closed"); the one-line error already says what happened.
+        threading.excepthook = lambda hook_args: None
+        sys.unraisablehook = lambda hook_args: None
     try:
         return args.func(args)
     except TrainingInterrupted as e:
         return _fail(args, e, 128 + e.signum, debug)
     except KeyboardInterrupt as e:
-        return _fail(args, e if str(e) else "interrupted", 130, debug)
+        return _fail(args, e if str(e) else "interrupted", 128 + getattr(e, "signum", signal.SIGINT), debug)
     except (ValueError, OSError) as e:  # a bad option, file or checkpoint: say what, not where
         return _fail(args, e, 2, debug)
     except (TrainingError, RuntimeError) as e:  # the run failed; its message says why

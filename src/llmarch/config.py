@@ -36,9 +36,21 @@ def check_number(owner: str, field: str, value: Any, allowed: str,
                  ok: typing.Callable[[float], bool]) -> None:
     """A float field must be a real, finite number for which ``ok`` holds. NaN fails every
     comparison, so a check such as ``value < 0`` alone would let it through."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):  # JSON-able, unlike np.float32
+        _fail(owner, field, value, "must be a Python int or float")
+    if not math.isfinite(value) or not ok(value):
         _fail(owner, field, value, allowed)
+
+
+INT32_MAX = 2**31 - 1  # step counters and schedules run as int32 on device
+
+
+def check_int(owner: str, field: str, value: Any, *, low: int = 1, high: int = INT32_MAX) -> None:
+    """A Python integer field (JSON-able, unlike a numpy integer) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(owner, field, value, "must be a Python int")
+    if not low <= value <= high:
+        _fail(owner, field, value, f"must be an integer in [{low}, {high}]")
 
 
 def _positive(owner: str, **fields: Any) -> None:

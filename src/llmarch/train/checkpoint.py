@@ -156,9 +156,10 @@ class Checkpointer:
     # Saving and restoring ------------------------------------------------------------------
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, *, config: dict | None = None,
-             force: bool = False) -> bool:
+             data: dict | None = None, force: bool = False) -> bool:
         """Saves when ``step`` is due (or ``force``), seals it with a manifest that carries
-        ``config``, then rotates; returns whether it saved."""
+        ``config`` and ``data`` (fingerprints of what the run reads), then rotates; returns
+        whether it saved."""
         if self.read_only:
             raise CheckpointError(f"cannot save to {self.directory}: opened read-only")
         if not force and step % self.save_every:
@@ -170,7 +171,7 @@ class Checkpointer:
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            manifest = {"format": _FORMAT, "step": step, "config": config,
+            manifest = {"format": _FORMAT, "step": step, "config": config, "data": data,
                         "files": _files(self.step_dir(step))}
             atomic_write_text(self.step_dir(step) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             for old in [s for s in self.steps() if s < step][: max(len(self.steps()) - self.keep, 0)]:

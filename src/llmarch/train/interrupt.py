@@ -12,6 +12,14 @@ from collections.abc import Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Aborted(KeyboardInterrupt):
+    """The second signal: stop now, without saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"second {signal.Signals(signum).name}: aborted without saving")
+        self.signum = signum
+
+
 class StopRequest:
     """Set by the first signal; ``signum`` says which."""
 
@@ -29,7 +37,7 @@ class StopRequest:
 @contextlib.contextmanager
 def graceful_stop(*, log) -> Iterator[StopRequest]:
     """Within the block, SIGINT/SIGTERM set the yielded ``StopRequest`` instead of killing the
-    process; a second signal raises ``KeyboardInterrupt``. Off the main thread (where Python
+    process; a second signal raises ``Aborted`` (a ``KeyboardInterrupt``). Off the main thread (where Python
     cannot install handlers) the request simply never fires. The old handlers come back on exit."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -38,7 +46,7 @@ def graceful_stop(*, log) -> Iterator[StopRequest]:
 
     def handle(signum, frame):
         if request:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without saving")
+            raise Aborted(signum)
         request.signum = signum
         log(f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
             "(send it again to abort without saving)")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from llmarch.config import ModelConfig, check_number
+from llmarch.config import ModelConfig, check_int, check_number
 from llmarch.layers.memory import VALUES_PATTERN
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
@@ -76,14 +76,8 @@ class OptimizerConfig:
         _check("b1", self.b1, "must be in [0, 1)", lambda x: 0 <= x < 1)
         _check("b2", self.b2, "must be in [0, 1)", lambda x: 0 <= x < 1)
         _check("eps", self.eps, "must be a finite number > 0", lambda x: x > 0)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
-                or self.warmup_steps < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps!r} is invalid: "
-                             "must be an integer >= 0")
-        if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) \
-                or self.grad_accum_steps < 1:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps!r} is invalid: "
-                             "must be an integer >= 1")
+        check_int("OptimizerConfig", "warmup_steps", self.warmup_steps, low=0)
+        check_int("OptimizerConfig", "grad_accum_steps", self.grad_accum_steps)
         if not all(isinstance(g, LrGroup) for g in self.lr_groups):
             raise ValueError(f"OptimizerConfig.lr_groups={self.lr_groups!r} must be a tuple of LrGroup")
 

@@ -56,14 +56,15 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
-def start_step(ckpt: Checkpointer, mode: str, config: dict, *, log) -> int | None:
+def start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = None, *, log) -> int | None:
     """The checkpoint to resume from under ``mode`` (None: a fresh start), verified.
 
     ``auto`` resumes from the newest checkpoint and fails if it is corrupted; ``must`` also
     fails when there is none; ``never`` fails when there is one; ``fallback`` sets corrupted
     checkpoints aside (to ``checkpoints_set_aside/``) and resumes from the newest intact one.
     A newest step without a manifest is a save that a kill interrupted: it is set aside in
-    every mode, since its files may be incomplete.
+    every mode, since its files may be incomplete. ``data`` (fingerprints of the token streams)
+    must match what the checkpoint was trained on.
     """
     steps = ckpt.steps()
     if steps and not ckpt.is_sealed(steps[-1]):
@@ -75,23 +76,30 @@ def start_step(ckpt: Checkpointer, mode: str, config: dict, *, log) -> int | Non
                               "given; choose another --out, or --resume auto to continue the run")
     if mode == "must" and not steps:
         raise CheckpointError(f"{ckpt.directory} holds no checkpoint to resume from (--resume must)")
+    corrupted = 0
     while steps:
         step = steps[-1]
         try:
-            saved = ckpt.verify(step).get("config") or {}
+            manifest = ckpt.verify(step)
         except CheckpointError as e:
             if mode != "fallback":
                 raise CheckpointError(f"{e}; rerun with --resume fallback to set it aside and resume from "
                                       "the newest intact checkpoint") from None
             log(f"{e}: moved to {ckpt.set_aside(step, 'corrupted')}")
-            steps = steps[:-1]
+            steps, corrupted = steps[:-1], corrupted + 1
             continue
-        differ = config_diff(saved, config)
+        differ = config_diff(manifest.get("config") or {}, config)
+        if data is not None and manifest.get("data") not in (None, data):
+            differ.append("the training or validation tokens (the corpus or tokenizer changed)")
         if differ:
             raise CheckpointError(f"{ckpt.step_dir(step)} was saved by a run with another configuration "
                                   f"({'; '.join(differ)}); nothing was changed: use the same settings "
                                   "to resume, or another --out for a new run")
         return step
+    if corrupted:  # fallback found nothing intact: starting over is not what was asked
+        raise CheckpointError(f"every checkpoint in {ckpt.directory} was corrupted ({corrupted} set aside in "
+                              f"{ckpt.directory.name}_set_aside/); nothing is left to resume from: rerun to "
+                              "start this run from scratch, or use another --out")
     if mode == "must":
         raise CheckpointError(f"{ckpt.directory} holds no intact checkpoint to resume from (--resume must)")
     return None

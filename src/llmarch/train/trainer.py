@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import time
@@ -26,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from llmarch import accounting, presets, sharding
-from llmarch.config import ModelConfig, check_number, dataclass_from_dict
+from llmarch.config import ModelConfig, check_int, check_number, dataclass_from_dict
 from llmarch.data import (
     PackedRows,
     batches_per_epoch,
@@ -39,7 +40,7 @@ from llmarch.data import (
 from llmarch.model import Transformer
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
-from llmarch.train.checkpoint import Checkpointer, atomic_write_text
+from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
 from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import OptimizerConfig, build_optimizer
@@ -84,11 +85,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every",
                      "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"TrainConfig.seed={self.seed!r} is invalid: must be an integer")
+            check_int("TrainConfig", name, getattr(self, name))
+        check_int("TrainConfig", "seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range
         for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -111,6 +109,12 @@ class TrainConfig:
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; "
                              f"allowed: {NAN_POLICIES}")
+        if self.mesh is not None and (not isinstance(self.mesh, str) or not self.mesh):
+            raise ValueError(f"TrainConfig.mesh={self.mesh!r} is invalid: must be a mesh spec such as "
+                             "'data=2,fsdp=4', or None")
+        if self.optimizer.grad_accum_steps > self.steps:
+            raise ValueError(f"OptimizerConfig.grad_accum_steps={self.optimizer.grad_accum_steps} exceeds "
+                             f"TrainConfig.steps={self.steps}: no update would ever be applied")
         if self.resume not in run_dir.RESUME_MODES:
             raise ValueError(f"TrainConfig.resume={self.resume!r} is unknown; "
                              f"allowed: {run_dir.RESUME_MODES}")
@@ -140,9 +144,9 @@ class TrainConfig:
         """The same run with its paths absolute, as it is stored: ``eval`` and ``generate`` then
         work from any directory."""
         def absolute(value: str, keep: tuple[str, ...]) -> str:
-            return value if value in keep or not Path(value).exists() else str(Path(value).absolute())
+            return value if value in keep or not Path(value).exists() else str(Path(value).resolve())
 
-        return dataclasses.replace(self, out_dir=str(Path(self.out_dir).absolute()),
+        return dataclasses.replace(self, out_dir=str(Path(self.out_dir).resolve()),
                                    data=absolute(self.data, ("default",)),
                                    tokenizer=absolute(self.tokenizer, ("byte",)))
 
@@ -185,6 +189,12 @@ def _layer_metrics(m: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = value.tolist()
     return out
+
+
+def _fingerprint(rows: PackedRows) -> str:
+    """A digest of the token stream the run trains or validates on: a resume on a corpus (or
+    tokenizer) changed under the same path is caught, not silently trained on."""
+    return hashlib.blake2b(np.ascontiguousarray(rows.tokens).tobytes(), digest_size=16).hexdigest()
 
 
 def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
@@ -252,17 +262,18 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
+    rows = load_rows(cfg)  # before the lock creates the directory: bad data leaves nothing behind
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     lock = run_dir.lock(out)
     try:
-        return _train(cfg, out, log)
+        return _train(cfg, out, rows, mesh, log)
     finally:
         lock.release()
 
 
-def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mesh, log) -> TrainResult:
     model_cfg = cfg.model_config()
-    train_rows, val_rows = load_rows(cfg)
-    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
+    train_rows, val_rows = rows
     data_sharding = sharding.batch_sharding(mesh, cfg.rules) if mesh is not None else None
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over "
@@ -277,11 +288,12 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
                               data_sharding=data_sharding)
 
     config = run_dir.as_dict(cfg)
+    data = {"train_tokens": _fingerprint(train_rows), "val_tokens": _fingerprint(val_rows)}
     ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     log_file = None
     bar = None
     try:
-        start = run_dir.start_step(ckpt, cfg.resume, config, log=log)
+        start = run_dir.start_step(ckpt, cfg.resume, config, data, log=log)
         if start is not None:
             state = ckpt.restore(start, state, train_iter)
             log(f"resumed from {ckpt.step_dir(start)}")
@@ -314,7 +326,13 @@ def _train(cfg: TrainConfig, out: Path, log) -> TrainResult:
                 raise TrainingError(f"step {step}: the train state holds non-finite values; not saved; "
                                     f"{last_good()}")
             log_file.sync()  # every point logged so far survives a kill, as the checkpoint does
-            ckpt.save(step, state, train_iter, config=config, force=True)  # a no-op if already saved
+            try:
+                ckpt.save(step, state, train_iter, config=config, data=data, force=True)  # no-op if saved
+            except CheckpointError:
+                raise
+            except Exception as e:  # e.g. a full disk: the run failed, the settings were fine
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise TrainingError(f"saving {ckpt.step_dir(step)} failed ({first}); {last_good()}") from e
 
         with graceful_stop(log=log) as stop:
             for step in range(start + 1, cfg.steps + 1):
