@@ -73,6 +73,7 @@ _TRAIN_FLAGS = [
 
 
 def _train_config(args: argparse.Namespace):
+    from llmarch.config import read_json
     from llmarch.train.trainer import TrainConfig
 
     data: dict = {}
@@ -81,12 +82,9 @@ def _train_config(args: argparse.Namespace):
         if not path.is_file():
             raise ValueError(f"--config {path} does not exist")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"--config {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields, "
-                             f"not a {type(data).__name__}")
+            data = read_json(path)
+        except ValueError as e:
+            raise ValueError(f"--config {e}") from None
     for _, field, _, _ in _TRAIN_FLAGS:
         value = getattr(args, field.replace(".", "_"))
         if value is None:
@@ -251,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmarch.train.guard import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
-    for name in ("checkpoint",):
-        if getattr(args, name, None) == "":
-            return _fail(args, f"--{name} '' is invalid: give a directory", 2, False)
+    if getattr(args, "checkpoint", None) == "":
+        return _fail(args, "--checkpoint '' is invalid: give a directory", 2, False)
     debug = getattr(args, "debug", False)
     if not debug:
         for name in _NOISY_LOGGERS:

@@ -194,8 +194,5 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.step_dir(step)} does not match this run's model and "
                                   f"optimizer ({type(e).__name__}: {first})") from e
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.close()

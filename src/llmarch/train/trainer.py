@@ -384,15 +384,15 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                     raise TrainingInterrupted(
                         f"stopped by {stop.name} after step {step}; saved {ckpt.step_dir(step)}; run the "
                         "same command again to resume", stop.signum)
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise TrainingError(f"the run ended with validation loss {val_loss}: the model is broken; "
+                                f"{last_good()}")
     finally:
         if bar is not None:
             bar.close()
         if log_file is not None:
             log_file.close()
-        ended = last_good() if log_file is not None else ""
         ckpt.close()
-    if val_loss is not None and not math.isfinite(val_loss):
-        raise TrainingError(f"the run ended with validation loss {val_loss}: the model is broken; {ended}")
     if val_loss is not None:
         log(f"step {int(state['step'])}: validation loss {val_loss:.4f}")
     return TrainResult(step=int(state["step"]), losses=losses, val_loss=val_loss,
