@@ -387,3 +387,44 @@ def test_paths_are_stored_absolute(tmp_path, monkeypatch):
     cfg = TrainConfig(out_dir="runs/a", data="corpus.txt").resolved()
     assert cfg.out_dir == str(tmp_path / "runs" / "a") and cfg.data == str(tmp_path / "corpus.txt")
     assert TrainConfig(out_dir="x").resolved().data == "default"
+
+
+def test_tensorboard_forgets_the_steps_a_resume_replays(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(metrics, "SummaryWriter", lambda logdir, **kw: opened.append(kw) or _NullWriter())
+    metrics.MetricsLog(tmp_path, start=8, tensorboard=True).close()
+    assert opened == [{"purge_step": 9}]
+
+
+class _NullWriter:
+    def add_scalar(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_readers_retry_when_the_trainer_rotates_a_step_away(finished_run, tmp_path, monkeypatch):
+    import llmarch.train.evaluate as evaluate_mod
+
+    run = _copy(finished_run, tmp_path)
+    real, calls = evaluate_mod.latest_verified, []
+
+    def racing(root, parse, **kw):  # the first look sees a step that the trainer then rotates away
+        calls.append(root)
+        if len(calls) == 1:
+            (run / "checkpoints" / "6").mkdir()
+            raise CheckpointError("checkpoint 2 has no manifest.json")
+        return real(root, parse, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "latest_verified", racing)
+    assert restore_run(run)[3] == 4 and len(calls) == 2
+
+    def corrupted(root, parse, **kw):  # nothing moves: a real corruption is raised at once
+        calls.append(root)
+        raise CheckpointError("checkpoint 4 is corrupted")
+
+    monkeypatch.setattr(evaluate_mod, "latest_verified", corrupted)
+    with pytest.raises(CheckpointError, match="is corrupted"):
+        restore_run(run)
+    assert len(calls) == 3
