@@ -73,7 +73,7 @@ _TRAIN_FLAGS = [
 
 
 def _train_config(args: argparse.Namespace):
-    from llmarch.config import read_json
+    from llmarch.json_config import read_json
     from llmarch.train.trainer import TrainConfig
 
     data: dict = {}

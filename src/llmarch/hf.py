@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llmarch import sharding
-from llmarch.config import DTYPES, ModelConfig, json_kind, read_json  # noqa: F401  (read_json re-exported)
+from llmarch.config import DTYPES, ModelConfig
 from llmarch.hf_deepseek import deepseek_from_hf, deepseek_to_hf, mla_tensors, moe_tensors  # noqa: F401
 from llmarch.hf_llama import llama_from_hf, llama_to_hf
 from llmarch.hf_mixtral import mixtral_from_hf, mixtral_to_hf
@@ -55,6 +55,7 @@ from llmarch.hf_tables import (  # noqa: F401  (re-exported: the tables are part
     block_tensors,
     tensor_plan,
 )
+from llmarch.json_config import json_kind, read_json
 from llmarch.model import Transformer
 
 CONFIG_FILE = "config.json"

@@ -12,6 +12,7 @@ from flax import nnx
 from llmarch import hf
 from llmarch.config import ModelConfig
 from llmarch.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from llmarch.json_config import read_json
 from llmarch.model import Transformer
 
 
@@ -20,7 +21,7 @@ def _hf_tokenizer(root: Path):
     names: dict[str, str] = {}
     config = root / "tokenizer_config.json"
     if config.is_file():
-        data = hf.read_json(config)
+        data = read_json(config)
         for field in ("bos_token", "eos_token", "pad_token"):
             value = data.get(field)
             value = value.get("content") if isinstance(value, dict) else value

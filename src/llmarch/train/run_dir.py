@@ -17,7 +17,7 @@ from typing import Any
 
 import filelock
 
-from llmarch.config import json_kind, read_json
+from llmarch.json_config import json_kind, read_json
 from llmarch.train.checkpoint import MANIFEST, Checkpointer, CheckpointError
 
 CONFIG_FILE = "train_config.json"

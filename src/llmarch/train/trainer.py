@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from llmarch import accounting, presets, sharding
-from llmarch.config import ModelConfig, check_int, check_number, dataclass_from_dict
+from llmarch.config import ModelConfig, check_int, check_number
 from llmarch.data import (
     PackedRows,
     batches_per_epoch,
@@ -37,6 +37,7 @@ from llmarch.data import (
     pack_documents,
     train_val_split,
 )
+from llmarch.json_config import dataclass_from_dict
 from llmarch.model import Transformer
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
