@@ -40,7 +40,7 @@ batches = [int(b) for b in args.batches.split(",")]
 cfg = llmarch.presets.get(args.preset).replace(dtype="float32", param_dtype="float32")
 m = cfg.mla
 with nnx.use_eager_sharding(False):
-    graphdef, state = nnx.split(MLA(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(MLA(cfg.d_model, m, rngs=nnx.Rngs(0)))
 
 
 @functools.partial(jax.jit, static_argnames="path", donate_argnums=3)

@@ -58,7 +58,7 @@ def ep_schedule() -> dict:
     for chunks in (1, 2):
         cfg = base.replace(moe=MoEConfig(**{**base.moe.__dict__, "ep_chunks": chunks}))
         with nnx.use_eager_sharding(False):
-            graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+            graphdef, state = nnx.split(MoE(cfg.d_model, cfg.moe, rngs=nnx.Rngs(0)))
         forward = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x)[0])
         x_spec = jax.ShapeDtypeStruct((16, 8, 64), jnp.float32)
         with sharding.use(mesh, "ep"):
@@ -143,7 +143,7 @@ WD, WF, WE, wk = 512, 1792, 8, 2
 wide = presets.get("tiny-dense").replace(d_model=WD, blocks=moe_blocks(2, 1),
                                          moe=MoEConfig(num_experts=WE, top_k=wk, expert_dim=WF))
 with nnx.use_eager_sharding(False):
-    layer = MoE(wide, rngs=nnx.Rngs(0))
+    layer = MoE(WD, wide.moe, rngs=nnx.Rngs(0))
 graphdef, state = nnx.split(layer)
 step = jax.jit(lambda state, x, strategy: nnx.merge(graphdef, state)(x, strategy=strategy)[0],
                static_argnums=2)

@@ -30,7 +30,7 @@ from flax import nnx
 import llmarch
 from llmarch import accounting, machine
 from llmarch.config import AttentionConfig, MemoryConfig, ModelConfig, MoEConfig, moe_blocks
-from llmarch.layers.memory import skip_memory
+from llmarch.layers.memory import MemoryLayer
 from llmarch.layers.moe import MoE
 
 parser = argparse.ArgumentParser()
@@ -85,8 +85,8 @@ moe_total = accounting.param_counts(moe_cfg).ffn
 moe_active = accounting.active_param_counts(moe_cfg).ffn
 
 with nnx.use_eager_sharding(False):
-    um_graph, um_state = nnx.split(skip_memory(um_cfg, rngs=nnx.Rngs(0)))
-    moe_graph, moe_state = nnx.split(MoE(moe_cfg, rngs=nnx.Rngs(0)))
+    um_graph, um_state = nnx.split(MemoryLayer(D, um_cfg.memory, rngs=nnx.Rngs(0), pre_norm=True))
+    moe_graph, moe_state = nnx.split(MoE(D, moe_cfg.moe, rngs=nnx.Rngs(0)))
 
 
 @jax.jit

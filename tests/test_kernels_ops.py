@@ -146,8 +146,7 @@ def test_moe_layer_dropless_pallas_equals_xla():
     from llmarch.layers.moe import MoE
 
     cfg = llmarch.presets.get("tiny-moe")
-    with nnx.use_eager_sharding(False):
-        layer = MoE(cfg, rngs=nnx.Rngs(0))
+    layer = MoE(cfg.d_model, cfg.moe, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(4), (2, 6, cfg.d_model))
 

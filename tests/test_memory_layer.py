@@ -205,8 +205,7 @@ def test_output_is_brute_force_over_all_slots(variant, ultramem):
     else:
         mem, pre_norm = _VARIANTS[variant]
         cfg = _cfg(mem)
-        with nnx.use_eager_sharding(False):
-            layer = MemoryLayer(cfg, rngs=nnx.Rngs(3), pre_norm=pre_norm)
+        layer = MemoryLayer(cfg.d_model, mem, rngs=nnx.Rngs(3), pre_norm=pre_norm)
     x = jax.random.normal(jax.random.key(2), (2, 5, cfg.d_model))
     want, want_slots = _brute_force_memory(layer, x)
     _, slots = layer.search(layer.norm(x) if layer.norm is not None else x)
@@ -330,9 +329,9 @@ def test_pkm_blocks_are_scanned_and_softmax_weights_sum_to_one():
     assert logits.shape == (2, 6, 64) and aux[0]["loss"].shape == (2,)
     model.update_state(aux)  # a scanned run's stacked reference updates through its layers axis
     assert model.runs[0].layers.ffn.tucker_ref[...].shape == (2, 2, 2, 1)
-    with nnx.use_eager_sharding(False):  # a lone layer outside Transformer: no mesh to shard on
-        layer = MemoryLayer(_cfg(MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True)),
-                            rngs=nnx.Rngs(1))
+    # a lone layer outside Transformer: no ModelConfig, no mesh
+    layer = MemoryLayer(16, MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True),
+                        rngs=nnx.Rngs(1))
     weights, slots = layer.search(jnp.ones((1, 2, 16)))
     np.testing.assert_allclose(weights.sum(-2), 1.0, rtol=1e-6)  # a softmax per head
     assert slots.shape == (1, 2, 2, 3) and int(slots.max()) < 64
@@ -345,9 +344,8 @@ def test_raw_scores_are_the_grid_scores_and_softmax_normalizes_them():
     x = jax.random.normal(jax.random.key(6), (1, 3, 16))
     weights = {}
     for score in ("raw", "softmax"):
-        with nnx.use_eager_sharding(False):
-            layer = MemoryLayer(_cfg(MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score=score)),
-                                rngs=nnx.Rngs(7))
+        layer = MemoryLayer(16, MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score=score),
+                            rngs=nnx.Rngs(7))
         weights[score], slots = layer.search(x)
     q_row = layer.query_norm(layer.w_q_row_dnh("BTD,DNH->BTNH", x))
     q_col = layer.query_norm(layer.w_q_col_dnh("BTD,DNH->BTNH", x))

@@ -29,8 +29,7 @@ def _cfg(init_std=0.2, **mla_changes):
 
 
 def _layer(cfg, seed=0):
-    with nnx.use_eager_sharding(False):
-        return MLA(cfg, rngs=nnx.Rngs(seed))
+    return MLA(cfg.d_model, cfg.mla, rngs=nnx.Rngs(seed), init_std=cfg.init_std)
 
 
 # Config -------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def test_naive_and_absorbed_agree_for_prefill_and_cached_decode(q_lora_rank):
     # Prefill 7 tokens into the latent cache, then decode the rest one at a time, per path.
     full, _ = run(x, pos, path="naive")
     for path in ("naive", "absorbed"):
-        cache = MLA.init_cache(cfg, B, S, jnp.float32)
+        cache = MLA.init_cache(cfg.mla, B, S, jnp.float32)
         out, cache = run(x[:, :7], pos[:, :7], cache=cache, path=path)
         np.testing.assert_allclose(out, full[:, :7], atol=2e-5, rtol=1e-5)
         for t in range(7, T):

@@ -37,7 +37,7 @@ def _loss_and_grads(graphdef, params, rest, x, cotangent, strategy=None):
 @pytest.fixture(scope="module")
 def reference():
     with nnx.use_eager_sharding(False):
-        layer = MoE(_cfg(), rngs=nnx.Rngs(0))
+        layer = MoE(D, _cfg().moe, rngs=nnx.Rngs(0), init_std=0.3)
     layer.bias_e[...] = 0.1 * jax.random.normal(jax.random.key(7), (8,))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (8, 8, D))  # B=8, T=8: N=64 tokens
@@ -53,7 +53,7 @@ def _run_ep(layer, x, cotangent, spec, chunks, strategy):
     mesh = sharding.make_mesh(spec)
     with sharding.use(mesh, "ep"):
         with nnx.use_eager_sharding(False):
-            sharded = MoE(_cfg(ep_chunks=chunks), rngs=nnx.Rngs(0))
+            sharded = MoE(D, _cfg(ep_chunks=chunks).moe, rngs=nnx.Rngs(0), init_std=0.3)
         sharded.moe = moe
         graphdef, params, rest = nnx.split(sharded, nnx.Param, ...)
         params = sharding.shard_state(nnx.state(layer, nnx.Param), mesh, "ep")
@@ -111,7 +111,7 @@ def test_chunked_exchange_equals_unchunked(devices, ep_run, spec, chunks):
 def _ep_forward(chunks):
     mesh = sharding.make_mesh("expert=8")
     with nnx.use_eager_sharding(False):
-        layer = MoE(_cfg(ep_chunks=chunks), rngs=nnx.Rngs(0))
+        layer = MoE(D, _cfg(ep_chunks=chunks).moe, rngs=nnx.Rngs(0), init_std=0.3)
     graphdef, state = nnx.split(layer)
     x = jax.ShapeDtypeStruct((8, 8, D), jnp.float32)
 

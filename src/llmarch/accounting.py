@@ -3,6 +3,9 @@
 Training FLOPs per token follow Kaplan et al. (2020) and PaLM (Chowdhery et al. 2022,
 appendix B): ``6·N_matmul`` for the weight matmuls (forward 2, backward 4 per weight) plus
 ``12·L·N_heads·H·S`` for the attention scores and weighted sums over ``S`` keys.
+
+Every per-kind formula (parameters, score FLOPs, cache elements, decode traffic) is declared with
+its kind in ``llmarch.layers.kinds``; this module sums them over a config's layers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from llmarch.config import MEMORY_SKIP_KINDS, BlockConfig, ModelConfig
+from llmarch.config import ModelConfig
+from llmarch.layers import kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,32 +36,17 @@ class ParamCounts:
         return self.total - self.embedding - self.lm_head
 
 
-def _attention_params(cfg: ModelConfig, kinds: BlockConfig) -> int:
-    a = cfg.attention
-    if kinds.attention == "mha":  # q and o: D·N·H each; k and v: D·K·H each
-        return 2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
-    if kinds.attention == "mla":  # the latent norms (Q and A scales) are counted here too
-        m, D = cfg.mla, cfg.d_model
-        N, A, R, H, Hv = m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
-        q = D * N * (H + R) if m.q_lora_rank is None else (
-            D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * N * (H + R))  # W_DQ, norm, W_UQ|W_QR
-        kv = D * A + A + D * R + A * N * (H + Hv)  # W_DKV, norm, W_KR, W_UK|W_UV
-        return q + kv + N * Hv * D  # + W_O
-    raise ValueError(f"attention={kinds.attention!r} has no parameter count yet")
+def _ffn_like(cfg: ModelConfig) -> list[kinds.FFNKind]:
+    """The FFN kind of every block, then the skip kind once per skip-layer span."""
+    found = [kinds.ffn(b.ffn) for b in cfg.layer_blocks]
+    return found + ([kinds.skip(cfg.skip_kind)] * len(cfg.skip_layers) if cfg.skip_layers else [])
 
 
-def _ffn_params(cfg: ModelConfig, kinds: BlockConfig, *, active: bool = False) -> int:
-    """One block's FFN parameters; ``active``: only those one token uses (MoE: the k routed
-    experts, not all E)."""
-    if kinds.ffn == "swiglu":  # gate, up [D,F] and down [F,D]
-        return 3 * cfg.d_model * cfg.ffn_dim
-    if kinds.ffn == "moe":  # router [D,E], routed experts 3·D·F each, shared experts 3·D·F_shared
-        m, D = cfg.moe, cfg.d_model
-        routed = m.top_k if active else m.num_experts
-        return D * m.num_experts + routed * 3 * D * m.expert_dim + 3 * D * m.shared_dim
-    if kinds.ffn == "pkm":  # a memory layer: counted in ParamCounts.memory
-        return 0
-    raise ValueError(f"ffn={kinds.ffn!r} has no parameter count yet")
+def _ffn_and_memory(cfg: ModelConfig, *, active: bool) -> dict[str, int]:
+    totals = {"ffn": 0, "memory": 0}
+    for kind in _ffn_like(cfg):
+        totals[kind.counted_as] += kind.params(cfg, active)
+    return totals
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -66,21 +55,18 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     return ParamCounts(
         embedding=V * D,
         lm_head=0 if cfg.tie_embeddings else D * V,
-        attention=sum(_attention_params(cfg, b) for b in blocks),
-        ffn=sum(_ffn_params(cfg, b) for b in blocks),
+        attention=sum(kinds.attention(b.attention).params(cfg) for b in blocks),
         norms=(2 * len(blocks) + 1) * D,
-        memory=memory_params(cfg),
+        **_ffn_and_memory(cfg, active=False),
     )
 
 
 def active_param_counts(cfg: ModelConfig) -> ParamCounts:
     """The parameters one token activates: as ``param_counts``, but an MoE FFN counts its router,
     shared experts and ``top_k`` of its routed experts (the convention of Mixtral's 12.9B of 46.7B
-    and DeepSeek-V3's 37B of 671B; embeddings and lm_head included)."""
-    blocks = cfg.layer_blocks
-    return dataclasses.replace(param_counts(cfg),
-                               ffn=sum(_ffn_params(cfg, b, active=True) for b in blocks),
-                               memory=memory_params(cfg, active=True))
+    and DeepSeek-V3's 37B of 671B; embeddings and lm_head included), a memory layer the value rows
+    one token reads."""
+    return dataclasses.replace(param_counts(cfg), **_ffn_and_memory(cfg, active=True))
 
 
 def active_param_count(cfg: ModelConfig) -> int:
@@ -97,17 +83,8 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = 
     ``S_eff`` is the keys a query sees: ``seq_len`` by PaLM's convention (``causal=False``),
     or the causal average ``(seq_len+1)/2``; a sliding window caps it.
     """
-    a = cfg.attention
     seen = (seq_len + 1) / 2 if causal else seq_len
-    total = 0.0
-    for kinds in cfg.layer_blocks:
-        if kinds.attention == "mla":  # naive path: QKᵀ over H+R dims, PV over H_v
-            m = cfg.mla
-            total += 6.0 * m.num_heads * (m.qk_head_dim + m.v_head_dim) * seen
-        else:
-            window = seen if a.sliding_window is None else min(seen, a.sliding_window)
-            total += 12.0 * a.num_heads * a.head_dim * window
-    return total
+    return sum(kinds.attention(b.attention).score_flops(cfg, seen) for b in cfg.layer_blocks)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, causal: bool = False) -> float:
@@ -128,15 +105,7 @@ def kv_cache_elements_per_token(cfg: ModelConfig) -> int:
     MHA ``2·N·H`` per layer, GQA ``2·K·H``, MQA ``2·H`` (all ``"mha"`` blocks, through
     ``num_kv_heads``); MLA ``A + R`` (``d_c + d_h^R``: the latent ``c_KV`` and the shared ``k_R``).
     """
-    total = 0
-    for kinds in cfg.layer_blocks:
-        if kinds.attention == "mha":
-            total += 2 * cfg.attention.num_kv_heads * cfg.attention.head_dim
-        elif kinds.attention == "mla":
-            total += cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-        else:
-            raise ValueError(f"attention={kinds.attention!r} has no KV-cache size yet")
-    return total
+    return sum(kinds.attention(b.attention).kv_elements(cfg) for b in cfg.layer_blocks)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
@@ -154,34 +123,9 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
 # -- memory layers (PKM / UltraMem) ---------------------------------------------------------------
 
 
-def _memory_layers(cfg: ModelConfig) -> tuple[int, int]:
-    """``(blocks, skips)``: the model's ``"pkm"`` FFN blocks and its memory skip-layer modules."""
-    skips = len(cfg.skip_layers) if cfg.skip_kind in MEMORY_SKIP_KINDS else 0
-    return sum(b.ffn == "pkm" for b in cfg.layer_blocks), skips
-
-
-def _memory_params(cfg: ModelConfig, *, skip: bool, active: bool) -> int:
-    """One memory layer (``llmarch.layers.memory``); ``active``: the value rows one token reads
-    (heads × top-m) instead of the whole table. Queries, keys, cores and projections count whole:
-    every token multiplies by all of them (the keys too: each query is scored against all 2·P)."""
-    m, D = cfg.memory, cfg.d_model
-    Z, U, W = max(m.tucker_rank, 1), m.width(D), m.virtual_blocks
-    rows = min(m.reads_per_token, m.physical_rows) if active else m.physical_rows
-    return (2 * D * m.num_heads * m.key_dim + 2 * m.key_dim  # W_q row/col, query LayerNorm
-            + 2 * m.num_heads * m.num_keys * Z * m.key_dim + (2 * m.key_dim if m.key_norm else 0)
-            + (m.num_cores * m.num_heads * Z * Z if m.tucker_rank else 0)
-            + rows * U
-            + (D * W * U if m.gate else 0) + (W * U * D if m.output_proj else 0)
-            + (D if skip else 0))  # a skip-layer memory's own RMSNorm
-
-
 def memory_params(cfg: ModelConfig, *, active: bool = False) -> int:
     """All memory layers' parameters (``ParamCounts.memory``); ``active``: per token."""
-    if cfg.memory is None:
-        return 0
-    blocks, skips = _memory_layers(cfg)
-    return (blocks * _memory_params(cfg, skip=False, active=active)
-            + skips * _memory_params(cfg, skip=True, active=active))
+    return _ffn_and_memory(cfg, active=active)["memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +147,6 @@ class DecodeTraffic:
         return self.dense + self.sparse + self.kv_cache
 
 
-def _distinct(n: int, draws: float, p: float) -> float:
-    """Expected distinct items among ``n`` when each of ``draws`` independent draws picks a given
-    item with probability ``p``: ``n·(1 − (1 − p)^draws)``."""
-    return n * (1.0 - (1.0 - p) ** draws)
-
-
 def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
                    dtype: str | None = None) -> DecodeTraffic:
     """The decode-step traffic model (UltraMem's Figure 1c argument, from the config alone).
@@ -226,18 +164,9 @@ def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
     counts = param_counts(cfg)
     dense = counts.attention + counts.norms + D * cfg.vocab_size + B * D  # + the B embedding rows
     sparse = 0.0
-    for kinds in cfg.layer_blocks:
-        if kinds.ffn == "moe":
-            m = cfg.moe
-            dense += D * m.num_experts + 3 * D * m.shared_dim
-            sparse += _distinct(m.num_experts, B, m.top_k / m.num_experts) * 3 * D * m.expert_dim
-        elif kinds.ffn != "pkm":
-            dense += _ffn_params(cfg, kinds)
-    blocks, skips = _memory_layers(cfg)
-    for skip in [False] * blocks + [True] * skips:
-        m = cfg.memory
-        U, M = m.width(D), m.physical_rows
-        dense += _memory_params(cfg, skip=skip, active=True) - min(m.reads_per_token, M) * U
-        sparse += _distinct(M, B * m.reads_per_token, 1.0 / M) * U
+    for kind in _ffn_like(cfg):
+        kind_dense, kind_sparse = kind.traffic(cfg, B)
+        dense += kind_dense
+        sparse += kind_sparse
     kv = kv_cache_elements_per_token(cfg) * context_len * B
     return DecodeTraffic(dense=dense * nbytes, sparse=sparse * nbytes, kv_cache=kv * nbytes)

@@ -2,13 +2,13 @@
 
 Each layer's attention and FFN kind comes from ``cfg.layer_blocks``; consecutive identical
 blocks form a run whose parameters are stacked on a leading ``layers`` axis and scanned, so
-compile time does not grow with depth. New block kinds register in ``ATTENTION``/``FFN``.
+compile time does not grow with depth. Kinds are built from their records in
+``llmarch.layers.kinds``; a new kind registers there and needs nothing here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,20 +18,10 @@ from flax import nnx
 
 from llmarch import axes, sharding
 from llmarch.config import BlockConfig, ModelConfig
-from llmarch.layers.attention import Attention
+from llmarch.layers import kinds
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
-from llmarch.layers.ffn import SwiGLU
-from llmarch.layers.memory import MemoryLayer, skip_memory
-from llmarch.layers.mla import MLA
-from llmarch.layers.moe import MoE
 from llmarch.layers.norms import RMSNorm
-
-ATTENTION: dict[str, Callable[..., nnx.Module]] = {"mha": Attention, "mla": MLA}
-FFN: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU, "moe": MoE, "pkm": MemoryLayer}
-# Modules for skip-layer spans (cfg.skip_layers): called as module(x [B,T,D]) -> [B,T,D] or
-# (out, aux), reading the stream entering block i; out is added to the stream leaving block j.
-SKIP: dict[str, Callable[..., nnx.Module]] = {"swiglu": SwiGLU, "pkm": skip_memory, "ultramem": skip_memory}
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -44,12 +34,13 @@ _ACTIVATION = (axes.BATCH, axes.SEQ, axes.ACT_EMBED)
 class Block(nnx.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
 
-    def __init__(self, cfg: ModelConfig, kinds: BlockConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, block: BlockConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.attention = ATTENTION[kinds.attention](cfg, rngs=rngs)
+        self.attention = kinds.attention(block.attention).build(cfg, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.ffn = FFN[kinds.ffn](cfg, rngs=rngs)
+        self.ffn_kind = kinds.ffn(block.ffn)  # static: its aux contract
+        self.ffn = self.ffn_kind.build(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
@@ -58,7 +49,7 @@ class Block(nnx.Module):
             out, cache = self.attention(self.attn_norm(x), positions, segment_ids, cache)
             x = x + out
         with jax.named_scope("ffn"):
-            out, aux = _with_aux(self.ffn(self.ffn_norm(x)))
+            out, aux = _with_aux(self.ffn(self.ffn_norm(x)), self.ffn_kind)
             x = x + out
         return sharding.constrain(x, _ACTIVATION), (cache, aux)
 
@@ -66,12 +57,12 @@ class Block(nnx.Module):
 class BlockRun(nnx.Module):
     """``count`` identical blocks whose parameters are stacked on a leading ``layers`` axis."""
 
-    def __init__(self, cfg: ModelConfig, kinds: BlockConfig, count: int, *, rngs: nnx.Rngs):
-        self.count, self.remat, self.kinds = count, cfg.remat, kinds
+    def __init__(self, cfg: ModelConfig, block: BlockConfig, count: int, *, rngs: nnx.Rngs):
+        self.count, self.remat, self.block = count, cfg.remat, block
 
         def init_one(key: jax.Array) -> nnx.State:
             with nnx.use_eager_sharding(False):
-                return nnx.state(Block(cfg, kinds, rngs=nnx.Rngs(params=key)))
+                return nnx.state(Block(cfg, block, rngs=nnx.Rngs(params=key)))
 
         # One jax.vmap over per-layer keys: every layer is initialized as a lone block would be.
         stacked = jax.vmap(init_one)(jax.random.split(rngs.params(), count))
@@ -89,12 +80,12 @@ class BlockRun(nnx.Module):
         mesh, table = jax.sharding.get_abstract_mesh(), _active_rules()
         if not mesh.empty and table and eager:  # born sharded, like flax's eager variables
             stacked = sharding.constrain_state(stacked, mesh, table)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, kinds)))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, block)))
         self.layers = nnx.merge(graphdef, stacked)  # a Block whose every variable has an L axis
 
     def init_cache(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
         """The run's decoding cache: one layer's cache stacked ``count`` times."""
-        one = ATTENTION[self.kinds.attention].init_cache(cfg, batch_size, max_len, dtype)
+        one = kinds.attention(self.block.attention).init_cache(cfg, batch_size, max_len, dtype)
         return jax.tree.map(lambda x: jnp.zeros((self.count, *x.shape), x.dtype), one)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
@@ -146,9 +137,10 @@ class Transformer(nnx.Module):
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
             self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
                                param_dtype=pd)
-            self.runs = nnx.List([BlockRun(cfg, kinds, count, rngs=rngs)
-                                  for kinds, _, count in run_layout(cfg)])
-            self.skips = nnx.List([SKIP[cfg.skip_kind](cfg, rngs=rngs) for _ in cfg.skip_layers])
+            self.runs = nnx.List([BlockRun(cfg, block, count, rngs=rngs)
+                                  for block, _, count in run_layout(cfg)])
+            self.skip_kind = None if cfg.skip_kind is None else kinds.skip(cfg.skip_kind)
+            self.skips = nnx.List([self.skip_kind.build(cfg, rngs) for _ in cfg.skip_layers])
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
             self.lm_head = None if cfg.tie_embeddings else Einsum(
                 (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), rngs=rngs,
@@ -226,7 +218,7 @@ class Transformer(nnx.Module):
             for skip, (read, add) in zip(self.skips, self.cfg.skip_layers, strict=True):
                 if read == start:  # runs are split at every skip boundary
                     with jax.named_scope(f"skip{read}_{add}"):
-                        pending[add], skip_aux = _with_aux(skip(x))
+                        pending[add], skip_aux = _with_aux(skip(x), self.skip_kind)
                     aux.append(skip_aux)
             with jax.named_scope(f"run{i}"):
                 x, (run_cache, run_aux) = run(x, positions, segment_ids,
@@ -248,9 +240,14 @@ class Transformer(nnx.Module):
 Aux = dict[str, Any]
 
 
-def _with_aux(out: jax.Array | tuple[jax.Array, Aux]) -> tuple[jax.Array, Aux]:
-    """A layer returns its output, or ``(output, aux)`` when it has auxiliary results."""
-    return out if isinstance(out, tuple) else (out, {})
+def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tuple[jax.Array, Aux]:
+    """A layer returns its output, or ``(output, aux)`` with exactly the aux keys its kind declares
+    (checked while tracing, so a kind that breaks its contract fails before anything runs)."""
+    out, aux = out if isinstance(out, tuple) else (out, {})
+    if set(aux) != kind.aux:
+        raise TypeError(f"{kind.name!r} layer returned aux keys {sorted(aux)}, but its kind declares "
+                        f"{sorted(kind.aux)}")
+    return out, aux
 
 
 def aux_metrics(aux: list[Aux]) -> dict[str, jax.Array]:
@@ -270,16 +267,16 @@ def aux_loss(aux: list[Aux]) -> jax.Array:
 
 
 def run_layout(cfg: ModelConfig) -> list[tuple[BlockConfig, int, int]]:
-    """``(kinds, first layer, count)`` of each run: consecutive identical blocks, also split
+    """``(block, first layer, count)`` of each run: consecutive identical blocks, also split
     where a skip-layer module reads (before block i) or adds (after block j)."""
     cuts = {i for i, _ in cfg.skip_layers} | {j + 1 for _, j in cfg.skip_layers}
     layout: list[tuple[BlockConfig, int, int]] = []
-    for layer, kinds in enumerate(cfg.layer_blocks):
-        if layout and layout[-1][0] == kinds and layer not in cuts:
-            kinds_, start, count = layout[-1]
-            layout[-1] = (kinds_, start, count + 1)
+    for layer, block in enumerate(cfg.layer_blocks):
+        if layout and layout[-1][0] == block and layer not in cuts:
+            _, start, count = layout[-1]
+            layout[-1] = (block, start, count + 1)
         else:
-            layout.append((kinds, layer, 1))
+            layout.append((block, layer, 1))
     return layout
 
 
@@ -332,9 +329,9 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
                                  f"slots allows [0, {slots})")
 
 
-def _unsharded_block(cfg: ModelConfig, kinds: BlockConfig) -> Block:
+def _unsharded_block(cfg: ModelConfig, block: BlockConfig) -> Block:
     with nnx.use_eager_sharding(False):
-        return Block(cfg, kinds, rngs=nnx.Rngs(0))
+        return Block(cfg, block, rngs=nnx.Rngs(0))
 
 
 def _unsharded_model(cfg: ModelConfig) -> Transformer:

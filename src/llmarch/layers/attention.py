@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
-from llmarch.config import ModelConfig
+from llmarch.layers.configs import AttentionConfig
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.rope import apply_rope, inverse_frequencies
 
@@ -21,11 +21,12 @@ from llmarch.layers.rope import apply_rope, inverse_frequencies
 class Attention(nnx.Module):
     """``w_q_dnh [D,N,H]``, ``w_k_dkh, w_v_dkh [D,K,H]``, ``w_o_nhd [N,H,D]``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        a = cfg.attention
-        D, N, K, H = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        pd = jnp.dtype(cfg.param_dtype)
+    def __init__(self, d_model: int, cfg: AttentionConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
+                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+        a = cfg
+        D, N, K, H = d_model, a.num_heads, a.num_kv_heads, a.head_dim
+        init = nnx.initializers.normal(init_std)
+        pd = jnp.dtype(param_dtype)
         self.w_q_dnh = Einsum((D, N, H), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
                               rngs=rngs, init=init, param_dtype=pd)
         self.w_k_dkh = Einsum((D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
@@ -36,13 +37,12 @@ class Attention(nnx.Module):
                               rngs=rngs, init=init, param_dtype=pd)
         self.head_dim, self.rope_theta, self.rope_scaling = H, a.rope_theta, a.rope_scaling
         self.sliding_window = a.sliding_window
-        self.impl = cfg.impl
+        self.impl = impl
 
     @staticmethod
-    def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    def init_cache(cfg: AttentionConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> KVCache:
         """An empty cache: slot ``s`` will hold the key and value of position ``s``."""
-        a = cfg.attention
-        shape = (batch_size, max_len, a.num_kv_heads, a.head_dim)  # [B,S,K,H]
+        shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B,S,K,H]
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,

@@ -11,6 +11,20 @@ from flax import nnx
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
+def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+    """A parameter whose axes carry logical ``names``.
+
+    Under a mesh and logical-axis rules (``llmarch.sharding.use``) it is born sharded, as flax 0.12
+    shards annotated variables eagerly; with no mesh it is built unsharded on the default device,
+    so a layer constructs on its own, with no sharding context, as readily as inside a model.
+    """
+    from flax.core import spmd as flax_spmd
+
+    eager = (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+             and bool(flax_spmd.get_logical_axis_rules()))
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
+
+
 class Einsum(nnx.Module):
     """A weight of ``shape`` whose axes carry logical ``names``; ``layer(eqn, x)`` contracts it.
 
@@ -30,9 +44,7 @@ class Einsum(nnx.Module):
         if len(shape) != len(names):
             raise ValueError(f"Einsum shape {tuple(shape)} and names {tuple(names)} differ in rank")
         init = init or nnx.initializers.normal(0.02)
-        self.w = nnx.Param(
-            init(rngs.params(), tuple(shape), param_dtype), out_sharding=tuple(names)
-        )
+        self.w = param(init(rngs.params(), tuple(shape), param_dtype), names)
 
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         # Weights are cast to the activation dtype: the compute dtype is the input's.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
+from llmarch.layers.einsum import param
 
 
 class Embed(nnx.Module):
@@ -15,8 +16,8 @@ class Embed(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, init_std: float = 0.02,
                  param_dtype: jnp.dtype = jnp.float32):
         init = nnx.initializers.normal(init_std)
-        self.table_vd = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype),
-                                  out_sharding=(axes.VOCAB, axes.EMBED))
+        self.table_vd = param(init(rngs.params(), (vocab_size, d_model), param_dtype),
+                              (axes.VOCAB, axes.EMBED))
 
     def encode(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
         return jnp.take(self.table_vd[...], tokens, axis=0).astype(dtype)  # [B,T,D]

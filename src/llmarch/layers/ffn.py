@@ -7,17 +7,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
-from llmarch.config import ModelConfig
 from llmarch.layers.einsum import Einsum
 
 
 class SwiGLU(nnx.Module):
     """``down(silu(x W_gate) * (x W_up))`` with ``W_gate, W_up [D,F]`` and ``W_down [F,D]``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.ffn_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        pd = jnp.dtype(cfg.param_dtype)
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, init_std: float = 0.02,
+                 param_dtype: jnp.dtype = jnp.float32):
+        D, F = d_model, hidden
+        init = nnx.initializers.normal(init_std)
+        pd = jnp.dtype(param_dtype)
         self.w_gate_df = Einsum((D, F), (axes.EMBED, axes.MLP), rngs=rngs, init=init, param_dtype=pd)
         self.w_up_df = Einsum((D, F), (axes.EMBED, axes.MLP), rngs=rngs, init=init, param_dtype=pd)
         self.w_down_fd = Einsum((F, D), (axes.MLP, axes.EMBED), rngs=rngs, init=init, param_dtype=pd)

@@ -1,6 +1,6 @@
 """Product-key memory (PKM) and UltraMem layers: a huge value table, a few rows read per token.
 
-``MemoryLayer(cfg)`` is one memory layer built from ``cfg.memory`` (a ``MemoryConfig``); every
+``MemoryLayer(d_model, memory_cfg, rngs=...)`` is one memory layer (a ``MemoryConfig``); every
 UltraMem part is a switch there, so the paper's ablation chain (PKM → raw scores → halved value
 width + projection → TDQKR → MCS → IVE) is a sequence of configs. Per token ``x [D]``:
 
@@ -38,8 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
-from llmarch.config import ModelConfig
-from llmarch.layers.einsum import Einsum
+from llmarch.checks import fail
+from llmarch.layers.configs import MemoryConfig
+from llmarch.layers.einsum import Einsum, param
 from llmarch.layers.memory_lookup import read_values, virtual_to_physical
 from llmarch.layers.memory_search import (
     initial_reference,
@@ -65,8 +66,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim: int, *, scale_init: float, eps: float = 1e-5,
                  param_dtype: jnp.dtype = jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.full((dim,), scale_init, param_dtype), out_sharding=(axes.NORM,))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axes.NORM,))
+        self.scale = param(jnp.full((dim,), scale_init, param_dtype), (axes.NORM,))
+        self.bias = param(jnp.zeros((dim,), param_dtype), (axes.NORM,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -82,15 +83,18 @@ class MemoryLayer(nnx.Module):
     adds it to the training objective.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, pre_norm: bool = False):
-        if cfg.memory is None:
-            raise ValueError("ModelConfig.memory=None is invalid for a memory layer: must be a MemoryConfig")
-        m = self.mem = cfg.memory
-        D, N, P, H, r = cfg.d_model, m.num_heads, m.num_keys, m.key_dim, m.tucker_rank
-        Z, U, W, X = max(r, 1), m.width(cfg.d_model), m.virtual_blocks, m.num_cores
-        pd = jnp.dtype(cfg.param_dtype)
-        self.impl = cfg.impl
-        self.norm = RMSNorm(D, eps=cfg.norm_eps, param_dtype=pd) if pre_norm else None
+    def __init__(self, d_model: int, cfg: MemoryConfig, *, rngs: nnx.Rngs, pre_norm: bool = False,
+                 norm_eps: float = 1e-5, init_std: float = 0.02, param_dtype: jnp.dtype = jnp.float32,
+                 impl: str = "auto"):
+        """``pre_norm``: RMS-normalize the input first (a skip-layer memory reads the raw residual
+        stream; an FFN-position one gets its block's norm)."""
+        check_width(d_model, cfg)
+        m = self.mem = cfg
+        D, N, P, H, r = d_model, m.num_heads, m.num_keys, m.key_dim, m.tucker_rank
+        Z, U, W, X = max(r, 1), m.width(d_model), m.virtual_blocks, m.num_cores
+        pd = jnp.dtype(param_dtype)
+        self.impl = impl
+        self.norm = RMSNorm(D, eps=norm_eps, param_dtype=pd) if pre_norm else None
         # The official UltraMem initialization: query projection and keys N(0, 1/H) (LayerNorms
         # follow, so only their directions matter), LayerNorm scales H^-0.33, cores U(0, 1),
         # output projection N(0, 1/(W·U)).
@@ -100,23 +104,21 @@ class MemoryLayer(nnx.Module):
         self.w_q_col_dnh = Einsum((D, N, H), (axes.EMBED, None, None), rngs=rngs, init=normal(H ** -0.5),
                                   param_dtype=pd)
         self.query_norm = LayerNorm(H, scale_init=H ** -0.33, param_dtype=pd)
-        self.keys_row_npzh = nnx.Param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd),
-                                       out_sharding=(None, None, None, None))
-        self.keys_col_npzh = nnx.Param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd),
-                                       out_sharding=(None, None, None, None))
+        self.keys_row_npzh = param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
+        self.keys_col_npzh = param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
         self.key_norm = LayerNorm(H, scale_init=H ** -0.33, param_dtype=pd) if m.key_norm else None
         if r:
             cores = jax.random.uniform(rngs.params(), (X, N, Z, Z), pd)
-            self.cores_xnzy = nnx.Param(cores, out_sharding=(None, None, None, None))
+            self.cores_xnzy = param(cores, (None, None, None, None))
             self.tucker_ref = MemoryState(initial_reference(cores))  # [N, 2, Z]
         std = m.value_init_std if m.value_init_std is not None else U ** -0.5
-        self.values_mu = nnx.Param(normal(std)(rngs.params(), (m.physical_rows, U), pd),
-                                   out_sharding=(axes.MEMORY_ROWS, None))
+        self.values_mu = param(normal(std)(rngs.params(), (m.physical_rows, U), pd),
+                               (axes.MEMORY_ROWS, None))
         if W > 1:
             self.ive_permutation = MemoryState(
                 jax.random.permutation(rngs.params(), m.num_slots).astype(jnp.int32))
         self.w_gate_dwu = Einsum((D, W, U), (axes.EMBED, None, None), rngs=rngs,
-                                 init=normal(cfg.init_std), param_dtype=pd) if m.gate else None
+                                 init=normal(init_std), param_dtype=pd) if m.gate else None
         self.w_out_wud = Einsum((W, U, D), (None, None, axes.EMBED), rngs=rngs,
                                 init=normal((W * U) ** -0.5), param_dtype=pd) if m.output_proj else None
 
@@ -179,6 +181,14 @@ class MemoryLayer(nnx.Module):
         self.tucker_ref[...] = jnp.stack([u, v], axis=-2).astype(ref.dtype)
 
 
-def skip_memory(cfg: ModelConfig, *, rngs: nnx.Rngs) -> MemoryLayer:
-    """A memory layer in a skip-layer span: it RMS-normalizes the residual stream it reads."""
-    return MemoryLayer(cfg, rngs=rngs, pre_norm=True)
+def check_width(d_model: int, cfg: MemoryConfig) -> None:
+    """The value width ``U`` (``value_dim``, or ``d_model``) must split into one chunk per core,
+    and a width other than ``d_model`` needs the output projection back to it."""
+    width = cfg.width(d_model)
+    if width % cfg.num_cores:
+        fail("MemoryConfig", "value_dim", width,
+             f"must be divisible by num_cores={cfg.num_cores} (MCS splits a value row into one chunk "
+             "per core); value_dim=None means d_model")
+    if width != d_model and not cfg.output_proj:
+        fail("MemoryConfig", "output_proj", False,
+             f"must be True when the value width {width} differs from d_model={d_model}")

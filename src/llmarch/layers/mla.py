@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from llmarch import axes, ops
-from llmarch.config import MLA_PATHS, MLAConfig, ModelConfig, YarnScaling
+from llmarch.layers.configs import MLA_PATHS, MLAConfig, YarnScaling
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.norms import RMSNorm
 from llmarch.layers.rope import apply_rope, inverse_frequencies
@@ -121,16 +121,15 @@ class MLA(nnx.Module):
     - output: ``w_o_nhd [N,H,D]``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        m = cfg.mla
-        if m is None:
-            raise ValueError("ModelConfig.mla=None is invalid for an 'mla' block: give an MLAConfig")
-        D, N, A, R = cfg.d_model, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
+    def __init__(self, d_model: int, cfg: MLAConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
+                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+        m = cfg
+        D, N, A, R = d_model, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
         H, Hv = m.qk_nope_head_dim, m.v_head_dim
-        pd = jnp.dtype(cfg.param_dtype)
+        pd = jnp.dtype(param_dtype)
 
         def weight(shape, names):
-            return Einsum(shape, names, rngs=rngs, init=nnx.initializers.normal(cfg.init_std),
+            return Einsum(shape, names, rngs=rngs, init=nnx.initializers.normal(init_std),
                           param_dtype=pd)
 
         E, NH, HD = axes.EMBED, axes.HEADS, axes.HEAD_DIM
@@ -149,12 +148,12 @@ class MLA(nnx.Module):
         self.w_uv_anh = weight((A, N, Hv), (axes.LATENT, NH, HD))
         self.w_kr_dr = weight((D, R), (E, HD))
         self.w_o_nhd = weight((N, Hv, D), (NH, HD, E))
-        self.config, self.impl = m, cfg.impl  # static: part of the graphdef
+        self.config, self.impl = m, impl  # static: part of the graphdef
 
     @staticmethod
-    def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> MLACache:
+    def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> MLACache:
         """An empty latent cache: slot ``s`` will hold ``c_KV`` and ``k_R`` of position ``s``."""
-        m = cfg.mla
+        m = cfg
         return MLACache(c_kv=jnp.zeros((batch_size, max_len, m.kv_lora_rank), dtype),  # [B,S,A]
                         k_r=jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype))  # [B,S,R]
 

@@ -1,6 +1,6 @@
 """Mixture-of-experts FFN block: Mixtral (arXiv 2401.04088) and DeepSeek-V3 (arXiv 2412.19437).
 
-``MoE(cfg)(x [B,T,D]) -> (y [B,T,D], aux)``:
+``MoE(d_model, moe_cfg, rngs=...)(x [B,T,D]) -> (y [B,T,D], aux)``:
 
     l = u W_r                       router logits [B,T,E]                (float32)
     s, TopK = route(l, b)           affinities s_i, the k experts chosen on s_i + b_i   (moe_routing)
@@ -31,10 +31,10 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 
 from llmarch import axes
-from llmarch.config import ModelConfig, MoEConfig
 from llmarch.layers import moe_dispatch as dispatch
 from llmarch.layers import moe_parallel
 from llmarch.layers import moe_routing as routing
+from llmarch.layers.configs import MoEConfig
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.ffn import SwiGLU
 from llmarch.layers.moe_dispatch import ExpertWeights
@@ -45,17 +45,19 @@ class ExpertBias(nnx.Variable):
 
 
 class MoE(nnx.Module):
-    """A routed-expert FFN (plus shared experts) configured by ``cfg.moe``; see the module doc."""
+    """A routed-expert FFN (plus shared experts) of width ``d_model``, configured by a
+    ``MoEConfig``; see the module doc."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        m: MoEConfig = cfg.moe
-        D, E, F = cfg.d_model, m.num_experts, m.expert_dim
+    def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
+                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+        m = cfg
+        D, E, F = d_model, m.num_experts, m.expert_dim
         mesh, table = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
         if not mesh.empty and table:  # fail before anything is placed on the mesh
             moe_parallel.check_experts_divide(m, mesh, table)
-        self.moe, self.impl = m, cfg.impl
-        init = nnx.initializers.normal(cfg.init_std)
-        pd = jnp.dtype(cfg.param_dtype)
+        self.moe, self.impl = m, impl
+        init = nnx.initializers.normal(init_std)
+        pd = jnp.dtype(param_dtype)
         self.w_router_de = Einsum((D, E), (axes.EMBED, None), rngs=rngs, init=init, param_dtype=pd)
         self.w_gate_edf = Einsum((E, D, F), (axes.EXPERT, axes.EMBED, axes.MLP), rngs=rngs, init=init,
                                  param_dtype=pd)
@@ -63,7 +65,8 @@ class MoE(nnx.Module):
                                param_dtype=pd)
         self.w_down_efd = Einsum((E, F, D), (axes.EXPERT, axes.MLP, axes.EMBED), rngs=rngs, init=init,
                                  param_dtype=pd)
-        self.shared = SwiGLU(cfg.replace(ffn_dim=m.shared_dim), rngs=rngs) if m.num_shared_experts else None
+        self.shared = (SwiGLU(D, m.shared_dim, rngs=rngs, init_std=init_std, param_dtype=pd)
+                       if m.num_shared_experts else None)
         self.bias_e = ExpertBias(jnp.zeros((E,), jnp.float32)) if m.router_bias else None
 
     def weights(self) -> ExpertWeights:

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from llmarch import axes, sharding
-from llmarch.config import MoEConfig
 from llmarch.layers import moe_dispatch as dispatch
+from llmarch.layers.configs import MoEConfig
 from llmarch.layers.moe_dispatch import ExpertWeights
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmarch.config import MoEConfig
+from llmarch.layers.configs import MoEConfig
 
 
 class Routing(NamedTuple):

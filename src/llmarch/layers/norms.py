@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
+from llmarch.layers.einsum import param
 
 
 class RMSNorm(nnx.Module):
@@ -14,7 +15,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: jnp.dtype = jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axes.NORM,))
+        self.scale = param(jnp.ones((dim,), param_dtype), (axes.NORM,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import jax
 import optax
 
-from llmarch.config import ModelConfig, check_int, check_number
+from llmarch.checks import INT32_MAX, check_int, check_number
+from llmarch.config import ModelConfig
 from llmarch.layers.memory import VALUES_PATTERN
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
@@ -76,8 +77,8 @@ class OptimizerConfig:
         _check("b1", self.b1, "must be in [0, 1)", lambda x: 0 <= x < 1)
         _check("b2", self.b2, "must be in [0, 1)", lambda x: 0 <= x < 1)
         _check("eps", self.eps, "must be a finite number > 0", lambda x: x > 0)
-        check_int("OptimizerConfig", "warmup_steps", self.warmup_steps, low=0)
-        check_int("OptimizerConfig", "grad_accum_steps", self.grad_accum_steps)
+        check_int("OptimizerConfig", "warmup_steps", self.warmup_steps, low=0, high=INT32_MAX)
+        check_int("OptimizerConfig", "grad_accum_steps", self.grad_accum_steps, high=INT32_MAX)
         if not all(isinstance(g, LrGroup) for g in self.lr_groups):
             raise ValueError(f"OptimizerConfig.lr_groups={self.lr_groups!r} must be a tuple of LrGroup")
 

@@ -27,7 +27,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from llmarch import accounting, presets, sharding
-from llmarch.config import ModelConfig, check_int, check_number
+from llmarch.checks import INT32_MAX, check_int, check_number
+from llmarch.config import ModelConfig
 from llmarch.data import (
     PackedRows,
     batches_per_epoch,
@@ -86,7 +87,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every",
                      "checkpoint_every", "keep_checkpoints"):
-            check_int("TrainConfig", name, getattr(self, name))
+            check_int("TrainConfig", name, getattr(self, name), high=INT32_MAX)
         check_int("TrainConfig", "seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range
         for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
             value = getattr(self, name)
