@@ -278,7 +278,7 @@ PAGED_CACHES: dict[str, type] = {"mha": PagedKVCache, "mla": PagedLatentCache}
 
 def cache_kinds(model) -> tuple[str, ...]:
     """The attention kind of each run of ``model`` (``model.runs``), checked to be pageable."""
-    kinds = tuple(run.kinds.attention for run in model.runs)
+    kinds = tuple(run.block.attention for run in model.runs)
     for kind in kinds:
         if kind not in PAGED_CACHES:
             raise ValueError(f"attention kind {kind!r} has no paged cache; pageable kinds: "
