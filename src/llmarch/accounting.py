@@ -14,6 +14,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from llmarch.checks import check_positive
 from llmarch.config import ModelConfig
 from llmarch.layers import kinds
 
@@ -157,8 +158,7 @@ def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
     sparse bytes grow with the batch, an MoE's with the experts woken up. Weights in ``dtype``
     (default ``cfg.dtype``), the KV cache too.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+    check_positive("", batch_size=batch_size)
     nbytes = jnp.dtype(dtype or cfg.dtype).itemsize
     D, B = cfg.d_model, batch_size
     counts = param_counts(cfg)

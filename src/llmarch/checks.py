@@ -16,7 +16,8 @@ INT32_MAX = 2**31 - 1  # step counters and schedules run as int32 on device
 
 
 def fail(owner: str, field: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
+    """``owner`` is the config class; "" for a plain argument (then the message names it alone)."""
+    raise ValueError(f"{owner + '.' if owner else ''}{field}={value!r} is invalid: {allowed}")
 
 
 def check_int(owner: str, field: str, value: Any, *, low: int = 1, high: int | None = None) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from llmarch import axes, sharding
+from llmarch.checks import check_positive
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers import kinds
 from llmarch.layers.einsum import Einsum
@@ -153,9 +154,7 @@ class Transformer(nnx.Module):
         leading layers axis; pass it to ``__call__`` and use the cache it returns.
         """
         max_len = self.cfg.max_seq_len if max_len is None else max_len
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        check_positive("", batch_size=batch_size, max_len=max_len)
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmarch.checks import check_positive
 from llmarch.inference.paged_cache import TRASH_PAGE
 
 
@@ -31,9 +32,7 @@ class BlockManager:
     """
 
     def __init__(self, num_pages: int, page_size: int):
-        for name, value in (("num_pages", num_pages), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        check_positive("", num_pages=num_pages, page_size=page_size)
         if num_pages < 2:
             raise ValueError(f"num_pages={num_pages} is invalid: must be >= 2 (page {TRASH_PAGE} "
                              "is reserved for padding)")

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from llmarch.checks import check_int
 from llmarch.config import ModelConfig
 from llmarch.inference import paged_cache, sampling
 from llmarch.inference.block_manager import BlockManager, pages_for
@@ -78,8 +79,7 @@ class EngineConfig:
             value = getattr(self, f.name)
             if f.name in ("watermark", "num_pages", "max_len", "seed", "max_logprobs", "fixed_shapes"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EngineConfig.{f.name}={value!r} is invalid: must be a positive integer")
+            check_int("EngineConfig", f.name, value)
         for name in ("num_pages", "max_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

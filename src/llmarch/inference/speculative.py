@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmarch.checks import check_positive
 from llmarch.inference import sampling
 from llmarch.inference.sampling import SamplingParams
 
@@ -120,8 +121,7 @@ class SpeculativeDecoder:
         if target.cfg.vocab_size != draft.cfg.vocab_size:
             raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} differs from the target's "
                              f"{target.cfg.vocab_size}")
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma <= 0:
-            raise ValueError(f"gamma={gamma!r} is invalid: must be a positive integer")
+        check_positive("", gamma=gamma)
         self.target, self.draft, self.gamma = target, draft, gamma
         self.max_len = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
         self._rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmarch.checks import check_choice, check_positive, fail
+from llmarch.checks import check_choice, check_int, check_positive, fail
 
 # How an MLA layer attends: expand per-head K/V ("naive"), attend in the latent space with W_UK and
 # W_UV folded into the query and output ("absorbed"), or choose by cost per call ("auto").
@@ -199,9 +199,7 @@ class MoEConfig:
         check_positive("MoEConfig", num_experts=self.num_experts, top_k=self.top_k,
                   expert_dim=self.expert_dim, n_group=self.n_group, topk_group=self.topk_group,
                   ep_chunks=self.ep_chunks)
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
-                or self.num_shared_experts < 0:
-            fail("MoEConfig", "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        check_int("MoEConfig", "num_shared_experts", self.num_shared_experts, low=0)
         check_choice("MoEConfig", "router", self.router, MOE_ROUTERS)
         check_choice("MoEConfig", "strategy", self.strategy, MOE_STRATEGIES)
         if self.top_k > self.num_experts:
@@ -282,9 +280,7 @@ class MemoryConfig:
                   key_dim=self.key_dim, num_cores=self.num_cores, virtual_blocks=self.virtual_blocks)
         if self.value_dim is not None:
             check_positive("MemoryConfig", value_dim=self.value_dim)
-        r = self.tucker_rank
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            fail("MemoryConfig", "tucker_rank", self.tucker_rank, "must be an integer >= 0 (0: PKM scoring)")
+        check_int("MemoryConfig", "tucker_rank", self.tucker_rank, low=0)  # 0: PKM's scoring
         if self.topk > self.num_keys:
             fail("MemoryConfig", "topk", self.topk, f"must be <= num_keys={self.num_keys} (m <= P)")
         check_choice("MemoryConfig", "score", self.score, MEMORY_SCORES)

@@ -23,6 +23,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from llmarch.checks import check_positive
+
 MANIFEST = "manifest.json"
 _FORMAT = 1
 
@@ -64,9 +66,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, read_only: bool = False):
-        for name, value in (("save_every", save_every), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        check_positive("", save_every=save_every, keep=keep)
         self.directory = Path(directory).absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint path {self.directory} exists and is not a directory")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from llmarch.checks import check_positive
 from llmarch.data import load_documents, load_tokenizer, pack_documents
 from llmarch.train.checkpoint import CheckpointError
 from llmarch.train.run_dir import latest_verified
@@ -53,8 +54,7 @@ def restore_run(run_dir: str | os.PathLike, *, log=_STDERR, attempts: int = 5):
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches: int = 16) -> dict:
     """Loss and perplexity of the latest checkpoint in ``run_dir`` (written by ``llmarch train``)
     on the run's validation split, or on all of ``data`` when given."""
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches <= 0:
-        raise ValueError(f"batches={batches!r} is invalid: must be a positive integer")
+    check_positive("", batches=batches)
     cfg, graphdef, state, step = restore_run(run_dir)
     if data is None:
         rows = load_rows(cfg)[1]
