@@ -35,7 +35,8 @@ class ParamCounts:
 def _attention_params(cfg: ModelConfig, kinds: BlockConfig) -> int:
     a = cfg.attention
     if kinds.attention == "mha":  # q and o: D·N·H each; k and v: D·K·H each
-        return 2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+        return (2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+                + (2 * a.head_dim if a.qk_norm else 0))  # Qwen3's q_norm and k_norm scales [H]
     if kinds.attention == "mla":  # the latent norms (Q and A scales) are counted here too
         m, D = cfg.mla, cfg.d_model
         N, A, R, H, Hv = m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim

@@ -107,10 +107,18 @@ class AttentionConfig:
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # a query sees at most this many keys, itself included
+    # Qwen3's RMSNorm of each query and key head over H, after the projection and before RoPE. Its
+    # eps is its own field, so that the layer needs nothing but this config (Qwen3 uses rms_norm_eps).
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self):
         _positive("AttentionConfig", num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   head_dim=self.head_dim)
+        if not isinstance(self.qk_norm, bool):
+            _fail("AttentionConfig", "qk_norm", self.qk_norm, "must be True or False")
+        check_number("AttentionConfig", "qk_norm_eps", self.qk_norm_eps, "must be in (0, 1)",
+                     lambda v: 0 < v < 1)
         if self.num_heads % self.num_kv_heads:
             _fail("AttentionConfig", "num_kv_heads", self.num_kv_heads,
                   f"must divide num_heads={self.num_heads}")
@@ -438,6 +446,9 @@ class ModelConfig:
     # block j (i <= j). Spans may not overlap.
     skip_layers: tuple[tuple[int, int], ...] = ()
     skip_kind: str | None = None
+    # The Hugging Face model_type this config was imported from (llmarch.hf), so that export writes
+    # the same architecture back; None: llmarch.hf picks one from the blocks (see its docs).
+    hf_model_type: str | None = None
 
     def __post_init__(self):
         _positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -467,6 +478,11 @@ class ModelConfig:
         _sub_config("moe", self.moe, MoEConfig, "a",
                     "blocks use ffn 'moe'" if any(b.ffn == "moe" for b in self.layer_blocks) else None,
                     unused="no block uses ffn 'moe'")
+
+        if self.hf_model_type is not None and (not isinstance(self.hf_model_type, str)
+                                               or not self.hf_model_type):
+            _fail("ModelConfig", "hf_model_type", self.hf_model_type,
+                  "must be a non-empty string (a transformers model_type) or None")
 
         self._check_skip_layers()
         self._check_memory()
