@@ -59,10 +59,12 @@ def from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
     if read_bool(hf, "use_sliding_window", False):
         raise ValueError("config.json use_sliding_window=True is not supported for Qwen3-MoE; allowed: "
                          "false")
-    if read_int(hf, "num_experts", minimum=0) == 0:
-        raise ValueError("config.json num_experts=0 is not supported for Qwen3-MoE (a dense model); "
+    # Qwen's checkpoints write num_experts; transformers 5 writes its alias num_local_experts.
+    experts = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    if read_int(hf, experts, minimum=0) == 0:
+        raise ValueError(f"config.json {experts}=0 is not supported for Qwen3-MoE (a dense model); "
                          "allowed: a positive integer, or model_type 'qwen3'")
-    moe = MoEConfig(num_experts=read_int(hf, "num_experts"), top_k=read_int(hf, "num_experts_per_tok"),
+    moe = MoEConfig(num_experts=read_int(hf, experts), top_k=read_int(hf, "num_experts_per_tok"),
                     expert_dim=read_int(hf, "moe_intermediate_size"), router="softmax",
                     norm_topk=read_bool(hf, "norm_topk_prob", False),  # Qwen3MoeConfig's default
                     aux_loss_coef=read_float(hf, "router_aux_loss_coef", 0.001))
