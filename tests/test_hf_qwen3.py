@@ -115,10 +115,10 @@ def test_router_gates_match_transformers():
 
 
 @pytest.mark.parametrize("case", ["qwen3-gqa-untied", "qwen3_moe-mixed"])
-def test_engine_greedy_equals_transformers_generate(checkpoint, case):
-    if checkpoint[0] != case:
-        pytest.skip("one engine run per architecture")
-    _, ref, _, model, cfg = checkpoint
+def test_engine_greedy_equals_transformers_generate(case, tmp_path):
+    ref = _torch_model(case)
+    ref.save_pretrained(tmp_path)
+    model, cfg = hf.load_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, V, n).tolist() for n in (5, 23, 40)]
     engine = Engine(model, cfg, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=16,
