@@ -101,7 +101,8 @@ def test_round_trip_is_exact_and_transformers_loads_it(tmp_path):
     hf.save_pretrained(model, cfg, tmp_path)
     loaded, loaded_cfg = hf.load_pretrained(tmp_path)
     _assert_same_state(model, loaded)
-    assert loaded_cfg == cfg.replace(name=loaded_cfg.name)  # HF carries all but the name
+    # HF carries all but the name; the import records the architecture
+    assert loaded_cfg == cfg.replace(name=loaded_cfg.name, hf_model_type="llama")
 
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert ref.dtype == torch.float32

@@ -57,7 +57,7 @@ def no_build(monkeypatch):
     """Config errors must come before any model is built (or anything compiled)."""
     def fail(*args, **kwargs):
         raise AssertionError("a model was built from an invalid config")
-    monkeypatch.setattr(hf, "from_hf_tensors", fail)
+    monkeypatch.setattr(hf.pretrained, "from_hf_tensors", fail)  # where load_pretrained looks
 
 
 # 1. Corrupt safetensors ----------------------------------------------------------------------

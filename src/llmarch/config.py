@@ -91,6 +91,9 @@ class ModelConfig:
     # block j (i <= j). Spans may not overlap.
     skip_layers: tuple[tuple[int, int], ...] = ()
     skip_kind: str | None = None
+    # The Hugging Face model_type this config was imported from (llmarch.hf), so that export writes
+    # the same architecture back; None: llmarch.hf picks one from the blocks (see its docs).
+    hf_model_type: str | None = None
 
     def __post_init__(self):
         check_positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -114,6 +117,10 @@ class ModelConfig:
             if len(self.blocks) != self.num_layers:
                 fail("ModelConfig", "blocks", f"<{len(self.blocks)} blocks>",
                      f"must have num_layers={self.num_layers} entries")
+        if self.hf_model_type is not None and (not isinstance(self.hf_model_type, str)
+                                               or not self.hf_model_type):
+            fail("ModelConfig", "hf_model_type", self.hf_model_type,
+                 "must be a non-empty string (a transformers model_type) or None")
         self._check_skip_layers()
         self._check_kinds()
 

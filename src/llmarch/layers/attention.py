@@ -15,6 +15,7 @@ from flax import nnx
 from llmarch import axes, ops
 from llmarch.layers.configs import AttentionConfig
 from llmarch.layers.einsum import Einsum
+from llmarch.layers.norms import RMSNorm
 from llmarch.layers.rope import apply_rope, inverse_frequencies
 
 
@@ -35,6 +36,10 @@ class Attention(nnx.Module):
                               rngs=rngs, init=init, param_dtype=pd)
         self.w_o_nhd = Einsum((N, H, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
                               rngs=rngs, init=init, param_dtype=pd)
+        if a.qk_norm:  # Qwen3: per-head RMSNorm over H of q and k, before RoPE
+            self.q_norm = RMSNorm(H, eps=a.qk_norm_eps, param_dtype=pd)
+            self.k_norm = RMSNorm(H, eps=a.qk_norm_eps, param_dtype=pd)
+        self.qk_norm = a.qk_norm
         self.head_dim, self.rope_theta, self.rope_scaling = H, a.rope_theta, a.rope_scaling
         self.sliding_window = a.sliding_window
         self.impl = impl
@@ -55,8 +60,10 @@ class Attention(nnx.Module):
         positions hides both the future and the slots not yet written.
         """
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)  # [H/2]
-        q = apply_rope(self.w_q_dnh("BTD,DNH->BTNH", x), positions, inv_freq)
-        k = apply_rope(self.w_k_dkh("BTD,DKH->BTKH", x), positions, inv_freq)
+        q, k = self.w_q_dnh("BTD,DNH->BTNH", x), self.w_k_dkh("BTD,DKH->BTKH", x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = self.w_v_dkh("BTD,DKH->BTKH", x)
         if cache is None:
             out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,

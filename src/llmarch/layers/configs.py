@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmarch.checks import check_choice, check_int, check_positive, fail
+from llmarch.checks import check_choice, check_int, check_number, check_positive, fail
 
 # How an MLA layer attends: expand per-head K/V ("naive"), attend in the latent space with W_UK and
 # W_UV folded into the query and output ("absorbed"), or choose by cost per call ("auto").
@@ -48,10 +48,18 @@ class AttentionConfig:
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # a query sees at most this many keys, itself included
+    # Qwen3's RMSNorm of each query and key head over H, after the projection and before RoPE. Its
+    # eps is its own field, so that the layer needs nothing but this config (Qwen3 uses rms_norm_eps).
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self):
         check_positive("AttentionConfig", num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                  head_dim=self.head_dim)
+                       head_dim=self.head_dim)
+        if not isinstance(self.qk_norm, bool):
+            fail("AttentionConfig", "qk_norm", self.qk_norm, "must be True or False")
+        check_number("AttentionConfig", "qk_norm_eps", self.qk_norm_eps, "must be in (0, 1)",
+                     lambda v: 0 < v < 1)
         if self.num_heads % self.num_kv_heads:
             fail("AttentionConfig", "num_kv_heads", self.num_kv_heads,
                   f"must divide num_heads={self.num_heads}")

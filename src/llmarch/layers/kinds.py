@@ -187,7 +187,8 @@ def _options(cfg: ModelConfig, *, impl: bool = True) -> dict[str, Any]:
 
 def _mha_params(cfg: ModelConfig) -> int:  # q and o: D·N·H each; k and v: D·K·H each
     a = cfg.attention
-    return 2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+    return (2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+            + (2 * a.head_dim if a.qk_norm else 0))  # Qwen3's q_norm and k_norm scales [H]
 
 
 def _mha_score_flops(cfg: ModelConfig, keys: float) -> float:

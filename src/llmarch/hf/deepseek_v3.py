@@ -13,69 +13,53 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmarch.config import MLAConfig, ModelConfig, MoEConfig, moe_blocks
-from llmarch.hf_tables import (
-    ATTENTION_TENSORS,
-    MOE_TENSORS,
-    Expert,
-    Linear,
-    Part,
-    Rule,
-    Same,
-    _bool,
-    _check_llama,
-    _float,
-    _int,
-    _model_from_hf,
-    _model_to_hf,
-    _rope,
-    block_tensors,
-)
+from llmarch.hf.architecture import Architecture
+from llmarch.hf.common import SWIGLU_TENSORS, check_llama, expert_tensors, model_from_hf, model_to_hf
+from llmarch.hf.fields import read_bool, read_float, read_int, read_rope
+from llmarch.hf.rules import Linear, Part, Same, Table
 
 
-def mla_tensors(cfg: ModelConfig, rope_interleave: bool = True) -> dict[str, Rule | list[Rule]]:
+def rope_interleave(hf_config: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint stores the RoPE columns in interleaved pairs (DeepseekV3Config's
+    default, and what ``to_hf`` writes)."""
+    return read_bool(hf_config, "rope_interleave", True)
+
+
+def mla_tensors(cfg: ModelConfig, hf_config: Mapping[str, Any]) -> Table:
     """transformers ``DeepseekV3Attention``'s tensors for ``cfg.mla``; a fused one maps to a list."""
-    m = cfg.mla
+    m, interleave = cfg.mla, rope_interleave(hf_config)
     H, R, Hv, A = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
 
     def at(name: str) -> tuple[str, ...]:
         return ("attention", name, "w")
 
     qk = [(at("w_uq_qnh" if m.q_lora_rank else "w_q_dnh"), Part((H, R), 0)),
-          (at("w_qr_qnr" if m.q_lora_rank else "w_qr_dnr"), Part((H, R), 1, rope_interleave))]
+          (at("w_qr_qnr" if m.q_lora_rank else "w_qr_dnr"), Part((H, R), 1, interleave))]
     q = {"self_attn.q_proj.weight": qk} if m.q_lora_rank is None else {
         "self_attn.q_a_proj.weight": (at("w_dq_dq"), Linear()),
         "self_attn.q_a_layernorm.weight": (("attention", "q_norm", "scale"), Same()),
         "self_attn.q_b_proj.weight": qk}
     return {**q,
             "self_attn.kv_a_proj_with_mqa.weight": [(at("w_dkv_da"), Part((A, R), 0)),
-                                                    (at("w_kr_dr"), Part((A, R), 1, rope_interleave))],
+                                                    (at("w_kr_dr"), Part((A, R), 1, interleave))],
             "self_attn.kv_a_layernorm.weight": (("attention", "kv_norm", "scale"), Same()),
             "self_attn.kv_b_proj.weight": [(at("w_uk_anh"), Part((H, Hv), 0)),
                                            (at("w_uv_anh"), Part((H, Hv), 1))],
             "self_attn.o_proj.weight": (at("w_o_nhd"), Linear(in_axes=2))}
 
 
-
-def moe_tensors(cfg: ModelConfig) -> dict[str, Rule | list[Rule]]:
+def moe_tensors(cfg: ModelConfig, hf_config: Mapping[str, Any]) -> Table:
     """transformers ``DeepseekV3MoE``'s tensors for ``cfg.moe`` (the router, each expert, the
     shared experts and the bias)."""
-    m = cfg.moe
-    table: dict[str, Rule | list[Rule]] = {
-        "mlp.gate.weight": (("ffn", "w_router_de", "w"), Linear()),
-        "mlp.gate.e_score_correction_bias": (("ffn", "bias_e"), Same()),
-    }
-    for e in range(m.num_experts):
-        table |= {f"mlp.experts.{e}.gate_proj.weight": (("ffn", "w_gate_edf", "w"), Expert(e, Linear())),
-                  f"mlp.experts.{e}.up_proj.weight": (("ffn", "w_up_edf", "w"), Expert(e, Linear())),
-                  f"mlp.experts.{e}.down_proj.weight": (("ffn", "w_down_efd", "w"), Expert(e, Linear()))}
-    if m.num_shared_experts:
+    table: Table = {"mlp.gate.weight": (("ffn", "w_router_de", "w"), Linear()),
+                    "mlp.gate.e_score_correction_bias": (("ffn", "bias_e"), Same()),
+                    **expert_tensors(cfg, "mlp.experts.{}.", "gate_proj.weight", "up_proj.weight",
+                                     "down_proj.weight")}
+    if cfg.moe.num_shared_experts:
         table |= {f"mlp.shared_experts.{p}_proj.weight": (("ffn", "shared", f"w_{p}_{io}", "w"), Linear())
                   for p, io in (("gate", "df"), ("up", "df"), ("down", "fd"))}
     return table
 
-
-ATTENTION_TENSORS["mla"] = mla_tensors
-MOE_TENSORS["deepseek_v3"] = moe_tensors
 
 # Fields of DeepSeek's own configs that transformers' DeepseekV3 does not read; only the values that
 # transformers implements are accepted.
@@ -87,32 +71,32 @@ def _moe_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
         if hf.get(key, allowed) != allowed:
             raise ValueError(f"config.json {key}={hf[key]!r} is not supported; allowed: {allowed!r}")
     return MoEConfig(
-        num_experts=_int(hf, "n_routed_experts"), top_k=_int(hf, "num_experts_per_tok"),
-        expert_dim=_int(hf, "moe_intermediate_size"),
-        num_shared_experts=_int(hf, "n_shared_experts", 0, minimum=0), router="sigmoid",
-        norm_topk=_bool(hf, "norm_topk_prob", True),
-        route_scale=_float(hf, "routed_scaling_factor", 1.0),
-        n_group=_int(hf, "n_group", 1), topk_group=_int(hf, "topk_group", 1), router_bias=True)
+        num_experts=read_int(hf, "n_routed_experts"), top_k=read_int(hf, "num_experts_per_tok"),
+        expert_dim=read_int(hf, "moe_intermediate_size"),
+        num_shared_experts=read_int(hf, "n_shared_experts", 0, minimum=0), router="sigmoid",
+        norm_topk=read_bool(hf, "norm_topk_prob", True),
+        route_scale=read_float(hf, "routed_scaling_factor", 1.0),
+        n_group=read_int(hf, "n_group", 1), topk_group=read_int(hf, "topk_group", 1), router_bias=True)
 
 
-def deepseek_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
+def from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
     """A DeepseekV3 config: MLA blocks, SwiGLU before ``first_k_dense_replace`` and MoE after."""
-    _check_llama(hf)  # the same bias and activation checks
-    layers = _int(hf, "num_hidden_layers")
-    dense = min(_int(hf, "first_k_dense_replace", 3, minimum=0), layers)  # 3: DeepseekV3Config's default
-    heads = _int(hf, "num_attention_heads")
-    if _int(hf, "num_key_value_heads", heads) != heads:
+    check_llama(hf)  # the same bias and activation checks
+    layers = read_int(hf, "num_hidden_layers")
+    dense = min(read_int(hf, "first_k_dense_replace", 3, minimum=0), layers)  # 3: DeepseekV3Config's default
+    heads = read_int(hf, "num_attention_heads")
+    if read_int(hf, "num_key_value_heads", heads) != heads:
         raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']!r} is not "
                          f"supported; allowed: num_attention_heads={heads}")
-    theta, yarn = _rope(hf, scaled="yarn")
-    q_rank = None if hf.get("q_lora_rank") is None else _int(hf, "q_lora_rank")
+    theta, yarn = read_rope(hf, scaled="yarn")
+    q_rank = None if hf.get("q_lora_rank") is None else read_int(hf, "q_lora_rank")
     mla = MLAConfig(num_heads=heads, q_lora_rank=q_rank,
-                    **{k: _int(hf, k) for k in ("kv_lora_rank", "qk_nope_head_dim",
-                                                "qk_rope_head_dim", "v_head_dim")},
+                    **{k: read_int(hf, k) for k in ("kv_lora_rank", "qk_nope_head_dim",
+                                                    "qk_rope_head_dim", "v_head_dim")},
                     rope_theta=theta, rope_scaling=yarn)
     moe = _moe_from_hf(hf) if dense < layers else None
-    return _model_from_hf(hf, name, 4096, attention=mla.mha_baseline(), mla=mla, moe=moe,
-                          blocks=moe_blocks(layers, dense, attention="mla"))
+    return model_from_hf(hf, name, 4096, model_type="deepseek_v3", attention=mla.mha_baseline(),
+                         mla=mla, moe=moe, blocks=moe_blocks(layers, dense, attention="mla"))
 
 
 def _first_k_dense(cfg: ModelConfig) -> int:
@@ -138,22 +122,25 @@ def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                 topk_group=m.topk_group)
 
 
-def deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``config.json`` dict that transformers reads as a DeepseekV3ForCausalLM."""
-    m, s = cfg.mla, cfg.mla.rope_scaling
     if any(b.attention != "mla" for b in cfg.layer_blocks):
         raise ValueError("ModelConfig.blocks mix 'mla' with other attention kinds: no Hugging Face "
                          "architecture has that; allowed for export: all 'mla' or all 'mha'")
-    for kinds in cfg.layer_blocks:
-        block_tensors(kinds, cfg)  # raises for FFN kinds without a mapping
+    m, s = cfg.mla, cfg.mla.rope_scaling
     yarn = None if s is None else {
         "rope_type": "yarn", "factor": s.factor, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
         "mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim,
         "original_max_position_embeddings": s.original_max_position_embeddings}
-    return _model_to_hf(
-        cfg, "deepseek_v3", yarn, m.rope_theta, first_k_dense_replace=_first_k_dense(cfg),
+    return model_to_hf(
+        cfg, yarn, m.rope_theta, first_k_dense_replace=_first_k_dense(cfg),
         **_moe_to_hf(cfg),
         num_nextn_predict_layers=0, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
         q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
         qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
         rope_interleave=True)  # to_hf_tensors writes the RoPE columns interleaved
+
+
+DEEPSEEK_V3 = Architecture(model_type="deepseek_v3", hf_class="DeepseekV3ForCausalLM", from_hf=from_hf,
+                           to_hf=to_hf, attention={"mla": mla_tensors},
+                           ffn={"swiglu": SWIGLU_TENSORS, "moe": moe_tensors})

@@ -1,0 +1,93 @@
+"""Loading and saving Hugging Face checkpoint directories: the API at the top of ``llmarch.hf``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from llmarch.config import DTYPES, ModelConfig
+from llmarch.hf.config_json import config_from_hf, config_to_hf
+from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
+from llmarch.hf.files import (
+    CONFIG_FILE,
+    HF_CHECKPOINT,
+    CheckpointTensors,
+    checkpoint_dir,
+    weight_files,
+    write_checkpoint,
+)
+from llmarch.json_config import read_json
+from llmarch.model import Transformer
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name in ``DTYPES`` of a dtype (or dtype name) for parameters and computation."""
+    try:
+        name = np.dtype(jax.numpy.dtype(dtype)).name
+    except TypeError:  # not a dtype at all, e.g. "float33"
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {DTYPES}")
+    return name
+
+
+def load_pretrained(path: str | os.PathLike, *,
+                    dtype: Any = None) -> tuple[Transformer, ModelConfig]:
+    """Loads a Hugging Face checkpoint directory of a supported architecture (Llama, Mixtral,
+    DeepSeek-V3, Qwen3, Qwen3-MoE: ``llmarch.hf.ARCHITECTURES``).
+
+    Args:
+      path: a directory with ``config.json`` and ``model.safetensors`` (or its shards and
+        ``model.safetensors.index.json``).
+      dtype: dtype of the parameters and of the computation, e.g. ``"bfloat16"``; None keeps
+        both float32 (whatever the checkpoint's dtype), as DESIGN.md's numerics ask.
+    Returns:
+      ``(model, cfg)``; ``cfg.hf_model_type`` records the architecture, for ``save_pretrained``.
+    Raises:
+      FileNotFoundError: for a missing directory (or a file in its place), config or weights file.
+      ValueError: naming the file, for one that is not valid JSON or safetensors, an unsupported or
+        invalid config field, or tensors that do not match the config.
+    """
+    root = checkpoint_dir(path, HF_CHECKPOINT)
+    config_path = root / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: a checkpoint needs {CONFIG_FILE}")
+    hf_config = read_json(config_path)
+    try:
+        cfg = config_from_hf(hf_config, name=root.resolve().name)
+    except ValueError as e:  # name the file: "config.json x=..." or "ModelConfig.x=... (from it)"
+        message = str(e)
+        message = (str(config_path) + message.removeprefix(CONFIG_FILE)
+                   if message.startswith(CONFIG_FILE) else f"{config_path}: {message}")
+        raise ValueError(message) from None
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype_name(dtype), param_dtype=dtype_name(dtype))
+    return from_hf_tensors(CheckpointTensors(root, weight_files(root)), cfg, hf_config=hf_config), cfg
+
+
+def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLike, *,
+                    architecture: str | None = None, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Writes ``config.json`` and safetensors weights that transformers' ``from_pretrained`` of the
+    architecture's class loads.
+
+    The architecture is ``architecture`` (a model_type such as ``"qwen3"``) when given, else
+    ``cfg.hf_model_type`` (what ``load_pretrained`` read), else chosen from the blocks by
+    ``llmarch.hf.architectures.default_architecture``. Over ``max_shard_bytes`` the weights are split
+    into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``. Weight files
+    left by an earlier save in ``path`` are removed first, so that a stale index cannot shadow the
+    new weights.
+    """
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) \
+            or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
+    hf_config = config_to_hf(cfg, architecture=architecture)
+    architecture = hf_config["model_type"]  # judge model.cfg by the same architecture
+    if config_to_hf(model.cfg, architecture=architecture) != hf_config:
+        raise ValueError("cfg does not describe model: their Hugging Face configs differ "
+                         f"(cfg.name={cfg.name!r}, model.cfg.name={model.cfg.name!r})")
+    tensors = to_hf_tensors(model, cfg, architecture=architecture)
+    write_checkpoint(Path(path), hf_config, tensors, max_shard_bytes)
