@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
 from kernels_pallas.paged_attention import paged_attention_reference
@@ -65,10 +65,10 @@ def mla_decode(
     Returns:
       ``[B,T,N,A]`` latent outputs in ``q_latent``'s dtype.
     """
-    C.check_rank("q_latent", q_latent, 4, "[B,T,N,A]")
-    C.check_rank("q_rope", q_rope, 4, "[B,T,N,R]")
-    C.check_rank("c_kv_pages", c_kv_pages, 3, "[P, page_size, A]")
-    C.check_rank("k_rope_pages", k_rope_pages, 3, "[P, page_size, R]")
+    common.check_rank("q_latent", q_latent, 4, "[B,T,N,A]")
+    common.check_rank("q_rope", q_rope, 4, "[B,T,N,R]")
+    common.check_rank("c_kv_pages", c_kv_pages, 3, "[P, page_size, A]")
+    common.check_rank("k_rope_pages", k_rope_pages, 3, "[P, page_size, R]")
     B, T, N, A = q_latent.shape
     P, ps, Ac = c_kv_pages.shape
     R = q_rope.shape[-1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
 from kernels_pallas.flash_attention import attention_reference
@@ -80,9 +80,9 @@ def paged_attention(
       ValueError: mismatched shapes or head counts; (when the tables are concrete) a table
         entry past the cache or a length past the table; on GPU a page size that does not tile.
     """
-    C.check_rank("q", q, 4, "[B,T,N,H]")
+    common.check_rank("q", q, 4, "[B,T,N,H]")
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-        C.check_rank(name, x, 4, "[P, page_size, K, H]")
+        common.check_rank(name, x, 4, "[P, page_size, K, H]")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages has shape {k_pages.shape} but v_pages {v_pages.shape}")
     B, T, N, H = q.shape
