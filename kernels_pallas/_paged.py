@@ -394,7 +394,7 @@ def check_tables(block_tables, lengths, q_positions, *, batch: int, queries: int
         raise ValueError(f"lengths span [{lens.min()}, {lens.max()}]: a table of {max_pages} pages "
                          f"of {page_size} allows [0, {max_pages * page_size}]")
     for b, n in enumerate(lens):
-        used = tables[b, : -(-int(n) // page_size)]
+        used = tables[b, : common.cdiv(int(n), page_size)]
         bad = np.flatnonzero((used < 0) | (used >= num_pages))
         if bad.size:
             p = int(bad[0])

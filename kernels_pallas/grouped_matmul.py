@@ -123,7 +123,7 @@ def _work_items(group_sizes, num_tiles: int, bm: int):
     ends = jnp.cumsum(gs)
     starts = ends - gs
     first = starts // bm
-    tiles = jnp.where(gs > 0, (ends + bm - 1) // bm - first, 0)
+    tiles = jnp.where(gs > 0, common.cdiv(ends, bm) - first, 0)
     cum = jnp.cumsum(tiles)
     num_valid = cum[-1]
     w = jnp.arange(num_tiles + E - 1, dtype=jnp.int32)

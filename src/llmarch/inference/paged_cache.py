@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.intmath import cdiv
 from llmarch import ops
 from llmarch.config import ModelConfig
 
@@ -108,12 +109,12 @@ def _blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...]
     ps, K, Hv = v_pages.shape[1:]
     G = N // K
     pb = min(PAGES_PER_BLOCK, tables.shape[1])  # pages per block
-    blocks = -(-tables.shape[1] // pb)
+    blocks = cdiv(tables.shape[1], pb)
     tables = jnp.pad(tables, ((0, 0), (0, blocks * pb - tables.shape[1])))  # pads: the trash page
     qg = [q.reshape(B, T, K, G, -1).transpose(0, 2, 3, 1, 4) for q in qs]  # [B,K,G,T,H_i]
     qp = q_positions[:, :, None]  # [B,T,1]
     longest = jnp.max(jnp.where(jnp.any(q_positions >= 0, axis=1), lengths, 0))
-    trips = (longest + pb * ps - 1) // (pb * ps)
+    trips = cdiv(longest, pb * ps)
 
     def body(carry):
         i, top, denom, acc = carry

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from kernels_pallas.intmath import round_up
 from llmarch import axes, sharding
 from llmarch.config import MoEConfig
 from llmarch.layers import moe_dispatch as dispatch
@@ -106,7 +107,7 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
                                                      dispatch.capacity_of(n, k, E, cfg.capacity_factor))
             return out, dropped[None]
         capacity = n if strategy == "dropless" else dispatch.capacity_of(n, k, E, cfg.capacity_factor)
-        padded = -(-capacity // chunks) * chunks  # C rounded up to whole chunks; the rest stays empty
+        padded = round_up(capacity, chunks)  # C rounded up to whole chunks; the rest stays empty
         slot, keep = dispatch.slots(experts, E, capacity)
         slot = jnp.where(keep, slot, padded)  # dropped copies go past the buffer
         buffers = dispatch.to_buffers(x, experts, slot, E, padded).reshape(ep, E // ep, padded, D)
