@@ -69,7 +69,7 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    """How the kernel reads one paged cache ``[P, page_size, W]``: ``width`` columns, at
+    """How the kernel reads one paged cache ``[pages, page_size, width]``: ``width`` columns, at
     column block ``k`` (the KV head) when ``per_head``, else columns ``[0, width)``."""
 
     width: int
@@ -303,7 +303,7 @@ def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
 def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, lengths, q_positions,
            num_kv_heads: int):
     """``[B,T,N,Hv]``: queries ``q_parts`` (each ``[B,T,N,w_i]``) over the paged ``caches``
-    (each ``[P, page_size, W]``), in float32 (callers cast)."""
+    (each ``[pages, page_size, width]``), in float32 (callers cast)."""
     B, T, N, _ = q_parts[0].shape
     K = num_kv_heads
     G = N // K
@@ -339,7 +339,7 @@ def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, le
 
 
 def _check_tpu_tiles(spec: Spec, num_kv_heads: int) -> None:
-    """A per-head page tile ``[page_size, H]`` of a ``[P, page_size, K*H]`` pool is a lane
+    """A per-head page tile ``[page_size, H]`` of a ``[pages, page_size, K*H]`` pool is a lane
     slice: Mosaic needs H to be a multiple of 128 unless it is the whole row (K = 1)."""
     for c in spec.caches:
         if c.per_head and num_kv_heads > 1 and c.width % 128:
