@@ -6,7 +6,7 @@ for a batch of B sequences, for the reconstructed paper-scale presets ``ultramem
 ``moe-*-2in34`` of (within 0.02%) the same parameters, bf16 weights and a 2048-token KV cache.
 
 Part 2, measured: one layer's decode step (``x [B,1,D]`` -> ``[B,1,D]``, jitted, float32) for
-B = 1…64. The UltraMem layer (``llmarch.layers.memory.MemoryLayer``: TDQKR r=2, 2 cores, IVE E=4,
+B = 1…64. The UltraMem layer (``llmarch.layers.memory.MemoryLayer``: TDQKR r=2, 2 cores, IVE W=4,
 raw scores, value width D/2 with projection) and an ``llmarch.layers.moe.MoE`` layer (top-2
 SwiGLU experts) are sized to the same total and activated parameters. The MoE runs with each of
 its strategies that compute only routed tokens ("dropless": sort + ``ragged_dot``; "capacity":
@@ -139,7 +139,7 @@ for B in batches:
 lines += ["## Measured decode-step latency of one layer (this machine)", "",
           f"UltraMem layer: D={D}, P={args.num_keys} ({args.num_keys ** 2:,} virtual slots, "
           f"{mem.physical_rows:,} physical rows of {D // 2}), 2 heads x top-32, key width 128, "
-          f"TDQKR r=2 with 2 cores, IVE E=4, raw scores; {um_total:,} parameters, "
+          f"TDQKR r=2 with 2 cores, IVE W=4, raw scores; {um_total:,} parameters, "
           f"{um_active:,} activated per token (queries, all keys, projection, the 64 rows read). "
           f"MoE layer: {E} SwiGLU experts of F={F}, top-2; {moe_total:,} parameters, "
           f"{moe_active:,} activated. "

@@ -10,7 +10,7 @@ so that the parameters one token activates are within 0.2% of each other:
 - MoE: 8 SwiGLU experts of F=96, top-2 (2·96 = 192), softmax router, balance loss 0.01, both blocks.
 - PKM: ``tiny-pkm``, block 1's FFN replaced by a product-key memory (4 heads, top-16 of 64² slots).
 - UltraMem: ``tiny-ultramem``, SwiGLU F=96 in both blocks plus one UltraMem skip layer over the
-  span (0, 1) with every part on (TDQKR r=2, 2 cores, IVE E=4, raw scores, value LR 4 → 1).
+  span (0, 1) with every part on (TDQKR r=2, 2 cores, IVE W=4, raw scores, value LR 4 → 1).
 
     python experiments/08_memory_vs_moe_loss.py [--steps 200] [--seq-len 128] [--batch-size 16]
 """

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.intmath import cdiv, next_pow2, round_up  # noqa: F401 (common.cdiv, ...)
+
 TARGETS = ("tpu", "gpu")
 # The target whose kernel the interpreter runs when a wrapper gets interpret=True.
 INTERPRET_TARGET = "tpu"
@@ -69,18 +71,6 @@ def div(a, b):
         return a // b
     a = jnp.asarray(a)
     return jax.lax.div(a, jnp.asarray(b, a.dtype))
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-    return cdiv(a, b) * b
-
-
-def next_pow2(a: int) -> int:
-    return 1 << max(0, int(a) - 1).bit_length()
 
 
 def pad_axis(x: jax.Array, axis: int, size: int, *, mode: str = "constant") -> jax.Array:

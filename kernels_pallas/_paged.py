@@ -34,9 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 
-LSE_EMPTY = C.MASKED  # log-sum-exp of a split that saw no key: weight exp(MASKED - m) = 0
+LSE_EMPTY = common.MASKED  # log-sum-exp of a split that saw no key: weight exp(MASKED - m) = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        C.check_positive("BlockSizes", pages_per_block=self.pages_per_block,
+        common.check_positive("BlockSizes", pages_per_block=self.pages_per_block,
                          num_splits=self.num_splits, num_warps=self.num_warps,
                          num_stages=self.num_stages)
 
@@ -69,7 +69,7 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    """How the kernel reads one paged cache ``[P, page_size, W]``: ``width`` columns, at
+    """How the kernel reads one paged cache ``[pages, page_size, width]``: ``width`` columns, at
     column block ``k`` (the KV head) when ``per_head``, else columns ``[0, width)``."""
 
     width: int
@@ -119,7 +119,7 @@ def _update(carry, q_parts, k_parts, v, q_pos, key0, key_limit, *, spec, page_si
     mask = (key <= q_pos) & (key < key_limit)  # q_pos [rows,1]; padded rows (-1) see nothing
     if spec.window is not None:
         mask &= q_pos - key < spec.window
-    s = jnp.where(mask, s, C.MASKED)
+    s = jnp.where(mask, s, common.MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
@@ -137,8 +137,8 @@ def _finish(acc, m, l):
 
 def _split_range(split, pages_per_split, first, limit, page_size):
     """Pages ``[lo, hi)`` of the sequence that this split reads."""
-    lo = jnp.maximum(split * pages_per_split, C.div(first, page_size))
-    hi = jnp.minimum((split + 1) * pages_per_split, C.div(limit + page_size - 1, page_size))
+    lo = jnp.maximum(split * pages_per_split, common.div(first, page_size))
+    hi = jnp.minimum((split + 1) * pages_per_split, common.div(limit + page_size - 1, page_size))
     return lo, hi
 
 
@@ -158,7 +158,7 @@ def _tpu_kernel(tables_ref, first_ref, limit_ref, *refs, spec, num_q, ppb, pages
     @pl.when(blk == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
-        m_ref[...] = jnp.full_like(m_ref, C.MASKED)
+        m_ref[...] = jnp.full_like(m_ref, common.MASKED)
         l_ref[...] = jnp.zeros_like(l_ref)
 
     q_pos = qpos_ref[...]
@@ -188,8 +188,8 @@ def _tpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
     B, K, rows, _ = q_parts[0].shape
     max_pages, num_pages = tables.shape[1], caches[0].shape[0]
     ppb = min(bs.pages_per_block, max_pages)
-    pages_per_split = C.cdiv(max_pages, num_splits)
-    blocks = C.cdiv(pages_per_split, ppb)
+    pages_per_split = common.cdiv(max_pages, num_splits)
+    blocks = common.cdiv(pages_per_split, ppb)
     Hv = spec.value_width
     ps = spec.page_size
 
@@ -199,7 +199,7 @@ def _tpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
             page = split * pages_per_split + blk * ppb + j
             # Outside [lo, hi) re-use a needed page: no new copy, and no table entry past the
             # sequence's pages (those may hold anything); the id is clamped into the pool too.
-            last = jnp.maximum(C.div(limit_ref[b] + ps - 1, ps) - 1, 0)
+            last = jnp.maximum(common.div(limit_ref[b] + ps - 1, ps) - 1, 0)
             page = jnp.clip(jnp.clip(page, lo, jnp.maximum(hi - 1, lo)), 0, last)
             page_id = jnp.clip(tables_ref[b * max_pages + page], 0, num_pages - 1)
             return page_id, 0, (k if c.per_head else 0)
@@ -225,7 +225,7 @@ def _tpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
         kernel, grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32)],
-        compiler_params=C.compiler_params(
+        compiler_params=common.compiler_params(
             "tpu", interpret, semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name=spec.name,
     )(tables.reshape(-1), first, limit, qpos, *q_parts,
@@ -264,7 +264,7 @@ def _gpu_kernel(tables_ref, first_ref, limit_ref, qpos_ref, *refs, spec, num_q, 
 
     rows = q_pos.shape[0]
     init = (jnp.zeros((rows, spec.value_width), jnp.float32),
-            jnp.full((rows, 1), C.MASKED, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
+            jnp.full((rows, 1), common.MASKED, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
     o, lse = _finish(*lax.fori_loop(lo, jnp.maximum(hi, lo), body, init))
     o_ref[...] = o
     lse_ref[...] = lse
@@ -272,7 +272,7 @@ def _gpu_kernel(tables_ref, first_ref, limit_ref, qpos_ref, *refs, spec, num_q, 
 
 def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, num_splits):
     B, K, rows, _ = q_parts[0].shape
-    pages_per_split = C.cdiv(tables.shape[1], num_splits)
+    pages_per_split = common.cdiv(tables.shape[1], num_splits)
     Hv = spec.value_width
 
     def whole(x):
@@ -291,7 +291,7 @@ def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
                    pl.BlockSpec((None, None, None, rows, 1), lambda b, k, s: (b, k, s, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32)],
-        compiler_params=C.compiler_params("gpu", interpret, num_warps=bs.num_warps,
+        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
                                           num_stages=bs.num_stages),
         interpret=interpret, name=spec.name,
     )(tables, first, limit, qpos, *q_parts, *caches)
@@ -303,7 +303,7 @@ def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
 def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, lengths, q_positions,
            num_kv_heads: int):
     """``[B,T,N,Hv]``: queries ``q_parts`` (each ``[B,T,N,w_i]``) over the paged ``caches``
-    (each ``[P, page_size, W]``), in float32 (callers cast)."""
+    (each ``[pages, page_size, width]``), in float32 (callers cast)."""
     B, T, N, _ = q_parts[0].shape
     K = num_kv_heads
     G = N // K
@@ -312,19 +312,19 @@ def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, le
     if interpret:
         rows_p = rows
     elif target == "tpu":
-        rows_p = C.round_up(rows, 8)
+        rows_p = common.round_up(rows, 8)
         _check_tpu_tiles(spec, K)
     else:
-        rows_p = max(16, C.next_pow2(rows))
+        rows_p = max(16, common.next_pow2(rows))
         _check_gpu_tiles(spec)
 
     def by_kv_head(x):  # [B,T,N,w] -> [B,K,rows_p,w], row t*G + g
         w = x.shape[-1]
         x = x.reshape(B, T, K, G, w).transpose(0, 2, 1, 3, 4).reshape(B, K, rows, w)
-        return C.pad_axis(x, 2, rows_p)
+        return common.pad_axis(x, 2, rows_p)
 
     qpos = jnp.repeat(q_positions.astype(jnp.int32), G, axis=1)  # [B,rows], row t*G + g
-    qpos = C.pad_axis(qpos, 1, rows_p, mode="constant").at[:, rows:].set(-1)[:, :, None]
+    qpos = common.pad_axis(qpos, 1, rows_p, mode="constant").at[:, rows:].set(-1)[:, :, None]
     first, limit = _bounds(q_positions.astype(jnp.int32), lengths.astype(jnp.int32), spec.window)
     num_splits = min(bs.num_splits, tables.shape[1])
     call = _tpu_call if target == "tpu" else _gpu_call
@@ -339,7 +339,7 @@ def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, le
 
 
 def _check_tpu_tiles(spec: Spec, num_kv_heads: int) -> None:
-    """A per-head page tile ``[page_size, H]`` of a ``[P, page_size, K*H]`` pool is a lane
+    """A per-head page tile ``[page_size, H]`` of a ``[pages, page_size, K*H]`` pool is a lane
     slice: Mosaic needs H to be a multiple of 128 unless it is the whole row (K = 1)."""
     for c in spec.caches:
         if c.per_head and num_kv_heads > 1 and c.width % 128:
@@ -365,19 +365,19 @@ def run(spec: Spec, q_parts, caches, tables, lengths, q_positions, num_kv_heads:
                           num_kv_heads)
         return fn
 
-    return C.dispatch(build, q_parts, caches, tables, lengths, q_positions,
+    return common.dispatch(build, q_parts, caches, tables, lengths, q_positions,
                       interpret=spec.interpret)
 
 
 def check_tables(block_tables, lengths, q_positions, *, batch: int, queries: int, num_pages: int,
                  page_size: int) -> None:
     """Shapes always; values when concrete: lengths fit the table, used entries hit the cache."""
-    C.check_rank("block_tables", block_tables, 2, "[B, max_pages]")
-    C.check_rank("lengths", lengths, 1, "[B]")
-    C.check_rank("q_positions", q_positions, 2, "[B,T]")
+    common.check_rank("block_tables", block_tables, 2, "[B, max_pages]")
+    common.check_rank("lengths", lengths, 1, "[B]")
+    common.check_rank("q_positions", q_positions, 2, "[B,T]")
     for name, x in (("block_tables", block_tables), ("lengths", lengths),
                     ("q_positions", q_positions)):
-        C.check_dtype(name, x, (jnp.integer,))
+        common.check_dtype(name, x, (jnp.integer,))
     if block_tables.shape[0] != batch or lengths.shape[0] != batch:
         raise ValueError(f"block_tables has batch {block_tables.shape[0]} and lengths "
                          f"{lengths.shape[0]}: both must equal q's batch {batch}")
@@ -387,14 +387,14 @@ def check_tables(block_tables, lengths, q_positions, *, batch: int, queries: int
     max_pages = block_tables.shape[1]
     if max_pages == 0:
         raise ValueError("block_tables has no columns: each sequence needs at least one page slot")
-    if not C.is_concrete(block_tables, lengths):
+    if not common.is_concrete(block_tables, lengths):
         return
     lens, tables = np.asarray(lengths), np.asarray(block_tables)
     if lens.size and (lens.min() < 0 or lens.max() > max_pages * page_size):
         raise ValueError(f"lengths span [{lens.min()}, {lens.max()}]: a table of {max_pages} pages "
                          f"of {page_size} allows [0, {max_pages * page_size}]")
     for b, n in enumerate(lens):
-        used = tables[b, : -(-int(n) // page_size)]
+        used = tables[b, : common.cdiv(int(n), page_size)]
         bad = np.flatnonzero((used < 0) | (used >= num_pages))
         if bad.size:
             p = int(bad[0])

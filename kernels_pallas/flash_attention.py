@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 
 
 def attention_mask(
@@ -127,7 +127,7 @@ class BlockSizes:
     vmem_limit_bytes: int | None = None
 
     def __post_init__(self):
-        C.check_positive("BlockSizes", **dataclasses.asdict(self))
+        common.check_positive("BlockSizes", **dataclasses.asdict(self))
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
@@ -221,7 +221,7 @@ def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
             mask = _mask(q_pos, kv_pos, q_seg, kv_seg,
                          _valid_index(start, block_kv, kv_len, axis=1), causal=causal, window=window)
             if mask is not None:
-                s = jnp.where(mask, s, C.MASKED)
+                s = jnp.where(mask, s, common.MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             p = jnp.exp(s - m_new)
             if mask is not None:
@@ -233,7 +233,7 @@ def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
 
         return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
 
-    init = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq, 1), C.MASKED, jnp.float32),
+    init = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq, 1), common.MASKED, jnp.float32),
             jnp.zeros((bq, 1), jnp.float32))
     acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, init)
     empty = l == 0.0
@@ -338,31 +338,31 @@ class _Static:
 
 
 def _fit(name, block, extent, target, interpret, lane):
-    return C.fit_block("BlockSizes", name, block, extent, target, interpret, lane=lane, min_gpu=16)
+    return common.fit_block("BlockSizes", name, block, extent, target, interpret, lane=lane, min_gpu=16)
 
 
 def _head_dim(H, target, interpret):
     """Triton tiles must be powers of two: pad the head dim with zeros (they add nothing to
     ``q·k``, and the padded value columns are sliced off)."""
-    return C.next_pow2(H) if target == "gpu" and not interpret else H
+    return common.next_pow2(H) if target == "gpu" and not interpret else H
 
 
 def _heads_major(x, rows, width):
     """``[B,T,N,H] -> [B,N,rows,width]``, zero-padded."""
-    return C.pad_axis(C.pad_axis(x, 1, rows), 3, width).transpose(0, 2, 1, 3)
+    return common.pad_axis(common.pad_axis(x, 1, rows), 3, width).transpose(0, 2, 1, 3)
 
 
 def _ids(x, size, *, column):
     """Positions / segment ids ``[B,T]`` as int32 columns ``[B,size,1]`` or rows ``[B,1,size]``;
     padded with the edge value (keeps the visibility bounds tight; padding is masked anyway)."""
-    x = C.pad_axis(x.astype(jnp.int32), 1, size, mode="edge")
+    x = common.pad_axis(x.astype(jnp.int32), 1, size, mode="edge")
     return x[:, :, None] if column else x[:, None, :]
 
 
 def _params(st, target, interpret, H, num_dims):
     bs = st.block_sizes or BlockSizes.default(target)
     warps = bs.num_warps or (4 if H <= 64 else 8)
-    return C.compiler_params(target, interpret, semantics=("parallel",) * num_dims,
+    return common.compiler_params(target, interpret, semantics=("parallel",) * num_dims,
                              num_warps=warps, num_stages=bs.num_stages,
                              vmem_limit_bytes=bs.vmem_limit_bytes)
 
@@ -374,7 +374,7 @@ def _forward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg):
     bs = st.block_sizes or BlockSizes.default(target)
     bq = _fit("block_q", bs.block_q, T, target, interpret, lane=False)
     bk = _fit("block_kv", bs.block_kv, S, target, interpret, lane=True)
-    Tp, Sp, Hp = C.round_up(T, bq), C.round_up(S, bk), _head_dim(H, target, interpret)
+    Tp, Sp, Hp = common.round_up(T, bq), common.round_up(S, bk), _head_dim(H, target, interpret)
     has_seg = qseg is not None
 
     col = pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0))
@@ -412,15 +412,15 @@ def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out
     bs = st.block_sizes or BlockSizes.default(target)
     bq = _fit("block_q_bwd", bs.block_q_bwd, T, target, interpret, lane=True)
     bk = _fit("block_kv_bwd", bs.block_kv_bwd, S, target, interpret, lane=True)
-    Tp, Sp, Hp = C.round_up(T, bq), C.round_up(S, bk), _head_dim(H, target, interpret)
+    Tp, Sp, Hp = common.round_up(T, bq), common.round_up(S, bk), _head_dim(H, target, interpret)
     has_seg = qseg is not None
     kv_len = S if Sp != S else None
     params = _params(st, target, interpret, Hp, 3)
 
     # delta_t = rowsum(dO ∘ O): the softmax backward's correction, one number per query row.
     delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), do.astype(jnp.float32))
-    lse = C.pad_axis(lse, 2, Tp, mode="constant").at[:, :, T:].set(LSE_EMPTY)  # [B,N,Tp]
-    delta = C.pad_axis(delta, 2, Tp)
+    lse = common.pad_axis(lse, 2, Tp, mode="constant").at[:, :, T:].set(LSE_EMPTY)  # [B,N,Tp]
+    delta = common.pad_axis(delta, 2, Tp)
     qh, doh = _heads_major(q, Tp, Hp), _heads_major(do, Tp, Hp)  # [B,N,Tp,Hp]
     kh, vh = _heads_major(k, Sp, Hp), _heads_major(v, Sp, Hp)  # [B,K,Sp,Hp]
 
@@ -476,7 +476,7 @@ def _forward(st, *args):
     def build(target, interpret):
         return functools.partial(_forward_call, st, target, interpret)
 
-    return C.dispatch(build, *args, interpret=st.interpret)
+    return common.dispatch(build, *args, interpret=st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -493,7 +493,7 @@ def _flash_bwd(st, res, do):
     def build(target, interpret):
         return functools.partial(_backward_call, st, target, interpret)
 
-    dq, dk, dv = C.dispatch(build, *res, do, interpret=st.interpret)
+    dq, dk, dv = common.dispatch(build, *res, do, interpret=st.interpret)
     return dq, dk, dv, None, None, None, None
 
 
@@ -543,8 +543,8 @@ def flash_attention(
 
 def _check(q, k, v, qpos, kvpos, qseg, kvseg, window, block_sizes):
     for name, x in (("q", q), ("k", k), ("v", v)):
-        C.check_rank(name, x, 4, "[B,T,N,H]" if name == "q" else "[B,S,K,H]")
-        C.check_dtype(name, x, (jnp.floating,))
+        common.check_rank(name, x, 4, "[B,T,N,H]" if name == "q" else "[B,S,K,H]")
+        common.check_dtype(name, x, (jnp.floating,))
     if k.shape != v.shape:
         raise ValueError(f"k has shape {k.shape} but v has {v.shape}: they must match [B,S,K,H]")
     B, T, N, H = q.shape
@@ -563,7 +563,7 @@ def _check(q, k, v, qpos, kvpos, qseg, kvseg, window, block_sizes):
             continue
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: expected {shape}")
-        C.check_dtype(name, x, (jnp.integer,))
+        common.check_dtype(name, x, (jnp.integer,))
     if (qseg is None) != (kvseg is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together or not at all")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 
 
 def group_ids_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -86,7 +86,7 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        C.check_positive("BlockSizes", block_m=self.block_m, block_k=self.block_k,
+        common.check_positive("BlockSizes", block_m=self.block_m, block_k=self.block_k,
                          block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
 
     @classmethod
@@ -105,7 +105,7 @@ class _Static:
 
 def _tiles(bs: BlockSizes | None, target, interpret, M, K, N):
     bs = bs or BlockSizes.default(target)
-    fit = functools.partial(C.fit_block, "BlockSizes", target=target, interpret=interpret,
+    fit = functools.partial(common.fit_block, "BlockSizes", target=target, interpret=interpret,
                             min_gpu=16)
     return (fit("block_m", bs.block_m, M), fit("block_k", bs.block_k, K, lane=True),
             fit("block_n", bs.block_n, N, lane=True), bs)
@@ -123,7 +123,7 @@ def _work_items(group_sizes, num_tiles: int, bm: int):
     ends = jnp.cumsum(gs)
     starts = ends - gs
     first = starts // bm
-    tiles = jnp.where(gs > 0, (ends + bm - 1) // bm - first, 0)
+    tiles = jnp.where(gs > 0, common.cdiv(ends, bm) - first, 0)
     cum = jnp.cumsum(tiles)
     num_valid = cum[-1]
     w = jnp.arange(num_tiles + E - 1, dtype=jnp.int32)
@@ -198,10 +198,10 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
     M, K = lhs.shape
     N = rhs.shape[1] if st.transpose_rhs else rhs.shape[2]
     bm, bk, bn, bs = _tiles(st.block_sizes, target, interpret, M, K, N)
-    Mp, Kp, Np = C.round_up(M, bm), C.round_up(K, bk), C.round_up(N, bn)
-    lhs_p = C.pad_axis(C.pad_axis(lhs, 0, Mp), 1, Kp)
-    rhs_p = (C.pad_axis(C.pad_axis(rhs, 1, Np), 2, Kp) if st.transpose_rhs
-             else C.pad_axis(C.pad_axis(rhs, 1, Kp), 2, Np))
+    Mp, Kp, Np = common.round_up(M, bm), common.round_up(K, bk), common.round_up(N, bn)
+    lhs_p = common.pad_axis(common.pad_axis(lhs, 0, Mp), 1, Kp)
+    rhs_p = (common.pad_axis(common.pad_axis(rhs, 1, Np), 2, Kp) if st.transpose_rhs
+             else common.pad_axis(common.pad_axis(rhs, 1, Kp), 2, Np))
     gid, tid, starts, ends, nvalid = _work_items(group_sizes, Mp // bm, bm)
     num_work = gid.shape[0]
     out_shape = jax.ShapeDtypeStruct((Mp, Np), out_dtype)
@@ -219,7 +219,7 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
         out = pl.pallas_call(
             functools.partial(_gmm_tpu_kernel, bm=bm, transpose_rhs=st.transpose_rhs),
             grid_spec=grid_spec, out_shape=out_shape,
-            compiler_params=C.compiler_params(target, interpret,
+            compiler_params=common.compiler_params(target, interpret,
                                               semantics=("parallel", "arbitrary", "arbitrary")),
             interpret=interpret, name="gmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, rhs_p)
@@ -231,7 +231,7 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
                               transpose_rhs=st.transpose_rhs),
             grid=(num_work, Np // bn), in_specs=whole,
             out_specs=pl.BlockSpec((Mp, Np), lambda w, n: (0, 0)), out_shape=out_shape,
-            compiler_params=C.compiler_params(target, interpret, num_warps=bs.num_warps,
+            compiler_params=common.compiler_params(target, interpret, num_warps=bs.num_warps,
                                               num_stages=bs.num_stages),
             interpret=interpret, name="gmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, rhs_p)
@@ -279,8 +279,8 @@ def _tgmm_gpu_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, bm, bk, 
         lhs = jnp.where(_row_mask(t, start, end, bm), lhs, 0).astype(lhs.dtype)
         return acc + _dot_tn(lhs, grad_ref[rows, pl.ds(n * bn, bn)])
 
-    t_end = jnp.where(end > start, C.div(end + bm - 1, bm), 0)
-    acc = lax.fori_loop(C.div(start, bm), t_end, body, jnp.zeros((bk, bn), jnp.float32))
+    t_end = jnp.where(end > start, common.div(end + bm - 1, bm), 0)
+    acc = lax.fori_loop(common.div(start, bm), t_end, body, jnp.zeros((bk, bn), jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -289,9 +289,9 @@ def _tgmm_call(st: _Static, target, interpret, lhs, grad, group_sizes, out_dtype
     N = grad.shape[1]
     E = group_sizes.shape[0]
     bm, bk, bn, bs = _tiles(st.block_sizes, target, interpret, M, K, N)
-    Mp, Kp, Np = C.round_up(M, bm), C.round_up(K, bk), C.round_up(N, bn)
-    lhs_p = C.pad_axis(C.pad_axis(lhs, 0, Mp), 1, Kp)
-    grad_p = C.pad_axis(C.pad_axis(grad, 0, Mp), 1, Np)
+    Mp, Kp, Np = common.round_up(M, bm), common.round_up(K, bk), common.round_up(N, bn)
+    lhs_p = common.pad_axis(common.pad_axis(lhs, 0, Mp), 1, Kp)
+    grad_p = common.pad_axis(common.pad_axis(grad, 0, Mp), 1, Np)
     gid, tid, starts, ends, nvalid = _work_items(group_sizes, Mp // bm, bm)
     out_shape = jax.ShapeDtypeStruct((E, Kp, Np), out_dtype)
     if target == "tpu":
@@ -306,7 +306,7 @@ def _tgmm_call(st: _Static, target, interpret, lhs, grad, group_sizes, out_dtype
         out = pl.pallas_call(
             functools.partial(_tgmm_tpu_kernel, bm=bm),
             grid_spec=grid_spec, out_shape=out_shape,
-            compiler_params=C.compiler_params(target, interpret,
+            compiler_params=common.compiler_params(target, interpret,
                                               semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="tgmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, grad_p)
@@ -317,7 +317,7 @@ def _tgmm_call(st: _Static, target, interpret, lhs, grad, group_sizes, out_dtype
             functools.partial(_tgmm_gpu_kernel, bm=bm, bk=bk, bn=bn),
             grid=(E, Kp // bk, Np // bn), in_specs=whole,
             out_specs=pl.BlockSpec((None, bk, bn), lambda g, k, n: (g, k, n)), out_shape=out_shape,
-            compiler_params=C.compiler_params(target, interpret, num_warps=bs.num_warps,
+            compiler_params=common.compiler_params(target, interpret, num_warps=bs.num_warps,
                                               num_stages=bs.num_stages),
             interpret=interpret, name="tgmm",
         )(starts, ends, lhs_p, grad_p)
@@ -333,14 +333,14 @@ def _run_gmm(st, lhs, rhs, group_sizes, out_dtype):
     def build(target, interpret):
         return lambda a, b, g: _gmm_call(st, target, interpret, a, b, g, out_dtype)
 
-    return C.dispatch(build, lhs, rhs, group_sizes, interpret=st.interpret)
+    return common.dispatch(build, lhs, rhs, group_sizes, interpret=st.interpret)
 
 
 def _run_tgmm(st, lhs, grad, group_sizes, out_dtype):
     def build(target, interpret):
         return lambda a, b, g: _tgmm_call(st, target, interpret, a, b, g, out_dtype)
 
-    return C.dispatch(build, lhs, grad, group_sizes, interpret=st.interpret)
+    return common.dispatch(build, lhs, grad, group_sizes, interpret=st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -395,7 +395,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     Returns:
       ``[E,K,N]`` in ``lhs``'s dtype; zero for empty groups.
     """
-    C.check_rank("grad", grad, 2, "[M,N]")
+    common.check_rank("grad", grad, 2, "[M,N]")
     if grad.shape[0] != np.shape(lhs)[0]:
         raise ValueError(f"grad has {grad.shape[0]} rows but lhs has {np.shape(lhs)[0]}")
     _check(lhs, None, group_sizes, transpose_rhs=False, block_sizes=block_sizes)
@@ -404,15 +404,15 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
 
 
 def _check(lhs, rhs, group_sizes, *, transpose_rhs, block_sizes):
-    C.check_rank("lhs", lhs, 2, "[M,K]")
-    C.check_rank("group_sizes", group_sizes, 1, "[E]")
-    C.check_dtype("group_sizes", group_sizes, (jnp.integer,))
+    common.check_rank("lhs", lhs, 2, "[M,K]")
+    common.check_rank("group_sizes", group_sizes, 1, "[E]")
+    common.check_dtype("group_sizes", group_sizes, (jnp.integer,))
     M, K = lhs.shape
     E = group_sizes.shape[0]
     if E == 0:
         raise ValueError("group_sizes has shape (0,): at least one group is needed")
     if rhs is not None:
-        C.check_rank("rhs", rhs, 3, "[E,N,K]" if transpose_rhs else "[E,K,N]")
+        common.check_rank("rhs", rhs, 3, "[E,N,K]" if transpose_rhs else "[E,K,N]")
         if rhs.shape[0] != E:
             raise ValueError(f"rhs has {rhs.shape[0]} groups but group_sizes has {E}")
         rk = rhs.shape[2] if transpose_rhs else rhs.shape[1]
@@ -421,7 +421,7 @@ def _check(lhs, rhs, group_sizes, *, transpose_rhs, block_sizes):
             raise ValueError(f"{axis}={rk} does not match lhs's contraction dim K={K}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes={block_sizes!r} must be a grouped_matmul.BlockSizes")
-    if C.is_concrete(group_sizes):
+    if common.is_concrete(group_sizes):
         host = np.asarray(group_sizes)
         if host.min() < 0:
             raise ValueError(f"group_sizes has a negative entry ({host.min()}): sizes are >= 0")

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 
 
 def memory_lookup_reference(table: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
@@ -64,7 +64,7 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        C.check_positive("BlockSizes", **dataclasses.asdict(self))
+        common.check_positive("BlockSizes", **dataclasses.asdict(self))
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
@@ -90,7 +90,7 @@ def _block_d(bs: BlockSizes, D: int, target: str, interpret: bool) -> int:
 
 
 def _block_b(bs: BlockSizes, B: int, target: str, interpret: bool) -> int:
-    bb = min(bs.block_b, C.next_pow2(B))
+    bb = min(bs.block_b, common.next_pow2(B))
     if not interpret and bb & (bb - 1):
         raise ValueError(f"BlockSizes.block_b={bs.block_b} does not tile on GPU (Triton): must be "
                          "a power of two")
@@ -153,8 +153,8 @@ def _picks(bs, idx, *others):
     """Picks per step ``r`` and the picks padded to a multiple (row 0, weight 0, block 0)."""
     J = idx.shape[1]
     r = min(bs.picks_per_step, J)
-    Jp = C.round_up(J, r)
-    return r, Jp, [None if x is None else C.pad_axis(x, 1, Jp) for x in (idx, *others)]
+    Jp = common.round_up(J, r)
+    return r, Jp, [None if x is None else common.pad_axis(x, 1, Jp) for x in (idx, *others)]
 
 
 def _row_specs(r, Jp, D):
@@ -179,7 +179,7 @@ def _tpu_gather(bs, interpret, table3, idx, w, blk, W):
                 num_scalar_prefetch=len(chunk), grid=(Bc, Jp // r), in_specs=_row_specs(r, Jp, D),
                 out_specs=pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0))),
             out_shape=jax.ShapeDtypeStruct((Bc, W, D), jnp.float32),
-            compiler_params=C.compiler_params("tpu", interpret, semantics=("parallel", "arbitrary")),
+            compiler_params=common.compiler_params("tpu", interpret, semantics=("parallel", "arbitrary")),
             interpret=interpret, name="memory_lookup_fwd",
         )(*chunk, *([table3] * r))
         outs.append(out)
@@ -207,7 +207,7 @@ def _tpu_backward(bs, interpret, table3, idx, w, blk, W, dout):
                           pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0))],
                 out_specs=pl.BlockSpec((None, 1, r), lambda b, j, *_: (b * nj + j, 0, 0))),
             out_shape=jax.ShapeDtypeStruct((Bc * nj, 1, r), jnp.float32),
-            compiler_params=C.compiler_params("tpu", interpret, semantics=("parallel", "parallel")),
+            compiler_params=common.compiler_params("tpu", interpret, semantics=("parallel", "parallel")),
             interpret=interpret, name="memory_lookup_dweights",
         )(*chunk, *([table3] * r), dout[s:s + bs.tokens_per_call])
         dws.append(dw.reshape(Bc, Jp))
@@ -235,7 +235,7 @@ def _tpu_backward(bs, interpret, table3, idx, w, blk, W, dout):
                 out_specs=row_spec),
             out_shape=jax.ShapeDtypeStruct((M, 1, D), jnp.float32),
             input_output_aliases={3: 0},  # rows no pick touches keep their zeros
-            compiler_params=C.compiler_params("tpu", interpret, semantics=("arbitrary",)),
+            compiler_params=common.compiler_params("tpu", interpret, semantics=("arbitrary",)),
             interpret=interpret, name="memory_lookup_scatter",
         )(rc, tc, wc, d_table, dout_rows)
     return d_table[:, 0], d_weights
@@ -269,7 +269,7 @@ def _backward_gpu_kernel(idx_ref, w_ref, blk_ref, table_ref, dout_ref, d_table_i
     cols = pl.ds(d0, bd)
 
     def body(e, carry):
-        b = b0 + C.div(e, J)
+        b = b0 + common.div(e, J)
         j = lax.rem(e, J)
         row, w = idx_ref[b, j], w_ref[b, j].astype(jnp.float32)
         v = 0 if blk_ref is None else blk_ref[b, j]
@@ -284,8 +284,8 @@ def _backward_gpu_kernel(idx_ref, w_ref, blk_ref, table_ref, dout_ref, d_table_i
 def _gpu_inputs(bs, interpret, idx, w, blk, D, *extra):
     B = idx.shape[0]
     bb, bd = _block_b(bs, B, "gpu", interpret), _block_d(bs, D, "gpu", interpret)
-    Bp = C.round_up(B, bb)
-    padded = [None if x is None else C.pad_axis(x, 0, Bp) for x in (idx, w, blk, *extra)]
+    Bp = common.round_up(B, bb)
+    padded = [None if x is None else common.pad_axis(x, 0, Bp) for x in (idx, w, blk, *extra)]
     return bb, bd, Bp, padded  # pads: row 0, weight 0, block 0
 
 
@@ -303,7 +303,7 @@ def _gpu_gather(bs, interpret, table, idx, w, blk, W):
         in_specs=[_whole(idx_p), _whole(w_p), _whole(blk_p), _whole(table)],
         out_specs=pl.BlockSpec((bb, W, bd), lambda i, d: (i, 0, d)),
         out_shape=jax.ShapeDtypeStruct((Bp, W, D), jnp.float32),
-        compiler_params=C.compiler_params("gpu", interpret, num_warps=bs.num_warps,
+        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
                                           num_stages=bs.num_stages),
         interpret=interpret, name="memory_lookup_fwd",
     )(idx_p, w_p, blk_p, table)
@@ -324,7 +324,7 @@ def _gpu_backward(bs, interpret, table, idx, w, blk, W, dout):
         out_shape=[jax.ShapeDtypeStruct((D // bd, Bp, J), jnp.float32),
                    jax.ShapeDtypeStruct((M, D), jnp.float32)],
         input_output_aliases={4 + (blk_p is not None): 1},  # zeros: the 6th input, or 5th
-        compiler_params=C.compiler_params("gpu", interpret, num_warps=bs.num_warps,
+        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
                                           num_stages=bs.num_stages),
         interpret=interpret, name="memory_lookup_bwd",
     )(idx_p, w_p, blk_p, table, dout_p, zeros)
@@ -355,7 +355,7 @@ def _lookup(st, table, indices, weights, blocks):
     def build(target, interpret):
         return functools.partial(_forward_call, st, target, interpret)
 
-    out = C.dispatch(build, table, indices, weights, blocks, interpret=st.interpret)
+    out = common.dispatch(build, table, indices, weights, blocks, interpret=st.interpret)
     return out.astype(table.dtype)
 
 
@@ -369,7 +369,7 @@ def _lookup_bwd(st, res, d_out):
     def build(target, interpret):
         return functools.partial(_backward_call, st, target, interpret)
 
-    d_table, d_weights = C.dispatch(build, table, indices, weights, blocks, d_out,
+    d_table, d_weights = common.dispatch(build, table, indices, weights, blocks, d_out,
                                     interpret=st.interpret)
     return d_table.astype(table.dtype), None, d_weights.astype(weights.dtype), None
 
@@ -378,12 +378,12 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def _check(table, indices, weights, blocks, num_blocks, block_sizes):
-    C.check_rank("table", table, 2, "[M,D]")
-    C.check_rank("indices", indices, 2, "[B,J]")
-    C.check_rank("weights", weights, 2, "[B,J]")
-    C.check_dtype("indices", indices, (jnp.integer,))
-    C.check_dtype("weights", weights, (jnp.floating,))
-    C.check_dtype("table", table, (jnp.floating,))
+    common.check_rank("table", table, 2, "[M,D]")
+    common.check_rank("indices", indices, 2, "[B,J]")
+    common.check_rank("weights", weights, 2, "[B,J]")
+    common.check_dtype("indices", indices, (jnp.integer,))
+    common.check_dtype("weights", weights, (jnp.floating,))
+    common.check_dtype("table", table, (jnp.floating,))
     if indices.shape != weights.shape:
         raise ValueError(f"indices has shape {indices.shape} but weights {weights.shape}: "
                          "they must match [B,J]")
@@ -393,7 +393,7 @@ def _check(table, indices, weights, blocks, num_blocks, block_sizes):
         raise TypeError(f"block_sizes={block_sizes!r} must be a memory_lookup.BlockSizes")
     if block_sizes is not None:
         _block_d(block_sizes, table.shape[1], "gpu", interpret=True)  # divides D, whatever target
-    if C.is_concrete(indices):
+    if common.is_concrete(indices):
         host = np.asarray(indices)
         if host.min() < 0 or host.max() >= table.shape[0]:
             raise ValueError(f"indices span [{host.min()}, {host.max()}]: the table has "
@@ -401,10 +401,10 @@ def _check(table, indices, weights, blocks, num_blocks, block_sizes):
     if blocks is not None:
         if blocks.shape != indices.shape:
             raise ValueError(f"blocks has shape {blocks.shape} but indices {indices.shape}")
-        C.check_dtype("blocks", blocks, (jnp.integer,))
+        common.check_dtype("blocks", blocks, (jnp.integer,))
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"num_blocks={num_blocks!r} is invalid: must be a positive int")
-        if C.is_concrete(blocks):
+        if common.is_concrete(blocks):
             host = np.asarray(blocks)
             if host.min() < 0 or host.max() >= num_blocks:
                 raise ValueError(f"blocks span [{host.min()}, {host.max()}]: num_blocks={num_blocks} "

@@ -4,7 +4,7 @@ Absorbed multi-head latent attention (DeepSeek-V2, arXiv 2405.04434) folds ``W_U
 the query and ``W_UV`` into the output, so attention runs in the latent space: every query
 head scores ``q_A·c_KV + q_R·k_R`` against one shared KV head and averages the latents
 ``c_KV`` themselves. The cache holds per token only ``c_KV`` (width A) and ``k_R`` (width R),
-as two page pools ``[P, page_size, A]`` and ``[P, page_size, R]`` with block tables as in
+as two page pools ``[pages, page_size, A]`` and ``[pages, page_size, R]`` with block tables as in
 ``paged_attention``. All N heads of a token share every page read, so one program attends
 ``T·N`` query rows at once: a decode step becomes a matmul-shaped problem, which is what
 lets it run near memory bandwidth.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
 from kernels_pallas.paged_attention import paged_attention_reference
@@ -34,7 +34,7 @@ def mla_decode_reference(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table
     q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B,T,N,A+R]
     k = jnp.concatenate([c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)], axis=-1)[:, :, None]
     v = jnp.concatenate([c_kv_pages, jnp.zeros_like(k_rope_pages, c_kv_pages.dtype)],
-                        axis=-1)[:, :, None]  # [P,ps,1,A+R]: the values are c_KV
+                        axis=-1)[:, :, None]  # [pages,ps,1,A+R]: the values are c_KV
     out = paged_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), block_tables, lengths,
                                     q_positions, scale=scale)
     return out[..., :A]
@@ -58,17 +58,17 @@ def mla_decode(
     Args:
       q_latent: ``[B,T,N,A]``, the queries with ``W_UK`` folded in (``q_C W_UKᵀ``).
       q_rope: ``[B,T,N,R]``, the rotated RoPE queries.
-      c_kv_pages: ``[P, page_size, A]`` latent pool; k_rope_pages: ``[P, page_size, R]``.
+      c_kv_pages: ``[pages, page_size, A]`` latent pool; k_rope_pages: ``[pages, page_size, R]``.
       block_tables, lengths, q_positions: as ``paged_attention`` (position -1: padding).
       scale: the softmax scale, MLA's ``1/sqrt(H + R)`` (times YaRN's mscale²) — not derivable
         from the widths here, so it is required.
     Returns:
       ``[B,T,N,A]`` latent outputs in ``q_latent``'s dtype.
     """
-    C.check_rank("q_latent", q_latent, 4, "[B,T,N,A]")
-    C.check_rank("q_rope", q_rope, 4, "[B,T,N,R]")
-    C.check_rank("c_kv_pages", c_kv_pages, 3, "[P, page_size, A]")
-    C.check_rank("k_rope_pages", k_rope_pages, 3, "[P, page_size, R]")
+    common.check_rank("q_latent", q_latent, 4, "[B,T,N,A]")
+    common.check_rank("q_rope", q_rope, 4, "[B,T,N,R]")
+    common.check_rank("c_kv_pages", c_kv_pages, 3, "[pages, page_size, A]")
+    common.check_rank("k_rope_pages", k_rope_pages, 3, "[pages, page_size, R]")
     B, T, N, A = q_latent.shape
     P, ps, Ac = c_kv_pages.shape
     R = q_rope.shape[-1]

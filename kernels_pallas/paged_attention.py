@@ -1,6 +1,6 @@
 """Paged attention for decoding with a paged KV cache (vLLM's PagedAttention, arXiv 2309.06180).
 
-The cache is a pool of pages, ``k_pages, v_pages [P, page_size, K, H]``; sequence ``b`` owns
+The cache is a pool of pages, ``k_pages, v_pages [pages, page_size, K, H]``; sequence ``b`` owns
 the pages ``block_tables[b, :]`` in order, and its first ``lengths[b]`` keys are valid. One
 call serves a batch that mixes decode steps (one query token) with chunked-prefill chunks
 (several query tokens): queries are ``q [B,T,N,H]`` at ``q_positions [B,T]``, causal on
@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import _common as C
+from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
 from kernels_pallas.flash_attention import attention_reference
@@ -27,7 +27,7 @@ __all__ = ["BlockSizes", "gather_pages", "paged_attention", "paged_attention_ref
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """``[P, page_size, ...] -> [B, max_pages*page_size, ...]``: each sequence contiguous.
+    """``[pages, page_size, ...] -> [B, max_pages*page_size, ...]``: each sequence contiguous.
     Table entries past a sequence's pages may hold anything (they are clamped, then masked)."""
     P, ps = pages.shape[:2]
     B, max_pages = block_tables.shape
@@ -66,7 +66,7 @@ def paged_attention(
 
     Args:
       q: ``[B,T,N,H]`` queries (T=1 for pure decoding).
-      k_pages, v_pages: ``[P, page_size, K, H]`` page pools, ``N = K*G``.
+      k_pages, v_pages: ``[pages, page_size, K, H]`` page pools, ``N = K*G``.
       block_tables: int ``[B, max_pages]``: sequence b's pages, in order.
       lengths: int ``[B]``: valid keys per sequence (including this step's, already written).
       q_positions: int ``[B,T]``: each query's position; ``-1`` for padding.
@@ -80,9 +80,9 @@ def paged_attention(
       ValueError: mismatched shapes or head counts; (when the tables are concrete) a table
         entry past the cache or a length past the table; on GPU a page size that does not tile.
     """
-    C.check_rank("q", q, 4, "[B,T,N,H]")
+    common.check_rank("q", q, 4, "[B,T,N,H]")
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-        C.check_rank(name, x, 4, "[P, page_size, K, H]")
+        common.check_rank(name, x, 4, "[pages, page_size, K, H]")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages has shape {k_pages.shape} but v_pages {v_pages.shape}")
     B, T, N, H = q.shape

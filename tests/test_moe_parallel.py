@@ -200,7 +200,7 @@ def test_compiled_exchange_is_split_into_independent_chunks(devices, chunks):
     done = [n for n in g.op if g.op[n] in ("all-to-all", "all-to-all-done")]  # one per all-to-all
     assert sorted(g.chunk(n) for n in done) == sorted(list(range(chunks)) * 2)
     size = -(-8 // chunks)  # C = 8 slots per device, rounded up to whole chunks
-    for n in done:  # [P, E_l, C/c, D] on every device: P=8 ranks, E_l=1 expert each
+    for n in done:  # [ep, E_l, C/c, D] on every device: ep=8 ranks, E_l=1 expert each
         assert g.elements(n) == 8 * 1 * size * D, (n, g.shape[n])
     gemms = [n for n in g.op if g.is_gemm(n)]
     parts = {}

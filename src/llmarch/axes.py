@@ -31,6 +31,8 @@ ALPHABET = {
     "Y": "TDQKR rank r (column side of a Tucker core)",
     "X": "UltraMem Tucker cores h (multi-core scoring)",
     "W": "UltraMem IVE virtual blocks",
+    # MoE dispatch (llmarch.layers.moe_dispatch); its flat token axis is written "..."
+    "k": "MoE top-k: the routed choices of one token",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

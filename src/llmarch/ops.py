@@ -12,19 +12,20 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 - ``attention(q [B,T,N,H], k, v [B,S,K,H], *, q_positions, kv_positions, ...)`` -> ``[B,T,N,H]``:
   causal-by-position softmax attention with GQA, window and segment ids (training, prefill,
   decoding against a contiguous cache). Pallas: flash attention, forward and backward.
-- ``grouped_matmul(lhs [M,K], rhs [E,K,N], group_sizes [E], *, transpose_rhs=False)`` -> ``[M,N]``:
-  rows sorted by expert, row of group e times ``rhs[e]``; rows past ``sum(group_sizes)`` are
-  zero. Dropless MoE: ``M`` routed token copies, K/N = D/F or F/D. Differentiable.
+- ``grouped_matmul(lhs [rows,in], rhs [E,in,out], group_sizes [E], *, transpose_rhs=False)`` ->
+  ``[rows,out]``: rows sorted by expert, row of group e times ``rhs[e]``; rows past
+  ``sum(group_sizes)`` are zero. Dropless MoE: the rows are the ``n·k`` routed token copies,
+  in/out = D/F or F/D. Differentiable.
 - ``memory_lookup(table [M,D], indices [B,J], weights [B,J])`` -> ``[B,D]``: ``Σ_j w·table[idx]``
   for PKM/UltraMem (J = heads × top-m). Differentiable in table (touched rows) and weights.
   ``memory_lookup_grouped(table, indices, weights, blocks [B,J], num_blocks)`` -> ``[B,W,D]``
   (UltraMem's value expansion) has its Pallas kernel here and its XLA version in
   ``llmarch.layers.memory_lookup``.
-- ``paged_attention(q [B,T,N,H], k_pages, v_pages [P,page_size,K,H], block_tables [B,max_pages],
+- ``paged_attention(q [B,T,N,H], k_pages, v_pages [pages,page_size,K,H], block_tables [B,max_pages],
   lengths [B], q_positions [B,T], *, sliding_window=None, scale=None)`` -> ``[B,T,N,H]``: decode
   steps and chunked-prefill chunks in one batch (position -1 pads a row's queries).
-- ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [P,page_size,A],
-  k_rope_pages [P,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
+- ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [pages,page_size,A],
+  k_rope_pages [pages,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
   absorbed MLA over the paged latent cache, output in the latent space.
 """
 
@@ -114,8 +115,8 @@ def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array
 
 def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
                    impl: Impl | str | None = None) -> jax.Array:
-    """``[M,N]``: each group of rows of ``lhs [M,K]`` times its ``rhs [E,K,N]`` (or ``[E,N,K]``
-    transposed); see ``kernels_pallas.grouped_matmul.gmm_reference``."""
+    """``[rows,out]``: each group of rows of ``lhs [rows,in]`` times its ``rhs [E,in,out]`` (or
+    ``[E,out,in]`` transposed); see ``kernels_pallas.grouped_matmul.gmm_reference``."""
     _, fn = resolve("grouped_matmul", impl)
     return fn(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
 

@@ -184,7 +184,7 @@ def _tiny_ultramem() -> ModelConfig:
 #   smaller MoE models were not available) and choose P so that UltraMem's total matches it.
 # - The UltraMem parts take the official implementation's defaults (github.com/ZihaoHuang-notabot/
 #   Ultra-Sparse-Memory-Network, olmo/ultramem_layer.py): tucker rank 2, 2 cores, value expansion
-#   E=4, raw scores, value width D/2 with projection, LayerNormed query and keys; 2 memory heads,
+#   W=4, raw scores, value width D/2 with projection, LayerNormed query and keys; 2 memory heads,
 #   top-32, key width 128 (our choices). One memory layer per skip span of 3, 4, 4 blocks (4, 6, 8
 #   memory layers); P = 1764, 2500, 2888 puts the totals within 0.02% of the MoE's.
 _PAPER_BACKBONES = {"151m": (1024, 12, 3), "680m": (1536, 24, 4), "1.6b": (2048, 32, 4)}  # D, L, span

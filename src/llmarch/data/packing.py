@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kernels_pallas.intmath import cdiv
 from llmarch.data.tokenizer import Tokenizer
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
@@ -59,7 +60,7 @@ class PackedRows:
 
     def __len__(self) -> int:
         # Every token but the first is one target: ceil((N - 1) / T) rows.
-        return -(-(len(self.tokens) - 1) // self.seq_len)
+        return cdiv(len(self.tokens) - 1, self.seq_len)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)

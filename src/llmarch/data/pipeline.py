@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import jax
 
+from kernels_pallas.intmath import cdiv
 from llmarch.data.packing import PackedRows, pack_documents
 from llmarch.data.tokenizer import Tokenizer
 
@@ -40,7 +41,7 @@ class _ProcessRows(grain.MapDataset):
         if drop_remainder or self._parent_length >= sys.maxsize:
             num_batches = self._parent_length // batch_size
         else:
-            num_batches = -(-self._parent_length // batch_size)
+            num_batches = cdiv(self._parent_length, batch_size)
         self._length = num_batches * self._local
         self._padding_row = padding_row
 
@@ -76,7 +77,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 def batches_per_epoch(num_rows: int | PackedRows, batch_size: int, *, drop_remainder: bool = True) -> int:
     """Global batches that one epoch of ``num_rows`` rows fills (a partial one counts unless dropped)."""
     n = len(num_rows) if isinstance(num_rows, PackedRows) else num_rows
-    return n // batch_size if drop_remainder else -(-n // batch_size)
+    return n // batch_size if drop_remainder else cdiv(n, batch_size)
 
 
 def batch_dataset(

@@ -36,7 +36,7 @@ def mla_tensors(cfg: ModelConfig, hf_config: Mapping[str, Any]) -> Table:
     qk = [(at("w_uq_qnh" if m.q_lora_rank else "w_q_dnh"), Part((H, R), 0)),
           (at("w_qr_qnr" if m.q_lora_rank else "w_qr_dnr"), Part((H, R), 1, interleave))]
     q = {"self_attn.q_proj.weight": qk} if m.q_lora_rank is None else {
-        "self_attn.q_a_proj.weight": (at("w_dq_dq"), Linear()),
+        "self_attn.q_a_proj.weight": (at("w_down_q_dq"), Linear()),
         "self_attn.q_a_layernorm.weight": (("attention", "q_norm", "scale"), Same()),
         "self_attn.q_b_proj.weight": qk}
     return {**q,

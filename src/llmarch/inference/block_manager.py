@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels_pallas.intmath import cdiv
 from llmarch.checks import check_positive
 from llmarch.inference.paged_cache import TRASH_PAGE
 
@@ -21,7 +22,7 @@ class OutOfPages(RuntimeError):
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     """Pages that hold ``num_tokens`` tokens."""
-    return -(-num_tokens // page_size)
+    return cdiv(num_tokens, page_size)
 
 
 class BlockManager:

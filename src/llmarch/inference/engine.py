@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from kernels_pallas.intmath import next_pow2
 from llmarch.checks import check_int
 from llmarch.config import ModelConfig
 from llmarch.inference import paged_cache, sampling
@@ -149,7 +150,7 @@ def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
     if n == 0:
         return 0
     n = max(n, lo)
-    power = 1 << (n - 1).bit_length()
+    power = next_pow2(n)
     return min(hi, 3 * power // 4 if fine and n <= 3 * power // 4 and power >= 4 else power)
 
 

@@ -1,17 +1,17 @@
 """Paged KV and latent caches (vLLM's PagedAttention, Kwon et al., SOSP 2023) as explicit pytrees.
 
-Every layer's cache is a pool of fixed-size pages, ``[P, page_size, ...]``; a sequence owns
+Every layer's cache is a pool of fixed-size pages, ``[pages, page_size, ...]``; a sequence owns
 the pages its block table lists, in order, so position ``p`` lives in page
 ``table[p // page_size]`` at offset ``p % page_size``. The pools of a run of stacked blocks are
-stacked on a leading layers axis, ``[L, P, page_size, ...]``. Page 0 of every layer is the
+stacked on a leading layers axis, ``[L, pages, page_size, ...]``. Page 0 of every layer is the
 **trash page**: the block manager never hands it out, and padding tokens write there, so a
 fixed-shape step can carry padding without touching any sequence's cache.
 
 A serving step flattens its tokens (decode tokens and prefill chunks of many sequences, then
-padding) into one row ``[1, N]``. ``PageMeta`` says, for that step, where each token's key and
+padding) into one row ``[1, n]``. ``PageMeta`` says, for that step, where each token's key and
 value go (``slots``, flat ``page * page_size + offset``) and how the queries regroup into rows
-for attention: an ``AttentionGroup`` of decode rows ``[R, 1]`` and one of prefill chunks
-``[R, T]``, each row with its block table and its number of valid keys. Both caches follow the
+for attention: an ``AttentionGroup`` of decode rows ``[B, 1]`` and one of prefill chunks
+``[B, T]``, each row with its block table and its number of valid keys. Both caches follow the
 protocols of ``layers/attention.py`` (``write``/``attend``) and ``layers/mla.py``
 (``write``/``attend_latent``), attending through ``llmarch.ops.paged_attention`` and
 ``llmarch.ops.mla_decode`` (Pallas kernels on TPU/GPU, gather + reference attention on CPU).
@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.intmath import cdiv
 from llmarch import ops
 from llmarch.config import ModelConfig
 
@@ -40,10 +41,10 @@ class AttentionGroup:
     """Rows of one paged-attention call; padding entries have position -1 (zero output).
 
     Attributes:
-      index: int ``[R,T]``: the flat token (in ``[0, N)``) of each query; padding points at 0.
-      positions: int ``[R,T]``: each query's position, ``-1`` for padding.
-      tables: int ``[R,W]``: each row's block table (unused entries: the trash page).
-      lengths: int ``[R]``: valid keys per row, this step's included.
+      index: int ``[B,T]``: the flat token (in ``[0, n)``) of each query; padding points at 0.
+      positions: int ``[B,T]``: each query's position, ``-1`` for padding.
+      tables: int ``[B,max_pages]``: each row's block table (unused entries: the trash page).
+      lengths: int ``[B]``: valid keys per row, this step's included.
     """
 
     index: jax.Array
@@ -59,7 +60,7 @@ class AttentionGroup:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PageMeta:
-    """One step's placement of its ``N`` flat tokens: ``slots [N]`` (flat page slot each token
+    """One step's placement of its ``n`` flat tokens: ``slots [n]`` (flat page slot each token
     writes; padding: the trash page) and the attention groups."""
 
     slots: jax.Array
@@ -67,17 +68,17 @@ class PageMeta:
 
 
 def _layer_pages(pages: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``[L,P,ps,...] -> [L*P,ps,...]`` (free: a reshape) and the first page id of ``layer``."""
-    L, P = pages.shape[:2]
-    return pages.reshape(L * P, *pages.shape[2:]), layer * P
+    """``[L,pages,ps,...] -> [L*pages,ps,...]`` (free: a reshape) and the first page id of ``layer``."""
+    L, per_layer = pages.shape[:2]
+    return pages.reshape(L * per_layer, *pages.shape[2:]), layer * per_layer
 
 
 def _write(pages: jax.Array, layer: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """Scatters ``values [B,T,...]`` (flattened to ``[N,...]``) into ``layer``'s slots ``[N]``."""
-    L, P, ps = pages.shape[:3]
-    flat = pages.reshape(L * P * ps, *pages.shape[3:])
+    """Scatters ``values [B,T,...]`` (flattened to ``[n,...]``) into ``layer``'s slots ``[n]``."""
+    L, per_layer, ps = pages.shape[:3]
+    flat = pages.reshape(L * per_layer * ps, *pages.shape[3:])
     rows = values.reshape(-1, *pages.shape[3:]).astype(pages.dtype)
-    return flat.at[layer * (P * ps) + slots].set(rows).reshape(pages.shape)
+    return flat.at[layer * (per_layer * ps) + slots].set(rows).reshape(pages.shape)
 
 
 PAGES_PER_BLOCK = 2  # pages one iteration of the XLA path reads per row
@@ -94,61 +95,62 @@ def _blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...]
     output, and the loop stops after the longest row's last page (a dynamic trip count). So a
     step reads each row's pages once, never materializes the gathered cache, and costs what
     the longest sequence needs, not the table's width. Scores sum over (query, key) parts (MLA:
-    ``q_A·c_KV + q_R·k_R``, no concatenation); contractions are batch-major (``RKG·S``), which
+    ``q_A·c_KV + q_R·k_R``, no concatenation); contractions are batch-major (``BKG·S``), which
     XLA:CPU runs several times faster than the reference's ``BSKH->BTKGH`` value einsum.
 
     Args:
-      qs: ``[R,T,N,H_i]`` query parts; k_pages: matching ``[P,ps,K,H_i]`` key pools.
-      v_pages: ``[P,ps,K,H_v]``; tables ``[R,W]``; lengths ``[R]``; q_positions ``[R,T]`` (-1 pad).
+      qs: ``[B,T,N,H_i]`` query parts; k_pages: matching ``[pages,ps,K,H_i]`` key pools.
+      v_pages: ``[pages,ps,K,H_v]``; tables ``[B,max_pages]``; lengths ``[B]``; q_positions
+      ``[B,T]`` (-1 pad).
     Returns:
-      ``[R,T,N,H_v]``; padding queries (and queries with no visible key) get zeros.
+      ``[B,T,N,H_v]``; padding queries (and queries with no visible key) get zeros.
     """
-    R, T, N = qs[0].shape[:3]
+    B, T, N = qs[0].shape[:3]
     ps, K, Hv = v_pages.shape[1:]
     G = N // K
-    B = min(PAGES_PER_BLOCK, tables.shape[1])
-    blocks = -(-tables.shape[1] // B)
-    tables = jnp.pad(tables, ((0, 0), (0, blocks * B - tables.shape[1])))  # pads: the trash page
-    qg = [q.reshape(R, T, K, G, -1).transpose(0, 2, 3, 1, 4) for q in qs]  # [R,K,G,T,H_i]
-    qp = q_positions[:, :, None]  # [R,T,1]
+    pb = min(PAGES_PER_BLOCK, tables.shape[1])  # pages per block
+    blocks = cdiv(tables.shape[1], pb)
+    tables = jnp.pad(tables, ((0, 0), (0, blocks * pb - tables.shape[1])))  # pads: the trash page
+    qg = [q.reshape(B, T, K, G, -1).transpose(0, 2, 3, 1, 4) for q in qs]  # [B,K,G,T,H_i]
+    qp = q_positions[:, :, None]  # [B,T,1]
     longest = jnp.max(jnp.where(jnp.any(q_positions >= 0, axis=1), lengths, 0))
-    trips = (longest + B * ps - 1) // (B * ps)
+    trips = cdiv(longest, pb * ps)
 
     def body(carry):
         i, top, denom, acc = carry
-        pages = jax.lax.dynamic_slice_in_dim(tables, i * B, B, axis=1)  # [R,B]
-        scores = sum(jnp.einsum("RKGTH,RSKH->RKGTS", q, kp[pages].reshape(R, B * ps, K, -1),
+        pages = jax.lax.dynamic_slice_in_dim(tables, i * pb, pb, axis=1)  # [B,pb]
+        scores = sum(jnp.einsum("BKGTH,BSKH->BKGTS", q, kp[pages].reshape(B, pb * ps, K, -1),
                                 preferred_element_type=jnp.float32)
-                     for q, kp in zip(qg, k_pages, strict=True)) * scale  # [R,K,G,T,B*ps]
-        kv = i * B * ps + jnp.arange(B * ps, dtype=jnp.int32)[None, None, :]  # slot s: position s
-        visible = (kv <= qp) & (kv < lengths[:, None, None])  # [R,T,B*ps]; qp = -1 sees nothing
+                     for q, kp in zip(qg, k_pages, strict=True)) * scale  # [B,K,G,T,pb*ps]
+        kv = i * pb * ps + jnp.arange(pb * ps, dtype=jnp.int32)[None, None, :]  # slot s: position s
+        visible = (kv <= qp) & (kv < lengths[:, None, None])  # [B,T,pb*ps]; qp = -1 sees nothing
         if sliding_window is not None:
             visible &= qp - kv < sliding_window
         scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))  # finite: top starts at -1e30
         weights = jnp.exp(scores - new_top[..., None])
         rescale = jnp.exp(top - new_top)
-        values = v_pages[pages].reshape(R, B * ps, K, Hv)
-        acc = acc * rescale[..., None] + jnp.einsum("RKGTS,RSKH->RKGTH", weights.astype(values.dtype),
+        values = v_pages[pages].reshape(B, pb * ps, K, Hv)
+        acc = acc * rescale[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", weights.astype(values.dtype),
                                                     values, preferred_element_type=jnp.float32)
         return i + 1, new_top, denom * rescale + jnp.sum(weights, axis=-1), acc
 
-    init = (jnp.int32(0), jnp.full((R, K, G, T), -1e30, jnp.float32),
-            jnp.zeros((R, K, G, T), jnp.float32), jnp.zeros((R, K, G, T, Hv), jnp.float32))
+    init = (jnp.int32(0), jnp.full((B, K, G, T), -1e30, jnp.float32),
+            jnp.zeros((B, K, G, T), jnp.float32), jnp.zeros((B, K, G, T, Hv), jnp.float32))
     _, _, denom, acc = jax.lax.while_loop(lambda c: c[0] < trips, body, init)
-    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [R,K,G,T,H_v]
-    return out.transpose(0, 3, 1, 2, 4).reshape(R, T, N, Hv).astype(qs[0].dtype)
+    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B,K,G,T,H_v]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(qs[0].dtype)
 
 
 def _grouped(q_parts: tuple[jax.Array, ...], meta: PageMeta, attend) -> jax.Array:
     """Runs ``attend(group, *q_rows)`` per group on the queries regrouped into its rows, and
-    scatters the ``[R,T,...]`` outputs back to the flat ``[N,...]`` order (padding adds 0)."""
-    flat = [q.reshape(-1, *q.shape[2:]) for q in q_parts]  # [N,...]
+    scatters the ``[B,T,...]`` outputs back to the flat ``[n,...]`` order (padding adds 0)."""
+    flat = [q.reshape(-1, *q.shape[2:]) for q in q_parts]  # [n,...]
     out = None
     for group in meta.groups:
         if group.rows == 0:  # static: a step without decode rows, or without prefill
             continue
-        o = attend(group, *(f[group.index] for f in flat))  # [R,T,heads,width]
+        o = attend(group, *(f[group.index] for f in flat))  # [B,T,heads,width]
         if out is None:
             out = jnp.zeros((flat[0].shape[0], *o.shape[2:]), o.dtype)
         out = out.at[group.index].add(o)
@@ -158,7 +160,7 @@ def _grouped(q_parts: tuple[jax.Array, ...], meta: PageMeta, attend) -> jax.Arra
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    """A run's paged keys and values, ``k_pages, v_pages [L, P, page_size, K, H]``.
+    """A run's paged keys and values, ``k_pages, v_pages [L, pages, page_size, K, H]``.
 
     Follows ``KVCache``'s protocol for ``Attention``: ``write`` scatters this step's keys and
     values to ``meta.slots`` of the current ``layer``; ``attend`` runs ``ops.paged_attention``
@@ -176,7 +178,7 @@ class PagedKVCache:
     def empty(cfg: ModelConfig, layers: int, num_pages: int, page_size: int,
               dtype: Any) -> tuple[jax.Array, jax.Array]:
         a = cfg.attention
-        shape = (layers, num_pages, page_size, a.num_kv_heads, a.head_dim)  # [L,P,ps,K,H]
+        shape = (layers, num_pages, page_size, a.num_kv_heads, a.head_dim)  # [L,pages,ps,K,H]
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
     @property
@@ -187,7 +189,7 @@ class PagedKVCache:
         return dataclasses.replace(self, layer=layer)
 
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
-        """Stores ``k, v [B,T,K,H]`` (B*T = the step's N flat tokens) at ``meta.slots``."""
+        """Stores ``k, v [B,T,K,H]`` (B*T = the step's n flat tokens) at ``meta.slots``."""
         del positions  # placed by the slots the block manager chose
         return dataclasses.replace(self, k_pages=_write(self.k_pages, self.layer, self.meta.slots, k),
                                    v_pages=_write(self.v_pages, self.layer, self.meta.slots, v))
@@ -217,7 +219,7 @@ class PagedKVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedLatentCache:
-    """A run's paged MLA latent cache: ``c_kv_pages [L,P,page_size,A]``, ``k_r_pages [L,P,page_size,R]``.
+    """A run's paged MLA latent cache: ``c_kv_pages [L,pages,ps,A]``, ``k_r_pages [L,pages,ps,R]``.
 
     Follows ``MLACache``'s protocol without ``read``: MLA attends it only in the latent space,
     through ``ops.mla_decode`` (as FlashMLA does), for decode steps and prefill chunks alike.
@@ -234,8 +236,8 @@ class PagedLatentCache:
     def empty(cfg: ModelConfig, layers: int, num_pages: int, page_size: int,
               dtype: Any) -> tuple[jax.Array, jax.Array]:
         m = cfg.mla
-        return (jnp.zeros((layers, num_pages, page_size, m.kv_lora_rank), dtype),  # [L,P,ps,A]
-                jnp.zeros((layers, num_pages, page_size, m.qk_rope_head_dim), dtype))  # [L,P,ps,R]
+        return (jnp.zeros((layers, num_pages, page_size, m.kv_lora_rank), dtype),  # [L,pages,ps,A]
+                jnp.zeros((layers, num_pages, page_size, m.qk_rope_head_dim), dtype))  # [L,pages,ps,R]
 
     @property
     def pools(self) -> tuple[jax.Array, jax.Array]:
@@ -263,7 +265,7 @@ class PagedLatentCache:
         def attend(group: AttentionGroup, ql: jax.Array, qr: jax.Array) -> jax.Array:
             tables = group.tables + first
             if xla:  # one KV head: keys [c_KV; k_R] as two parts, values c_KV
-                c, r = c_kv[:, :, None], k_r[:, :, None]  # [P,ps,1,A], [P,ps,1,R]
+                c, r = c_kv[:, :, None], k_r[:, :, None]  # [pages,ps,1,A], [pages,ps,1,R]
                 return _blocked_attention((ql, qr), (c, r), c, tables, group.lengths,
                                            group.positions, scale=scale)
             return ops.mla_decode(ql, qr, c_kv.astype(ql.dtype), k_r.astype(ql.dtype), tables,

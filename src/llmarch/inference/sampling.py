@@ -95,7 +95,7 @@ def split_seed(seed: int) -> tuple[int, int]:
 
 
 def row_keys(seed_lo: jax.Array, seed_hi: jax.Array, sample: jax.Array, counter: jax.Array) -> jax.Array:
-    """``[R]`` keys: ``fold_in(fold_in(fold_in(key(lo), hi), sample), counter)`` per row."""
+    """``[B]`` keys: ``fold_in(fold_in(fold_in(key(lo), hi), sample), counter)`` per row."""
 
     def one(lo, hi, s, c):
         key = jax.random.fold_in(jax.random.key(lo.astype(jnp.uint32)), hi.astype(jnp.uint32))
@@ -111,9 +111,9 @@ def _order_keys(x: jax.Array) -> jax.Array:
 
 
 def _largest_key(keys: jax.Array, ok) -> jax.Array:
-    """``[R,1]``: per row, the largest uint32 ``t`` with ``ok(keys >= t)`` true, for a predicate
+    """``[B,1]``: per row, the largest uint32 ``t`` with ``ok(keys >= t)`` true, for a predicate
     that holds at 0 and is monotone (once false for t, false above). Built bit by bit from the
-    top: 32 passes over ``[R,V]`` where a sort would cost ``V log V`` per row (and XLA:CPU's
+    top: 32 passes over ``[B,V]`` where a sort would cost ``V log V`` per row (and XLA:CPU's
     sort is slow)."""
 
     def bit(i, t):
@@ -125,7 +125,7 @@ def _largest_key(keys: jax.Array, ok) -> jax.Array:
 
 def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                      top_p: jax.Array) -> jax.Array:
-    """``[R,V]`` float32 logits scaled by temperature with top-k then top-p applied (-inf out).
+    """``[B,V]`` float32 logits scaled by temperature with top-k then top-p applied (-inf out).
 
     Rows with ``temperature == 0`` are scaled by 1 (their caller takes the argmax). Ties at a
     cut-off keep every tied token. Top-p keeps the most likely tokens whose mass, before each
@@ -136,7 +136,7 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
 
     def cut(x):
         keys = _order_keys(x)
-        k = jnp.where(top_k > 0, top_k, x.shape[-1])[:, None]  # [R,1]
+        k = jnp.where(top_k > 0, top_k, x.shape[-1])[:, None]  # [B,1]
         kth = _largest_key(keys, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
         x = jnp.where(keys >= kth, x, -jnp.inf)
         probs = jax.nn.softmax(x, axis=-1)
@@ -149,7 +149,7 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
 
 def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
-    """``[R,V]``: the distribution a row samples from; one-hot of the argmax for greedy rows."""
+    """``[B,V]``: the distribution a row samples from; one-hot of the argmax for greedy rows."""
     probs = jax.nn.softmax(processed_logits(logits, temperature, top_k, top_p), axis=-1)
     onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
     return jnp.where((temperature > 0)[:, None], probs, onehot)
@@ -158,11 +158,11 @@ def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, *, num_logprobs: int = 0, want_logprobs: jax.Array | None = None
            ) -> dict[str, jax.Array]:
-    """Samples one token per row of ``logits [R,V]``.
+    """Samples one token per row of ``logits [B,V]``.
 
-    Returns a dict: ``tokens [R]``, ``logprobs [R]`` (of the chosen token, unprocessed
-    distribution) and, with ``num_logprobs > 0``, ``top_ids, top_logprobs [R, num_logprobs]``.
-    With ``want_logprobs [R]`` given, log-probabilities are computed only in steps where some
+    Returns a dict: ``tokens [B]``, ``logprobs [B]`` (of the chosen token, unprocessed
+    distribution) and, with ``num_logprobs > 0``, ``top_ids, top_logprobs [B, num_logprobs]``.
+    With ``want_logprobs [B]`` given, log-probabilities are computed only in steps where some
     row wants them (zeros otherwise).
     """
     logits = logits.astype(jnp.float32)
@@ -202,11 +202,11 @@ def sample_rows(logits: jax.Array, rows: dict[str, jax.Array], *, num_logprobs: 
 def host_rows(params: list[SamplingParams | None], seeds: list[int], samples: list[int],
               counters: list[int]) -> dict[str, np.ndarray]:
     """The per-row arrays of ``sample_rows`` for a padded batch (``None``: a padding row)."""
-    R = len(params)
-    rows = {"temperature": np.zeros(R, np.float32), "top_k": np.zeros(R, np.int32),
-            "top_p": np.ones(R, np.float32), "seed_lo": np.zeros(R, np.uint32),
-            "seed_hi": np.zeros(R, np.uint32), "sample": np.zeros(R, np.int32),
-            "counter": np.zeros(R, np.int32), "logprobs": np.zeros(R, bool)}
+    B = len(params)
+    rows = {"temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
+            "top_p": np.ones(B, np.float32), "seed_lo": np.zeros(B, np.uint32),
+            "seed_hi": np.zeros(B, np.uint32), "sample": np.zeros(B, np.int32),
+            "counter": np.zeros(B, np.int32), "logprobs": np.zeros(B, bool)}
     for i, p in enumerate(params):
         if p is None:
             continue

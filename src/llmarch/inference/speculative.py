@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels_pallas.intmath import next_pow2
 from llmarch.checks import check_positive
 from llmarch.inference import sampling
 from llmarch.inference.sampling import SamplingParams
@@ -39,10 +40,6 @@ class SpeculativeOutput:
     finish_reason: str
     proposed: int  # draft tokens proposed for this request
     accepted: int  # of which the target accepted
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -161,12 +158,12 @@ class SpeculativeDecoder:
         lengths = [len(s) for s in seqs]
         # Caches as long as this batch needs (bucketed: few programs), not max_seq_len: a contiguous
         # cache's attention costs its full length at every step.
-        S = min(self.max_len, _bucket(max(n + s.max_tokens for n, s in zip(lengths, params, strict=True))
+        S = min(self.max_len, next_pow2(max(n + s.max_tokens for n, s in zip(lengths, params, strict=True))
                                       + gamma + 1))
         t_def, t_state = nnx.split(self.target)
         d_def, d_state = nnx.split(self.draft)
         t_cache, d_cache = self.target.init_cache(B, S), self.draft.init_cache(B, S)
-        width = min(_bucket(max(lengths)), S)  # prefill x[:n-1] of every row (junk past it is rewritten)
+        width = min(next_pow2(max(lengths)), S)  # prefill x[:n-1] of every row (junk past it is rewritten)
         if max(lengths) > 1:
             tokens = np.zeros((B, width), np.int32)
             for i, s in enumerate(seqs):

@@ -179,7 +179,7 @@ class MoEConfig:
     train step ``b_i += γ·sign(mean load − load_i)``; needs ``router_bias``).
 
     Compute (``strategy``): ``"dropless"`` sorts token copies by expert and runs grouped matmuls;
-    ``"capacity"`` gives each expert ``ceil(capacity_factor·N·k/E)`` slots and drops (and counts)
+    ``"capacity"`` gives each expert ``ceil(capacity_factor·n·k/E)`` slots (n tokens) and drops (and counts)
     the rest; ``"dense"`` runs every expert on every token (a reference for tests). Under a mesh
     whose ``expert`` axis has size > 1 the experts are sharded and tokens travel by all-to-all
     (``llmarch.layers.moe_parallel``), in ``ep_chunks`` pipelined chunks (1: no overlap).
@@ -255,8 +255,8 @@ class MemoryConfig:
     grid score ``S_row C S_colᵀ`` with ``num_cores`` (h) Tucker cores ``C_c [r,r]``, candidates by the
     leading singular vectors of ``ΣC_c``, and the aux loss ``aux_alpha·mean(relu(σ_{2..r} − aux_tau)²)``.
     ``num_cores`` > 1 is multi-core scoring (MCS): a value row is h chunks, chunk c scaled by core c's
-    score. ``virtual_blocks`` (E) > 1 is implicit value expansion (IVE): the P² grid slots are E
-    virtual blocks over ``P²/E`` physical rows through a fixed random permutation, pooled per block
+    score. ``virtual_blocks`` (W) > 1 is implicit value expansion (IVE): the P² grid slots are W
+    virtual blocks over ``P²/W`` physical rows through a fixed random permutation, pooled per block
     and projected. ``score="raw"`` uses the scores as weights (UltraMem), ``"softmax"`` normalizes
     the m scores of a head (PKM). ``value_dim`` (None: d_model) with ``output_proj`` is UltraMem's
     halved value width and projection; ``gate`` is Memory+'s SiLU gate (Berges et al. 2024).
@@ -275,7 +275,7 @@ class MemoryConfig:
     gate: bool = False
     tucker_rank: int = 0  # r; 0: PKM's additive scoring
     num_cores: int = 1  # h
-    virtual_blocks: int = 1  # E
+    virtual_blocks: int = 1  # W
     key_norm: bool = False  # LayerNorm on the keys too (the query always has one)
     value_init_std: float | None = None  # None: value_dim**-0.5 (Lample et al.)
     aux_alpha: float = 0.001

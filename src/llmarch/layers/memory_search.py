@@ -78,7 +78,8 @@ def brute_force_tucker(s_row: jax.Array, s_col: jax.Array, cores: jax.Array,
                        k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k of the full TDQKR grid ``Σ_c S_row C_c S_colᵀ`` over all ``P²`` slots: ``[..., N, k]``."""
     P = s_row.shape[-2]
-    grid = jnp.einsum("...NPZ,NZY,...NQY->...NPQ", s_row.astype(jnp.float32),
+    # every row and column is a candidate: I = J = P (Q would be the query LoRA rank)
+    grid = jnp.einsum("...NIZ,NZY,...NJY->...NIJ", s_row.astype(jnp.float32),
                       cores.astype(jnp.float32).sum(0), s_col.astype(jnp.float32))
     return jax.lax.top_k(grid.reshape(*grid.shape[:-2], P * P), k)
 

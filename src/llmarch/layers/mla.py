@@ -114,7 +114,7 @@ class MLA(nnx.Module):
     """MLA with DeepSeek's weights, in the axis alphabet (H: ``qk_nope_head_dim`` for q/k and
     ``v_head_dim`` for values; Q, A, R: query rank, KV rank, RoPE dim):
 
-    - queries: ``w_dq_dq [D,Q]``, ``q_norm [Q]``, ``w_uq_qnh [Q,N,H]``, ``w_qr_qnr [Q,N,R]``; with
+    - queries: ``w_down_q_dq [D,Q]`` (W^DQ), ``q_norm [Q]``, ``w_uq_qnh [Q,N,H]``, ``w_qr_qnr [Q,N,R]``; with
       ``q_lora_rank=None`` instead ``w_q_dnh [D,N,H]``, ``w_qr_dnr [D,N,R]``;
     - keys/values: ``w_dkv_da [D,A]``, ``kv_norm [A]``, ``w_uk_anh [A,N,H]``, ``w_uv_anh [A,N,H]``,
       ``w_kr_dr [D,R]``;
@@ -135,7 +135,7 @@ class MLA(nnx.Module):
         E, NH, HD = axes.EMBED, axes.HEADS, axes.HEAD_DIM
         if m.q_lora_rank is not None:
             Q = m.q_lora_rank
-            self.w_dq_dq = weight((D, Q), (E, axes.Q_LATENT))
+            self.w_down_q_dq = weight((D, Q), (E, axes.Q_LATENT))
             self.q_norm = RMSNorm(Q, eps=LATENT_NORM_EPS, param_dtype=pd)
             self.w_uq_qnh = weight((Q, N, H), (axes.Q_LATENT, NH, HD))
             self.w_qr_qnr = weight((Q, N, R), (axes.Q_LATENT, NH, HD))
@@ -172,7 +172,7 @@ class MLA(nnx.Module):
                     else yarn_inverse_frequencies(m.qk_rope_head_dim, m.rope_theta, m.rope_scaling))
         mscale = rope_factor(m)
         if m.q_lora_rank is not None:
-            c_q = self.q_norm(self.w_dq_dq("BTD,DQ->BTQ", x))  # [B,T,Q]
+            c_q = self.q_norm(self.w_down_q_dq("BTD,DQ->BTQ", x))  # [B,T,Q]
             q_c = self.w_uq_qnh("BTQ,QNH->BTNH", c_q)  # [B,T,N,H]
             q_r = self.w_qr_qnr("BTQ,QNR->BTNR", c_q)  # [B,T,N,R]
         else:

@@ -99,7 +99,7 @@ class MoE(nnx.Module):
 
     def experts(self, x: jax.Array, experts: jax.Array, gates: jax.Array, *, strategy: str,
                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
-        """``(Σ_k g·FFN_{e_k}(x) [N,D], dropped)`` for flat tokens ``x [N,D]`` and routing ``[N,k]``."""
+        """``(Σ_k g·FFN_{e_k}(x) [n,D], dropped)`` for flat tokens ``x [n,D]`` and routing ``[n,k]``."""
         m, w = self.moe, self.weights()
         mesh, table = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
         if strategy == "dense":

@@ -1,12 +1,12 @@
 """Expert parallelism: experts sharded over the ``expert`` mesh axis, tokens moved by all-to-all.
 
 Inside one ``shard_map`` over the whole mesh every device holds its tokens ``x [n,D]`` (the batch
-is split over the data axes and ``expert``) and ``E_l = E/P`` experts (P = size of the ``expert``
+is split over the data axes and ``expert``) and ``E_l = E/ep`` experts (ep = size of the ``expert``
 axis). A step (GShard, Lepikhin et al. 2020):
 
-1. dispatch: each device packs its token copies into capacity buffers ``[E,C,D] = [P,E_l,C,D]``
+1. dispatch: each device packs its token copies into capacity buffers ``[E,C,D] = [ep,E_l,C,D]``
    (``moe_dispatch.to_buffers``) and an ``all_to_all`` over ``expert`` sends block ``j`` to device
-   ``j``: each device receives ``[P,E_l,C,D]``, slot for slot the tokens every source sent to its
+   ``j``: each device receives ``[ep,E_l,C,D]``, slot for slot the tokens every source sent to its
    experts;
 2. the local experts run on what arrived (a batched einsum over ``E_l``);
 3. combine: the reverse ``all_to_all`` returns every result to the device its token came from,
@@ -33,8 +33,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec
 
+from kernels_pallas.intmath import round_up
 from llmarch import axes, sharding
 from llmarch.layers import moe_dispatch as dispatch
 from llmarch.layers.configs import MoEConfig
@@ -46,7 +47,7 @@ def _axes_of(entry) -> tuple[str, ...]:
 
 
 def layout(mesh, table: sharding.Rules) -> tuple[tuple[str, ...], str | None, int, int]:
-    """``(token axes, expert axis, its size P, token shards)`` of ``mesh`` under ``table``."""
+    """``(token axes, expert axis, its size ep, token shards)`` of ``mesh`` under ``table``."""
     token_axes = _axes_of(sharding.logical_to_spec((axes.BATCH,), table, mesh.axis_names)[0])
     expert = _axes_of(sharding.logical_to_spec((axes.EXPERT,), table, mesh.axis_names)[0])
     if len(expert) > 1:
@@ -65,15 +66,15 @@ def check_experts_divide(cfg: MoEConfig, mesh, table: sharding.Rules) -> None:
 
 
 def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> jax.Array:
-    """``[P,E_l,C,D] -> [P,E_l,C,D]``: dispatch, the local experts, combine; in ``chunks`` chunks of
+    """``[ep,E_l,C,D] -> [ep,E_l,C,D]``: dispatch, the local experts, combine; in ``chunks`` chunks of
     the C slots (chunk i's GEMMs independent of chunk i+1's all-to-all, so they may overlap)."""
     size = buffers.shape[2] // chunks
     out = []
     for c in range(chunks):  # unrolled: the scheduler sees every chunk's ops at once
-        part = buffers[:, :, c * size:(c + 1) * size]  # [P,E_l,C/c,D]
+        part = buffers[:, :, c * size:(c + 1) * size]  # [ep,E_l,C/c,D]
         with jax.named_scope(f"ep_chunk{c}"):
             arrived = jax.lax.all_to_all(part, axis, 0, 0, tiled=True)  # [s] = sent by source s
-            y = dispatch.expert_ffn(arrived, w)  # [P,E_l,C/c,D]
+            y = dispatch.expert_ffn(arrived, w)  # [ep,E_l,C/c,D]
             out.append(jax.lax.all_to_all(y, axis, 0, 0, tiled=True))  # [j] = from expert owner j
     return out[0] if chunks == 1 else jnp.concatenate(out, axis=2)
 
@@ -81,21 +82,21 @@ def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> ja
 def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights,
                  cfg: MoEConfig, *, strategy: str, mesh, table: sharding.Rules,
                  impl: str | None = None) -> tuple[jax.Array, jax.Array]:
-    """``([N,D], dropped)``: the routed experts of ``x [N,D]`` under ``mesh``, tokens split over the
-    batch axes; with an ``expert`` axis of size P > 1 the experts are split P ways (EP).
+    """``([B·T,D], dropped)``: the routed experts of ``x [B·T,D]`` under ``mesh``, tokens split over the
+    batch axes; with an ``expert`` axis of size ep > 1 the experts are split ep ways (EP).
 
     Without EP each device runs ``strategy`` on its own tokens (a local sort for dropless).
-    Raises ValueError when N is not divisible by the token shards or E by P.
+    Raises ValueError when B·T is not divisible by the token shards or E by ep.
     """
     token_axes, ep_axis, ep, shards = layout(mesh, table)
     check_experts_divide(cfg, mesh, table)
-    N, D = x.shape
-    if N % shards:
-        raise ValueError(f"{N} tokens cannot be split over the batch mesh axes {token_axes} "
+    num_tokens, D = x.shape
+    if num_tokens % shards:
+        raise ValueError(f"{num_tokens} tokens cannot be split over the batch mesh axes {token_axes} "
                          f"(x{shards}); allowed: a multiple of {shards}")
     E, k, chunks = cfg.num_experts, cfg.top_k, cfg.ep_chunks
-    tokens = P(token_axes or None, None)
-    expert_spec = P(ep_axis, None, None)
+    tokens = PartitionSpec(token_axes or None, None)
+    expert_spec = PartitionSpec(ep_axis, None, None)
 
     def body(x, experts, gates, wg, wu, wd):
         w, n = ExpertWeights(wg, wu, wd), x.shape[0]
@@ -106,7 +107,7 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
                                                      dispatch.capacity_of(n, k, E, cfg.capacity_factor))
             return out, dropped[None]
         capacity = n if strategy == "dropless" else dispatch.capacity_of(n, k, E, cfg.capacity_factor)
-        padded = -(-capacity // chunks) * chunks  # C rounded up to whole chunks; the rest stays empty
+        padded = round_up(capacity, chunks)  # C rounded up to whole chunks; the rest stays empty
         slot, keep = dispatch.slots(experts, E, capacity)
         slot = jnp.where(keep, slot, padded)  # dropped copies go past the buffer
         buffers = dispatch.to_buffers(x, experts, slot, E, padded).reshape(ep, E // ep, padded, D)
@@ -115,7 +116,7 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
 
     out, dropped = jax.shard_map(
         body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_spec, expert_spec, expert_spec),
-        out_specs=(tokens, P(token_axes or None)))(x, experts, gates, *w)
+        out_specs=(tokens, PartitionSpec(token_axes or None)))(x, experts, gates, *w)
     return out, dropped.sum()
 
 
