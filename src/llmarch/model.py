@@ -8,6 +8,7 @@ compile time does not grow with depth. New block kinds register in ``ATTENTION``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.ffn import SwiGLU
 from llmarch.layers.memory import MemoryLayer, skip_memory
-from llmarch.layers.mla import MLA
+from llmarch.layers.mla import MLA, check_path
 from llmarch.layers.moe import MoE
 from llmarch.layers.norms import RMSNorm
 
@@ -347,3 +348,24 @@ def _active_rules() -> sharding.Rules:
 
     return tuple(flax_spmd.get_logical_axis_rules())
 
+
+
+def with_mla_path(model: Transformer, path: str) -> Transformer:
+    """``model`` with every MLA layer attending by ``path``; the weights are shared, not copied.
+
+    A whole-model transform, so it lives here rather than in ``layers/mla.py`` (layers never
+    import the model).
+
+    Raises:
+      ValueError: for an unknown path, or a model that has no MLA layer.
+    """
+    check_path(path)
+    if model.cfg.mla is None:
+        raise ValueError(f"path={path!r} cannot apply: model {model.cfg.name!r} has no 'mla' "
+                         "attention blocks (ModelConfig.mla=None)")
+    new = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for _, node in nnx.iter_graph(new):
+        if isinstance(node, MLA):
+            node.config = dataclasses.replace(node.config, path=path)
+    new.cfg = new.cfg.replace(mla=dataclasses.replace(new.cfg.mla, path=path))
+    return new
