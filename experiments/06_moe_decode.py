@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax import export  # noqa: E402
 
-from llmarch import machine, presets, sharding  # noqa: E402
+from llmarch import accounting, machine, presets, sharding  # noqa: E402
 from llmarch.config import MoEConfig, moe_blocks  # noqa: E402
 from llmarch.layers import moe_parallel, moe_routing  # noqa: E402
 from llmarch.layers.moe import MoE  # noqa: E402
@@ -133,9 +133,9 @@ usage = np.stack([np.bincount(flat[layer].reshape(-1), minlength=E) / flat[layer
 
 D, F = cfg.d_model, m.expert_dim
 traffic = "\n".join(
-    f"| {B} | {moe_routing.expected_distinct_experts(E, k, B):.2f} | "
+    f"| {B} | {accounting.expected_distinct_experts(E, k, B):.2f} | "
     + " | ".join(f"{distinct[B][layer]:.2f}" for layer in range(L_moe))
-    + f" | {moe_routing.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |" for B in BATCHES)
+    + f" | {accounting.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |" for B in BATCHES)
 
 # 2. Decode-step latency of a wider MoE layer ------------------------------------------------------------
 
