@@ -87,7 +87,7 @@ class BlockRun(nnx.Module):
             return var
 
         stacked = jax.tree.map(add_layer_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        mesh, table = jax.sharding.get_abstract_mesh(), _active_rules()
+        mesh, table = sharding.ambient()
         if not mesh.empty and table and eager:  # born sharded, like flax's eager variables
             stacked = sharding.constrain_state(stacked, mesh, table)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, kinds)))
@@ -138,12 +138,11 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
-        sharded = (not jax.sharding.get_abstract_mesh().empty and bool(_active_rules())
-                   and nnx.using_eager_sharding())
+        mesh, table = sharding.ambient()
+        sharded = not mesh.empty and bool(table) and nnx.using_eager_sharding()
         if sharded:  # fail with a clear message before anything is placed on the mesh
             abstract = nnx.eval_shape(lambda: _unsharded_model(cfg))
-            sharding.state_shardings(nnx.state(abstract), jax.sharding.get_abstract_mesh(),
-                                     _active_rules())
+            sharding.state_shardings(nnx.state(abstract), mesh, table)
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
             self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
                                param_dtype=pd)
@@ -341,13 +340,6 @@ def _unsharded_block(cfg: ModelConfig, kinds: BlockConfig) -> Block:
 def _unsharded_model(cfg: ModelConfig) -> Transformer:
     with nnx.use_eager_sharding(False):
         return Transformer(cfg, rngs=nnx.Rngs(0))
-
-
-def _active_rules() -> sharding.Rules:
-    from flax.core import spmd as flax_spmd
-
-    return tuple(flax_spmd.get_logical_axis_rules())
-
 
 
 def with_mla_path(model: Transformer, path: str) -> Transformer:
