@@ -23,7 +23,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-MANIFEST = "manifest.json"
+from llmarch.run_format import MANIFEST, SET_ASIDE_SUFFIX
+
 _FORMAT = 1
 
 
@@ -146,7 +147,7 @@ class Checkpointer:
         for inspection but never restored or counted by rotation; returns where it went."""
         if self.read_only:
             raise CheckpointError(f"cannot set aside {self.step_dir(step)}: opened read-only")
-        aside = self.directory.with_name(f"{self.directory.name}_set_aside")
+        aside = self.directory.with_name(f"{self.directory.name}{SET_ASIDE_SUFFIX}")
         target = aside / f"{step}-{reason}-{int(time.time())}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.step_dir(step)), str(target))
