@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmarch.inference.paged_cache import TRASH_PAGE
+from llmarch.layers.paged import TRASH_PAGE
 
 
 class OutOfPages(RuntimeError):

@@ -228,7 +228,7 @@ class MLACache(NamedTuple):
     c_kv: jax.Array
     k_r: jax.Array
 
-    # The latent-cache protocol MLA relies on (``llmarch.inference.paged_cache`` has a paged
+    # The latent-cache protocol MLA relies on (``llmarch.layers.paged`` has a paged
     # one): ``write``, ``attend_latent``, ``num_slots``, and, for the naive path, ``read``
     # (a cache without ``read`` is always attended in the latent space).
 

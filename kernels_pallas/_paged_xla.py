@@ -1,0 +1,74 @@
+"""The XLA implementation that ``paged_attention`` and ``mla_decode`` share (no Pallas).
+
+What ``llmarch.ops`` runs for these ops where it resolves to XLA (CPU, or ``impl="xla"``). The
+``*_reference`` functions stay the specification: they gather every row's pages into a
+contiguous cache and call ``attention_reference``: simple and plainly right, but they read
+every table entry and build ``[B,S,K,H]`` copies. ``blocked_attention`` reads only the pages a
+step needs, once, in contractions that XLA:CPU runs fast; it is what serving runs on CPU.
+(Moved here from ``llmarch.inference.paged_cache`` unchanged, so the paged cache reaches it
+through ``llmarch.ops`` like any kernel.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PAGES_PER_BLOCK = 2  # pages one iteration of the XLA path reads per row
+
+
+def blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...], v_pages: jax.Array,
+                       tables: jax.Array, lengths: jax.Array, q_positions: jax.Array, *,
+                       scale: float, sliding_window: int | None = None) -> jax.Array:
+    """The XLA path of paged attention: a loop over blocks of pages with an online softmax.
+
+    The same function as ``paged_attention_reference``/``mla_decode_reference`` (up to float
+    rounding), computed the way flash-decoding does: each iteration gathers the next
+    ``PAGES_PER_BLOCK`` pages of every row and folds them into a running max, denominator and
+    output, and the loop stops after the longest row's last page (a dynamic trip count). So a
+    step reads each row's pages once, never materializes the gathered cache, and costs what
+    the longest sequence needs, not the table's width. Scores sum over (query, key) parts (MLA:
+    ``q_A·c_KV + q_R·k_R``, no concatenation); contractions are batch-major (``RKG·S``), which
+    XLA:CPU runs several times faster than the reference's ``BSKH->BTKGH`` value einsum.
+
+    Args:
+      qs: ``[R,T,N,H_i]`` query parts; k_pages: matching ``[P,ps,K,H_i]`` key pools.
+      v_pages: ``[P,ps,K,H_v]``; tables ``[R,W]``; lengths ``[R]``; q_positions ``[R,T]`` (-1 pad).
+    Returns:
+      ``[R,T,N,H_v]``; padding queries (and queries with no visible key) get zeros.
+    """
+    R, T, N = qs[0].shape[:3]
+    ps, K, Hv = v_pages.shape[1:]
+    G = N // K
+    B = min(PAGES_PER_BLOCK, tables.shape[1])
+    blocks = -(-tables.shape[1] // B)
+    tables = jnp.pad(tables, ((0, 0), (0, blocks * B - tables.shape[1])))  # pads: the trash page
+    qg = [q.reshape(R, T, K, G, -1).transpose(0, 2, 3, 1, 4) for q in qs]  # [R,K,G,T,H_i]
+    qp = q_positions[:, :, None]  # [R,T,1]
+    longest = jnp.max(jnp.where(jnp.any(q_positions >= 0, axis=1), lengths, 0))
+    trips = (longest + B * ps - 1) // (B * ps)
+
+    def body(carry):
+        i, top, denom, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(tables, i * B, B, axis=1)  # [R,B]
+        scores = sum(jnp.einsum("RKGTH,RSKH->RKGTS", q, kp[pages].reshape(R, B * ps, K, -1),
+                                preferred_element_type=jnp.float32)
+                     for q, kp in zip(qg, k_pages, strict=True)) * scale  # [R,K,G,T,B*ps]
+        kv = i * B * ps + jnp.arange(B * ps, dtype=jnp.int32)[None, None, :]  # slot s: position s
+        visible = (kv <= qp) & (kv < lengths[:, None, None])  # [R,T,B*ps]; qp = -1 sees nothing
+        if sliding_window is not None:
+            visible &= qp - kv < sliding_window
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))  # finite: top starts at -1e30
+        weights = jnp.exp(scores - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        values = v_pages[pages].reshape(R, B * ps, K, Hv)
+        acc = acc * rescale[..., None] + jnp.einsum("RKGTS,RSKH->RKGTH", weights.astype(values.dtype),
+                                                    values, preferred_element_type=jnp.float32)
+        return i + 1, new_top, denom * rescale + jnp.sum(weights, axis=-1), acc
+
+    init = (jnp.int32(0), jnp.full((R, K, G, T), -1e30, jnp.float32),
+            jnp.zeros((R, K, G, T), jnp.float32), jnp.zeros((R, K, G, T, Hv), jnp.float32))
+    _, _, denom, acc = jax.lax.while_loop(lambda c: c[0] < trips, body, init)
+    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [R,K,G,T,H_v]
+    return out.transpose(0, 3, 1, 2, 4).reshape(R, T, N, Hv).astype(qs[0].dtype)
