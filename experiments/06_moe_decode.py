@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax import export  # noqa: E402
 
-from llmarch import machine, presets, sharding  # noqa: E402
+from llmarch import accounting, hlo, machine, presets, sharding  # noqa: E402
 from llmarch.config import MoEConfig, moe_blocks  # noqa: E402
-from llmarch.layers import moe_parallel, moe_routing  # noqa: E402
+from llmarch.layers import moe_routing  # noqa: E402
 from llmarch.layers.moe import MoE  # noqa: E402
 from llmarch.model import run_layout, segment_positions  # noqa: E402
 from llmarch.train.optim import OptimizerConfig  # noqa: E402
@@ -62,7 +62,7 @@ def ep_schedule() -> dict:
         forward = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x)[0])
         x_spec = jax.ShapeDtypeStruct((16, 8, 64), jnp.float32)
         with sharding.use(mesh, "ep"):
-            schedule = moe_parallel.collective_schedule(forward.lower(state, x_spec).compile().as_text())
+            schedule = hlo.collective_schedule(forward.lower(state, x_spec).compile().as_text())
             for platform in ("tpu", "cuda"):
                 mlir = export.export(forward, platforms=[platform])(state, x_spec).mlir_module()
                 schedule[f"stablehlo_all_to_all_{platform}"] = mlir.count("stablehlo.all_to_all")
@@ -133,9 +133,9 @@ usage = np.stack([np.bincount(flat[layer].reshape(-1), minlength=E) / flat[layer
 
 D, F = cfg.d_model, m.expert_dim
 traffic = "\n".join(
-    f"| {B} | {moe_routing.expected_distinct_experts(E, k, B):.2f} | "
+    f"| {B} | {accounting.expected_distinct_experts(E, k, B):.2f} | "
     + " | ".join(f"{distinct[B][layer]:.2f}" for layer in range(L_moe))
-    + f" | {moe_routing.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |" for B in BATCHES)
+    + f" | {accounting.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |" for B in BATCHES)
 
 # 2. Decode-step latency of a wider MoE layer ------------------------------------------------------------
 

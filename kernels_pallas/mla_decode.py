@@ -10,8 +10,9 @@ as two page pools ``[pages, page_size, A]`` and ``[pages, page_size, R]`` with b
 lets it run near memory bandwidth.
 
 ``mla_decode_reference`` is MQA over ``[c_KV; k_R]`` with values ``[c_KV; 0]``, by way of
-``paged_attention_reference``; the output is in the latent space, ``[B,T,N,A]`` (the caller
-applies ``W_UV``).
+``paged_attention_reference``, the specification; ``mla_decode_xla`` is the fast XLA path
+(``_paged_xla``, score parts ``q_A·c_KV + q_R·k_R`` without concatenation). The output is in
+the latent space, ``[B,T,N,A]`` (the caller applies ``W_UV``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import jax.numpy as jnp
 from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
+from kernels_pallas._paged_xla import blocked_attention
 from kernels_pallas.paged_attention import paged_attention_reference
 
-__all__ = ["BlockSizes", "mla_decode", "mla_decode_reference"]
+__all__ = ["BlockSizes", "mla_decode", "mla_decode_reference", "mla_decode_xla"]
 
 
 def mla_decode_reference(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths,
@@ -38,6 +40,16 @@ def mla_decode_reference(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table
     out = paged_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), block_tables, lengths,
                                     q_positions, scale=scale)
     return out[..., :A]
+
+
+def mla_decode_xla(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths,
+                   q_positions, *, scale: float) -> jax.Array:
+    """``[B,T,N,A]``: ``mla_decode_reference``'s function (up to float rounding) by
+    ``_paged_xla.blocked_attention``: one KV head, keys ``[c_KV; k_R]`` as two score parts,
+    values ``c_KV``."""
+    c, r = c_kv_pages[:, :, None], k_rope_pages[:, :, None]  # [P,ps,1,A], [P,ps,1,R]
+    return blocked_attention((q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions,
+                             scale=scale)
 
 
 def mla_decode(

@@ -9,7 +9,9 @@ zeros). New keys and values are written to the cache *before* the call (their po
 are ``< lengths``). GQA: ``N = K*G``, the G query heads of a KV head share its pages.
 
 ``paged_attention_reference`` gathers the pages into a contiguous cache and calls
-``attention_reference``; the kernel (``_paged``) reads only the pages a query can see.
+``attention_reference``: the specification. ``paged_attention_xla`` is the fast XLA path
+(``_paged_xla``: blocks of pages, online softmax) and the kernel (``_paged``) reads only the
+pages a query can see.
 Decoding has no backward pass, so there is no ``custom_vjp``.
 """
 
@@ -21,9 +23,11 @@ import jax.numpy as jnp
 from kernels_pallas import _common as common
 from kernels_pallas import _paged
 from kernels_pallas._paged import BlockSizes
+from kernels_pallas._paged_xla import blocked_attention
 from kernels_pallas.flash_attention import attention_reference
 
-__all__ = ["BlockSizes", "gather_pages", "paged_attention", "paged_attention_reference"]
+__all__ = ["BlockSizes", "gather_pages", "paged_attention", "paged_attention_reference",
+           "paged_attention_xla"]
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -47,6 +51,16 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, q_posi
                                q_segment_ids=jnp.ones(q.shape[:2], jnp.int32),
                                kv_segment_ids=kv_valid, causal=True,
                                sliding_window=sliding_window, scale=scale)
+
+
+def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
+                        sliding_window: int | None = None, scale: float | None = None):
+    """``[B,T,N,H]``: ``paged_attention_reference``'s function (up to float rounding) by
+    ``_paged_xla.blocked_attention``, reading each row's visible pages once, in ``q``'s dtype."""
+    H = q.shape[-1]
+    return blocked_attention((q,), (k_pages,), v_pages, block_tables, lengths, q_positions,
+                             scale=H**-0.5 if scale is None else scale,
+                             sliding_window=sliding_window)
 
 
 def paged_attention(

@@ -55,6 +55,8 @@ def test_greedy_generate_follows_the_argmax_of_full_forward():
     np.testing.assert_array_equal(generate(model, prompt, 5, use_cache=False), out)
     again = generate(model, prompt, 5, temperature=1.0, top_k=5, seed=3)
     np.testing.assert_array_equal(again, generate(model, prompt, 5, temperature=1.0, top_k=5, seed=3))
+    # Nucleus sampling (sampling.sample_logits): a tiny top_p keeps only the most likely token.
+    np.testing.assert_array_equal(generate(model, prompt, 5, temperature=1.0, top_p=1e-6, seed=3), out)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +66,7 @@ def test_greedy_generate_follows_the_argmax_of_full_forward():
         (np.zeros((1, 3)), 0, {}, "max_new_tokens=0"),
         (np.zeros((1, 250)), 10, {}, "exceeds max_seq_len=256"),
         (np.zeros((1, 3)), 3, {"top_k": 0}, "top_k=0"),
+        (np.zeros((1, 3)), 3, {"top_p": 0.0}, "top_p=0.0"),
         (np.full((1, 3), 999), 3, {}, "token ids span"),
     ],
 )

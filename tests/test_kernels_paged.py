@@ -1,4 +1,5 @@
-"""Paged attention and MLA latent decoding (Pallas, interpret mode) against their references.
+"""Paged attention and MLA latent decoding (Pallas, interpret mode; and the blocked XLA path
+that llmarch.ops runs on CPU) against their references.
 
 The batch mixes decode steps (one query token, the rest of the row padded with position -1)
 with chunked-prefill chunks (several tokens at given positions); lengths cut pages partway;
@@ -128,6 +129,69 @@ def test_mla_decode_public_wrapper_bf16():
     want = md.mla_decode_reference(*(x.astype(jnp.float32) for x in args), tables, lengths, q_pos,
                                    scale=0.2)
     assert_close(out, want, jnp.bfloat16)
+
+
+# The XLA path (what llmarch.ops runs on CPU) against the references ----------------------------
+
+
+def _pages_and_tables(rng, num_pages, page_size, lengths, width):
+    """Per row a random set of distinct pages (never page 0, the serving trash page)."""
+    free = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((len(lengths), width), np.int32)
+    start = 0
+    for r, n in enumerate(lengths):
+        k = -(-int(n) // page_size)
+        tables[r, :k] = free[start:start + k]
+        start += k
+    return tables
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_attention_xla_matches_reference(window):
+    rng = np.random.default_rng(0)
+    P, ps, K, G, H, R, T = 16, 2, 2, 2, 8, 3, 5  # up to 7 pages a row: several blocks of pages
+    lengths = np.array([7, 13, 5])
+    tables = jnp.asarray(_pages_and_tables(rng, P, ps, lengths, width=7))
+    q = jnp.asarray(rng.normal(size=(R, T, K * G, H)), jnp.float32)
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=(P, ps, K, H)), jnp.float32) for _ in range(2))
+    positions = np.stack([n - T + np.arange(T) for n in lengths]).astype(np.int32)
+    positions[2, :3] = -1  # padding queries
+    positions = jnp.asarray(positions)
+    want = pa.paged_attention_reference(q, k_pages, v_pages, tables, jnp.asarray(lengths), positions,
+                                        sliding_window=window)
+    got = pa.paged_attention_xla(q, k_pages, v_pages, tables, jnp.asarray(lengths), positions,
+                                 sliding_window=window)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.any(np.asarray(got)[2, :3])  # padding gives zeros
+
+
+def test_paged_attention_xla_on_the_mixed_batch():
+    """The kernels' batch: garbage table entries past each row's pages, decode rows padded."""
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(page_size=4)
+    for window in (None, 3):
+        got = pa.paged_attention_xla(q, k_pages, v_pages, tables, lengths, q_pos, sliding_window=window)
+        want = pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths, q_pos,
+                                            sliding_window=window)
+        assert_close(got, want, jnp.float32)
+
+
+def test_mla_decode_xla_matches_reference():
+    rng = np.random.default_rng(1)
+    P, ps, A, Rr, N, R, T = 10, 2, 16, 4, 3, 2, 3
+    lengths = np.array([9, 4])
+    tables = jnp.asarray(_pages_and_tables(rng, P, ps, lengths, width=5))
+    ql, qr = (jnp.asarray(rng.normal(size=(R, T, N, w)), jnp.float32) for w in (A, Rr))
+    c_kv = jnp.asarray(rng.normal(size=(P, ps, A)), jnp.float32)
+    k_r = jnp.asarray(rng.normal(size=(P, ps, Rr)), jnp.float32)
+    positions = jnp.asarray(np.stack([n - T + np.arange(T) for n in lengths]), jnp.int32)
+    want = md.mla_decode_reference(ql, qr, c_kv, k_r, tables, jnp.asarray(lengths), positions, scale=0.3)
+    got = md.mla_decode_xla(ql, qr, c_kv, k_r, tables, jnp.asarray(lengths), positions, scale=0.3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    tables, lengths, q_pos = _batch(page_size=4)
+    args = _mla(jnp.float32)
+    assert_close(md.mla_decode_xla(*args, tables, lengths, q_pos, scale=0.2),
+                 md.mla_decode_reference(*args, tables, lengths, q_pos, scale=0.2), jnp.float32)
 
 
 def test_bad_inputs_raise():

@@ -229,14 +229,15 @@ def run(tmp_path_factory):
     training: a train step would only add compile time, and any weights do."""
     import grain
 
+    from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE
     from llmarch.train.checkpoint import Checkpointer
-    from llmarch.train.trainer import CONFIG_FILE, TrainConfig, init_state
+    from llmarch.train.trainer import TrainConfig, init_state
 
     path = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(out_dir=str(path), preset="tiny-dense", seq_len=16, tensorboard=False, progress=False)
     (path / CONFIG_FILE).write_text(cfg.to_json())
     _, _, state = init_state(cfg, mesh=None)
-    ckpt = Checkpointer(path / "checkpoints", save_every=1, keep=1)
+    ckpt = Checkpointer(path / CHECKPOINTS_DIR, save_every=1, keep=1)
     ckpt.save(1, state, iter(grain.MapDataset.range(1).to_iter_dataset()), force=True)
     ckpt.close()
     return path

@@ -15,8 +15,9 @@ import llmarch
 from llmarch import accounting, sharding
 from llmarch.config import BlockConfig, MLAConfig, ModelConfig, YarnScaling
 from llmarch.inference import generate
-from llmarch.layers import mla
+from llmarch.layers import mla, rope
 from llmarch.layers.mla import MLA, MLACache
+from llmarch.model import with_mla_path
 
 TINY = dict(num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=12)
@@ -63,7 +64,7 @@ def test_absorbed_path_requests_that_cannot_apply():
         layer(x, pos, path="absorb")
     dense = nnx.eval_shape(lambda: llmarch.Transformer(llmarch.presets.get("tiny-dense"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"path='absorbed' cannot apply.*no 'mla' attention"):
-        mla.with_path(dense, "absorbed")
+        with_mla_path(dense, "absorbed")
 
 
 def test_json_round_trip_with_yarn():
@@ -123,11 +124,12 @@ def test_auto_path_choice():
 
 def test_yarn_softmax_and_rope_scales():
     m = llmarch.presets.get("deepseek-v3").mla  # mscale = mscale_all_dim = 1, factor 40
-    assert mla.rope_factor(m) == 1.0
+    assert rope.yarn_rope_factor(m.rope_scaling) == 1.0
     assert mla.softmax_scale(m) == pytest.approx(192**-0.5 * (0.1 * np.log(40) + 1) ** 2)
     plain = dataclasses.replace(m, rope_scaling=None)
-    assert mla.softmax_scale(plain) == 192**-0.5 and mla.rope_factor(plain) == 1.0
-    inv = mla.yarn_inverse_frequencies(64, 10_000.0, m.rope_scaling)
+    assert mla.softmax_scale(plain) == 192**-0.5
+    assert rope.yarn_rope_factor(plain.rope_scaling) == 1.0
+    inv = rope.yarn_inverse_frequencies(64, 10_000.0, m.rope_scaling)
     base = 1.0 / 10_000.0 ** (np.arange(0, 64, 2) / 64)
     np.testing.assert_allclose(inv[:5], base[:5], rtol=1e-6)  # fast dims extrapolate
     np.testing.assert_allclose(inv[-5:], base[-5:] / 40, rtol=1e-6)  # slow dims interpolate
@@ -149,7 +151,7 @@ def test_model_cache_holds_only_the_latents(tiny_model):
 
 @pytest.mark.parametrize("path", ["naive", "absorbed"])
 def test_generate_with_cache_equals_recomputation(tiny_model, path):
-    model = mla.with_path(tiny_model, path)
+    model = with_mla_path(tiny_model, path)
     assert model.cfg.mla.path == path and tiny_model.cfg.mla.path == "auto"
     prompt = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
     cached = generate(model, prompt, 8, use_cache=True)

@@ -263,7 +263,7 @@ def test_moe_flops_count_only_the_active_experts():
 
 
 def test_decode_traffic_formulas():
-    np.testing.assert_allclose(moe_routing.expected_distinct_experts(8, 2, [1, 4, 64]),
+    np.testing.assert_allclose(accounting.expected_distinct_experts(8, 2, [1, 4, 64]),
                                [2.0, 8 * (1 - 0.75 ** 4), 8 * (1 - 0.75 ** 64)])
     assert moe_routing.distinct_experts(np.array([[0, 3], [3, 5]])) == 3
-    assert moe_routing.expert_bytes_read(3, 64, 128, 2) == 3 * 3 * 64 * 128 * 2
+    assert accounting.expert_bytes_read(3, 64, 128, 2) == 3 * 3 * 64 * 128 * 2

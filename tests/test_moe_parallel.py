@@ -3,7 +3,6 @@
 gradients; the compiled program splits the exchange into independent chunks (what lets a scheduler
 overlap them); on GPU/TPU the schedule overlaps them."""
 
-import math
 import re
 
 import jax
@@ -13,9 +12,9 @@ import pytest
 from flax import nnx
 
 import llmarch
-from llmarch import sharding
+from llmarch import hlo, sharding
 from llmarch.config import MoEConfig, moe_blocks
-from llmarch.layers import moe_parallel
+from llmarch.hlo import Dataflow
 from llmarch.layers.moe import MoE
 
 D = 32
@@ -127,64 +126,12 @@ def _compiled_ep_forward(chunks: int) -> str:
         return jax.jit(forward).lower(state, x).compile().as_text()
 
 
-# Reading the data flow of the compiled entry computation -------------------------------------------
+# Reading the data flow of the compiled entry computation (llmarch.hlo.Dataflow) ---------------------
 
-_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
-_NAME = re.compile(r"%([\w.\-]+)")
-_ARRAY = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
-
-
-class _Dataflow:
-    """The entry computation of optimized HLO text as a graph: each instruction's op, output
-    shape, operands (control predecessors included: they constrain the schedule too) and
-    ancestors; GEMMs are dots and fusions/custom calls around a dot."""
-
-    def __init__(self, hlo: str):
-        computations, name, entry = {}, None, None
-        for line in hlo.splitlines():
-            if (head := _HEADER.match(line)) and name is None:
-                name, computations[head.group(1)] = head.group(1), []
-                entry = name if line.startswith("ENTRY") else entry
-            elif line == "}":
-                name = None
-            elif name is not None:
-                computations[name].append(line)
-        self.op, self.shape, self.line, self.operands = {}, {}, {}, {}
-        for line in computations[entry]:
-            if m := _INSTR.match(line):
-                self.op[m[1]], self.shape[m[1]], self.line[m[1]] = m[3], m[2], line
-        for n, line in self.line.items():
-            self.operands[n] = [o for o in _NAME.findall(line.split(" = ", 1)[1]) if o in self.op]
-        self._called = {n: "\n".join(body) for n, body in computations.items()}
-        self._ancestors = {}
-
-    def ancestors(self, name: str) -> set[str]:
-        if name not in self._ancestors:
-            self._ancestors[name] = set()
-            for o in self.operands[name]:
-                self._ancestors[name] |= {o} | self.ancestors(o)
-        return self._ancestors[name]
-
-    def is_gemm(self, name: str) -> bool:
-        op, line = self.op[name], self.line[name]
-        if op in ("dot", "convolution"):
-            return True
-        if op == "custom-call" and re.search(r"gemm|matmul", line, re.I):
-            return True
-        called = re.search(r"calls=%([\w.\-]+)", line)
-        return bool(op == "fusion" and called and re.search(
-            r" (dot|convolution)\(", self._called.get(called[1], "")))
-
-    def elements(self, name: str) -> int:
-        """Elements of the output (summed over a tuple's arrays)."""
-        arrays = _ARRAY.findall(self.shape[name])
-        return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in arrays)
-
-    def chunk(self, name: str) -> int:
-        """The ``ep_chunk{i}`` named scope of an instruction (a done's: its start's)."""
-        found = re.search(r"ep_chunk(\d+)/", self.line[name])
-        return int(found[1]) if found else self.chunk(self.operands[name][0])
+def _chunk(g: Dataflow, name: str) -> int:
+    """The ``ep_chunk{i}`` named scope of an instruction (a done's: its start's)."""
+    found = re.search(r"ep_chunk(\d+)/", g.line[name])
+    return int(found[1]) if found else _chunk(g, g.operands[name][0])
 
 
 @pytest.mark.slow
@@ -196,16 +143,16 @@ def test_compiled_exchange_is_split_into_independent_chunks(devices, chunks):
     or GEMMs, so a scheduler is free to run chunk i's GEMMs while chunk i+1's dispatch is in flight.
     (XLA:CPU issues the all-to-alls synchronously, so whether they overlap is the next test's,
     on GPU/TPU.)"""
-    g = _Dataflow(_compiled_ep_forward(chunks))
+    g = Dataflow(_compiled_ep_forward(chunks))
     done = [n for n in g.op if g.op[n] in ("all-to-all", "all-to-all-done")]  # one per all-to-all
-    assert sorted(g.chunk(n) for n in done) == sorted(list(range(chunks)) * 2)
+    assert sorted(_chunk(g, n) for n in done) == sorted(list(range(chunks)) * 2)
     size = -(-8 // chunks)  # C = 8 slots per device, rounded up to whole chunks
     for n in done:  # [ep, E_l, C/c, D] on every device: ep=8 ranks, E_l=1 expert each
         assert g.elements(n) == 8 * 1 * size * D, (n, g.shape[n])
     gemms = [n for n in g.op if g.is_gemm(n)]
     parts = {}
     for c in range(chunks):
-        dispatch, combine = sorted((n for n in done if g.chunk(n) == c), key=lambda n: len(g.ancestors(n)))
+        dispatch, combine = sorted((n for n in done if _chunk(g, n) == c), key=lambda n: len(g.ancestors(n)))
         assert dispatch in g.ancestors(combine)  # the results travel back
         own = [n for n in gemms if dispatch in g.ancestors(n) and n in g.ancestors(combine)]
         assert len(own) >= 2, own  # the experts' gate/up and down projections run between them
@@ -223,26 +170,10 @@ def test_chunks_overlap_in_the_accelerator_schedule(devices):
     if jax.default_backend() == "cpu":
         pytest.skip("XLA:CPU issues all-to-all as one blocking op (no start/done pairs), so no "
                     "schedule can overlap it; the chunk structure is checked by the test above")
-    schedule = moe_parallel.collective_schedule(_compiled_ep_forward(chunks=2))
+    schedule = hlo.collective_schedule(_compiled_ep_forward(chunks=2))
     a2a = [p for p in schedule["async_pairs"] if p["collective"] == "all-to-all"]
     assert len(a2a) == 4  # 2 chunks x (dispatch, combine)
     assert schedule["overlapped"] >= 1, schedule
-
-
-def test_collective_schedule_reads_async_pairs():
-    hlo = """ENTRY %main {
-  %p = f32[8] parameter(0)
-  %a2a-start = (f32[8], f32[8]) all-to-all-start(%p)
-  %fusion.1 = f32[8] fusion(%p), kind=kLoop
-  %dot.2 = f32[8] dot(%fusion.1, %p)
-  %a2a-done = f32[8] all-to-all-done(%a2a-start)
-  %ag = f32[8] all-gather(%dot.2)
-  ROOT %r = f32[8] add(%a2a-done, %ag)
-}
-"""
-    s = moe_parallel.collective_schedule(hlo)
-    assert s["async_pairs"] == [{"collective": "all-to-all", "compute_between": 2}]
-    assert s["overlapped"] == 1 and s["sync_collectives"] == 1
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The paged cache and its block manager: reference counts, copy-on-write, the trash page, and
-paged attention (the engine's XLA path and llmarch.ops) equal to attention over a contiguous cache."""
+the model over paged caches (llmarch.layers.paged, through llmarch.ops) equal to its full forward
+and to attention over a contiguous cache. The paged ops' XLA path itself is tested in
+test_kernels_paged.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from llmarch import ops
 from llmarch.inference import paged_cache
 from llmarch.inference.block_manager import BlockManager, OutOfPages, pages_for
-from llmarch.inference.paged_cache import AttentionGroup, PageMeta
+from llmarch.layers.paged import TRASH_PAGE, AttentionGroup, PagedKVCache, PageMeta
 
 # Block manager ------------------------------------------------------------------------------
 
@@ -68,54 +70,7 @@ def test_block_manager_rejects_bad_sizes():
     assert pages_for(17, 16) == 2 and pages_for(16, 16) == 1
 
 
-# Paged attention ------------------------------------------------------------------------------
-
-
-def _pages_and_tables(rng, num_pages, page_size, lengths, width):
-    """Random page pools, and per row a random set of distinct pages (never the trash page)."""
-    free = rng.permutation(np.arange(1, num_pages))
-    tables = np.zeros((len(lengths), width), np.int32)
-    start = 0
-    for r, n in enumerate(lengths):
-        k = pages_for(n, page_size)
-        tables[r, :k] = free[start:start + k]
-        start += k
-    return tables
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_blocked_attention_equals_ops_paged_attention(window):
-    rng = np.random.default_rng(0)
-    P, ps, K, G, H, R, T = 16, 2, 2, 2, 8, 3, 5  # up to 7 pages a row: two blocks of 4
-    lengths = np.array([7, 13, 5])
-    tables = jnp.asarray(_pages_and_tables(rng, P, ps, lengths, width=7))
-    q = jnp.asarray(rng.normal(size=(R, T, K * G, H)), jnp.float32)
-    k_pages, v_pages = (jnp.asarray(rng.normal(size=(P, ps, K, H)), jnp.float32) for _ in range(2))
-    positions = np.stack([n - T + np.arange(T) for n in lengths]).astype(np.int32)
-    positions[2, :3] = -1  # padding queries
-    positions = jnp.asarray(positions)
-    want = ops.paged_attention(q, k_pages, v_pages, tables, jnp.asarray(lengths), positions,
-                               sliding_window=window)
-    got = paged_cache._blocked_attention((q,), (k_pages,), v_pages, tables, jnp.asarray(lengths),
-                                          positions, scale=H**-0.5, sliding_window=window)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert not np.any(np.asarray(got)[2, :3])  # padding gives zeros
-
-
-def test_blocked_latent_attention_equals_ops_mla_decode():
-    rng = np.random.default_rng(1)
-    P, ps, A, Rr, N, R, T = 10, 2, 16, 4, 3, 2, 3
-    lengths = np.array([9, 4])
-    tables = jnp.asarray(_pages_and_tables(rng, P, ps, lengths, width=5))
-    ql, qr = (jnp.asarray(rng.normal(size=(R, T, N, w)), jnp.float32) for w in (A, Rr))
-    c_kv = jnp.asarray(rng.normal(size=(P, ps, A)), jnp.float32)
-    k_r = jnp.asarray(rng.normal(size=(P, ps, Rr)), jnp.float32)
-    positions = jnp.asarray(np.stack([n - T + np.arange(T) for n in lengths]), jnp.int32)
-    want = ops.mla_decode(ql, qr, c_kv, k_r, tables, jnp.asarray(lengths), positions, scale=0.3)
-    c, r = c_kv[:, :, None], k_r[:, :, None]
-    got = paged_cache._blocked_attention((ql, qr), (c, r), c, tables, jnp.asarray(lengths), positions,
-                                          scale=0.3)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+# The model over paged caches ---------------------------------------------------------------
 
 
 def _flat_step(seqs, page_size, width):
@@ -171,7 +126,7 @@ def test_model_over_paged_cache_equals_full_forward(preset):
     full = jax.jit(model)(jnp.asarray(both))
     np.testing.assert_allclose(jnp.concatenate(outs["a"]), full[0], atol=2e-4)
     np.testing.assert_allclose(jnp.concatenate(outs["b"]), full[1, :6], atol=2e-4)
-    trash = [np.asarray(x[:, paged_cache.TRASH_PAGE]) for pool in pools for x in pool]
+    trash = [np.asarray(x[:, TRASH_PAGE]) for pool in pools for x in pool]
     assert not any(np.any(t) for t in trash)  # no padding here: nothing was written to the trash page
 
 
@@ -186,7 +141,7 @@ def test_paged_cache_through_the_pallas_kernels():
     empty = AttentionGroup(*(jnp.zeros(s, jnp.int32) for s in ((0, 1), (0, 1), (0, 2), (0,))))
     meta = PageMeta(jnp.zeros(2, jnp.int32), (empty, AttentionGroup(
         jnp.asarray([[0, 1]], jnp.int32), positions, tables, jnp.asarray(lengths))))
-    cache = paged_cache.PagedKVCache(*pools, meta=meta, layer=jnp.int32(1))
+    cache = PagedKVCache(*pools, meta=meta, layer=jnp.int32(1))
     q = jnp.asarray(rng.normal(size=(1, 2, 2 * K, H)), jnp.float32)
     xla = cache.attend(q, positions, impl="xla")
     pallas = cache.attend(q, positions, impl="pallas")

@@ -18,13 +18,14 @@ from flax import nnx
 
 from llmarch import cli, presets
 from llmarch.model import Transformer
+from llmarch.run_format import CONFIG_FILE, LOCK_FILE, MANIFEST
 from llmarch.train import metrics, run_dir
-from llmarch.train.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from llmarch.train.checkpoint import Checkpointer, CheckpointError
 from llmarch.train.evaluate import evaluate_run, restore_run
 from llmarch.train.guard import DEAD_STEPS, RunHealth, TrainingError
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.step import make_train_step
-from llmarch.train.trainer import CONFIG_FILE, TrainConfig, train
+from llmarch.train.trainer import TrainConfig, train
 
 SMALL = dict(seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False,
              tensorboard=False)
@@ -215,8 +216,8 @@ def test_a_mismatching_resume_names_the_fields_and_changes_nothing(finished_run,
                                               r"checkpoint, \"tiny-gqa\" now; seq_len: 32 in the checkpoint, "
                                               r"64 now\)"):
         _run(tmp_path, "run", steps=6, checkpoint_every=2, preset="tiny-gqa", seq_len=64)
-    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != run_dir.LOCK_FILE}
-    assert after == {p: b for p, b in before.items() if p.name != run_dir.LOCK_FILE}
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    assert after == {p: b for p, b in before.items() if p.name != LOCK_FILE}
     assert restore_run(run)[3] == 4  # the good run is still usable
 
 

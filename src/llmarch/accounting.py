@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from llmarch.checks import check_positive
 from llmarch.config import ModelConfig
@@ -146,6 +147,17 @@ class DecodeTraffic:
     @property
     def total(self) -> float:
         return self.dense + self.sparse + self.kv_cache
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, batch: int | np.ndarray) -> np.ndarray:
+    """``E·(1 − (1 − k/E)^B)``: distinct experts that B tokens activate under uniform routing."""
+    return kinds.expected_distinct(num_experts, np.asarray(batch, np.float64), top_k / num_experts)
+
+
+def expert_bytes_read(distinct: float | np.ndarray, d_model: int, expert_dim: int,
+                      bytes_per_param: int) -> float | np.ndarray:
+    """``U·3·D·F·bytes``: routed-expert weights a decode step must read for ``U`` distinct experts."""
+    return distinct * 3 * d_model * expert_dim * bytes_per_param
 
 
 def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,

@@ -13,7 +13,7 @@ import tempfile
 import jax
 import numpy as np
 
-from llmarch import accounting, presets
+from llmarch import accounting, presets, run_format
 from llmarch.data import ByteTokenizer
 from llmarch.inference import generate
 from llmarch.train import metrics
@@ -66,7 +66,7 @@ def run(cfg: DemoConfig, *, log=print) -> dict[str, float]:
     log(f"model: {cfg.preset}, {accounting.param_count(model_cfg):,} parameters, on "
         f"{jax.devices()[0].platform}; corpus: Python's documentation (byte tokens); run in {out_dir}")
     result = train(train_cfg, log=log)
-    records = [r for r in metrics.read(f"{out_dir}/metrics.jsonl") if "tokens_per_s" in r]
+    records = [r for r in metrics.read(f"{out_dir}/{run_format.METRICS_FILE}") if "tokens_per_s" in r]
     tokens_per_s = float(np.mean([r["tokens_per_s"] for r in records])) if records else float("nan")
     baseline = unigram_entropy(result.train_rows.tokens)
     train_loss = result.losses[cfg.steps] if cfg.steps in result.losses else float("nan")

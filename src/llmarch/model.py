@@ -9,6 +9,7 @@ compile time does not grow with depth. Kinds are built from their records in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers import kinds
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
+from llmarch.layers.mla import MLA, check_path
 from llmarch.layers.norms import RMSNorm
 
 _REMAT_POLICIES = {
@@ -78,7 +80,7 @@ class BlockRun(nnx.Module):
             return var
 
         stacked = jax.tree.map(add_layer_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        mesh, table = jax.sharding.get_abstract_mesh(), _active_rules()
+        mesh, table = sharding.ambient()
         if not mesh.empty and table and eager:  # born sharded, like flax's eager variables
             stacked = sharding.constrain_state(stacked, mesh, table)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: _unsharded_block(cfg, block)))
@@ -129,12 +131,11 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
-        sharded = (not jax.sharding.get_abstract_mesh().empty and bool(_active_rules())
-                   and nnx.using_eager_sharding())
+        mesh, table = sharding.ambient()
+        sharded = not mesh.empty and bool(table) and nnx.using_eager_sharding()
         if sharded:  # fail with a clear message before anything is placed on the mesh
             abstract = nnx.eval_shape(lambda: _unsharded_model(cfg))
-            sharding.state_shardings(nnx.state(abstract), jax.sharding.get_abstract_mesh(),
-                                     _active_rules())
+            sharding.state_shardings(nnx.state(abstract), mesh, table)
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
             self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
                                param_dtype=pd)
@@ -338,8 +339,22 @@ def _unsharded_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
-def _active_rules() -> sharding.Rules:
-    from flax.core import spmd as flax_spmd
+def with_mla_path(model: Transformer, path: str) -> Transformer:
+    """``model`` with every MLA layer attending by ``path``; the weights are shared, not copied.
 
-    return tuple(flax_spmd.get_logical_axis_rules())
+    A whole-model transform, so it lives here rather than in ``layers/mla.py`` (layers never
+    import the model).
 
+    Raises:
+      ValueError: for an unknown path, or a model that has no MLA layer.
+    """
+    check_path(path)
+    if model.cfg.mla is None:
+        raise ValueError(f"path={path!r} cannot apply: model {model.cfg.name!r} has no 'mla' "
+                         "attention blocks (ModelConfig.mla=None)")
+    new = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for _, node in nnx.iter_graph(new):
+        if isinstance(node, MLA):
+            node.config = dataclasses.replace(node.config, path=path)
+    new.cfg = new.cfg.replace(mla=dataclasses.replace(new.cfg.mla, path=path))
+    return new

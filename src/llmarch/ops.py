@@ -23,7 +23,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   ``llmarch.layers.memory_lookup``.
 - ``paged_attention(q [B,T,N,H], k_pages, v_pages [pages,page_size,K,H], block_tables [B,max_pages],
   lengths [B], q_positions [B,T], *, sliding_window=None, scale=None)`` -> ``[B,T,N,H]``: decode
-  steps and chunked-prefill chunks in one batch (position -1 pads a row's queries).
+  steps and chunked-prefill chunks in one batch (position -1 pads a row's queries). Its XLA
+  entry (and ``mla_decode``'s) is a blocked online-softmax loop over the pages, not the
+  reference, which gathers whole tables.
 - ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [pages,page_size,A],
   k_rope_pages [pages,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
   absorbed MLA over the paged latent cache, output in the latent space.
@@ -42,9 +44,9 @@ from kernels_pallas.grouped_matmul import gmm, gmm_xla
 from kernels_pallas.memory_lookup import memory_lookup as memory_lookup_kernel
 from kernels_pallas.memory_lookup import memory_lookup_grouped, memory_lookup_reference
 from kernels_pallas.mla_decode import mla_decode as mla_decode_kernel
-from kernels_pallas.mla_decode import mla_decode_reference
+from kernels_pallas.mla_decode import mla_decode_xla
 from kernels_pallas.paged_attention import paged_attention as paged_attention_kernel
-from kernels_pallas.paged_attention import paged_attention_reference
+from kernels_pallas.paged_attention import paged_attention_xla
 
 
 class Impl(enum.Enum):
@@ -57,8 +59,10 @@ _REGISTRY: dict[str, dict[Impl, Callable]] = {
     "attention": {Impl.XLA: attention_reference, Impl.PALLAS: flash_attention},
     "grouped_matmul": {Impl.XLA: gmm_xla, Impl.PALLAS: gmm},
     "memory_lookup": {Impl.XLA: memory_lookup_reference, Impl.PALLAS: memory_lookup_kernel},
-    "paged_attention": {Impl.XLA: paged_attention_reference, Impl.PALLAS: paged_attention_kernel},
-    "mla_decode": {Impl.XLA: mla_decode_reference, Impl.PALLAS: mla_decode_kernel},
+    # The paged ops' XLA entries are the blocked loop that serving runs on CPU, not their
+    # *_reference (the specification, which gathers every row's whole table).
+    "paged_attention": {Impl.XLA: paged_attention_xla, Impl.PALLAS: paged_attention_kernel},
+    "mla_decode": {Impl.XLA: mla_decode_xla, Impl.PALLAS: mla_decode_kernel},
     # UltraMem's grouped read; its XLA entry is registered by llmarch.layers.memory_lookup.
     "memory_lookup_grouped": {Impl.PALLAS: memory_lookup_grouped},
 }
@@ -129,14 +133,15 @@ def memory_lookup(table, indices, weights, *, impl: Impl | str | None = None) ->
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
                     impl: Impl | str | None = None, **kwargs) -> jax.Array:
-    """Attention over a paged KV cache; see ``paged_attention_reference``."""
+    """Attention over a paged KV cache; see ``paged_attention_reference`` (XLA: ``paged_attention_xla``)."""
     _, fn = resolve("paged_attention", impl)
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
 
 
 def mla_decode(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *,
                scale: float, impl: Impl | str | None = None) -> jax.Array:
-    """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference``."""
+    """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference`` (XLA:
+    ``mla_decode_xla``)."""
     _, fn = resolve("mla_decode", impl)
     return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions,
               scale=scale)

@@ -104,6 +104,13 @@ def use(mesh: Mesh, rules_: Rules | str) -> Iterator[None]:
         yield
 
 
+def ambient() -> tuple[AbstractMesh, Rules]:
+    """The mesh and logical-axis rules in effect (set by ``use``, or by ``jax.set_mesh`` and
+    ``nnx.logical_axis_rules``): the one lookup that layers and the model make. An empty mesh or
+    no rules means unsharded."""
+    return jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
+
+
 def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec over the axes that ``mesh_axes`` has.
 
@@ -169,8 +176,7 @@ def batch_sharding(mesh: Mesh, table: Rules | str, ndim: int = 2) -> NamedShardi
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names; a no-op with no mesh or rules."""
-    mesh = jax.sharding.get_abstract_mesh()
-    table = flax_spmd.get_logical_axis_rules()
+    mesh, table = ambient()
     if mesh.empty or not table:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, table, mesh.axis_names))

@@ -10,8 +10,8 @@ from llmarch.inference.engine import (
                                       TokenEvent,
                                       compiled_programs,
 )
-from llmarch.inference.generate import generate, sample_logits
-from llmarch.inference.sampling import SamplingParams
+from llmarch.inference.generate import generate
+from llmarch.inference.sampling import SamplingParams, sample_logits
 from llmarch.inference.speculative import SpeculativeDecoder, SpeculativeOutput
 
 __all__ = [

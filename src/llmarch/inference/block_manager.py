@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels_pallas.intmath import cdiv
 from llmarch.checks import check_positive
-from llmarch.inference.paged_cache import TRASH_PAGE
+from llmarch.layers.paged import TRASH_PAGE
 
 
 class OutOfPages(RuntimeError):

@@ -37,6 +37,7 @@ from llmarch.inference.block_manager import BlockManager, pages_for
 from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
+from llmarch.layers.paged import AttentionGroup, PageMeta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +170,8 @@ def _step(state, pools, batch, *, graphdef, kinds, num_logprobs):
     parts = max(1, min(DECODE_GROUPS, rows // DECODE_GROUP_ROWS))
     bounds = [j * (rows // parts) for j in range(parts)] + [rows]  # the last takes the rest
     split = [{k: v[a:b] for k, v in decode.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
-    groups = tuple(paged_cache.AttentionGroup(**g) for g in (*split, batch["prefill"]))
-    meta = paged_cache.PageMeta(slots=batch["slots"], groups=groups)
+    groups = tuple(AttentionGroup(**g) for g in (*split, batch["prefill"]))
+    meta = PageMeta(slots=batch["slots"], groups=groups)
     model = nnx.merge(graphdef, state)
     logits, caches = model(batch["tokens"][None], positions=batch["positions"][None],
                            cache=paged_cache.attach(kinds, pools, meta), logits_at=batch["logits_at"][None])

@@ -15,27 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmarch.inference.sampling import sample_logits
 from llmarch.model import Transformer, check_inputs
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0,
-                  top_k: int | None = None) -> jax.Array:
-    """Token ids ``[B]`` drawn from ``logits [B,V]``; ``temperature == 0`` is greedy."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1)
-
-
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+             top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
+             use_cache: bool = True) -> np.ndarray:
     """Continues each row of ``prompt [B,T0]`` by ``max_new_tokens`` tokens; returns ``[B,T0+n]``.
 
-    Rows share one length (no padding). ``temperature=0`` is greedy; ``use_cache=False``
-    recomputes the whole sequence at every step.
+    Rows share one length (no padding). ``temperature=0`` is greedy, else tokens are drawn by
+    ``sampling.sample_logits`` (top-k, then nucleus top-p); ``use_cache=False`` recomputes the
+    whole sequence at every step.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -49,9 +40,11 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, tem
                          f"max_seq_len={model.cfg.max_seq_len}")
     if top_k is not None and not 0 < top_k <= model.cfg.vocab_size:
         raise ValueError(f"top_k={top_k} is invalid: must be in [1, vocab_size={model.cfg.vocab_size}]")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1]")
     check_inputs(model.cfg, prompt)
     graphdef, state = nnx.split(model)
-    how = dict(graphdef=graphdef, temperature=temperature, top_k=top_k)
+    how = dict(graphdef=graphdef, temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     out = np.zeros((B, total), np.int32)
     out[:, :T0] = prompt
@@ -69,27 +62,27 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, tem
 
 # Module-level programs (the model's graphdef and the sampling settings static), so repeated
 # generate calls with the same shapes reuse their compiled prefill and decode steps.
-_STATIC = ("graphdef", "temperature", "top_k")
+_STATIC = ("graphdef", "temperature", "top_k", "top_p")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _next_token(state, buffer, t, key, *, graphdef, temperature, top_k):
+def _next_token(state, buffer, t, key, *, graphdef, temperature, top_k, top_p):
     logits = nnx.merge(graphdef, state)(buffer)  # [B,total,V]
     last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
-    return sample_logits(last, key, temperature=temperature, top_k=top_k)
+    return sample_logits(last, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "total"))
-def _prefill(state, tokens, key, *, graphdef, temperature, top_k, total):
+def _prefill(state, tokens, key, *, graphdef, temperature, top_k, top_p, total):
     model = nnx.merge(graphdef, state)
     B, T0 = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
     logits, cache = model(tokens, positions=positions, cache=model.init_cache(B, total))
-    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k), cache
+    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _decode(state, token, t, cache, key, *, graphdef, temperature, top_k):
+def _decode(state, token, t, cache, key, *, graphdef, temperature, top_k, top_p):
     positions = jnp.full((token.shape[0], 1), t, jnp.int32)
     logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
-    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k), cache
+    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), cache

@@ -14,6 +14,7 @@ from llmarch.config import ModelConfig
 from llmarch.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
+from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE, existing_dir, is_run
 
 
 def _hf_tokenizer(root: Path):
@@ -48,13 +49,11 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
       FileNotFoundError: no such directory, not a directory, or neither kind of checkpoint in it.
       ValueError: naming the file, for a config or weights file that cannot be read or used.
     """
-    from llmarch.train.trainer import CONFIG_FILE
-
-    expected = (f"an llmarch run directory ({CONFIG_FILE} + checkpoints/, written by `llmarch "
+    expected = (f"an llmarch run directory ({CONFIG_FILE} + {CHECKPOINTS_DIR}/, written by `llmarch "
                 f"train`) or {hf.HF_CHECKPOINT}")
-    root = hf.checkpoint_dir(path, expected)
+    root = existing_dir(path, expected)
     name = None if dtype is None else hf.dtype_name(dtype)  # a bad dtype fails before any loading
-    if (root / CONFIG_FILE).is_file():
+    if is_run(root):
         model, cfg, tokenizer = _load_run(root)
         if name is not None:
             model = _with_dtype(model, cfg.replace(dtype=name, param_dtype=name))

@@ -147,6 +147,19 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
     return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda x: x, x)
 
 
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float = 1.0) -> jax.Array:
+    """Token ids ``[B]`` drawn from ``logits [B,V]`` with the same settings for every row and one
+    ``key`` for the batch (``generate``'s sampler); ``temperature == 0`` is greedy. The
+    temperature, top-k and top-p are ``processed_logits``', as in ``sample``."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    B = logits.shape[0]
+    x = processed_logits(logits, jnp.full((B,), temperature, jnp.float32),
+                         jnp.full((B,), top_k or 0, jnp.int32), jnp.full((B,), top_p, jnp.float32))
+    return jax.random.categorical(key, x, axis=-1)
+
+
 def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """``[B,V]``: the distribution a row samples from; one-hot of the argmax for greedy rows."""

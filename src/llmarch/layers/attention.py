@@ -69,7 +69,7 @@ class Attention(nnx.Module):
             out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                                 sliding_window=self.sliding_window)  # [B,T,N,H]
-        else:  # any cache of the protocol below: contiguous here, paged in llmarch.inference
+        else:  # any cache of the protocol below: contiguous here, paged in layers/paged.py
             cache = cache.write(positions, k, v)
             out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
 class KVCache(NamedTuple):
     """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``.
 
-    The cache protocol that ``Attention`` relies on (``llmarch.inference.paged_cache`` has a
+    The cache protocol that ``Attention`` relies on (``llmarch.layers.paged`` has a
     paged implementation): ``write(positions, k, v) -> cache`` stores this call's keys and
     values, then ``attend(q, positions, *, impl, sliding_window) -> [B,T,N,H]`` attends over
     everything stored so far, causally by position; ``num_slots`` bounds the positions

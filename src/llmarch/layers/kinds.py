@@ -29,6 +29,7 @@ from llmarch.layers.ffn import SwiGLU
 from llmarch.layers.memory import MemoryLayer, check_width
 from llmarch.layers.mla import MLA
 from llmarch.layers.moe import MoE
+from llmarch.layers.paged import PagedKVCache, PagedLatentCache
 
 if TYPE_CHECKING:  # annotations only: config imports this module
     from llmarch.config import ModelConfig
@@ -214,6 +215,7 @@ register_attention(AttentionKind(
     params=_mha_params,
     score_flops=_mha_score_flops,
     kv_elements=lambda cfg: 2 * cfg.attention.num_kv_heads * cfg.attention.head_dim,  # 2·K·H
+    paged_cache=PagedKVCache,
 ))
 
 register_attention(AttentionKind(
@@ -225,6 +227,7 @@ register_attention(AttentionKind(
     # the naive path: QKᵀ over H+R dims, PV over H_v
     score_flops=lambda cfg, keys: 6.0 * cfg.mla.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * keys,
     kv_elements=lambda cfg: cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim,  # A + R (DeepSeek-V2, Table 1)
+    paged_cache=PagedLatentCache,
 ))
 
 

@@ -50,7 +50,7 @@ from llmarch.layers.memory_search import (
     tucker_search,
 )
 from llmarch.layers.memory_sharded import memory_axes, sharded_read_values
-from llmarch.layers.norms import RMSNorm
+from llmarch.layers.norms import LayerNorm, RMSNorm
 
 VALUES_PATTERN = r"values_mu"  # the value tables' parameter name, for learning-rate groups
 
@@ -58,22 +58,6 @@ VALUES_PATTERN = r"values_mu"  # the value tables' parameter name, for learning-
 class MemoryState(nnx.Variable):
     """Non-trainable memory-layer state (IVE permutation, TDQKR sign reference): not an
     ``nnx.Param``, so it travels in the train step's ``rest`` and in checkpoints."""
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis in float32 (returns float32), scale initialized to a constant."""
-
-    def __init__(self, dim: int, *, scale_init: float, eps: float = 1e-5,
-                 param_dtype: jnp.dtype = jnp.float32):
-        self.eps = eps
-        self.scale = param(jnp.full((dim,), scale_init, param_dtype), (axes.NORM,))
-        self.bias = param(jnp.zeros((dim,), param_dtype), (axes.NORM,))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
-        return x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
 class MemoryLayer(nnx.Module):

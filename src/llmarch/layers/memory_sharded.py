@@ -15,7 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
 from llmarch import axes, sharding
@@ -24,8 +23,7 @@ from llmarch.layers.memory_lookup import read_values
 
 def memory_axes() -> tuple[str, ...]:
     """The mesh axes (of size > 1) that the active mesh and rules shard value-table rows over."""
-    mesh = jax.sharding.get_abstract_mesh()
-    table = flax_spmd.get_logical_axis_rules()
+    mesh, table = sharding.ambient()
     if mesh.empty or not table:
         return ()
     entry = sharding.logical_to_spec((axes.MEMORY_ROWS,), table, mesh.axis_names)[0]

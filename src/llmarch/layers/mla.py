@@ -24,61 +24,28 @@ rotation between ``W_UK`` and ``c_KV``. Both paths call ``llmarch.ops.attention`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from llmarch import axes, ops
-from llmarch.layers.configs import MLA_PATHS, MLAConfig, YarnScaling
+from llmarch.layers.configs import MLA_PATHS, MLAConfig
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.norms import RMSNorm
-from llmarch.layers.rope import apply_rope, inverse_frequencies
-
-if TYPE_CHECKING:
-    from llmarch.model import Transformer
+from llmarch.layers.rope import (
+    apply_rope,
+    inverse_frequencies,
+    yarn_inverse_frequencies,
+    yarn_mscale,
+    yarn_rope_factor,
+)
 
 # DeepSeek's q_a_layernorm and kv_a_layernorm are built with their class default eps, not with
 # the model's rms_norm_eps (both in DeepSeek's reference code and in transformers).
 LATENT_NORM_EPS = 1e-6
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature ``0.1·mscale·ln(factor) + 1`` (1 without extension)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def yarn_inverse_frequencies(dim: int, theta: float, s: YarnScaling) -> np.ndarray:
-    """``[dim/2]`` YaRN inverse frequencies: interpolated by ``factor`` below the ``beta_slow``
-    rotation count, kept above ``beta_fast``, with a linear ramp between (DeepSeek, transformers).
-    """
-    base = inverse_frequencies(dim, theta).astype(np.float64)  # theta^(-2i/dim)
-
-    def correction_dim(rotations: float) -> float:  # the dim index that turns `rotations` times
-        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-            2 * math.log(theta))
-
-    low = max(math.floor(correction_dim(s.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
-    high = high + 0.001 if low == high else high  # avoid a zero-width ramp
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
-    return (base / s.factor * (1 - keep) + base * keep).astype(np.float32)
-
-
-def rope_factor(m: MLAConfig) -> float:
-    """YaRN's scale of the rotary ``cos/sin``, i.e. of ``q_R`` and ``k_R`` (1 without YaRN)."""
-    s = m.rope_scaling
-    if s is None:
-        return 1.0
-    if s.mscale and s.mscale_all_dim:
-        return _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
-    return _yarn_mscale(s.factor, 1.0)
 
 
 def softmax_scale(m: MLAConfig) -> float:
@@ -86,7 +53,7 @@ def softmax_scale(m: MLAConfig) -> float:
     scale = m.qk_head_dim**-0.5
     s = m.rope_scaling
     if s is not None and s.mscale_all_dim:
-        scale *= _yarn_mscale(s.factor, s.mscale_all_dim) ** 2
+        scale *= yarn_mscale(s.factor, s.mscale_all_dim) ** 2
     return scale
 
 
@@ -170,7 +137,7 @@ class MLA(nnx.Module):
         path = check_path(m.path if path is None else path)
         inv_freq = (inverse_frequencies(m.qk_rope_head_dim, m.rope_theta) if m.rope_scaling is None
                     else yarn_inverse_frequencies(m.qk_rope_head_dim, m.rope_theta, m.rope_scaling))
-        mscale = rope_factor(m)
+        mscale = yarn_rope_factor(m.rope_scaling)
         if m.q_lora_rank is not None:
             c_q = self.q_norm(self.w_down_q_dq("BTD,DQ->BTQ", x))  # [B,T,Q]
             q_c = self.w_uq_qnh("BTQ,QNH->BTNH", c_q)  # [B,T,N,H]
@@ -260,7 +227,7 @@ class MLACache(NamedTuple):
     c_kv: jax.Array
     k_r: jax.Array
 
-    # The latent-cache protocol MLA relies on (``llmarch.inference.paged_cache`` has a paged
+    # The latent-cache protocol MLA relies on (``llmarch.layers.paged`` has a paged
     # one): ``write``, ``attend_latent``, ``num_slots``, and, for the naive path, ``read``
     # (a cache without ``read`` is always attended in the latent space).
 
@@ -287,20 +254,3 @@ class MLACache(NamedTuple):
         return MLACache(c_kv=self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype)),
                         k_r=self.k_r.at[rows, positions].set(k_r.astype(self.k_r.dtype)))
 
-
-def with_path(model: Transformer, path: str) -> Transformer:
-    """``model`` with every MLA layer attending by ``path``; the weights are shared, not copied.
-
-    Raises:
-      ValueError: for an unknown path, or a model that has no MLA layer.
-    """
-    check_path(path)
-    if model.cfg.mla is None:
-        raise ValueError(f"path={path!r} cannot apply: model {model.cfg.name!r} has no 'mla' "
-                         "attention blocks (ModelConfig.mla=None)")
-    new = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
-    for _, node in nnx.iter_graph(new):
-        if isinstance(node, MLA):
-            node.config = dataclasses.replace(node.config, path=path)
-    new.cfg = new.cfg.replace(mla=dataclasses.replace(new.cfg.mla, path=path))
-    return new

@@ -28,9 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as flax_spmd
 
-from llmarch import axes
+from llmarch import axes, sharding
 from llmarch.layers import moe_dispatch as dispatch
 from llmarch.layers import moe_parallel
 from llmarch.layers import moe_routing as routing
@@ -52,7 +51,7 @@ class MoE(nnx.Module):
                  param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
         m = cfg
         D, E, F = d_model, m.num_experts, m.expert_dim
-        mesh, table = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
+        mesh, table = sharding.ambient()
         if not mesh.empty and table:  # fail before anything is placed on the mesh
             moe_parallel.check_experts_divide(m, mesh, table)
         self.moe, self.impl = m, impl
@@ -101,7 +100,7 @@ class MoE(nnx.Module):
                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
         """``(Σ_k g·FFN_{e_k}(x) [n,D], dropped)`` for flat tokens ``x [n,D]`` and routing ``[n,k]``."""
         m, w = self.moe, self.weights()
-        mesh, table = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
+        mesh, table = sharding.ambient()
         if strategy == "dense":
             return dispatch.dense_all_experts(x, experts, gates, w), jnp.zeros((), jnp.int32)
         if not mesh.empty and table:

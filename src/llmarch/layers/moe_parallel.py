@@ -23,13 +23,12 @@ the capacity dimension is split into c chunks, each dispatched, computed and com
 own. The chunks are independent, so the compiler may run chunk i's expert GEMMs while chunk i+1's
 dispatch and chunk i−1's combine are in flight; XLA's latency-hiding scheduler does this on GPU
 and TPU, where all-to-all is an async start/done pair. The result is identical to ``c = 1``.
-``collective_schedule`` reads the compiled program to show what the compiler actually did.
+``llmarch.hlo.collective_schedule`` reads the compiled program to show what the compiler actually did.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -118,42 +117,3 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
         body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_spec, expert_spec, expert_spec),
         out_specs=(tokens, PartitionSpec(token_axes or None)))(x, experts, gates, *w)
     return out, dropped.sum()
-
-
-# Reading the compiled schedule --------------------------------------------------------------------
-
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(\S+) = .*? ([a-z][a-z0-9-]*)\((%?[^,)\s]*)", re.M)
-_COMPUTE = ("dot", "convolution", "fusion", "custom-call")
-_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-
-
-def collective_schedule(hlo_text: str) -> dict:
-    """What the compiler scheduled, from optimized HLO (``jit(f).lower(...).compile().as_text()``).
-
-    Returns a dict: ``async_pairs`` (collectives issued as ``*-start``/``*-done``, each with the
-    number of compute ops, dots, fusions or custom calls, scheduled between its start and done),
-    ``overlapped`` (pairs with compute between), ``sync_collectives`` (collectives issued as one
-    blocking op), and ``sequence`` (the entry computation's collective and compute ops in order,
-    e.g. ``["all-to-all", "fusion", ...]``).
-    """
-    entry = hlo_text[hlo_text.find("ENTRY"):]
-    body = entry[:entry.find("\n}\n")] if "\n}\n" in entry else entry
-    sequence, open_, pairs, sync = [], {}, [], 0  # open_: start name -> compute ops seen since
-    for name, op, operand in _INSTRUCTION.findall(body):
-        base = op.removesuffix("-start").removesuffix("-done")
-        if base in _COLLECTIVES:
-            sequence.append(op)
-            if op.endswith("-start"):
-                open_[name] = 0
-            elif op.endswith("-done"):  # its operand is the start it completes
-                started = operand.lstrip("%")
-                if started in open_:
-                    pairs.append({"collective": base, "compute_between": open_.pop(started)})
-            else:
-                sync += 1
-        elif op in _COMPUTE:
-            sequence.append(op)
-            for start in open_:
-                open_[start] += 1
-    return {"async_pairs": pairs, "overlapped": sum(p["compute_between"] > 0 for p in pairs),
-            "sync_collectives": sync, "sequence": sequence}

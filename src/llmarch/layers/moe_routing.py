@@ -114,20 +114,7 @@ def load_ratio(load: jax.Array) -> jax.Array:
     return load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
 
 
-# Decode memory traffic ------------------------------------------------------------------------
-
-
 def distinct_experts(experts: jax.Array | np.ndarray) -> int:
-    """``U``: how many different experts a batch's routing ``[..., k]`` activates."""
+    """``U``: how many different experts a batch's routing ``[..., k]`` activates (measured; the
+    decode-traffic model's expectation is ``llmarch.accounting.expected_distinct_experts``)."""
     return int(np.unique(np.asarray(experts)).size)
-
-
-def expected_distinct_experts(num_experts: int, top_k: int, batch: int | np.ndarray) -> np.ndarray:
-    """``E·(1 − (1 − k/E)^B)``: distinct experts that B tokens activate under uniform routing."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** np.asarray(batch, np.float64))
-
-
-def expert_bytes_read(distinct: float | np.ndarray, d_model: int, expert_dim: int,
-                      bytes_per_param: int) -> float | np.ndarray:
-    """``U·3·D·F·bytes``: routed-expert weights a decode step must read for ``U`` distinct experts."""
-    return distinct * 3 * d_model * expert_dim * bytes_per_param

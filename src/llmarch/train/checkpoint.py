@@ -24,8 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from llmarch.checks import check_positive
+from llmarch.run_format import MANIFEST, SET_ASIDE_SUFFIX
 
-MANIFEST = "manifest.json"
 _FORMAT = 1
 
 
@@ -146,7 +146,7 @@ class Checkpointer:
         for inspection but never restored or counted by rotation; returns where it went."""
         if self.read_only:
             raise CheckpointError(f"cannot set aside {self.step_dir(step)}: opened read-only")
-        aside = self.directory.with_name(f"{self.directory.name}_set_aside")
+        aside = self.directory.with_name(f"{self.directory.name}{SET_ASIDE_SUFFIX}")
         target = aside / f"{step}-{reason}-{int(time.time())}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.step_dir(step)), str(target))

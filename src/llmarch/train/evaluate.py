@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmarch.checks import check_positive
 from llmarch.data import load_documents, load_tokenizer, pack_documents
+from llmarch.run_format import CHECKPOINTS_DIR
 from llmarch.train.checkpoint import CheckpointError
 from llmarch.train.run_dir import latest_verified
 from llmarch.train.trainer import TrainConfig, init_state, load_rows, make_evaluator
@@ -18,7 +19,7 @@ from llmarch.train.trainer import TrainConfig, init_state, load_rows, make_evalu
 
 def _listing(run_dir) -> set[str]:
     try:
-        return {p.name for p in (Path(run_dir) / "checkpoints").iterdir()}
+        return {p.name for p in (Path(run_dir) / CHECKPOINTS_DIR).iterdir()}
     except OSError:
         return set()
 

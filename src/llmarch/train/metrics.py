@@ -8,6 +8,7 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from llmarch.run_format import METRICS_FILE, TENSORBOARD_DIR
 from llmarch.train.checkpoint import atomic_write_text
 
 # Dense peak FLOP/s per chip at the precision training uses (bf16 on accelerators).
@@ -43,10 +44,10 @@ class MetricsLog:
     def __init__(self, directory: str | Path, *, start: int = 0, tensorboard: bool = True):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / "metrics.jsonl"
+        self.path = self.directory / METRICS_FILE
         self.truncate_after(start)
         self.tensorboard = tensorboard
-        self.writer = (SummaryWriter(str(self.directory / "tensorboard"), purge_step=start + 1)
+        self.writer = (SummaryWriter(str(self.directory / TENSORBOARD_DIR), purge_step=start + 1)
                        if tensorboard else None)
 
     def truncate_after(self, step: int) -> None:
@@ -75,7 +76,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
             if self.writer is None:  # after a sync: continue in a new events file
-                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
+                self.writer = SummaryWriter(str(self.directory / TENSORBOARD_DIR))
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)

@@ -1,10 +1,6 @@
 """A training run's directory: who may write it, which checkpoint to start from, and how
-readers (``eval``, ``generate``) find a verified checkpoint in it.
-
-Layout: ``train_config.json`` (the run's configuration, written only once a fresh start or a
-restore has succeeded), ``checkpoints/<step>/`` (each sealed by a manifest that also stores the
-configuration it was saved under), ``metrics.jsonl``, ``tensorboard/``, and ``.lock`` while a
-trainer writes.
+readers (``eval``, ``generate``) find a verified checkpoint in it. Its layout and file names
+are ``llmarch.run_format``'s.
 """
 
 from __future__ import annotations
@@ -18,10 +14,15 @@ from typing import Any
 import filelock
 
 from llmarch.json_config import json_kind, read_json
-from llmarch.train.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from llmarch.run_format import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    MANIFEST,
+    existing_dir,
+)
+from llmarch.train.checkpoint import Checkpointer, CheckpointError
 
-CONFIG_FILE = "train_config.json"
-LOCK_FILE = ".lock"
 RESUME_MODES = ("auto", "must", "never", "fallback")
 # Fields that may change between a run and its resumption: they steer the loop, not the state.
 RESUMABLE_CHANGES = frozenset({"out_dir", "steps", "eval_every", "eval_batches", "log_every",
@@ -116,11 +117,7 @@ def latest_verified(root: str | os.PathLike, parse, *, log=lambda s: None) -> tu
       ValueError: ``train_config.json`` is not valid JSON or not a valid configuration.
       CheckpointError: not a run, no checkpoint, or the newest one is corrupted.
     """
-    root = Path(root).absolute()
-    if not root.exists():
-        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory: give the run directory of `llmarch train`")
+    root = existing_dir(Path(root).absolute(), "the run directory of `llmarch train`", what="run")
     path = root / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{root} is not a training run: it has no {CONFIG_FILE}")
@@ -134,16 +131,16 @@ def latest_verified(root: str | os.PathLike, parse, *, log=lambda s: None) -> tu
             raise ValueError(f"{where}: {e}") from None
 
     config = parsed(read_json(path), path)
-    if not (root / "checkpoints").is_dir():
-        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
-    ckpt = Checkpointer(root / "checkpoints", save_every=1, keep=1, read_only=True)
+    if not (root / CHECKPOINTS_DIR).is_dir():
+        raise CheckpointError(f"{root / CHECKPOINTS_DIR} holds no checkpoint")
+    ckpt = Checkpointer(root / CHECKPOINTS_DIR, save_every=1, keep=1, read_only=True)
     steps = ckpt.steps()
     if steps and not ckpt.is_sealed(steps[-1]):  # being saved right now, or cut short by a kill
         log(f"skipping checkpoint {steps[-1]}: its save has not finished")
         steps = steps[:-1]
     if not steps:
         ckpt.close()
-        raise CheckpointError(f"{root / 'checkpoints'} holds no checkpoint")
+        raise CheckpointError(f"{root / CHECKPOINTS_DIR} holds no checkpoint")
     try:
         saved = ckpt.verify(steps[-1]).get("config")
         if saved is not None:  # the configuration the checkpoint was saved under

@@ -40,6 +40,7 @@ from llmarch.data import (
 )
 from llmarch.json_config import dataclass_from_dict
 from llmarch.model import Transformer
+from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
 from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
@@ -50,7 +51,6 @@ from llmarch.train.precision import policy
 from llmarch.train.step import cross_entropy, make_train_step
 
 NAN_POLICIES = ("skip", "stop")
-CONFIG_FILE = run_dir.CONFIG_FILE
 _check = functools.partial(check_number, "TrainConfig")
 
 
@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
 
     config = run_dir.as_dict(cfg)
     data = {"train_tokens": _fingerprint(train_rows), "val_tokens": _fingerprint(val_rows)}
-    ckpt = Checkpointer(out / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(out / CHECKPOINTS_DIR, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     log_file = None
     bar = None
     try:
