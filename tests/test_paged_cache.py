@@ -157,8 +157,8 @@ def test_model_over_paged_cache_equals_full_forward(preset):
 
     @jax.jit
     def run(pools, tokens, positions, meta):
-        logits, caches = model(tokens, positions=positions, cache=paged_cache.attach(kinds, pools, meta))
-        return [c.pools for c in caches], logits
+        out = model(tokens, positions=positions, cache=paged_cache.attach(kinds, pools, meta))
+        return [c.pools for c in out.cache], out.logits
 
     outs = {"a": [], "b": []}
     for (sa, ea), (sb, eb) in (((0, 5), (0, 3)), ((5, 10), (3, 6))):  # one shape: one compile
@@ -195,3 +195,4 @@ def test_paged_cache_through_the_pallas_kernels():
                                pools[1][1][np.array([3, 1])].reshape(1, 8, K, H), q_positions=positions,
                                kv_positions=jnp.arange(8)[None], causal=True)
     np.testing.assert_allclose(xla, contiguous, atol=1e-5)
+

@@ -171,10 +171,10 @@ def _step(state, pools, batch, *, graphdef, kinds, num_logprobs):
     groups = tuple(paged_cache.AttentionGroup(**g) for g in (*split, batch["prefill"]))
     meta = paged_cache.PageMeta(slots=batch["slots"], groups=groups)
     model = nnx.merge(graphdef, state)
-    logits, caches = model(batch["tokens"][None], positions=batch["positions"][None],
-                           cache=paged_cache.attach(kinds, pools, meta), logits_at=batch["logits_at"][None])
-    out = sampling.sample_rows(logits[0], batch["rows"], num_logprobs=num_logprobs)
-    return [c.pools for c in caches], out
+    out = model(batch["tokens"][None], positions=batch["positions"][None],
+                cache=paged_cache.attach(kinds, pools, meta), logits_at=batch["logits_at"][None])
+    sampled = sampling.sample_rows(out.logits[0], batch["rows"], num_logprobs=num_logprobs)
+    return [c.pools for c in out.cache], sampled
 
 
 def compiled_programs() -> int:
