@@ -202,3 +202,14 @@ def test_aux_is_keyed_by_module_path_in_layer_order_through_jit():
     with pytest.raises(KeyError, match="runs/9/layers/ffn"):
         model.update_state({"runs/9/layers/ffn": {"load": jnp.ones(1)}})
 
+
+def test_cache_protocols():
+    """Contiguous caches are not pooled (BlockRun scans them per layer); MLA's can be read whole."""
+    from llmarch.layers.attention import KVCache
+    from llmarch.layers.cache import Pooled, ReadableLatentCache
+    from llmarch.layers.mla import MLACache
+
+    kv = jnp.zeros((1, 4, 1, 2))
+    assert not isinstance(KVCache(kv, kv), Pooled)
+    latent = MLACache(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 2)))
+    assert isinstance(latent, ReadableLatentCache) and not isinstance(latent, Pooled)

@@ -196,3 +196,15 @@ def test_paged_cache_through_the_pallas_kernels():
                                kv_positions=jnp.arange(8)[None], causal=True)
     np.testing.assert_allclose(xla, contiguous, atol=1e-5)
 
+
+def test_paged_caches_are_pooled_and_the_latent_one_is_not_readable():
+    """``BlockRun`` carries a ``Pooled`` cache whole through its scan; MLA attends a latent cache
+    without ``read`` only in the latent space."""
+    from llmarch.layers.cache import Pooled, ReadableLatentCache
+
+    pool = jnp.zeros((1, 2, 4, 3))
+    meta = PageMeta(jnp.zeros(1, jnp.int32), ())
+    kv = paged_cache.PagedKVCache(pool, pool, meta=meta, layer=jnp.int32(0))
+    latent = paged_cache.PagedLatentCache(pool, pool, meta=meta, layer=jnp.int32(0))
+    assert isinstance(kv, Pooled) and isinstance(latent, Pooled)
+    assert not isinstance(latent, ReadableLatentCache)

@@ -21,6 +21,7 @@ from flax import nnx
 from llmarch import axes, sharding
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers.attention import Attention
+from llmarch.layers.cache import Pooled
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.ffn import SwiGLU
@@ -103,7 +104,7 @@ class BlockRun(nnx.Module):
                  cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
         graphdef, state = nnx.split(self.layers)
-        if hasattr(cache, "for_layer"):  # a pooled cache (paged): carried whole, updated in place
+        if isinstance(cache, Pooled):  # pools hold every layer (paged): carried whole, updated in place
             return self._scan_pooled(graphdef, state, x, positions, segment_ids, cache)
 
         def body(x, layer):

@@ -14,6 +14,7 @@ from flax import nnx
 
 from llmarch import axes, ops
 from llmarch.config import ModelConfig
+from llmarch.layers.cache import KVCacheLike
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.rope import apply_rope, inverse_frequencies
 
@@ -46,7 +47,7 @@ class Attention(nnx.Module):
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCacheLike | None = None) -> tuple[jax.Array, KVCacheLike | None]:
         """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
 
         With no cache the tokens attend to each other (``segment_ids [B,T]`` separates packed
@@ -62,7 +63,7 @@ class Attention(nnx.Module):
             out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                                 sliding_window=self.sliding_window)  # [B,T,N,H]
-        else:  # any cache of the protocol below: contiguous here, paged in llmarch.inference
+        else:  # any KVCacheLike (layers/cache.py): contiguous here, paged in llmarch.inference
             cache = cache.write(positions, k, v)
             out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
@@ -71,11 +72,10 @@ class Attention(nnx.Module):
 class KVCache(NamedTuple):
     """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``.
 
-    The cache protocol that ``Attention`` relies on (``llmarch.inference.paged_cache`` has a
-    paged implementation): ``write(positions, k, v) -> cache`` stores this call's keys and
-    values, then ``attend(q, positions, *, impl, sliding_window) -> [B,T,N,H]`` attends over
-    everything stored so far, causally by position; ``num_slots`` bounds the positions
-    (``None`` when the cache checks them itself).
+    The contiguous ``KVCacheLike`` (``layers/cache.py``, the protocol ``Attention`` relies on;
+    ``llmarch.inference.paged_cache`` has a paged one): ``write`` stores this call's keys and
+    values, then ``attend`` attends over everything stored so far, causally by position;
+    ``num_slots`` bounds the positions.
     """
 
     k: jax.Array
