@@ -306,7 +306,7 @@ def test_trainer_applies_the_value_lr_from_4_to_1(tmp_path):
     sgd = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None)
     cfg = TrainConfig(out_dir=str(tmp_path), preset="tiny-ultramem", steps=10, optimizer=sgd)
     _, tx, state = init_state(cfg, mesh=None)
-    params = state["params"]
+    params = state.params
     ones = jax.tree.map(jnp.ones_like, params)
     opt_state = tx.init(params)
     first, opt_state = tx.update(ones, opt_state, params)
