@@ -185,8 +185,8 @@ class Transformer(nnx.Module):
         for i, (run, (_, start, _)) in enumerate(zip(self.runs, run_layout(self.cfg), strict=True)):
             for k, (skip, (read, _)) in enumerate(zip(self.skips, self.cfg.skip_layers, strict=True)):
                 if read == start:
-                    sources[f"skips/{k}"] = skip
-            sources[f"runs/{i}/layers/ffn"] = run.layers.ffn
+                    sources[skip_aux_key(k)] = skip
+            sources[run_aux_key(i)] = run.layers.ffn
         return sources
 
     def update_state(self, aux: AuxByModule) -> None:
@@ -250,10 +250,10 @@ class Transformer(nnx.Module):
             for k, (skip, (read, add)) in enumerate(zip(self.skips, self.cfg.skip_layers, strict=True)):
                 if read == start:  # runs are split at every skip boundary
                     with jax.named_scope(f"skip{read}_{add}"):
-                        pending[add], aux[f"skips/{k}"] = _with_aux(skip(x))
+                        pending[add], aux[skip_aux_key(k)] = _with_aux(skip(x))
             with jax.named_scope(f"run{i}"):
-                x, (run_cache, aux[f"runs/{i}/layers/ffn"]) = run(x, positions, segment_ids,
-                                                                  None if cache is None else cache[i])
+                x, (run_cache, aux[run_aux_key(i)]) = run(x, positions, segment_ids,
+                                                          None if cache is None else cache[i])
             new_cache.append(run_cache)
             if start + count - 1 in pending:
                 x = x + pending.pop(start + count - 1)
@@ -271,6 +271,16 @@ class Transformer(nnx.Module):
 
 Aux = dict[str, Any]  # one module's auxiliary outputs: "loss", "metrics", layer-specific entries
 AuxByModule = collections.OrderedDict[str, Aux]  # module path (Transformer.aux_sources) -> its aux
+
+
+def run_aux_key(i: int) -> str:
+    """The aux key of run i's FFN: its path in the model (``model.runs[i].layers.ffn``)."""
+    return f"runs/{i}/layers/ffn"
+
+
+def skip_aux_key(k: int) -> str:
+    """The aux key of the k-th skip-layer module: its path in the model (``model.skips[k]``)."""
+    return f"skips/{k}"
 
 
 @jax.tree_util.register_dataclass
