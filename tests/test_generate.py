@@ -20,10 +20,12 @@ def test_prefill_then_decode_with_cache_equals_full_forward(window):
     full = model(tokens)
     cache = model.init_cache(2, 16)
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    logits, cache = model(tokens[:, :6], positions=pos[:, :6], cache=cache)  # prefill 6
+    out = model(tokens[:, :6], positions=pos[:, :6], cache=cache)  # prefill 6
+    logits, cache = out.logits, out.cache
     np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
     for t in range(6, 9):  # then one token at a time
-        logits, cache = model(tokens[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+        out = model(tokens[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+        logits, cache = out.logits, out.cache
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 

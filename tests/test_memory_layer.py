@@ -74,7 +74,8 @@ def test_skip_layer_wiring_adds_after_block_j(ultramem):
     """Span (0, 1): the memory reads the stream entering block 0 (the embeddings) and its output is
     added to the stream leaving block 1."""
     cfg, model, tokens = ultramem
-    logits, aux = model(tokens, return_aux=True)
+    out = model(tokens, return_aux=True)
+    logits, aux = out.logits, out.aux
     x = model.embed.encode(tokens, jnp.float32)
     mem_out, mem_aux = model.skips[0](x)
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
@@ -82,6 +83,7 @@ def test_skip_layer_wiring_adds_after_block_j(ultramem):
     want = model.lm_head("BTD,DV->BTV", model.final_norm(h + mem_out))
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
     assert float(aux_loss(aux)) == pytest.approx(float(mem_aux["loss"]))
+    np.testing.assert_array_equal(aux["skips/0"]["loss"], mem_aux["loss"])  # keyed by module path
     assert float(mem_aux["loss"]) > 0  # the TDQKR singular-value loss reaches the objective
 
 
@@ -280,8 +282,7 @@ def test_update_state_keeps_the_sign_reference_of_the_previous_step(ultramem):
     saved_cores, saved_ref = layer.cores_xnzy[...], layer.tucker_ref[...]
     try:
         layer.cores_xnzy[...] = saved_cores + 0.3 * jax.random.normal(jax.random.key(8), saved_cores.shape)
-        _, aux = model(tokens, return_aux=True)
-        model.update_state(aux)
+        model.update_state(model(tokens, return_aux=True).aux)
         u, v = leading_singular_vectors(layer.cores_xnzy[...], saved_ref)
         np.testing.assert_allclose(layer.tucker_ref[...], jnp.stack([u, v], 1), atol=1e-6)
         assert not np.allclose(layer.tucker_ref[...], saved_ref)  # it moved with the cores
@@ -304,7 +305,7 @@ def test_trainer_applies_the_value_lr_from_4_to_1(tmp_path):
     sgd = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None)
     cfg = TrainConfig(out_dir=str(tmp_path), preset="tiny-ultramem", steps=10, optimizer=sgd)
     _, tx, state = init_state(cfg, mesh=None)
-    params = state["params"]
+    params = state.params
     ones = jax.tree.map(jnp.ones_like, params)
     opt_state = tx.init(params)
     first, opt_state = tx.update(ones, opt_state, params)
@@ -325,8 +326,9 @@ def test_pkm_blocks_are_scanned_and_softmax_weights_sum_to_one():
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
     assert model.runs[0].layers.ffn.values_mu[...].shape == (2, 64, 16)  # stacked [L, M, D]
     tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
-    logits, aux = model(tokens, return_aux=True)
-    assert logits.shape == (2, 6, 64) and aux[0]["loss"].shape == (2,)
+    out = model(tokens, return_aux=True)
+    aux = out.aux
+    assert out.logits.shape == (2, 6, 64) and aux["runs/0/layers/ffn"]["loss"].shape == (2,)
     model.update_state(aux)  # a scanned run's stacked reference updates through its layers axis
     assert model.runs[0].layers.ffn.tucker_ref[...].shape == (2, 2, 2, 1)
     # a lone layer outside Transformer: no ModelConfig, no mesh

@@ -52,7 +52,8 @@ def test_sharded_ultramem_model_equals_single_device(devices, monkeypatch):
     tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, cfg.vocab_size)
 
     def loss(graphdef, params, rest, tokens):
-        logits, aux = nnx.merge(graphdef, params, rest)(tokens[:, :-1], return_aux=True)
+        out = nnx.merge(graphdef, params, rest)(tokens[:, :-1], return_aux=True)
+        logits, aux = out.logits, out.aux
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         return ce + aux_loss(aux)
 

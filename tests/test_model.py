@@ -159,5 +159,57 @@ def test_dense_model_has_no_aux_loss(gqa):
     from llmarch.model import aux_loss
 
     cfg, model, _, _ = gqa
-    logits, aux = model(_tokens(cfg, 1, 4), return_aux=True)
-    assert logits.shape == (1, 4, cfg.vocab_size) and float(aux_loss(aux)) == 0.0
+    out = model(_tokens(cfg, 1, 4), return_aux=True)
+    assert out.logits.shape == (1, 4, cfg.vocab_size) and float(aux_loss(out.aux)) == 0.0
+
+
+def test_output_parts_follow_the_request(gqa):
+    """Plain logits unless a cache or aux is asked for; then a ModelOutput with exactly those."""
+    from llmarch.model import ModelOutput
+
+    cfg, model, _, _ = gqa
+    tokens = _tokens(cfg, 2, 4)
+    pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    assert isinstance(model(tokens), jax.Array)
+    out = model(tokens, positions=pos, cache=model.init_cache(2, 8))
+    assert isinstance(out, ModelOutput) and out.aux is None and len(out.cache) == len(model.runs)
+    both = model(tokens, positions=pos, cache=model.init_cache(2, 8), return_aux=True)
+    assert both.cache is not None and both.aux is not None
+    np.testing.assert_allclose(both.logits, out.logits, atol=1e-6)
+
+
+def test_aux_is_keyed_by_module_path_in_layer_order_through_jit():
+    """Each aux key is the path of the module that produced the entry (as in ``nnx.state``), in
+    layer order (a skip before the run it reads), and jit keeps that order; ``update_state``
+    looks modules up by key."""
+    from llmarch.model import ModelOutput
+
+    cfg = llmarch.presets.get("tiny-dense").replace(num_layers=4, skip_layers=((1, 2),), skip_kind="swiglu")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(cfg, 2, 8)
+    out = model(tokens, return_aux=True)
+    want = ["runs/0/layers/ffn", "skips/0", "runs/1/layers/ffn", "runs/2/layers/ffn"]
+    assert list(out.aux) == list(model.aux_sources()) == want
+    for key, module in model.aux_sources().items():
+        node = model
+        for part in key.split("/"):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        assert node is module
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, return_aux=True))(state, tokens)
+    assert isinstance(jitted, ModelOutput) and list(jitted.aux) == want  # a dict's would come back sorted
+    np.testing.assert_allclose(jitted.logits, out.logits, atol=1e-5)
+    with pytest.raises(KeyError, match="runs/9/layers/ffn"):
+        model.update_state({"runs/9/layers/ffn": {"load": jnp.ones(1)}})
+
+
+def test_cache_protocols():
+    """Contiguous caches are not pooled (BlockRun scans them per layer); MLA's can be read whole."""
+    from llmarch.layers.attention import KVCache
+    from llmarch.layers.cache import Pooled, ReadableLatentCache
+    from llmarch.layers.mla import MLACache
+
+    kv = jnp.zeros((1, 4, 1, 2))
+    assert not isinstance(KVCache(kv, kv), Pooled)
+    latent = MLACache(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 2)))
+    assert isinstance(latent, ReadableLatentCache) and not isinstance(latent, Pooled)

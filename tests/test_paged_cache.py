@@ -11,7 +11,7 @@ import pytest
 from llmarch import ops
 from llmarch.inference import paged_cache
 from llmarch.inference.block_manager import BlockManager, OutOfPages, pages_for
-from llmarch.layers.paged import TRASH_PAGE, AttentionGroup, PagedKVCache, PageMeta
+from llmarch.layers.paged import TRASH_PAGE, AttentionGroup, PagedKVCache, PagedLatentCache, PageMeta
 
 # Block manager ------------------------------------------------------------------------------
 
@@ -112,8 +112,8 @@ def test_model_over_paged_cache_equals_full_forward(preset):
 
     @jax.jit
     def run(pools, tokens, positions, meta):
-        logits, caches = model(tokens, positions=positions, cache=paged_cache.attach(kinds, pools, meta))
-        return [c.pools for c in caches], logits
+        out = model(tokens, positions=positions, cache=paged_cache.attach(kinds, pools, meta))
+        return [c.pools for c in out.cache], out.logits
 
     outs = {"a": [], "b": []}
     for (sa, ea), (sb, eb) in (((0, 5), (0, 3)), ((5, 10), (3, 6))):  # one shape: one compile
@@ -150,3 +150,16 @@ def test_paged_cache_through_the_pallas_kernels():
                                pools[1][1][np.array([3, 1])].reshape(1, 8, K, H), q_positions=positions,
                                kv_positions=jnp.arange(8)[None], causal=True)
     np.testing.assert_allclose(xla, contiguous, atol=1e-5)
+
+
+def test_paged_caches_are_pooled_and_the_latent_one_is_not_readable():
+    """``BlockRun`` carries a ``Pooled`` cache whole through its scan; MLA attends a latent cache
+    without ``read`` only in the latent space."""
+    from llmarch.layers.cache import Pooled, ReadableLatentCache
+
+    pool = jnp.zeros((1, 2, 4, 3))
+    meta = PageMeta(jnp.zeros(1, jnp.int32), ())
+    kv = PagedKVCache(pool, pool, meta=meta, layer=jnp.int32(0))
+    latent = PagedLatentCache(pool, pool, meta=meta, layer=jnp.int32(0))
+    assert isinstance(kv, Pooled) and isinstance(latent, Pooled)
+    assert not isinstance(latent, ReadableLatentCache)

@@ -270,6 +270,31 @@ def test_rotation_keeps_the_newest_intact_checkpoints(tmp_path):
     assert ckpt.steps() == [4, 5] and all(ckpt.intact(s) for s in (4, 5))
 
 
+def test_a_train_state_is_saved_as_the_dict_checkpoints_have_always_held(tmp_path):
+    """``TrainState`` goes to disk as the dict ``{params, rest, opt_state, step, rng, skipped}``
+    (its ``as_dict``), so checkpoints written before the class existed restore into one."""
+    import dataclasses
+
+    import grain
+
+    from llmarch.train.state import TrainState
+    from llmarch.train.trainer import init_state
+
+    _, _, state = init_state(_cfg(tmp_path), mesh=None)
+    state = dataclasses.replace(state, step=jnp.int32(7), skipped=jnp.int32(2))
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1)
+    try:
+        ckpt.save(7, state, iter(grain.MapDataset.range(1).to_iter_dataset()), force=True)
+        as_dict = ckpt.restore(7, state.as_dict())  # read as the old code reads it
+        typed = ckpt.restore(7, state)
+    finally:
+        ckpt.close()
+    assert isinstance(as_dict, dict) and set(as_dict) == {f.name for f in dataclasses.fields(TrainState)}
+    assert isinstance(typed, TrainState) and (int(typed.step), int(typed.skipped)) == (7, 2)
+    jax.tree.map(np.testing.assert_array_equal, typed.as_dict(), as_dict)
+    jax.tree.map(np.testing.assert_array_equal, typed, state)
+
+
 # One writer, atomic files, metrics each step once ---------------------------------------------
 
 

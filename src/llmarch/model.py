@@ -8,6 +8,7 @@ compile time does not grow with depth. Kinds are built from their records in
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from typing import Any
@@ -21,6 +22,7 @@ from llmarch import axes, sharding
 from llmarch.checks import check_positive
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers import kinds
+from llmarch.layers.cache import Pooled
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.mla import MLA, check_path
@@ -95,7 +97,7 @@ class BlockRun(nnx.Module):
                  cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
         graphdef, state = nnx.split(self.layers)
-        if hasattr(cache, "for_layer"):  # a pooled cache (paged): carried whole, updated in place
+        if isinstance(cache, Pooled):  # pools hold every layer (paged): carried whole, updated in place
             return self._scan_pooled(graphdef, state, x, positions, segment_ids, cache)
 
         def body(x, layer):
@@ -161,22 +163,38 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
         return [run.init_cache(self.cfg, batch_size, max_len, dtype) for run in self.runs]
 
-    def aux_sources(self) -> list[nnx.Module]:
-        """The module behind each entry of the aux list that ``__call__`` returns, in its order:
-        each skip module before the run it reads, each run's FFN (whose variables, like its aux,
-        carry the run's layers axis)."""
-        sources = []
-        for run, (_, start, _) in zip(self.runs, run_layout(self.cfg), strict=True):
-            sources += [skip for skip, (read, _) in zip(self.skips, self.cfg.skip_layers, strict=True)
-                        if read == start]
-            sources.append(run.layers.ffn)
+    def aux_sources(self) -> dict[str, nnx.Module]:
+        """The module behind each key of the aux that ``__call__`` returns, in the same (layer)
+        order: each skip module before the run it reads, each run's FFN (whose variables, like
+        its aux, carry the run's layers axis).
+
+        A key is the module's path in this model, its attribute names and list indices joined
+        by "/" as in ``nnx.state(model)``: ``"runs/<i>/layers/ffn"`` for run i's FFN,
+        ``"skips/<k>"`` for the k-th skip-layer module (``cfg.skip_layers[k]``).
+        """
+        sources: dict[str, nnx.Module] = {}
+        for i, (run, (_, start, _)) in enumerate(zip(self.runs, run_layout(self.cfg), strict=True)):
+            for k, (skip, (read, _)) in enumerate(zip(self.skips, self.cfg.skip_layers, strict=True)):
+                if read == start:
+                    sources[skip_aux_key(k)] = skip
+            sources[run_aux_key(i)] = run.layers.ffn
         return sources
 
-    def update_state(self, aux: list[Aux]) -> None:
+    def update_state(self, aux: AuxByModule) -> None:
         """Applies the layers' post-step updates of their non-trainable state from ``aux`` of a
-        forward pass (e.g. the aux-loss-free expert bias): each module with an ``update_state``
-        method gets its own aux entry. The train step calls it after the parameter update."""
-        for module, entry in zip(self.aux_sources(), aux, strict=True):
+        forward pass (e.g. the aux-loss-free expert bias): the module at each key of ``aux``
+        (see ``aux_sources``), if it has an ``update_state`` method, gets its own entry. The
+        train step calls it after the parameter update.
+
+        Raises:
+          KeyError: for a key that names no aux-producing module of this model.
+        """
+        sources = self.aux_sources()
+        for key, entry in aux.items():
+            if key not in sources:
+                raise KeyError(f"aux key {key!r} names no aux-producing module of this model; "
+                               f"known: {sorted(sources)}")
+            module = sources[key]
             if hasattr(module, "update_state") and entry:
                 module.update_state(entry)
 
@@ -189,7 +207,7 @@ class Transformer(nnx.Module):
         cache: list | None = None,
         return_aux: bool = False,
         logits_at: jax.Array | None = None,
-    ) -> jax.Array | tuple:
+    ) -> jax.Array | ModelOutput:
         """Logits of ``tokens [B,T]``.
 
         Args:
@@ -199,32 +217,35 @@ class Transformer(nnx.Module):
           segment_ids: int ``[B,T]`` document ids of packed sequences; tokens attend only
             within their segment. Default: one document per row. Not used with a cache.
           cache: from ``init_cache``; the tokens then attend to everything cached before them.
-          return_aux: also return the blocks' auxiliary outputs (router losses and statistics),
-            one dict per run stacked over its layers; ``aux_loss`` sums their losses.
+          return_aux: also return the blocks' auxiliary outputs (router losses and statistics):
+            one dict per aux-producing module, keyed by its path (``aux_sources``), a scanned
+            run's stacked over its layers; ``aux_loss`` sums their losses.
           logits_at: int ``[B,J]`` indices into T: compute logits only there (``[B,J,V]``), as a
             serving step does for the last token of each sequence.
         Returns:
-          ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise); then the
-          updated cache when one was given; then the aux list when ``return_aux``.
+          ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise) when neither a
+          cache nor ``return_aux`` is given; otherwise a ``ModelOutput`` of the logits, the
+          updated cache (None without one) and the aux (None without ``return_aux``).
         """
         check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
             positions = segment_positions(segment_ids, tokens.shape)
         x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
         x = sharding.constrain(x, _ACTIVATION)
-        new_cache, aux = [], []
+        new_cache: list = []
+        # An OrderedDict, not a dict: jax keeps its key order through jit and grad (a dict's keys
+        # come back sorted), so aux_loss and aux_metrics see the layers in order.
+        aux: AuxByModule = collections.OrderedDict()  # keys: see aux_sources
         pending: dict[int, jax.Array] = {}  # skip outputs waiting to be added, by target layer
         for i, (run, (_, start, count)) in enumerate(zip(self.runs, run_layout(self.cfg), strict=True)):
-            for skip, (read, add) in zip(self.skips, self.cfg.skip_layers, strict=True):
+            for k, (skip, (read, add)) in enumerate(zip(self.skips, self.cfg.skip_layers, strict=True)):
                 if read == start:  # runs are split at every skip boundary
                     with jax.named_scope(f"skip{read}_{add}"):
-                        pending[add], skip_aux = _with_aux(skip(x), self.skip_kind)
-                    aux.append(skip_aux)
+                        pending[add], aux[skip_aux_key(k)] = _with_aux(skip(x), self.skip_kind)
             with jax.named_scope(f"run{i}"):
-                x, (run_cache, run_aux) = run(x, positions, segment_ids,
-                                              None if cache is None else cache[i])
+                x, (run_cache, aux[run_aux_key(i)]) = run(x, positions, segment_ids,
+                                                          None if cache is None else cache[i])
             new_cache.append(run_cache)
-            aux.append(run_aux)
             if start + count - 1 in pending:
                 x = x + pending.pop(start + count - 1)
         if logits_at is not None:
@@ -233,11 +254,43 @@ class Transformer(nnx.Module):
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
         logits = logits.astype(self.cfg.logits_dtype)
         logits = sharding.constrain(logits, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
-        outputs = (logits,) + ((new_cache,) if cache is not None else ()) + ((aux,) if return_aux else ())
-        return outputs[0] if len(outputs) == 1 else outputs
+        if cache is None and not return_aux:
+            return logits
+        return ModelOutput(logits=logits, cache=None if cache is None else new_cache,
+                           aux=aux if return_aux else None)
 
 
-Aux = dict[str, Any]
+Aux = dict[str, Any]  # one module's auxiliary outputs: "loss", "metrics", layer-specific entries
+AuxByModule = collections.OrderedDict[str, Aux]  # module path (Transformer.aux_sources) -> its aux
+
+
+def run_aux_key(i: int) -> str:
+    """The aux key of run i's FFN: its path in the model (``model.runs[i].layers.ffn``)."""
+    return f"runs/{i}/layers/ffn"
+
+
+def skip_aux_key(k: int) -> str:
+    """The aux key of the k-th skip-layer module: its path in the model (``model.skips[k]``)."""
+    return f"skips/{k}"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What ``Transformer.__call__`` returns when a cache or ``return_aux`` is given (a pytree,
+    so it can leave a jitted function whole).
+
+    Attributes:
+      logits: ``[B,T,V]`` (or ``[B,J,V]`` with ``logits_at``).
+      cache: the updated decoding cache, one entry per run as ``init_cache`` makes it; None
+        when no cache was passed.
+      aux: the layers' auxiliary outputs keyed by module path (``Transformer.aux_sources``), in
+        layer order, each stacked over its run's layers; None unless ``return_aux``.
+    """
+
+    logits: jax.Array
+    cache: list | None = None
+    aux: AuxByModule | None = None
 
 
 def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tuple[jax.Array, Aux]:
@@ -250,19 +303,20 @@ def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tu
     return out, aux
 
 
-def aux_metrics(aux: list[Aux]) -> dict[str, jax.Array]:
-    """Every layer's ``"metrics"`` entries, concatenated over layers: ``name -> [layers, ...]``
-    (e.g. the MoE layers' ``expert_load [layers, E]`` and ``load_ratio [layers]``)."""
+def aux_metrics(aux: AuxByModule) -> dict[str, jax.Array]:
+    """Every layer's ``"metrics"`` entries, concatenated over layers in the order of ``aux``
+    (layer order, as ``__call__`` builds it): ``name -> [layers, ...]`` (e.g. the MoE layers'
+    ``expert_load [layers, E]`` and ``load_ratio [layers]``)."""
     found: dict[str, list[jax.Array]] = {}
-    for a in aux:
+    for a in aux.values():
         for name, value in a.get("metrics", {}).items():
             found.setdefault(name, []).append(jnp.atleast_1d(value))  # stacked [L, ...] by the scan
     return {name: jnp.concatenate(values) for name, values in found.items()}
 
 
-def aux_loss(aux: list[Aux]) -> jax.Array:
+def aux_loss(aux: AuxByModule) -> jax.Array:
     """The sum of every ``"loss"`` entry in the aux outputs (each layer's weighted aux loss)."""
-    losses = [jnp.sum(a["loss"]) for a in aux if "loss" in a]
+    losses = [jnp.sum(a["loss"]) for a in aux.values() if "loss" in a]
     return sum(losses, jnp.zeros((), jnp.float32))
 
 

@@ -37,6 +37,7 @@ from llmarch.inference.block_manager import BlockManager, pages_for
 from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
+from llmarch.inference.step_batch import StepBatch
 from llmarch.layers.paged import AttentionGroup, PageMeta
 
 
@@ -161,22 +162,22 @@ DECODE_GROUPS, DECODE_GROUP_ROWS = 8, 8
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "num_logprobs"),
                    donate_argnames=("pools",))
-def _step(state, pools, batch, *, graphdef, kinds, num_logprobs):
+def _step(state, pools, batch: StepBatch, *, graphdef, kinds, num_logprobs):
     """One fixed-shape serving step: page copies, the model over the paged cache, sampling."""
-    pools = paged_cache.copy_pages(pools, batch["copy_src"], batch["copy_dst"])
+    pools = paged_cache.copy_pages(pools, batch.copy_src, batch.copy_dst)
     # Decode rows come padding first, then sorted by length; groups of them attend separately,
     # so each group's loop over pages stops at its own longest sequence.
-    decode, rows = batch["decode"], batch["decode"]["index"].shape[0]
+    decode, rows = batch.decode, batch.decode.rows
     parts = max(1, min(DECODE_GROUPS, rows // DECODE_GROUP_ROWS))
     bounds = [j * (rows // parts) for j in range(parts)] + [rows]  # the last takes the rest
-    split = [{k: v[a:b] for k, v in decode.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
-    groups = tuple(AttentionGroup(**g) for g in (*split, batch["prefill"]))
-    meta = PageMeta(slots=batch["slots"], groups=groups)
+    split = [jax.tree.map(lambda v, a=a, b=b: v[a:b], decode)
+             for a, b in zip(bounds, bounds[1:], strict=False)]
+    meta = PageMeta(slots=batch.slots, groups=(*split, batch.prefill))
     model = nnx.merge(graphdef, state)
-    logits, caches = model(batch["tokens"][None], positions=batch["positions"][None],
-                           cache=paged_cache.attach(kinds, pools, meta), logits_at=batch["logits_at"][None])
-    out = sampling.sample_rows(logits[0], batch["rows"], num_logprobs=num_logprobs)
-    return [c.pools for c in caches], out
+    out = model(batch.tokens[None], positions=batch.positions[None],
+                cache=paged_cache.attach(kinds, pools, meta), logits_at=batch.logits_at[None])
+    sampled = sampling.sample_rows(out.logits[0], batch.rows, num_logprobs=num_logprobs)
+    return [c.pools for c in out.cache], sampled
 
 
 def compiled_programs() -> int:
@@ -311,7 +312,7 @@ class Engine:
 
     # The step ----------------------------------------------------------------------------
 
-    def _batch(self, plan: Plan) -> tuple[dict, tuple[int, ...]]:
+    def _batch(self, plan: Plan) -> tuple[StepBatch, tuple[int, ...]]:
         """The step's padded arrays and its bucket ``(N, Rd, Rp, Tc)``."""
         c, ps = self.config, self.config.page_size
         plan.decode.sort(key=lambda seq: seq.num_computed)  # shortest first: see _step
@@ -325,10 +326,13 @@ class Engine:
             Rp = c.max_prefill_rows if pre else 0
             Tc = _bucket(max((e - s for _, s, e in pre), default=0), c.min_chunk, c.max_prefill_chunk)
         tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
-        decode = dict(index=np.zeros((Rd, 1), np.int32), positions=np.full((Rd, 1), -1, np.int32),
-                      tables=np.zeros((Rd, W), np.int32), lengths=np.zeros(Rd, np.int32))
-        prefill = dict(index=np.zeros((Rp, Tc), np.int32), positions=np.full((Rp, Tc), -1, np.int32),
-                       tables=np.zeros((Rp, W), np.int32), lengths=np.zeros(Rp, np.int32))
+        # Host arrays, filled in place below (the dataclass is frozen, its arrays are not).
+        decode = AttentionGroup(
+            index=np.zeros((Rd, 1), np.int32), positions=np.full((Rd, 1), -1, np.int32),
+            tables=np.zeros((Rd, W), np.int32), lengths=np.zeros(Rd, np.int32))
+        prefill = AttentionGroup(
+            index=np.zeros((Rp, Tc), np.int32), positions=np.full((Rp, Tc), -1, np.int32),
+            tables=np.zeros((Rp, W), np.int32), lengths=np.zeros(Rp, np.int32))
         logits_at = np.zeros(Rd + Rp, np.int32)
         params: list = [None] * (Rd + Rp)
         seeds, samples, counters = [0] * (Rd + Rp), [0] * (Rd + Rp), [0] * (Rd + Rp)
@@ -352,15 +356,15 @@ class Engine:
         first = Rd - len(dec)  # padding rows first, then the shortest: see _step's groups
         for r, seq in enumerate(dec, start=first):
             place(i, seq, seq.num_computed, seq.num_computed + 1)
-            decode["index"][r, 0], decode["positions"][r, 0] = i, seq.num_computed
-            decode["tables"][r, :len(seq.pages)], decode["lengths"][r] = seq.pages, seq.num_computed + 1
+            decode.index[r, 0], decode.positions[r, 0] = i, seq.num_computed
+            decode.tables[r, :len(seq.pages)], decode.lengths[r] = seq.pages, seq.num_computed + 1
             sample_row(r, seq, i)
             i += 1
         for r, (seq, start, end) in enumerate(pre):
             pos = place(i, seq, start, end)
-            prefill["index"][r, :len(pos)] = np.arange(i, i + len(pos))
-            prefill["positions"][r, :len(pos)] = pos
-            prefill["tables"][r, :len(seq.pages)], prefill["lengths"][r] = seq.pages, end
+            prefill.index[r, :len(pos)] = np.arange(i, i + len(pos))
+            prefill.positions[r, :len(pos)] = pos
+            prefill.tables[r, :len(seq.pages)], prefill.lengths[r] = seq.pages, end
             if end == len(seq.tokens):
                 sample_row(Rd + r, seq, i + len(pos) - 1)
             i += len(pos)
@@ -370,9 +374,9 @@ class Engine:
         copy_src, copy_dst = np.zeros(C, np.int32), np.zeros(C, np.int32)
         for k, (src, dst) in enumerate(plan.copies):
             copy_src[k], copy_dst[k] = src, dst
-        batch = dict(tokens=tokens, positions=positions, slots=slots, decode=decode, prefill=prefill,
-                     logits_at=logits_at, copy_src=copy_src, copy_dst=copy_dst,
-                     rows=sampling.host_rows(params, seeds, samples, counters))
+        batch = StepBatch(tokens=tokens, positions=positions, slots=slots, decode=decode, prefill=prefill,
+                          logits_at=logits_at, copy_src=copy_src, copy_dst=copy_dst,
+                          rows=sampling.host_rows(params, seeds, samples, counters))
         self.counters["padded_tokens"] += N - plan.num_tokens
         return batch, (N, Rd, Rp, Tc)
 

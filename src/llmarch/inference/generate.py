@@ -77,12 +77,12 @@ def _prefill(state, tokens, key, *, graphdef, temperature, top_k, top_p, total):
     model = nnx.merge(graphdef, state)
     B, T0 = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
-    logits, cache = model(tokens, positions=positions, cache=model.init_cache(B, total))
-    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+    out = model(tokens, positions=positions, cache=model.init_cache(B, total))
+    return sample_logits(out.logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), out.cache
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def _decode(state, token, t, cache, key, *, graphdef, temperature, top_k, top_p):
     positions = jnp.full((token.shape[0], 1), t, jnp.int32)
-    logits, cache = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
-    return sample_logits(logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+    out = nnx.merge(graphdef, state)(token[:, None], positions=positions, cache=cache)
+    return sample_logits(out.logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), out.cache

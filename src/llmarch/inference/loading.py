@@ -71,7 +71,7 @@ def _load_run(root: Path):
     from llmarch.train.evaluate import restore_run
 
     cfg, graphdef, state, _ = restore_run(root)
-    model = nnx.merge(graphdef, state["params"], state["rest"])
+    model = nnx.merge(graphdef, state.params, state.rest)
     return model, model.cfg, load_tokenizer(cfg.tokenizer)
 
 

@@ -45,8 +45,7 @@ class SpeculativeOutput:
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _prefill(state, tokens, cache, *, graphdef):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    _, cache = nnx.merge(graphdef, state)(tokens, positions=positions, cache=cache)
-    return cache
+    return nnx.merge(graphdef, state)(tokens, positions=positions, cache=cache).cache
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "gamma"),
@@ -70,7 +69,8 @@ def _round(t_state, d_state, t_cache, d_cache, last2, n, rows, *, target_def, dr
         return jax.vmap(jax.random.categorical)(key, jnp.log(probs)).astype(jnp.int32)
 
     pos = jnp.stack([jnp.maximum(n - 2, 0), n - 1], axis=1)  # [B,2]
-    logits, d_cache = draft(last2, positions=pos, cache=d_cache)
+    out = draft(last2, positions=pos, cache=d_cache)
+    logits, d_cache = out.logits, out.cache
     qs, drafts = [], []
     for j in range(gamma):
         q = sampling.probabilities(logits[:, -1], temp, top_k, top_p)  # [B,V]
@@ -78,12 +78,14 @@ def _round(t_state, d_state, t_cache, d_cache, last2, n, rows, *, target_def, dr
         qs.append(q)
         drafts.append(token)
         if j + 1 < gamma:
-            logits, d_cache = draft(token[:, None], positions=(n + j)[:, None], cache=d_cache)
+            out = draft(token[:, None], positions=(n + j)[:, None], cache=d_cache)
+            logits, d_cache = out.logits, out.cache
     q = jnp.stack(qs, axis=1)  # [B,gamma,V]
     d = jnp.stack(drafts, axis=1)  # [B,gamma]
     verify = jnp.concatenate([last2[:, 1:], d], axis=1)  # [B,gamma+1]: x_{n-1}, d_1..d_gamma
     positions = (n - 1)[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
-    logits, t_cache = target(verify, positions=positions, cache=t_cache)  # [B,gamma+1,V]
+    out = target(verify, positions=positions, cache=t_cache)
+    logits, t_cache = out.logits, out.cache  # [B,gamma+1,V]
     V = logits.shape[-1]
     p = sampling.probabilities(logits.reshape(B * (gamma + 1), V), jnp.repeat(temp, gamma + 1),
                                jnp.repeat(top_k, gamma + 1), jnp.repeat(top_p, gamma + 1))

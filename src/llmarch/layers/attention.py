@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch.layers.cache import KVCacheLike
 from llmarch.layers.configs import AttentionConfig
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.norms import RMSNorm
@@ -51,7 +52,7 @@ class Attention(nnx.Module):
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCacheLike | None = None) -> tuple[jax.Array, KVCacheLike | None]:
         """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
 
         With no cache the tokens attend to each other (``segment_ids [B,T]`` separates packed
@@ -69,7 +70,7 @@ class Attention(nnx.Module):
             out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                                 sliding_window=self.sliding_window)  # [B,T,N,H]
-        else:  # any cache of the protocol below: contiguous here, paged in layers/paged.py
+        else:  # any KVCacheLike (layers/cache.py): contiguous here, paged in layers/paged.py
             cache = cache.write(positions, k, v)
             out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
@@ -78,11 +79,10 @@ class Attention(nnx.Module):
 class KVCache(NamedTuple):
     """Keys and values of one layer, ``[B,S,K,H]`` each, slot ``s`` holding position ``s``.
 
-    The cache protocol that ``Attention`` relies on (``llmarch.layers.paged`` has a
-    paged implementation): ``write(positions, k, v) -> cache`` stores this call's keys and
-    values, then ``attend(q, positions, *, impl, sliding_window) -> [B,T,N,H]`` attends over
-    everything stored so far, causally by position; ``num_slots`` bounds the positions
-    (``None`` when the cache checks them itself).
+    The contiguous ``KVCacheLike`` (``layers/cache.py``, the protocol ``Attention`` relies on;
+    ``llmarch.layers.paged`` has a paged one): ``write`` stores this call's keys and
+    values, then ``attend`` attends over everything stored so far, causally by position;
+    ``num_slots`` bounds the positions.
     """
 
     k: jax.Array

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch.layers.cache import LatentCacheLike, ReadableLatentCache
 from llmarch.layers.configs import MLA_PATHS, MLAConfig
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.norms import RMSNorm
@@ -125,8 +126,8 @@ class MLA(nnx.Module):
                         k_r=jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype))  # [B,S,R]
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: MLACache | None = None, *, path: str | None = None,
-                 ) -> tuple[jax.Array, MLACache | None]:
+                 cache: LatentCacheLike | None = None, *, path: str | None = None,
+                 ) -> tuple[jax.Array, LatentCacheLike | None]:
         """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
 
         As ``Attention``: with a cache, the tokens' ``c_KV, k_R`` are first written to the slots
@@ -151,13 +152,13 @@ class MLA(nnx.Module):
         k_r = (apply_rope(k_r, positions, inv_freq) * mscale)[:, :, 0, :]  # [B,T,R]
         kv_positions, scale = positions, softmax_scale(m)
         num_keys = x.shape[1]
-        if cache is not None:  # any latent cache of MLACache's protocol: contiguous or paged
+        if cache is not None:  # any LatentCacheLike (layers/cache.py): contiguous or paged
             cache = cache.write(positions, c_kv, k_r)
             num_keys = cache.num_slots or num_keys
             segment_ids = None  # a cache holds one sequence per row
         if path == "auto":
             path = choose_path(m, x.shape[1], num_keys)
-        if cache is not None and path == "naive" and getattr(cache, "read", None) is None:
+        if cache is not None and path == "naive" and not isinstance(cache, ReadableLatentCache):
             path = "absorbed"  # a paged latent cache is only read in the latent space (FlashMLA)
         if cache is not None and path == "naive":
             c_kv, k_r, kv_positions = cache.read(x.dtype)  # [B,S,A], [B,S,R], [B,S]
@@ -227,9 +228,9 @@ class MLACache(NamedTuple):
     c_kv: jax.Array
     k_r: jax.Array
 
-    # The latent-cache protocol MLA relies on (``llmarch.layers.paged`` has a paged
-    # one): ``write``, ``attend_latent``, ``num_slots``, and, for the naive path, ``read``
-    # (a cache without ``read`` is always attended in the latent space).
+    # A ReadableLatentCache (layers/cache.py): the LatentCacheLike MLA relies on, plus ``read``
+    # for the naive path (``llmarch.layers.paged`` has a paged one without ``read``,
+    # which is always attended in the latent space).
 
     @property
     def num_slots(self) -> int:

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from llmarch.checks import check_positive
 from llmarch.run_format import MANIFEST, SET_ASIDE_SUFFIX
+from llmarch.train.state import TrainState
 
 _FORMAT = 1
 
@@ -166,6 +167,8 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():  # e.g. a forced save at a step just saved
             return False
+        if isinstance(state, TrainState):
+            state = state.as_dict()  # the on-disk layout stays a dict: see TrainState
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))
         self.manager.save(step, args=args, force=True)
@@ -180,19 +183,24 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any, data_iterator: grain.DatasetIterator | None = None) -> Any:
         """The state saved at ``step``, verified against its manifest and laid out (shapes,
-        dtypes, shardings) like ``target``; ``data_iterator``, when given, is moved to where it was."""
+        dtypes, shardings) like ``target`` (a ``TrainState`` comes back as one);
+        ``data_iterator``, when given, is moved to where it was."""
         self.verify(step)
+        typed = isinstance(target, TrainState)
+        if typed:
+            target = target.as_dict()
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+            state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
         except Exception as e:  # orbax/tensorstore errors are deep and varied: name the place
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise CheckpointError(f"checkpoint {self.step_dir(step)} does not match this run's model and "
                                   f"optimizer ({type(e).__name__}: {first})") from e
+        return TrainState.from_dict(state) if typed else state
 
     def close(self) -> None:
         self.manager.close()

@@ -35,11 +35,11 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: B
     """Cross entropy, plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
     softmax normalizer near 1 so bf16 logits do not drift), plus the layers' aux losses;
     returns ``(total, parts)``, or ``(total, (parts, aux))`` with ``with_aux`` (the layers' aux
-    list, see ``Transformer.__call__``)."""
+    by module path, see ``Transformer.__call__``)."""
     model = nnx.merge(graphdef, params, rest)
-    logits, aux = model(batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"), return_aux=True)
-    logits = logits.astype(jnp.float32)
+    out = model(batch["inputs"], positions=batch.get("positions"),
+                segment_ids=batch.get("segment_ids"), return_aux=True)
+    logits, aux = out.logits.astype(jnp.float32), out.aux
     ce = cross_entropy(logits, batch["targets"], batch.get("mask"))
     z = _masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), batch.get("mask"))
     extra = aux_loss(aux)  # the layers' own weighted losses (e.g. MoE load balancing)

@@ -48,6 +48,7 @@ from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, a
 from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import OptimizerConfig, build_optimizer
 from llmarch.train.precision import policy
+from llmarch.train.state import TrainState
 from llmarch.train.step import cross_entropy, make_train_step
 
 NAN_POLICIES = ("skip", "stop")
@@ -200,13 +201,13 @@ def _fingerprint(rows: PackedRows) -> str:
 
 
 def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
-    """``(graphdef, tx, state)``: a fresh train state, sharded on ``mesh`` by ``cfg.rules``."""
+    """``(graphdef, tx, state)``: a fresh ``TrainState``, sharded on ``mesh`` by ``cfg.rules``."""
     with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = build_optimizer(cfg.optimizer, cfg.steps, model=cfg.model_config())  # + e.g. UltraMem's value LR
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.key(cfg.seed)), "skipped": jnp.int32(0)}
+    state = TrainState(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
+                       rng=jax.random.key_data(jax.random.key(cfg.seed)), skipped=jnp.int32(0))
     if mesh is not None:  # scalars (step counts, RNG) are born on one device: replicate them
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)  # noqa: E731
@@ -282,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                          f"{jax.process_count()} processes")
     train_iter = make_batches(train_rows, batch_size=cfg.batch_size, seed=cfg.seed)
     graphdef, tx, state = init_state(cfg, mesh)
-    shardings = (jax.tree.map(lambda x: x.sharding, (state["params"], state["rest"], state["opt_state"]))
+    shardings = (jax.tree.map(lambda x: x.sharding, (state.params, state.rest, state.opt_state))
                  if mesh is not None else None)
     step_fn = make_train_step(graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings,
                               update_rest=True)  # rest: e.g. the MoE expert bias, updated per step
@@ -299,7 +300,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         if start is not None:
             state = ckpt.restore(start, state, train_iter)
             log(f"resumed from {ckpt.step_dir(start)}")
-        start = int(state["step"])
+        start = int(state.step)
         if start >= cfg.steps:
             log(f"the run is already at step {start}, at or past steps={cfg.steps}: nothing to train "
                 "(raise --steps to continue it)")
@@ -323,7 +324,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
             step = ckpt.latest_step()
             return "no checkpoint exists" if step is None else f"the last checkpoint is {ckpt.step_dir(step)}"
 
-        def save(step: int, state: dict) -> None:
+        def save(step: int, state: TrainState) -> None:
             if not bool(all_finite(state)):  # unreachable through the guarded step: never save it
                 raise TrainingError(f"step {step}: the train state holds non-finite values; not saved; "
                                     f"{last_good()}")
@@ -340,11 +341,10 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
             for step in range(start + 1, cfg.steps + 1):
                 tick = time.perf_counter()
                 batch = _to_global(next(train_iter), data_sharding)
-                params, rest, opt_state, m = step_fn(state["params"], state["rest"], state["opt_state"],
-                                                     batch)
-                skipped = state["skipped"] + (~m["finite"]).astype(jnp.int32)
-                state = {**state, "params": params, "rest": rest, "opt_state": opt_state,
-                         "step": jnp.int32(step), "skipped": skipped}
+                params, rest, opt_state, m = step_fn(state.params, state.rest, state.opt_state, batch)
+                skipped = state.skipped + (~m["finite"]).astype(jnp.int32)
+                state = dataclasses.replace(state, params=params, rest=rest, opt_state=opt_state,
+                                            step=jnp.int32(step), skipped=skipped)
                 loss = float(m["loss"])  # waits for the step
                 if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
                     busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
@@ -374,7 +374,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                     log_file.write(step, record)
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss = evaluate(params, state["rest"])
+                    val_loss = evaluate(params, state.rest)
                     log_file.write(step, {"val_loss": val_loss,
                                           "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
                     if not math.isfinite(val_loss):
@@ -396,7 +396,7 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
             log_file.close()
         ckpt.close()
     if val_loss is not None:
-        log(f"step {int(state['step'])}: validation loss {val_loss:.4f}")
-    return TrainResult(step=int(state["step"]), losses=losses, val_loss=val_loss,
-                       skipped_steps=int(state["skipped"]), params=state["params"], rest=state["rest"],
+        log(f"step {int(state.step)}: validation loss {val_loss:.4f}")
+    return TrainResult(step=int(state.step), losses=losses, val_loss=val_loss,
+                       skipped_steps=int(state.skipped), params=state.params, rest=state.rest,
                        graphdef=graphdef, train_rows=train_rows)
