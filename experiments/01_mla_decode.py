@@ -61,16 +61,24 @@ def timed(fn, repeats):
 MiB = 2**20
 itemsize = 4
 rows = []
-print(f"{args.preset} MLA layer: D={cfg.d_model} N={m.num_heads} A={m.kv_lora_rank} "
-      f"R={m.qk_rope_head_dim} H={m.qk_nope_head_dim} H_v={m.v_head_dim} q_lora_rank={m.q_lora_rank}")
-header = ("| batch | context | latent cache, both paths (MiB) | naive K/V built per step (MiB) | "
-          "naive (ms) | absorbed (ms) | speedup | max abs diff |")
+print(
+    f"{args.preset} MLA layer: D={cfg.d_model} N={m.num_heads} A={m.kv_lora_rank} "
+    f"R={m.qk_rope_head_dim} H={m.qk_nope_head_dim} H_v={m.v_head_dim} q_lora_rank={m.q_lora_rank}"
+)
+header = (
+    "| batch | context | latent cache, both paths (MiB) | naive K/V built per step (MiB) | "
+    "naive (ms) | absorbed (ms) | speedup | max abs diff |"
+)
 print(header)
 for B in batches:
     for S in contexts:
         k1, k2, k3 = jax.random.split(jax.random.key(S * 10 + B), 3)
-        held = {"cache": MLACache(c_kv=jax.random.normal(k1, (B, S, m.kv_lora_rank)),
-                                  k_r=jax.random.normal(k2, (B, S, m.qk_rope_head_dim)))}
+        held = {
+            "cache": MLACache(
+                c_kv=jax.random.normal(k1, (B, S, m.kv_lora_rank)),
+                k_r=jax.random.normal(k2, (B, S, m.qk_rope_head_dim)),
+            )
+        }
         x = jax.random.normal(k3, (B, 1, cfg.d_model))
         pos = jnp.full((B, 1), S - 1, jnp.int32)  # the last slot: the step attends over S tokens
 
@@ -79,12 +87,15 @@ for B in batches:
             return out
 
         (naive_ms, naive), (absorbed_ms, absorbed) = (
-            timed(functools.partial(run, p), args.repeats) for p in ("naive", "absorbed"))
+            timed(functools.partial(run, p), args.repeats) for p in ("naive", "absorbed")
+        )
         diff = float(jnp.abs(naive - absorbed).max())
         latent = B * S * (m.kv_lora_rank + m.qk_rope_head_dim) * itemsize / MiB
         expanded = B * S * m.num_heads * (m.qk_head_dim + m.v_head_dim) * itemsize / MiB
-        row = (f"| {B} | {S} | {latent:.2f} | {expanded:.1f} | {naive_ms:.2f} | {absorbed_ms:.3f} | "
-               f"{naive_ms / absorbed_ms:.1f}x | {diff:.1e} |")
+        row = (
+            f"| {B} | {S} | {latent:.2f} | {expanded:.1f} | {naive_ms:.2f} | {absorbed_ms:.3f} | "
+            f"{naive_ms / absorbed_ms:.1f}x | {diff:.1e} |"
+        )
         rows.append((B, S, naive_ms / absorbed_ms, row))
         print(row, flush=True)
 
@@ -92,10 +103,12 @@ v3 = llmarch.presets.get("deepseek-v3")
 v3_mha = v3.replace(blocks=None, mla=None)
 kv_v3, kv_mha = accounting.kv_cache_bytes_per_token(v3), accounting.kv_cache_bytes_per_token(v3_mha)
 at_4096 = ", ".join(f"batch {b}: {s:.1f}x" for b, ctx, s, _ in rows if ctx == max(contexts))
-summary = (f"Absorbed over naive at context {max(contexts)}: {at_4096} (goal: at least 3x).\n\n"
-           f"KV cache per token, deepseek-v3 preset (61 layers, bfloat16): MLA {kv_v3:,} bytes "
-           f"= (512 + 64) x 61 x 2; MHA with the same 128 heads of 128: {kv_mha:,} bytes "
-           f"(ratio {kv_v3 / kv_mha:.4f} = 576 / 32768).")
+summary = (
+    f"Absorbed over naive at context {max(contexts)}: {at_4096} (goal: at least 3x).\n\n"
+    f"KV cache per token, deepseek-v3 preset (61 layers, bfloat16): MLA {kv_v3:,} bytes "
+    f"= (512 + 64) x 61 x 2; MHA with the same 128 heads of 128: {kv_mha:,} bytes "
+    f"(ratio {kv_v3 / kv_mha:.4f} = 576 / 32768)."
+)
 print(summary)
 
 out = pathlib.Path(__file__).parent / "results" / "01_mla_decode.md"
@@ -114,6 +127,11 @@ out.write_text(
     f"keys and values, {m.num_heads} x ({m.qk_head_dim} + {m.v_head_dim}) numbers per cached token, "
     "at every step (what an MHA cache of the same heads would hold). `max abs diff`: between the "
     "two paths' outputs.\n\n"
-    + header + "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(r[-1] for r in rows) + "\n\n"
-    + summary + "\n")
+    + header
+    + "\n|---|---|---|---|---|---|---|---|\n"
+    + "\n".join(r[-1] for r in rows)
+    + "\n\n"
+    + summary
+    + "\n"
+)
 print(f"wrote {out}")

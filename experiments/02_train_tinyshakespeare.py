@@ -28,10 +28,21 @@ if not DATA.is_file():
     raise SystemExit(f"{DATA} is absent: this experiment needs the shared tinyshakespeare corpus")
 
 out = args.out or tempfile.mkdtemp(prefix="llmarch-shakespeare-")
-cfg = TrainConfig(out_dir=out, preset="tiny-dense", data=str(DATA), tokenizer="byte", steps=args.steps,
-                  seq_len=128, batch_size=16, eval_every=100, eval_batches=16, log_every=50,
-                  checkpoint_every=args.steps, tensorboard=False,
-                  optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=25, weight_decay=0.01))
+cfg = TrainConfig(
+    out_dir=out,
+    preset="tiny-dense",
+    data=str(DATA),
+    tokenizer="byte",
+    steps=args.steps,
+    seq_len=128,
+    batch_size=16,
+    eval_every=100,
+    eval_batches=16,
+    log_every=50,
+    checkpoint_every=args.steps,
+    tensorboard=False,
+    optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=25, weight_decay=0.01),
+)
 result = train(cfg)
 baseline = unigram_entropy(result.train_rows.tokens)
 records = metrics.read(pathlib.Path(out) / "metrics.jsonl")
@@ -39,9 +50,11 @@ evals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 speed = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
 
 command = f"python experiments/02_train_tinyshakespeare.py --steps {args.steps}"
-equivalent = (f"llmarch train --preset tiny-dense --data ../shared/data/tinyshakespeare.txt --steps "
-              f"{args.steps} --seq-len 128 --batch-size 16 --lr 3e-3 --warmup-steps 25 --weight-decay 0.01 "
-              "--eval-every 100 --eval-batches 16 --out DIR")
+equivalent = (
+    f"llmarch train --preset tiny-dense --data ../shared/data/tinyshakespeare.txt --steps "
+    f"{args.steps} --seq-len 128 --batch-size 16 --lr 3e-3 --warmup-steps 25 --weight-decay 0.01 "
+    "--eval-every 100 --eval-batches 16 --out DIR"
+)
 table = "\n".join(f"| {s} | {v:.3f} | {v / baseline:.2f} |" for s, v in evals)
 text = f"""# 02 tiny-dense on tinyshakespeare (byte tokens)
 

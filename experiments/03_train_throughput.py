@@ -69,13 +69,27 @@ for name, batch, seq in (("tiny-dense", 16, 128), ("small-20m", 8, 256)):
     seconds = float(np.median(times))
     tokens_per_s = batch * seq / seconds
     flops = accounting.train_flops_per_token(cfg, seq, causal=True)
-    rows.append((name, accounting.param_count(cfg), batch, seq, seconds * 1e3, tokens_per_s,
-                 flops * tokens_per_s / 1e9, accounting.mfu(tokens_per_s, flops, peak)))
+    rows.append(
+        (
+            name,
+            accounting.param_count(cfg),
+            batch,
+            seq,
+            seconds * 1e3,
+            tokens_per_s,
+            flops * tokens_per_s / 1e9,
+            accounting.mfu(tokens_per_s, flops, peak),
+        )
+    )
 
-header = ("| model | params | batch × seq | step (ms, median) | tokens/s | model GFLOP/s | MFU |\n"
-          "|---|---|---|---|---|---|---|")
-table = "\n".join(f"| {n} | {p:,} | {b} × {s} | {ms:.1f} | {tps:,.0f} | {gf:.2f} | {u:.1%} |"
-                  for n, p, b, s, ms, tps, gf, u in rows)
+header = (
+    "| model | params | batch × seq | step (ms, median) | tokens/s | model GFLOP/s | MFU |\n"
+    "|---|---|---|---|---|---|---|"
+)
+table = "\n".join(
+    f"| {n} | {p:,} | {b} × {s} | {ms:.1f} | {tps:,.0f} | {gf:.2f} | {u:.1%} |"
+    for n, p, b, s, ms, tps, gf, u in rows
+)
 text = f"""# 03 train-step throughput and MFU
 
 Command: `python experiments/03_train_throughput.py --steps {args.steps}`

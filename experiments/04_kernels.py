@@ -38,9 +38,15 @@ from llmarch.train import metrics
 
 # HBM bandwidth per chip (bytes/s), by the longest matching device-kind prefix.
 PEAK_BYTES = {
-    "TPU v4": 1.2e12, "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12,
-    "TPU v6 lite": 1.64e12, "NVIDIA H100": 3.35e12, "NVIDIA H100 PCIe": 2.0e12,
-    "NVIDIA H200": 4.8e12, "NVIDIA A100": 2.0e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 0.819e12,
+    "TPU v5e": 0.819e12,
+    "TPU v5p": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+    "NVIDIA H100": 3.35e12,
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA A100": 2.0e12,
 }
 
 parser = argparse.ArgumentParser()
@@ -73,8 +79,10 @@ def _time(fn, *xs) -> float:
 
 
 def _max_err(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def _normal(key, shape, dtype=DTYPE):
@@ -102,8 +110,18 @@ def record(name, shape, kernel, reference, inputs, *, flops=None, bytes_=None, e
     else:
         achieved, peak = bytes_ / t_k, _peak(PEAK_BYTES)
         unit = f"{achieved / 1e9:.0f} GB/s"
-    rows.append((name, shape, err, t_k * 1e3, t_r * 1e3, None if t_x is None else t_x * 1e3, unit,
-                 None if peak is None else achieved / peak))
+    rows.append(
+        (
+            name,
+            shape,
+            err,
+            t_k * 1e3,
+            t_r * 1e3,
+            None if t_x is None else t_x * 1e3,
+            unit,
+            None if peak is None else achieved / peak,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -111,24 +129,33 @@ B, T, N, K, H = (4, 4096, 32, 8, 128) if ACCELERATOR else (1, 40, 4, 2, 16)
 q, k, v = _normal(0, (B, T, N, H)), _normal(1, (B, T, K, H)), _normal(2, (B, T, K, H))
 pos = jnp.broadcast_to(jnp.arange(T), (B, T))
 blocks = None if ACCELERATOR else fa.BlockSizes(16, 16, 16, 16)
-flash = functools.partial(fa.flash_attention, q_positions=pos, kv_positions=pos,
-                          block_sizes=blocks, interpret=INTERPRET)
+flash = functools.partial(
+    fa.flash_attention, q_positions=pos, kv_positions=pos, block_sizes=blocks, interpret=INTERPRET
+)
 ref = functools.partial(fa.attention_reference, q_positions=pos, kv_positions=pos)
 cudnn = None
 if platform == "gpu":
+
     def cudnn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
 attn_flops = 4 * B * N * T * T * H / 2  # two matmuls, causal half
 shape = f"B={B} T=S={T} N={N} K={K} H={H} causal"
 record("flash attention fwd", shape, flash, ref, (q, k, v), flops=attn_flops, extra=cudnn)
 d_out = _normal(3, (B, T, N, H), jnp.float32)
-record("flash attention fwd+bwd", shape, _grads(flash, (0, 1, 2), d_out),
-       _grads(ref, (0, 1, 2), d_out), (q, k, v), flops=3.5 * attn_flops,
-       extra=None if cudnn is None else _grads(cudnn, (0, 1, 2), d_out))
+record(
+    "flash attention fwd+bwd",
+    shape,
+    _grads(flash, (0, 1, 2), d_out),
+    _grads(ref, (0, 1, 2), d_out),
+    (q, k, v),
+    flops=3.5 * attn_flops,
+    extra=None if cudnn is None else _grads(cudnn, (0, 1, 2), d_out),
+)
 q_w = functools.partial(flash, sliding_window=T // 8)
 r_w = functools.partial(ref, sliding_window=T // 8)
-record("flash attention fwd, window T/8", shape, q_w, r_w, (q, k, v),
-       flops=4 * B * N * T * (T // 8) * H)
+record("flash attention fwd, window T/8", shape, q_w, r_w, (q, k, v), flops=4 * B * N * T * (T // 8) * H)
 
 # ------------------------------------------------------------------------------ grouped matmul
 M, Dm, F, E = (16384, 4096, 2048, 8) if ACCELERATOR else (45, 24, 40, 5)
@@ -143,35 +170,63 @@ gmm_r = functools.partial(gm.gmm_xla, group_sizes=sizes)
 shape = f"M={M} K={Dm} N={F} E={E} (one empty)"
 record("gmm", shape, gmm_k, gmm_r, (lhs, rhs), flops=2 * M * Dm * F)
 d_out = _normal(6, (M, F), jnp.float32)
-record("gmm fwd+bwd (gmm, gmm, tgmm)", shape, _grads(gmm_k, (0, 1), d_out),
-       _grads(gmm_r, (0, 1), d_out), (lhs, rhs), flops=6 * M * Dm * F)
+record(
+    "gmm fwd+bwd (gmm, gmm, tgmm)",
+    shape,
+    _grads(gmm_k, (0, 1), d_out),
+    _grads(gmm_r, (0, 1), d_out),
+    (lhs, rhs),
+    flops=6 * M * Dm * F,
+)
 
 # ------------------------------------------------------------------------------ memory lookup
 Mm, Dv, Bt, J = (262144, 1024, 8192, 32) if ACCELERATOR else (64, 24, 9, 6)
 table = _normal(7, (Mm, Dv))
 idx = jax.random.randint(jax.random.key(8), (Bt, J), 0, Mm)
 wts = _normal(9, (Bt, J), jnp.float32)
-m_blocks = None if ACCELERATOR else ml.BlockSizes(picks_per_step=4, tokens_per_call=4,
-                                                  entries_per_call=16, block_b=4, block_d=8)
+m_blocks = (
+    None
+    if ACCELERATOR
+    else ml.BlockSizes(picks_per_step=4, tokens_per_call=4, entries_per_call=16, block_b=4, block_d=8)
+)
 look_k = functools.partial(ml.memory_lookup, block_sizes=m_blocks, interpret=INTERPRET)
 itemsize = jnp.dtype(DTYPE).itemsize
 shape = f"M={Mm} D={Dv} B={Bt} J={J}"
-record("memory lookup", shape, lambda t, w: look_k(t, idx, w),
-       lambda t, w: ml.memory_lookup_reference(t, idx, w), (table, wts),
-       bytes_=Bt * J * Dv * itemsize + Bt * Dv * itemsize)
+record(
+    "memory lookup",
+    shape,
+    lambda t, w: look_k(t, idx, w),
+    lambda t, w: ml.memory_lookup_reference(t, idx, w),
+    (table, wts),
+    bytes_=Bt * J * Dv * itemsize + Bt * Dv * itemsize,
+)
 d_out = _normal(10, (Bt, Dv), jnp.float32)
-record("memory lookup fwd+bwd", shape, _grads(lambda t, w: look_k(t, idx, w), (0, 1), d_out),
-       _grads(lambda t, w: ml.memory_lookup_reference(t, idx, w), (0, 1), d_out), (table, wts),
-       bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4)
+record(
+    "memory lookup fwd+bwd",
+    shape,
+    _grads(lambda t, w: look_k(t, idx, w), (0, 1), d_out),
+    _grads(lambda t, w: ml.memory_lookup_reference(t, idx, w), (0, 1), d_out),
+    (table, wts),
+    bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4,
+)
 
 W = 4  # UltraMem's implicit value expansion: each pick adds into one of W blocks
 blocks = jax.random.randint(jax.random.key(20), (Bt, J), 0, W)
 d_out = _normal(21, (Bt, W, Dv), jnp.float32)
-record(f"memory lookup grouped (W={W}) fwd+bwd", shape,
-       _grads(lambda t, w: ml.memory_lookup_grouped(t, idx, w, blocks, W, block_sizes=m_blocks,
-                                                    interpret=INTERPRET), (0, 1), d_out),
-       _grads(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W), (0, 1), d_out),
-       (table, wts), bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4)
+record(
+    f"memory lookup grouped (W={W}) fwd+bwd",
+    shape,
+    _grads(
+        lambda t, w: ml.memory_lookup_grouped(
+            t, idx, w, blocks, W, block_sizes=m_blocks, interpret=INTERPRET
+        ),
+        (0, 1),
+        d_out,
+    ),
+    _grads(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W), (0, 1), d_out),
+    (table, wts),
+    bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4,
+)
 
 # ---------------------------------------------------------------------------- paged attention
 Bd, Kd, Nd, ps, ctx = (32, 8, 32, 16, 4096) if ACCELERATOR else (3, 2, 4, 4, 21)
@@ -183,11 +238,16 @@ qd = _normal(12, (Bd, 1, Nd, H))
 kp, vp = _normal(13, (P, ps, Kd, H)), _normal(14, (P, ps, Kd, H))
 q_pos = (lengths - 1)[:, None]
 p_blocks = None if ACCELERATOR else pa.BlockSizes(pages_per_block=2, num_splits=2)
-record("paged attention decode", f"B={Bd} N={Nd} K={Kd} H={H} page={ps} context={ctx}",
-       lambda q, kp, vp: pa.paged_attention(q, kp, vp, tables, lengths, q_pos,
-                                            block_sizes=p_blocks, interpret=INTERPRET),
-       lambda q, kp, vp: pa.paged_attention_reference(q, kp, vp, tables, lengths, q_pos),
-       (qd, kp, vp), bytes_=2 * Bd * ctx * Kd * H * itemsize)
+record(
+    "paged attention decode",
+    f"B={Bd} N={Nd} K={Kd} H={H} page={ps} context={ctx}",
+    lambda q, kp, vp: pa.paged_attention(
+        q, kp, vp, tables, lengths, q_pos, block_sizes=p_blocks, interpret=INTERPRET
+    ),
+    lambda q, kp, vp: pa.paged_attention_reference(q, kp, vp, tables, lengths, q_pos),
+    (qd, kp, vp),
+    bytes_=2 * Bd * ctx * Kd * H * itemsize,
+)
 
 # -------------------------------------------------------------------------------- MLA decode
 Nm, A, R, ps_m = (128, 512, 64, 64) if ACCELERATOR else (4, 32, 8, 4)
@@ -197,30 +257,43 @@ tables = jax.random.permutation(jax.random.key(15), P).reshape(Bd, max_pages).as
 q_a, q_r = _normal(16, (Bd, 1, Nm, A)), _normal(17, (Bd, 1, Nm, R))
 c, kr = _normal(18, (P, ps_m, A)), _normal(19, (P, ps_m, R))
 scale = 192**-0.5
-record("MLA latent decode", f"B={Bd} N={Nm} A={A} R={R} page={ps_m} context={ctx}",
-       lambda *a: md.mla_decode(*a, tables, lengths, q_pos, scale=scale, block_sizes=p_blocks,
-                                interpret=INTERPRET),
-       lambda *a: md.mla_decode_reference(*a, tables, lengths, q_pos, scale=scale),
-       (q_a, q_r, c, kr), bytes_=Bd * ctx * (A + R) * itemsize)
+record(
+    "MLA latent decode",
+    f"B={Bd} N={Nm} A={A} R={R} page={ps_m} context={ctx}",
+    lambda *a: md.mla_decode(
+        *a, tables, lengths, q_pos, scale=scale, block_sizes=p_blocks, interpret=INTERPRET
+    ),
+    lambda *a: md.mla_decode_reference(*a, tables, lengths, q_pos, scale=scale),
+    (q_a, q_r, c, kr),
+    bytes_=Bd * ctx * (A + R) * itemsize,
+)
 
 # ------------------------------------------------------------------------------------- report
 if TIMED:
-    header = ("| kernel | shape | max abs err | kernel (ms) | XLA reference (ms) | cuDNN (ms) | "
-              "achieved | of peak |\n|---|---|---|---|---|---|---|---|")
+    header = (
+        "| kernel | shape | max abs err | kernel (ms) | XLA reference (ms) | cuDNN (ms) | "
+        "achieved | of peak |\n|---|---|---|---|---|---|---|---|"
+    )
     body = "\n".join(
         f"| {n} | {s} | {e:.2e} | {tk:.3f} | {tr:.3f} | {'' if tx is None else f'{tx:.3f}'} | "
-        f"{a} | {'' if p is None else f'{p:.0%}'} |" for n, s, e, tk, tr, tx, a, p in rows)
-    mode = (f"Compiled kernels on {device_kind}, {DTYPE.__name__}; medians of {args.repeats} runs. "
-            "Error: max |kernel - XLA reference| (bf16 outputs). Peaks: "
-            f"{_peak(metrics.PEAK_FLOPS)} FLOP/s, {_peak(PEAK_BYTES)} bytes/s.")
+        f"{a} | {'' if p is None else f'{p:.0%}'} |"
+        for n, s, e, tk, tr, tx, a, p in rows
+    )
+    mode = (
+        f"Compiled kernels on {device_kind}, {DTYPE.__name__}; medians of {args.repeats} runs. "
+        "Error: max |kernel - XLA reference| (bf16 outputs). Peaks: "
+        f"{_peak(metrics.PEAK_FLOPS)} FLOP/s, {_peak(PEAK_BYTES)} bytes/s."
+    )
 else:
     header = "| kernel | shape | max abs err vs reference |\n|---|---|---|"
     body = "\n".join(f"| {n} | {s} | {e:.2e} |" for n, s, e, *_ in rows)
-    mode = ("**Interpret mode, correctness only.** This machine has no GPU or TPU: Pallas runs "
-            "the kernels in its interpreter (the TPU build), so timings would measure the "
-            "interpreter and are not reported. Errors are max |kernel - reference| in float32 at "
-            "small shapes that still span several blocks, pages and calls; fwd+bwd rows compare "
-            "all gradients. An error of 0 means bit-identical (the same summation order).")
+    mode = (
+        "**Interpret mode, correctness only.** This machine has no GPU or TPU: Pallas runs "
+        "the kernels in its interpreter (the TPU build), so timings would measure the "
+        "interpreter and are not reported. Errors are max |kernel - reference| in float32 at "
+        "small shapes that still span several blocks, pages and calls; fwd+bwd rows compare "
+        "all gradients. An error of 0 means bit-identical (the same summation order)."
+    )
 
 text = f"""# 04 Pallas kernels vs their references
 

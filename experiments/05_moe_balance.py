@@ -45,10 +45,22 @@ LOG_EVERY = 10
 rows, curves = [], {}
 for name, moe_cfg in RUNS.items():
     out = tempfile.mkdtemp(prefix="llmarch-moe-balance-")
-    cfg = TrainConfig(out_dir=out, model=base.replace(moe=moe_cfg), data=str(DATA), tokenizer="byte",
-                      steps=args.steps, seq_len=128, batch_size=16, eval_every=args.steps, eval_batches=8,
-                      log_every=LOG_EVERY, checkpoint_every=args.steps, tensorboard=False, progress=False,
-                      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=15, weight_decay=0.01))
+    cfg = TrainConfig(
+        out_dir=out,
+        model=base.replace(moe=moe_cfg),
+        data=str(DATA),
+        tokenizer="byte",
+        steps=args.steps,
+        seq_len=128,
+        batch_size=16,
+        eval_every=args.steps,
+        eval_batches=8,
+        log_every=LOG_EVERY,
+        checkpoint_every=args.steps,
+        tensorboard=False,
+        progress=False,
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=15, weight_decay=0.01),
+    )
     start = time.perf_counter()
     result = train(cfg, log=lambda s: None)
     seconds = time.perf_counter() - start
@@ -56,15 +68,26 @@ for name, moe_cfg in RUNS.items():
     curves[name] = [(r["step"], r["load_ratio"]) for r in records]
     late = [r for r in records if r["step"] > args.steps // 2]  # the second half of training
     loads = np.array(late[-1]["expert_load"])  # [layers, E] at the last logged step
-    rows.append((name, np.mean([r["load_ratio"] for r in late]), np.mean([r["load_ratio_max"] for r in late]),
-                 loads.max(1) / loads.mean(1), result.val_loss, seconds))
+    rows.append(
+        (
+            name,
+            np.mean([r["load_ratio"] for r in late]),
+            np.mean([r["load_ratio_max"] for r in late]),
+            loads.max(1) / loads.mean(1),
+            result.val_loss,
+            seconds,
+        )
+    )
     print(f"{name}: load ratio {rows[-1][1]:.3f}, val loss {result.val_loss:.4f}, {seconds:.0f} s")
 
-table = "\n".join(f"| {n} | {mean:.3f} | {worst:.3f} | {', '.join(f'{v:.2f}' for v in last)} | {val:.4f} | "
-                  f"{s:.0f} |" for n, mean, worst, last, val, s in rows)
+table = "\n".join(
+    f"| {n} | {mean:.3f} | {worst:.3f} | {', '.join(f'{v:.2f}' for v in last)} | {val:.4f} | {s:.0f} |"
+    for n, mean, worst, last, val, s in rows
+)
 steps = [s for s, _ in next(iter(curves.values()))]
-curve = "\n".join(f"| {s} | " + " | ".join(f"{dict(c)[s]:.3f}" for c in curves.values()) + " |"
-                  for s in steps)
+curve = "\n".join(
+    f"| {s} | " + " | ".join(f"{dict(c)[s]:.3f}" for c in curves.values()) + " |" for s in steps
+)
 none_ratio, free_ratio = rows[0][1], rows[1][1]
 text = f"""# 05 MoE load balancing: auxiliary-loss-free bias vs none
 
@@ -86,8 +109,8 @@ selected, never the gate values (DeepSeek-V3, §2.1.2).
 
 Load ratio during training (mean of layers):
 
-| step | {' | '.join(RUNS)} |
-|---|{'---|' * len(RUNS)}
+| step | {" | ".join(RUNS)} |
+|---|{"---|" * len(RUNS)}
 {curve}
 
 Machine: {machine.describe()}. Written {datetime.date.today()} by `python experiments/05_moe_balance.py

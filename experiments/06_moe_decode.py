@@ -52,8 +52,9 @@ from llmarch.train.trainer import TrainConfig, train  # noqa: E402
 def ep_schedule() -> dict:
     """Part 3 (in the child): the compiled schedule and the tpu/cuda exports, per ep_chunks."""
     mesh = sharding.make_mesh("expert=8")
-    base = presets.get("tiny-dense").replace(d_model=64, blocks=moe_blocks(2, 1), moe=MoEConfig(
-        num_experts=8, top_k=2, expert_dim=64))
+    base = presets.get("tiny-dense").replace(
+        d_model=64, blocks=moe_blocks(2, 1), moe=MoEConfig(num_experts=8, top_k=2, expert_dim=64)
+    )
     out = {}
     for chunks in (1, 2):
         cfg = base.replace(moe=MoEConfig(**{**base.moe.__dict__, "ep_chunks": chunks}))
@@ -90,12 +91,30 @@ if not DATA.is_file():
 
 base = presets.get("tiny-moe")
 m = base.moe
-cfg = base.replace(moe=MoEConfig(num_experts=m.num_experts, top_k=m.top_k, expert_dim=m.expert_dim,
-                                 router_bias=True, bias_update_rate=5e-3))
-run = TrainConfig(out_dir=tempfile.mkdtemp(prefix="llmarch-moe-decode-"), model=cfg, data=str(DATA),
-                  steps=args.steps, seq_len=128, batch_size=16, eval_every=args.steps, eval_batches=4,
-                  log_every=args.steps, checkpoint_every=args.steps, tensorboard=False, progress=False,
-                  optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10))
+cfg = base.replace(
+    moe=MoEConfig(
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        expert_dim=m.expert_dim,
+        router_bias=True,
+        bias_update_rate=5e-3,
+    )
+)
+run = TrainConfig(
+    out_dir=tempfile.mkdtemp(prefix="llmarch-moe-decode-"),
+    model=cfg,
+    data=str(DATA),
+    steps=args.steps,
+    seq_len=128,
+    batch_size=16,
+    eval_every=args.steps,
+    eval_batches=4,
+    log_every=args.steps,
+    checkpoint_every=args.steps,
+    tensorboard=False,
+    progress=False,
+    optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10),
+)
 result = train(run, log=lambda s: None)
 model = result.model()
 
@@ -126,27 +145,33 @@ rng = np.random.default_rng(0)
 distinct = {}
 for B in BATCHES:  # a decode step: B tokens from B different sequences
     picks = [rng.choice(flat.shape[1], B, replace=False) for _ in range(args.samples)]
-    distinct[B] = [np.mean([moe_routing.distinct_experts(flat[layer, p]) for p in picks])
-                   for layer in range(L_moe)]
-usage = np.stack([np.bincount(flat[layer].reshape(-1), minlength=E) / flat[layer].size
-                  for layer in range(L_moe)])
+    distinct[B] = [
+        np.mean([moe_routing.distinct_experts(flat[layer, p]) for p in picks]) for layer in range(L_moe)
+    ]
+usage = np.stack(
+    [np.bincount(flat[layer].reshape(-1), minlength=E) / flat[layer].size for layer in range(L_moe)]
+)
 
 D, F = cfg.d_model, m.expert_dim
 traffic = "\n".join(
     f"| {B} | {accounting.expected_distinct_experts(E, k, B):.2f} | "
     + " | ".join(f"{distinct[B][layer]:.2f}" for layer in range(L_moe))
-    + f" | {accounting.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |" for B in BATCHES)
+    + f" | {accounting.expert_bytes_read(np.mean(distinct[B]), D, F, 2) / 1e3:.1f} |"
+    for B in BATCHES
+)
 
 # 2. Decode-step latency of a wider MoE layer ------------------------------------------------------------
 
 WD, WF, WE, wk = 512, 1792, 8, 2
-wide = presets.get("tiny-dense").replace(d_model=WD, blocks=moe_blocks(2, 1),
-                                         moe=MoEConfig(num_experts=WE, top_k=wk, expert_dim=WF))
+wide = presets.get("tiny-dense").replace(
+    d_model=WD, blocks=moe_blocks(2, 1), moe=MoEConfig(num_experts=WE, top_k=wk, expert_dim=WF)
+)
 with nnx.use_eager_sharding(False):
     layer = MoE(WD, wide.moe, rngs=nnx.Rngs(0))
 graphdef, state = nnx.split(layer)
-step = jax.jit(lambda state, x, strategy: nnx.merge(graphdef, state)(x, strategy=strategy)[0],
-               static_argnums=2)
+step = jax.jit(
+    lambda state, x, strategy: nnx.merge(graphdef, state)(x, strategy=strategy)[0], static_argnums=2
+)
 STRATEGIES = ("dropless", "capacity", "dense")
 expert_bytes = 3 * WD * WF * 4
 timing = []
@@ -168,12 +193,14 @@ latency = "\n".join(
     f"| {B} | {u} | {u * expert_bytes / 1e6:.1f} | {ai:.2f} | "
     + " | ".join(f"{ms[s]:.2f}" for s in STRATEGIES)
     + f" | {ms['dense'] / B:.2f} | {WE * expert_bytes / ms['dense'] / 1e6:.1f} |"
-    for B, u, ms, _, ai in timing)
+    for B, u, ms, _, ai in timing
+)
 
 # 3. The expert-parallel schedule (a child process with 8 simulated CPU devices) ---------------------------
 
-child = subprocess.run([sys.executable, __file__, "--ep-schedule"], capture_output=True, text=True,
-                       check=True)
+child = subprocess.run(
+    [sys.executable, __file__, "--ep-schedule"], capture_output=True, text=True, check=True
+)
 schedules = {int(c): s for c, s in json.loads(child.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -192,7 +219,8 @@ sched = "\n".join(
     f"| {c} | {len(s['async_pairs'])} | {s['overlapped']} | {s['sync_collectives']} | "
     f"{s['sequence'].count('all-to-all')} | {s['stablehlo_all_to_all_tpu']} | "
     f"{s['stablehlo_all_to_all_cuda']} |"
-    for c, s in schedules.items())
+    for c, s in schedules.items()
+)
 order = "\n".join(f"- {c} chunk(s): {_compact(s['sequence'])}" for c, s in schedules.items())
 
 text = f"""# 06 MoE decode: distinct experts, expert bytes read, step latency
@@ -205,12 +233,13 @@ experts that B tokens, drawn at random from 256 windows of 128 training bytes, a
 {args.samples} draws), against the uniform-routing value E·(1−(1−k/E)^B). Bytes: U(B)·3·D·F·2 (bf16),
 mean over layers.
 
-| B | uniform E(1−(1−k/E)^B) | {' | '.join(f'U(B), layer {i}' for i in range(L_moe))} | expert kB read |
-|---|---|{'---|' * L_moe}---|
+| B | uniform E(1−(1−k/E)^B) | {" | ".join(f"U(B), layer {i}" for i in range(L_moe))} | expert kB read |
+|---|---|{"---|" * L_moe}---|
 {traffic}
 
-Share of routed tokens per expert in the sample (layer: shares): {"; ".join(
-    f"{i}: " + ", ".join(f"{v:.3f}" for v in usage[i]) for i in range(L_moe))}.
+Share of routed tokens per expert in the sample (layer: shares): {
+    "; ".join(f"{i}: " + ", ".join(f"{v:.3f}" for v in usage[i]) for i in range(L_moe))
+}.
 
 A trained router's U(B) falls below the uniform value when some experts are preferred; with the
 bias keeping the load near even it stays close. Either way U(B) reaches E by B≈16 here, so from

@@ -41,19 +41,29 @@ parser.add_argument("--num-keys", type=int, default=512, help="P: the UltraMem g
 args = parser.parse_args()
 batches = [int(b) for b in args.batches.split(",")]
 out_path = pathlib.Path(__file__).parent / "results" / "07_memory_decode.md"
-lines = ["# 07 Memory-layer decode: traffic model and UltraMem vs MoE latency", "",
-         f"Command: `python experiments/07_memory_decode.py --batches {args.batches} "
-         f"--repeats {args.repeats} --d-model {args.d_model} --num-keys {args.num_keys}`", "",
-         f"Machine: {machine.describe()}  ", f"Date: {datetime.date.today()}", ""]
+lines = [
+    "# 07 Memory-layer decode: traffic model and UltraMem vs MoE latency",
+    "",
+    f"Command: `python experiments/07_memory_decode.py --batches {args.batches} "
+    f"--repeats {args.repeats} --d-model {args.d_model} --num-keys {args.num_keys}`",
+    "",
+    f"Machine: {machine.describe()}  ",
+    f"Date: {datetime.date.today()}",
+    "",
+]
 
 # -- part 1: the traffic model at paper scale ------------------------------------------------------
-lines += ["## Bytes read per decoding step (traffic model, from the configs)", "",
-          "Reconstructed paper-scale presets (see `llmarch/presets.py` for how their shapes were derived; "
-          "they are not the paper's published table). bf16 weights and cache, KV cache of 2048 tokens per "
-          "sequence, uniform routing and memory picks. `sparse`: the MoE experts / memory value rows the "
-          "batch touches; `total`: everything the step reads (dense weights, sparse part, KV cache).", "",
-          "| model | params | activated | B | sparse (MB) | total (MB) | MoE total / UltraMem total |",
-          "|---|---|---|---|---|---|---|"]
+lines += [
+    "## Bytes read per decoding step (traffic model, from the configs)",
+    "",
+    "Reconstructed paper-scale presets (see `llmarch/presets.py` for how their shapes were derived; "
+    "they are not the paper's published table). bf16 weights and cache, KV cache of 2048 tokens per "
+    "sequence, uniform routing and memory picks. `sparse`: the MoE experts / memory value rows the "
+    "batch touches; `total`: everything the step reads (dense weights, sparse part, KV cache).",
+    "",
+    "| model | params | activated | B | sparse (MB) | total (MB) | MoE total / UltraMem total |",
+    "|---|---|---|---|---|---|---|",
+]
 for size in ("151m", "680m", "1.6b"):
     um, moe = llmarch.presets.get(f"ultramem-{size}"), llmarch.presets.get(f"moe-{size}-2in34")
     for B in (1, 8, 64, 256):
@@ -61,18 +71,37 @@ for size in ("151m", "680m", "1.6b"):
         t_moe = accounting.decode_traffic(moe, B, context_len=2048)
         for name, cfg, t in ((um.name, um, t_um), (moe.name, moe, t_moe)):
             ratio = f"{t_moe.total / t_um.total:.2f}x" if cfg is moe else ""
-            lines.append(f"| {name} | {accounting.param_count(cfg) / 1e9:.2f}B | "
-                         f"{accounting.active_param_count(cfg) / 1e9:.3f}B | {B} | {t.sparse / 1e6:,.1f} | "
-                         f"{t.total / 1e6:,.1f} | {ratio} |")
+            lines.append(
+                f"| {name} | {accounting.param_count(cfg) / 1e9:.2f}B | "
+                f"{accounting.active_param_count(cfg) / 1e9:.3f}B | {B} | {t.sparse / 1e6:,.1f} | "
+                f"{t.total / 1e6:,.1f} | {ratio} |"
+            )
 lines.append("")
 
 # -- part 2: measured layer latency ----------------------------------------------------------------
 D = args.d_model
-mem = MemoryConfig(num_keys=args.num_keys, topk=32, num_heads=2, key_dim=128, value_dim=D // 2, score="raw",
-                   output_proj=True, tucker_rank=2, num_cores=2, virtual_blocks=4, key_norm=True,
-                   value_init_std=0.02)
-base = dict(vocab_size=256, d_model=D, num_layers=1, ffn_dim=4 * D, max_seq_len=64,
-            attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128))
+mem = MemoryConfig(
+    num_keys=args.num_keys,
+    topk=32,
+    num_heads=2,
+    key_dim=128,
+    value_dim=D // 2,
+    score="raw",
+    output_proj=True,
+    tucker_rank=2,
+    num_cores=2,
+    virtual_blocks=4,
+    key_norm=True,
+    value_init_std=0.02,
+)
+base = dict(
+    vocab_size=256,
+    d_model=D,
+    num_layers=1,
+    ffn_dim=4 * D,
+    max_seq_len=64,
+    attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128),
+)
 um_cfg = ModelConfig(**base, skip_layers=((0, 0),), skip_kind="ultramem", memory=mem)
 um_total = accounting.memory_params(um_cfg)
 um_active = accounting.memory_params(um_cfg, active=True)
@@ -136,30 +165,39 @@ for B in batches:
     rows.append((B, med, best))
     print(B, {k: round(v, 3) for k, v in med.items()}, flush=True)
 
-lines += ["## Measured decode-step latency of one layer (this machine)", "",
-          f"UltraMem layer: D={D}, P={args.num_keys} ({args.num_keys ** 2:,} virtual slots, "
-          f"{mem.physical_rows:,} physical rows of {D // 2}), 2 heads x top-32, key width 128, "
-          f"TDQKR r=2 with 2 cores, IVE W=4, raw scores; {um_total:,} parameters, "
-          f"{um_active:,} activated per token (queries, all keys, projection, the 64 rows read). "
-          f"MoE layer: {E} SwiGLU experts of F={F}, top-2; {moe_total:,} parameters, "
-          f"{moe_active:,} activated. "
-          "float32, jitted, `x [B,1,D]`, median of interleaved repeats. MoE strategies: `dropless` "
-          "(the library's sort + `ragged_dot`, which XLA:CPU runs slowly), `capacity` (the library's "
-          "per-expert buffers: every expert's weights are read at every step), `gather` (written in this "
-          "script: each token gathers its k experts, B·k expert reads); `MoE best` is the fastest of the "
-          "three at that B, so the ratio is against the best MoE decode available here.", "",
-          "| B | UltraMem (ms) | MoE dropless (ms) | MoE capacity (ms) | MoE gather (ms) | MoE best (ms) "
-          "| MoE best / UltraMem |",
-          "|---|---|---|---|---|---|---|"]
+lines += [
+    "## Measured decode-step latency of one layer (this machine)",
+    "",
+    f"UltraMem layer: D={D}, P={args.num_keys} ({args.num_keys**2:,} virtual slots, "
+    f"{mem.physical_rows:,} physical rows of {D // 2}), 2 heads x top-32, key width 128, "
+    f"TDQKR r=2 with 2 cores, IVE W=4, raw scores; {um_total:,} parameters, "
+    f"{um_active:,} activated per token (queries, all keys, projection, the 64 rows read). "
+    f"MoE layer: {E} SwiGLU experts of F={F}, top-2; {moe_total:,} parameters, "
+    f"{moe_active:,} activated. "
+    "float32, jitted, `x [B,1,D]`, median of interleaved repeats. MoE strategies: `dropless` "
+    "(the library's sort + `ragged_dot`, which XLA:CPU runs slowly), `capacity` (the library's "
+    "per-expert buffers: every expert's weights are read at every step), `gather` (written in this "
+    "script: each token gathers its k experts, B·k expert reads); `MoE best` is the fastest of the "
+    "three at that B, so the ratio is against the best MoE decode available here.",
+    "",
+    "| B | UltraMem (ms) | MoE dropless (ms) | MoE capacity (ms) | MoE gather (ms) | MoE best (ms) "
+    "| MoE best / UltraMem |",
+    "|---|---|---|---|---|---|---|",
+]
 for B, med, best in rows:
-    lines.append(f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
-                 f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
-                 f"{med[best] / med['ultramem']:.2f}x |")
+    lines.append(
+        f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
+        f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
+        f"{med[best] / med['ultramem']:.2f}x |"
+    )
 at8 = [med[best] / med["ultramem"] for B, med, best in rows if B >= 8]
 if at8:
-    lines += ["", f"Goal (UltraMem >= 2x faster at B >= 8, as the paper's A100 figures show): "
-              f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
-              f"({'met' if min(at8) >= 2 else 'NOT met'})."]
+    lines += [
+        "",
+        f"Goal (UltraMem >= 2x faster at B >= 8, as the paper's A100 figures show): "
+        f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
+        f"({'met' if min(at8) >= 2 else 'NOT met'}).",
+    ]
 lines.append("")
 out_path.write_text("\n".join(lines))
 print("\n".join(lines))

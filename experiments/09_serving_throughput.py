@@ -59,10 +59,20 @@ args = parser.parse_args()
 
 V, MAX_LEN = 8192, args.max_prompt + args.max_output
 hf_config = transformers.LlamaConfig(
-    vocab_size=V, hidden_size=512, intermediate_size=1408, num_hidden_layers=args.layers,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
-    rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-    pad_token_id=0)
+    vocab_size=V,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=args.layers,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 torch.manual_seed(args.seed)
 hf_model = transformers.LlamaForCausalLM(hf_config).eval()
 hf_model.generation_config.eos_token_id = None
@@ -76,10 +86,13 @@ rng = np.random.default_rng(args.seed)
 prompt_lens = rng.integers(args.min_prompt, args.max_prompt + 1, args.requests)
 output_lens = rng.integers(args.min_output, args.max_output + 1, args.requests)
 prompts = [rng.integers(1, V, n).tolist() for n in prompt_lens]
-print(f"model: {n_params / 1e6:.1f}M parameters; {args.requests} requests, prompts "
-      f"{prompt_lens.min()}-{prompt_lens.max()} (mean {prompt_lens.mean():.0f}), outputs "
-      f"{output_lens.min()}-{output_lens.max()} (mean {output_lens.mean():.0f}); "
-      f"{output_lens.sum()} output tokens", flush=True)
+print(
+    f"model: {n_params / 1e6:.1f}M parameters; {args.requests} requests, prompts "
+    f"{prompt_lens.min()}-{prompt_lens.max()} (mean {prompt_lens.mean():.0f}), outputs "
+    f"{output_lens.min()}-{output_lens.max()} (mean {output_lens.mean():.0f}); "
+    f"{output_lens.sum()} output tokens",
+    flush=True,
+)
 
 
 def percentiles(values) -> str:
@@ -98,12 +111,15 @@ with torch.inference_mode():
         hf_model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)  # first token alone
         single_ttft.append(time.perf_counter() - t0)
         out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=int(output_lens[i]), do_sample=False)
-        hf_outputs[i] = out[0, len(prompts[i]):].tolist()
+        hf_outputs[i] = out[0, len(prompts[i]) :].tolist()
         single_tokens += int(output_lens[i])
 single_time = time.perf_counter() - start - sum(single_ttft)
 rate_a = single_tokens / single_time
-print(f"(a) transformers, one at a time: {single_tokens} tokens in {single_time:.1f}s over "
-      f"{args.single} requests: {rate_a:.1f} tokens/s", flush=True)
+print(
+    f"(a) transformers, one at a time: {single_tokens} tokens in {single_time:.1f}s over "
+    f"{args.single} requests: {rate_a:.1f} tokens/s",
+    flush=True,
+)
 
 # (b) transformers, static batches with left padding -----------------------------------------
 batch_time, batch_steps, batch_tokens = 0.0, [], 0
@@ -118,60 +134,96 @@ with torch.inference_mode():
         batch_tokens += int(sum(output_lens[i] for i in idx))
         mask = torch.zeros_like(ids)
         for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         new = int(max(output_lens[i] for i in idx))
         t0 = time.perf_counter()
         hf_model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
         batch_time += time.perf_counter() - t0
         batch_steps.append((time.perf_counter() - t0) / new)
-        print(f"  batch {lo // args.batch_size}: {len(idx)} requests, width {width}, {new} steps, "
-              f"{time.perf_counter() - t0:.1f}s", flush=True)
+        print(
+            f"  batch {lo // args.batch_size}: {len(idx)} requests, width {width}, {new} steps, "
+            f"{time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
 rate_b = batch_tokens / batch_time
-print(f"(b) transformers, {n_batches} batches of {args.batch_size}: {batch_tokens} tokens in "
-      f"{batch_time:.1f}s: {rate_b:.1f} tokens/s", flush=True)
+print(
+    f"(b) transformers, {n_batches} batches of {args.batch_size}: {batch_tokens} tokens in "
+    f"{batch_time:.1f}s: {rate_b:.1f} tokens/s",
+    flush=True,
+)
 
 # (c) the llmarch engine ---------------------------------------------------------------------
 params = [SamplingParams(max_tokens=int(n), temperature=0.0) for n in output_lens]
-engine_kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                 max_prefill_chunk=args.max_prefill_chunk, max_prefill_rows=4, max_len=MAX_LEN,
-                 min_decode_rows=8)
+engine_kw = dict(
+    max_num_seqs=args.max_num_seqs,
+    max_num_batched_tokens=args.max_num_batched_tokens,
+    max_prefill_chunk=args.max_prefill_chunk,
+    max_prefill_rows=4,
+    max_len=MAX_LEN,
+    min_decode_rows=8,
+)
 runs = []
 for _ in range(2):
     engine = Engine(model, cfg, **engine_kw)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     runs.append((time.perf_counter() - t0, engine, outs))
-    print(f"(c) engine run: {runs[-1][0]:.1f}s, {engine.stats}, programs compiled so far: "
-          f"{compiled_programs()}", flush=True)
+    print(
+        f"(c) engine run: {runs[-1][0]:.1f}s, {engine.stats}, programs compiled so far: "
+        f"{compiled_programs()}",
+        flush=True,
+    )
 (cold_time, _, _), (engine_time, engine, outs) = runs
 assert all(len(o.token_ids) == n for o, n in zip(outs, output_lens, strict=True))
 rate_c = output_lens.sum() / engine_time
 ttft = [o.ttft for o in outs]
 gaps = [g for o in outs for g in o.token_latencies]
 same = sum(outs[i].token_ids == hf_outputs[i] for i in hf_outputs)
-first_diff = [next((k for k, (a, b) in enumerate(zip(outs[i].token_ids, hf_outputs[i], strict=True))
-                    if a != b), None) for i in hf_outputs]
-print(f"(c) engine: {rate_c:.1f} tokens/s; vs (a) {rate_c / rate_a:.2f}x, vs (b) {rate_c / rate_b:.2f}x",
-      flush=True)
+first_diff = [
+    next((k for k, (a, b) in enumerate(zip(outs[i].token_ids, hf_outputs[i], strict=True)) if a != b), None)
+    for i in hf_outputs
+]
+print(
+    f"(c) engine: {rate_c:.1f} tokens/s; vs (a) {rate_c / rate_a:.2f}x, vs (b) {rate_c / rate_b:.2f}x",
+    flush=True,
+)
 
 stats = engine.stats
 non_embedding = n_params - 2 * V * 512  # every prompt token passes all layers; logits only at ends
 prefill_gflops = 2 * non_embedding * stats["prefill_tokens"] / 1e9
 rows = [
-    ("(a) transformers generate, one request at a time", rate_a, "1", f"{np.mean(single_ttft) * 1e3:.0f} "
-     "(prefill alone, mean)", f"{single_time / single_tokens * 1e3:.1f} (mean)"),
-    (f"(b) transformers batched generate, batches of {args.batch_size}, left-padded", rate_b,
-     f"{rate_b / rate_a:.1f}x", "—", f"{np.mean(batch_steps) * 1e3:.0f} (mean step)"),
-    ("(c) llmarch Engine (paged, continuous batching, chunked prefill)", rate_c, f"{rate_c / rate_a:.1f}x",
-     percentiles(ttft), percentiles(gaps)),
+    (
+        "(a) transformers generate, one request at a time",
+        rate_a,
+        "1",
+        f"{np.mean(single_ttft) * 1e3:.0f} (prefill alone, mean)",
+        f"{single_time / single_tokens * 1e3:.1f} (mean)",
+    ),
+    (
+        f"(b) transformers batched generate, batches of {args.batch_size}, left-padded",
+        rate_b,
+        f"{rate_b / rate_a:.1f}x",
+        "—",
+        f"{np.mean(batch_steps) * 1e3:.0f} (mean step)",
+    ),
+    (
+        "(c) llmarch Engine (paged, continuous batching, chunked prefill)",
+        rate_c,
+        f"{rate_c / rate_a:.1f}x",
+        percentiles(ttft),
+        percentiles(gaps),
+    ),
 ]
-table = ("| system | output tokens/s | vs (a) | time to first token, ms (p50 / p90 / p99) | "
-         "per-token latency, ms (p50 / p90 / p99) |\n|---|---|---|---|---|\n"
-         + "\n".join(f"| {name} | {rate:.1f} | {ratio} | {t} | {p} |" for name, rate, ratio, t, p in rows))
+table = (
+    "| system | output tokens/s | vs (a) | time to first token, ms (p50 / p90 / p99) | "
+    "per-token latency, ms (p50 / p90 / p99) |\n|---|---|---|---|---|\n"
+    + "\n".join(f"| {name} | {rate:.1f} | {ratio} | {t} | {p} |" for name, rate, ratio, t, p in rows)
+)
 print(table)
-command = ("python experiments/09_serving_throughput.py " + " ".join(
-    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+command = "python experiments/09_serving_throughput.py " + " ".join(
+    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+)
 out = pathlib.Path(__file__).parent / "results" / "09_serving_throughput.md"
 out.write_text(
     "# 09 Serving throughput: llmarch Engine vs transformers generate\n\n"
@@ -200,8 +252,7 @@ out.write_text(
     f"{stats['step_shapes']} step programs, one per bucket). Steady run: {stats['steps']} steps, "
     f"{stats['decode_tokens']} decode and {stats['prefill_tokens']} prefill tokens, "
     f"{stats['padded_tokens']} padding tokens, {stats['preemptions']} preemptions. Time to first "
-    "token counts from the common arrival, so it includes queueing behind other prompts.\n\n"
-    + table + "\n\n"
+    "token counts from the common arrival, so it includes queueing behind other prompts.\n\n" + table + "\n\n"
     f"Engine over (a): {rate_c / rate_a:.2f}x (goal 10x); over (b): {rate_c / rate_b:.2f}x (goal 2x).\n\n"
     f"Where (c)'s time goes: steps holding prefill chunks {stats['prefill_step_seconds']:.1f}s "
     f"({stats['prefill_tokens']} prompt tokens, {prefill_gflops:.0f} GFLOP of matmuls: "
@@ -215,5 +266,6 @@ out.write_text(
     f"Greedy tokens of the {len(hf_outputs)} requests of (a): engine == transformers for {same}; "
     f"first differing position per request: {first_diff} (None: identical; random weights make "
     "near-tied logits common, so float32 rounding differences between torch and XLA can flip an "
-    "argmax late in a long generation).\n")
+    "argmax late in a long generation).\n"
+)
 print(f"wrote {out}")

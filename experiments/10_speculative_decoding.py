@@ -47,27 +47,44 @@ args = parser.parse_args()
 gammas = [int(g) for g in args.gammas.split(",")]
 
 draft_cfg = presets.get("tiny-dense").replace(max_seq_len=512)
-target_cfg = draft_cfg.replace(name="spec-target", d_model=256, num_layers=4, ffn_dim=768,
-                               attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=64))
+target_cfg = draft_cfg.replace(
+    name="spec-target",
+    d_model=256,
+    num_layers=4,
+    ffn_dim=768,
+    attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=64),
+)
 
 models, val_losses = {}, {}
 with tempfile.TemporaryDirectory() as tmp:
     for label, cfg in (("target", target_cfg), ("draft", draft_cfg)):
-        run = TrainConfig(out_dir=f"{tmp}/{label}", model=cfg, data=args.data, seq_len=128, batch_size=16,
-                          steps=args.steps, eval_every=args.steps, eval_batches=16, log_every=100,
-                          checkpoint_every=args.steps, progress=False, tensorboard=False,
-                          optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 15))
+        run = TrainConfig(
+            out_dir=f"{tmp}/{label}",
+            model=cfg,
+            data=args.data,
+            seq_len=128,
+            batch_size=16,
+            steps=args.steps,
+            eval_every=args.steps,
+            eval_batches=16,
+            log_every=100,
+            checkpoint_every=args.steps,
+            progress=False,
+            tensorboard=False,
+            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 15),
+        )
         start = time.perf_counter()
         result = train(run, log=lambda s: None)
         models[label], val_losses[label] = result.model(), result.val_loss
-        print(f"{label}: validation loss {result.val_loss:.4f} ({time.perf_counter() - start:.0f}s)",
-              flush=True)
+        print(
+            f"{label}: validation loss {result.val_loss:.4f} ({time.perf_counter() - start:.0f}s)", flush=True
+        )
         if label == "target":
             text = result.train_rows.tokens  # the training token stream: prompts are windows of it
 target, draft = models["target"], models["draft"]
 rng = np.random.default_rng(0)
 starts = rng.choice(len(text) - args.prompt_len, args.batch, replace=False)
-prompts = np.stack([text[s:s + args.prompt_len] for s in starts]).astype(np.int32)  # [B, prompt_len]
+prompts = np.stack([text[s : s + args.prompt_len] for s in starts]).astype(np.int32)  # [B, prompt_len]
 N = args.new_tokens
 
 
@@ -124,64 +141,112 @@ for temperature in (1.0, 0.0):
         e_speedup = e_tokens / (gamma * c + 1)
         # A round's measured cost in target decode steps (the formula's γc + 1).
         round_cost = seconds / spec.stats["rounds"] / (base[temperature] / N)
-        results.append((temperature, gamma, rate, e_rate, alpha, tokens_per_round, e_tokens, round_cost,
-                        gamma * c + 1, base[temperature] / seconds, e_speedup, seconds))
-        print(f"T={temperature} γ={gamma}: acceptance {rate:.3f} (formula {e_rate:.3f}, α {alpha:.3f}), "
-              f"tokens/round {tokens_per_round:.2f} (formula {e_tokens:.2f}), round cost {round_cost:.2f} "
-              f"(formula {gamma * c + 1:.2f}), speedup {base[temperature] / seconds:.2f}x "
-              f"(formula {e_speedup:.2f}x)", flush=True)
+        results.append(
+            (
+                temperature,
+                gamma,
+                rate,
+                e_rate,
+                alpha,
+                tokens_per_round,
+                e_tokens,
+                round_cost,
+                gamma * c + 1,
+                base[temperature] / seconds,
+                e_speedup,
+                seconds,
+            )
+        )
+        print(
+            f"T={temperature} γ={gamma}: acceptance {rate:.3f} (formula {e_rate:.3f}, α {alpha:.3f}), "
+            f"tokens/round {tokens_per_round:.2f} (formula {e_tokens:.2f}), round cost {round_cost:.2f} "
+            f"(formula {gamma * c + 1:.2f}), speedup {base[temperature] / seconds:.2f}x "
+            f"(formula {e_speedup:.2f}x)",
+            flush=True,
+        )
 
 n_target, n_draft = accounting.param_count(target_cfg), accounting.param_count(draft_cfg)
-lines = ["# 10 Speculative decoding: measured vs the paper's formulas", "",
-         f"Command: `python experiments/10_speculative_decoding.py --steps {args.steps} "
-         f"--gammas {args.gammas} --batch {args.batch} --prompt-len {args.prompt_len} --new-tokens {N} "
-         f"--repeats {args.repeats}`", "",
-         f"Machine: {machine.describe()}  ", f"Date: {datetime.date.today()}", "",
-         f"Target: D=256, 4 blocks, {n_target:,} parameters, validation loss {val_losses['target']:.3f} "
-         f"nats/byte; draft: `tiny-dense`, {n_draft:,} parameters ({n_target / n_draft:.0f}x fewer), "
-         f"validation loss {val_losses['draft']:.3f}; both trained {args.steps} steps on tinyshakespeare "
-         "(byte tokens, 16 x 128 per step, AdamW 3e-3). "
-         f"{args.batch} prompts of {args.prompt_len} bytes from the training text, {N} new tokens each, "
-         f"generated together; times are medians of {args.repeats} runs after a compile run.", "",
-         f"Target-only decoding (`llmarch.inference.generate`, KV cache): {base[1.0]:.2f} s at T=1, "
-         f"{base[0.0]:.2f} s greedy; draft-only {t_draft:.2f} s, so c = {c:.3f} (the paper's cost "
-         "coefficient, draft step / target step, measured).", "",
-         "Columns: `α` is the paper's expected acceptance E[Σ_x min(p(x), q(x))] over the generated "
-         "positions (greedy: how often the two argmaxes agree); `acceptance` is accepted / proposed draft "
-         "tokens as `SpeculativeDecoder` counts them, against α(1 − α^γ)/((1 − α)γ) (proposals after a "
-         "rejection count as proposed); `tokens/round` is generated tokens per verification round, per "
-         "row, against (1 − α^{γ+1})/(1 − α); `round cost` is a round's measured time in target decode "
-         "steps, against the γc + 1 the speedup formula assumes; `speedup` is target-only time over "
-         "speculative time, against (1 − α^{γ+1})/((1 − α)(γc + 1)).", "",
-         "| temperature | γ | α | acceptance | formula | tokens/round | formula | round cost | formula "
-         "| speedup | formula | time (s) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-for (temperature, gamma, rate, e_rate, alpha, tpr, e_tokens, cost, e_cost, speedup, e_speedup,
-     seconds) in results:
-    lines.append(f"| {temperature:g} | {gamma} | {alpha:.3f} | {rate:.3f} | {e_rate:.3f} | {tpr:.2f} "
-                 f"| {e_tokens:.2f} | {cost:.2f} | {e_cost:.2f} | {speedup:.2f}x | {e_speedup:.2f}x "
-                 f"| {seconds:.2f} |")
+lines = [
+    "# 10 Speculative decoding: measured vs the paper's formulas",
+    "",
+    f"Command: `python experiments/10_speculative_decoding.py --steps {args.steps} "
+    f"--gammas {args.gammas} --batch {args.batch} --prompt-len {args.prompt_len} --new-tokens {N} "
+    f"--repeats {args.repeats}`",
+    "",
+    f"Machine: {machine.describe()}  ",
+    f"Date: {datetime.date.today()}",
+    "",
+    f"Target: D=256, 4 blocks, {n_target:,} parameters, validation loss {val_losses['target']:.3f} "
+    f"nats/byte; draft: `tiny-dense`, {n_draft:,} parameters ({n_target / n_draft:.0f}x fewer), "
+    f"validation loss {val_losses['draft']:.3f}; both trained {args.steps} steps on tinyshakespeare "
+    "(byte tokens, 16 x 128 per step, AdamW 3e-3). "
+    f"{args.batch} prompts of {args.prompt_len} bytes from the training text, {N} new tokens each, "
+    f"generated together; times are medians of {args.repeats} runs after a compile run.",
+    "",
+    f"Target-only decoding (`llmarch.inference.generate`, KV cache): {base[1.0]:.2f} s at T=1, "
+    f"{base[0.0]:.2f} s greedy; draft-only {t_draft:.2f} s, so c = {c:.3f} (the paper's cost "
+    "coefficient, draft step / target step, measured).",
+    "",
+    "Columns: `α` is the paper's expected acceptance E[Σ_x min(p(x), q(x))] over the generated "
+    "positions (greedy: how often the two argmaxes agree); `acceptance` is accepted / proposed draft "
+    "tokens as `SpeculativeDecoder` counts them, against α(1 − α^γ)/((1 − α)γ) (proposals after a "
+    "rejection count as proposed); `tokens/round` is generated tokens per verification round, per "
+    "row, against (1 − α^{γ+1})/(1 − α); `round cost` is a round's measured time in target decode "
+    "steps, against the γc + 1 the speedup formula assumes; `speedup` is target-only time over "
+    "speculative time, against (1 − α^{γ+1})/((1 − α)(γc + 1)).",
+    "",
+    "| temperature | γ | α | acceptance | formula | tokens/round | formula | round cost | formula "
+    "| speedup | formula | time (s) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+for (
+    temperature,
+    gamma,
+    rate,
+    e_rate,
+    alpha,
+    tpr,
+    e_tokens,
+    cost,
+    e_cost,
+    speedup,
+    e_speedup,
+    seconds,
+) in results:
+    lines.append(
+        f"| {temperature:g} | {gamma} | {alpha:.3f} | {rate:.3f} | {e_rate:.3f} | {tpr:.2f} "
+        f"| {e_tokens:.2f} | {cost:.2f} | {e_cost:.2f} | {speedup:.2f}x | {e_speedup:.2f}x "
+        f"| {seconds:.2f} |"
+    )
 sampled = [r for r in results if r[0] > 0]
 tokens_err = max(abs(r[5] - r[6]) / r[6] for r in sampled)
 cost_ratio = [r[7] / r[8] for r in results]
-lines += ["", "What this shows:", "",
-          f"- Sampling (temperature 1): measured tokens per round are within {100 * tokens_err:.0f}% of "
-          "(1 − α^{γ+1})/(1 − α) at every γ, with α computed independently from the two models' "
-          "distributions: the acceptance rule behaves as the paper's analysis says.",
-          "- Greedy: tokens per round fall a little below the formula as γ grows. The formula assumes "
-          "each proposal is accepted independently with probability α; a likely reason for the gap is that "
-          "greedy disagreements between draft and target cluster in hard stretches of text, so a round "
-          "that starts after a rejection meets another one more often than α predicts (not tested here).",
-          f"- A round costs {min(cost_ratio):.1f}-{max(cost_ratio):.1f}x the γc + 1 target steps the speedup "
-          "formula charges it (the `round cost` columns). The formula counts one target step and γ draft "
-          "steps; a round also re-feeds the draft two tokens, verifies γ + 1 tokens in its target step "
-          "(on this CPU a 5-token step of the target costs about 1.2x a 1-token step), draws and "
-          "compares the distributions, and returns to the host once. That cost per round, not the "
-          "acceptance, is why the measured speedup is about half the formula's here.",
-          ""]
+lines += [
+    "",
+    "What this shows:",
+    "",
+    f"- Sampling (temperature 1): measured tokens per round are within {100 * tokens_err:.0f}% of "
+    "(1 − α^{γ+1})/(1 − α) at every γ, with α computed independently from the two models' "
+    "distributions: the acceptance rule behaves as the paper's analysis says.",
+    "- Greedy: tokens per round fall a little below the formula as γ grows. The formula assumes "
+    "each proposal is accepted independently with probability α; a likely reason for the gap is that "
+    "greedy disagreements between draft and target cluster in hard stretches of text, so a round "
+    "that starts after a rejection meets another one more often than α predicts (not tested here).",
+    f"- A round costs {min(cost_ratio):.1f}-{max(cost_ratio):.1f}x the γc + 1 target steps the speedup "
+    "formula charges it (the `round cost` columns). The formula counts one target step and γ draft "
+    "steps; a round also re-feeds the draft two tokens, verifies γ + 1 tokens in its target step "
+    "(on this CPU a 5-token step of the target costs about 1.2x a 1-token step), draws and "
+    "compares the distributions, and returns to the host once. That cost per round, not the "
+    "acceptance, is why the measured speedup is about half the formula's here.",
+    "",
+]
 best = max(results, key=lambda r: r[9])
-lines += ["", f"Best measured speedup: {best[9]:.2f}x at temperature {best[0]:g}, γ={best[1]} "
-          f"(formula {best[10]:.2f}x).", ""]
+lines += [
+    "",
+    f"Best measured speedup: {best[9]:.2f}x at temperature {best[0]:g}, γ={best[1]} "
+    f"(formula {best[10]:.2f}x).",
+    "",
+]
 out = pathlib.Path(__file__).parent / "results" / "10_speculative_decoding.md"
 out.write_text("\n".join(lines))
 print("\n".join(lines))

@@ -50,12 +50,20 @@ def dispatch(build: Build, *args: Any, interpret: bool) -> Any:
     if backend in ("gpu", "cuda", "rocm"):
         return build("gpu", False)(*args)
     gpu = build("gpu", False)
-    return jax.lax.platform_dependent(*args, tpu=build("tpu", False), cuda=gpu, rocm=gpu,
-                                      default=build(INTERPRET_TARGET, True))
+    return jax.lax.platform_dependent(
+        *args, tpu=build("tpu", False), cuda=gpu, rocm=gpu, default=build(INTERPRET_TARGET, True)
+    )
 
 
-def compiler_params(target: str, interpret: bool, *, semantics: tuple[str, ...] | None = None,
-                    num_warps: int = 4, num_stages: int = 2, vmem_limit_bytes: int | None = None):
+def compiler_params(
+    target: str,
+    interpret: bool,
+    *,
+    semantics: tuple[str, ...] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    vmem_limit_bytes: int | None = None,
+):
     """Per-target compiler params; ``None`` when interpreting (the interpreter ignores them)."""
     if interpret:
         return None
@@ -91,8 +99,17 @@ def check_positive(owner: str, **sizes: Any) -> None:
             raise ValueError(f"{owner}.{name}={value!r} is invalid: must be a positive integer")
 
 
-def fit_block(owner: str, name: str, block: int, extent: int, target: str, interpret: bool, *,
-              lane: bool = False, min_gpu: int = 1) -> int:
+def fit_block(
+    owner: str,
+    name: str,
+    block: int,
+    extent: int,
+    target: str,
+    interpret: bool,
+    *,
+    lane: bool = False,
+    min_gpu: int = 1,
+) -> int:
     """The tile actually used along an axis of ``extent`` elements for a requested ``block``.
 
     A block larger than the (padded) extent shrinks to cover it once; otherwise it must tile
@@ -108,12 +125,15 @@ def fit_block(owner: str, name: str, block: int, extent: int, target: str, inter
         if block >= extent:
             return round_up(extent, 8)  # one tile; a whole (padded) axis needs no lane alignment
         if block % unit:
-            raise ValueError(f"{owner}.{name}={block} does not tile on TPU: must be a multiple of "
-                             f"{unit} (or at least the extent {extent})")
+            raise ValueError(
+                f"{owner}.{name}={block} does not tile on TPU: must be a multiple of "
+                f"{unit} (or at least the extent {extent})"
+            )
         return block
     if block & (block - 1) or block < min_gpu:
-        raise ValueError(f"{owner}.{name}={block} does not tile on GPU (Triton): must be a power of "
-                         f"two >= {min_gpu}")
+        raise ValueError(
+            f"{owner}.{name}={block} does not tile on GPU (Triton): must be a power of two >= {min_gpu}"
+        )
     return max(min(block, next_pow2(extent)), min_gpu)
 
 

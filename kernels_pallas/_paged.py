@@ -56,9 +56,13 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        common.check_positive("BlockSizes", pages_per_block=self.pages_per_block,
-                         num_splits=self.num_splits, num_warps=self.num_warps,
-                         num_stages=self.num_stages)
+        common.check_positive(
+            "BlockSizes",
+            pages_per_block=self.pages_per_block,
+            num_splits=self.num_splits,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
@@ -124,8 +128,9 @@ def _update(carry, q_parts, k_parts, v, q_pos, key0, key_limit, *, spec, page_si
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
     l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    acc = alpha * acc + lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
     return acc, m_new, l
 
 
@@ -146,12 +151,11 @@ def _split_range(split, pages_per_split, first, limit, page_size):
 # TPU
 
 
-def _tpu_kernel(tables_ref, first_ref, limit_ref, *refs, spec, num_q, ppb, pages_per_split,
-                max_pages):
-    qpos_ref, q_refs = refs[0], refs[1:1 + num_q]
+def _tpu_kernel(tables_ref, first_ref, limit_ref, *refs, spec, num_q, ppb, pages_per_split, max_pages):
+    qpos_ref, q_refs = refs[0], refs[1 : 1 + num_q]
     n_cache = len(spec.caches)
-    cache_refs = [refs[1 + num_q + c * ppb: 1 + num_q + (c + 1) * ppb] for c in range(n_cache)]
-    o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[1 + num_q + n_cache * ppb:]
+    cache_refs = [refs[1 + num_q + c * ppb : 1 + num_q + (c + 1) * ppb] for c in range(n_cache)]
+    o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[1 + num_q + n_cache * ppb :]
     b, split, blk = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     lo, hi = _split_range(split, pages_per_split, first_ref[b], limit_ref[b], spec.page_size)
 
@@ -170,11 +174,19 @@ def _tpu_kernel(tables_ref, first_ref, limit_ref, *refs, spec, num_q, ppb, pages
             k_parts = [cache_refs[c][j][...] for c in spec.score_caches]
             v = cache_refs[spec.value_cache][j][...]
             if v.shape[1] != spec.value_width:
-                v = v[:, :spec.value_width]
+                v = v[:, : spec.value_width]
             carry = (acc_ref[...], m_ref[...], l_ref[...])
-            acc, m, l = _update(carry, [r[...] for r in q_refs], k_parts, v, q_pos,
-                                page * spec.page_size, limit_ref[b], spec=spec,
-                                page_size=spec.page_size)
+            acc, m, l = _update(
+                carry,
+                [r[...] for r in q_refs],
+                k_parts,
+                v,
+                q_pos,
+                page * spec.page_size,
+                limit_ref[b],
+                spec=spec,
+                page_size=spec.page_size,
+            )
             acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
     @pl.when(blk == pl.num_programs(3) - 1)
@@ -203,33 +215,47 @@ def _tpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
             page = jnp.clip(jnp.clip(page, lo, jnp.maximum(hi - 1, lo)), 0, last)
             page_id = jnp.clip(tables_ref[b * max_pages + page], 0, num_pages - 1)
             return page_id, 0, (k if c.per_head else 0)
+
         return pl.BlockSpec((None, ps, c.width), index_map)
 
-    q_specs = [pl.BlockSpec((None, None, rows, q.shape[3]), lambda b, k, s, i, *_: (b, k, 0, 0))
-               for q in q_parts]
+    q_specs = [
+        pl.BlockSpec((None, None, rows, q.shape[3]), lambda b, k, s, i, *_: (b, k, 0, 0)) for q in q_parts
+    ]
     cache_specs = [page_map(c, j) for c in spec.caches for j in range(ppb)]
     out_block = pl.BlockSpec((None, None, None, rows, Hv), lambda b, k, s, i, *_: (b, k, s, 0, 0))
     lse_block = pl.BlockSpec((None, None, None, rows, 1), lambda b, k, s, i, *_: (b, k, s, 0, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(B, K, num_splits, blocks),
-        in_specs=[pl.BlockSpec((None, rows, 1), lambda b, k, s, i, *_: (b, 0, 0)), *q_specs,
-                  *cache_specs],
+        in_specs=[pl.BlockSpec((None, rows, 1), lambda b, k, s, i, *_: (b, 0, 0)), *q_specs, *cache_specs],
         out_specs=[out_block, lse_block],
-        scratch_shapes=[pltpu.VMEM((rows, Hv), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
-                        pltpu.VMEM((rows, 1), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((rows, Hv), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+        ],
     )
-    kernel = functools.partial(_tpu_kernel, spec=spec, num_q=len(q_parts), ppb=ppb,
-                               pages_per_split=pages_per_split, max_pages=max_pages)
+    kernel = functools.partial(
+        _tpu_kernel,
+        spec=spec,
+        num_q=len(q_parts),
+        ppb=ppb,
+        pages_per_split=pages_per_split,
+        max_pages=max_pages,
+    )
     return pl.pallas_call(
-        kernel, grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32)],
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32),
+        ],
         compiler_params=common.compiler_params(
-            "tpu", interpret, semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=interpret, name=spec.name,
-    )(tables.reshape(-1), first, limit, qpos, *q_parts,
-      *[x for x in caches for _ in range(ppb)])
+            "tpu", interpret, semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name=spec.name,
+    )(tables.reshape(-1), first, limit, qpos, *q_parts, *[x for x in caches for _ in range(ppb)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +265,8 @@ def _tpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
 def _gpu_kernel(tables_ref, first_ref, limit_ref, qpos_ref, *refs, spec, num_q, pages_per_split):
     q_refs = refs[:num_q]
     n_cache = len(spec.caches)
-    cache_refs = refs[num_q:num_q + n_cache]
-    o_ref, lse_ref = refs[num_q + n_cache:]
+    cache_refs = refs[num_q : num_q + n_cache]
+    o_ref, lse_ref = refs[num_q + n_cache :]
     b, k, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lo, hi = _split_range(split, pages_per_split, first_ref[b], limit_ref[b], spec.page_size)
     q_parts = [r[...] for r in q_refs]
@@ -258,13 +284,25 @@ def _gpu_kernel(tables_ref, first_ref, limit_ref, qpos_ref, *refs, spec, num_q, 
         k_parts = [read(c, page_id) for c in spec.score_caches]
         v = read(spec.value_cache, page_id)
         if v.shape[1] != spec.value_width:
-            v = v[:, :spec.value_width]
-        return _update(carry, q_parts, k_parts, v, q_pos, page * spec.page_size, limit_ref[b],
-                       spec=spec, page_size=spec.page_size)
+            v = v[:, : spec.value_width]
+        return _update(
+            carry,
+            q_parts,
+            k_parts,
+            v,
+            q_pos,
+            page * spec.page_size,
+            limit_ref[b],
+            spec=spec,
+            page_size=spec.page_size,
+        )
 
     rows = q_pos.shape[0]
-    init = (jnp.zeros((rows, spec.value_width), jnp.float32),
-            jnp.full((rows, 1), common.MASKED, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
+    init = (
+        jnp.zeros((rows, spec.value_width), jnp.float32),
+        jnp.full((rows, 1), common.MASKED, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+    )
     o, lse = _finish(*lax.fori_loop(lo, jnp.maximum(hi, lo), body, init))
     o_ref[...] = o
     lse_ref[...] = lse
@@ -278,30 +316,41 @@ def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda b, k, s, nd=x.ndim: (0,) * nd)
 
-    q_specs = [pl.BlockSpec((None, None, rows, q.shape[3]), lambda b, k, s: (b, k, 0, 0))
-               for q in q_parts]
-    kernel = functools.partial(_gpu_kernel, spec=spec, num_q=len(q_parts),
-                               pages_per_split=pages_per_split)
+    q_specs = [pl.BlockSpec((None, None, rows, q.shape[3]), lambda b, k, s: (b, k, 0, 0)) for q in q_parts]
+    kernel = functools.partial(_gpu_kernel, spec=spec, num_q=len(q_parts), pages_per_split=pages_per_split)
     return pl.pallas_call(
-        kernel, grid=(B, K, num_splits),
-        in_specs=[whole(tables), whole(first), whole(limit),
-                  pl.BlockSpec((None, rows, 1), lambda b, k, s: (b, 0, 0)), *q_specs,
-                  *[whole(x) for x in caches]],
-        out_specs=[pl.BlockSpec((None, None, None, rows, Hv), lambda b, k, s: (b, k, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, rows, 1), lambda b, k, s: (b, k, s, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32)],
-        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
-                                          num_stages=bs.num_stages),
-        interpret=interpret, name=spec.name,
+        kernel,
+        grid=(B, K, num_splits),
+        in_specs=[
+            whole(tables),
+            whole(first),
+            whole(limit),
+            pl.BlockSpec((None, rows, 1), lambda b, k, s: (b, 0, 0)),
+            *q_specs,
+            *[whole(x) for x in caches],
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, Hv), lambda b, k, s: (b, k, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows, 1), lambda b, k, s: (b, k, s, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, num_splits, rows, 1), jnp.float32),
+        ],
+        compiler_params=common.compiler_params(
+            "gpu", interpret, num_warps=bs.num_warps, num_stages=bs.num_stages
+        ),
+        interpret=interpret,
+        name=spec.name,
     )(tables, first, limit, qpos, *q_parts, *caches)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, lengths, q_positions,
-           num_kv_heads: int):
+def attend(
+    spec: Spec, target: str, interpret: bool, q_parts, caches, tables, lengths, q_positions, num_kv_heads: int
+):
     """``[B,T,N,Hv]``: queries ``q_parts`` (each ``[B,T,N,w_i]``) over the paged ``caches``
     (each ``[pages, page_size, width]``), in float32 (callers cast)."""
     B, T, N, _ = q_parts[0].shape
@@ -328,8 +377,18 @@ def attend(spec: Spec, target: str, interpret: bool, q_parts, caches, tables, le
     first, limit = _bounds(q_positions.astype(jnp.int32), lengths.astype(jnp.int32), spec.window)
     num_splits = min(bs.num_splits, tables.shape[1])
     call = _tpu_call if target == "tpu" else _gpu_call
-    o, lse = call(spec, interpret, bs, [by_kv_head(q) for q in q_parts], qpos, caches,
-                  tables.astype(jnp.int32), first, limit, num_splits)
+    o, lse = call(
+        spec,
+        interpret,
+        bs,
+        [by_kv_head(q) for q in q_parts],
+        qpos,
+        caches,
+        tables.astype(jnp.int32),
+        first,
+        limit,
+        num_splits,
+    )
     # Merge the splits by their log-sum-exp: [B,K,splits,rows,·].
     m = jnp.max(lse, axis=2, keepdims=True)
     w = jnp.exp(lse - m)
@@ -343,8 +402,10 @@ def _check_tpu_tiles(spec: Spec, num_kv_heads: int) -> None:
     slice: Mosaic needs H to be a multiple of 128 unless it is the whole row (K = 1)."""
     for c in spec.caches:
         if c.per_head and num_kv_heads > 1 and c.width % 128:
-            raise ValueError(f"head dim H={c.width} with K={num_kv_heads} KV heads does not tile on "
-                             "TPU: a page's per-head slice needs H % 128 == 0 (or K = 1)")
+            raise ValueError(
+                f"head dim H={c.width} with K={num_kv_heads} KV heads does not tile on "
+                "TPU: a page's per-head slice needs H % 128 == 0 (or K = 1)"
+            )
 
 
 def _check_gpu_tiles(spec: Spec) -> None:
@@ -354,36 +415,37 @@ def _check_gpu_tiles(spec: Spec) -> None:
         raise ValueError(f"page_size={ps} does not tile on GPU (Triton): must be a power of two >= 16")
     for c in spec.caches:
         if c.width & (c.width - 1):
-            raise ValueError(f"head width {c.width} does not tile on GPU (Triton): must be a power "
-                             "of two")
+            raise ValueError(f"head width {c.width} does not tile on GPU (Triton): must be a power of two")
 
 
 def run(spec: Spec, q_parts, caches, tables, lengths, q_positions, num_kv_heads: int):
     def build(target, interpret):
         def fn(q_parts, caches, tables, lengths, q_positions):
-            return attend(spec, target, interpret, q_parts, caches, tables, lengths, q_positions,
-                          num_kv_heads)
+            return attend(
+                spec, target, interpret, q_parts, caches, tables, lengths, q_positions, num_kv_heads
+            )
+
         return fn
 
-    return common.dispatch(build, q_parts, caches, tables, lengths, q_positions,
-                      interpret=spec.interpret)
+    return common.dispatch(build, q_parts, caches, tables, lengths, q_positions, interpret=spec.interpret)
 
 
-def check_tables(block_tables, lengths, q_positions, *, batch: int, queries: int, num_pages: int,
-                 page_size: int) -> None:
+def check_tables(
+    block_tables, lengths, q_positions, *, batch: int, queries: int, num_pages: int, page_size: int
+) -> None:
     """Shapes always; values when concrete: lengths fit the table, used entries hit the cache."""
     common.check_rank("block_tables", block_tables, 2, "[B, max_pages]")
     common.check_rank("lengths", lengths, 1, "[B]")
     common.check_rank("q_positions", q_positions, 2, "[B,T]")
-    for name, x in (("block_tables", block_tables), ("lengths", lengths),
-                    ("q_positions", q_positions)):
+    for name, x in (("block_tables", block_tables), ("lengths", lengths), ("q_positions", q_positions)):
         common.check_dtype(name, x, (jnp.integer,))
     if block_tables.shape[0] != batch or lengths.shape[0] != batch:
-        raise ValueError(f"block_tables has batch {block_tables.shape[0]} and lengths "
-                         f"{lengths.shape[0]}: both must equal q's batch {batch}")
+        raise ValueError(
+            f"block_tables has batch {block_tables.shape[0]} and lengths "
+            f"{lengths.shape[0]}: both must equal q's batch {batch}"
+        )
     if tuple(q_positions.shape) != (batch, queries):
-        raise ValueError(f"q_positions has shape {tuple(q_positions.shape)}: expected "
-                         f"{(batch, queries)}")
+        raise ValueError(f"q_positions has shape {tuple(q_positions.shape)}: expected {(batch, queries)}")
     max_pages = block_tables.shape[1]
     if max_pages == 0:
         raise ValueError("block_tables has no columns: each sequence needs at least one page slot")
@@ -391,12 +453,16 @@ def check_tables(block_tables, lengths, q_positions, *, batch: int, queries: int
         return
     lens, tables = np.asarray(lengths), np.asarray(block_tables)
     if lens.size and (lens.min() < 0 or lens.max() > max_pages * page_size):
-        raise ValueError(f"lengths span [{lens.min()}, {lens.max()}]: a table of {max_pages} pages "
-                         f"of {page_size} allows [0, {max_pages * page_size}]")
+        raise ValueError(
+            f"lengths span [{lens.min()}, {lens.max()}]: a table of {max_pages} pages "
+            f"of {page_size} allows [0, {max_pages * page_size}]"
+        )
     for b, n in enumerate(lens):
         used = tables[b, : common.cdiv(int(n), page_size)]
         bad = np.flatnonzero((used < 0) | (used >= num_pages))
         if bad.size:
             p = int(bad[0])
-            raise ValueError(f"block_tables[{b}, {p}]={int(used[p])} points past the cache: it "
-                             f"has {num_pages} pages (sequence {b} uses {used.size} pages)")
+            raise ValueError(
+                f"block_tables[{b}, {p}]={int(used[p])} points past the cache: it "
+                f"has {num_pages} pages (sequence {b} uses {used.size} pages)"
+            )

@@ -19,9 +19,17 @@ from kernels_pallas.intmath import cdiv
 PAGES_PER_BLOCK = 2  # pages one iteration of the XLA path reads per row
 
 
-def blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...], v_pages: jax.Array,
-                      tables: jax.Array, lengths: jax.Array, q_positions: jax.Array, *,
-                      scale: float, sliding_window: int | None = None) -> jax.Array:
+def blocked_attention(
+    qs: tuple[jax.Array, ...],
+    k_pages: tuple[jax.Array, ...],
+    v_pages: jax.Array,
+    tables: jax.Array,
+    lengths: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
     """The XLA path of paged attention: a loop over blocks of pages with an online softmax.
 
     The same function as ``paged_attention_reference``/``mla_decode_reference`` (up to float
@@ -54,9 +62,18 @@ def blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...],
     def body(carry):
         i, top, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pb, pb, axis=1)  # [B,pb]
-        scores = sum(jnp.einsum("BKGTH,BSKH->BKGTS", q, kp[pages].reshape(B, pb * ps, K, -1),
-                                preferred_element_type=jnp.float32)
-                     for q, kp in zip(qg, k_pages, strict=True)) * scale  # [B,K,G,T,pb*ps]
+        scores = (
+            sum(
+                jnp.einsum(
+                    "BKGTH,BSKH->BKGTS",
+                    q,
+                    kp[pages].reshape(B, pb * ps, K, -1),
+                    preferred_element_type=jnp.float32,
+                )
+                for q, kp in zip(qg, k_pages, strict=True)
+            )
+            * scale
+        )  # [B,K,G,T,pb*ps]
         kv = i * pb * ps + jnp.arange(pb * ps, dtype=jnp.int32)[None, None, :]  # slot s: position s
         visible = (kv <= qp) & (kv < lengths[:, None, None])  # [B,T,pb*ps]; qp = -1 sees nothing
         if sliding_window is not None:
@@ -66,12 +83,17 @@ def blocked_attention(qs: tuple[jax.Array, ...], k_pages: tuple[jax.Array, ...],
         weights = jnp.exp(scores - new_top[..., None])
         rescale = jnp.exp(top - new_top)
         values = v_pages[pages].reshape(B, pb * ps, K, Hv)
-        acc = acc * rescale[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", weights.astype(values.dtype),
-                                                    values, preferred_element_type=jnp.float32)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "BKGTS,BSKH->BKGTH", weights.astype(values.dtype), values, preferred_element_type=jnp.float32
+        )
         return i + 1, new_top, denom * rescale + jnp.sum(weights, axis=-1), acc
 
-    init = (jnp.int32(0), jnp.full((B, K, G, T), -1e30, jnp.float32),
-            jnp.zeros((B, K, G, T), jnp.float32), jnp.zeros((B, K, G, T, Hv), jnp.float32))
+    init = (
+        jnp.int32(0),
+        jnp.full((B, K, G, T), -1e30, jnp.float32),
+        jnp.zeros((B, K, G, T), jnp.float32),
+        jnp.zeros((B, K, G, T, Hv), jnp.float32),
+    )
     _, _, denom, acc = jax.lax.while_loop(lambda c: c[0] < trips, body, init)
     out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B,K,G,T,H_v]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(qs[0].dtype)

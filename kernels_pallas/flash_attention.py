@@ -78,8 +78,9 @@ def attention_reference(
     scale = H**-0.5 if scale is None else scale
     qg = q.reshape(B, T, K, G, H)  # [B,T,K,G,H]
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                          causal=causal, sliding_window=sliding_window)[:, None, None]  # [B,1,1,T,S]
+    mask = attention_mask(
+        q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=causal, sliding_window=sliding_window
+    )[:, None, None]  # [B,1,1,T,S]
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -218,8 +219,15 @@ def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
             v = v_ref[pl.ds(start, block_kv), :]
             s = _dot_nt(q, k) * scale  # [bq,bk]
             kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
-            mask = _mask(q_pos, kv_pos, q_seg, kv_seg,
-                         _valid_index(start, block_kv, kv_len, axis=1), causal=causal, window=window)
+            mask = _mask(
+                q_pos,
+                kv_pos,
+                q_seg,
+                kv_seg,
+                _valid_index(start, block_kv, kv_len, axis=1),
+                causal=causal,
+                window=window,
+            )
             if mask is not None:
                 s = jnp.where(mask, s, common.MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -233,8 +241,11 @@ def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
 
         return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
 
-    init = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq, 1), common.MASKED, jnp.float32),
-            jnp.zeros((bq, 1), jnp.float32))
+    init = (
+        jnp.zeros((bq, H), jnp.float32),
+        jnp.full((bq, 1), common.MASKED, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
@@ -244,8 +255,19 @@ def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
 
 def _dq_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
     if has_seg:
-        (qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-         dq_ref) = refs
+        (
+            qpos_ref,
+            kvpos_ref,
+            qseg_ref,
+            kvseg_ref,
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            dq_ref,
+        ) = refs
     else:
         qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         qseg_ref = kvseg_ref = None
@@ -262,8 +284,15 @@ def _dq_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
             k = k_ref[pl.ds(start, block_kv), :]
             v = v_ref[pl.ds(start, block_kv), :]
             kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
-            mask = _mask(q_pos, kv_pos, q_seg, kv_seg,
-                         _valid_index(start, block_kv, kv_len, axis=1), causal=causal, window=window)
+            mask = _mask(
+                q_pos,
+                kv_pos,
+                q_seg,
+                kv_seg,
+                _valid_index(start, block_kv, kv_len, axis=1),
+                causal=causal,
+                window=window,
+            )
             p = jnp.exp(_dot_nt(q, k) * scale - lse)  # [bq,bk]
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
@@ -280,8 +309,20 @@ def _dkv_kernel(*refs, scale, causal, window, block_q, kv_len, kv_block, has_seg
     """dk, dv of one key tile, summed over the G query heads of its KV head: the transposed
     problem (keys as rows), so every matmul is ``a·b`` or ``a·bᵀ``."""
     if has_seg:
-        (qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-         dk_ref, dv_ref) = refs
+        (
+            qpos_ref,
+            kvpos_ref,
+            qseg_ref,
+            kvseg_ref,
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            dk_ref,
+            dv_ref,
+        ) = refs
     else:
         qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
         qseg_ref = kvseg_ref = None
@@ -362,9 +403,14 @@ def _ids(x, size, *, column):
 def _params(st, target, interpret, H, num_dims):
     bs = st.block_sizes or BlockSizes.default(target)
     warps = bs.num_warps or (4 if H <= 64 else 8)
-    return common.compiler_params(target, interpret, semantics=("parallel",) * num_dims,
-                             num_warps=warps, num_stages=bs.num_stages,
-                             vmem_limit_bytes=bs.vmem_limit_bytes)
+    return common.compiler_params(
+        target,
+        interpret,
+        semantics=("parallel",) * num_dims,
+        num_warps=warps,
+        num_stages=bs.num_stages,
+        vmem_limit_bytes=bs.vmem_limit_bytes,
+    )
 
 
 def _forward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg):
@@ -389,15 +435,18 @@ def _forward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg):
     inputs += [_heads_major(q, Tp, Hp), _heads_major(k, Sp, Hp), _heads_major(v, Sp, Hp)]
     specs += [q_spec, kv_spec, kv_spec]
 
-    kernel = functools.partial(_fwd_kernel, **st.kernel_args(), block_kv=bk,
-                               kv_len=S if Sp != S else None, has_seg=has_seg)
+    kernel = functools.partial(
+        _fwd_kernel, **st.kernel_args(), block_kv=bk, kv_len=S if Sp != S else None, has_seg=has_seg
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid=(B, N, Tp // bq),
         in_specs=specs,
         out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, N, Tp, Hp), q.dtype),
-                   jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, N, Tp, Hp), q.dtype),
+            jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32),
+        ],
         compiler_params=_params(st, target, interpret, Hp, 3),
         interpret=interpret,
         name="flash_attention_fwd",
@@ -438,11 +487,14 @@ def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out
     inputs += [qh, kh, vh, doh, lse[..., None], delta[..., None]]
     specs += [q_tile, kv_all, kv_all, q_tile, stat, stat]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **st.kernel_args(), block_kv=bk, kv_len=kv_len,
-                          has_seg=has_seg),
-        grid=(B, N, Tp // bq), in_specs=specs, out_specs=q_tile,
+        functools.partial(_dq_kernel, **st.kernel_args(), block_kv=bk, kv_len=kv_len, has_seg=has_seg),
+        grid=(B, N, Tp // bq),
+        in_specs=specs,
+        out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-        compiler_params=params, interpret=interpret, name="flash_attention_dq",
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_dq",
     )(*inputs)
 
     # dk, dv: grid over key tiles of every KV head, looping over its G heads' query tiles.
@@ -459,11 +511,16 @@ def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out
     inputs += [qh, kh, vh, doh, lse[:, :, None, :], delta[:, :, None, :]]
     specs += [q_group, kv_tile, kv_tile, q_group, stat_t, stat_t]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **st.kernel_args(), block_q=bq, kv_len=kv_len, kv_block=bk,
-                          has_seg=has_seg),
-        grid=(B, K, Sp // bk), in_specs=specs, out_specs=[kv_tile, kv_tile],
+        functools.partial(
+            _dkv_kernel, **st.kernel_args(), block_q=bq, kv_len=kv_len, kv_block=bk, has_seg=has_seg
+        ),
+        grid=(B, K, Sp // bk),
+        in_specs=specs,
+        out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
-        compiler_params=params, interpret=interpret, name="flash_attention_dkv",
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_dkv",
     )(*inputs)
 
     def back(x, rows):  # [B,·,rows_pad,Hp] -> [B,rows,·,H]
@@ -532,8 +589,7 @@ def flash_attention(
     Raises:
       ValueError: for mismatched shapes or head counts, or block sizes that do not tile.
     """
-    _check(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window,
-           block_sizes)
+    _check(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, block_sizes)
     H = q.shape[-1]
     scale = H**-0.5 if scale is None else float(scale)
     k, v = k.astype(q.dtype), v.astype(q.dtype)  # the kernels' matmuls take one dtype
@@ -557,8 +613,12 @@ def _check(q, k, v, qpos, kvpos, qseg, kvseg, window, block_sizes):
         raise ValueError(f"q has {N} heads, not a multiple of k's {K} KV heads (N = K*G)")
     if T == 0 or S == 0:
         raise ValueError(f"q has {T} positions and k {S}: both must be positive")
-    for name, x, shape in (("q_positions", qpos, (B, T)), ("kv_positions", kvpos, (B, S)),
-                           ("q_segment_ids", qseg, (B, T)), ("kv_segment_ids", kvseg, (B, S))):
+    for name, x, shape in (
+        ("q_positions", qpos, (B, T)),
+        ("kv_positions", kvpos, (B, S)),
+        ("q_segment_ids", qseg, (B, T)),
+        ("kv_segment_ids", kvseg, (B, S)),
+    ):
         if x is None:
             continue
         if tuple(x.shape) != shape:

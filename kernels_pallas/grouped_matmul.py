@@ -41,8 +41,9 @@ def group_ids_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(num_rows), side="right").astype(jnp.int32)
 
 
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                  transpose_rhs: bool = False) -> jax.Array:
+def gmm_reference(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False
+) -> jax.Array:
     """``[M,N]``: row ``m`` of group ``e`` is ``lhs[m] @ rhs[e]`` (``rhs[e]ᵀ`` if transposed);
     rows in no group are zero. ``rhs`` is ``[E,K,N]`` (``[E,N,K]`` if transposed)."""
     E = rhs.shape[0]
@@ -53,21 +54,24 @@ def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return out.astype(lhs.dtype)
 
 
-def gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-            transpose_rhs: bool = False) -> jax.Array:
+def gmm_xla(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False
+) -> jax.Array:
     """``gmm_reference`` by ``jax.lax.ragged_dot``: what ``llmarch.ops`` runs for ``impl="xla"``
     (no ``[E,M,N]`` intermediate; differentiable, and it runs on CPU)."""
     rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32),
-                              preferred_element_type=jnp.float32).astype(lhs.dtype)
+    return jax.lax.ragged_dot(
+        lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32
+    ).astype(lhs.dtype)
 
 
 def tgmm_reference(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """``[E,K,N]``: ``lhs[rows of e]ᵀ @ grad[rows of e]``; zero for an empty group."""
     E = group_sizes.shape[0]
     one_hot = group_ids_of_rows(group_sizes, lhs.shape[0])[:, None] == jnp.arange(E)  # [M,E]
-    out = jnp.einsum("ME,MK,MN->EKN", one_hot.astype(jnp.float32), lhs.astype(jnp.float32),
-                     grad.astype(jnp.float32))
+    out = jnp.einsum(
+        "ME,MK,MN->EKN", one_hot.astype(jnp.float32), lhs.astype(jnp.float32), grad.astype(jnp.float32)
+    )
     return out.astype(lhs.dtype)
 
 
@@ -86,8 +90,14 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        common.check_positive("BlockSizes", block_m=self.block_m, block_k=self.block_k,
-                         block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
+        common.check_positive(
+            "BlockSizes",
+            block_m=self.block_m,
+            block_k=self.block_k,
+            block_n=self.block_n,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
@@ -105,10 +115,13 @@ class _Static:
 
 def _tiles(bs: BlockSizes | None, target, interpret, M, K, N):
     bs = bs or BlockSizes.default(target)
-    fit = functools.partial(common.fit_block, "BlockSizes", target=target, interpret=interpret,
-                            min_gpu=16)
-    return (fit("block_m", bs.block_m, M), fit("block_k", bs.block_k, K, lane=True),
-            fit("block_n", bs.block_n, N, lane=True), bs)
+    fit = functools.partial(common.fit_block, "BlockSizes", target=target, interpret=interpret, min_gpu=16)
+    return (
+        fit("block_m", bs.block_m, M),
+        fit("block_k", bs.block_k, K, lane=True),
+        fit("block_n", bs.block_n, N, lane=True),
+        bs,
+    )
 
 
 def _work_items(group_sizes, num_tiles: int, bm: int):
@@ -153,8 +166,9 @@ def _dot_tn(a, b):
 # gmm
 
 
-def _gmm_tpu_kernel(gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, rhs_ref, out_ref,
-                    acc_ref, *, bm, transpose_rhs):
+def _gmm_tpu_kernel(
+    gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, bm, transpose_rhs
+):
     w, kk = pl.program_id(1), pl.program_id(2)
     valid = w < nvalid_ref[0]
 
@@ -171,12 +185,25 @@ def _gmm_tpu_kernel(gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, r
         g = gid_ref[w]
         mask = _row_mask(tid_ref[w], start_ref[g], end_ref[g], bm)
         # The tile stays resident across items that share it: keep the other groups' rows.
-        out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)).astype(
-            out_ref.dtype)
+        out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
 
-def _gmm_gpu_kernel(gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, rhs_ref, out_ref, *,
-                    bm, bk, bn, k_steps, transpose_rhs):
+def _gmm_gpu_kernel(
+    gid_ref,
+    tid_ref,
+    start_ref,
+    end_ref,
+    nvalid_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    bm,
+    bk,
+    bn,
+    k_steps,
+    transpose_rhs,
+):
     w, n = pl.program_id(0), pl.program_id(1)
 
     @pl.when(w < nvalid_ref[0])
@@ -200,15 +227,20 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
     bm, bk, bn, bs = _tiles(st.block_sizes, target, interpret, M, K, N)
     Mp, Kp, Np = common.round_up(M, bm), common.round_up(K, bk), common.round_up(N, bn)
     lhs_p = common.pad_axis(common.pad_axis(lhs, 0, Mp), 1, Kp)
-    rhs_p = (common.pad_axis(common.pad_axis(rhs, 1, Np), 2, Kp) if st.transpose_rhs
-             else common.pad_axis(common.pad_axis(rhs, 1, Kp), 2, Np))
+    rhs_p = (
+        common.pad_axis(common.pad_axis(rhs, 1, Np), 2, Kp)
+        if st.transpose_rhs
+        else common.pad_axis(common.pad_axis(rhs, 1, Kp), 2, Np)
+    )
     gid, tid, starts, ends, nvalid = _work_items(group_sizes, Mp // bm, bm)
     num_work = gid.shape[0]
     out_shape = jax.ShapeDtypeStruct((Mp, Np), out_dtype)
     if target == "tpu":
-        rhs_spec = (pl.BlockSpec((None, bn, bk), lambda n, w, k, g, t, *_: (g[w], n, k))
-                    if st.transpose_rhs else
-                    pl.BlockSpec((None, bk, bn), lambda n, w, k, g, t, *_: (g[w], k, n)))
+        rhs_spec = (
+            pl.BlockSpec((None, bn, bk), lambda n, w, k, g, t, *_: (g[w], n, k))
+            if st.transpose_rhs
+            else pl.BlockSpec((None, bk, bn), lambda n, w, k, g, t, *_: (g[w], k, n))
+        )
         grid_spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(Np // bn, num_work, Kp // bk),
@@ -218,22 +250,32 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
         )
         out = pl.pallas_call(
             functools.partial(_gmm_tpu_kernel, bm=bm, transpose_rhs=st.transpose_rhs),
-            grid_spec=grid_spec, out_shape=out_shape,
-            compiler_params=common.compiler_params(target, interpret,
-                                              semantics=("parallel", "arbitrary", "arbitrary")),
-            interpret=interpret, name="gmm",
+            grid_spec=grid_spec,
+            out_shape=out_shape,
+            compiler_params=common.compiler_params(
+                target, interpret, semantics=("parallel", "arbitrary", "arbitrary")
+            ),
+            interpret=interpret,
+            name="gmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, rhs_p)
     else:
-        whole = [pl.BlockSpec(x.shape, lambda w, n, nd=x.ndim: (0,) * nd)
-                 for x in (gid, tid, starts, ends, nvalid, lhs_p, rhs_p)]
+        whole = [
+            pl.BlockSpec(x.shape, lambda w, n, nd=x.ndim: (0,) * nd)
+            for x in (gid, tid, starts, ends, nvalid, lhs_p, rhs_p)
+        ]
         out = pl.pallas_call(
-            functools.partial(_gmm_gpu_kernel, bm=bm, bk=bk, bn=bn, k_steps=Kp // bk,
-                              transpose_rhs=st.transpose_rhs),
-            grid=(num_work, Np // bn), in_specs=whole,
-            out_specs=pl.BlockSpec((Mp, Np), lambda w, n: (0, 0)), out_shape=out_shape,
-            compiler_params=common.compiler_params(target, interpret, num_warps=bs.num_warps,
-                                              num_stages=bs.num_stages),
-            interpret=interpret, name="gmm",
+            functools.partial(
+                _gmm_gpu_kernel, bm=bm, bk=bk, bn=bn, k_steps=Kp // bk, transpose_rhs=st.transpose_rhs
+            ),
+            grid=(num_work, Np // bn),
+            in_specs=whole,
+            out_specs=pl.BlockSpec((Mp, Np), lambda w, n: (0, 0)),
+            out_shape=out_shape,
+            compiler_params=common.compiler_params(
+                target, interpret, num_warps=bs.num_warps, num_stages=bs.num_stages
+            ),
+            interpret=interpret,
+            name="gmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, rhs_p)
     # Rows in no group (and tiles no item visited) are zero by definition.
     in_group = jnp.arange(M) < jnp.sum(group_sizes)
@@ -244,8 +286,9 @@ def _gmm_call(st: _Static, target, interpret, lhs, rhs, group_sizes, out_dtype):
 # tgmm
 
 
-def _tgmm_tpu_kernel(gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, grad_ref, out_ref,
-                     acc_ref, *, bm):
+def _tgmm_tpu_kernel(
+    gid_ref, tid_ref, start_ref, end_ref, nvalid_ref, lhs_ref, grad_ref, out_ref, acc_ref, *, bm
+):
     w = pl.program_id(2)
     last_w = pl.num_programs(2) - 1
     nvalid = nvalid_ref[0]
@@ -298,28 +341,38 @@ def _tgmm_call(st: _Static, target, interpret, lhs, grad, group_sizes, out_dtype
         grid_spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(Kp // bk, Np // bn, gid.shape[0]),
-            in_specs=[pl.BlockSpec((bm, bk), lambda k, n, w, g, t, *_: (t[w], k)),
-                      pl.BlockSpec((bm, bn), lambda k, n, w, g, t, *_: (t[w], n))],
+            in_specs=[
+                pl.BlockSpec((bm, bk), lambda k, n, w, g, t, *_: (t[w], k)),
+                pl.BlockSpec((bm, bn), lambda k, n, w, g, t, *_: (t[w], n)),
+            ],
             out_specs=pl.BlockSpec((None, bk, bn), lambda k, n, w, g, t, *_: (g[w], k, n)),
             scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
         )
         out = pl.pallas_call(
             functools.partial(_tgmm_tpu_kernel, bm=bm),
-            grid_spec=grid_spec, out_shape=out_shape,
-            compiler_params=common.compiler_params(target, interpret,
-                                              semantics=("parallel", "parallel", "arbitrary")),
-            interpret=interpret, name="tgmm",
+            grid_spec=grid_spec,
+            out_shape=out_shape,
+            compiler_params=common.compiler_params(
+                target, interpret, semantics=("parallel", "parallel", "arbitrary")
+            ),
+            interpret=interpret,
+            name="tgmm",
         )(gid, tid, starts, ends, nvalid, lhs_p, grad_p)
     else:
-        whole = [pl.BlockSpec(x.shape, lambda g, k, n, nd=x.ndim: (0,) * nd)
-                 for x in (starts, ends, lhs_p, grad_p)]
+        whole = [
+            pl.BlockSpec(x.shape, lambda g, k, n, nd=x.ndim: (0,) * nd) for x in (starts, ends, lhs_p, grad_p)
+        ]
         out = pl.pallas_call(
             functools.partial(_tgmm_gpu_kernel, bm=bm, bk=bk, bn=bn),
-            grid=(E, Kp // bk, Np // bn), in_specs=whole,
-            out_specs=pl.BlockSpec((None, bk, bn), lambda g, k, n: (g, k, n)), out_shape=out_shape,
-            compiler_params=common.compiler_params(target, interpret, num_warps=bs.num_warps,
-                                              num_stages=bs.num_stages),
-            interpret=interpret, name="tgmm",
+            grid=(E, Kp // bk, Np // bn),
+            in_specs=whole,
+            out_specs=pl.BlockSpec((None, bk, bn), lambda g, k, n: (g, k, n)),
+            out_shape=out_shape,
+            compiler_params=common.compiler_params(
+                target, interpret, num_warps=bs.num_warps, num_stages=bs.num_stages
+            ),
+            interpret=interpret,
+            name="tgmm",
         )(starts, ends, lhs_p, grad_p)
     # An empty group's matrix was never visited (TPU): its gradient is zero.
     return jnp.where((group_sizes > 0)[:, None, None], out[:, :K, :N], 0).astype(out_dtype)
@@ -366,8 +419,15 @@ def _gmm_bwd(st, res, d_out):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
-        block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """Grouped matmul ``[M,N]`` (see ``gmm_reference``); differentiable in ``lhs`` and ``rhs``.
 
     Args:
@@ -381,12 +441,22 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
       group are zero.
     """
     _check(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, block_sizes=block_sizes)
-    return _gmm(_Static(bool(transpose_rhs), block_sizes, bool(interpret)), lhs,
-                rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32))
+    return _gmm(
+        _Static(bool(transpose_rhs), block_sizes, bool(interpret)),
+        lhs,
+        rhs.astype(lhs.dtype),
+        group_sizes.astype(jnp.int32),
+    )
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """``[E,K,N]``: per group ``lhs[rows]ᵀ @ grad[rows]`` (see ``tgmm_reference``).
 
     Args:
@@ -399,8 +469,13 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     if grad.shape[0] != np.shape(lhs)[0]:
         raise ValueError(f"grad has {grad.shape[0]} rows but lhs has {np.shape(lhs)[0]}")
     _check(lhs, None, group_sizes, transpose_rhs=False, block_sizes=block_sizes)
-    return _run_tgmm(_Static(False, block_sizes, bool(interpret)), lhs, grad.astype(lhs.dtype),
-                     group_sizes.astype(jnp.int32), lhs.dtype)
+    return _run_tgmm(
+        _Static(False, block_sizes, bool(interpret)),
+        lhs,
+        grad.astype(lhs.dtype),
+        group_sizes.astype(jnp.int32),
+        lhs.dtype,
+    )
 
 
 def _check(lhs, rhs, group_sizes, *, transpose_rhs, block_sizes):

@@ -81,19 +81,24 @@ class _Static:
 def _block_d(bs: BlockSizes, D: int, target: str, interpret: bool) -> int:
     bd = min(bs.block_d, D)
     if D % bd:
-        raise ValueError(f"BlockSizes.block_d={bs.block_d} does not tile the table width D={D}: "
-                         "it must divide D (or be >= D)")
+        raise ValueError(
+            f"BlockSizes.block_d={bs.block_d} does not tile the table width D={D}: "
+            "it must divide D (or be >= D)"
+        )
     if not interpret and target == "gpu" and bd & (bd - 1):
-        raise ValueError(f"block {bd} of the table width D={D} does not tile on GPU (Triton): it "
-                         "must be a power of two; choose BlockSizes.block_d accordingly")
+        raise ValueError(
+            f"block {bd} of the table width D={D} does not tile on GPU (Triton): it "
+            "must be a power of two; choose BlockSizes.block_d accordingly"
+        )
     return bd
 
 
 def _block_b(bs: BlockSizes, B: int, target: str, interpret: bool) -> int:
     bb = min(bs.block_b, common.next_pow2(B))
     if not interpret and bb & (bb - 1):
-        raise ValueError(f"BlockSizes.block_b={bs.block_b} does not tile on GPU (Triton): must be "
-                         "a power of two")
+        raise ValueError(
+            f"BlockSizes.block_b={bs.block_b} does not tile on GPU (Triton): must be a power of two"
+        )
     return bb
 
 
@@ -109,7 +114,7 @@ def _onehot(blk, W):
 
 def _gather_tpu_kernel(idx_ref, w_ref, *refs, r, J, grouped):
     blk_ref = refs[0] if grouped else None
-    rows, out_ref = refs[grouped:grouped + r], refs[grouped + r]
+    rows, out_ref = refs[grouped : grouped + r], refs[grouped + r]
     b, j = pl.program_id(0), pl.program_id(1)
     W = out_ref.shape[0]
 
@@ -127,7 +132,7 @@ def _gather_tpu_kernel(idx_ref, w_ref, *refs, r, J, grouped):
 
 def _dweights_tpu_kernel(idx_ref, *refs, r, J, grouped):
     blk_ref = refs[0] if grouped else None
-    rows, dout_ref, dw_ref = refs[grouped:grouped + r], refs[grouped + r], refs[grouped + r + 1]
+    rows, dout_ref, dw_ref = refs[grouped : grouped + r], refs[grouped + r], refs[grouped + r + 1]
     b, j = pl.program_id(0), pl.program_id(1)
     dout = dout_ref[...].astype(jnp.float32)  # [W,D]
     lane = lax.broadcasted_iota(jnp.int32, (1, r), 1)
@@ -159,8 +164,10 @@ def _picks(bs, idx, *others):
 
 def _row_specs(r, Jp, D):
     """BlockSpec i of ``r`` reads table row ``idx[b, j*r + i]`` (of ``table [M,1,D]``)."""
-    return [pl.BlockSpec((None, 1, D), lambda b, j, idx_, *_, i=i: (idx_[b * Jp + j * r + i], 0, 0))
-            for i in range(r)]
+    return [
+        pl.BlockSpec((None, 1, D), lambda b, j, idx_, *_, i=i: (idx_[b * Jp + j * r + i], 0, 0))
+        for i in range(r)
+    ]
 
 
 def _tpu_gather(bs, interpret, table3, idx, w, blk, W):
@@ -171,16 +178,20 @@ def _tpu_gather(bs, interpret, table3, idx, w, blk, W):
     grouped = blk is not None
     outs = []
     for s in range(0, B, bs.tokens_per_call):
-        chunk = [x[s:s + bs.tokens_per_call].reshape(-1) for x in (idx, w, blk) if x is not None]
+        chunk = [x[s : s + bs.tokens_per_call].reshape(-1) for x in (idx, w, blk) if x is not None]
         Bc = min(B - s, bs.tokens_per_call)
         out = pl.pallas_call(
             functools.partial(_gather_tpu_kernel, r=r, J=Jp, grouped=grouped),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=len(chunk), grid=(Bc, Jp // r), in_specs=_row_specs(r, Jp, D),
-                out_specs=pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0))),
+                num_scalar_prefetch=len(chunk),
+                grid=(Bc, Jp // r),
+                in_specs=_row_specs(r, Jp, D),
+                out_specs=pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0)),
+            ),
             out_shape=jax.ShapeDtypeStruct((Bc, W, D), jnp.float32),
             compiler_params=common.compiler_params("tpu", interpret, semantics=("parallel", "arbitrary")),
-            interpret=interpret, name="memory_lookup_fwd",
+            interpret=interpret,
+            name="memory_lookup_fwd",
         )(*chunk, *([table3] * r))
         outs.append(out)
     return jnp.concatenate(outs, axis=0)
@@ -197,19 +208,21 @@ def _tpu_backward(bs, interpret, table3, idx, w, blk, W, dout):
     # d weights: gather the picked rows again and dot them with d out.
     dws = []
     for s in range(0, B, bs.tokens_per_call):
-        chunk = [x[s:s + bs.tokens_per_call].reshape(-1) for x in (idx_p, blk_p) if x is not None]
+        chunk = [x[s : s + bs.tokens_per_call].reshape(-1) for x in (idx_p, blk_p) if x is not None]
         Bc = min(B - s, bs.tokens_per_call)
         dw = pl.pallas_call(
             functools.partial(_dweights_tpu_kernel, r=r, J=Jp, grouped=grouped),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=len(chunk), grid=(Bc, nj),
-                in_specs=[*_row_specs(r, Jp, D),
-                          pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0))],
-                out_specs=pl.BlockSpec((None, 1, r), lambda b, j, *_: (b * nj + j, 0, 0))),
+                num_scalar_prefetch=len(chunk),
+                grid=(Bc, nj),
+                in_specs=[*_row_specs(r, Jp, D), pl.BlockSpec((None, W, D), lambda b, j, *_: (b, 0, 0))],
+                out_specs=pl.BlockSpec((None, 1, r), lambda b, j, *_: (b * nj + j, 0, 0)),
+            ),
             out_shape=jax.ShapeDtypeStruct((Bc * nj, 1, r), jnp.float32),
             compiler_params=common.compiler_params("tpu", interpret, semantics=("parallel", "parallel")),
-            interpret=interpret, name="memory_lookup_dweights",
-        )(*chunk, *([table3] * r), dout[s:s + bs.tokens_per_call])
+            interpret=interpret,
+            name="memory_lookup_dweights",
+        )(*chunk, *([table3] * r), dout[s : s + bs.tokens_per_call])
         dws.append(dw.reshape(Bc, Jp))
     d_weights = jnp.concatenate(dws, axis=0)[:, :J]
 
@@ -224,19 +237,21 @@ def _tpu_backward(bs, interpret, table3, idx, w, blk, W, dout):
     dout_rows = dout.reshape(B * W, 1, D)
     d_table = jnp.zeros((M, 1, D), jnp.float32)
     for s in range(0, rows.shape[0], bs.entries_per_call):
-        rc, tc, wc = (x[s:s + bs.entries_per_call] for x in (rows, tokens, wts))
+        rc, tc, wc = (x[s : s + bs.entries_per_call] for x in (rows, tokens, wts))
         row_spec = pl.BlockSpec((None, 1, D), lambda e, rows_, *_: (rows_[e], 0, 0))
         d_table = pl.pallas_call(
             _scatter_tpu_kernel,
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=3, grid=(rc.shape[0],),
-                in_specs=[row_spec,
-                          pl.BlockSpec((None, 1, D), lambda e, rows_, tok, *_: (tok[e], 0, 0))],
-                out_specs=row_spec),
+                num_scalar_prefetch=3,
+                grid=(rc.shape[0],),
+                in_specs=[row_spec, pl.BlockSpec((None, 1, D), lambda e, rows_, tok, *_: (tok[e], 0, 0))],
+                out_specs=row_spec,
+            ),
             out_shape=jax.ShapeDtypeStruct((M, 1, D), jnp.float32),
             input_output_aliases={3: 0},  # rows no pick touches keep their zeros
             compiler_params=common.compiler_params("tpu", interpret, semantics=("arbitrary",)),
-            interpret=interpret, name="memory_lookup_scatter",
+            interpret=interpret,
+            name="memory_lookup_scatter",
         )(rc, tc, wc, d_table, dout_rows)
     return d_table[:, 0], d_weights
 
@@ -262,8 +277,9 @@ def _gather_gpu_kernel(idx_ref, w_ref, blk_ref, table_ref, out_ref, *, bb, bd, J
         out_ref[:, v, :] = acc
 
 
-def _backward_gpu_kernel(idx_ref, w_ref, blk_ref, table_ref, dout_ref, d_table_in, dw_ref,
-                         d_table_ref, *, bb, bd, J):
+def _backward_gpu_kernel(
+    idx_ref, w_ref, blk_ref, table_ref, dout_ref, d_table_in, dw_ref, d_table_ref, *, bb, bd, J
+):
     del d_table_in  # aliased with d_table_ref: the zeros the atomics add into
     b0, d0 = pl.program_id(0) * bb, pl.program_id(1) * bd
     cols = pl.ds(d0, bd)
@@ -303,9 +319,11 @@ def _gpu_gather(bs, interpret, table, idx, w, blk, W):
         in_specs=[_whole(idx_p), _whole(w_p), _whole(blk_p), _whole(table)],
         out_specs=pl.BlockSpec((bb, W, bd), lambda i, d: (i, 0, d)),
         out_shape=jax.ShapeDtypeStruct((Bp, W, D), jnp.float32),
-        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
-                                          num_stages=bs.num_stages),
-        interpret=interpret, name="memory_lookup_fwd",
+        compiler_params=common.compiler_params(
+            "gpu", interpret, num_warps=bs.num_warps, num_stages=bs.num_stages
+        ),
+        interpret=interpret,
+        name="memory_lookup_fwd",
     )(idx_p, w_p, blk_p, table)
     return out[:B]
 
@@ -318,15 +336,18 @@ def _gpu_backward(bs, interpret, table, idx, w, blk, W, dout):
     dw, d_table = pl.pallas_call(
         functools.partial(_backward_gpu_kernel, bb=bb, bd=bd, J=J),
         grid=(Bp // bb, D // bd),
-        in_specs=[_whole(idx_p), _whole(w_p), _whole(blk_p), _whole(table), _whole(dout_p),
-                  _whole(zeros)],
+        in_specs=[_whole(idx_p), _whole(w_p), _whole(blk_p), _whole(table), _whole(dout_p), _whole(zeros)],
         out_specs=[pl.BlockSpec((None, Bp, J), lambda i, d: (d, 0, 0)), _whole(zeros)],
-        out_shape=[jax.ShapeDtypeStruct((D // bd, Bp, J), jnp.float32),
-                   jax.ShapeDtypeStruct((M, D), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((D // bd, Bp, J), jnp.float32),
+            jax.ShapeDtypeStruct((M, D), jnp.float32),
+        ],
         input_output_aliases={4 + (blk_p is not None): 1},  # zeros: the 6th input, or 5th
-        compiler_params=common.compiler_params("gpu", interpret, num_warps=bs.num_warps,
-                                          num_stages=bs.num_stages),
-        interpret=interpret, name="memory_lookup_bwd",
+        compiler_params=common.compiler_params(
+            "gpu", interpret, num_warps=bs.num_warps, num_stages=bs.num_stages
+        ),
+        interpret=interpret,
+        name="memory_lookup_bwd",
     )(idx_p, w_p, blk_p, table, dout_p, zeros)
     return d_table, jnp.sum(dw, axis=0)[:B]  # d weights: partial dots of each column block
 
@@ -352,6 +373,7 @@ def _backward_call(st, target, interpret, table, idx, w, blk, dout):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lookup(st, table, indices, weights, blocks):
     """``[B,W,D]`` in ``table``'s dtype."""
+
     def build(target, interpret):
         return functools.partial(_forward_call, st, target, interpret)
 
@@ -369,8 +391,9 @@ def _lookup_bwd(st, res, d_out):
     def build(target, interpret):
         return functools.partial(_backward_call, st, target, interpret)
 
-    d_table, d_weights = common.dispatch(build, table, indices, weights, blocks, d_out,
-                                    interpret=st.interpret)
+    d_table, d_weights = common.dispatch(
+        build, table, indices, weights, blocks, d_out, interpret=st.interpret
+    )
     return d_table.astype(table.dtype), None, d_weights.astype(weights.dtype), None
 
 
@@ -385,8 +408,9 @@ def _check(table, indices, weights, blocks, num_blocks, block_sizes):
     common.check_dtype("weights", weights, (jnp.floating,))
     common.check_dtype("table", table, (jnp.floating,))
     if indices.shape != weights.shape:
-        raise ValueError(f"indices has shape {indices.shape} but weights {weights.shape}: "
-                         "they must match [B,J]")
+        raise ValueError(
+            f"indices has shape {indices.shape} but weights {weights.shape}: they must match [B,J]"
+        )
     if 0 in indices.shape or 0 in table.shape:
         raise ValueError(f"indices {indices.shape} and table {table.shape} must be non-empty")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
@@ -396,8 +420,10 @@ def _check(table, indices, weights, blocks, num_blocks, block_sizes):
     if common.is_concrete(indices):
         host = np.asarray(indices)
         if host.min() < 0 or host.max() >= table.shape[0]:
-            raise ValueError(f"indices span [{host.min()}, {host.max()}]: the table has "
-                             f"{table.shape[0]} rows, so [0, {table.shape[0]}) is allowed")
+            raise ValueError(
+                f"indices span [{host.min()}, {host.max()}]: the table has "
+                f"{table.shape[0]} rows, so [0, {table.shape[0]}) is allowed"
+            )
     if blocks is not None:
         if blocks.shape != indices.shape:
             raise ValueError(f"blocks has shape {blocks.shape} but indices {indices.shape}")
@@ -407,12 +433,20 @@ def _check(table, indices, weights, blocks, num_blocks, block_sizes):
         if common.is_concrete(blocks):
             host = np.asarray(blocks)
             if host.min() < 0 or host.max() >= num_blocks:
-                raise ValueError(f"blocks span [{host.min()}, {host.max()}]: num_blocks={num_blocks} "
-                                 f"allows [0, {num_blocks})")
+                raise ValueError(
+                    f"blocks span [{host.min()}, {host.max()}]: num_blocks={num_blocks} "
+                    f"allows [0, {num_blocks})"
+                )
 
 
-def memory_lookup(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                  block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+def memory_lookup(
+    table: jax.Array,
+    indices: jax.Array,
+    weights: jax.Array,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """``Σ_j weights[b,j] · table[indices[b,j]]``; differentiable in ``table`` and ``weights``.
 
     Args:
@@ -429,10 +463,16 @@ def memory_lookup(table: jax.Array, indices: jax.Array, weights: jax.Array, *,
     return _lookup(st, table, indices.astype(jnp.int32), weights, None)[:, 0]
 
 
-def memory_lookup_grouped(table: jax.Array, indices: jax.Array, weights: jax.Array,
-                          blocks: jax.Array, num_blocks: int, *,
-                          block_sizes: BlockSizes | None = None,
-                          interpret: bool = False) -> jax.Array:
+def memory_lookup_grouped(
+    table: jax.Array,
+    indices: jax.Array,
+    weights: jax.Array,
+    blocks: jax.Array,
+    num_blocks: int,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """``[B,W,D]``: ``out[b,w] = Σ_{j: blocks[b,j]=w} weights[b,j] · table[indices[b,j]]``.
 
     UltraMem's implicit value expansion pools the picks of each virtual block apart; W =

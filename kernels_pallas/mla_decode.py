@@ -29,27 +29,30 @@ from kernels_pallas.paged_attention import paged_attention_reference
 __all__ = ["BlockSizes", "mla_decode", "mla_decode_reference", "mla_decode_xla"]
 
 
-def mla_decode_reference(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths,
-                         q_positions, *, scale: float) -> jax.Array:
+def mla_decode_reference(
+    q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *, scale: float
+) -> jax.Array:
     """``[B,T,N,A]``: softmax over visible keys of ``scale·(q_A·c_KV + q_R·k_R)``, times ``c_KV``."""
     A = q_latent.shape[-1]
     q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B,T,N,A+R]
     k = jnp.concatenate([c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)], axis=-1)[:, :, None]
-    v = jnp.concatenate([c_kv_pages, jnp.zeros_like(k_rope_pages, c_kv_pages.dtype)],
-                        axis=-1)[:, :, None]  # [pages,ps,1,A+R]: the values are c_KV
-    out = paged_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), block_tables, lengths,
-                                    q_positions, scale=scale)
+    v = jnp.concatenate([c_kv_pages, jnp.zeros_like(k_rope_pages, c_kv_pages.dtype)], axis=-1)[
+        :, :, None
+    ]  # [pages,ps,1,A+R]: the values are c_KV
+    out = paged_attention_reference(
+        q, k.astype(q.dtype), v.astype(q.dtype), block_tables, lengths, q_positions, scale=scale
+    )
     return out[..., :A]
 
 
-def mla_decode_xla(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths,
-                   q_positions, *, scale: float) -> jax.Array:
+def mla_decode_xla(
+    q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *, scale: float
+) -> jax.Array:
     """``[B,T,N,A]``: ``mla_decode_reference``'s function (up to float rounding) by
     ``_paged_xla.blocked_attention``: one KV head, keys ``[c_KV; k_R]`` as two score parts,
     values ``c_KV``."""
     c, r = c_kv_pages[:, :, None], k_rope_pages[:, :, None]  # [P,ps,1,A], [P,ps,1,R]
-    return blocked_attention((q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions,
-                             scale=scale)
+    return blocked_attention((q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions, scale=scale)
 
 
 def mla_decode(
@@ -89,17 +92,32 @@ def mla_decode(
     if Ac != A:
         raise ValueError(f"c_kv_pages has latent width {Ac} but q_latent has {A}")
     if k_rope_pages.shape != (P, ps, R):
-        raise ValueError(f"k_rope_pages has shape {k_rope_pages.shape}: expected {(P, ps, R)} "
-                         "(c_kv_pages' pages and page size, q_rope's width)")
-    _paged.check_tables(block_tables, lengths, q_positions, batch=B, queries=T, num_pages=P,
-                        page_size=ps)
+        raise ValueError(
+            f"k_rope_pages has shape {k_rope_pages.shape}: expected {(P, ps, R)} "
+            "(c_kv_pages' pages and page size, q_rope's width)"
+        )
+    _paged.check_tables(block_tables, lengths, q_positions, batch=B, queries=T, num_pages=P, page_size=ps)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes={block_sizes!r} must be a mla_decode.BlockSizes")
     spec = _paged.Spec(
         caches=(_paged.Cache(A, per_head=False), _paged.Cache(R, per_head=False)),
-        score_caches=(0, 1), value_cache=0, value_width=A, page_size=ps, scale=float(scale),
-        window=None, block_sizes=block_sizes, interpret=bool(interpret), name="mla_decode")
-    out = _paged.run(spec, [q_latent, q_rope.astype(q_latent.dtype)],
-                     [c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)], block_tables, lengths,
-                     q_positions, num_kv_heads=1)
+        score_caches=(0, 1),
+        value_cache=0,
+        value_width=A,
+        page_size=ps,
+        scale=float(scale),
+        window=None,
+        block_sizes=block_sizes,
+        interpret=bool(interpret),
+        name="mla_decode",
+    )
+    out = _paged.run(
+        spec,
+        [q_latent, q_rope.astype(q_latent.dtype)],
+        [c_kv_pages, k_rope_pages.astype(c_kv_pages.dtype)],
+        block_tables,
+        lengths,
+        q_positions,
+        num_kv_heads=1,
+    )
     return out.astype(q_latent.dtype)

@@ -26,8 +26,13 @@ from kernels_pallas._paged import BlockSizes
 from kernels_pallas._paged_xla import blocked_attention
 from kernels_pallas.flash_attention import attention_reference
 
-__all__ = ["BlockSizes", "gather_pages", "paged_attention", "paged_attention_reference",
-           "paged_attention_xla"]
+__all__ = [
+    "BlockSizes",
+    "gather_pages",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_attention_xla",
+]
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -39,28 +44,61 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return seq.reshape(B, max_pages * ps, *pages.shape[2:])
 
 
-def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
-                              sliding_window: int | None = None, scale: float | None = None):
+def paged_attention_reference(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    q_positions,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+):
     """``[B,T,N,H]``: ``attention_reference`` over each sequence's first ``lengths[b]`` keys."""
     B = q.shape[0]
     k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # [B,S,K,H]
     S = k.shape[1]
     kv_positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     kv_valid = (kv_positions < lengths[:, None]).astype(jnp.int32)  # [B,S]
-    return attention_reference(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-                               q_segment_ids=jnp.ones(q.shape[:2], jnp.int32),
-                               kv_segment_ids=kv_valid, causal=True,
-                               sliding_window=sliding_window, scale=scale)
+    return attention_reference(
+        q,
+        k,
+        v,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        q_segment_ids=jnp.ones(q.shape[:2], jnp.int32),
+        kv_segment_ids=kv_valid,
+        causal=True,
+        sliding_window=sliding_window,
+        scale=scale,
+    )
 
 
-def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
-                        sliding_window: int | None = None, scale: float | None = None):
+def paged_attention_xla(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    q_positions,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+):
     """``[B,T,N,H]``: ``paged_attention_reference``'s function (up to float rounding) by
     ``_paged_xla.blocked_attention``, reading each row's visible pages once, in ``q``'s dtype."""
     H = q.shape[-1]
-    return blocked_attention((q,), (k_pages,), v_pages, block_tables, lengths, q_positions,
-                             scale=H**-0.5 if scale is None else scale,
-                             sliding_window=sliding_window)
+    return blocked_attention(
+        (q,),
+        (k_pages,),
+        v_pages,
+        block_tables,
+        lengths,
+        q_positions,
+        scale=H**-0.5 if scale is None else scale,
+        sliding_window=sliding_window,
+    )
 
 
 def paged_attention(
@@ -105,18 +143,23 @@ def paged_attention(
         raise ValueError(f"k_pages has head dim {Hk} but q has {H}")
     if N % K:
         raise ValueError(f"q has {N} heads, not a multiple of the cache's {K} KV heads (N = K*G)")
-    _paged.check_tables(block_tables, lengths, q_positions, batch=B, queries=T, num_pages=P,
-                        page_size=ps)
+    _paged.check_tables(block_tables, lengths, q_positions, batch=B, queries=T, num_pages=P, page_size=ps)
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
         raise ValueError(f"sliding_window={sliding_window!r} is invalid: must be a positive int")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes={block_sizes!r} must be a paged_attention.BlockSizes")
     spec = _paged.Spec(
         caches=(_paged.Cache(H, per_head=True), _paged.Cache(H, per_head=True)),
-        score_caches=(0,), value_cache=1, value_width=H, page_size=ps,
-        scale=float(H**-0.5 if scale is None else scale), window=sliding_window,
-        block_sizes=block_sizes, interpret=bool(interpret), name="paged_attention")
+        score_caches=(0,),
+        value_cache=1,
+        value_width=H,
+        page_size=ps,
+        scale=float(H**-0.5 if scale is None else scale),
+        window=sliding_window,
+        block_sizes=block_sizes,
+        interpret=bool(interpret),
+        name="paged_attention",
+    )
     caches = [k_pages.reshape(P, ps, K * H), v_pages.reshape(P, ps, K * H)]  # free: contiguous
     out = _paged.run(spec, [q], caches, block_tables, lengths, q_positions, K)
     return out.astype(q.dtype)
-

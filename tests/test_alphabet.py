@@ -32,9 +32,11 @@ WEIGHT = re.compile(r"w_[a-z][a-z0-9]*(?:_[a-z0-9]+)*_([a-z]+)")
 
 # (file relative to the repository root, equation) -> why it may use letters outside the alphabet.
 EXCEPTIONS = {
-    ("kernels_pallas/grouped_matmul.py", "MK,EKN->EMN"):
-        "generic grouped GEMM: M, K, N are the GEMM dims of BlockSizes(block_m, block_k, block_n), "
-        "mapped to the MoE's axes in the module doc (K, N = D, F or F, D)",
+    (
+        "kernels_pallas/grouped_matmul.py",
+        "MK,EKN->EMN",
+    ): "generic grouped GEMM: M, K, N are the GEMM dims of BlockSizes(block_m, block_k, block_n), "
+    "mapped to the MoE's axes in the module doc (K, N = D, F or F, D)",
     ("kernels_pallas/grouped_matmul.py", "ME,EMN->MN"): "the same GEMM dims (gmm_reference)",
     ("kernels_pallas/grouped_matmul.py", "ME,MK,MN->EKN"): "the same GEMM dims (tgmm_reference)",
 }
@@ -58,8 +60,12 @@ def find_equations(tree: ast.AST) -> tuple[list[tuple[int, str]], list[int]]:
             elif not isinstance(first, ast.Name):  # a name is a pass-through (Einsum.__call__)
                 dynamic.append(node.lineno)
     for node in ast.walk(tree):  # equations outside those calls (a variable, another wrapper)
-        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in seen
-                and EQUATION.fullmatch(node.value.replace(" ", ""))):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in seen
+            and EQUATION.fullmatch(node.value.replace(" ", ""))
+        ):
             found.append((node.lineno, node.value))
     return found, dynamic
 
@@ -118,17 +124,20 @@ def test_weight_names_use_the_alphabet():
     assert not leaks, "weight axes outside the alphabet:\n" + "\n".join(leaks)
 
 
-@pytest.mark.parametrize("source, leak", [
-    ('import jax.numpy as jnp\njnp.einsum("MK,EKO->EMO", a, b)', "EKO"),
-    ('import jax\njax.numpy.einsum("BTO,DO->BTD", a, b)', "BTO"),
-    ('class M:\n    def f(self, x):\n        return self.w_q_dnh("BTD,DNO->BTNO", x)', "DNO"),
-    ('EQN = "ab,bc->ac"\n', "ab"),
-])
+@pytest.mark.parametrize(
+    "source, leak",
+    [
+        ('import jax.numpy as jnp\njnp.einsum("MK,EKO->EMO", a, b)', "EKO"),
+        ('import jax\njax.numpy.einsum("BTO,DO->BTD", a, b)', "BTO"),
+        ('class M:\n    def f(self, x):\n        return self.w_q_dnh("BTD,DNO->BTNO", x)', "DNO"),
+        ('EQN = "ab,bc->ac"\n', "ab"),
+    ],
+)
 def test_the_finder_catches_a_leak(source, leak):
     equations, _ = find_equations(ast.parse(source))
     assert any(leak in eqn and bad_letters(eqn) for _, eqn in equations), equations
 
 
 def test_the_finder_reads_weight_names():
-    source = 'class M:\n    def __init__(self):\n        self.w_gate_dof = 1\n        self.w_up_df = 2\n'
+    source = "class M:\n    def __init__(self):\n        self.w_gate_dof = 1\n        self.w_up_df = 2\n"
     assert [name for _, name in find_weight_names(ast.parse(source))] == ["w_gate_dof", "w_up_df"]

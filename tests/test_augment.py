@@ -17,8 +17,13 @@ from llmarch.data import augment, augment_text
 # 30 content words, each with two synonyms in the table; "plain" words have none.
 CONTENT = [f"word{i}" for i in range(30)]
 TABLE = augment.TableSynonyms({w: [f"{w}x", f"{w}y"] for w in CONTENT})
-SENTENCES = ["The first sentence is here.", "A second one follows!", "Is this the third?",
-             "\"Quoted, fourth.\"", "Fifth and last."]
+SENTENCES = [
+    "The first sentence is here.",
+    "A second one follows!",
+    "Is this the third?",
+    '"Quoted, fourth."',
+    "Fifth and last.",
+]
 TEXT = " ".join(SENTENCES)
 
 
@@ -251,7 +256,9 @@ def test_random_crop_is_a_sub_window():
     for i in range(6):
         crop = np.asarray(augment.random_crop(IMAGE, jax.random.key(i), (4, 5)))
         assert crop.shape == (4, 5, 3)
-        found = [(y, x) for y in range(3) for x in range(4) if np.array_equal(image[y:y + 4, x:x + 5], crop)]
+        found = [
+            (y, x) for y in range(3) for x in range(4) if np.array_equal(image[y : y + 4, x : x + 5], crop)
+        ]
         assert len(found) == 1
         corners.add(found[0])
     assert len(corners) > 1
@@ -288,13 +295,15 @@ def test_gaussian_noise_statistics_and_dtype():
 
 
 def test_image_augment_through_grain_is_deterministic():
-    aug = augment.ImageAugment([
-        functools.partial(augment.flip_horizontal, p=0.5),
-        functools.partial(augment.random_crop, size=(4, 6), resize=True),
-        functools.partial(augment.random_rotate, max_degrees=20.0),
-        functools.partial(augment.gaussian_noise, std=0.1),
-        lambda image, _: augment.scale(image, 0.5),
-    ])
+    aug = augment.ImageAugment(
+        [
+            functools.partial(augment.flip_horizontal, p=0.5),
+            functools.partial(augment.random_crop, size=(4, 6), resize=True),
+            functools.partial(augment.random_rotate, max_degrees=20.0),
+            functools.partial(augment.gaussian_noise, std=0.1),
+            lambda image, _: augment.scale(image, 0.5),
+        ]
+    )
     records = [{"image": np.asarray(IMAGE), "id": i} for i in range(4)]
 
     def run(seed):
@@ -314,30 +323,36 @@ def test_image_augment_through_grain_is_deterministic():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: augment.synonym_replacement("a b", 0, TABLE, alpha=1.5), ValueError, r"alpha=1.5.*\[0, 1\]"),
-    (lambda: augment.random_insertion("a b", 0, TABLE, n=-1), ValueError, r"n=-1.*>= 0"),
-    (lambda: augment.random_swap("a b", 0, alpha=-0.1), ValueError, r"alpha=-0.1.*\[0, 1\]"),
-    (lambda: augment.random_deletion("a b", 0, p=1.2), ValueError, r"p=1.2.*\[0, 1\]"),
-    (lambda: augment.RandomDeletion(p=-0.5), ValueError, r"p=-0.5"),
-    (lambda: augment.RandomSwap(n=-2), ValueError, r"n=-2"),
-    (lambda: augment.SynonymReplacement(TABLE, alpha=2.0), ValueError, r"alpha=2.0"),
-    (lambda: augment.EasyDataAugmentation(TABLE, p_rd=3.0), ValueError, r"p_rd=3.0"),
-    (lambda: augment.EasyDataAugmentation(TABLE, 0, 0, 0, 0), ValueError, r"at least one"),
-    (lambda: augment.RandomSwap().random_map({"body": "a b"}, np.random.default_rng(0)),
-     ValueError, r"field='text'.*\['body'\]"),
-    (lambda: augment.RandomSwap().random_map({"text": 3}, np.random.default_rng(0)), TypeError, "int"),
-    (lambda: augment.flip_horizontal(IMAGE, KEY, p=1.5), ValueError, r"p=1.5.*\[0.0, 1.0\]"),
-    (lambda: augment.flip_vertical(IMAGE[..., 0], KEY), ValueError, r"shape \(6, 8\).*rank-3"),
-    (lambda: augment.random_crop(IMAGE, KEY, (7, 4)), ValueError, r"size=\(7, 4\).*H=6"),
-    (lambda: augment.random_crop(IMAGE, KEY, 0), ValueError, r"size=\(0, 0\)"),
-    (lambda: augment.scale(IMAGE, 0.0), ValueError, r"factor=0.0"),
-    (lambda: augment.scale(IMAGE, 0.01), ValueError, r"factor=0.01.*\[0, 0\]"),
-    (lambda: augment.rotate(jnp.zeros((4, 4)), 10.0), ValueError, r"rank-3"),
-    (lambda: augment.random_rotate(IMAGE, KEY, -5.0), ValueError, r"max_degrees=-5.0"),
-    (lambda: augment.gaussian_noise(IMAGE, KEY, -1.0), ValueError, r"std=-1.0.*\[0.0, inf\]"),
-    (lambda: augment.ImageAugment([3]), TypeError, r"ops=\[3\]"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: augment.synonym_replacement("a b", 0, TABLE, alpha=1.5), ValueError, r"alpha=1.5.*\[0, 1\]"),
+        (lambda: augment.random_insertion("a b", 0, TABLE, n=-1), ValueError, r"n=-1.*>= 0"),
+        (lambda: augment.random_swap("a b", 0, alpha=-0.1), ValueError, r"alpha=-0.1.*\[0, 1\]"),
+        (lambda: augment.random_deletion("a b", 0, p=1.2), ValueError, r"p=1.2.*\[0, 1\]"),
+        (lambda: augment.RandomDeletion(p=-0.5), ValueError, r"p=-0.5"),
+        (lambda: augment.RandomSwap(n=-2), ValueError, r"n=-2"),
+        (lambda: augment.SynonymReplacement(TABLE, alpha=2.0), ValueError, r"alpha=2.0"),
+        (lambda: augment.EasyDataAugmentation(TABLE, p_rd=3.0), ValueError, r"p_rd=3.0"),
+        (lambda: augment.EasyDataAugmentation(TABLE, 0, 0, 0, 0), ValueError, r"at least one"),
+        (
+            lambda: augment.RandomSwap().random_map({"body": "a b"}, np.random.default_rng(0)),
+            ValueError,
+            r"field='text'.*\['body'\]",
+        ),
+        (lambda: augment.RandomSwap().random_map({"text": 3}, np.random.default_rng(0)), TypeError, "int"),
+        (lambda: augment.flip_horizontal(IMAGE, KEY, p=1.5), ValueError, r"p=1.5.*\[0.0, 1.0\]"),
+        (lambda: augment.flip_vertical(IMAGE[..., 0], KEY), ValueError, r"shape \(6, 8\).*rank-3"),
+        (lambda: augment.random_crop(IMAGE, KEY, (7, 4)), ValueError, r"size=\(7, 4\).*H=6"),
+        (lambda: augment.random_crop(IMAGE, KEY, 0), ValueError, r"size=\(0, 0\)"),
+        (lambda: augment.scale(IMAGE, 0.0), ValueError, r"factor=0.0"),
+        (lambda: augment.scale(IMAGE, 0.01), ValueError, r"factor=0.01.*\[0, 0\]"),
+        (lambda: augment.rotate(jnp.zeros((4, 4)), 10.0), ValueError, r"rank-3"),
+        (lambda: augment.random_rotate(IMAGE, KEY, -5.0), ValueError, r"max_degrees=-5.0"),
+        (lambda: augment.gaussian_noise(IMAGE, KEY, -1.0), ValueError, r"std=-1.0.*\[0.0, inf\]"),
+        (lambda: augment.ImageAugment([3]), TypeError, r"ops=\[3\]"),
+    ],
+)
 def test_bad_parameters_are_named(make, error, match):
     with pytest.raises(error, match=match):
         make()

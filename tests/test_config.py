@@ -18,9 +18,10 @@ def test_json_round_trip(name):
 
 
 def test_json_round_trip_nested_blocks_and_scaling():
-    cfg = _cfg(blocks=(BlockConfig(), BlockConfig()),
-               attention=AttentionConfig(4, 2, 16, rope_scaling=RopeScaling(factor=4.0),
-                                         sliding_window=8))
+    cfg = _cfg(
+        blocks=(BlockConfig(), BlockConfig()),
+        attention=AttentionConfig(4, 2, 16, rope_scaling=RopeScaling(factor=4.0), sliding_window=8),
+    )
     again = ModelConfig.from_json(cfg.to_json())
     assert again == cfg and isinstance(again.blocks[0], BlockConfig)
     assert isinstance(again.attention.rope_scaling, RopeScaling)

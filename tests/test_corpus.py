@@ -38,12 +38,15 @@ def test_jsonl(tmp_path):
     assert load_documents(path, text_field="body") == ["x"]
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"text": "ok"', r"bad\.jsonl:2: not valid JSON"),
-    ('{"content": "x"}', r"bad\.jsonl:2: no field text_field='text' \(found \['content'\]\)"),
-    ('{"text": 3}', r"bad\.jsonl:2: field 'text' is a int, expected a string"),
-    ('["text"]', r"bad\.jsonl:2: no field text_field='text'"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"text": "ok"', r"bad\.jsonl:2: not valid JSON"),
+        ('{"content": "x"}', r"bad\.jsonl:2: no field text_field='text' \(found \['content'\]\)"),
+        ('{"text": 3}', r"bad\.jsonl:2: field 'text' is a int, expected a string"),
+        ('["text"]', r"bad\.jsonl:2: no field text_field='text'"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, line, match):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")

@@ -20,8 +20,9 @@ def test_default_corpus_is_embedded_and_sizeable():
 
 def test_demo_trains_below_the_unigram_entropy():
     logs = []
-    result = demo.run(demo.DemoConfig(steps=60, batch_size=8, seq_len=64, sample_tokens=8,
-                                      eval_batches=2), log=logs.append)
+    result = demo.run(
+        demo.DemoConfig(steps=60, batch_size=8, seq_len=64, sample_tokens=8, eval_batches=2), log=logs.append
+    )
     assert result["val_loss"] < result["unigram_entropy"]
     assert any(line.startswith("sample: ") for line in logs)
 

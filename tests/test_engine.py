@@ -22,15 +22,23 @@ MAX_LEN = 96
 # prefill chunk (chunked prefill, mixed with other sequences' decode tokens).
 PROMPT_LENS = (1, 3, 17, 40, 70)
 MAX_TOKENS = (12, 5, 9, 16, 7)
-ENGINE = dict(max_num_seqs=3, max_num_batched_tokens=32, max_prefill_chunk=16, max_prefill_rows=2,
-              max_len=MAX_LEN, page_size=8, fixed_shapes=True)
+ENGINE = dict(
+    max_num_seqs=3,
+    max_num_batched_tokens=32,
+    max_prefill_chunk=16,
+    max_prefill_rows=2,
+    max_len=MAX_LEN,
+    page_size=8,
+    fixed_shapes=True,
+)
 _MODELS: dict[str, llmarch.Transformer] = {}
 
 
 def _config(name: str) -> llmarch.ModelConfig:
     if name == "tiny-gqa-window":  # GQA with a sliding window shorter than the prompts
         return llmarch.presets.get("tiny-gqa").replace(
-            attention=AttentionConfig(4, 2, 16, sliding_window=8), name=name)
+            attention=AttentionConfig(4, 2, 16, sliding_window=8), name=name
+        )
     return llmarch.presets.get(name)
 
 
@@ -51,7 +59,7 @@ def recompute_greedy(model, prompts, max_tokens) -> list[list[int]]:
     buf = np.zeros((len(prompts), MAX_LEN), np.int32)
     ends = np.array([len(p) for p in prompts])
     for i, p in enumerate(prompts):
-        buf[i, :len(p)] = p
+        buf[i, : len(p)] = p
     forward = jax.jit(lambda b: jnp.argmax(model(b), axis=-1))
     for _ in range(max(max_tokens)):
         nxt = np.asarray(forward(jnp.asarray(buf)))
@@ -59,8 +67,9 @@ def recompute_greedy(model, prompts, max_tokens) -> list[list[int]]:
             if ends[i] < MAX_LEN:
                 buf[i, ends[i]] = nxt[i, ends[i] - 1]
         ends += 1
-    return [buf[i, len(p):len(p) + n].tolist()
-            for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True))]
+    return [
+        buf[i, len(p) : len(p) + n].tolist() for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True))
+    ]
 
 
 def _greedy(n):
@@ -197,8 +206,10 @@ def test_stream_text_stop_tokens_logprobs_and_abort():
     ids = [tok.encode(t).tolist() for t in texts]
     want = recompute_greedy(model, ids, [8, 8])
     stop = want[1][3]
-    params = [SamplingParams(max_tokens=8, temperature=0.0, logprobs=2),
-              SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop,))]
+    params = [
+        SamplingParams(max_tokens=8, temperature=0.0, logprobs=2),
+        SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop,)),
+    ]
     events = list(engine.stream(texts, params))
     by_request: dict[str, list] = {}
     for e in events:
@@ -233,8 +244,17 @@ def test_bucketed_steps_compile_once_per_bucket():
     model = _model("tiny-gqa-window")
     prompts = _prompts(model.cfg.vocab_size, lens=(3, 30, 12, 7), seed=5)
     params = [_greedy(n) for n in (40, 8, 20, 33)]
-    kw = dict(max_num_seqs=4, max_num_batched_tokens=32, max_prefill_chunk=16, max_prefill_rows=1,
-              max_len=64, page_size=16, min_decode_rows=4, min_tokens=16, min_chunk=16)
+    kw = dict(
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        max_prefill_chunk=16,
+        max_prefill_rows=1,
+        max_len=64,
+        page_size=16,
+        min_decode_rows=4,
+        min_tokens=16,
+        min_chunk=16,
+    )
     before = compiled_programs()
     engine = Engine(model, **kw)
     first = engine.generate(prompts, params)

@@ -20,9 +20,19 @@ V = 128
 def hf_dir(tmp_path_factory):
     """A random small Llama (spread-out weights, so that greedy argmaxes are not near ties)."""
     config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -40,20 +50,48 @@ def test_engine_greedy_equals_transformers_generate(hf_dir):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, V, n).tolist() for n in (5, 23, 40)]
     max_tokens = 16
-    engine = Engine(model, cfg, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=16,
-                    max_prefill_rows=1, max_len=64, page_size=8, fixed_shapes=True)
+    engine = Engine(
+        model,
+        cfg,
+        max_num_seqs=2,
+        max_num_batched_tokens=32,
+        max_prefill_chunk=16,
+        max_prefill_rows=1,
+        max_len=64,
+        page_size=8,
+        fixed_shapes=True,
+    )
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     with torch.no_grad():
-        want = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                  max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        want = [
+            hf_model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     assert [o.token_ids for o in outs] == want
 
 
 def test_cli_generates_from_a_hugging_face_checkpoint(hf_dir, capsys):
     path, _ = hf_dir
-    argv = ["generate", "--checkpoint", str(path), "--prompt-ids", "1,2,3", "--prompt-ids", "7 8",
-            "--max-tokens", "5", "--temperature", "0"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt-ids",
+        "7 8",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("[0.0] (length) ")
@@ -67,17 +105,51 @@ def test_cli_generates_from_an_llmarch_run(tmp_path, capsys):
     from llmarch.train.trainer import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig(out_dir=str(run), preset="tiny-dense", seq_len=32, batch_size=2, steps=1,
-                      eval_every=1, eval_batches=1, log_every=1, checkpoint_every=1, tensorboard=False,
-                      progress=False), log=lambda *_: None)
-    argv = ["generate", "--checkpoint", str(run), "--prompt", "To be", "--max-tokens", "6",
-            "--temperature", "0", "--ignore-eos", "--stream"]
+    train(
+        TrainConfig(
+            out_dir=str(run),
+            preset="tiny-dense",
+            seq_len=32,
+            batch_size=2,
+            steps=1,
+            eval_every=1,
+            eval_batches=1,
+            log_every=1,
+            checkpoint_every=1,
+            tensorboard=False,
+            progress=False,
+        ),
+        log=lambda *_: None,
+    )
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(run),
+        "--prompt",
+        "To be",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--stream",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "6 tokens" in out.err
     # n > 1 with a 2-token prompt once hung; the summary counts the tokens generated.
-    argv = ["generate", "--checkpoint", str(run), "--prompt", "hi", "--n", "3", "--max-tokens", "4",
-            "--ignore-eos"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(run),
+        "--prompt",
+        "hi",
+        "--n",
+        "3",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert out.out.count("(length)") == 3 and out.err.startswith("12 tokens in"), out.err

@@ -30,8 +30,14 @@ CHUNKS = (4, 7, 16)
 # 11 pages (10 usable): one long request at a time, so preemption; None: room for every sequence.
 # The small pool comes first: Hypothesis draws the first element most often.
 POOLS = (11, None)
-ENGINE = dict(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=16, max_prefill_rows=2, max_len=MAX_LEN,
-              page_size=PAGE, fixed_shapes=True)
+ENGINE = dict(
+    max_num_seqs=MAX_NUM_SEQS,
+    max_num_batched_tokens=16,
+    max_prefill_rows=2,
+    max_len=MAX_LEN,
+    page_size=PAGE,
+    fixed_shapes=True,
+)
 
 
 @functools.cache
@@ -66,8 +72,11 @@ def _budget_steps(engine: Engine, limit: int) -> None:
     def bounded():
         calls[0] += 1
         if calls[0] > limit:
-            stuck = {rid: [(s.sample_index, s.status.value, len(s.tokens)) for s in r.completions]
-                     for rid, r in engine.requests.items() if not r.finished}
+            stuck = {
+                rid: [(s.sample_index, s.status.value, len(s.tokens)) for s in r.completions]
+                for rid, r in engine.requests.items()
+                if not r.finished
+            }
             raise AssertionError(f"the engine ran {limit} steps without finishing; unfinished: {stuck}")
         return step()
 
@@ -130,8 +139,13 @@ def test_parent_with_one_token_left_is_a_prefill_piece_not_a_decode_row():
     one token (a two-token prompt, or an 18-token prompt after a 16-token chunk) is planned as a
     prefill piece (which forks), never as a decode row (which would sample)."""
     for prompt_len, chunk, pieces in ((2, 16, [(0, 1)]), (18, 16, [(0, 16), (16, 17)])):
-        sched = Scheduler(BlockManager(32, PAGE), max_num_seqs=4, max_num_batched_tokens=16,
-                          max_prefill_chunk=chunk, max_prefill_rows=2)
+        sched = Scheduler(
+            BlockManager(32, PAGE),
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            max_prefill_chunk=chunk,
+            max_prefill_rows=2,
+        )
         request = Request("0", list(range(prompt_len)), SamplingParams(max_tokens=3, n=2), 0, 0.0)
         parent = sched.new_sequence(request, -1, request.prompt[:-1])
         sched.add(parent)
@@ -146,8 +160,14 @@ def test_two_token_prompt_with_n_2_finishes():
     """``llmarch generate --prompt "hi" --n 2 --max-tokens 3``: the engine the CLI builds."""
     tok = ByteTokenizer()
     params = SamplingParams(max_tokens=3, temperature=1.0, seed=0, n=2, stop_token_ids=(tok.eos_id,))
-    engine = Engine(_model(), tokenizer=tok, max_num_seqs=2, max_num_batched_tokens=256,
-                    max_prefill_chunk=256, max_len=2 + 3)
+    engine = Engine(
+        _model(),
+        tokenizer=tok,
+        max_num_seqs=2,
+        max_num_batched_tokens=256,
+        max_prefill_chunk=256,
+        max_len=2 + 3,
+    )
     _budget_steps(engine, 20)
     with _deadline(120):
         [out] = engine.generate(["hi"], params)
@@ -178,8 +198,15 @@ def test_mixed_batch_of_24_requests(num_pages):
     left by the step's token budget), n from 1 to 4, greedy and sampled, in one ``generate``."""
     lens = range(1, 25)
     prompts = [list(_prompt(n, 1)) for n in lens]
-    params = [SamplingParams(max_tokens=1 + i % MAX_TOKENS, n=1 + (i * 3) % MAX_NUM_SEQS,
-                             temperature=0.0 if i % 3 else 1.0, seed=i) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            max_tokens=1 + i % MAX_TOKENS,
+            n=1 + (i * 3) % MAX_NUM_SEQS,
+            temperature=0.0 if i % 3 else 1.0,
+            seed=i,
+        )
+        for i in range(len(prompts))
+    ]
     engine = _engine(16, num_pages)
     _budget_steps(engine, 2000)
     with _deadline(180):
@@ -193,13 +220,18 @@ def test_mixed_batch_of_24_requests(num_pages):
 def test_a_request_that_cannot_progress_raises_instead_of_hanging():
     """A request whose sequences vanished (the state the hang left behind): ``generate`` and
     ``stream`` raise a RuntimeError naming it and its state, instead of looping on empty steps."""
-    for run in (lambda e: e.generate([[5, 6, 7]], SamplingParams(max_tokens=2, n=2)),
-                lambda e: list(e.stream([[5, 6, 7]], SamplingParams(max_tokens=2, n=2)))):
+    for run in (
+        lambda e: e.generate([[5, 6, 7]], SamplingParams(max_tokens=2, n=2)),
+        lambda e: list(e.stream([[5, 6, 7]], SamplingParams(max_tokens=2, n=2))),
+    ):
         engine = _engine()
         engine.scheduler.add = lambda seq: None  # the request's sequences never reach a queue
         _budget_steps(engine, 5)
-        with pytest.raises(RuntimeError, match=r"no progress.*request '0' \(prompt of 3 tokens, n=2.*"
-                                               r"unfinished, in neither queue"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"no progress.*request '0' \(prompt of 3 tokens, n=2.*"
+            r"unfinished, in neither queue",
+        ):
             run(engine)
 
 
@@ -209,21 +241,39 @@ def test_a_request_that_cannot_progress_raises_instead_of_hanging():
 @st.composite
 def _workloads(draw):
     chunk = draw(st.sampled_from(CHUNKS))
-    boundaries = sorted({1, 2, chunk - 1, chunk, chunk + 1, chunk + 2, 2 * chunk + 1, 2 * chunk + 2}
-                        & set(range(1, MAX_PROMPT + 1)))
+    boundaries = sorted(
+        {1, 2, chunk - 1, chunk, chunk + 1, chunk + 2, 2 * chunk + 1, 2 * chunk + 2}
+        & set(range(1, MAX_PROMPT + 1))
+    )
     length = st.one_of(st.sampled_from(boundaries), st.integers(1, MAX_PROMPT))
-    request = st.fixed_dictionaries(dict(
-        length=length, variant=st.integers(0, 1), n=st.integers(1, MAX_NUM_SEQS),
-        max_tokens=st.integers(1, MAX_TOKENS), sampled=st.booleans(),
-        stop_at=st.none() | st.integers(0, MAX_TOKENS - 1)))
+    request = st.fixed_dictionaries(
+        dict(
+            length=length,
+            variant=st.integers(0, 1),
+            n=st.integers(1, MAX_NUM_SEQS),
+            max_tokens=st.integers(1, MAX_TOKENS),
+            sampled=st.booleans(),
+            stop_at=st.none() | st.integers(0, MAX_TOKENS - 1),
+        )
+    )
     requests = draw(st.lists(request, min_size=1, max_size=6))
     early = draw(st.integers(0, len(requests)))  # added before the rest arrive, after `delay` steps
-    return dict(chunk=chunk, num_pages=draw(st.sampled_from(POOLS)), requests=requests, early=early,
-                delay=draw(st.integers(0, 3)))
+    return dict(
+        chunk=chunk,
+        num_pages=draw(st.sampled_from(POOLS)),
+        requests=requests,
+        early=early,
+        delay=draw(st.integers(0, 3)),
+    )
 
 
-@settings(max_examples=50, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_workloads())
 def test_every_request_finishes_with_n_completions_equal_to_running_alone(work):
     prompts, params = [], []
@@ -233,8 +283,15 @@ def test_every_request_finishes_with_n_completions_equal_to_running_alone(work):
         if r["stop_at"] is not None and not r["sampled"]:
             stop = (_alone(tuple(prompt))[r["stop_at"]],)
         prompts.append(prompt)
-        params.append(SamplingParams(max_tokens=r["max_tokens"], n=r["n"], stop_token_ids=stop, seed=i,
-                                     temperature=1.0 if r["sampled"] else 0.0))
+        params.append(
+            SamplingParams(
+                max_tokens=r["max_tokens"],
+                n=r["n"],
+                stop_token_ids=stop,
+                seed=i,
+                temperature=1.0 if r["sampled"] else 0.0,
+            )
+        )
     engine = _engine(work["chunk"], work["num_pages"])
     # Generous: each step computes a token, and preemption recomputes at most every sequence's
     # tokens once per preemption, each of which needs a newer sequence to have run.

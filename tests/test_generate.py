@@ -24,7 +24,7 @@ def test_prefill_then_decode_with_cache_equals_full_forward(window):
     logits, cache = out.logits, out.cache
     np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
     for t in range(6, 9):  # then one token at a time
-        out = model(tokens[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+        out = model(tokens[:, t : t + 1], positions=pos[:, t : t + 1], cache=cache)
         logits, cache = out.logits, out.cache
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 

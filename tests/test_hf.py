@@ -23,14 +23,27 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
 V, T = 128, 64
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def _hf_config(**overrides):
-    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaConfig(**{**kw, **overrides})
 
 
@@ -51,10 +64,23 @@ def _torch_logits(model, tokens):
 
 def _tiny_cfg(**overrides):
     attention = llmarch.AttentionConfig(
-        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=500_000.0,
-        rope_scaling=llmarch.RopeScaling(factor=4.0, original_max_position_embeddings=32))
-    kw = dict(vocab_size=V, d_model=64, num_layers=3, ffn_dim=160, attention=attention,
-              max_seq_len=128, norm_eps=1e-5, init_std=0.1, name="tiny-hf")
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=500_000.0,
+        rope_scaling=llmarch.RopeScaling(factor=4.0, original_max_position_embeddings=32),
+    )
+    kw = dict(
+        vocab_size=V,
+        d_model=64,
+        num_layers=3,
+        ffn_dim=160,
+        attention=attention,
+        max_seq_len=128,
+        norm_eps=1e-5,
+        init_std=0.1,
+        name="tiny-hf",
+    )
     return llmarch.ModelConfig(**{**kw, **overrides})
 
 
@@ -81,10 +107,14 @@ def _assert_same_state(a, b):
         assert np.array_equal(fa[path], fb[path]), path
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
-], ids=["gqa-untied", "llama3-rope-tied"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
+    ],
+    ids=["gqa-untied", "llama3-rope-tied"],
+)
 def test_load_matches_transformers_logits(tmp_path, overrides):
     ref = _torch_model(_hf_config(**overrides))
     ref.save_pretrained(tmp_path)
@@ -170,15 +200,18 @@ def test_missing_files(tmp_path, checkpoint):
         hf.load_pretrained(path)
 
 
-@pytest.mark.parametrize("edit, match", [
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "mistral"}, "model_type"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
-    ({"hidden_size": None}, "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral"}, "model_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+        ({"hidden_size": None}, "hidden_size"),
+    ],
+)
 def test_unsupported_config(tmp_path, checkpoint, edit, match):
     path = _copy(checkpoint, tmp_path)
     config = json.loads((path / hf.CONFIG_FILE).read_text())
@@ -199,11 +232,14 @@ def _bad_shape(t):
     t["model.layers.0.mlp.down_proj.weight"] = np.zeros((64, 8), np.float32)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_drop_q, r"missing \[model\.layers\.1\.self_attn\.q_proj\.weight\]"),
-    (_add_extra, r"unexpected \[model\.layers\.7\.mlp\.extra\.weight\]"),
-    (_bad_shape, r"model\.layers\.0\.mlp\.down_proj\.weight has shape \(64, 8\)"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_drop_q, r"missing \[model\.layers\.1\.self_attn\.q_proj\.weight\]"),
+        (_add_extra, r"unexpected \[model\.layers\.7\.mlp\.extra\.weight\]"),
+        (_bad_shape, r"model\.layers\.0\.mlp\.down_proj\.weight has shape \(64, 8\)"),
+    ],
+)
 def test_tensors_must_match_config(tmp_path, checkpoint, edit, match):
     path = _copy(checkpoint, tmp_path)
     tensors = load_file(path / hf.WEIGHTS_FILE)
@@ -223,8 +259,9 @@ def test_rotary_buffers_are_ignored(tmp_path, checkpoint):
 
 def test_export_rejects_what_llama_cannot_hold():
     cfg = _tiny_cfg()
-    window = cfg.replace(attention=llmarch.AttentionConfig(
-        num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=8))
+    window = cfg.replace(
+        attention=llmarch.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=8)
+    )
     with pytest.raises(ValueError, match="sliding_window"):
         hf.config_to_hf(window)
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -46,19 +46,46 @@ def _tokens(seed=0):
 
 def _mixtral():
     config = transformers.MixtralConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=False)
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     return _randomize(transformers.MixtralForCausalLM(config))
 
 
 def _deepseek():
     config = transformers.DeepseekV3Config(
-        vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
-        num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
-        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     return _randomize(transformers.DeepseekV3ForCausalLM(config))
 
 
@@ -79,7 +106,12 @@ def test_load_matches_transformers_logits(checkpoint):
     else:
         m = cfg.moe
         assert (m.router, m.n_group, m.topk_group, m.num_shared_experts, m.route_scale) == (
-            "sigmoid", 4, 2, 2, 2.5)
+            "sigmoid",
+            4,
+            2,
+            2,
+            2.5,
+        )
         assert [b.ffn for b in cfg.layer_blocks] == ["swiglu", "moe", "moe"]
         bias = model.runs[1].layers.ffn.bias_e[...]
         want = ref.model.layers[2].mlp.gate.e_score_correction_bias.numpy()
@@ -124,8 +156,9 @@ def test_llmarch_moe_configs_export_or_refuse():
 
 def test_expert_bias_is_state_not_parameter():
     with nnx.use_eager_sharding(False):  # shapes only: nothing is computed
-        model = nnx.eval_shape(lambda: llmarch.Transformer(llmarch.presets.get("tiny-deepseek"),
-                                                           rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(
+            lambda: llmarch.Transformer(llmarch.presets.get("tiny-deepseek"), rngs=nnx.Rngs(0))
+        )
     _, params, rest = nnx.split(model, nnx.Param, ...)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)}
     assert names == {"runs.1.layers.ffn.bias_e"}

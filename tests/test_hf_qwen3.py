@@ -27,21 +27,47 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
 V, T = 128, 24
-BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=24, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
-            pad_token_id=None)
+BASE = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 # name -> (class, config fields): each a different corner of the mapping.
 CASES = {
     "qwen3-gqa-untied": ("Qwen3", dict(num_hidden_layers=2, tie_word_embeddings=False)),
-    "qwen3-mha-tied": ("Qwen3", dict(num_hidden_layers=2, num_key_value_heads=4, head_dim=16,
-                                     tie_word_embeddings=True)),
-    "qwen3-sliding": ("Qwen3", dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=8,
-                                    max_window_layers=0, tie_word_embeddings=False)),
-    "qwen3_moe-norm-tied": ("Qwen3Moe", dict(num_hidden_layers=2, norm_topk_prob=True,
-                                             tie_word_embeddings=True, **MOE)),
-    "qwen3_moe-mixed": ("Qwen3Moe", dict(num_hidden_layers=3, norm_topk_prob=False, mlp_only_layers=[1],
-                                         tie_word_embeddings=False, **MOE)),
+    "qwen3-mha-tied": (
+        "Qwen3",
+        dict(num_hidden_layers=2, num_key_value_heads=4, head_dim=16, tie_word_embeddings=True),
+    ),
+    "qwen3-sliding": (
+        "Qwen3",
+        dict(
+            num_hidden_layers=2,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3_moe-norm-tied": (
+        "Qwen3Moe",
+        dict(num_hidden_layers=2, norm_topk_prob=True, tie_word_embeddings=True, **MOE),
+    ),
+    "qwen3_moe-mixed": (
+        "Qwen3Moe",
+        dict(
+            num_hidden_layers=3, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False, **MOE
+        ),
+    ),
 }
 
 
@@ -121,13 +147,30 @@ def test_engine_greedy_equals_transformers_generate(case, tmp_path):
     model, cfg = hf.load_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, V, n).tolist() for n in (5, 23, 40)]
-    engine = Engine(model, cfg, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=16,
-                    max_prefill_rows=1, max_len=64, page_size=8, fixed_shapes=True)
+    engine = Engine(
+        model,
+        cfg,
+        max_num_seqs=2,
+        max_num_batched_tokens=32,
+        max_prefill_chunk=16,
+        max_prefill_rows=1,
+        max_len=64,
+        page_size=8,
+        fixed_shapes=True,
+    )
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
     with torch.no_grad():
-        want = [ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        want = [
+            ref.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     assert [o.token_ids for o in outs] == want
 
 
@@ -151,19 +194,24 @@ def test_save_is_exact_and_transformers_loads_the_same_class(checkpoint, tmp_pat
 
 
 def _qwen3_cfg(**overrides):
-    attention = llmarch.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=24, rope_theta=1e6,
-                                        qk_norm=True, qk_norm_eps=1e-6)
+    attention = llmarch.AttentionConfig(
+        num_heads=4, num_kv_heads=2, head_dim=24, rope_theta=1e6, qk_norm=True, qk_norm_eps=1e-6
+    )
     kw = dict(vocab_size=V, d_model=64, num_layers=2, ffn_dim=96, attention=attention, norm_eps=1e-6)
     return ModelConfig(**{**kw, **overrides})
 
 
 def test_config_round_trips():
     moe = MoEConfig(num_experts=4, top_k=2, expert_dim=32, norm_topk=False, aux_loss_coef=0.01)
-    layouts = {("moe", "moe", "moe", "moe"): (1, []), ("swiglu", "moe", "swiglu", "moe"): (2, []),
-               ("moe", "swiglu", "swiglu", "moe"): (1, [1, 2])}  # the plain step when one gives it
+    layouts = {
+        ("moe", "moe", "moe", "moe"): (1, []),
+        ("swiglu", "moe", "swiglu", "moe"): (2, []),
+        ("moe", "swiglu", "swiglu", "moe"): (1, [1, 2]),
+    }  # the plain step when one gives it
     for layout, (step, dense) in layouts.items():
-        cfg = _qwen3_cfg(num_layers=4, moe=moe, blocks=tuple(BlockConfig(ffn=f) for f in layout),
-                         hf_model_type="qwen3_moe")
+        cfg = _qwen3_cfg(
+            num_layers=4, moe=moe, blocks=tuple(BlockConfig(ffn=f) for f in layout), hf_model_type="qwen3_moe"
+        )
         out = hf.config_to_hf(cfg)
         assert (out["decoder_sparse_step"], out["mlp_only_layers"]) == (step, dense)
         assert hf.config_from_hf(out, name=cfg.name) == cfg
@@ -183,8 +231,13 @@ def test_config_round_trips():
 
 
 def test_qwen3_sparse_step_layout():
-    config = {**hf.config_to_hf(_qwen3_cfg(num_layers=4, hf_model_type="qwen3")), "model_type": "qwen3_moe",
-              **MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    config = {
+        **hf.config_to_hf(_qwen3_cfg(num_layers=4, hf_model_type="qwen3")),
+        "model_type": "qwen3_moe",
+        **MOE,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+    }
     cfg = hf.config_from_hf(config)
     assert [b.ffn for b in cfg.layer_blocks] == ["swiglu", "moe", "swiglu", "swiglu"]
     assert cfg.moe.norm_topk is False and cfg.moe.aux_loss_coef == 0.001  # Qwen3MoeConfig's defaults
@@ -195,22 +248,33 @@ def qwen3_config():
     return hf.config_to_hf(_qwen3_cfg())
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"attention_bias": True}, "attention_bias=True is not supported: llmarch projections have no bias"),
-    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
-     r"layer_types=\['full_attention', 'sliding_attention'\] is not supported.*allowed: all"),
-    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types=.* is not supported"),
-    ({"layer_types": ["sliding_attention"] * 2}, "sliding layers need use_sliding_window=true"),
-    ({"layer_types": ["full_attention"]}, "must list num_hidden_layers=2"),
-    ({"model_type": "qwen2"}, r"model_type='qwen2'.*allowed: 'llama'.*'qwen3' \(Qwen3ForCausalLM\), "
-                              r"'qwen3_moe' \(Qwen3MoeForCausalLM\)"),
-    ({"head_dim": 0}, "head_dim=0 is invalid: must be a positive integer"),
-    ({"model_type": "qwen3_moe", **MOE, "use_sliding_window": True, "sliding_window": 8},
-     "use_sliding_window=True is not supported for Qwen3-MoE"),
-    ({"model_type": "qwen3_moe", **MOE, "mlp_only_layers": [0, 1]}, "leaves no MoE layer"),
-    ({"model_type": "qwen3_moe", **MOE, "mlp_only_layers": "0"}, "mlp_only_layers='0' is invalid"),
-    ({"model_type": "qwen3_moe", **MOE, "num_experts": 0}, "num_experts=0 is not supported"),
-], ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else "")
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"attention_bias": True}, "attention_bias=True is not supported: llmarch projections have no bias"),
+        (
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+            r"layer_types=\['full_attention', 'sliding_attention'\] is not supported.*allowed: all",
+        ),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types=.* is not supported"),
+        ({"layer_types": ["sliding_attention"] * 2}, "sliding layers need use_sliding_window=true"),
+        ({"layer_types": ["full_attention"]}, "must list num_hidden_layers=2"),
+        (
+            {"model_type": "qwen2"},
+            r"model_type='qwen2'.*allowed: 'llama'.*'qwen3' \(Qwen3ForCausalLM\), "
+            r"'qwen3_moe' \(Qwen3MoeForCausalLM\)",
+        ),
+        ({"head_dim": 0}, "head_dim=0 is invalid: must be a positive integer"),
+        (
+            {"model_type": "qwen3_moe", **MOE, "use_sliding_window": True, "sliding_window": 8},
+            "use_sliding_window=True is not supported for Qwen3-MoE",
+        ),
+        ({"model_type": "qwen3_moe", **MOE, "mlp_only_layers": [0, 1]}, "leaves no MoE layer"),
+        ({"model_type": "qwen3_moe", **MOE, "mlp_only_layers": "0"}, "mlp_only_layers='0' is invalid"),
+        ({"model_type": "qwen3_moe", **MOE, "num_experts": 0}, "num_experts=0 is not supported"),
+    ],
+    ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else "",
+)
 def test_unsupported_qwen3_config_fields(qwen3_config, changes, match):
     with pytest.raises(ValueError, match=r"^config\.json .*" + match):
         hf.config_from_hf({**qwen3_config, **changes})
@@ -237,10 +301,14 @@ def test_export_refuses_what_the_architecture_cannot_hold():
         hf.config_to_hf(cfg, architecture="gpt2")
     with pytest.raises(ValueError, match=r"ModelConfig.hf_model_type='gpt2' is not supported"):
         hf.config_to_hf(cfg.replace(hf_model_type="gpt2"))
-    moe = cfg.replace(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32),
-                      blocks=(BlockConfig(ffn="moe"),) * 2)
-    with pytest.raises(ValueError, match=r"BlockConfig.ffn='moe' has no Qwen3ForCausalLM tensors "
-                                         r"\(model_type 'qwen3'\); allowed: \['swiglu'\]"):
+    moe = cfg.replace(
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32), blocks=(BlockConfig(ffn="moe"),) * 2
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"BlockConfig.ffn='moe' has no Qwen3ForCausalLM tensors "
+        r"\(model_type 'qwen3'\); allowed: \['swiglu'\]",
+    ):
         hf.config_to_hf(moe, architecture="qwen3")
     shared = moe.replace(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, num_shared_experts=1))
     with pytest.raises(ValueError, match="MoEConfig.num_shared_experts=1 has no Qwen3-MoE equivalent"):
@@ -253,8 +321,9 @@ def test_an_llmarch_model_saves_as_the_architecture_asked_for(tmp_path):
     cfg = _qwen3_cfg()
     graphdef, state = nnx.split(llmarch.Transformer(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(1)
-    model = nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32),
-                                             state))
+    model = nnx.merge(
+        graphdef, jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), state)
+    )
     hf.save_pretrained(model, cfg, tmp_path, architecture="qwen3")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(ref).__name__ == "Qwen3ForCausalLM"

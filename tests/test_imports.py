@@ -33,7 +33,8 @@ def _modules() -> dict[str, pathlib.Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_package: bool, modules: dict) -> set[str]:
@@ -73,8 +74,10 @@ def _imports(tree: ast.AST, module: str, is_package: bool, modules: dict) -> set
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: _imports(ast.parse(path.read_text()), name, path.name == "__init__.py", modules)
-            for name, path in modules.items()}
+    return {
+        name: _imports(ast.parse(path.read_text()), name, path.name == "__init__.py", modules)
+        for name, path in modules.items()
+    }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -87,7 +90,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -117,6 +120,11 @@ def test_a_cycle_is_found_when_there_is_one():
 
 
 def test_layers_do_not_import_what_builds_on_them(graph):
-    bad = sorted((name, dep) for name, deps in graph.items() if name.startswith("llmarch.layers")
-                 for dep in deps if dep.startswith(LAYERS_MAY_NOT_IMPORT))
+    bad = sorted(
+        (name, dep)
+        for name, deps in graph.items()
+        if name.startswith("llmarch.layers")
+        for dep in deps
+        if dep.startswith(LAYERS_MAY_NOT_IMPORT)
+    )
     assert not bad, f"layer modules importing model/train/inference/hf: {bad}"

@@ -21,8 +21,9 @@ SMALL = BlockSizes(block_q=8, block_kv=8, block_q_bwd=8, block_kv_bwd=8)
 def assert_close(actual, expected, dtype, what=""):
     expected = np.asarray(expected, np.float32)
     scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0,
-                               atol=TOL[dtype] * scale, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), expected, rtol=0, atol=TOL[dtype] * scale, err_msg=what
+    )
 
 
 def _inputs(B, T, S, N, K, H, dtype, seed=0):
@@ -37,13 +38,13 @@ def _options(name, B, T, S):
     """Mask options: positions (queries at the end of the keys, as in decoding against a
     cache, when T < S), and segment ids that pack two documents in row 0."""
     kv_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
-    q_pos = kv_pos[:, S - T:]
+    q_pos = kv_pos[:, S - T :]
     opts = dict(q_positions=q_pos, kv_positions=kv_pos)
     if name == "window":
         opts["sliding_window"] = 3
     elif name == "segments":
-        seg = jnp.zeros((B, S), jnp.int32).at[0, S // 2:].set(1)
-        opts.update(q_segment_ids=seg[:, S - T:], kv_segment_ids=seg)
+        seg = jnp.zeros((B, S), jnp.int32).at[0, S // 2 :].set(1)
+        opts.update(q_segment_ids=seg[:, S - T :], kv_segment_ids=seg)
     elif name == "noncausal":
         opts["causal"] = False
     return opts
@@ -76,10 +77,13 @@ def test_flash_attention_matches_reference(dtype, option):
     _check(GQA_RAGGED, dtype, option)
 
 
-@pytest.mark.parametrize("shape,option", [
-    ((2, 5, 19, 3, 1, 8), "window"),  # MQA, 5 queries at the end of 19 keys (a cache)
-    ((2, 16, 16, 2, 2, 8), "segments"),  # MHA, exact multiples of the blocks
-])
+@pytest.mark.parametrize(
+    "shape,option",
+    [
+        ((2, 5, 19, 3, 1, 8), "window"),  # MQA, 5 queries at the end of 19 keys (a cache)
+        ((2, 16, 16, 2, 2, 8), "segments"),  # MHA, exact multiples of the blocks
+    ],
+)
 def test_flash_attention_other_shapes(shape, option):
     _check(shape, jnp.float32, option)
 
@@ -91,8 +95,7 @@ def test_without_interpret_a_cpu_runs_the_interpreted_kernel():
     pos = jnp.arange(8)[None]
     f = jax.jit(functools.partial(flash_attention, q_positions=pos, kv_positions=pos))
     assert "pallas_call" in str(jax.make_jaxpr(f)(q, k, v))
-    assert_close(f(q, k, v), attention_reference(q, k, v, q_positions=pos, kv_positions=pos),
-                 jnp.float32)
+    assert_close(f(q, k, v), attention_reference(q, k, v, q_positions=pos, kv_positions=pos), jnp.float32)
 
 
 def test_query_that_sees_nothing_gets_zeros_and_finite_grads():
@@ -101,8 +104,17 @@ def test_query_that_sees_nothing_gets_zeros_and_finite_grads():
     seg_q, seg_k = jnp.array([[1, 1, 2, 2]]), jnp.array([[2, 2, 2, 2]])  # queries 0, 1 see no key
 
     def f(q, k, v):
-        return flash_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg_q,
-                               kv_segment_ids=seg_k, block_sizes=SMALL, interpret=True)
+        return flash_attention(
+            q,
+            k,
+            v,
+            q_positions=pos,
+            kv_positions=pos,
+            q_segment_ids=seg_q,
+            kv_segment_ids=seg_k,
+            block_sizes=SMALL,
+            interpret=True,
+        )
 
     out = jax.jit(f)(q, k, v)
     assert np.all(np.asarray(out[:, :2]) == 0)
@@ -133,10 +145,13 @@ def test_bad_inputs_raise_before_compiling():
         BlockSizes(block_q=0)
 
 
-@pytest.mark.parametrize("blocks,match", [
-    (BlockSizes(block_q=128, block_kv=96), "block_kv=96 does not tile on TPU"),
-    (BlockSizes(block_q=24, block_kv=128), "block_q=24 does not tile on GPU"),
-])
+@pytest.mark.parametrize(
+    "blocks,match",
+    [
+        (BlockSizes(block_q=128, block_kv=96), "block_kv=96 does not tile on TPU"),
+        (BlockSizes(block_q=24, block_kv=128), "block_q=24 does not tile on GPU"),
+    ],
+)
 def test_block_sizes_that_do_not_tile_raise_at_trace_time(blocks, match):
     """Without interpret, tracing builds the TPU and the Triton kernels: each checks its tiles."""
     q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)

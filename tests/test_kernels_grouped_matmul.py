@@ -29,8 +29,9 @@ CASES = {
 def assert_close(actual, expected, dtype, what=""):
     expected = np.asarray(expected, np.float32)
     scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0,
-                               atol=TOL[dtype] * scale, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), expected, rtol=0, atol=TOL[dtype] * scale, err_msg=what
+    )
 
 
 def _inputs(case, dtype, transpose_rhs=False):
@@ -43,15 +44,15 @@ def _inputs(case, dtype, transpose_rhs=False):
 
 
 @pytest.mark.parametrize("target", ["tpu", "gpu"])
-@pytest.mark.parametrize("case,transpose_rhs", [("ragged", False), ("ragged", True),
-                                                ("one_group_exact", False)])
+@pytest.mark.parametrize(
+    "case,transpose_rhs", [("ragged", False), ("ragged", True), ("one_group_exact", False)]
+)
 def test_gmm_and_tgmm_kernels_match_reference(target, case, transpose_rhs):
     lhs, rhs, sizes, grad = _inputs(case, jnp.float32, transpose_rhs)
     st = gm._Static(transpose_rhs, SMALL, True)
     out = jax.jit(lambda a, b, g: gm._gmm_call(st, target, True, a, b, g, a.dtype))(lhs, rhs, sizes)
     assert_close(out, gm.gmm_reference(lhs, rhs, sizes, transpose_rhs=transpose_rhs), jnp.float32)
-    t_out = jax.jit(lambda a, b, g: gm._tgmm_call(st, target, True, a, b, g, a.dtype))(lhs, grad,
-                                                                                     sizes)
+    t_out = jax.jit(lambda a, b, g: gm._tgmm_call(st, target, True, a, b, g, a.dtype))(lhs, grad, sizes)
     assert_close(t_out, gm.tgmm_reference(lhs, grad, sizes), jnp.float32)
 
 
@@ -59,8 +60,9 @@ def test_gmm_and_tgmm_kernels_match_reference(target, case, transpose_rhs):
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_values_and_gradients(dtype, transpose_rhs):
     lhs, rhs, sizes, grad = _inputs("ragged", dtype, transpose_rhs)
-    kernel = functools.partial(gm.gmm, group_sizes=sizes, transpose_rhs=transpose_rhs,
-                               block_sizes=SMALL, interpret=True)
+    kernel = functools.partial(
+        gm.gmm, group_sizes=sizes, transpose_rhs=transpose_rhs, block_sizes=SMALL, interpret=True
+    )
     reference = functools.partial(gm.gmm_reference, group_sizes=sizes, transpose_rhs=transpose_rhs)
 
     def value_and_grads(fn, *args):
@@ -80,8 +82,11 @@ def test_xla_op_equals_reference():
     lhs, rhs, sizes, grad = _inputs("ragged", jnp.float32)
     for t in (False, True):
         r = jnp.swapaxes(rhs, 1, 2) if t else rhs
-        assert_close(gm.gmm_xla(lhs, r, sizes, transpose_rhs=t),
-                     gm.gmm_reference(lhs, r, sizes, transpose_rhs=t), jnp.float32)
+        assert_close(
+            gm.gmm_xla(lhs, r, sizes, transpose_rhs=t),
+            gm.gmm_reference(lhs, r, sizes, transpose_rhs=t),
+            jnp.float32,
+        )
 
 
 def test_bad_inputs_raise():
@@ -97,7 +102,9 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="group_sizes has dtype float32"):
         gm.gmm(lhs, rhs, sizes.astype(jnp.float32))
     with pytest.raises(ValueError, match="block_k=100 does not tile on TPU"):
-        jax.eval_shape(lambda a, b, g: gm.gmm(a, b, g, block_sizes=gm.BlockSizes(128, 100, 128)),
-                       jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16),
-                       jax.ShapeDtypeStruct((4, 512, 512), jnp.bfloat16),
-                       jax.ShapeDtypeStruct((4,), jnp.int32))
+        jax.eval_shape(
+            lambda a, b, g: gm.gmm(a, b, g, block_sizes=gm.BlockSizes(128, 100, 128)),
+            jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4, 512, 512), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4,), jnp.int32),
+        )

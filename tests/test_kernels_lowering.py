@@ -41,11 +41,18 @@ def _flash():
     B, T, N, K, H = 2, 1024, 8, 2, 128
 
     def f(q, k, v, pos, seg):
-        return fa.flash_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                                  kv_segment_ids=seg, sliding_window=512)
+        return fa.flash_attention(
+            q,
+            k,
+            v,
+            q_positions=pos,
+            kv_positions=pos,
+            q_segment_ids=seg,
+            kv_segment_ids=seg,
+            sliding_window=512,
+        )
 
-    args = (sds((B, T, N, H)), sds((B, T, K, H)), sds((B, T, K, H)), sds((B, T), I32),
-            sds((B, T), I32))
+    args = (sds((B, T, N, H)), sds((B, T, K, H)), sds((B, T, K, H)), sds((B, T), I32), sds((B, T), I32))
     return _loss_and_grads(f, (0, 1, 2)), args, 3  # forward, dq, dk/dv
 
 
@@ -77,22 +84,40 @@ def _memory_lookup_grouped():
 
 def _paged(page_size):
     B, T, N, K, H, P, max_pages = 8, 4, 32, 8, 128, 2048, 4096 // page_size
-    args = (sds((B, T, N, H)), sds((P, page_size, K, H)), sds((P, page_size, K, H)),
-            sds((B, max_pages), I32), sds((B,), I32), sds((B, T), I32))
+    args = (
+        sds((B, T, N, H)),
+        sds((P, page_size, K, H)),
+        sds((P, page_size, K, H)),
+        sds((B, max_pages), I32),
+        sds((B,), I32),
+        sds((B, T), I32),
+    )
     return pa.paged_attention, args, 1
 
 
 def _mla():
     B, T, N, A, R, P, ps, max_pages = 8, 1, 128, 512, 64, 2048, 64, 64
-    args = (sds((B, T, N, A)), sds((B, T, N, R)), sds((P, ps, A)), sds((P, ps, R)),
-            sds((B, max_pages), I32), sds((B,), I32), sds((B, T), I32))
+    args = (
+        sds((B, T, N, A)),
+        sds((B, T, N, R)),
+        sds((P, ps, A)),
+        sds((P, ps, R)),
+        sds((B, max_pages), I32),
+        sds((B,), I32),
+        sds((B, T), I32),
+    )
     return (lambda *a: md.mla_decode(*a, scale=192**-0.5)), args, 1
 
 
-KERNELS = {"flash_attention": _flash, "grouped_matmul": _gmm, "memory_lookup": _memory_lookup,
-           "memory_lookup_grouped": _memory_lookup_grouped,
-           "paged_attention_page16": lambda: _paged(16),
-           "paged_attention_page64": lambda: _paged(64), "mla_decode": _mla}
+KERNELS = {
+    "flash_attention": _flash,
+    "grouped_matmul": _gmm,
+    "memory_lookup": _memory_lookup,
+    "memory_lookup_grouped": _memory_lookup_grouped,
+    "paged_attention_page16": lambda: _paged(16),
+    "paged_attention_page64": lambda: _paged(64),
+    "mla_decode": _mla,
+}
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -16,15 +16,15 @@ import pytest
 from kernels_pallas import memory_lookup as ml
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2}
-SMALL = ml.BlockSizes(picks_per_step=4, tokens_per_call=4, entries_per_call=24, block_b=4,
-                      block_d=8)
+SMALL = ml.BlockSizes(picks_per_step=4, tokens_per_call=4, entries_per_call=24, block_b=4, block_d=8)
 
 
 def assert_close(actual, expected, dtype, what=""):
     expected = np.asarray(expected, np.float32)
     scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0,
-                               atol=TOL[dtype] * scale, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), expected, rtol=0, atol=TOL[dtype] * scale, err_msg=what
+    )
 
 
 def _inputs(M, D, B, J, dtype):
@@ -42,8 +42,7 @@ def _reference(table, idx, weights, d_out):
 
 
 def _grouped_reference(table, idx, weights, blocks, W, d_out):
-    out, vjp = jax.vjp(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W),
-                       table, weights)
+    out, vjp = jax.vjp(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W), table, weights)
     return (out, *vjp(d_out.astype(out.dtype)))
 
 
@@ -58,16 +57,16 @@ def test_kernel_builds_match_reference(target, shape, W):
     st = ml._Static(SMALL, True, W)
     out = jax.jit(lambda *a: ml._forward_call(st, target, True, *a))(table, idx, weights, blocks)
     d_table, d_weights = jax.jit(lambda *a: ml._backward_call(st, target, True, *a))(
-        table, idx, weights, blocks, d_out)
+        table, idx, weights, blocks, d_out
+    )
     if W == 1:
         want = _reference(table, idx, weights, d_out[:, 0])
         want = (want[0][:, None], *want[1:])
     else:
         want = _grouped_reference(table, idx, weights, blocks, W, d_out)
-    for name, a, b in zip(("out", "d_table", "d_weights"), (out, d_table, d_weights), want,
-                          strict=True):
+    for name, a, b in zip(("out", "d_table", "d_weights"), (out, d_table, d_weights), want, strict=True):
         assert_close(a, b, jnp.float32, f"{target} {name}")
-    np.testing.assert_array_equal(d_table[shape[0] // 2:], 0)  # untouched rows stay zero
+    np.testing.assert_array_equal(d_table[shape[0] // 2 :], 0)  # untouched rows stay zero
 
 
 def test_grouped_public_wrapper_gradients():
@@ -79,9 +78,13 @@ def test_grouped_public_wrapper_gradients():
         out, vjp = jax.vjp(fn, table, weights)
         return (out, *vjp(d_out))
 
-    got = jax.jit(lambda t, w: value_and_grads(
-        lambda t, w: ml.memory_lookup_grouped(t, idx, w, blocks, 4, block_sizes=SMALL,
-                                              interpret=True), t, w))(table, weights)
+    got = jax.jit(
+        lambda t, w: value_and_grads(
+            lambda t, w: ml.memory_lookup_grouped(t, idx, w, blocks, 4, block_sizes=SMALL, interpret=True),
+            t,
+            w,
+        )
+    )(table, weights)
     want = _grouped_reference(table, idx, weights, blocks, 4, d_out)
     for name, a, b in zip(("out", "d_table", "d_weights"), got, want, strict=True):
         assert_close(a, b, jnp.float32, name)
@@ -92,8 +95,9 @@ def test_memory_lookup_values_and_gradients(dtype):
     table, idx, weights, d_out = _inputs(50, 24, 7, 6, dtype)
 
     def value_and_grads(table, weights):
-        out, vjp = jax.vjp(lambda t, w: ml.memory_lookup(t, idx, w, block_sizes=SMALL,
-                                                         interpret=True), table, weights)
+        out, vjp = jax.vjp(
+            lambda t, w: ml.memory_lookup(t, idx, w, block_sizes=SMALL, interpret=True), table, weights
+        )
         return (out, *vjp(d_out.astype(out.dtype)))
 
     got = jax.jit(value_and_grads)(table, weights)

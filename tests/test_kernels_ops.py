@@ -28,8 +28,9 @@ OPS = ("attention", "grouped_matmul", "memory_lookup", "paged_attention", "mla_d
 def assert_close(actual, expected, tol=1e-5, what=""):
     expected = np.asarray(expected, np.float32)
     scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0, atol=tol * scale,
-                               err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), expected, rtol=0, atol=tol * scale, err_msg=what
+    )
 
 
 # What llmarch.ops documents: "auto" is the Pallas kernel on TPU/GPU, the XLA reference elsewhere
@@ -71,28 +72,37 @@ def test_grouped_matmul_and_memory_lookup_ops_agree():
     k = jax.random.split(jax.random.key(0), 5)
     lhs, rhs = jax.random.normal(k[0], (20, 16)), jax.random.normal(k[1], (3, 16, 24))
     sizes = jnp.array([6, 0, 11], jnp.int32)
-    assert_close(ops.grouped_matmul(lhs, rhs, sizes, impl="pallas"),
-                 ops.grouped_matmul(lhs, rhs, sizes, impl="xla"))
+    assert_close(
+        ops.grouped_matmul(lhs, rhs, sizes, impl="pallas"), ops.grouped_matmul(lhs, rhs, sizes, impl="xla")
+    )
     table, idx = jax.random.normal(k[2], (40, 16)), jax.random.randint(k[3], (5, 4), 0, 40)
     w = jax.random.normal(k[4], (5, 4))
-    assert_close(ops.memory_lookup(table, idx, w, impl="pallas"),
-                 ops.memory_lookup(table, idx, w, impl="xla"))
+    assert_close(
+        ops.memory_lookup(table, idx, w, impl="pallas"), ops.memory_lookup(table, idx, w, impl="xla")
+    )
 
 
 def test_paged_ops_agree():
     k = jax.random.split(jax.random.key(1), 7)
     P, ps = 8, 4
-    q, kp, vp = (jax.random.normal(k[0], (2, 2, 4, 8)), jax.random.normal(k[1], (P, ps, 2, 8)),
-                 jax.random.normal(k[2], (P, ps, 2, 8)))
+    q, kp, vp = (
+        jax.random.normal(k[0], (2, 2, 4, 8)),
+        jax.random.normal(k[1], (P, ps, 2, 8)),
+        jax.random.normal(k[2], (P, ps, 2, 8)),
+    )
     tables = jnp.array([[3, 1, 5], [0, 7, 2]], jnp.int32)
     lengths = jnp.array([10, 3], jnp.int32)
     q_pos = jnp.array([[9, -1], [1, 2]], jnp.int32)  # a decode step and a prefill chunk
-    assert_close(ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="pallas"),
-                 ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="xla"))
+    assert_close(
+        ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="pallas"),
+        ops.paged_attention(q, kp, vp, tables, lengths, q_pos, impl="xla"),
+    )
     q_a, q_r = jax.random.normal(k[3], (2, 2, 4, 16)), jax.random.normal(k[4], (2, 2, 4, 8))
     c, k_r = jax.random.normal(k[5], (P, ps, 16)), jax.random.normal(k[6], (P, ps, 8))
-    assert_close(ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="pallas"),
-                 ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="xla"))
+    assert_close(
+        ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="pallas"),
+        ops.mla_decode(q_a, q_r, c, k_r, tables, lengths, q_pos, scale=0.3, impl="xla"),
+    )
 
 
 def _loss_and_grads(model, tokens, segment_ids):
@@ -130,8 +140,11 @@ def test_model_forward_and_backward_pallas_equals_xla(preset):
         model = llmarch.Transformer(cfg.replace(impl=impl), rngs=nnx.Rngs(0))
         results[impl] = _loss_and_grads(model, tokens, segment_ids)
         if impl == "pallas":
-            expected = {"flash_attention_fwd"} | ({"gmm"} if cfg.moe else set()) | (
-                {"memory_lookup_fwd"} if cfg.memory else set())
+            expected = (
+                {"flash_attention_fwd"}
+                | ({"gmm"} if cfg.moe else set())
+                | ({"memory_lookup_fwd"} if cfg.memory else set())
+            )
             assert expected <= _kernels_called(model, tokens, segment_ids)
     (v1, l1, g1), (v2, l2, g2) = results["xla"], results["pallas"]
     assert_close(v2, v1, what="loss")
@@ -154,9 +167,12 @@ def test_moe_layer_dropless_pallas_equals_xla():
         y, _ = nnx.merge(graphdef, params, rest)(x, strategy="dropless", impl=impl)
         return jnp.mean(y**2), y
 
-    results = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), argnums=(0, 1),
-                                                has_aux=True))(params, x)
-               for impl in ("xla", "pallas")}
+    results = {
+        impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), argnums=(0, 1), has_aux=True))(
+            params, x
+        )
+        for impl in ("xla", "pallas")
+    }
     ((_, y1), g1), ((_, y2), g2) = results["xla"], results["pallas"]
     assert_close(y2, y1, what="y")
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):

@@ -74,9 +74,22 @@ def test_a_kind_defined_in_a_test_runs_through_model_and_accounting(toy_kind):
 
 
 def test_a_kind_defined_in_a_test_trains_and_checkpoints(toy_kind, tmp_path):
-    run = train(TrainConfig(out_dir=str(tmp_path / "run"), model=_config(), steps=6, seq_len=32,
-                            batch_size=4, eval_every=1000, eval_batches=1, log_every=1, checkpoint_every=3,
-                            progress=False, tensorboard=False), log=lambda s: None)
+    run = train(
+        TrainConfig(
+            out_dir=str(tmp_path / "run"),
+            model=_config(),
+            steps=6,
+            seq_len=32,
+            batch_size=4,
+            eval_every=1000,
+            eval_batches=1,
+            log_every=1,
+            checkpoint_every=3,
+            progress=False,
+            tensorboard=False,
+        ),
+        log=lambda s: None,
+    )
     assert run.losses[6] < run.losses[1]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3", "6"]
 
@@ -85,13 +98,14 @@ def test_a_kind_defined_in_a_test_serves_greedy_like_full_recompute(toy_kind):
     cfg = _config()
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(1))
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 11).tolist()
-    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=16, max_prefill_chunk=8, max_len=32,
-                    page_size=8)
+    engine = Engine(
+        model, max_num_seqs=2, max_num_batched_tokens=16, max_prefill_chunk=8, max_len=32, page_size=8
+    )
     got = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0))[0].token_ids
     seq = list(prompt)
     for _ in range(6):  # greedy by full recomputation, no cache
         seq.append(int(jnp.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1])))
-    assert got == seq[len(prompt):]
+    assert got == seq[len(prompt) :]
 
 
 def test_unknown_kinds_are_clear_errors_everywhere():
@@ -115,8 +129,11 @@ def test_a_layer_that_breaks_its_aux_contract_fails_while_tracing():
     try:
         cfg = llmarch.presets.get("tiny-dense").replace(blocks=(BlockConfig(ffn="liar"),) * 2)
         model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
-        with pytest.raises(TypeError, match=r"'liar' layer returned aux keys \['metrics'\], but its kind "
-                                            r"declares \['loss'\]"):
+        with pytest.raises(
+            TypeError,
+            match=r"'liar' layer returned aux keys \['metrics'\], but its kind "
+            r"declares \['loss'\]",
+        ):
             model(jnp.zeros((1, 4), jnp.int32))
     finally:
         kinds.unregister("ffn", "liar")

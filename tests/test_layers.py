@@ -73,8 +73,11 @@ def _naive_mha(q, k, v, causal=True):
 
 def _qkv(B=2, T=6, N=4, K=4, H=8, seed=0):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (B, T, N, H)), jax.random.normal(kk, (B, T, K, H)),
-            jax.random.normal(kv, (B, T, K, H)))
+    return (
+        jax.random.normal(kq, (B, T, N, H)),
+        jax.random.normal(kk, (B, T, K, H)),
+        jax.random.normal(kv, (B, T, K, H)),
+    )
 
 
 def _pos(B, T):
@@ -91,12 +94,14 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     q, k, v = _qkv(N=6, K=2)
     pos = _pos(2, 6)
     gqa = attention_reference(q, k, v, q_positions=pos, kv_positions=pos)
-    mha = attention_reference(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2),
-                              q_positions=pos, kv_positions=pos)
+    mha = attention_reference(
+        q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), q_positions=pos, kv_positions=pos
+    )
     np.testing.assert_allclose(gqa, mha, atol=1e-6)
     mqa = attention_reference(q, k[:, :, :1], v[:, :, :1], q_positions=pos, kv_positions=pos)
-    np.testing.assert_allclose(mqa, _naive_mha(q, jnp.repeat(k[:, :, :1], 6, 2),
-                                               jnp.repeat(v[:, :, :1], 6, 2)), atol=1e-5)
+    np.testing.assert_allclose(
+        mqa, _naive_mha(q, jnp.repeat(k[:, :, :1], 6, 2), jnp.repeat(v[:, :, :1], 6, 2)), atol=1e-5
+    )
 
 
 def test_sliding_window_matches_truncated_context():
@@ -104,8 +109,7 @@ def test_sliding_window_matches_truncated_context():
     pos = _pos(1, 8)
     out = attention_reference(q, k, v, q_positions=pos, kv_positions=pos, sliding_window=3)
     # The last query sees exactly keys 5, 6, 7: the same as full causal attention over them.
-    tail = attention_reference(q[:, 5:], k[:, 5:], v[:, 5:], q_positions=pos[:, 5:],
-                               kv_positions=pos[:, 5:])
+    tail = attention_reference(q[:, 5:], k[:, 5:], v[:, 5:], q_positions=pos[:, 5:], kv_positions=pos[:, 5:])
     np.testing.assert_allclose(out[:, -1], tail[:, -1], atol=1e-6)
 
 
@@ -113,12 +117,21 @@ def test_fully_masked_query_gives_zeros_not_nan():
     q, k, v = _qkv(B=1, T=4, N=2, K=2)
     seg_q = jnp.array([[1, 1, 1, 1]])
     seg_k = jnp.array([[2, 2, 2, 2]])
-    out = attention_reference(q, k, v, q_positions=_pos(1, 4), kv_positions=_pos(1, 4),
-                              q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    out = attention_reference(
+        q, k, v, q_positions=_pos(1, 4), kv_positions=_pos(1, 4), q_segment_ids=seg_q, kv_segment_ids=seg_k
+    )
     assert np.all(np.asarray(out) == 0)
-    g = jax.grad(lambda q: attention_reference(q, k, v, q_positions=_pos(1, 4),
-                                               kv_positions=_pos(1, 4), q_segment_ids=seg_q,
-                                               kv_segment_ids=seg_k).sum())(q)
+    g = jax.grad(
+        lambda q: attention_reference(
+            q,
+            k,
+            v,
+            q_positions=_pos(1, 4),
+            kv_positions=_pos(1, 4),
+            q_segment_ids=seg_q,
+            kv_segment_ids=seg_k,
+        ).sum()
+    )(q)
     assert np.all(np.isfinite(g))
 
 

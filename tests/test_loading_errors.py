@@ -24,8 +24,15 @@ W = hf.WEIGHTS_FILE
 
 def _tiny_cfg():
     attention = llmarch.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8)
-    return llmarch.ModelConfig(vocab_size=64, d_model=32, num_layers=2, ffn_dim=48, attention=attention,
-                               max_seq_len=64, name="tiny-errors")
+    return llmarch.ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        num_layers=2,
+        ffn_dim=48,
+        attention=attention,
+        max_seq_len=64,
+        name="tiny-errors",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,10 @@ def _edit_config(path, **changes):
 @pytest.fixture
 def no_build(monkeypatch):
     """Config errors must come before any model is built (or anything compiled)."""
+
     def fail(*args, **kwargs):
         raise AssertionError("a model was built from an invalid config")
+
     monkeypatch.setattr(hf.pretrained, "from_hf_tensors", fail)  # where load_pretrained looks
 
 
@@ -72,8 +81,9 @@ def _garbage(file):
     file.write_bytes(np.random.default_rng(0).bytes(5000))
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _garbage, lambda f: f.write_bytes(b"")],
-                         ids=["truncated", "garbage", "empty"])
+@pytest.mark.parametrize(
+    "corrupt", [_truncate, _garbage, lambda f: f.write_bytes(b"")], ids=["truncated", "garbage", "empty"]
+)
 def test_corrupt_weights_file_is_named(ckpt, corrupt):
     corrupt(ckpt / W)
     with pytest.raises(ValueError, match=re.escape(str(ckpt / W)) + " is not a readable safetensors file"):
@@ -94,13 +104,15 @@ def test_corrupt_shard_is_named(tmp_path, checkpoint):
     index = json.loads((path / hf.INDEX_FILE).read_text())
     index["weight_map"]["model.embed_tokens.weight"] = shards[-1].name  # a shard without it
     (path / hf.INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=re.escape(f"in {shards[-1]} that it does not hold: "
-                                                   "model.embed_tokens.weight")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"in {shards[-1]} that it does not hold: model.embed_tokens.weight")
+    ):
         hf.load_pretrained(path)
 
 
-@pytest.mark.parametrize("text, match", [("[1", "is not valid JSON"),
-                                         ('["weight_map"]', "must hold a JSON object, not an array")])
+@pytest.mark.parametrize(
+    "text, match", [("[1", "is not valid JSON"), ('["weight_map"]', "must hold a JSON object, not an array")]
+)
 def test_bad_shard_index_is_named(ckpt, text, match):
     (ckpt / hf.INDEX_FILE).write_text(text)
     with pytest.raises(ValueError, match=re.escape(str(ckpt / hf.INDEX_FILE)) + " " + match):
@@ -110,12 +122,16 @@ def test_bad_shard_index_is_named(ckpt, text, match):
 # 2. config.json that is not a JSON object ------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"[1, 2]", "must hold a JSON object, not an array"),
-    (b'"llama"', "must hold a JSON object, not a string"),
-    (b"{not json", "is not valid JSON"),
-    (b"\xff\xfe\x00\x01garbage", "is not valid JSON"),
-], ids=["list", "string", "invalid", "binary"])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"[1, 2]", "must hold a JSON object, not an array"),
+        (b'"llama"', "must hold a JSON object, not a string"),
+        (b"{not json", "is not valid JSON"),
+        (b"\xff\xfe\x00\x01garbage", "is not valid JSON"),
+    ],
+    ids=["list", "string", "invalid", "binary"],
+)
 def test_config_json_must_be_an_object(ckpt, no_build, content, match):
     (ckpt / hf.CONFIG_FILE).write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(ckpt / hf.CONFIG_FILE)) + " " + match):
@@ -132,27 +148,31 @@ def test_config_from_hf_rejects_a_non_object():
 POSITIVE = "is invalid: must be a positive integer"
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"num_attention_heads": 0}, f"num_attention_heads=0 {POSITIVE}"),
-    ({"hidden_size": 0}, f"hidden_size=0 {POSITIVE}"),
-    ({"hidden_size": -32}, f"hidden_size=-32 {POSITIVE}"),
-    ({"num_hidden_layers": 0}, f"num_hidden_layers=0 {POSITIVE}"),
-    ({"vocab_size": 0}, f"vocab_size=0 {POSITIVE}"),
-    ({"intermediate_size": -1}, f"intermediate_size=-1 {POSITIVE}"),
-    ({"num_key_value_heads": 0}, f"num_key_value_heads=0 {POSITIVE}"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads=3 is invalid: must divide num_attention_heads=4"),
-    ({"head_dim": 0}, f"head_dim=0 {POSITIVE}"),
-    ({"max_position_embeddings": -1}, f"max_position_embeddings=-1 {POSITIVE}"),
-    ({"num_attention_heads": "4"}, f"num_attention_heads='4' {POSITIVE}"),
-    ({"hidden_size": "abc"}, f"hidden_size='abc' {POSITIVE}"),
-    ({"num_attention_heads": 4.5}, f"num_attention_heads=4.5 {POSITIVE}"),
-    ({"intermediate_size": True}, f"intermediate_size=True {POSITIVE}"),
-    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' is invalid: must be a finite number"),
-    ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' is invalid: must be true or false"),
-    ({"rope_parameters": None, "rope_scaling": [1]}, r"rope_scaling=\[1\] is invalid: must be an object"),
-    ({"head_dim": None, "hidden_size": 2}, "hidden_size=2 is invalid without head_dim"),
-    ({"hidden_size": None}, "has no 'hidden_size'"),
-], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "")
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"num_attention_heads": 0}, f"num_attention_heads=0 {POSITIVE}"),
+        ({"hidden_size": 0}, f"hidden_size=0 {POSITIVE}"),
+        ({"hidden_size": -32}, f"hidden_size=-32 {POSITIVE}"),
+        ({"num_hidden_layers": 0}, f"num_hidden_layers=0 {POSITIVE}"),
+        ({"vocab_size": 0}, f"vocab_size=0 {POSITIVE}"),
+        ({"intermediate_size": -1}, f"intermediate_size=-1 {POSITIVE}"),
+        ({"num_key_value_heads": 0}, f"num_key_value_heads=0 {POSITIVE}"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3 is invalid: must divide num_attention_heads=4"),
+        ({"head_dim": 0}, f"head_dim=0 {POSITIVE}"),
+        ({"max_position_embeddings": -1}, f"max_position_embeddings=-1 {POSITIVE}"),
+        ({"num_attention_heads": "4"}, f"num_attention_heads='4' {POSITIVE}"),
+        ({"hidden_size": "abc"}, f"hidden_size='abc' {POSITIVE}"),
+        ({"num_attention_heads": 4.5}, f"num_attention_heads=4.5 {POSITIVE}"),
+        ({"intermediate_size": True}, f"intermediate_size=True {POSITIVE}"),
+        ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' is invalid: must be a finite number"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' is invalid: must be true or false"),
+        ({"rope_parameters": None, "rope_scaling": [1]}, r"rope_scaling=\[1\] is invalid: must be an object"),
+        ({"head_dim": None, "hidden_size": 2}, "hidden_size=2 is invalid without head_dim"),
+        ({"hidden_size": None}, "has no 'hidden_size'"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "",
+)
 def test_bad_config_field_is_named(ckpt, no_build, changes, match):
     _edit_config(ckpt, **changes)
     with pytest.raises(ValueError, match=re.escape(str(ckpt / hf.CONFIG_FILE)) + " " + match):
@@ -161,24 +181,39 @@ def test_bad_config_field_is_named(ckpt, no_build, changes, match):
 
 def test_config_error_from_the_dataclasses_names_the_file(ckpt, no_build):
     _edit_config(ckpt, head_dim=5)  # valid as an integer; RoPE needs it even
-    with pytest.raises(ValueError, match=re.escape(f"{ckpt / hf.CONFIG_FILE}: AttentionConfig.head_dim=5 "
-                                                   "is invalid: must be even")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{ckpt / hf.CONFIG_FILE}: AttentionConfig.head_dim=5 is invalid: must be even"),
+    ):
         load_for_inference(ckpt)
 
 
-@pytest.mark.parametrize("preset, changes, match", [
-    ("tiny-moe", {"num_local_experts": 0}, f"num_local_experts=0 {POSITIVE}"),
-    ("tiny-moe", {"num_experts_per_tok": "2"}, f"num_experts_per_tok='2' {POSITIVE}"),
-    ("tiny-deepseek", {"kv_lora_rank": 0}, f"kv_lora_rank=0 {POSITIVE}"),
-    ("tiny-deepseek", {"q_lora_rank": -8}, f"q_lora_rank=-8 {POSITIVE}"),
-    ("tiny-deepseek", {"first_k_dense_replace": -1}, "first_k_dense_replace=-1 is invalid: must be an "
-                                                     "integer >= 0"),
-    ("tiny-deepseek", {"n_routed_experts": 8.5}, f"n_routed_experts=8.5 {POSITIVE}"),
-    ("tiny-deepseek", {"norm_topk_prob": "false"}, "norm_topk_prob='false' is invalid: must be true or "
-                                                   "false"),
-    ("tiny-deepseek", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": "4"}},
-     r"rope_parameters.factor='4' is invalid: must be a finite number"),
-], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else v if "tiny" in v else "")
+@pytest.mark.parametrize(
+    "preset, changes, match",
+    [
+        ("tiny-moe", {"num_local_experts": 0}, f"num_local_experts=0 {POSITIVE}"),
+        ("tiny-moe", {"num_experts_per_tok": "2"}, f"num_experts_per_tok='2' {POSITIVE}"),
+        ("tiny-deepseek", {"kv_lora_rank": 0}, f"kv_lora_rank=0 {POSITIVE}"),
+        ("tiny-deepseek", {"q_lora_rank": -8}, f"q_lora_rank=-8 {POSITIVE}"),
+        (
+            "tiny-deepseek",
+            {"first_k_dense_replace": -1},
+            "first_k_dense_replace=-1 is invalid: must be an integer >= 0",
+        ),
+        ("tiny-deepseek", {"n_routed_experts": 8.5}, f"n_routed_experts=8.5 {POSITIVE}"),
+        (
+            "tiny-deepseek",
+            {"norm_topk_prob": "false"},
+            "norm_topk_prob='false' is invalid: must be true or false",
+        ),
+        (
+            "tiny-deepseek",
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": "4"}},
+            r"rope_parameters.factor='4' is invalid: must be a finite number",
+        ),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else v if "tiny" in v else "",
+)
 def test_bad_moe_and_mla_fields_are_named(preset, changes, match):
     config = {**hf.config_to_hf(presets.get(preset)), **changes}
     with pytest.raises(ValueError, match="config.json " + match):
@@ -191,11 +226,15 @@ def test_bad_moe_and_mla_fields_are_named(preset, changes, match):
 def test_a_file_is_not_a_checkpoint_directory(tmp_path):
     file = tmp_path / "weights.bin"
     file.write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"'{file}' is not a directory; expected an "
-                                                          "llmarch run directory")):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"'{file}' is not a directory; expected an llmarch run directory")
+    ):
         load_for_inference(file)
-    with pytest.raises(FileNotFoundError, match=r"is not a directory; expected a Hugging Face checkpoint "
-                                                r"directory \(config.json \+ \*.safetensors\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"is not a directory; expected a Hugging Face checkpoint "
+        r"directory \(config.json \+ \*.safetensors\)",
+    ):
         hf.load_pretrained(file)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_for_inference(tmp_path / "nowhere")
@@ -203,17 +242,24 @@ def test_a_file_is_not_a_checkpoint_directory(tmp_path):
 
 def test_a_directory_that_is_neither_kind(tmp_path):
     (tmp_path / W).write_bytes(b"")  # weights without a config are not a checkpoint
-    with pytest.raises(FileNotFoundError, match=re.escape(
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
             f"{tmp_path} is not a checkpoint: it has neither train_config.json nor config.json; expected an "
-            "llmarch run directory (train_config.json")):
+            "llmarch run directory (train_config.json"
+        ),
+    ):
         load_for_inference(tmp_path)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{", "train_config.json is not valid JSON"),
-    ("[]", "train_config.json must hold a JSON object, not an array"),
-    ('{"out_dir": "x", "seq_len": 0}', "train_config.json: TrainConfig.seq_len=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{", "train_config.json is not valid JSON"),
+        ("[]", "train_config.json must hold a JSON object, not an array"),
+        ('{"out_dir": "x", "seq_len": 0}', "train_config.json: TrainConfig.seq_len=0 is invalid"),
+    ],
+)
 def test_a_bad_run_config_is_named(tmp_path, content, match):
     (tmp_path / "train_config.json").write_text(content)
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/{match}")):
@@ -282,31 +328,41 @@ def _reshape(t):
     t["model.layers.0.mlp.down_proj.weight"] = np.zeros((32, 8), np.float32)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_drop, r"tensors in {dir} do not match the config: missing \[model\.layers\.1\.self_attn\.q_proj"),
-    (_extra, r"tensors in {dir} do not match the config: missing \[\]; unexpected \[model\.layers\.7\."),
-    (_reshape, r"tensor model\.layers\.0\.mlp\.down_proj\.weight has shape \(32, 8\) in {file}: the "
-               r"config needs \(32, 48\)"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_drop, r"tensors in {dir} do not match the config: missing \[model\.layers\.1\.self_attn\.q_proj"),
+        (_extra, r"tensors in {dir} do not match the config: missing \[\]; unexpected \[model\.layers\.7\."),
+        (
+            _reshape,
+            r"tensor model\.layers\.0\.mlp\.down_proj\.weight has shape \(32, 8\) in {file}: the "
+            r"config needs \(32, 48\)",
+        ),
+    ],
+)
 def test_tensor_mismatch_names_tensor_and_file(ckpt, edit, match):
     tensors = load_file(ckpt / W)
     edit(tensors)
     save_file(tensors, ckpt / W)
-    with pytest.raises(ValueError, match=match.format(dir=re.escape(str(ckpt)),
-                                                      file=re.escape(str(ckpt / W)))):
+    with pytest.raises(
+        ValueError, match=match.format(dir=re.escape(str(ckpt)), file=re.escape(str(ckpt / W)))
+    ):
         load_for_inference(ckpt)
 
 
 # The CLI: exit code 2 and one line on stderr -------------------------------------------------
 
 
-@pytest.mark.parametrize("breakage, extra, match", [
-    ("file", [], "is not a directory"),
-    ("truncate", [], "is not a readable safetensors file"),
-    ("config-list", [], "must hold a JSON object"),
-    ("heads-0", [], f"num_attention_heads=0 {POSITIVE}"),
-    ("none", ["--dtype", "float33"], "dtype='float33' is not supported"),
-])
+@pytest.mark.parametrize(
+    "breakage, extra, match",
+    [
+        ("file", [], "is not a directory"),
+        ("truncate", [], "is not a readable safetensors file"),
+        ("config-list", [], "must hold a JSON object"),
+        ("heads-0", [], f"num_attention_heads=0 {POSITIVE}"),
+        ("none", ["--dtype", "float33"], "dtype='float33' is not supported"),
+    ],
+)
 def test_cli_reports_one_line(ckpt, capsys, breakage, extra, match):
     path = ckpt
     if breakage == "file":

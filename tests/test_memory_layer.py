@@ -20,35 +20,67 @@ ATT = AttentionConfig(num_heads=2, num_kv_heads=2, head_dim=8)
 
 
 def _cfg(mem: MemoryConfig, **kw) -> ModelConfig:
-    base = dict(vocab_size=64, d_model=16, num_layers=2, ffn_dim=32, max_seq_len=32, attention=ATT,
-                blocks=(BlockConfig(), BlockConfig(ffn="pkm")), memory=mem)
+    base = dict(
+        vocab_size=64,
+        d_model=16,
+        num_layers=2,
+        ffn_dim=32,
+        max_seq_len=32,
+        attention=ATT,
+        blocks=(BlockConfig(), BlockConfig(ffn="pkm")),
+        memory=mem,
+    )
     return ModelConfig(**{**base, **kw})
 
 
 # -- config errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: MemoryConfig(num_keys=4, topk=5), r"MemoryConfig.topk=5 is invalid: must be <= num_keys=4"),
-    (lambda: MemoryConfig(num_keys=4, topk=2, score="sparsemax"), r"score='sparsemax'.*one of"),
-    (lambda: MemoryConfig(num_keys=4, topk=2, num_cores=2), r"num_cores=2.*tucker_rank >= 1"),
-    (lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=2),
-     r"score='softmax' is invalid: must be 'raw'"),
-    (lambda: MemoryConfig(num_keys=5, topk=2, virtual_blocks=4, output_proj=True),
-     r"virtual_blocks=4 is invalid: must divide the num_keys²=25"),
-    (lambda: MemoryConfig(num_keys=4, topk=2, virtual_blocks=4), r"output_proj=False.*IVE"),
-    (lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=-1), r"tucker_rank=-1"),
-    (lambda: MemoryConfig(num_keys=0, topk=2), r"num_keys=0.*positive"),
-    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=3, score="raw")),
-     r"MemoryConfig.value_dim=16 is invalid: must be divisible by num_cores=3"),
-    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2, value_dim=8)), r"output_proj=False.*differs from d_model"),
-    (lambda: _cfg(None), r"ModelConfig.memory=None is invalid: must be a MemoryConfig"),
-    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None), r"memory=.*must be None"),
-    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None, skip_layers=((1, 2),), skip_kind="ultramem"),
-     r"skip_layers=\(1, 2\) is invalid: needs 0 <= i <= j < num_layers=2"),
-    (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None, num_layers=4,
-                  skip_layers=((0, 2), (1, 3)), skip_kind="ultramem"), r"overlap"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: MemoryConfig(num_keys=4, topk=5), r"MemoryConfig.topk=5 is invalid: must be <= num_keys=4"),
+        (lambda: MemoryConfig(num_keys=4, topk=2, score="sparsemax"), r"score='sparsemax'.*one of"),
+        (lambda: MemoryConfig(num_keys=4, topk=2, num_cores=2), r"num_cores=2.*tucker_rank >= 1"),
+        (
+            lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=2),
+            r"score='softmax' is invalid: must be 'raw'",
+        ),
+        (
+            lambda: MemoryConfig(num_keys=5, topk=2, virtual_blocks=4, output_proj=True),
+            r"virtual_blocks=4 is invalid: must divide the num_keys²=25",
+        ),
+        (lambda: MemoryConfig(num_keys=4, topk=2, virtual_blocks=4), r"output_proj=False.*IVE"),
+        (lambda: MemoryConfig(num_keys=4, topk=2, tucker_rank=-1), r"tucker_rank=-1"),
+        (lambda: MemoryConfig(num_keys=0, topk=2), r"num_keys=0.*positive"),
+        (
+            lambda: _cfg(MemoryConfig(num_keys=4, topk=2, tucker_rank=2, num_cores=3, score="raw")),
+            r"MemoryConfig.value_dim=16 is invalid: must be divisible by num_cores=3",
+        ),
+        (
+            lambda: _cfg(MemoryConfig(num_keys=4, topk=2, value_dim=8)),
+            r"output_proj=False.*differs from d_model",
+        ),
+        (lambda: _cfg(None), r"ModelConfig.memory=None is invalid: must be a MemoryConfig"),
+        (lambda: _cfg(MemoryConfig(num_keys=4, topk=2), blocks=None), r"memory=.*must be None"),
+        (
+            lambda: _cfg(
+                MemoryConfig(num_keys=4, topk=2), blocks=None, skip_layers=((1, 2),), skip_kind="ultramem"
+            ),
+            r"skip_layers=\(1, 2\) is invalid: needs 0 <= i <= j < num_layers=2",
+        ),
+        (
+            lambda: _cfg(
+                MemoryConfig(num_keys=4, topk=2),
+                blocks=None,
+                num_layers=4,
+                skip_layers=((0, 2), (1, 3)),
+                skip_kind="ultramem",
+            ),
+            r"overlap",
+        ),
+    ],
+)
 def test_bad_configs_raise_naming_field_value_and_allowed(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -112,7 +144,7 @@ def test_skip_span_inside_the_stack_splits_the_runs():
 
 def _layer_norm(x, norm):
     x = x - x.mean(-1, keepdims=True)
-    x = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + norm.eps)
+    x = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + norm.eps)
     return x * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...], np.float64)
 
 
@@ -141,7 +173,7 @@ def _brute_force_memory(layer: MemoryLayer, x):
     P, k, W = m.num_keys, m.topk, m.virtual_blocks
     h = np.asarray(x, np.float64)
     if layer.norm is not None:  # a skip-layer memory normalizes the stream itself (RMSNorm)
-        h = h / np.sqrt(np.mean(h ** 2, -1, keepdims=True) + layer.norm.eps) * f64(layer.norm.scale)
+        h = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + layer.norm.eps) * f64(layer.norm.scale)
     q_row = _layer_norm(np.einsum("btd,dnh->btnh", h, f64(layer.w_q_row_dnh.w)), layer.query_norm)
     q_col = _layer_norm(np.einsum("btd,dnh->btnh", h, f64(layer.w_q_col_dnh.w)), layer.query_norm)
     k_row, k_col = f64(layer.keys_row_npzh), f64(layer.keys_col_npzh)  # [N,P,Z,H]
@@ -190,8 +222,20 @@ def _brute_force_memory(layer: MemoryLayer, x):
 
 _VARIANTS = {  # (MemoryConfig, pre_norm) on d_model=16; "tiny-ultramem": the preset's skip layer
     "pkm-gate": (MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True), False),
-    "raw-ive-keynorm": (MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score="raw", value_dim=8,
-                                     output_proj=True, virtual_blocks=4, key_norm=True), True),
+    "raw-ive-keynorm": (
+        MemoryConfig(
+            num_keys=8,
+            topk=4,
+            num_heads=2,
+            key_dim=8,
+            score="raw",
+            value_dim=8,
+            output_proj=True,
+            virtual_blocks=4,
+            key_norm=True,
+        ),
+        True,
+    ),
     "tdqkr-softmax": (MemoryConfig(num_keys=12, topk=4, num_heads=2, key_dim=8, tucker_rank=3), False),
     "tiny-ultramem": None,  # TDQKR r=2, MCS with 2 cores, IVE over 4 blocks, key norm, raw scores
 }
@@ -268,10 +312,10 @@ def test_query_and_key_layernorm_use_the_papers_init(ultramem):
     cfg, model, _ = ultramem
     layer, H = model.skips[0], cfg.memory.key_dim
     for norm in (layer.query_norm, layer.key_norm):
-        np.testing.assert_allclose(norm.scale[...], H ** -0.33, rtol=1e-6)
+        np.testing.assert_allclose(norm.scale[...], H**-0.33, rtol=1e-6)
     q = layer.query_norm(jax.random.normal(jax.random.key(4), (5, H)) * 7 + 3)
     np.testing.assert_allclose(q.mean(-1), 0, atol=1e-5)
-    np.testing.assert_allclose(q.std(-1), H ** -0.33, rtol=1e-3)
+    np.testing.assert_allclose(q.std(-1), H**-0.33, rtol=1e-3)
 
 
 def test_update_state_keeps_the_sign_reference_of_the_previous_step(ultramem):
@@ -332,8 +376,9 @@ def test_pkm_blocks_are_scanned_and_softmax_weights_sum_to_one():
     model.update_state(aux)  # a scanned run's stacked reference updates through its layers axis
     assert model.runs[0].layers.ffn.tucker_ref[...].shape == (2, 2, 2, 1)
     # a lone layer outside Transformer: no ModelConfig, no mesh
-    layer = MemoryLayer(16, MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True),
-                        rngs=nnx.Rngs(1))
+    layer = MemoryLayer(
+        16, MemoryConfig(num_keys=8, topk=3, num_heads=2, key_dim=8, gate=True), rngs=nnx.Rngs(1)
+    )
     weights, slots = layer.search(jnp.ones((1, 2, 16)))
     np.testing.assert_allclose(weights.sum(-2), 1.0, rtol=1e-6)  # a softmax per head
     assert slots.shape == (1, 2, 2, 3) and int(slots.max()) < 64
@@ -346,8 +391,9 @@ def test_raw_scores_are_the_grid_scores_and_softmax_normalizes_them():
     x = jax.random.normal(jax.random.key(6), (1, 3, 16))
     weights = {}
     for score in ("raw", "softmax"):
-        layer = MemoryLayer(16, MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score=score),
-                            rngs=nnx.Rngs(7))
+        layer = MemoryLayer(
+            16, MemoryConfig(num_keys=8, topk=4, num_heads=2, key_dim=8, score=score), rngs=nnx.Rngs(7)
+        )
         weights[score], slots = layer.search(x)
     q_row = layer.query_norm(layer.w_q_row_dnh("BTD,DNH->BTNH", x))
     q_col = layer.query_norm(layer.w_q_col_dnh("BTD,DNH->BTNH", x))
@@ -369,8 +415,10 @@ def test_param_counts_match_the_built_model(name, ultramem):
     built = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert accounting.param_count(cfg) == built
     state = nnx.state(model, MemoryState)  # non-trainable state is not a parameter
-    assert all(not isinstance(v, nnx.Param) for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(
-        v, nnx.Variable)))
+    assert all(
+        not isinstance(v, nnx.Param)
+        for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    )
     active = accounting.active_param_counts(cfg)
     assert active.memory < accounting.param_counts(cfg).memory
     assert abs(active.total - accounting.param_count(presets.get("tiny-dense"))) < 0.002 * active.total
@@ -390,7 +438,8 @@ def test_decode_traffic_model():
         assert accounting.decode_traffic(moe, B).sparse == pytest.approx(want)
     assert accounting.decode_traffic(moe, 64).total > 5 * accounting.decode_traffic(um, 64).total
     assert accounting.decode_traffic(um, 4, context_len=16).kv_cache == (
-        accounting.kv_cache_bytes_per_token(um) * 16 * 4)
+        accounting.kv_cache_bytes_per_token(um) * 16 * 4
+    )
     with pytest.raises(ValueError, match="batch_size=0"):
         accounting.decode_traffic(um, 0)
 

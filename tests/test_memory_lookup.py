@@ -46,8 +46,11 @@ def test_read_values_and_gradients_match_the_dense_specification(X, W):
 
 def test_plain_read_is_ops_memory_lookup():
     table, rows, weights, _ = _inputs(1, 1)
-    np.testing.assert_allclose(read_values(table, rows, weights, None, 1)[:, 0],
-                               ops.memory_lookup(table, rows, weights[..., 0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        read_values(table, rows, weights, None, 1)[:, 0],
+        ops.memory_lookup(table, rows, weights[..., 0]),
+        rtol=1e-6,
+    )
     assert ops.Impl.XLA in ops.available("memory_lookup_grouped")  # registered by memory_lookup
 
 
@@ -97,10 +100,15 @@ def test_lookup_memory_does_not_grow_with_the_table(X, W):
 
     def compiled(rows_count):
         sds = jax.ShapeDtypeStruct
-        args = (sds((rows_count, Ut), jnp.float32), sds((Bt, Jt), jnp.int32), sds((Bt, Jt, X), jnp.float32),
-                sds((Bt, Jt), jnp.int32) if W > 1 else None)
-        f = jax.value_and_grad(lambda t, r, w, b: jnp.sum(jnp.sin(read_values(t, r, w, b, W))),
-                               argnums=(0, 2))
+        args = (
+            sds((rows_count, Ut), jnp.float32),
+            sds((Bt, Jt), jnp.int32),
+            sds((Bt, Jt, X), jnp.float32),
+            sds((Bt, Jt), jnp.int32) if W > 1 else None,
+        )
+        f = jax.value_and_grad(
+            lambda t, r, w, b: jnp.sum(jnp.sin(read_values(t, r, w, b, W))), argnums=(0, 2)
+        )
         return jax.jit(f).lower(*args).compile().memory_analysis()
 
     small, large = compiled(2048), compiled(32768)

@@ -13,8 +13,9 @@ SHAPES = [((3,), 8, 1), ((2, 2), 16, 4), ((5,), 32, 8), ((1,), 12, 12)]  # (lead
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1),
-       spread=st.sampled_from([0.1, 1.0, 30.0]))
+@given(
+    shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1), spread=st.sampled_from([0.1, 1.0, 30.0])
+)
 def test_product_key_search_is_brute_force_top_m(shape, seed, spread):
     lead, P, k = shape
     rng = np.random.default_rng(seed)
@@ -25,12 +26,14 @@ def test_product_key_search_is_brute_force_top_m(shape, seed, spread):
     np.testing.assert_array_equal(scores, want_scores)  # the same float sums, so bitwise equal
     # The score a slot is reported with is its grid score.
     grid = np.asarray(s_row)[..., :, None] + np.asarray(s_col)[..., None, :]
-    np.testing.assert_array_equal(np.take_along_axis(grid.reshape(*lead, P * P), np.asarray(slots), -1),
-                                  scores)
+    np.testing.assert_array_equal(
+        np.take_along_axis(grid.reshape(*lead, P * P), np.asarray(slots), -1), scores
+    )
     # The slots are the brute-force ones, as sets (order within equal scores may differ).
     full = np.sort(grid.reshape(-1, P * P), axis=-1)[:, ::-1]
-    for row, (got, want) in enumerate(zip(np.asarray(slots).reshape(-1, k),
-                                          np.asarray(want_slots).reshape(-1, k), strict=True)):
+    for row, (got, want) in enumerate(
+        zip(np.asarray(slots).reshape(-1, k), np.asarray(want_slots).reshape(-1, k), strict=True)
+    ):
         if k < P * P and full[row, k - 1] == full[row, k]:
             continue  # a tie at the boundary: either slot is a correct top-k
         assert set(got.tolist()) == set(want.tolist())

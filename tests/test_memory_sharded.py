@@ -15,11 +15,14 @@ from llmarch.layers.memory_sharded import memory_axes, sharded_read_values
 from llmarch.model import aux_loss
 
 
-@pytest.mark.parametrize("spec, rules, X, W", [
-    ("tensor=8", "tp", 1, 1),
-    ("data=2,tensor=4", "fsdp_tp", 2, 4),
-    ("data=2,expert=4", "ep", 2, 1),
-])
+@pytest.mark.parametrize(
+    "spec, rules, X, W",
+    [
+        ("tensor=8", "tp", 1, 1),
+        ("data=2,tensor=4", "fsdp_tp", 2, 4),
+        ("data=2,expert=4", "ep", 2, 1),
+    ],
+)
 def test_sharded_read_equals_unsharded(devices, spec, rules, X, W):
     rng = np.random.default_rng(0)
     M, U, B, J = 64, 8, 8, 6
@@ -61,8 +64,9 @@ def test_sharded_ultramem_model_equals_single_device(devices, monkeypatch):
     want_loss, want_grads = step(graphdef, params, rest, tokens)
     calls = []
     real = memory_lib.sharded_read_values
-    monkeypatch.setattr(memory_lib, "sharded_read_values",
-                        lambda *a, **k: calls.append(k["mesh_axes"]) or real(*a, **k))
+    monkeypatch.setattr(
+        memory_lib, "sharded_read_values", lambda *a, **k: calls.append(k["mesh_axes"]) or real(*a, **k)
+    )
     mesh = sharding.make_mesh("data=2,tensor=4")
     with sharding.use(mesh, "tp"):
         placed, rest = sharding.shard_state(params, mesh, "tp"), sharding.shard_state(rest, mesh, "tp")
@@ -72,5 +76,8 @@ def test_sharded_ultramem_model_equals_single_device(devices, monkeypatch):
         got_loss, got_grads = step(graphdef, placed, rest, batch)
     assert calls == [("tensor",)]  # the lookup ran inside shard_map
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 jax.tree.leaves(got_grads), jax.tree.leaves(want_grads))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        jax.tree.leaves(got_grads),
+        jax.tree.leaves(want_grads),
+    )

@@ -16,10 +16,21 @@ from llmarch.train.trainer import TrainConfig, train
 def test_memory_presets_train_on_tinyshakespeare(tmp_path, shared_data, preset):
     cfg = presets.get(preset)
     optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=5)  # the value LR group comes from cfg
-    run = TrainConfig(out_dir=str(tmp_path / preset), preset=preset,
-                      data=str(shared_data / "tinyshakespeare.txt"), seq_len=64, batch_size=8, steps=30,
-                      eval_every=30, eval_batches=2, log_every=10, checkpoint_every=30, progress=False,
-                      tensorboard=False, optimizer=optimizer)
+    run = TrainConfig(
+        out_dir=str(tmp_path / preset),
+        preset=preset,
+        data=str(shared_data / "tinyshakespeare.txt"),
+        seq_len=64,
+        batch_size=8,
+        steps=30,
+        eval_every=30,
+        eval_batches=2,
+        log_every=10,
+        checkpoint_every=30,
+        progress=False,
+        tensorboard=False,
+        optimizer=optimizer,
+    )
     result = train(run, log=lambda s: None)
     first = np.mean([result.losses[s] for s in (1, 2, 3)])
     last = np.mean([result.losses[s] for s in (28, 29, 30)])

@@ -19,8 +19,9 @@ from llmarch.layers import mla, rope
 from llmarch.layers.mla import MLA, MLACache
 from llmarch.model import with_mla_path
 
-TINY = dict(num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-            v_head_dim=12)
+TINY = dict(
+    num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12
+)
 
 
 def _cfg(init_std=0.2, **mla_changes):
@@ -36,21 +37,24 @@ def _layer(cfg, seed=0):
 # Config -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: MLAConfig(**{**TINY, "qk_rope_head_dim": 7}), r"qk_rope_head_dim=7.*even"),
-    (lambda: MLAConfig(**{**TINY, "kv_lora_rank": 0}), r"kv_lora_rank=0.*positive"),
-    (lambda: MLAConfig(**{**TINY, "q_lora_rank": -8}), r"q_lora_rank=-8.*positive"),
-    (lambda: MLAConfig(**{**TINY, "num_heads": 0}), r"num_heads=0"),
-    (lambda: MLAConfig(**{**TINY, "v_head_dim": 2.5}), r"v_head_dim=2.5"),
-    (lambda: MLAConfig(**TINY, path="latent"), r"MLAConfig.path='latent'.*'naive', 'absorbed', 'auto'"),
-    (lambda: MLAConfig(**TINY, rope_theta=0.0), r"rope_theta"),
-    (lambda: MLAConfig(**TINY, rope_scaling={"factor": 4}), r"rope_scaling.*YarnScaling"),
-    (lambda: YarnScaling(factor=0.5, original_max_position_embeddings=32), r"factor=0.5"),
-    (lambda: YarnScaling(4.0, 32, beta_fast=1.0, beta_slow=32.0), r"beta_slow=32.0"),
-    (lambda: YarnScaling(4.0, 32, mscale=-1.0), r"mscale=-1.0"),
-    (lambda: _cfg().replace(mla=None), r"ModelConfig.mla=None.*blocks use attention 'mla'"),
-    (lambda: _cfg().replace(blocks=None), r"ModelConfig.mla=.*no block uses attention 'mla'"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: MLAConfig(**{**TINY, "qk_rope_head_dim": 7}), r"qk_rope_head_dim=7.*even"),
+        (lambda: MLAConfig(**{**TINY, "kv_lora_rank": 0}), r"kv_lora_rank=0.*positive"),
+        (lambda: MLAConfig(**{**TINY, "q_lora_rank": -8}), r"q_lora_rank=-8.*positive"),
+        (lambda: MLAConfig(**{**TINY, "num_heads": 0}), r"num_heads=0"),
+        (lambda: MLAConfig(**{**TINY, "v_head_dim": 2.5}), r"v_head_dim=2.5"),
+        (lambda: MLAConfig(**TINY, path="latent"), r"MLAConfig.path='latent'.*'naive', 'absorbed', 'auto'"),
+        (lambda: MLAConfig(**TINY, rope_theta=0.0), r"rope_theta"),
+        (lambda: MLAConfig(**TINY, rope_scaling={"factor": 4}), r"rope_scaling.*YarnScaling"),
+        (lambda: YarnScaling(factor=0.5, original_max_position_embeddings=32), r"factor=0.5"),
+        (lambda: YarnScaling(4.0, 32, beta_fast=1.0, beta_slow=32.0), r"beta_slow=32.0"),
+        (lambda: YarnScaling(4.0, 32, mscale=-1.0), r"mscale=-1.0"),
+        (lambda: _cfg().replace(mla=None), r"ModelConfig.mla=None.*blocks use attention 'mla'"),
+        (lambda: _cfg().replace(blocks=None), r"ModelConfig.mla=.*no block uses attention 'mla'"),
+    ],
+)
 def test_bad_mla_configs_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -78,8 +82,7 @@ def test_json_round_trip_with_yarn():
 
 @pytest.mark.parametrize("q_lora_rank", [24, None])
 def test_naive_and_absorbed_agree_for_prefill_and_cached_decode(q_lora_rank):
-    cfg = _cfg(q_lora_rank=q_lora_rank,
-               rope_scaling=YarnScaling(4.0, 8, mscale=1.0, mscale_all_dim=0.8))
+    cfg = _cfg(q_lora_rank=q_lora_rank, rope_scaling=YarnScaling(4.0, 8, mscale=1.0, mscale_all_dim=0.8))
     layer = _layer(cfg)
     graphdef, state = nnx.split(layer)
 
@@ -104,7 +107,7 @@ def test_naive_and_absorbed_agree_for_prefill_and_cached_decode(q_lora_rank):
         out, cache = run(x[:, :7], pos[:, :7], cache=cache, path=path)
         np.testing.assert_allclose(out, full[:, :7], atol=2e-5, rtol=1e-5)
         for t in range(7, T):
-            out, cache = run(x[:, t:t + 1], pos[:, t:t + 1], cache=cache, path=path)
+            out, cache = run(x[:, t : t + 1], pos[:, t : t + 1], cache=cache, path=path)
             np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
         # The cache holds c_KV [B,S,A] and k_R [B,S,R] and nothing else; unwritten slots stay 0.
         assert isinstance(cache, MLACache) and cache._fields == ("c_kv", "k_r")
@@ -163,8 +166,11 @@ def test_generate_with_cache_equals_recomputation(tiny_model, path):
 # Accounting -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [_cfg(), _cfg(q_lora_rank=None), llmarch.presets.get("deepseek-v2-lite")],
-                         ids=["tiny-q-lora", "tiny-no-q-lora", "deepseek-v2-lite"])
+@pytest.mark.parametrize(
+    "cfg",
+    [_cfg(), _cfg(q_lora_rank=None), llmarch.presets.get("deepseek-v2-lite")],
+    ids=["tiny-q-lora", "tiny-no-q-lora", "deepseek-v2-lite"],
+)
 def test_param_count_matches_built_model(cfg):
     model = nnx.eval_shape(lambda: llmarch.Transformer(cfg, rngs=nnx.Rngs(0)))
     built = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -209,12 +215,23 @@ def test_mla_trains_through_the_trainer_on_tinyshakespeare(shared_data, tmp_path
     from llmarch.train.optim import OptimizerConfig
     from llmarch.train.trainer import TrainConfig, train
 
-    result = train(TrainConfig(out_dir=str(tmp_path), preset="tiny-mla",
-                               data=str(shared_data / "tinyshakespeare.txt"), steps=30, seq_len=64,
-                               batch_size=16, eval_every=30, eval_batches=2, log_every=10,
-                               progress=False, tensorboard=False,
-                               optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=3)),
-                   log=lambda s: None)
+    result = train(
+        TrainConfig(
+            out_dir=str(tmp_path),
+            preset="tiny-mla",
+            data=str(shared_data / "tinyshakespeare.txt"),
+            steps=30,
+            seq_len=64,
+            batch_size=16,
+            eval_every=30,
+            eval_batches=2,
+            log_every=10,
+            progress=False,
+            tensorboard=False,
+            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=3),
+        ),
+        log=lambda s: None,
+    )
     losses = [result.losses[s] for s in sorted(result.losses)]
     assert losses[0] > 5.0  # ~ln(320) at init
     assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
@@ -235,9 +252,15 @@ def single_device(tiny_model):
     return tiny_model.cfg, graphdef, state, tokens, loss, logits, grads
 
 
-@pytest.mark.parametrize("spec, rules, born", [
-    ("data=8", "dp", False), ("data=2,fsdp=4", "fsdp", False), ("data=4,tensor=2", "tp", False),
-    ("data=2,fsdp=2,tensor=2", "fsdp_tp", True)])
+@pytest.mark.parametrize(
+    "spec, rules, born",
+    [
+        ("data=8", "dp", False),
+        ("data=2,fsdp=4", "fsdp", False),
+        ("data=4,tensor=2", "tp", False),
+        ("data=2,fsdp=2,tensor=2", "fsdp_tp", True),
+    ],
+)
 def test_layouts_equal_single_device(devices, single_device, spec, rules, born):
     cfg, graphdef, state, tokens, ref_loss, ref_logits, ref_grads = single_device
     mesh = sharding.make_mesh(spec)
@@ -250,9 +273,15 @@ def test_layouts_equal_single_device(devices, single_device, spec, rules, born):
         batch = jax.device_put(tokens, sharding.batch_sharding(mesh, rules))
         grad = jax.jit(jax.value_and_grad(_loss, argnums=1, has_aux=True), static_argnums=0)
         (loss, logits), grads = grad(graphdef, placed, batch)
-    jax.tree.map(lambda v, s: v.sharding.is_equivalent_to(s, v.ndim) or pytest.fail(f"{v.sharding} != {s}"),
-                 placed, sharding.state_shardings(placed, mesh, rules))
+    jax.tree.map(
+        lambda v, s: v.sharding.is_equivalent_to(s, v.ndim) or pytest.fail(f"{v.sharding} != {s}"),
+        placed,
+        sharding.state_shardings(placed, mesh, rules),
+    )
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-                 jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+        jax.tree.leaves(grads),
+        jax.tree.leaves(ref_grads),
+    )

@@ -13,8 +13,9 @@ def gqa():
     cfg = llmarch.presets.get("tiny-gqa")
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens, segment_ids=None: nnx.merge(graphdef, state)(
-        tokens, segment_ids=segment_ids))
+    forward = jax.jit(
+        lambda state, tokens, segment_ids=None: nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
+    )
     return cfg, model, state, forward
 
 
@@ -34,10 +35,10 @@ def test_causal_logits_ignore_the_future(gqa):
     cfg, _, state, forward = gqa
     tokens = _tokens(cfg, 2, 16)
     t = 7
-    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % cfg.vocab_size)
     a, b = forward(state, tokens), forward(state, changed)
     np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
-    assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3  # and the future does change
+    assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3  # and the future does change
 
 
 def test_packed_segments_do_not_see_each_other(gqa):
@@ -54,8 +55,7 @@ def test_packed_segments_do_not_see_each_other(gqa):
 
 def test_segment_positions_restart_per_document():
     seg = jnp.array([[1, 1, 2, 2, 2, 3], [4, 4, 4, 4, 4, 4]])
-    np.testing.assert_array_equal(segment_positions(seg, seg.shape),
-                                  [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(segment_positions(seg, seg.shape), [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -131,24 +131,28 @@ def test_skip_layer_module_reads_block_i_and_adds_after_block_j():
     for layer, (run, j) in enumerate(layers):
         if layer == 1:
             skip_out = model.skips[0](x)
-        block = nnx.merge(nnx.graphdef(run.layers),
-                          jax.tree.map(lambda v, j=j: v[j], nnx.state(run.layers)))
+        block = nnx.merge(nnx.graphdef(run.layers), jax.tree.map(lambda v, j=j: v[j], nnx.state(run.layers)))
         x, _ = block(x, pos, None)
         if layer == 2:
             x = x + skip_out
-    expected = model.embed.attend(model.final_norm(x)) if model.lm_head is None else \
-        model.lm_head("BTD,DV->BTV", model.final_norm(x))
+    expected = (
+        model.embed.attend(model.final_norm(x))
+        if model.lm_head is None
+        else model.lm_head("BTD,DV->BTV", model.final_norm(x))
+    )
     np.testing.assert_allclose(model(tokens), expected, atol=1e-5)
     assert jax.tree.leaves(nnx.state(model.skips))  # the skip module has parameters
 
 
 @pytest.mark.parametrize(
     "changes, match",
-    [({"skip_layers": ((0, 5),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j < num_layers=2"),
-     ({"skip_layers": ((1, 0),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j"),
-     ({"num_layers": 4, "skip_layers": ((0, 2), (1, 3)), "skip_kind": "swiglu"}, "overlap"),
-     ({"skip_layers": ((0, 1),)}, "skip_kind=None"),
-     ({"skip_kind": "swiglu"}, "must be None without skip_layers")],
+    [
+        ({"skip_layers": ((0, 5),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j < num_layers=2"),
+        ({"skip_layers": ((1, 0),), "skip_kind": "swiglu"}, r"needs 0 <= i <= j"),
+        ({"num_layers": 4, "skip_layers": ((0, 2), (1, 3)), "skip_kind": "swiglu"}, "overlap"),
+        ({"skip_layers": ((0, 1),)}, "skip_kind=None"),
+        ({"skip_kind": "swiglu"}, "must be None without skip_layers"),
+    ],
 )
 def test_bad_skip_layers(changes, match):
     with pytest.raises(ValueError, match=match):

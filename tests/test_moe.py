@@ -53,10 +53,10 @@ def _deepseek_reference(logits, bias, m):
         choice = row + bias
         groups = choice.reshape(m.n_group, -1)
         group_score = np.sort(groups, axis=1)[:, -2:].sum(1)
-        kept = np.argsort(-group_score, kind="stable")[:m.topk_group]
+        kept = np.argsort(-group_score, kind="stable")[: m.topk_group]
         masked = np.full_like(choice, -np.inf).reshape(m.n_group, -1)
         masked[kept] = groups[kept]
-        top = np.argsort(-masked.reshape(-1), kind="stable")[:m.top_k]
+        top = np.argsort(-masked.reshape(-1), kind="stable")[: m.top_k]
         g = row[top] / row[top].sum() * m.route_scale
         experts.append(top)
         gates.append(g)
@@ -64,8 +64,16 @@ def _deepseek_reference(logits, bias, m):
 
 
 def test_deepseek_group_limited_routing_matches_reference():
-    m = MoEConfig(num_experts=16, top_k=4, expert_dim=8, router="sigmoid", n_group=4, topk_group=2,
-                  route_scale=2.5, router_bias=True)
+    m = MoEConfig(
+        num_experts=16,
+        top_k=4,
+        expert_dim=8,
+        router="sigmoid",
+        n_group=4,
+        topk_group=2,
+        route_scale=2.5,
+        router_bias=True,
+    )
     rng = np.random.default_rng(0)
     logits, bias = rng.normal(size=(64, 16)).astype(np.float32), rng.normal(0, 0.3, 16).astype(np.float32)
     r = moe_routing.route(jnp.asarray(logits), jnp.asarray(bias), m)
@@ -82,11 +90,22 @@ def test_deepseek_group_limited_routing_matches_reference():
 # Compute strategies ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("moe", [
-    dict(),  # Mixtral: softmax top-2
-    dict(router="sigmoid", n_group=4, topk_group=2, top_k=3, router_bias=True, num_shared_experts=1,
-         route_scale=2.5),  # DeepSeek-V3
-], ids=["mixtral", "deepseek"])
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(),  # Mixtral: softmax top-2
+        dict(
+            router="sigmoid",
+            n_group=4,
+            topk_group=2,
+            top_k=3,
+            router_bias=True,
+            num_shared_experts=1,
+            route_scale=2.5,
+        ),  # DeepSeek-V3
+    ],
+    ids=["mixtral", "deepseek"],
+)
 def test_strategies_agree_in_values_and_gradients(moe):
     layer = _layer(**moe)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -98,8 +117,11 @@ def test_strategies_agree_in_values_and_gradients(moe):
         def loss(params, x, strategy):
             y, aux = nnx.merge(graphdef, params, rest)(x, strategy=strategy)
             return jnp.sum(y * cotangent), (y, aux["dropped"])
-        return {s: jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, s)
-                for s in ("dense", "dropless", "capacity")}
+
+        return {
+            s: jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, s)
+            for s in ("dense", "dropless", "capacity")
+        }
 
     # capacity_factor 1.25 may drop; E/k = the worst case for 8 experts and k <= 3 keeps everything
     layer.moe = MoEConfig(**{**layer.moe.__dict__, "capacity_factor": 8 / layer.moe.top_k})
@@ -153,20 +175,23 @@ def test_balance_losses_by_hand():
     assert float(moe_routing.balance_loss(jnp.array([[0, 1]] * 8), skewed, E)) == pytest.approx(2.0)
     # Sequence-wise: each sequence balanced on its own vs only the batch as a whole.
     rows = jnp.stack([jnp.array([[0, 1]] * 4), jnp.array([[2, 3]] * 4)])  # [B=2, T=4, k]
-    probs = jnp.stack([jnp.tile(jnp.array([.5, .5, 0, 0]), (4, 1)),
-                       jnp.tile(jnp.array([0, 0, .5, .5]), (4, 1))])
+    probs = jnp.stack(
+        [jnp.tile(jnp.array([0.5, 0.5, 0, 0]), (4, 1)), jnp.tile(jnp.array([0, 0, 0.5, 0.5]), (4, 1))]
+    )
     assert float(moe_routing.balance_loss(rows, probs, E)) == pytest.approx(1.0)
     assert float(moe_routing.sequence_balance_loss(rows, probs, E)) == pytest.approx(2.0)
     logits = jnp.array([[0.0, 0.0], [1.0, 1.0]])
     assert float(moe_routing.router_z_loss(logits)) == pytest.approx(
-        (np.log(2) ** 2 + (1 + np.log(2)) ** 2) / 2, rel=1e-6)
+        (np.log(2) ** 2 + (1 + np.log(2)) ** 2) / 2, rel=1e-6
+    )
 
 
 def test_aux_loss_free_bias_update():
     bias = jnp.zeros((2, 4))
     load = jnp.array([[10.0, 2.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0]])  # mean 5
-    np.testing.assert_allclose(moe_routing.updated_bias(bias, load, 0.01),
-                               [[-0.01, 0.01, 0.01, 0.01], [0, 0, 0, 0]])
+    np.testing.assert_allclose(
+        moe_routing.updated_bias(bias, load, 0.01), [[-0.01, 0.01, 0.01, 0.01], [0, 0, 0, 0]]
+    )
     np.testing.assert_allclose(moe_routing.load_ratio(load), [2.0, 1.0])
 
 
@@ -178,8 +203,9 @@ def test_train_step_returns_the_updated_bias_and_load_metrics():
     tx = optax.adam(1e-3)
     step = make_train_step(graphdef, tx, update_rest=True)
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, cfg.vocab_size)
-    new_params, new_rest, _, m = step(params, rest, tx.init(params), {"inputs": tokens[:, :-1],
-                                                                      "targets": tokens[:, 1:]})
+    new_params, new_rest, _, m = step(
+        params, rest, tx.init(params), {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    )
     load = np.asarray(m["expert_load"])  # [MoE layers, E]: fractions of the 2·16·k assignments
     assert load.shape == (1, 8)
     np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
@@ -196,8 +222,18 @@ def test_trainer_updates_the_bias_and_logs_the_load(tmp_path):
     from llmarch.train.trainer import TrainConfig, train
 
     cfg = _model_cfg(num_experts=4, router_bias=True, bias_update_rate=0.01)
-    run = dict(out_dir=str(tmp_path), model=cfg, seq_len=16, batch_size=4, eval_every=4, eval_batches=1,
-               log_every=2, checkpoint_every=2, progress=False, tensorboard=False)
+    run = dict(
+        out_dir=str(tmp_path),
+        model=cfg,
+        seq_len=16,
+        batch_size=4,
+        eval_every=4,
+        eval_batches=1,
+        log_every=2,
+        checkpoint_every=2,
+        progress=False,
+        tensorboard=False,
+    )
     result = train(TrainConfig(**run, steps=4), log=lambda s: None)
     bias = np.asarray(jax.tree.leaves(result.rest)[0])
     assert np.abs(bias).max() > 0 and np.allclose(np.abs(bias) * 100 % 1, 0, atol=1e-4)  # k·γ steps
@@ -209,15 +245,18 @@ def test_trainer_updates_the_bias_and_logs_the_load(tmp_path):
 # Configs, presets, accounting, decode traffic ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(top_k=9), r"MoEConfig.top_k=9 is invalid: must be <= num_experts=8"),
-    (dict(n_group=3), r"MoEConfig.n_group=3 is invalid: must divide num_experts=8"),
-    (dict(n_group=2, topk_group=3), r"topk_group=3 is invalid: must be <= n_group=2"),
-    (dict(n_group=4, topk_group=1, top_k=3), r"top_k=3 is invalid: must be <= topk_group"),
-    (dict(strategy="sparse"), r"strategy='sparse' is invalid: must be one of \('dropless'"),
-    (dict(bias_update_rate=0.1), r"bias_update_rate=0.1 is invalid: must be 0 unless router_bias"),
-    (dict(capacity_factor=0.0), r"capacity_factor=0.0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(top_k=9), r"MoEConfig.top_k=9 is invalid: must be <= num_experts=8"),
+        (dict(n_group=3), r"MoEConfig.n_group=3 is invalid: must divide num_experts=8"),
+        (dict(n_group=2, topk_group=3), r"topk_group=3 is invalid: must be <= n_group=2"),
+        (dict(n_group=4, topk_group=1, top_k=3), r"top_k=3 is invalid: must be <= topk_group"),
+        (dict(strategy="sparse"), r"strategy='sparse' is invalid: must be one of \('dropless'"),
+        (dict(bias_update_rate=0.1), r"bias_update_rate=0.1 is invalid: must be 0 unless router_bias"),
+        (dict(capacity_factor=0.0), r"capacity_factor=0.0"),
+    ],
+)
 def test_bad_moe_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         MoEConfig(**{**dict(num_experts=8, top_k=2, expert_dim=16), **kw})
@@ -240,11 +279,14 @@ def test_experts_must_divide_the_expert_mesh_axis(devices):
             llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("name, total, active, rel", [
-    ("mixtral-8x7b", 46.7e9, 12.9e9, 0.005),  # Mistral counts embeddings and lm_head
-    ("deepseek-v3", 671e9, 37e9, 0.02),
-    ("deepseek-v2-lite", 15.7e9, 2.4e9, 0.03),
-])
+@pytest.mark.parametrize(
+    "name, total, active, rel",
+    [
+        ("mixtral-8x7b", 46.7e9, 12.9e9, 0.005),  # Mistral counts embeddings and lm_head
+        ("deepseek-v3", 671e9, 37e9, 0.02),
+        ("deepseek-v2-lite", 15.7e9, 2.4e9, 0.03),
+    ],
+)
 def test_published_parameter_counts(name, total, active, rel):
     cfg = llmarch.presets.get(name)
     assert accounting.param_count(cfg) == pytest.approx(total, rel=0.005)
@@ -259,11 +301,13 @@ def test_moe_flops_count_only_the_active_experts():
     dense_equivalent = cfg.replace(moe=None, blocks=None, ffn_dim=2 * cfg.moe.expert_dim)
     router = cfg.num_layers * cfg.d_model * cfg.moe.num_experts
     assert accounting.train_flops_per_token(cfg, 64) == pytest.approx(
-        accounting.train_flops_per_token(dense_equivalent, 64) + 6 * router)
+        accounting.train_flops_per_token(dense_equivalent, 64) + 6 * router
+    )
 
 
 def test_decode_traffic_formulas():
-    np.testing.assert_allclose(accounting.expected_distinct_experts(8, 2, [1, 4, 64]),
-                               [2.0, 8 * (1 - 0.75 ** 4), 8 * (1 - 0.75 ** 64)])
+    np.testing.assert_allclose(
+        accounting.expected_distinct_experts(8, 2, [1, 4, 64]), [2.0, 8 * (1 - 0.75**4), 8 * (1 - 0.75**64)]
+    )
     assert moe_routing.distinct_experts(np.array([[0, 3], [3, 5]])) == 3
     assert accounting.expert_bytes_read(3, 64, 128, 2) == 3 * 3 * 64 * 128 * 2

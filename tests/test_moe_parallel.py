@@ -21,8 +21,21 @@ D = 32
 
 
 def _cfg(**moe):
-    m = MoEConfig(**{**dict(num_experts=8, top_k=2, expert_dim=16, router="sigmoid", n_group=4,
-                            topk_group=2, router_bias=True, num_shared_experts=1), **moe})
+    m = MoEConfig(
+        **{
+            **dict(
+                num_experts=8,
+                top_k=2,
+                expert_dim=16,
+                router="sigmoid",
+                n_group=4,
+                topk_group=2,
+                router_bias=True,
+                num_shared_experts=1,
+            ),
+            **moe,
+        }
+    )
     return llmarch.presets.get("tiny-dense").replace(d_model=D, moe=m, blocks=moe_blocks(2, 1), init_std=0.3)
 
 
@@ -30,6 +43,7 @@ def _loss_and_grads(graphdef, params, rest, x, cotangent, strategy=None):
     def loss(params, x):
         y, aux = nnx.merge(graphdef, params, rest)(x, strategy=strategy)
         return jnp.sum(y * cotangent), (y, aux["dropped"])
+
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
 
@@ -63,7 +77,8 @@ def _run_ep(layer, x, cotangent, spec, chunks, strategy):
             assert w.sharding.spec[0] == "expert"
             assert w.addressable_shards[0].data.shape[0] == 8 // mesh.shape["expert"]
         (_, (y, dropped)), grads = jax.jit(_loss_and_grads, static_argnums=(0, 5))(
-            graphdef, params, rest, xs, cotangent, strategy)
+            graphdef, params, rest, xs, cotangent, strategy
+        )
     return y, dropped, grads
 
 
@@ -77,11 +92,17 @@ def ep_run(reference):
         if (spec, chunks, strategy) not in cache:
             cache[spec, chunks, strategy] = _run_ep(layer, x, cotangent, spec, chunks, strategy)
         return cache[spec, chunks, strategy]
+
     return run
 
 
-CASES = [("expert=8", 1, "dropless"), ("data=2,expert=4", 1, "dropless"), ("expert=8", 2, "dropless"),
-         ("data=2,expert=4", 4, "capacity"), ("data=8", 1, "dropless")]
+CASES = [
+    ("expert=8", 1, "dropless"),
+    ("data=2,expert=4", 1, "dropless"),
+    ("expert=8", 2, "dropless"),
+    ("data=2,expert=4", 4, "capacity"),
+    ("data=8", 1, "dropless"),
+]
 
 
 @pytest.mark.parametrize("spec, chunks, strategy", CASES, ids=[f"{s}-c{c}-{st}" for s, c, st in CASES])
@@ -116,6 +137,7 @@ def _ep_forward(chunks):
 
     def forward(state, x):  # traced under sharding.use(mesh, "ep")
         return nnx.merge(graphdef, state)(x)[0]
+
     return mesh, forward, state, x
 
 
@@ -127,6 +149,7 @@ def _compiled_ep_forward(chunks: int) -> str:
 
 
 # Reading the data flow of the compiled entry computation (llmarch.hlo.Dataflow) ---------------------
+
 
 def _chunk(g: Dataflow, name: str) -> int:
     """The ``ep_chunk{i}`` named scope of an instruction (a done's: its start's)."""
@@ -168,8 +191,10 @@ def test_chunks_overlap_in_the_accelerator_schedule(devices):
     """COMET's overlap is the latency-hiding scheduler's, on backends whose all-to-all is an async
     start/done pair: there at least one chunk's all-to-all has compute scheduled inside it."""
     if jax.default_backend() == "cpu":
-        pytest.skip("XLA:CPU issues all-to-all as one blocking op (no start/done pairs), so no "
-                    "schedule can overlap it; the chunk structure is checked by the test above")
+        pytest.skip(
+            "XLA:CPU issues all-to-all as one blocking op (no start/done pairs), so no "
+            "schedule can overlap it; the chunk structure is checked by the test above"
+        )
     schedule = hlo.collective_schedule(_compiled_ep_forward(chunks=2))
     a2a = [p for p in schedule["async_pairs"] if p["collective"] == "all-to-all"]
     assert len(a2a) == 4  # 2 chunks x (dispatch, combine)

@@ -41,8 +41,13 @@ def test_adamw_decay_is_decoupled_and_adam_decay_is_l2():
 
 def test_lr_group_multiplier_and_its_decay():
     ones = jax.tree.map(jnp.ones_like, PARAMS)
-    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant", clip_norm=None,
-                          lr_groups=(LrGroup("mem/", 4.0, 1.0),))
+    cfg = OptimizerConfig(
+        name="sgd",
+        learning_rate=0.1,
+        schedule="constant",
+        clip_norm=None,
+        lr_groups=(LrGroup("mem/", 4.0, 1.0),),
+    )
     out = _apply(cfg, ones, total=3)
     np.testing.assert_allclose(out["ffn"]["w"], 0.9, rtol=1e-6)
     np.testing.assert_allclose(out["mem"]["values"], 1 - 0.4, rtol=1e-6)  # 4x at the start
@@ -77,9 +82,14 @@ def test_schedules():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"name": "lamb"}, "name='lamb'"), ({"schedule": "linear"}, "schedule='linear'"),
-     ({"learning_rate": 0.0}, "learning_rate=0.0"), ({"grad_accum_steps": 0}, "grad_accum_steps=0"),
-     ({"clip_norm": -1.0}, "clip_norm=-1.0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio=2.0")],
+    [
+        ({"name": "lamb"}, "name='lamb'"),
+        ({"schedule": "linear"}, "schedule='linear'"),
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps=0"),
+        ({"clip_norm": -1.0}, "clip_norm=-1.0"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio=2.0"),
+    ],
 )
 def test_bad_optimizer_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -81,15 +81,16 @@ def _flat_step(seqs, page_size, width):
     i = 0
     for r, (tokens, start, table) in enumerate(seqs):
         p = np.arange(start, start + len(tokens))
-        slots[i:i + len(p)] = np.asarray(table)[p // page_size] * page_size + p % page_size
-        index[r, :len(p)], pos[r, :len(p)] = np.arange(i, i + len(p)), p
-        tables[r, :len(table)], lengths[r] = table, start + len(p)
+        slots[i : i + len(p)] = np.asarray(table)[p // page_size] * page_size + p % page_size
+        index[r, : len(p)], pos[r, : len(p)] = np.arange(i, i + len(p)), p
+        tables[r, : len(table)], lengths[r] = table, start + len(p)
         i += len(p)
     flat_tokens = np.concatenate([t for t, _, _ in seqs]).astype(np.int32)
     flat_pos = np.concatenate([np.arange(s, s + len(t)) for t, s, _ in seqs]).astype(np.int32)
     empty = AttentionGroup(*(jnp.zeros(s, jnp.int32) for s in ((0, 1), (0, 1), (0, width), (0,))))
-    rows = AttentionGroup(jnp.asarray(index), jnp.asarray(pos, jnp.int32), jnp.asarray(tables),
-                          jnp.asarray(lengths))
+    rows = AttentionGroup(
+        jnp.asarray(index), jnp.asarray(pos, jnp.int32), jnp.asarray(tables), jnp.asarray(lengths)
+    )
     meta = PageMeta(jnp.asarray(slots), (empty, rows))
     return jnp.asarray(flat_tokens)[None], jnp.asarray(flat_pos)[None], meta
 
@@ -119,8 +120,8 @@ def test_model_over_paged_cache_equals_full_forward(preset):
     for (sa, ea), (sb, eb) in (((0, 5), (0, 3)), ((5, 10), (3, 6))):  # one shape: one compile
         tokens, positions, meta = _flat_step([(a[sa:ea], sa, table_a), (b[sb:eb], sb, table_b)], ps, width)
         pools, logits = run(pools, tokens, positions, meta)
-        outs["a"].append(logits[0, :ea - sa])
-        outs["b"].append(logits[0, ea - sa:])
+        outs["a"].append(logits[0, : ea - sa])
+        outs["b"].append(logits[0, ea - sa :])
     both = np.zeros((2, 10), np.int32)
     both[0], both[1, :6] = a, b  # causality: b's padding does not change its logits
     full = jax.jit(model)(jnp.asarray(both))
@@ -139,16 +140,23 @@ def test_paged_cache_through_the_pallas_kernels():
     tables = jnp.asarray([[3, 1]], jnp.int32)
     positions = jnp.asarray([[4, 5]], jnp.int32)
     empty = AttentionGroup(*(jnp.zeros(s, jnp.int32) for s in ((0, 1), (0, 1), (0, 2), (0,))))
-    meta = PageMeta(jnp.zeros(2, jnp.int32), (empty, AttentionGroup(
-        jnp.asarray([[0, 1]], jnp.int32), positions, tables, jnp.asarray(lengths))))
+    meta = PageMeta(
+        jnp.zeros(2, jnp.int32),
+        (empty, AttentionGroup(jnp.asarray([[0, 1]], jnp.int32), positions, tables, jnp.asarray(lengths))),
+    )
     cache = PagedKVCache(*pools, meta=meta, layer=jnp.int32(1))
     q = jnp.asarray(rng.normal(size=(1, 2, 2 * K, H)), jnp.float32)
     xla = cache.attend(q, positions, impl="xla")
     pallas = cache.attend(q, positions, impl="pallas")
     np.testing.assert_allclose(pallas, xla, atol=1e-5)
-    contiguous = ops.attention(q, pools[0][1][np.array([3, 1])].reshape(1, 8, K, H),
-                               pools[1][1][np.array([3, 1])].reshape(1, 8, K, H), q_positions=positions,
-                               kv_positions=jnp.arange(8)[None], causal=True)
+    contiguous = ops.attention(
+        q,
+        pools[0][1][np.array([3, 1])].reshape(1, 8, K, H),
+        pools[1][1][np.array([3, 1])].reshape(1, 8, K, H),
+        q_positions=positions,
+        kv_positions=jnp.arange(8)[None],
+        causal=True,
+    )
     np.testing.assert_allclose(xla, contiguous, atol=1e-5)
 
 

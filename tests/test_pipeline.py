@@ -89,7 +89,7 @@ def test_mask_against_document_membership():
     T = rows.seq_len
     for i in range(len(rows)):
         n = min(T, rows.num_tokens - 1 - i * T)
-        doc = rows.doc_ids[i * T: i * T + n + 1]
+        doc = rows.doc_ids[i * T : i * T + n + 1]
         assert rows[i]["mask"][:n].tolist() == (doc[1:] == doc[:-1]).tolist()
 
 

@@ -79,17 +79,20 @@ def test_row_seeds_are_reproducible_and_independent_of_other_rows():
     assert c[0] != a[0]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_tokens=0), "max_tokens=0"),
-    (dict(max_tokens=-3), "max_tokens=-3"),
-    (dict(temperature=-1.0), "temperature=-1.0"),
-    (dict(top_k=-1), "top_k=-1"),
-    (dict(top_p=0.0), "top_p=0.0"),
-    (dict(seed=-1), "seed=-1"),
-    (dict(stop_token_ids=("a",)), "stop_token_ids"),
-    (dict(logprobs=-1), "logprobs=-1"),
-    (dict(n=0), "n=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=0), "max_tokens=0"),
+        (dict(max_tokens=-3), "max_tokens=-3"),
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(top_k=-1), "top_k=-1"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(stop_token_ids=("a",)), "stop_token_ids"),
+        (dict(logprobs=-1), "logprobs=-1"),
+        (dict(n=0), "n=0"),
+    ],
+)
 def test_sampling_params_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)

@@ -39,19 +39,26 @@ def test_layout_equals_single_device(devices, reference, spec, rules):
         sharded_graphdef, sharded_state = nnx.split(born)
         # Born sharded as the rules say, and identical to the single-device initialization.
         expected = sharding.state_shardings(sharded_state, mesh, rules)
-        jax.tree.map(lambda v, s: v.sharding.is_equivalent_to(s, v.ndim) or pytest.fail(
-            f"{v.sharding} != {s}"), sharded_state, expected)
+        jax.tree.map(
+            lambda v, s: v.sharding.is_equivalent_to(s, v.ndim) or pytest.fail(f"{v.sharding} != {s}"),
+            sharded_state,
+            expected,
+        )
         jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(sharded_state), jax.tree.leaves(state))
 
         batch = jax.device_put(tokens, sharding.batch_sharding(mesh, rules))
         forward = jax.jit(lambda s, t: nnx.merge(sharded_graphdef, s)(t[:, :-1]))
         logits = forward(sharded_state, batch)
         loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
-            sharded_graphdef, sharded_state, batch)
+            sharded_graphdef, sharded_state, batch
+        )
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-                 jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+        jax.tree.leaves(grads),
+        jax.tree.leaves(ref_grads),
+    )
 
 
 def test_shard_state_of_an_unsharded_model(devices, reference):

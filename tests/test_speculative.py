@@ -20,8 +20,16 @@ V = 16
 def _tiny(seed: int, layers: int = 1) -> llmarch.Transformer:
     """A small-vocabulary model with spread-out logits (init_std 0.5), so that target and draft
     distributions differ clearly."""
-    cfg = llmarch.ModelConfig(vocab_size=V, d_model=32, num_layers=layers, ffn_dim=64, max_seq_len=64,
-                              attention=llmarch.AttentionConfig(2, 2, 16), init_std=0.5, name=f"spec{seed}")
+    cfg = llmarch.ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        num_layers=layers,
+        ffn_dim=64,
+        max_seq_len=64,
+        attention=llmarch.AttentionConfig(2, 2, 16),
+        init_std=0.5,
+        name=f"spec{seed}",
+    )
     return llmarch.Transformer(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -62,13 +70,13 @@ def _greedy_reference(model, prompts, n):
     """Greedy by full recomputation in one fixed [B, 32] buffer (one compile)."""
     buf = np.zeros((len(prompts), 32), np.int32)
     for i, p in enumerate(prompts):
-        buf[i, :len(p)] = p
+        buf[i, : len(p)] = p
     forward = jax.jit(lambda b: jnp.argmax(model(b), axis=-1))
     for t in range(n):
         nxt = np.asarray(forward(jnp.asarray(buf)))
         for i, p in enumerate(prompts):
             buf[i, len(p) + t] = nxt[i, len(p) + t - 1]
-    return [buf[i, len(p):len(p) + n].tolist() for i, p in enumerate(prompts)]
+    return [buf[i, len(p) : len(p) + n].tolist() for i, p in enumerate(prompts)]
 
 
 def test_target_drafting_for_itself_accepts_every_token(target):
@@ -87,9 +95,10 @@ def test_greedy_speculative_decoding_is_the_targets_greedy_decoding(target, draf
     assert 0 < spec.acceptance_rate < 1  # a different draft is sometimes wrong
     stop = outs[0].token_ids[4]
     params = [SamplingParams(max_tokens=9, temperature=0.0, stop_token_ids=(stop,))] + [
-        SamplingParams(max_tokens=9, temperature=0.0)] * 2
+        SamplingParams(max_tokens=9, temperature=0.0)
+    ] * 2
     cut = spec.generate(prompts, params)
-    assert cut[0].token_ids == outs[0].token_ids[:outs[0].token_ids.index(stop) + 1]
+    assert cut[0].token_ids == outs[0].token_ids[: outs[0].token_ids.index(stop) + 1]
     assert cut[0].finish_reason == "stop" and cut[1].token_ids == outs[1].token_ids
     with pytest.raises(ValueError, match="n=1"):
         spec.generate([[1]], SamplingParams(n=2))

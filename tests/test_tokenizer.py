@@ -6,8 +6,13 @@ import tokenizers
 
 from llmarch.data import BPETokenizer, ByteTokenizer, Tokenizer, default_documents, load_tokenizer
 
-TEXTS = ["hello world", "héllo wörld — ünïcode ✓ 日本語 🙂", "", "  two  spaces\n\ttab\r\n",
-         "a literal </s> and <s> and <pad> stay text"]
+TEXTS = [
+    "hello world",
+    "héllo wörld — ünïcode ✓ 日本語 🙂",
+    "",
+    "  two  spaces\n\ttab\r\n",
+    "a literal </s> and <s> and <pad> stay text",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,19 @@ def test_bpe_protocol_round_trip_and_specials(bpe):
 def test_bpe_save_load_identical(bpe, tmp_path):
     file = bpe.save(tmp_path / "tok")
     assert file == tmp_path / "tok" / "tokenizer.json" and file.is_file()
-    for loaded in (BPETokenizer.load(file), BPETokenizer.load(tmp_path / "tok"),
-                   load_tokenizer(str(file)), load_tokenizer(tmp_path / "tok")):
+    for loaded in (
+        BPETokenizer.load(file),
+        BPETokenizer.load(tmp_path / "tok"),
+        load_tokenizer(str(file)),
+        load_tokenizer(tmp_path / "tok"),
+    ):
         assert isinstance(loaded, BPETokenizer)
         assert (loaded.vocab_size, loaded.pad_id, loaded.bos_id, loaded.eos_id) == (
-            bpe.vocab_size, bpe.pad_id, bpe.bos_id, bpe.eos_id)
+            bpe.vocab_size,
+            bpe.pad_id,
+            bpe.bos_id,
+            bpe.eos_id,
+        )
         for text in TEXTS:
             assert np.array_equal(loaded.encode(text, eos=True), bpe.encode(text, eos=True))
     assert bpe.save(tmp_path / "named.json") == tmp_path / "named.json"
@@ -66,8 +79,9 @@ def test_bpe_save_load_identical(bpe, tmp_path):
 def test_bpe_file_loads_in_transformers(bpe, tmp_path):
     transformers = pytest.importorskip("transformers")
     file = bpe.save(tmp_path)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>",
-                                              eos_token="</s>", pad_token="<pad>")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(file), bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (bpe.bos_id, bpe.eos_id, bpe.pad_id)
     for text in TEXTS[:4]:  # transformers parses "<s>" in text as the special token; we do not
         ids = bpe.encode(text)
@@ -81,8 +95,11 @@ def test_load_foreign_tokenizer_json_by_special_names(tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["some text to learn from"] * 5, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"bos_token='<s>'.*<\|endoftext\|>"):

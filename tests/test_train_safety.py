@@ -27,8 +27,9 @@ from llmarch.train.optim import OptimizerConfig
 from llmarch.train.step import make_train_step
 from llmarch.train.trainer import TrainConfig, train
 
-SMALL = dict(seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False,
-             tensorboard=False)
+SMALL = dict(
+    seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False, tensorboard=False
+)
 WILD = OptimizerConfig(name="sgd", learning_rate=1e30, clip_norm=None, schedule="constant")
 
 
@@ -49,7 +50,7 @@ def _corrupt(step_dir, nbytes=64):
     target = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + nbytes] = bytes(b ^ 0xFF for b in data[mid:mid + nbytes])
+    data[mid : mid + nbytes] = bytes(b ^ 0xFF for b in data[mid : mid + nbytes])
     target.write_bytes(bytes(data))
     return target
 
@@ -105,30 +106,45 @@ def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
 # Validation before anything runs ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: OptimizerConfig(learning_rate=float("inf")), r"learning_rate=inf is invalid"),
-    (lambda: OptimizerConfig(weight_decay=float("nan")), r"weight_decay=nan is invalid"),
-    (lambda: OptimizerConfig(b2=1.5), r"b2=1.5 is invalid"),
-    (lambda: TrainConfig(out_dir="x", z_loss=float("nan")), r"z_loss=nan is invalid"),
-    (lambda: TrainConfig(out_dir="x", peak_flops=-1.0), r"peak_flops=-1.0 is invalid"),
-    (lambda: TrainConfig(out_dir="x", val_fraction=1.0), r"val_fraction=1.0 is invalid"),
-    (lambda: TrainConfig(out_dir="x", resume="maybe"), r"resume='maybe' is unknown"),
-    (lambda: TrainConfig(out_dir="x", preset="nope"), r"preset='nope' is unknown"),
-    (lambda: TrainConfig.from_dict({"out_dir": "x", "optimizer": {"learning_rate": "0.01"}}),
-     r"optimizer.learning_rate='0.01' is invalid: must be a number"),
-    (lambda: TrainConfig.from_dict({"out_dir": "x", "mesh": 2}), r"mesh=2 is invalid: must be a string"),
-    (lambda: TrainConfig.from_dict({"out_dir": "x", "tensorboard": "no"}), r"tensorboard='no' is invalid"),
-    (lambda: TrainConfig.from_dict({"out_dir": "x", "model": {"d_model": 8}}),
-     r"TrainConfig.model is missing the required fields \['vocab_size'"),
-    (lambda: TrainConfig.from_dict({"out_dir": "x", "steps": 2.5}), r"steps=2.5 is invalid"),
-    (lambda: OptimizerConfig(warmup_steps=99999999999), r"warmup_steps=99999999999 is invalid: must be an "
-                                                        r"integer in \[0, 2147483647\]"),
-    (lambda: TrainConfig(out_dir="x", steps=5, optimizer=OptimizerConfig(grad_accum_steps=10)),
-     r"grad_accum_steps=10 exceeds TrainConfig.steps=5: no update would ever be applied"),
-    (lambda: TrainConfig(out_dir="x", seed=-1), r"seed=-1 is invalid"),
-    (lambda: TrainConfig(out_dir="x", mesh=""), r"mesh='' is invalid"),
-    (lambda: TrainConfig(out_dir="x", steps=np.int64(3)), r"steps=np.int64\(3\) is invalid: must be"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: OptimizerConfig(learning_rate=float("inf")), r"learning_rate=inf is invalid"),
+        (lambda: OptimizerConfig(weight_decay=float("nan")), r"weight_decay=nan is invalid"),
+        (lambda: OptimizerConfig(b2=1.5), r"b2=1.5 is invalid"),
+        (lambda: TrainConfig(out_dir="x", z_loss=float("nan")), r"z_loss=nan is invalid"),
+        (lambda: TrainConfig(out_dir="x", peak_flops=-1.0), r"peak_flops=-1.0 is invalid"),
+        (lambda: TrainConfig(out_dir="x", val_fraction=1.0), r"val_fraction=1.0 is invalid"),
+        (lambda: TrainConfig(out_dir="x", resume="maybe"), r"resume='maybe' is unknown"),
+        (lambda: TrainConfig(out_dir="x", preset="nope"), r"preset='nope' is unknown"),
+        (
+            lambda: TrainConfig.from_dict({"out_dir": "x", "optimizer": {"learning_rate": "0.01"}}),
+            r"optimizer.learning_rate='0.01' is invalid: must be a number",
+        ),
+        (lambda: TrainConfig.from_dict({"out_dir": "x", "mesh": 2}), r"mesh=2 is invalid: must be a string"),
+        (
+            lambda: TrainConfig.from_dict({"out_dir": "x", "tensorboard": "no"}),
+            r"tensorboard='no' is invalid",
+        ),
+        (
+            lambda: TrainConfig.from_dict({"out_dir": "x", "model": {"d_model": 8}}),
+            r"TrainConfig.model is missing the required fields \['vocab_size'",
+        ),
+        (lambda: TrainConfig.from_dict({"out_dir": "x", "steps": 2.5}), r"steps=2.5 is invalid"),
+        (
+            lambda: OptimizerConfig(warmup_steps=99999999999),
+            r"warmup_steps=99999999999 is invalid: must be an "
+            r"integer in \[0, 2147483647\]",
+        ),
+        (
+            lambda: TrainConfig(out_dir="x", steps=5, optimizer=OptimizerConfig(grad_accum_steps=10)),
+            r"grad_accum_steps=10 exceeds TrainConfig.steps=5: no update would ever be applied",
+        ),
+        (lambda: TrainConfig(out_dir="x", seed=-1), r"seed=-1 is invalid"),
+        (lambda: TrainConfig(out_dir="x", mesh=""), r"mesh='' is invalid"),
+        (lambda: TrainConfig(out_dir="x", steps=np.int64(3)), r"steps=np.int64\(3\) is invalid: must be"),
+    ],
+)
 def test_bad_values_are_rejected_on_construction(build, match):
     with pytest.raises(ValueError, match=match):
         build()
@@ -142,9 +158,11 @@ def _one_error_line(capsys) -> str:
 
 def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     config = tmp_path / "cfg.json"
-    for content, match in [("[1, 2]", "must hold a JSON object"),
-                           ('{"out_dir": "o", "learning_rate": "0.01"}', "unknown fields"),
-                           ('{"out_dir": "o", "optimizer": {"learning_rate": "0.01"}}', "must be a number")]:
+    for content, match in [
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"out_dir": "o", "learning_rate": "0.01"}', "unknown fields"),
+        ('{"out_dir": "o", "optimizer": {"learning_rate": "0.01"}}', "must be a number"),
+    ]:
         config.write_text(content)
         assert cli.main(["train", "--config", str(config)]) == 2
         err = _one_error_line(capsys)
@@ -191,10 +209,24 @@ def test_corruption_is_detected_by_eval_generate_and_train(finished_run, tmp_pat
     step_dir = str(run / "checkpoints" / "4")
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} is corrupted"):
         evaluate_run(run, batches=1)
-    for argv in (["eval", "--checkpoint", str(run), "--batches", "1"],
-                 ["generate", "--checkpoint", str(run), "--prompt", "hi", "--max-tokens", "2"],
-                 ["train", "--out", str(run), "--steps", "6", "--checkpoint-every", "2", "--seq-len", "32",
-                  "--batch-size", "8", "--no-tensorboard"]):
+    for argv in (
+        ["eval", "--checkpoint", str(run), "--batches", "1"],
+        ["generate", "--checkpoint", str(run), "--prompt", "hi", "--max-tokens", "2"],
+        [
+            "train",
+            "--out",
+            str(run),
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "8",
+            "--no-tensorboard",
+        ],
+    ):
         assert cli.main(argv) == 2, argv
         err = _one_error_line(capsys)
         assert f"checkpoint {step_dir} is corrupted" in err, err
@@ -212,9 +244,12 @@ def test_corruption_is_detected_by_eval_generate_and_train(finished_run, tmp_pat
 def test_a_mismatching_resume_names_the_fields_and_changes_nothing(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(CheckpointError, match=r"another configuration \(preset: \"tiny-dense\" in the "
-                                              r"checkpoint, \"tiny-gqa\" now; seq_len: 32 in the checkpoint, "
-                                              r"64 now\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another configuration \(preset: \"tiny-dense\" in the "
+        r"checkpoint, \"tiny-gqa\" now; seq_len: 32 in the checkpoint, "
+        r"64 now\)",
+    ):
         _run(tmp_path, "run", steps=6, checkpoint_every=2, preset="tiny-gqa", seq_len=64)
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     assert after == {p: b for p, b in before.items() if p.name != LOCK_FILE}
@@ -259,8 +294,11 @@ def test_a_changed_corpus_is_caught_on_resume_and_a_failed_save_fails_the_run(tm
         raise ValueError("RESOURCE_EXHAUSTED: Error writing: No space left on device")
 
     monkeypatch.setattr(Checkpointer, "save", lambda self, *a, **k: full_disk())
-    with pytest.raises(TrainingError, match=r"saving .*checkpoints/2 failed \(RESOURCE_EXHAUSTED.*no "
-                                            r"checkpoint exists"):
+    with pytest.raises(
+        TrainingError,
+        match=r"saving .*checkpoints/2 failed \(RESOURCE_EXHAUSTED.*no "
+        r"checkpoint exists",
+    ):
         _run(tmp_path, "full", steps=2, checkpoint_every=2)
 
 
@@ -329,14 +367,34 @@ def test_eval_rejects_zero_batches(finished_run):
 
 # Signals and kills, in real processes ----------------------------------------------------------
 
-_ARGS = ["--seq-len", "32", "--batch-size", "8", "--log-every", "1", "--eval-every", "1000",
-         "--no-tensorboard"]
+_ARGS = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "1000",
+    "--no-tensorboard",
+]
 _ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
 def _cmd(out, steps, every):
-    return [sys.executable, "-m", "llmarch.cli", "train", "--out", str(out), "--steps", str(steps),
-            "--checkpoint-every", str(every), *_ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "llmarch.cli",
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        str(every),
+        *_ARGS,
+    ]
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -354,8 +412,9 @@ def _logged_steps(out):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_it_stopped(tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen(_cmd(out, 1000, 1000), env=_ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(out, 1000, 1000), env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(lambda: len(_logged_steps(out)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -379,8 +438,9 @@ def test_repeated_kill_9_still_gives_the_uninterrupted_result(tmp_path):
         lambda: (out / "metrics.jsonl").exists() and bool(_logged_steps(out)),  # right after a restart
     ]
     for when in kill_points:
-        proc = subprocess.Popen(_cmd(out, steps, every), env=_ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cmd(out, steps, every), env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_for(when, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

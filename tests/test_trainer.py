@@ -12,8 +12,9 @@ from llmarch.train.evaluate import evaluate_run
 from llmarch.train.optim import OPTIMIZERS, OptimizerConfig
 from llmarch.train.trainer import TrainConfig, train
 
-SMALL = dict(seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False,
-             tensorboard=False)
+SMALL = dict(
+    seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False, tensorboard=False
+)
 
 
 def _run(tmp_path, name="run", **changes):
@@ -58,8 +59,11 @@ def test_mesh_run_matches_one_device(devices, tmp_path, spec, rules):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_optimizer_trains(tmp_path, name):
     lr = {"adadelta": 1.0, "adagrad": 0.05, "sgd": 0.5, "momentum": 0.1}.get(name, 3e-3)
-    result = _run(tmp_path, steps=6, optimizer=OptimizerConfig(name=name, learning_rate=lr,
-                                                               weight_decay=0.01, schedule="constant"))
+    result = _run(
+        tmp_path,
+        steps=6,
+        optimizer=OptimizerConfig(name=name, learning_rate=lr, weight_decay=0.01, schedule="constant"),
+    )
     assert all(np.isfinite(list(result.losses.values())))
     assert result.losses[6] < result.losses[1], result.losses
 
@@ -92,10 +96,21 @@ def test_bad_configs(tmp_path):
 
 def test_cli_train_config_file_and_flags(tmp_path, capsys):
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"out_dir": str(tmp_path / "cli"), "steps": 2, "seq_len": 32,
-                                  "batch_size": 4, "optimizer": {"name": "adam", "learning_rate": 1e-3}}))
-    assert cli.main(["train", "--config", str(config), "--steps", "3", "--no-tensorboard",
-                     "--log-every", "1"]) == 0
+    config.write_text(
+        json.dumps(
+            {
+                "out_dir": str(tmp_path / "cli"),
+                "steps": 2,
+                "seq_len": 32,
+                "batch_size": 4,
+                "optimizer": {"name": "adam", "learning_rate": 1e-3},
+            }
+        )
+    )
+    assert (
+        cli.main(["train", "--config", str(config), "--steps", "3", "--no-tensorboard", "--log-every", "1"])
+        == 0
+    )
     saved = json.loads((tmp_path / "cli" / "train_config.json").read_text())
     assert saved["steps"] == 3 and saved["optimizer"]["name"] == "adam" and saved["batch_size"] == 4
     capsys.readouterr()

@@ -154,14 +154,16 @@ def expected_distinct_experts(num_experts: int, top_k: int, batch: int | np.ndar
     return kinds.expected_distinct(num_experts, np.asarray(batch, np.float64), top_k / num_experts)
 
 
-def expert_bytes_read(distinct: float | np.ndarray, d_model: int, expert_dim: int,
-                      bytes_per_param: int) -> float | np.ndarray:
+def expert_bytes_read(
+    distinct: float | np.ndarray, d_model: int, expert_dim: int, bytes_per_param: int
+) -> float | np.ndarray:
     """``U·3·D·F·bytes``: routed-expert weights a decode step must read for ``U`` distinct experts."""
     return distinct * 3 * d_model * expert_dim * bytes_per_param
 
 
-def decode_traffic(cfg: ModelConfig, batch_size: int, *, context_len: int = 0,
-                   dtype: str | None = None) -> DecodeTraffic:
+def decode_traffic(
+    cfg: ModelConfig, batch_size: int, *, context_len: int = 0, dtype: str | None = None
+) -> DecodeTraffic:
     """The decode-step traffic model (UltraMem's Figure 1c argument, from the config alone).
 
     Routing and memory picks are assumed uniform and independent: an MoE layer's batch touches

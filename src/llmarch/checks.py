@@ -39,8 +39,9 @@ def check_positive(owner: str, **fields: Any) -> None:
         check_int(owner, name, value)
 
 
-def check_number(owner: str, field: str, value: Any, allowed: str,
-                 ok: typing.Callable[[float], bool]) -> None:
+def check_number(
+    owner: str, field: str, value: Any, allowed: str, ok: typing.Callable[[float], bool]
+) -> None:
     """A float field must be a real, finite number for which ``ok`` holds. NaN fails every
     comparison, so a check such as ``value < 0`` alone would let it through."""
     if isinstance(value, bool) or not isinstance(value, int | float):  # JSON-able, unlike np.float32

@@ -55,11 +55,20 @@ _TRAIN_FLAGS = [
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept"),
     ("--z-loss", "z_loss", float, "z-loss coefficient"),
     ("--nan-policy", "nan_policy", str, "skip or stop on a non-finite step"),
-    ("--max-skipped-fraction", "max_skipped_fraction", float,
-     "fail the run once more than this share of its steps were skipped (default 0.1)"),
-    ("--resume", "resume", str, "auto: continue from the newest checkpoint if any (default); must: fail "
-     "without one; never: fail if one exists; fallback: set corrupted checkpoints aside and continue "
-     "from the newest intact one"),
+    (
+        "--max-skipped-fraction",
+        "max_skipped_fraction",
+        float,
+        "fail the run once more than this share of its steps were skipped (default 0.1)",
+    ),
+    (
+        "--resume",
+        "resume",
+        str,
+        "auto: continue from the newest checkpoint if any (default); must: fail "
+        "without one; never: fail if one exists; fallback: set corrupted checkpoints aside and continue "
+        "from the newest intact one",
+    ),
     ("--val-fraction", "val_fraction", float, "held-out fraction of the corpus"),
     ("--peak-flops", "peak_flops", float, "peak FLOP/s per device for MFU"),
     ("--optimizer", "optimizer.name", str, "sgd, momentum, adagrad, adadelta, rmsprop, adam, adamw"),
@@ -118,8 +127,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--data '' is invalid: give a text file, a directory of texts or a .jsonl file")
     result = evaluate_run(args.checkpoint, data=args.data, batches=args.batches)
     if not math.isfinite(result["loss"]):  # a broken model is not a result: no exit 0, no NaN "JSON"
-        raise TrainingError(f"checkpoint step {result['step']} of {args.checkpoint} gives a non-finite "
-                            f"loss ({result['loss']}): its weights are broken")
+        raise TrainingError(
+            f"checkpoint step {result['step']} of {args.checkpoint} gives a non-finite "
+            f"loss ({result['loss']}): its weights are broken"
+        )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -150,13 +161,27 @@ def _generate(args: argparse.Namespace) -> int:
     stop = tuple(_ids(args.stop_ids)) if args.stop_ids else ()
     if tokenizer is not None and not args.ignore_eos and tokenizer.eos_id < cfg.vocab_size:
         stop += (tokenizer.eos_id,)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=stop, n=args.n)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=stop,
+        n=args.n,
+    )
     lengths = [len(tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
     max_len = args.max_len or min(cfg.max_seq_len, max(lengths) + args.max_tokens)  # sizes the pool
     budget = min(args.max_num_batched_tokens, cfg.max_seq_len)
-    engine = Engine(model, cfg, tokenizer=tokenizer, max_num_seqs=min(args.n * len(prompts), budget),
-                    max_num_batched_tokens=budget, max_prefill_chunk=min(budget, 256), max_len=max_len)
+    engine = Engine(
+        model,
+        cfg,
+        tokenizer=tokenizer,
+        max_num_seqs=min(args.n * len(prompts), budget),
+        max_num_batched_tokens=budget,
+        max_prefill_chunk=min(budget, 256),
+        max_len=max_len,
+    )
     start = time.perf_counter()
     tokens = 0  # generated tokens, counted from what was printed
     if args.stream:
@@ -164,8 +189,11 @@ def _generate(args: argparse.Namespace) -> int:
         for event in engine.stream(prompts, params):
             tokens += 1
             piece = event.text if event.text is not None else f" {event.token_id}"
-            print(piece if single else f"[{event.request_id}.{event.index}] {piece!r}", end="" if single
-                  else "\n", flush=True)
+            print(
+                piece if single else f"[{event.request_id}.{event.index}] {piece!r}",
+                end="" if single else "\n",
+                flush=True,
+            )
         print()
     else:
         for out in engine.generate(prompts, params):
@@ -174,19 +202,27 @@ def _generate(args: argparse.Namespace) -> int:
                 body = c.text if c.text is not None else " ".join(map(str, c.token_ids))
                 print(f"[{out.request_id}.{c.index}] ({c.finish_reason}) {body}")
     seconds = time.perf_counter() - start
-    print(f"{tokens} tokens in {seconds:.2f}s ({engine.stats['steps']} steps, "
-          f"{engine.stats['preemptions']} preemptions)", file=sys.stderr)
+    print(
+        f"{tokens} tokens in {seconds:.2f}s ({engine.stats['steps']} steps, "
+        f"{engine.stats['preemptions']} preemptions)",
+        file=sys.stderr,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback and library logs on an error")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback and library logs on an error",
+    )
     parser = argparse.ArgumentParser(prog="llmarch", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", parents=[common],
-                          help="train a tiny model on the embedded corpus and sample from it")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="train a tiny model on the embedded corpus and sample from it"
+    )
     demo.add_argument("--preset", choices=[n for n in presets.names() if n.startswith("tiny-")])
     demo.add_argument("--steps", type=int)
     demo.add_argument("--batch-size", type=int)
@@ -197,26 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt")
     demo.add_argument("--out-dir", help="keep the run (checkpoints, metrics) here; default: a temp dir")
     demo.set_defaults(func=_demo)
-    train = sub.add_parser("train", parents=[common],
-                           help="train a model; resumes from the latest checkpoint in --out")
+    train = sub.add_parser(
+        "train", parents=[common], help="train a model; resumes from the latest checkpoint in --out"
+    )
     train.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
     for flag, field, kind, text in _TRAIN_FLAGS:
         train.add_argument(flag, dest=field.replace(".", "_"), type=kind, help=text)
     train.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
     train.set_defaults(func=_train)
-    evaluate = sub.add_parser("eval", parents=[common],
-                              help="evaluate a run's latest checkpoint on held-out data")
+    evaluate = sub.add_parser(
+        "eval", parents=[common], help="evaluate a run's latest checkpoint on held-out data"
+    )
     evaluate.add_argument("--checkpoint", required=True, help="a run directory written by `llmarch train`")
     evaluate.add_argument("--data", help="evaluate on this corpus instead of the run's validation split")
     evaluate.add_argument("--batches", type=int, default=16, help="batches to evaluate")
     evaluate.set_defaults(func=_eval)
-    listing = sub.add_parser("presets", parents=[common],
-                             help="list the presets with parameter and FLOP counts")
+    listing = sub.add_parser(
+        "presets", parents=[common], help="list the presets with parameter and FLOP counts"
+    )
     listing.set_defaults(func=_presets)
-    gen = sub.add_parser("generate", parents=[common],
-                         help="generate from an llmarch run or a Hugging Face checkpoint")
-    gen.add_argument("--checkpoint", required=True,
-                     help="a run directory of `llmarch train`, or config.json + *.safetensors")
+    gen = sub.add_parser(
+        "generate", parents=[common], help="generate from an llmarch run or a Hugging Face checkpoint"
+    )
+    gen.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory of `llmarch train`, or config.json + *.safetensors",
+    )
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, e.g. 1,2,3")
     gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the checkpoint's)")
@@ -228,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions per prompt (sharing its cache pages)")
     gen.add_argument("--stop-ids", help="token ids that end a completion, e.g. 2,13")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
-    gen.add_argument("--dtype", help="parameter and compute dtype, e.g. bfloat16 (default: as trained; "
-                     "float32 for Hugging Face checkpoints)")
+    gen.add_argument(
+        "--dtype",
+        help="parameter and compute dtype, e.g. bfloat16 (default: as trained; "
+        "float32 for Hugging Face checkpoints)",
+    )
     gen.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's)")
     gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")

@@ -49,14 +49,21 @@ class BlockConfig:
         check_choice("BlockConfig", "ffn", self.ffn, kinds.names("ffn"))
 
 
-def moe_blocks(num_layers: int, first_k_dense_replace: int = 0,
-               attention: str = "mha") -> tuple[BlockConfig, ...]:
+def moe_blocks(
+    num_layers: int, first_k_dense_replace: int = 0, attention: str = "mha"
+) -> tuple[BlockConfig, ...]:
     """DeepSeek's layout: the first ``first_k_dense_replace`` blocks dense SwiGLU, the rest MoE."""
     if not 0 <= first_k_dense_replace <= num_layers:
-        fail("moe_blocks", "first_k_dense_replace", first_k_dense_replace,
-              f"must be in [0, num_layers={num_layers}]")
-    return tuple(BlockConfig(attention=attention, ffn="swiglu" if i < first_k_dense_replace else "moe")
-                 for i in range(num_layers))
+        fail(
+            "moe_blocks",
+            "first_k_dense_replace",
+            first_k_dense_replace,
+            f"must be in [0, num_layers={num_layers}]",
+        )
+    return tuple(
+        BlockConfig(attention=attention, ffn="swiglu" if i < first_k_dense_replace else "moe")
+        for i in range(num_layers)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +103,14 @@ class ModelConfig:
     hf_model_type: str | None = None
 
     def __post_init__(self):
-        check_positive("ModelConfig", vocab_size=self.vocab_size, d_model=self.d_model,
-                       num_layers=self.num_layers, ffn_dim=self.ffn_dim, max_seq_len=self.max_seq_len)
+        check_positive(
+            "ModelConfig",
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            ffn_dim=self.ffn_dim,
+            max_seq_len=self.max_seq_len,
+        )
         if not isinstance(self.attention, AttentionConfig):
             fail("ModelConfig", "attention", self.attention, "must be an AttentionConfig")
         if not 0 < self.norm_eps < 1:
@@ -110,17 +123,24 @@ class ModelConfig:
         check_choice("ModelConfig", "remat", self.remat, REMAT_POLICIES)
         check_choice("ModelConfig", "impl", self.impl, IMPLS)
         if self.blocks is not None:
-            if not isinstance(self.blocks, tuple) or not all(
-                isinstance(b, BlockConfig) for b in self.blocks
-            ):
+            if not isinstance(self.blocks, tuple) or not all(isinstance(b, BlockConfig) for b in self.blocks):
                 fail("ModelConfig", "blocks", self.blocks, "must be a tuple of BlockConfig or None")
             if len(self.blocks) != self.num_layers:
-                fail("ModelConfig", "blocks", f"<{len(self.blocks)} blocks>",
-                     f"must have num_layers={self.num_layers} entries")
-        if self.hf_model_type is not None and (not isinstance(self.hf_model_type, str)
-                                               or not self.hf_model_type):
-            fail("ModelConfig", "hf_model_type", self.hf_model_type,
-                 "must be a non-empty string (a transformers model_type) or None")
+                fail(
+                    "ModelConfig",
+                    "blocks",
+                    f"<{len(self.blocks)} blocks>",
+                    f"must have num_layers={self.num_layers} entries",
+                )
+        if self.hf_model_type is not None and (
+            not isinstance(self.hf_model_type, str) or not self.hf_model_type
+        ):
+            fail(
+                "ModelConfig",
+                "hf_model_type",
+                self.hf_model_type,
+                "must be a non-empty string (a transformers model_type) or None",
+            )
         self._check_skip_layers()
         self._check_kinds()
 
@@ -146,8 +166,12 @@ class ModelConfig:
                 allowed = f"must be {_article(cls)}: {users[0][0]}"
                 fail("ModelConfig", field, value, allowed)
             if value is not None and not users:
-                fail("ModelConfig", field, f"<{type(value).__name__}>",
-                     f"must be None: no block uses {' or '.join(kinds.users_of(field))}")
+                fail(
+                    "ModelConfig",
+                    field,
+                    f"<{type(value).__name__}>",
+                    f"must be None: no block uses {' or '.join(kinds.users_of(field))}",
+                )
         for _, kind in used:
             if getattr(kind, "check", None) is not None:
                 kind.check(self)
@@ -156,18 +180,24 @@ class ModelConfig:
         if not isinstance(self.skip_layers, tuple):
             fail("ModelConfig", "skip_layers", self.skip_layers, "must be a tuple of (i, j) pairs")
         for pair in self.skip_layers:
-            if (not isinstance(pair, tuple) or len(pair) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            if (
+                not isinstance(pair, tuple)
+                or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            ):
                 fail("ModelConfig", "skip_layers", pair, "each entry must be a pair of ints (i, j)")
             i, j = pair
             if not 0 <= i <= j < self.num_layers:
-                fail("ModelConfig", "skip_layers", pair,
-                     f"needs 0 <= i <= j < num_layers={self.num_layers}")
+                fail("ModelConfig", "skip_layers", pair, f"needs 0 <= i <= j < num_layers={self.num_layers}")
         spans = sorted(self.skip_layers)
         for (i0, j0), (i1, j1) in zip(spans, spans[1:], strict=False):
             if i1 <= j0:
-                fail("ModelConfig", "skip_layers", self.skip_layers,
-                     f"spans ({i0}, {j0}) and ({i1}, {j1}) overlap; they must be disjoint")
+                fail(
+                    "ModelConfig",
+                    "skip_layers",
+                    self.skip_layers,
+                    f"spans ({i0}, {j0}) and ({i1}, {j1}) overlap; they must be disjoint",
+                )
         allowed = kinds.names("skip")
         if self.skip_layers and self.skip_kind not in allowed:
             fail("ModelConfig", "skip_kind", self.skip_kind, f"must be one of {allowed} with skip_layers")

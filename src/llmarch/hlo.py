@@ -26,8 +26,8 @@ def collective_schedule(hlo_text: str) -> dict:
     blocking op), and ``sequence`` (the entry computation's collective and compute ops in order,
     e.g. ``["all-to-all", "fusion", ...]``).
     """
-    entry = hlo_text[hlo_text.find("ENTRY"):]
-    body = entry[:entry.find("\n}\n")] if "\n}\n" in entry else entry
+    entry = hlo_text[hlo_text.find("ENTRY") :]
+    body = entry[: entry.find("\n}\n")] if "\n}\n" in entry else entry
     sequence, open_, pairs, sync = [], {}, [], 0  # open_: start name -> compute ops seen since
     for name, op, operand in _INSTRUCTION.findall(body):
         base = op.removesuffix("-start").removesuffix("-done")
@@ -45,8 +45,12 @@ def collective_schedule(hlo_text: str) -> dict:
             sequence.append(op)
             for start in open_:
                 open_[start] += 1
-    return {"async_pairs": pairs, "overlapped": sum(p["compute_between"] > 0 for p in pairs),
-            "sync_collectives": sync, "sequence": sequence}
+    return {
+        "async_pairs": pairs,
+        "overlapped": sum(p["compute_between"] > 0 for p in pairs),
+        "sync_collectives": sync,
+        "sequence": sequence,
+    }
 
 
 # The data flow -----------------------------------------------------------------------------------
@@ -95,8 +99,9 @@ class Dataflow:
         if op == "custom-call" and re.search(r"gemm|matmul", line, re.I):
             return True
         called = re.search(r"calls=%([\w.\-]+)", line)
-        return bool(op == "fusion" and called and re.search(
-            r" (dot|convolution)\(", self._called.get(called[1], "")))
+        return bool(
+            op == "fusion" and called and re.search(r" (dot|convolution)\(", self._called.get(called[1], ""))
+        )
 
     def elements(self, name: str) -> int:
         """Elements of the output (summed over a tuple's arrays)."""

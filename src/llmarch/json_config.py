@@ -24,8 +24,13 @@ def build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where} has unknown fields {unknown}; allowed: {sorted(names)}")
-    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"{where} is missing the required fields {missing}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
@@ -68,9 +73,13 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if hint in _SCALARS:
-        ok = (isinstance(value, bool) if hint is bool else
-              isinstance(value, int | float) and not isinstance(value, bool) if hint is float else
-              isinstance(value, hint) and not isinstance(value, bool))
+        ok = (
+            isinstance(value, bool)
+            if hint is bool
+            else isinstance(value, int | float) and not isinstance(value, bool)
+            if hint is float
+            else isinstance(value, hint) and not isinstance(value, bool)
+        )
         if not ok:
             raise ValueError(f"{where}={value!r} is invalid: must be {_SCALARS[hint]}")
         return float(value) if hint is float else value
@@ -81,8 +90,15 @@ def _describe(options: list) -> str:
     return " or ".join(_SCALARS.get(o, getattr(o, "__name__", str(o))) for o in options)
 
 
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-               int: "a number", float: "a number", type(None): "null"}
+_JSON_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def json_kind(value: Any) -> str:

@@ -11,6 +11,8 @@ import jax
 def describe() -> str:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{len(devices)} x {'/'.join(kinds)} ({jax.default_backend()}), "
-            f"python {platform.python_version()}, jax {jax.__version__}")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{len(devices)} x {'/'.join(kinds)} ({jax.default_backend()}), "
+        f"python {platform.python_version()}, jax {jax.__version__}"
+    )

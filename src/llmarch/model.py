@@ -47,8 +47,9 @@ class Block(nnx.Module):
         self.ffn_kind = kinds.ffn(block.ffn)  # static: its aux contract
         self.ffn = self.ffn_kind.build(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: Any = None
+    ) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))``: the scan carries x and stacks cache and aux per layer."""
         with jax.named_scope("attention"):
             out, cache = self.attention(self.attn_norm(x), positions, segment_ids, cache)
@@ -93,8 +94,9 @@ class BlockRun(nnx.Module):
         one = kinds.attention(self.block.attention).init_cache(cfg, batch_size, max_len, dtype)
         return jax.tree.map(lambda x: jnp.zeros((self.count, *x.shape), x.dtype), one)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: Any = None) -> tuple[jax.Array, tuple[Any, Aux]]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: Any = None
+    ) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
         graphdef, state = nnx.split(self.layers)
         if isinstance(cache, Pooled):  # pools hold every layer (paged): carried whole, updated in place
@@ -115,8 +117,7 @@ class BlockRun(nnx.Module):
 
         def body(carry, layer_state):
             x, cache, i = carry
-            x, (cache, aux) = nnx.merge(graphdef, layer_state)(x, positions, segment_ids,
-                                                              cache.for_layer(i))
+            x, (cache, aux) = nnx.merge(graphdef, layer_state)(x, positions, segment_ids, cache.for_layer(i))
             return (x, cache, i + 1), aux
 
         (x, cache, _), aux = jax.lax.scan(body, (x, cache, jnp.int32(0)), state)
@@ -139,16 +140,24 @@ class Transformer(nnx.Module):
             abstract = nnx.eval_shape(lambda: _unsharded_model(cfg))
             sharding.state_shardings(nnx.state(abstract), mesh, table)
         with contextlib.nullcontext() if sharded else nnx.use_eager_sharding(False):
-            self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std,
-                               param_dtype=pd)
-            self.runs = nnx.List([BlockRun(cfg, block, count, rngs=rngs)
-                                  for block, _, count in run_layout(cfg)])
+            self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std, param_dtype=pd)
+            self.runs = nnx.List(
+                [BlockRun(cfg, block, count, rngs=rngs) for block, _, count in run_layout(cfg)]
+            )
             self.skip_kind = None if cfg.skip_kind is None else kinds.skip(cfg.skip_kind)
             self.skips = nnx.List([self.skip_kind.build(cfg, rngs) for _ in cfg.skip_layers])
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-            self.lm_head = None if cfg.tie_embeddings else Einsum(
-                (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), rngs=rngs,
-                init=nnx.initializers.normal(cfg.init_std), param_dtype=pd)
+            self.lm_head = (
+                None
+                if cfg.tie_embeddings
+                else Einsum(
+                    (cfg.d_model, cfg.vocab_size),
+                    (axes.EMBED, axes.VOCAB),
+                    rngs=rngs,
+                    init=nnx.initializers.normal(cfg.init_std),
+                    param_dtype=pd,
+                )
+            )
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> list:
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.
@@ -192,8 +201,9 @@ class Transformer(nnx.Module):
         sources = self.aux_sources()
         for key, entry in aux.items():
             if key not in sources:
-                raise KeyError(f"aux key {key!r} names no aux-producing module of this model; "
-                               f"known: {sorted(sources)}")
+                raise KeyError(
+                    f"aux key {key!r} names no aux-producing module of this model; known: {sorted(sources)}"
+                )
             module = sources[key]
             if hasattr(module, "update_state") and entry:
                 module.update_state(entry)
@@ -243,8 +253,9 @@ class Transformer(nnx.Module):
                     with jax.named_scope(f"skip{read}_{add}"):
                         pending[add], aux[skip_aux_key(k)] = _with_aux(skip(x), self.skip_kind)
             with jax.named_scope(f"run{i}"):
-                x, (run_cache, aux[run_aux_key(i)]) = run(x, positions, segment_ids,
-                                                          None if cache is None else cache[i])
+                x, (run_cache, aux[run_aux_key(i)]) = run(
+                    x, positions, segment_ids, None if cache is None else cache[i]
+                )
             new_cache.append(run_cache)
             if start + count - 1 in pending:
                 x = x + pending.pop(start + count - 1)
@@ -256,8 +267,9 @@ class Transformer(nnx.Module):
         logits = sharding.constrain(logits, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
         if cache is None and not return_aux:
             return logits
-        return ModelOutput(logits=logits, cache=None if cache is None else new_cache,
-                           aux=aux if return_aux else None)
+        return ModelOutput(
+            logits=logits, cache=None if cache is None else new_cache, aux=aux if return_aux else None
+        )
 
 
 Aux = dict[str, Any]  # one module's auxiliary outputs: "loss", "metrics", layer-specific entries
@@ -298,8 +310,9 @@ def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tu
     (checked while tracing, so a kind that breaks its contract fails before anything runs)."""
     out, aux = out if isinstance(out, tuple) else (out, {})
     if set(aux) != kind.aux:
-        raise TypeError(f"{kind.name!r} layer returned aux keys {sorted(aux)}, but its kind declares "
-                        f"{sorted(kind.aux)}")
+        raise TypeError(
+            f"{kind.name!r} layer returned aux keys {sorted(aux)}, but its kind declares {sorted(kind.aux)}"
+        )
     return out, aux
 
 
@@ -340,8 +353,7 @@ def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> 
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
         return index
-    starts = jnp.concatenate(
-        [jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
@@ -357,8 +369,9 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens has dtype {tokens.dtype}: expected an integer dtype")
     if shape[1] > cfg.max_seq_len:
-        raise ValueError(f"tokens has sequence length {shape[1]}, longer than the configured "
-                         f"max_seq_len={cfg.max_seq_len}")
+        raise ValueError(
+            f"tokens has sequence length {shape[1]}, longer than the configured max_seq_len={cfg.max_seq_len}"
+        )
     for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
         if arr is not None and np.shape(arr) != shape:
             raise ValueError(f"{name} has shape {np.shape(arr)}: expected tokens' shape {shape}")
@@ -366,21 +379,23 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
         host = np.asarray(tokens)  # concrete: a host copy, so the check is not traced
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids span [{lo}, {hi}]: allowed range is "
-                             f"[0, vocab_size={cfg.vocab_size})")
+            raise ValueError(
+                f"token ids span [{lo}, {hi}]: allowed range is [0, vocab_size={cfg.vocab_size})"
+            )
     if cache is not None and positions is None:
         raise ValueError("positions are required with a cache: they are the slots to write")
     # Every cache kind says how many slots it holds; None: it places tokens itself (paged).
     slots = None if cache is None else (cache[0] if isinstance(cache, list) else cache).num_slots
     if slots is not None:
         if shape[1] > slots:
-            raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's "
-                             f"{slots} slots")
+            raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's {slots} slots")
         if not isinstance(positions, jax.core.Tracer):
             host = np.asarray(positions)  # out-of-range slots would be dropped by the scatter
             if host.size and (host.min() < 0 or host.max() >= slots):
-                raise ValueError(f"positions span [{host.min()}, {host.max()}]: a cache of {slots} "
-                                 f"slots allows [0, {slots})")
+                raise ValueError(
+                    f"positions span [{host.min()}, {host.max()}]: a cache of {slots} "
+                    f"slots allows [0, {slots})"
+                )
 
 
 def _unsharded_block(cfg: ModelConfig, block: BlockConfig) -> Block:
@@ -404,8 +419,10 @@ def with_mla_path(model: Transformer, path: str) -> Transformer:
     """
     check_path(path)
     if model.cfg.mla is None:
-        raise ValueError(f"path={path!r} cannot apply: model {model.cfg.name!r} has no 'mla' "
-                         "attention blocks (ModelConfig.mla=None)")
+        raise ValueError(
+            f"path={path!r} cannot apply: model {model.cfg.name!r} has no 'mla' "
+            "attention blocks (ModelConfig.mla=None)"
+        )
     new = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
     for _, node in nnx.iter_graph(new):
         if isinstance(node, MLA):

@@ -91,19 +91,18 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
     if impl is None or impl == "auto":
         chosen = Impl.PALLAS if on_accelerator and Impl.PALLAS in impls else Impl.XLA
         if chosen not in impls:
-            raise ValueError(f"op={op!r} has no {chosen.value!r} implementation registered; "
-                             f"available: {[i.value for i in impls]}")
+            raise ValueError(
+                f"op={op!r} has no {chosen.value!r} implementation registered; "
+                f"available: {[i.value for i in impls]}"
+            )
     else:
         try:
             chosen = Impl(impl)
         except ValueError:
-            raise ValueError(
-                f"impl={impl!r} is invalid: must be one of 'auto', 'xla', 'pallas'"
-            ) from None
+            raise ValueError(f"impl={impl!r} is invalid: must be one of 'auto', 'xla', 'pallas'") from None
         if chosen not in impls:
             raise ValueError(
-                f"impl={chosen.value!r} is not available for op={op!r}; "
-                f"available: {[i.value for i in impls]}"
+                f"impl={chosen.value!r} is not available for op={op!r}; available: {[i.value for i in impls]}"
             )
     fn = impls[chosen]
     if chosen is Impl.PALLAS and not on_accelerator:
@@ -117,8 +116,9 @@ def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array
     return fn(q, k, v, **kwargs)
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
-                   impl: Impl | str | None = None) -> jax.Array:
+def grouped_matmul(
+    lhs, rhs, group_sizes, *, transpose_rhs: bool = False, impl: Impl | str | None = None
+) -> jax.Array:
     """``[rows,out]``: each group of rows of ``lhs [rows,in]`` times its ``rhs [E,in,out]`` (or
     ``[E,out,in]`` transposed); see ``kernels_pallas.grouped_matmul.gmm_reference``."""
     _, fn = resolve("grouped_matmul", impl)
@@ -131,17 +131,27 @@ def memory_lookup(table, indices, weights, *, impl: Impl | str | None = None) ->
     return fn(table, indices, weights)
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, lengths, q_positions, *,
-                    impl: Impl | str | None = None, **kwargs) -> jax.Array:
+def paged_attention(
+    q, k_pages, v_pages, block_tables, lengths, q_positions, *, impl: Impl | str | None = None, **kwargs
+) -> jax.Array:
     """Attention over a paged KV cache; see ``paged_attention_reference`` (XLA: ``paged_attention_xla``)."""
     _, fn = resolve("paged_attention", impl)
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
 
 
-def mla_decode(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *,
-               scale: float, impl: Impl | str | None = None) -> jax.Array:
+def mla_decode(
+    q_latent,
+    q_rope,
+    c_kv_pages,
+    k_rope_pages,
+    block_tables,
+    lengths,
+    q_positions,
+    *,
+    scale: float,
+    impl: Impl | str | None = None,
+) -> jax.Array:
     """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference`` (XLA:
     ``mla_decode_xla``)."""
     _, fn = resolve("mla_decode", impl)
-    return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions,
-              scale=scale)
+    return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, scale=scale)

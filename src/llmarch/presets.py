@@ -24,104 +24,207 @@ _TINY = dict(vocab_size=320, d_model=64, num_layers=2, ffn_dim=192, max_seq_len=
 
 
 def _tiny_dense() -> ModelConfig:
-    return ModelConfig(**_TINY, attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
-                       name="tiny-dense")
+    return ModelConfig(
+        **_TINY, attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16), name="tiny-dense"
+    )
 
 
 def _small_20m() -> ModelConfig:
     """~21M parameters with byte vocabulary: the largest shape worth training on a laptop CPU."""
-    return ModelConfig(vocab_size=320, d_model=512, num_layers=7, ffn_dim=1408, max_seq_len=1024,
-                       attention=AttentionConfig(num_heads=8, num_kv_heads=4, head_dim=64),
-                       name="small-20m")
+    return ModelConfig(
+        vocab_size=320,
+        d_model=512,
+        num_layers=7,
+        ffn_dim=1408,
+        max_seq_len=1024,
+        attention=AttentionConfig(num_heads=8, num_kv_heads=4, head_dim=64),
+        name="small-20m",
+    )
 
 
 def _tiny_gqa() -> ModelConfig:
-    return ModelConfig(**_TINY, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
-                       name="tiny-gqa")
+    return ModelConfig(
+        **_TINY, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16), name="tiny-gqa"
+    )
 
 
-def _mla_model(mla: MLAConfig, num_layers: int, moe: MoEConfig | None = None,
-               first_k_dense_replace: int = 0, **kw) -> ModelConfig:
+def _mla_model(
+    mla: MLAConfig, num_layers: int, moe: MoEConfig | None = None, first_k_dense_replace: int = 0, **kw
+) -> ModelConfig:
     """A decoder whose every block is MLA; the FFNs SwiGLU, or with ``moe`` MoE after the first
     ``first_k_dense_replace`` blocks (DeepSeek). ``attention`` holds the MHA baseline."""
-    blocks = ((BlockConfig(attention="mla"),) * num_layers if moe is None
-              else moe_blocks(num_layers, first_k_dense_replace, attention="mla"))
-    return ModelConfig(**kw, num_layers=num_layers, attention=mla.mha_baseline(), mla=mla,
-                       blocks=blocks, moe=moe)
+    blocks = (
+        (BlockConfig(attention="mla"),) * num_layers
+        if moe is None
+        else moe_blocks(num_layers, first_k_dense_replace, attention="mla")
+    )
+    return ModelConfig(
+        **kw, num_layers=num_layers, attention=mla.mha_baseline(), mla=mla, blocks=blocks, moe=moe
+    )
 
 
 def _tiny_mla() -> ModelConfig:
-    mla = MLAConfig(num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                    qk_rope_head_dim=8, v_head_dim=16)
+    mla = MLAConfig(
+        num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
+    )
     return _mla_model(mla, **_TINY, name="tiny-mla")
 
 
 def _tiny_moe() -> ModelConfig:
     """Mixtral-style: GQA attention, every FFN 8 experts with softmax top-2 routing."""
     moe = MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="softmax", aux_loss_coef=0.01)
-    return ModelConfig(**{**_TINY, "num_layers": 2}, attention=AttentionConfig(num_heads=4, num_kv_heads=2,
-                       head_dim=16), moe=moe, blocks=moe_blocks(2), name="tiny-moe")
+    return ModelConfig(
+        **{**_TINY, "num_layers": 2},
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+        moe=moe,
+        blocks=moe_blocks(2),
+        name="tiny-moe",
+    )
 
 
 def _tiny_deepseek() -> ModelConfig:
     """DeepSeek-V3-style: MLA; a dense first layer, then MoE with a shared expert, sigmoid routing
     limited to 2 of 4 groups, the aux-loss-free bias and the sequence-wise loss."""
-    mla = MLAConfig(num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                    qk_rope_head_dim=8, v_head_dim=16)
-    moe = MoEConfig(num_experts=8, top_k=2, expert_dim=64, num_shared_experts=1, router="sigmoid",
-                    route_scale=2.5, n_group=4, topk_group=2, router_bias=True, bias_update_rate=1e-3,
-                    seq_aux_loss_coef=1e-4)
-    return _mla_model(mla, **{**_TINY, "num_layers": 3}, moe=moe, first_k_dense_replace=1,
-                      name="tiny-deepseek")
+    mla = MLAConfig(
+        num_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
+    )
+    moe = MoEConfig(
+        num_experts=8,
+        top_k=2,
+        expert_dim=64,
+        num_shared_experts=1,
+        router="sigmoid",
+        route_scale=2.5,
+        n_group=4,
+        topk_group=2,
+        router_bias=True,
+        bias_update_rate=1e-3,
+        seq_aux_loss_coef=1e-4,
+    )
+    return _mla_model(
+        mla, **{**_TINY, "num_layers": 3}, moe=moe, first_k_dense_replace=1, name="tiny-deepseek"
+    )
 
 
 # DeepSeek's published shapes: MoE FFNs after the first `first_k_dense_replace` dense layers
 # (3 in V3, 1 in V2-Lite). Totals: 671B (V3, the main model without its multi-token-prediction
 # module) and 15.7B (V2-Lite); activated per token 37B and 2.4B (llmarch.accounting).
-_DEEPSEEK_YARN = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                      beta_slow=1.0)
+_DEEPSEEK_YARN = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0)
 
 
 def _deepseek_v3() -> ModelConfig:
-    mla = MLAConfig(num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128,
-                    rope_scaling=YarnScaling(**_DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=1.0))
-    moe = MoEConfig(num_experts=256, top_k=8, expert_dim=2048, num_shared_experts=1, router="sigmoid",
-                    route_scale=2.5, n_group=8, topk_group=4, router_bias=True, bias_update_rate=1e-3,
-                    seq_aux_loss_coef=1e-4)  # γ and α of the paper's pre-training
-    return _mla_model(mla, 61, moe=moe, first_k_dense_replace=3, vocab_size=129_280, d_model=7168,
-                      ffn_dim=18_432, max_seq_len=163_840, norm_eps=1e-6, dtype="bfloat16",
-                      name="deepseek-v3")
+    mla = MLAConfig(
+        num_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_scaling=YarnScaling(**_DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=1.0),
+    )
+    moe = MoEConfig(
+        num_experts=256,
+        top_k=8,
+        expert_dim=2048,
+        num_shared_experts=1,
+        router="sigmoid",
+        route_scale=2.5,
+        n_group=8,
+        topk_group=4,
+        router_bias=True,
+        bias_update_rate=1e-3,
+        seq_aux_loss_coef=1e-4,
+    )  # γ and α of the paper's pre-training
+    return _mla_model(
+        mla,
+        61,
+        moe=moe,
+        first_k_dense_replace=3,
+        vocab_size=129_280,
+        d_model=7168,
+        ffn_dim=18_432,
+        max_seq_len=163_840,
+        norm_eps=1e-6,
+        dtype="bfloat16",
+        name="deepseek-v3",
+    )
 
 
 def _deepseek_v2_lite() -> ModelConfig:
-    mla = MLAConfig(num_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128,
-                    rope_scaling=YarnScaling(**_DEEPSEEK_YARN, mscale=0.707, mscale_all_dim=0.707))
-    moe = MoEConfig(num_experts=64, top_k=6, expert_dim=1408, num_shared_experts=2, router="softmax",
-                    norm_topk=False, aux_loss_coef=1e-3)
-    return _mla_model(mla, 27, moe=moe, first_k_dense_replace=1, vocab_size=102_400, d_model=2048,
-                      ffn_dim=10_944, max_seq_len=163_840, norm_eps=1e-6, dtype="bfloat16",
-                      name="deepseek-v2-lite")
+    mla = MLAConfig(
+        num_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_scaling=YarnScaling(**_DEEPSEEK_YARN, mscale=0.707, mscale_all_dim=0.707),
+    )
+    moe = MoEConfig(
+        num_experts=64,
+        top_k=6,
+        expert_dim=1408,
+        num_shared_experts=2,
+        router="softmax",
+        norm_topk=False,
+        aux_loss_coef=1e-3,
+    )
+    return _mla_model(
+        mla,
+        27,
+        moe=moe,
+        first_k_dense_replace=1,
+        vocab_size=102_400,
+        d_model=2048,
+        ffn_dim=10_944,
+        max_seq_len=163_840,
+        norm_eps=1e-6,
+        dtype="bfloat16",
+        name="deepseek-v2-lite",
+    )
 
 
 def _mixtral_8x7b() -> ModelConfig:
     moe = MoEConfig(num_experts=8, top_k=2, expert_dim=14_336, router="softmax", aux_loss_coef=0.02)
-    return ModelConfig(vocab_size=32_000, d_model=4096, num_layers=32, ffn_dim=14_336,
-                       attention=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=128,
-                                                 rope_theta=1e6),
-                       max_seq_len=32_768, moe=moe, blocks=moe_blocks(32), dtype="bfloat16",
-                       name="mixtral-8x7b")
-
-
-def _llama3(name: str, *, d_model: int, num_layers: int, num_heads: int, ffn_dim: int,
-            head_dim: int = 128, tie: bool = False, scaling: RopeScaling | None = None,
-            max_seq_len: int = 8192) -> ModelConfig:
     return ModelConfig(
-        vocab_size=128_256, d_model=d_model, num_layers=num_layers, ffn_dim=ffn_dim,
-        attention=AttentionConfig(num_heads=num_heads, num_kv_heads=8, head_dim=head_dim,
-                                  rope_theta=500_000.0, rope_scaling=scaling),
-        max_seq_len=max_seq_len, tie_embeddings=tie, dtype="bfloat16", name=name)
+        vocab_size=32_000,
+        d_model=4096,
+        num_layers=32,
+        ffn_dim=14_336,
+        attention=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6),
+        max_seq_len=32_768,
+        moe=moe,
+        blocks=moe_blocks(32),
+        dtype="bfloat16",
+        name="mixtral-8x7b",
+    )
+
+
+def _llama3(
+    name: str,
+    *,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    ffn_dim: int,
+    head_dim: int = 128,
+    tie: bool = False,
+    scaling: RopeScaling | None = None,
+    max_seq_len: int = 8192,
+) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=128_256,
+        d_model=d_model,
+        num_layers=num_layers,
+        ffn_dim=ffn_dim,
+        attention=AttentionConfig(
+            num_heads=num_heads, num_kv_heads=8, head_dim=head_dim, rope_theta=500_000.0, rope_scaling=scaling
+        ),
+        max_seq_len=max_seq_len,
+        tie_embeddings=tie,
+        dtype="bfloat16",
+        name=name,
+    )
 
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -131,15 +234,28 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-moe": _tiny_moe,
     "tiny-deepseek": _tiny_deepseek,
     "small-20m": _small_20m,
-    "llama3-8b": lambda: _llama3("llama3-8b", d_model=4096, num_layers=32, num_heads=32,
-                                 ffn_dim=14_336),
-    "llama3.1-8b": lambda: _llama3("llama3.1-8b", d_model=4096, num_layers=32, num_heads=32,
-                                   ffn_dim=14_336, scaling=RopeScaling(), max_seq_len=131_072),
-    "llama3-70b": lambda: _llama3("llama3-70b", d_model=8192, num_layers=80, num_heads=64,
-                                  ffn_dim=28_672),
-    "llama3.2-1b": lambda: _llama3("llama3.2-1b", d_model=2048, num_layers=16, num_heads=32,
-                                   ffn_dim=8192, head_dim=64, tie=True,
-                                   scaling=RopeScaling(factor=32.0), max_seq_len=131_072),
+    "llama3-8b": lambda: _llama3("llama3-8b", d_model=4096, num_layers=32, num_heads=32, ffn_dim=14_336),
+    "llama3.1-8b": lambda: _llama3(
+        "llama3.1-8b",
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        ffn_dim=14_336,
+        scaling=RopeScaling(),
+        max_seq_len=131_072,
+    ),
+    "llama3-70b": lambda: _llama3("llama3-70b", d_model=8192, num_layers=80, num_heads=64, ffn_dim=28_672),
+    "llama3.2-1b": lambda: _llama3(
+        "llama3.2-1b",
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        ffn_dim=8192,
+        head_dim=64,
+        tie=True,
+        scaling=RopeScaling(factor=32.0),
+        max_seq_len=131_072,
+    ),
     "deepseek-v2-lite": _deepseek_v2_lite,
     "deepseek-v3": _deepseek_v3,
     "mixtral-8x7b": _mixtral_8x7b,
@@ -154,8 +270,13 @@ def _tiny_pkm() -> ModelConfig:
     value rows of width D. Its activated parameters (queries 16,384 + keys 16,384 + the 4·16 rows
     read, 4,096, + LayerNorm) match the SwiGLU it replaces (36,864)."""
     mem = MemoryConfig(num_keys=64, topk=16, num_heads=4, key_dim=32)
-    return ModelConfig(**_TINY, attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
-                       blocks=(BlockConfig(), BlockConfig(ffn="pkm")), memory=mem, name="tiny-pkm")
+    return ModelConfig(
+        **_TINY,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
+        blocks=(BlockConfig(), BlockConfig(ffn="pkm")),
+        memory=mem,
+        name="tiny-pkm",
+    )
 
 
 def _tiny_ultramem() -> ModelConfig:
@@ -163,12 +284,30 @@ def _tiny_ultramem() -> ModelConfig:
     projection, TDQKR rank 2 with 2 cores (MCS), IVE with 4 virtual blocks over 1,024 physical rows,
     LayerNormed keys, value LR 4 → 1. The SwiGLUs are halved (F=96) so that the activated
     parameters (37,088 in the memory) match tiny-dense's."""
-    mem = MemoryConfig(num_keys=64, topk=16, num_heads=2, key_dim=36, value_dim=32, score="raw",
-                       output_proj=True, tucker_rank=2, num_cores=2, virtual_blocks=4, key_norm=True,
-                       value_init_std=0.02, value_lr=4.0, value_lr_final=1.0)
-    return ModelConfig(**{**_TINY, "ffn_dim": 96},
-                       attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
-                       skip_layers=((0, 1),), skip_kind="ultramem", memory=mem, name="tiny-ultramem")
+    mem = MemoryConfig(
+        num_keys=64,
+        topk=16,
+        num_heads=2,
+        key_dim=36,
+        value_dim=32,
+        score="raw",
+        output_proj=True,
+        tucker_rank=2,
+        num_cores=2,
+        virtual_blocks=4,
+        key_norm=True,
+        value_init_std=0.02,
+        value_lr=4.0,
+        value_lr_final=1.0,
+    )
+    return ModelConfig(
+        **{**_TINY, "ffn_dim": 96},
+        attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
+        skip_layers=((0, 1),),
+        skip_kind="ultramem",
+        memory=mem,
+        name="tiny-ultramem",
+    )
 
 
 # UltraMem's model sizes (Huang et al., ICLR 2025, arXiv 2411.12364), for accounting only. The
@@ -194,19 +333,38 @@ _PAPER_EXPERTS = {"151m": 34, "680m": 34, "1.6b": 34}
 
 def _paper_backbone(size: str, **kw) -> ModelConfig:
     D, L, _ = _PAPER_BACKBONES[size]
-    return ModelConfig(vocab_size=50_432, d_model=D, num_layers=L, ffn_dim=8 * D // 3, max_seq_len=2048,
-                       attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128),
-                       dtype="bfloat16", **kw)
+    return ModelConfig(
+        vocab_size=50_432,
+        d_model=D,
+        num_layers=L,
+        ffn_dim=8 * D // 3,
+        max_seq_len=2048,
+        attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128),
+        dtype="bfloat16",
+        **kw,
+    )
 
 
 def _ultramem_paper(size: str) -> ModelConfig:
     D, L, span = _PAPER_BACKBONES[size]
-    mem = MemoryConfig(num_keys=_PAPER_KEYS[size], topk=32, num_heads=2, key_dim=128, value_dim=D // 2,
-                       score="raw", output_proj=True, tucker_rank=2, num_cores=2, virtual_blocks=4,
-                       key_norm=True, value_init_std=0.02, value_lr=4.0, value_lr_final=1.0)
+    mem = MemoryConfig(
+        num_keys=_PAPER_KEYS[size],
+        topk=32,
+        num_heads=2,
+        key_dim=128,
+        value_dim=D // 2,
+        score="raw",
+        output_proj=True,
+        tucker_rank=2,
+        num_cores=2,
+        virtual_blocks=4,
+        key_norm=True,
+        value_init_std=0.02,
+        value_lr=4.0,
+        value_lr_final=1.0,
+    )
     spans = tuple((i, i + span - 1) for i in range(0, L, span))
-    return _paper_backbone(size, skip_layers=spans, skip_kind="ultramem", memory=mem,
-                           name=f"ultramem-{size}")
+    return _paper_backbone(size, skip_layers=spans, skip_kind="ultramem", memory=mem, name=f"ultramem-{size}")
 
 
 def _moe_paper(size: str) -> ModelConfig:
@@ -216,13 +374,15 @@ def _moe_paper(size: str) -> ModelConfig:
     return _paper_backbone(size, moe=moe, blocks=moe_blocks(L), name=f"moe-{size}-2in{E}")
 
 
-_PRESETS.update({
-    "tiny-pkm": _tiny_pkm,
-    "tiny-ultramem": _tiny_ultramem,
-    **{f"dense-{s}": (lambda s=s: _paper_backbone(s, name=f"dense-{s}")) for s in _PAPER_BACKBONES},
-    **{f"ultramem-{s}": (lambda s=s: _ultramem_paper(s)) for s in _PAPER_BACKBONES},
-    **{f"moe-{s}-2in{e}": (lambda s=s: _moe_paper(s)) for s, e in _PAPER_EXPERTS.items()},
-})
+_PRESETS.update(
+    {
+        "tiny-pkm": _tiny_pkm,
+        "tiny-ultramem": _tiny_ultramem,
+        **{f"dense-{s}": (lambda s=s: _paper_backbone(s, name=f"dense-{s}")) for s in _PAPER_BACKBONES},
+        **{f"ultramem-{s}": (lambda s=s: _ultramem_paper(s)) for s in _PAPER_BACKBONES},
+        **{f"moe-{s}-2in{e}": (lambda s=s: _moe_paper(s)) for s, e in _PAPER_EXPERTS.items()},
+    }
+)
 
 
 def names() -> tuple[str, ...]:

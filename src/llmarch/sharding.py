@@ -28,8 +28,13 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 _DATA = ("data", "fsdp")  # the batch is split over every axis that holds no model dimension
 _UNSHARDED = {name: None for name in axes.PARAM_AXES + axes.ACTIVATION_AXES}
 _FSDP = {axes.EMBED: "fsdp"}
-_TP = {axes.HEADS: "tensor", axes.KV_HEADS: "tensor", axes.MLP: "tensor", axes.VOCAB: "tensor",
-       axes.ACT_HEADS: "tensor"}
+_TP = {
+    axes.HEADS: "tensor",
+    axes.KV_HEADS: "tensor",
+    axes.MLP: "tensor",
+    axes.VOCAB: "tensor",
+    axes.ACT_HEADS: "tensor",
+}
 _EP = {axes.EXPERT: "expert"}
 # Memory-layer value tables (llmarch.layers.memory_sharded) split their rows as tensor parallelism
 # splits FFN hidden units, and as expert parallelism splits the experts.
@@ -92,8 +97,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
             f"mesh {sizes} needs {math.prod(shape)} devices but {len(devices)} are given; "
             "the product of the axis sizes must equal the device count"
         )
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 @contextlib.contextmanager
@@ -131,8 +135,9 @@ def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequen
     return PartitionSpec(*spec)
 
 
-def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec,
-                     mesh: Mesh | AbstractMesh) -> None:
+def _check_divisible(
+    path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | AbstractMesh
+) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
         mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
@@ -170,8 +175,7 @@ def constrain_state(state: nnx.State, mesh: Mesh | AbstractMesh, table: Rules | 
 def batch_sharding(mesh: Mesh, table: Rules | str, ndim: int = 2) -> NamedSharding:
     """Sharding of a ``[B, ...]`` input: the batch over the data axes, the rest replicated."""
     table = rules(table) if isinstance(table, str) else table
-    return NamedSharding(mesh, logical_to_spec((axes.BATCH,) + (None,) * (ndim - 1), table,
-                                               mesh.axis_names))
+    return NamedSharding(mesh, logical_to_spec((axes.BATCH,) + (None,) * (ndim - 1), table, mesh.axis_names))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

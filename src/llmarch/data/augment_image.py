@@ -79,8 +79,9 @@ def flip_vertical(image, key: jax.Array, p: float = 0.5) -> jax.Array:
     return _flip(image, key, p, axis=0)
 
 
-def random_crop(image, key: jax.Array, size: int | Sequence[int], *, resize: bool = False,
-                method: str = "bilinear") -> jax.Array:
+def random_crop(
+    image, key: jax.Array, size: int | Sequence[int], *, resize: bool = False, method: str = "bilinear"
+) -> jax.Array:
     """A ``size`` window at a uniformly random position, resized back to ``[H, W]`` if ``resize``.
 
     Args:
@@ -114,8 +115,10 @@ def scale(image, factor: float, *, method: str = "bilinear") -> jax.Array:
         raise ValueError(f"factor={factor!r}: allowed is a finite number > 0")
     h, w = round(H * factor), round(W * factor)
     if h < 1 or w < 1:
-        raise ValueError(f"factor={factor!r} shrinks [H={H}, W={W}] to [{h}, {w}]: allowed is a factor "
-                         "leaving at least one pixel per side")
+        raise ValueError(
+            f"factor={factor!r} shrinks [H={H}, W={W}] to [{h}, {w}]: allowed is a factor "
+            "leaving at least one pixel per side"
+        )
     return _like(jax.image.resize(_as_float(image), (h, w, C), method=method), image)
 
 
@@ -130,16 +133,18 @@ def rotate(image, degrees, *, fill: float = 0.0) -> jax.Array:
     H, W, _ = image.shape
     theta = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
     cos, sin = jnp.cos(theta), jnp.sin(theta)
-    y, x = jnp.meshgrid(jnp.arange(H, dtype=jnp.float32) - (H - 1) / 2,
-                        jnp.arange(W, dtype=jnp.float32) - (W - 1) / 2, indexing="ij")  # [H, W]
+    y, x = jnp.meshgrid(
+        jnp.arange(H, dtype=jnp.float32) - (H - 1) / 2,
+        jnp.arange(W, dtype=jnp.float32) - (W - 1) / 2,
+        indexing="ij",
+    )  # [H, W]
     # Inverse map: output pixel -> source pixel, the rotation by -theta. Rows grow downward,
     # so a counter-clockwise turn on screen is (x, y) -> (x cos + y sin, -x sin + y cos).
     src_y = x * sin + y * cos + (H - 1) / 2
     src_x = x * cos - y * sin + (W - 1) / 2
 
     def sample(channel):  # [H, W] -> [H, W]
-        return jax.scipy.ndimage.map_coordinates(channel, [src_y, src_x], order=1, mode="constant",
-                                                 cval=fill)
+        return jax.scipy.ndimage.map_coordinates(channel, [src_y, src_x], order=1, mode="constant", cval=fill)
 
     out = jax.vmap(sample, in_axes=2, out_axes=2)(_as_float(image))  # [H, W, C]
     return _like(out, image)

@@ -60,7 +60,8 @@ __all__ = [
 # The stop-word list of the EDA reference code (itself NLTK's English list, minus a few):
 # replacing "the" or "of" by a WordNet "synonym" ("of" has none, "the" none, but "a" ->
 # "angstrom") changes grammar rather than wording.
-STOP_WORDS: frozenset[str] = frozenset("""
+STOP_WORDS: frozenset[str] = frozenset(
+    """
 i me my myself we our ours ourselves you your yours yourself yourselves he him his himself
 she her hers herself it its itself they them their theirs themselves what which who whom
 this that these those am is are was were be been being have has had having do does did
@@ -69,7 +70,8 @@ between into through during before after above below to from up down in out on o
 under again further then once here there when where why how all any both each few more
 most other some such no nor not only own same so than too very s t can will just don
 should now
-""".split())
+""".split()
+)
 
 Rng = np.random.Generator | int
 
@@ -191,8 +193,11 @@ def _wordnet_synonyms(root: str, word: str) -> tuple[str, ...]:
     # nltk's reader seeks in shared file handles, which grain's worker threads must not interleave.
     with _READER_LOCK:
         reader = _wordnet_reader(root)
-        names = {lemma.name().replace("_", " ").lower()
-                 for synset in reader.synsets(word) for lemma in synset.lemmas()}
+        names = {
+            lemma.name().replace("_", " ").lower()
+            for synset in reader.synsets(word)
+            for lemma in synset.lemmas()
+        }
     names.discard(word)
     return tuple(sorted(names))
 
@@ -221,13 +226,16 @@ class WordNetSynonyms:
             raise ImportError("WordNetSynonyms needs nltk: pip install 'llmarch[augment]'") from err
         found = find_wordnet_dir(self.path)
         if found is None and self.path is not None:
-            raise ValueError(f"path={str(self.path)!r} is not a WordNet dict directory: allowed is a "
-                             "directory holding index.noun, data.noun and index.verb")
+            raise ValueError(
+                f"path={str(self.path)!r} is not a WordNet dict directory: allowed is a "
+                "directory holding index.noun, data.noun and index.verb"
+            )
         if found is None:
             raise FileNotFoundError(
                 f"no WordNet database found in $WNSEARCHDIR, $WNHOME/dict or {list(_WORDNET_DIRS)}: "
                 "install it (Debian/Ubuntu: apt-get install wordnet-base), pass path=, or use "
-                "TableSynonyms")
+                "TableSynonyms"
+            )
         object.__setattr__(self, "root", str(found))
 
     def synonyms(self, word: str) -> tuple[str, ...]:
@@ -251,8 +259,9 @@ def _check_fraction(name: str, value: float) -> float:
 
 
 def _check_count(name: str, value: int | None) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
-                              or value < 0):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0
+    ):
         raise ValueError(f"{name}={value!r}: allowed is None or an int >= 0")
     return value
 
@@ -282,8 +291,15 @@ def _replace_word(token: str, synonym: str) -> str:
     return f"{before}{synonym}{after}"
 
 
-def synonym_replacement(text: str, rng: Rng, synonyms: SynonymSource, *, alpha: float = 0.1,
-                        n: int | None = None, stop_words: frozenset[str] = STOP_WORDS) -> str:
+def synonym_replacement(
+    text: str,
+    rng: Rng,
+    synonyms: SynonymSource,
+    *,
+    alpha: float = 0.1,
+    n: int | None = None,
+    stop_words: frozenset[str] = STOP_WORDS,
+) -> str:
     """EDA's SR: replace ``n`` randomly chosen words, that are no stop words and have
     synonyms, each by one of its synonyms chosen at random.
 
@@ -301,8 +317,15 @@ def synonym_replacement(text: str, rng: Rng, synonyms: SynonymSource, *, alpha: 
     return " ".join(words)
 
 
-def random_insertion(text: str, rng: Rng, synonyms: SynonymSource, *, alpha: float = 0.1,
-                     n: int | None = None, stop_words: frozenset[str] = STOP_WORDS) -> str:
+def random_insertion(
+    text: str,
+    rng: Rng,
+    synonyms: SynonymSource,
+    *,
+    alpha: float = 0.1,
+    n: int | None = None,
+    stop_words: frozenset[str] = STOP_WORDS,
+) -> str:
     """EDA's RI, ``n`` times: take a random word of the text that has synonyms (stop words
     excluded, as in SR), and insert a random synonym of it at a random position.
 
@@ -411,8 +434,9 @@ class SynonymReplacement(_TextAugment):
         _check_counted(self.alpha, self.n)
 
     def augment(self, text, rng):
-        return synonym_replacement(text, rng, self.synonyms, alpha=self.alpha, n=self.n,
-                                   stop_words=self.stop_words)
+        return synonym_replacement(
+            text, rng, self.synonyms, alpha=self.alpha, n=self.n, stop_words=self.stop_words
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,8 +452,9 @@ class RandomInsertion(_TextAugment):
         _check_counted(self.alpha, self.n)
 
     def augment(self, text, rng):
-        return random_insertion(text, rng, self.synonyms, alpha=self.alpha, n=self.n,
-                                stop_words=self.stop_words)
+        return random_insertion(
+            text, rng, self.synonyms, alpha=self.alpha, n=self.n, stop_words=self.stop_words
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,10 +510,14 @@ class EasyDataAugmentation(_TextAugment):
             raise ValueError("alpha_sr = alpha_ri = alpha_rs = p_rd = 0: allowed is at least one > 0")
 
     def augment(self, text, rng):
-        ops = [op for op, rate in (
-            (lambda: synonym_replacement(text, rng, self.synonyms, alpha=self.alpha_sr), self.alpha_sr),
-            (lambda: random_insertion(text, rng, self.synonyms, alpha=self.alpha_ri), self.alpha_ri),
-            (lambda: random_swap(text, rng, alpha=self.alpha_rs), self.alpha_rs),
-            (lambda: random_deletion(text, rng, p=self.p_rd), self.p_rd),
-        ) if rate > 0]
+        ops = [
+            op
+            for op, rate in (
+                (lambda: synonym_replacement(text, rng, self.synonyms, alpha=self.alpha_sr), self.alpha_sr),
+                (lambda: random_insertion(text, rng, self.synonyms, alpha=self.alpha_ri), self.alpha_ri),
+                (lambda: random_swap(text, rng, alpha=self.alpha_rs), self.alpha_rs),
+                (lambda: random_deletion(text, rng, p=self.p_rd), self.p_rd),
+            )
+            if rate > 0
+        ]
         return ops[rng.integers(len(ops))]()

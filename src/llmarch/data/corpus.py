@@ -50,11 +50,14 @@ def load_documents(source: str | os.PathLike, *, text_field: str = "text") -> li
     path = pathlib.Path(source)
     if not path.exists():
         suffixes = "/".join(TEXT_SUFFIXES + (JSONL_SUFFIX,))
-        raise FileNotFoundError(f"corpus source {str(source)!r} does not exist: allowed are 'default', "
-                                f"a file, or a directory of {suffixes} files")
+        raise FileNotFoundError(
+            f"corpus source {str(source)!r} does not exist: allowed are 'default', "
+            f"a file, or a directory of {suffixes} files"
+        )
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix in TEXT_SUFFIXES + (JSONL_SUFFIX,))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (JSONL_SUFFIX,)
+        )
         documents = [doc for f in files for doc in _read_file(f, text_field)]
     else:
         documents = _read_file(path, text_field)
@@ -80,8 +83,10 @@ def _read_file(path: pathlib.Path, text_field: str) -> list[str]:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{number}: no field text_field={text_field!r} (found {keys})")
         if not isinstance(record[text_field], str):
-            raise ValueError(f"{path}:{number}: field {text_field!r} is a "
-                             f"{type(record[text_field]).__name__}, expected a string")
+            raise ValueError(
+                f"{path}:{number}: field {text_field!r} is a "
+                f"{type(record[text_field]).__name__}, expected a string"
+            )
         documents.append(record[text_field])
     return documents
 
@@ -114,11 +119,15 @@ def train_val_split(
         text = documents[0]
         cut = int(len(text) * (1.0 - val_fraction))
         if cut == 0 or cut == len(text):
-            raise ValueError(f"the single document has {len(text)} characters: too short to hold out "
-                             f"val_fraction={val_fraction} of it")
+            raise ValueError(
+                f"the single document has {len(text)} characters: too short to hold out "
+                f"val_fraction={val_fraction} of it"
+            )
         return [text[:cut]], [text[cut:]]
     n_val = min(max(round(val_fraction * len(documents)), 1), len(documents) - 1)
     is_val = np.zeros(len(documents), bool)
     is_val[np.random.default_rng(seed).permutation(len(documents))[:n_val]] = True
-    return ([d for d, v in zip(documents, is_val, strict=True) if not v],
-            [d for d, v in zip(documents, is_val, strict=True) if v])
+    return (
+        [d for d, v in zip(documents, is_val, strict=True) if not v],
+        [d for d, v in zip(documents, is_val, strict=True) if v],
+    )

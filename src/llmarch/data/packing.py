@@ -43,9 +43,11 @@ class PackedRows:
         if tokens.shape != doc_ids.shape or tokens.ndim != 1:
             raise ValueError(f"tokens {tokens.shape} and doc_ids {doc_ids.shape} must be equal 1-D shapes")
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"the corpus is too short: {len(tokens)} tokens, but one row of "
-                             f"seq_len={seq_len} needs seq_len + 1 = {seq_len + 1} (inputs and the "
-                             f"next-token targets)")
+            raise ValueError(
+                f"the corpus is too short: {len(tokens)} tokens, but one row of "
+                f"seq_len={seq_len} needs seq_len + 1 = {seq_len + 1} (inputs and the "
+                f"next-token targets)"
+            )
         self.tokens = tokens.astype(np.int32, copy=False)
         self.doc_ids = doc_ids.astype(np.int32, copy=False)
         self.seq_len, self.pad_id = seq_len, pad_id
@@ -89,8 +91,10 @@ class PackedRows:
         return row
 
     def __repr__(self) -> str:
-        return (f"PackedRows(rows={len(self)}, seq_len={self.seq_len}, tokens={self.num_tokens}, "
-                f"documents={self.num_documents})")
+        return (
+            f"PackedRows(rows={len(self)}, seq_len={self.seq_len}, tokens={self.num_tokens}, "
+            f"documents={self.num_documents})"
+        )
 
 
 def tokenize_documents(
@@ -133,8 +137,10 @@ def pack_documents(
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r}: must be a positive int")
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"the tokenizer has vocab_size={tokenizer.vocab_size}, more than the model's "
-                         f"model_vocab_size={model_vocab_size}: its ids would index past the embedding")
+        raise ValueError(
+            f"the tokenizer has vocab_size={tokenizer.vocab_size}, more than the model's "
+            f"model_vocab_size={model_vocab_size}: its ids would index past the embedding"
+        )
     tokens, doc_ids = tokenize_documents(documents, tokenizer, bos=bos)
     if model_vocab_size is not None and int(tokens.max()) >= model_vocab_size:
         raise ValueError(f"token id {int(tokens.max())} >= model_vocab_size={model_vocab_size}")

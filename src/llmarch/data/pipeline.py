@@ -32,8 +32,16 @@ from llmarch.data.tokenizer import Tokenizer
 class _ProcessRows(grain.MapDataset):
     """This process's rows of every global batch, in order; padding rows past the end of the data."""
 
-    def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
-                 process_count: int, drop_remainder: bool, padding_row: dict[str, Any]):
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        batch_size: int,
+        process_index: int,
+        process_count: int,
+        drop_remainder: bool,
+        padding_row: dict[str, Any],
+    ):
         super().__init__(parent)
         self._parent_length = len(parent)  # sys.maxsize when repeated forever
         self._global, self._local = batch_size, batch_size // process_count
@@ -108,12 +116,16 @@ def batch_dataset(
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive int")
     if batch_size % P:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={P}: every "
-                         f"process needs the same number of rows")
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by process_count={P}: every "
+            f"process needs the same number of rows"
+        )
     if batch_size > len(rows):
-        raise ValueError(f"batch_size={batch_size} is larger than the {len(rows)} rows the data yields "
-                         f"per epoch at seq_len={rows.seq_len}: use a smaller batch, a shorter "
-                         f"seq_len or more data")
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {len(rows)} rows the data yields "
+            f"per epoch at seq_len={rows.seq_len}: use a smaller batch, a shorter "
+            f"seq_len or more data"
+        )
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
         raise ValueError(f"num_epochs={num_epochs!r}: must be a positive int or None (forever)")
     if not 0 <= seed < 2**32:
@@ -122,8 +134,14 @@ def batch_dataset(
     if shuffle:
         ds = ds.shuffle(seed)  # index-level permutation; reshuffled per epoch by the index's epoch
     ds = ds.repeat(num_epochs)
-    ds = _ProcessRows(ds, batch_size=batch_size, process_index=p, process_count=P,
-                      drop_remainder=drop_remainder, padding_row=rows.padding_row())
+    ds = _ProcessRows(
+        ds,
+        batch_size=batch_size,
+        process_index=p,
+        process_count=P,
+        drop_remainder=drop_remainder,
+        padding_row=rows.padding_row(),
+    )
     return ds.batch(batch_size // P, drop_remainder=True)  # _ProcessRows' length is a multiple
 
 
@@ -161,13 +179,21 @@ def make_batches(
     else:
         if tokenizer is None or seq_len is None:
             raise ValueError("make_batches of documents needs tokenizer= and seq_len=")
-        rows = pack_documents(documents, tokenizer, seq_len=seq_len, bos=bos,
-                              model_vocab_size=model_vocab_size)
+        rows = pack_documents(
+            documents, tokenizer, seq_len=seq_len, bos=bos, model_vocab_size=model_vocab_size
+        )
     if not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch={prefetch!r}: must be an int >= 0")
-    ds = batch_dataset(rows, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                       drop_remainder=drop_remainder, process_index=process_index,
-                       process_count=process_count)
+    ds = batch_dataset(
+        rows,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+    )
     # Threads suffice: a batch is a few numpy slices, and threads keep the state exact and cheap.
     options = grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))

@@ -38,8 +38,9 @@ def _check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
     if ids.ndim != 1:
         raise ValueError(f"ids has shape {ids.shape}: expected a 1-D sequence of token ids")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"ids span [{ids.min()}, {ids.max()}]: allowed range is "
-                         f"[0, vocab_size={vocab_size})")
+        raise ValueError(
+            f"ids span [{ids.min()}, {ids.max()}]: allowed range is [0, vocab_size={vocab_size})"
+        )
     return ids
 
 
@@ -77,8 +78,14 @@ class BPETokenizer:
     no field for it (transformers keeps that in a separate ``tokenizer_config.json``).
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, *, bos_token: str = "<s>",
-                 eos_token: str = "</s>", pad_token: str = "<pad>"):
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str = "<pad>",
+    ):
         self._tok = tokenizer
         # Text is text: "<s>" written in a document encodes as the characters, not as BOS.
         self._tok.encode_special_tokens = True
@@ -94,8 +101,10 @@ class BPETokenizer:
         token_id = self._tok.token_to_id(name)
         if token_id is None:
             found = sorted(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
-            raise ValueError(f"{field}={name!r} is not in the tokenizer's vocabulary: its special "
-                             f"tokens are {found}; pass the right name as {field}=...")
+            raise ValueError(
+                f"{field}={name!r} is not in the tokenizer's vocabulary: its special "
+                f"tokens are {found}; pass the right name as {field}=..."
+            )
         return token_id
 
     @classmethod
@@ -121,8 +130,10 @@ class BPETokenizer:
         specials = list(dict.fromkeys([pad_token, bos_token, eos_token]))  # distinct, in order
         smallest = 256 + len(specials)
         if not isinstance(vocab_size, int) or vocab_size < smallest:
-            raise ValueError(f"vocab_size={vocab_size!r} is too small: byte-level BPE needs the 256 "
-                             f"bytes plus {len(specials)} special tokens, so at least {smallest}")
+            raise ValueError(
+                f"vocab_size={vocab_size!r} is too small: byte-level BPE needs the 256 "
+                f"bytes plus {len(specials)} special tokens, so at least {smallest}"
+            )
         if min_frequency < 1:
             raise ValueError(f"min_frequency={min_frequency}: must be >= 1")
         tok = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -130,9 +141,12 @@ class BPETokenizer:
         tok.decoder = tokenizers.decoders.ByteLevel()
         tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
         trainer = tokenizers.trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=show_progress)
+            show_progress=show_progress,
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
 
@@ -149,16 +163,26 @@ class BPETokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, bos_token: str = "<s>", eos_token: str = "</s>",
-             pad_token: str = "<pad>") -> BPETokenizer:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str = "<pad>",
+    ) -> BPETokenizer:
         """Reads a ``tokenizer.json`` (or a directory holding one), ours or a Hugging Face model's.
 
         The names pick BOS/EOS/PAD among its tokens; e.g. GPT-2's file has only
         ``"<|endoftext|>"``, which may serve as all three.
         """
         file = _tokenizer_file(path)
-        return cls(tokenizers.Tokenizer.from_file(str(file)), bos_token=bos_token,
-                   eos_token=eos_token, pad_token=pad_token)
+        return cls(
+            tokenizers.Tokenizer.from_file(str(file)),
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+        )
 
     @property
     def hf_tokenizer(self) -> tokenizers.Tokenizer:
@@ -169,12 +193,15 @@ class BPETokenizer:
         ids = np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
         return _with_specials(ids, self.bos_id if bos else None, self.eos_id if eos else None)
 
-    def encode_batch(self, texts: Sequence[str], *, bos: bool = False,
-                     eos: bool = False) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> list[np.ndarray]:
         """``[encode(t, bos=bos, eos=eos) for t in texts]``, encoded in parallel by the Rust library."""
         encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [_with_specials(np.asarray(e.ids, np.int32), self.bos_id if bos else None,
-                               self.eos_id if eos else None) for e in encodings]
+        return [
+            _with_specials(
+                np.asarray(e.ids, np.int32), self.bos_id if bos else None, self.eos_id if eos else None
+            )
+            for e in encodings
+        ]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of the ids; special tokens are skipped, broken UTF-8 is replaced."""
@@ -183,16 +210,19 @@ class BPETokenizer:
         return self._tok.decode(ids.tolist(), skip_special_tokens=True)
 
     def __repr__(self) -> str:
-        return (f"BPETokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
-                f"eos={self.eos_token!r}, pad={self.pad_token!r})")
+        return (
+            f"BPETokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+            f"eos={self.eos_token!r}, pad={self.pad_token!r})"
+        )
 
 
 def _tokenizer_file(path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer file at {file}: expected a {TOKENIZER_FILE} "
-                                f"or a directory holding one")
+        raise FileNotFoundError(
+            f"no tokenizer file at {file}: expected a {TOKENIZER_FILE} or a directory holding one"
+        )
     return file
 
 
@@ -203,12 +233,16 @@ def load_tokenizer(spec: str | os.PathLike, **special_names: str) -> Tokenizer:
     """
     if isinstance(spec, str) and spec == "byte":
         if special_names:
-            raise ValueError(f"special token names {sorted(special_names)} were given for the byte "
-                             f"tokenizer, whose special tokens are fixed")
+            raise ValueError(
+                f"special token names {sorted(special_names)} were given for the byte "
+                f"tokenizer, whose special tokens are fixed"
+            )
         return ByteTokenizer()
     path = pathlib.Path(spec)
     looks_like_path = path.suffix == ".json" or os.sep in str(spec) or path.exists()
     if not looks_like_path:
-        raise ValueError(f"tokenizer spec {str(spec)!r} is unknown: allowed are 'byte' or a path to "
-                         f"a {TOKENIZER_FILE} (or a directory holding one)")
+        raise ValueError(
+            f"tokenizer spec {str(spec)!r} is unknown: allowed are 'byte' or a path to "
+            f"a {TOKENIZER_FILE} (or a directory holding one)"
+        )
     return BPETokenizer.load(path, **special_names)

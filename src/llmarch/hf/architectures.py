@@ -41,8 +41,9 @@ def of_hf_config(hf: Mapping[str, Any]) -> Architecture:
     for a in ARCHITECTURES:
         if kind == a.model_type or (kind is None and a.hf_class in classes):
             return a
-    raise ValueError(f"config.json model_type={kind!r} (architectures={classes}) is not supported; "
-                     f"allowed: {_allowed()}")
+    raise ValueError(
+        f"config.json model_type={kind!r} (architectures={classes}) is not supported; allowed: {_allowed()}"
+    )
 
 
 def default_architecture(cfg: ModelConfig) -> Architecture:

@@ -36,9 +36,11 @@ def expert_tensors(cfg: ModelConfig, prefix: str, gate: str, up: str, down: str)
     ``prefix.format(e) + gate`` is expert e's slice of ``w_gate_edf [E,D,F]``, and so on."""
     table: Table = {}
     for e in range(cfg.moe.num_experts):
-        table |= {prefix.format(e) + gate: (("ffn", "w_gate_edf", "w"), Expert(e, Linear())),
-                  prefix.format(e) + up: (("ffn", "w_up_edf", "w"), Expert(e, Linear())),
-                  prefix.format(e) + down: (("ffn", "w_down_efd", "w"), Expert(e, Linear()))}
+        table |= {
+            prefix.format(e) + gate: (("ffn", "w_gate_edf", "w"), Expert(e, Linear())),
+            prefix.format(e) + up: (("ffn", "w_up_edf", "w"), Expert(e, Linear())),
+            prefix.format(e) + down: (("ffn", "w_down_efd", "w"), Expert(e, Linear())),
+        }
     return table
 
 
@@ -46,8 +48,10 @@ def check_llama(hf: Mapping[str, Any]) -> None:
     """Refuses projection biases and activations other than SiLU (llmarch has neither)."""
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
-            raise ValueError(f"config.json {field}={hf[field]!r} is not supported: llmarch "
-                             "projections have no bias; allowed: false")
+            raise ValueError(
+                f"config.json {field}={hf[field]!r} is not supported: llmarch "
+                "projections have no bias; allowed: false"
+            )
     act = hf.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ValueError(f"config.json hidden_act={act!r} is not supported; allowed: {ACTIVATIONS}")
@@ -62,22 +66,31 @@ def attention_from_hf(hf: Mapping[str, Any], head_dim: int | None = None, **fiel
     heads = read_int(hf, "num_attention_heads")
     kv_heads = read_int(hf, "num_key_value_heads", heads)
     if heads % kv_heads:
-        raise ValueError(f"config.json num_key_value_heads={kv_heads} is invalid: must divide "
-                         f"num_attention_heads={heads}")
+        raise ValueError(
+            f"config.json num_key_value_heads={kv_heads} is invalid: must divide num_attention_heads={heads}"
+        )
     if head_dim is None:
         hidden = read_int(hf, "hidden_size")
         if hf.get("head_dim") is None and hidden < heads:
-            raise ValueError(f"config.json hidden_size={hidden} is invalid without head_dim: must be "
-                             f">= num_attention_heads={heads} (head_dim defaults to hidden_size // heads)")
+            raise ValueError(
+                f"config.json hidden_size={hidden} is invalid without head_dim: must be "
+                f">= num_attention_heads={heads} (head_dim defaults to hidden_size // heads)"
+            )
         head_dim = hidden // heads
     theta, scaling = read_rope(hf)
-    return AttentionConfig(num_heads=heads, num_kv_heads=kv_heads,
-                           head_dim=read_int(hf, "head_dim", head_dim), rope_theta=theta,
-                           rope_scaling=scaling, **fields)
+    return AttentionConfig(
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=read_int(hf, "head_dim", head_dim),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        **fields,
+    )
 
 
-def attention_to_hf(cfg: ModelConfig, name: str, *, qk_norm: bool = False,
-                    sliding_window: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def attention_to_hf(
+    cfg: ModelConfig, name: str, *, qk_norm: bool = False, sliding_window: bool = False
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """``(rope_scaling, fields)`` of ``cfg.attention`` for architecture ``name``'s ``config.json``.
 
     ``qk_norm``: whether ``name`` has per-head q/k norms (it must match the config);
@@ -85,48 +98,82 @@ def attention_to_hf(cfg: ModelConfig, name: str, *, qk_norm: bool = False,
     """
     a = cfg.attention
     if a.sliding_window is not None and not sliding_window:
-        raise ValueError(f"AttentionConfig.sliding_window={a.sliding_window} has no {name} "
-                         "equivalent; allowed for export: None")
+        raise ValueError(
+            f"AttentionConfig.sliding_window={a.sliding_window} has no {name} "
+            "equivalent; allowed for export: None"
+        )
     if a.qk_norm != qk_norm:
-        raise ValueError(f"AttentionConfig.qk_norm={a.qk_norm} has no {name} equivalent; allowed for "
-                         f"export: {qk_norm}")
+        raise ValueError(
+            f"AttentionConfig.qk_norm={a.qk_norm} has no {name} equivalent; allowed for export: {qk_norm}"
+        )
     if qk_norm and a.qk_norm_eps != cfg.norm_eps:
-        raise ValueError(f"AttentionConfig.qk_norm_eps={a.qk_norm_eps} has no {name} equivalent: it "
-                         f"has one rms_norm_eps; allowed for export: ModelConfig.norm_eps={cfg.norm_eps}")
+        raise ValueError(
+            f"AttentionConfig.qk_norm_eps={a.qk_norm_eps} has no {name} equivalent: it "
+            f"has one rms_norm_eps; allowed for export: ModelConfig.norm_eps={cfg.norm_eps}"
+        )
     s = a.rope_scaling
-    scaling = None if s is None else {
-        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-        "high_freq_factor": s.high_freq_factor,
-        "original_max_position_embeddings": s.original_max_position_embeddings}
-    return scaling, dict(num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
-                         head_dim=a.head_dim)
+    scaling = (
+        None
+        if s is None
+        else {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    )
+    return scaling, dict(
+        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim
+    )
 
 
-def model_from_hf(hf: Mapping[str, Any], name: str, max_positions: int, *, model_type: str,
-                  norm_eps: float = 1e-6, **kw: Any) -> ModelConfig:
+def model_from_hf(
+    hf: Mapping[str, Any],
+    name: str,
+    max_positions: int,
+    *,
+    model_type: str,
+    norm_eps: float = 1e-6,
+    **kw: Any,
+) -> ModelConfig:
     """The ModelConfig fields every Llama-family ``config.json`` has, plus ``kw``; ``max_positions``
     and ``norm_eps`` are the architecture's defaults for absent fields."""
     return ModelConfig(
-        vocab_size=read_int(hf, "vocab_size"), d_model=read_int(hf, "hidden_size"),
-        num_layers=read_int(hf, "num_hidden_layers"), ffn_dim=read_int(hf, "intermediate_size"),
+        vocab_size=read_int(hf, "vocab_size"),
+        d_model=read_int(hf, "hidden_size"),
+        num_layers=read_int(hf, "num_hidden_layers"),
+        ffn_dim=read_int(hf, "intermediate_size"),
         max_seq_len=read_int(hf, "max_position_embeddings", max_positions),
         norm_eps=read_float(hf, "rms_norm_eps", norm_eps),
         tie_embeddings=read_bool(hf, "tie_word_embeddings", False),
-        init_std=read_float(hf, "initializer_range", 0.02), name=name, hf_model_type=model_type, **kw)
+        init_std=read_float(hf, "initializer_range", 0.02),
+        name=name,
+        hf_model_type=model_type,
+        **kw,
+    )
 
 
-def model_to_hf(cfg: ModelConfig, scaling: dict[str, Any] | None, theta: float,
-                **fields: Any) -> dict[str, Any]:
+def model_to_hf(
+    cfg: ModelConfig, scaling: dict[str, Any] | None, theta: float, **fields: Any
+) -> dict[str, Any]:
     """The ``config.json`` fields every Llama-family architecture has, with ``fields`` after the
     layer count."""
     return {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.num_layers, **fields, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        **fields,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
         "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": theta},
-        "rope_theta": theta, "rope_scaling": scaling,
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "dtype": cfg.param_dtype,  # the dtype the weights are stored in
     }

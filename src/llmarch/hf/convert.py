@@ -27,17 +27,20 @@ IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
 def _index(e: Entry) -> tuple[int, ...]:
     """Where ``e``'s tensor sits in its variable: the run's layer, then the expert (if any)."""
     return (() if e.layer is None else (e.layer,)) + (
-        (e.transform.index,) if isinstance(e.transform, Expert) else ())
+        (e.transform.index,) if isinstance(e.transform, Expert) else ()
+    )
 
 
-def to_hf_tensors(model: Transformer, cfg: ModelConfig | None = None, *,
-                  architecture: str | None = None) -> dict[str, np.ndarray]:
+def to_hf_tensors(
+    model: Transformer, cfg: ModelConfig | None = None, *, architecture: str | None = None
+) -> dict[str, np.ndarray]:
     """The model's weights as contiguous numpy arrays under HF names (HF layouts) of the
     architecture ``cfg`` exports as (see ``config_to_hf``)."""
     cfg = model.cfg if cfg is None else cfg
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    plan = tensor_plan(cfg, architectures.of_config(cfg, architecture),
-                       config_to_hf(cfg, architecture=architecture))
+    plan = tensor_plan(
+        cfg, architectures.of_config(cfg, architecture), config_to_hf(cfg, architecture=architecture)
+    )
     unmapped = sorted(".".join(map(str, p)) for p in set(flat) - {e.path for e in plan})
     if unmapped:
         raise ValueError(f"model variables with no HF tensor name: {listed(unmapped)}")
@@ -59,8 +62,9 @@ def to_hf_tensors(model: Transformer, cfg: ModelConfig | None = None, *,
     return out
 
 
-def from_hf_tensors(tensors: Mapping[str, Any], cfg: ModelConfig, *,
-                    hf_config: Mapping[str, Any] | None = None) -> Transformer:
+def from_hf_tensors(
+    tensors: Mapping[str, Any], cfg: ModelConfig, *, hf_config: Mapping[str, Any] | None = None
+) -> Transformer:
     """A model of ``cfg`` holding ``tensors`` (HF names and layouts), with no random init.
 
     ``tensors`` may be lazy (read on access). Under ``llmarch.sharding.use(mesh, rules)`` the
@@ -77,8 +81,10 @@ def from_hf_tensors(tensors: Mapping[str, Any], cfg: ModelConfig, *,
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         where = f" in {tensors.root}" if isinstance(tensors, CheckpointTensors) else ""
-        raise ValueError(f"checkpoint tensors{where} do not match the config: missing "
-                         f"[{listed(missing)}]; unexpected [{listed(unexpected)}]")
+        raise ValueError(
+            f"checkpoint tensors{where} do not match the config: missing "
+            f"[{listed(missing)}]; unexpected [{listed(unexpected)}]"
+        )
     # Eager sharding off: shapes only here (Transformer's own mesh checks cannot run traced);
     # _place shards the filled state by the same logical names.
     with nnx.use_eager_sharding(False):
@@ -89,12 +95,13 @@ def from_hf_tensors(tensors: Mapping[str, Any], cfg: ModelConfig, *,
     for e in plan:
         target = variables[e.path].get_value()
         index = _index(e)
-        shape = tuple(target.shape[len(index):])
+        shape = tuple(target.shape[len(index) :])
         w = np.asarray(tensors[e.name])
         if w.shape != e.transform.hf_shape(shape):
             where = f" in {tensors.file(e.name)}" if isinstance(tensors, CheckpointTensors) else ""
-            raise ValueError(f"tensor {e.name} has shape {w.shape}{where}: the config needs "
-                             f"{e.transform.hf_shape(shape)}")
+            raise ValueError(
+                f"tensor {e.name} has shape {w.shape}{where}: the config needs {e.transform.hf_shape(shape)}"
+            )
         w = e.transform.from_hf(w, shape).astype(target.dtype)
         if not index:
             values[e.path] = w

@@ -24,8 +24,9 @@ def read_value(hf: Mapping[str, Any], key: str, default: Any, prefix: str) -> An
     return default
 
 
-def read_int(hf: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 1,
-             prefix: str = "") -> int:
+def read_int(
+    hf: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 1, prefix: str = ""
+) -> int:
     """``hf[key]`` as an integer >= ``minimum`` (see ``read_value``). A string, a fraction or a bool
     is refused naming the field: ``int("8")`` would hide a broken config, and a zero dimension
     would fail far from here (in a division, or a shape)."""
@@ -38,8 +39,7 @@ def read_int(hf: Mapping[str, Any], key: str, default: int | None = None, *, min
     return value
 
 
-def read_float(hf: Mapping[str, Any], key: str, default: float | None = None, *,
-               prefix: str = "") -> float:
+def read_float(hf: Mapping[str, Any], key: str, default: float | None = None, *, prefix: str = "") -> float:
     """``hf[key]`` as a float (see ``read_value``); a string or a bool is refused naming the field.
     Ranges are checked by the config dataclasses."""
     value = read_value(hf, key, default, prefix)
@@ -85,8 +85,9 @@ def read_rope(hf: Mapping[str, Any], scaled: str = "llama3") -> tuple[float, Rop
     if kind == "default":
         return theta, None
     if kind != scaled:
-        raise ValueError(f"config.json {field}.rope_type={kind!r} is not supported; "
-                         f"allowed: 'default', {scaled!r}")
+        raise ValueError(
+            f"config.json {field}.rope_type={kind!r} is not supported; allowed: 'default', {scaled!r}"
+        )
     if scaled == "yarn":
         return theta, read_yarn(source, field, read_int(hf, "max_position_embeddings", 4096))
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -98,7 +99,8 @@ def read_rope(hf: Mapping[str, Any], scaled: str = "llama3") -> tuple[float, Rop
         factor=read_float(source, "factor", prefix=at),
         low_freq_factor=read_float(source, "low_freq_factor", prefix=at),
         high_freq_factor=read_float(source, "high_freq_factor", prefix=at),
-        original_max_position_embeddings=read_int(source, "original_max_position_embeddings", prefix=at))
+        original_max_position_embeddings=read_int(source, "original_max_position_embeddings", prefix=at),
+    )
 
 
 def read_yarn(source: Mapping[str, Any], field: str, max_positions: int) -> YarnScaling:
@@ -107,13 +109,16 @@ def read_yarn(source: Mapping[str, Any], field: str, max_positions: int) -> Yarn
         raise ValueError(f"config.json {field} (rope_type 'yarn') lacks 'factor'")
     for key, allowed in (("attention_factor", None), ("truncate", True)):
         if source.get(key, allowed) != allowed:
-            raise ValueError(f"config.json {field}.{key}={source[key]!r} is not supported; "
-                             f"allowed: {allowed}")
+            raise ValueError(
+                f"config.json {field}.{key}={source[key]!r} is not supported; allowed: {allowed}"
+            )
     at = f"{field}."
     omp = read_int(source, "original_max_position_embeddings", max_positions, prefix=at)
     return YarnScaling(
-        factor=read_float(source, "factor", prefix=at), original_max_position_embeddings=omp,
+        factor=read_float(source, "factor", prefix=at),
+        original_max_position_embeddings=omp,
         beta_fast=read_float(source, "beta_fast", 32.0, prefix=at) or 32.0,
         beta_slow=read_float(source, "beta_slow", 1.0, prefix=at) or 1.0,
         mscale=read_float(source, "mscale", 0.0, prefix=at),
-        mscale_all_dim=read_float(source, "mscale_all_dim", 0.0, prefix=at))
+        mscale_all_dim=read_float(source, "mscale_all_dim", 0.0, prefix=at),
+    )

@@ -77,8 +77,7 @@ def _tensor_names(file: Path) -> list[str]:
         with safe_open(file, framework="numpy") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
-                         f"{e}") from None
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def weight_files(root: Path) -> dict[str, Path]:
@@ -87,8 +86,7 @@ def weight_files(root: Path) -> dict[str, Path]:
     index = root / INDEX_FILE
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(f, str) for f in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index} has no 'weight_map' object of tensor name -> file name")
         absent = sorted({f for f in weight_map.values() if not (root / f).is_file()})
         if absent:
@@ -97,13 +95,15 @@ def weight_files(root: Path) -> dict[str, Path]:
             held = set(_tensor_names(root / shard))
             lost = sorted(name for name, f in weight_map.items() if f == shard and name not in held)
             if lost:
-                raise ValueError(f"{index} places tensors in {root / shard} that it does not hold: "
-                                 f"{listed(lost)}")
+                raise ValueError(
+                    f"{index} places tensors in {root / shard} that it does not hold: {listed(lost)}"
+                )
         return {name: root / f for name, f in weight_map.items()}
     single = root / WEIGHTS_FILE
     if not single.is_file():
-        raise FileNotFoundError(f"{root} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; only "
-                                "safetensors checkpoints are supported")
+        raise FileNotFoundError(
+            f"{root} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; only safetensors checkpoints are supported"
+        )
     return dict.fromkeys(_tensor_names(single), single)
 
 
@@ -120,8 +120,9 @@ def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str,
     return shards
 
 
-def write_checkpoint(root: Path, hf_config: Mapping, tensors: Mapping[str, np.ndarray],
-                     max_shard_bytes: int) -> None:
+def write_checkpoint(
+    root: Path, hf_config: Mapping, tensors: Mapping[str, np.ndarray], max_shard_bytes: int
+) -> None:
     """Writes ``config.json`` and the weights, sharded over ``max_shard_bytes``; weight files
     left by an earlier save are removed first, so that a stale index cannot shadow the new weights."""
     root.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,5 @@ def write_checkpoint(root: Path, hf_config: Mapping, tensors: Mapping[str, np.nd
         file = SHARD_FILE.format(i + 1, len(shards))
         save_file(shard, root / file, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, file))
-    index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())}, "weight_map": weight_map}
     (root / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -29,5 +29,11 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return model_to_hf(cfg, scaling, cfg.attention.rope_theta, **fields, mlp_bias=False)
 
 
-LLAMA = Architecture(model_type="llama", hf_class="LlamaForCausalLM", from_hf=from_hf, to_hf=to_hf,
-                     attention={"mha": MHA_TENSORS}, ffn={"swiglu": SWIGLU_TENSORS})
+LLAMA = Architecture(
+    model_type="llama",
+    hf_class="LlamaForCausalLM",
+    from_hf=from_hf,
+    to_hf=to_hf,
+    attention={"mha": MHA_TENSORS},
+    ffn={"swiglu": SWIGLU_TENSORS},
+)

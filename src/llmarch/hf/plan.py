@@ -44,21 +44,30 @@ class Entry:
 def check_blocks(cfg: ModelConfig, arch: Architecture) -> None:
     """Raises ValueError when a block of ``cfg`` has a kind ``arch`` has no tensor table for."""
     if cfg.skip_layers:
-        raise ValueError(f"ModelConfig.skip_layers={cfg.skip_layers} has no Hugging Face equivalent; "
-                         "allowed: ()")
+        raise ValueError(
+            f"ModelConfig.skip_layers={cfg.skip_layers} has no Hugging Face equivalent; allowed: ()"
+        )
     for kinds in dict.fromkeys(cfg.layer_blocks):
-        for field, kind, tables in (("attention", kinds.attention, arch.attention),
-                                    ("ffn", kinds.ffn, arch.ffn)):
+        for field, kind, tables in (
+            ("attention", kinds.attention, arch.attention),
+            ("ffn", kinds.ffn, arch.ffn),
+        ):
             if kind not in tables:
-                raise ValueError(f"BlockConfig.{field}={kind!r} has no {arch.hf_class} tensors "
-                                 f"(model_type {arch.model_type!r}); allowed: {sorted(tables)}")
+                raise ValueError(
+                    f"BlockConfig.{field}={kind!r} has no {arch.hf_class} tensors "
+                    f"(model_type {arch.model_type!r}); allowed: {sorted(tables)}"
+                )
 
 
-def block_tensors(kinds: BlockConfig, cfg: ModelConfig, arch: Architecture,
-                  hf_config: Mapping[str, Any]) -> Table:
+def block_tensors(
+    kinds: BlockConfig, cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, Any]
+) -> Table:
     """The HF tensors of one block of ``kinds`` (of ``cfg``), by name after ``LAYER_PREFIX``."""
-    return {**BLOCK_TENSORS, **table_of(arch.attention[kinds.attention], cfg, hf_config),
-            **table_of(arch.ffn[kinds.ffn], cfg, hf_config)}
+    return {
+        **BLOCK_TENSORS,
+        **table_of(arch.attention[kinds.attention], cfg, hf_config),
+        **table_of(arch.ffn[kinds.ffn], cfg, hf_config),
+    }
 
 
 def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, Any]) -> list[Entry]:
@@ -67,13 +76,18 @@ def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, An
     ``hf_config``: the ``config.json`` dict read (on import) or written (on export).
     """
     check_blocks(cfg, arch)
-    plan = [Entry(name, path, None, t) for name, (path, t) in MODEL_TENSORS.items()
-            if not (name == LM_HEAD and cfg.tie_embeddings)]
+    plan = [
+        Entry(name, path, None, t)
+        for name, (path, t) in MODEL_TENSORS.items()
+        if not (name == LM_HEAD and cfg.tie_embeddings)
+    ]
     for r, (kinds, first, count) in enumerate(run_layout(cfg)):
         table = block_tensors(kinds, cfg, arch, hf_config)
         for j in range(count):
             prefix = LAYER_PREFIX.format(first + j)
-            plan += [Entry(prefix + suffix, ("runs", r, "layers", *sub), j, t)
-                     for suffix, rules in table.items()
-                     for sub, t in (rules if isinstance(rules, list) else [rules])]
+            plan += [
+                Entry(prefix + suffix, ("runs", r, "layers", *sub), j, t)
+                for suffix, rules in table.items()
+                for sub, t in (rules if isinstance(rules, list) else [rules])
+            ]
     return plan

@@ -35,8 +35,7 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def load_pretrained(path: str | os.PathLike, *,
-                    dtype: Any = None) -> tuple[Transformer, ModelConfig]:
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Transformer, ModelConfig]:
     """Loads a Hugging Face checkpoint directory of a supported architecture (Llama, Mixtral,
     DeepSeek-V3, Qwen3, Qwen3-MoE: ``llmarch.hf.ARCHITECTURES``).
 
@@ -61,16 +60,25 @@ def load_pretrained(path: str | os.PathLike, *,
         cfg = config_from_hf(hf_config, name=root.resolve().name)
     except ValueError as e:  # name the file: "config.json x=..." or "ModelConfig.x=... (from it)"
         message = str(e)
-        message = (str(config_path) + message.removeprefix(CONFIG_FILE)
-                   if message.startswith(CONFIG_FILE) else f"{config_path}: {message}")
+        message = (
+            str(config_path) + message.removeprefix(CONFIG_FILE)
+            if message.startswith(CONFIG_FILE)
+            else f"{config_path}: {message}"
+        )
         raise ValueError(message) from None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype_name(dtype), param_dtype=dtype_name(dtype))
     return from_hf_tensors(CheckpointTensors(root, weight_files(root)), cfg, hf_config=hf_config), cfg
 
 
-def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLike, *,
-                    architecture: str | None = None, max_shard_bytes: int = 5 * 10**9) -> None:
+def save_pretrained(
+    model: Transformer,
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> None:
     """Writes ``config.json`` and safetensors weights that transformers' ``from_pretrained`` of the
     architecture's class loads.
 
@@ -81,13 +89,14 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLik
     left by an earlier save in ``path`` are removed first, so that a stale index cannot shadow the
     new weights.
     """
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) \
-            or max_shard_bytes <= 0:
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
     hf_config = config_to_hf(cfg, architecture=architecture)
     architecture = hf_config["model_type"]  # judge model.cfg by the same architecture
     if config_to_hf(model.cfg, architecture=architecture) != hf_config:
-        raise ValueError("cfg does not describe model: their Hugging Face configs differ "
-                         f"(cfg.name={cfg.name!r}, model.cfg.name={model.cfg.name!r})")
+        raise ValueError(
+            "cfg does not describe model: their Hugging Face configs differ "
+            f"(cfg.name={cfg.name!r}, model.cfg.name={model.cfg.name!r})"
+        )
     tensors = to_hf_tensors(model, cfg, architecture=architecture)
     write_checkpoint(Path(path), hf_config, tensors, max_shard_bytes)

@@ -47,42 +47,62 @@ def sliding_window(hf: Mapping[str, Any]) -> int | None:
         first = read_int(hf, "max_window_layers", 28, minimum=0)  # Qwen3Config's default
         types = [_LAYER_TYPES[window is not None and i >= first] for i in range(layers)]
     if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
-        raise ValueError(f"config.json layer_types={types!r} is invalid: must list num_hidden_layers="
-                         f"{layers} of {_LAYER_TYPES}")
+        raise ValueError(
+            f"config.json layer_types={types!r} is invalid: must list num_hidden_layers="
+            f"{layers} of {_LAYER_TYPES}"
+        )
     if len(set(types)) > 1:
-        raise ValueError(f"config.json layer_types={types!r} is not supported: llmarch has one attention "
-                         "kind for every layer; allowed: all 'full_attention' or all 'sliding_attention' "
-                         "(use_sliding_window with max_window_layers=0)")
+        raise ValueError(
+            f"config.json layer_types={types!r} is not supported: llmarch has one attention "
+            "kind for every layer; allowed: all 'full_attention' or all 'sliding_attention' "
+            "(use_sliding_window with max_window_layers=0)"
+        )
     if types[0] == "full_attention":
         return None
     if window is None:
-        raise ValueError(f"config.json layer_types={types!r} is invalid with use_sliding_window="
-                         f"{hf.get('use_sliding_window')!r}: sliding layers need use_sliding_window=true "
-                         "and a sliding_window")
+        raise ValueError(
+            f"config.json layer_types={types!r} is invalid with use_sliding_window="
+            f"{hf.get('use_sliding_window')!r}: sliding layers need use_sliding_window=true "
+            "and a sliding_window"
+        )
     return window
 
 
 def qk_norm_attention(hf: Mapping[str, Any], head_dim: int | None, window: int | None) -> AttentionConfig:
     """GQA with per-head q/k norms of eps ``rms_norm_eps`` (1e-6, the Qwen3 configs' default)."""
-    return attention_from_hf(hf, head_dim, qk_norm=True, qk_norm_eps=read_float(hf, "rms_norm_eps", 1e-6),
-                             sliding_window=window)
+    return attention_from_hf(
+        hf, head_dim, qk_norm=True, qk_norm_eps=read_float(hf, "rms_norm_eps", 1e-6), sliding_window=window
+    )
 
 
 def from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
     check_llama(hf)
-    return model_from_hf(hf, name, 32768, model_type="qwen3",
-                         attention=qk_norm_attention(hf, 128, sliding_window(hf)))
+    return model_from_hf(
+        hf, name, 32768, model_type="qwen3", attention=qk_norm_attention(hf, 128, sliding_window(hf))
+    )
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     scaling, fields = attention_to_hf(cfg, "Qwen3", qk_norm=True, sliding_window=True)
     window = cfg.attention.sliding_window
     kind = "full_attention" if window is None else "sliding_attention"
-    return model_to_hf(cfg, scaling, cfg.attention.rope_theta, **fields,
-                       use_sliding_window=window is not None, sliding_window=window,
-                       max_window_layers=0 if window else cfg.num_layers,
-                       layer_types=[kind] * cfg.num_layers)
+    return model_to_hf(
+        cfg,
+        scaling,
+        cfg.attention.rope_theta,
+        **fields,
+        use_sliding_window=window is not None,
+        sliding_window=window,
+        max_window_layers=0 if window else cfg.num_layers,
+        layer_types=[kind] * cfg.num_layers,
+    )
 
 
-QWEN3 = Architecture(model_type="qwen3", hf_class="Qwen3ForCausalLM", from_hf=from_hf, to_hf=to_hf,
-                     attention={"mha": QWEN3_ATTENTION_TENSORS}, ffn={"swiglu": SWIGLU_TENSORS})
+QWEN3 = Architecture(
+    model_type="qwen3",
+    hf_class="Qwen3ForCausalLM",
+    from_hf=from_hf,
+    to_hf=to_hf,
+    attention={"mha": QWEN3_ATTENTION_TENSORS},
+    ffn={"swiglu": SWIGLU_TENSORS},
+)

@@ -45,7 +45,7 @@ class Linear:
     in_axes: int = 1
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (math.prod(shape[self.in_axes:]), math.prod(shape[: self.in_axes]))
+        return (math.prod(shape[self.in_axes :]), math.prod(shape[: self.in_axes]))
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
         return w.reshape(math.prod(w.shape[: self.in_axes]), -1).T  # [out, in]
@@ -73,7 +73,7 @@ class Part:
     def from_hf(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         start = sum(self.sizes[: self.index])
         full = w.T.reshape(*shape[:-1], sum(self.sizes))  # [in, *heads, sum(sizes)]
-        return full[..., start:start + shape[-1]][..., self._order(shape[-1])]
+        return full[..., start : start + shape[-1]][..., self._order(shape[-1])]
 
     def to_hf_slice(self, w: np.ndarray) -> np.ndarray:
         """Our weight in HF column order; ``to_hf_tensors`` concatenates the slices."""

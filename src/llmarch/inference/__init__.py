@@ -3,12 +3,12 @@ speculative decoding)."""
 
 from llmarch.inference.block_manager import BlockManager, OutOfPages
 from llmarch.inference.engine import (
-                                      Completion,
-                                      Engine,
-                                      EngineConfig,
-                                      RequestOutput,
-                                      TokenEvent,
-                                      compiled_programs,
+    Completion,
+    Engine,
+    EngineConfig,
+    RequestOutput,
+    TokenEvent,
+    compiled_programs,
 )
 from llmarch.inference.generate import generate
 from llmarch.inference.sampling import SamplingParams, sample_logits

@@ -35,8 +35,9 @@ class BlockManager:
     def __init__(self, num_pages: int, page_size: int):
         check_positive("", num_pages=num_pages, page_size=page_size)
         if num_pages < 2:
-            raise ValueError(f"num_pages={num_pages} is invalid: must be >= 2 (page {TRASH_PAGE} "
-                             "is reserved for padding)")
+            raise ValueError(
+                f"num_pages={num_pages} is invalid: must be >= 2 (page {TRASH_PAGE} is reserved for padding)"
+            )
         self.num_pages, self.page_size = num_pages, page_size
         self.refcount = np.zeros(num_pages, np.int64)
         self.refcount[TRASH_PAGE] = 1  # reserved forever
@@ -115,7 +116,9 @@ class BlockManager:
                 counts[page] += 1
         if not np.array_equal(counts, self.refcount):
             bad = np.flatnonzero(counts != self.refcount)
-            raise AssertionError(f"refcounts differ at pages {bad.tolist()}: held {counts[bad].tolist()}, "
-                                 f"counted {self.refcount[bad].tolist()}")
+            raise AssertionError(
+                f"refcounts differ at pages {bad.tolist()}: held {counts[bad].tolist()}, "
+                f"counted {self.refcount[bad].tolist()}"
+            )
         if sorted(self._free) != np.flatnonzero(counts == 0).tolist():
             raise AssertionError("the free list is not exactly the pages nobody holds")

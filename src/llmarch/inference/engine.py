@@ -86,18 +86,23 @@ class EngineConfig:
         for name in ("num_pages", "max_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be None or a "
-                                 "positive integer")
+                raise ValueError(
+                    f"EngineConfig.{name}={value!r} is invalid: must be None or a positive integer"
+                )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} is invalid: must be >= 0")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"EngineConfig.watermark={self.watermark!r} is invalid: must be in [0, 1)")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"EngineConfig.max_num_batched_tokens={self.max_num_batched_tokens} is invalid: "
-                             f"must be >= max_num_seqs={self.max_num_seqs} (one decode token each)")
+            raise ValueError(
+                f"EngineConfig.max_num_batched_tokens={self.max_num_batched_tokens} is invalid: "
+                f"must be >= max_num_seqs={self.max_num_seqs} (one decode token each)"
+            )
         if self.max_prefill_chunk > self.max_num_batched_tokens:
-            raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} is invalid: must be "
-                             f"<= max_num_batched_tokens={self.max_num_batched_tokens}")
+            raise ValueError(
+                f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} is invalid: must be "
+                f"<= max_num_batched_tokens={self.max_num_batched_tokens}"
+            )
 
 
 @dataclasses.dataclass
@@ -160,8 +165,7 @@ def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
 DECODE_GROUPS, DECODE_GROUP_ROWS = 8, 8
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "num_logprobs"),
-                   donate_argnames=("pools",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "num_logprobs"), donate_argnames=("pools",))
 def _step(state, pools, batch: StepBatch, *, graphdef, kinds, num_logprobs):
     """One fixed-shape serving step: page copies, the model over the paged cache, sampling."""
     pools = paged_cache.copy_pages(pools, batch.copy_src, batch.copy_dst)
@@ -170,12 +174,17 @@ def _step(state, pools, batch: StepBatch, *, graphdef, kinds, num_logprobs):
     decode, rows = batch.decode, batch.decode.rows
     parts = max(1, min(DECODE_GROUPS, rows // DECODE_GROUP_ROWS))
     bounds = [j * (rows // parts) for j in range(parts)] + [rows]  # the last takes the rest
-    split = [jax.tree.map(lambda v, a=a, b=b: v[a:b], decode)
-             for a, b in zip(bounds, bounds[1:], strict=False)]
+    split = [
+        jax.tree.map(lambda v, a=a, b=b: v[a:b], decode) for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
     meta = PageMeta(slots=batch.slots, groups=(*split, batch.prefill))
     model = nnx.merge(graphdef, state)
-    out = model(batch.tokens[None], positions=batch.positions[None],
-                cache=paged_cache.attach(kinds, pools, meta), logits_at=batch.logits_at[None])
+    out = model(
+        batch.tokens[None],
+        positions=batch.positions[None],
+        cache=paged_cache.attach(kinds, pools, meta),
+        logits_at=batch.logits_at[None],
+    )
     sampled = sampling.sample_rows(out.logits[0], batch.rows, num_logprobs=num_logprobs)
     return [c.pools for c in out.cache], sampled
 
@@ -196,8 +205,15 @@ class Engine:
       config: an ``EngineConfig``; keyword overrides replace its fields.
     """
 
-    def __init__(self, model, cfg: ModelConfig | None = None, *, tokenizer=None,
-                 config: EngineConfig | None = None, **overrides):
+    def __init__(
+        self,
+        model,
+        cfg: ModelConfig | None = None,
+        *,
+        tokenizer=None,
+        config: EngineConfig | None = None,
+        **overrides,
+    ):
         cfg = model.cfg if cfg is None else cfg
         if cfg != model.cfg:
             raise ValueError(f"cfg {cfg.name!r} is not the model's config {model.cfg.name!r}")
@@ -205,11 +221,14 @@ class Engine:
         self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
         self.max_len = cfg.max_seq_len if config.max_len is None else config.max_len
         if self.max_len > cfg.max_seq_len:
-            raise ValueError(f"EngineConfig.max_len={self.max_len} exceeds the model's "
-                             f"max_seq_len={cfg.max_seq_len}")
+            raise ValueError(
+                f"EngineConfig.max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
+            )
         if config.max_num_batched_tokens > cfg.max_seq_len:
-            raise ValueError(f"EngineConfig.max_num_batched_tokens={config.max_num_batched_tokens} exceeds "
-                             f"the model's max_seq_len={cfg.max_seq_len} (a step is one row)")
+            raise ValueError(
+                f"EngineConfig.max_num_batched_tokens={config.max_num_batched_tokens} exceeds "
+                f"the model's max_seq_len={cfg.max_seq_len} (a step is one row)"
+            )
         self.max_pages_per_seq = pages_for(self.max_len, config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.max_pages_per_seq + 1
         self.kinds = paged_cache.cache_kinds(model)
@@ -217,17 +236,27 @@ class Engine:
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs=config.max_num_seqs,
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_chunk=config.max_prefill_chunk, max_prefill_rows=config.max_prefill_rows,
-            watermark_pages=int(config.watermark * num_pages))
+            max_prefill_chunk=config.max_prefill_chunk,
+            max_prefill_rows=config.max_prefill_rows,
+            watermark_pages=int(config.watermark * num_pages),
+        )
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self._ids = itertools.count()
         self._texts: dict[tuple[str, int], str] = {}
         self._seq_times: dict[int, list[float]] = {}  # token arrival times per sequence
-        self.counters = dict(steps=0, mixed_steps=0, decode_tokens=0, prefill_tokens=0, padded_tokens=0,
-                             prefill_step_seconds=0.0, decode_step_seconds=0.0)
+        self.counters = dict(
+            steps=0,
+            mixed_steps=0,
+            decode_tokens=0,
+            prefill_tokens=0,
+            padded_tokens=0,
+            prefill_step_seconds=0.0,
+            decode_step_seconds=0.0,
+        )
         self.shapes: set[tuple[int, ...]] = set()
 
     # Requests ----------------------------------------------------------------------------
@@ -245,8 +274,10 @@ class Engine:
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"prompt has dtype {ids.dtype}: expected integer token ids")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise ValueError(f"prompt token ids span [{ids.min()}, {ids.max()}]: allowed range is "
-                             f"[0, vocab_size={self.cfg.vocab_size})")
+            raise ValueError(
+                f"prompt token ids span [{ids.min()}, {ids.max()}]: allowed range is "
+                f"[0, vocab_size={self.cfg.vocab_size})"
+            )
         return ids.astype(int).tolist()
 
     def _make_request(self, prompt, params: SamplingParams | None, request_id: str | None) -> Request:
@@ -257,14 +288,18 @@ class Engine:
         ids = self._prompt_ids(prompt)
         params.check(self.cfg.vocab_size, self.config.max_logprobs)
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens: longer than the maximum of "
-                             f"{self.max_len - 1} (max_len={self.max_len} leaves room for one token)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens: longer than the maximum of "
+                f"{self.max_len - 1} (max_len={self.max_len} leaves room for one token)"
+            )
         if len(ids) + params.max_tokens > self.max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
-                             f"max_len={self.max_len}")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds max_len={self.max_len}"
+            )
         if pages_for(len(ids) + params.max_tokens, self.config.page_size) > self.block_manager.capacity:
-            raise ValueError(f"prompt + max_tokens needs more pages than the cache's "
-                             f"{self.block_manager.capacity}")
+            raise ValueError(
+                f"prompt + max_tokens needs more pages than the cache's {self.block_manager.capacity}"
+            )
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"SamplingParams.n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -273,8 +308,9 @@ class Engine:
         seed = int(self._rng.integers(2**63)) if params.seed is None else params.seed
         return Request(request_id, ids, params, seed, time.perf_counter())
 
-    def add_request(self, prompt, params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> str:
         """Queues one request (token ids, or text with a tokenizer); returns its id.
 
         Raises:
@@ -328,11 +364,17 @@ class Engine:
         tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
         # Host arrays, filled in place below (the dataclass is frozen, its arrays are not).
         decode = AttentionGroup(
-            index=np.zeros((Rd, 1), np.int32), positions=np.full((Rd, 1), -1, np.int32),
-            tables=np.zeros((Rd, W), np.int32), lengths=np.zeros(Rd, np.int32))
+            index=np.zeros((Rd, 1), np.int32),
+            positions=np.full((Rd, 1), -1, np.int32),
+            tables=np.zeros((Rd, W), np.int32),
+            lengths=np.zeros(Rd, np.int32),
+        )
         prefill = AttentionGroup(
-            index=np.zeros((Rp, Tc), np.int32), positions=np.full((Rp, Tc), -1, np.int32),
-            tables=np.zeros((Rp, W), np.int32), lengths=np.zeros(Rp, np.int32))
+            index=np.zeros((Rp, Tc), np.int32),
+            positions=np.full((Rp, Tc), -1, np.int32),
+            tables=np.zeros((Rp, W), np.int32),
+            lengths=np.zeros(Rp, np.int32),
+        )
         logits_at = np.zeros(Rd + Rp, np.int32)
         params: list = [None] * (Rd + Rp)
         seeds, samples, counters = [0] * (Rd + Rp), [0] * (Rd + Rp), [0] * (Rd + Rp)
@@ -340,10 +382,10 @@ class Engine:
         def place(i: int, seq: Seq, start: int, end: int) -> np.ndarray:
             """Puts tokens [start, end) of seq at flat indices i..; returns their positions."""
             pos = np.arange(start, end)
-            tokens[i:i + len(pos)] = seq.tokens[start:end]
-            positions[i:i + len(pos)] = pos
+            tokens[i : i + len(pos)] = seq.tokens[start:end]
+            positions[i : i + len(pos)] = pos
             pages = np.asarray(seq.pages)
-            slots[i:i + len(pos)] = pages[pos // ps] * ps + pos % ps
+            slots[i : i + len(pos)] = pages[pos // ps] * ps + pos % ps
             return pos
 
         def sample_row(r: int, seq: Seq, flat: int) -> None:
@@ -357,14 +399,14 @@ class Engine:
         for r, seq in enumerate(dec, start=first):
             place(i, seq, seq.num_computed, seq.num_computed + 1)
             decode.index[r, 0], decode.positions[r, 0] = i, seq.num_computed
-            decode.tables[r, :len(seq.pages)], decode.lengths[r] = seq.pages, seq.num_computed + 1
+            decode.tables[r, : len(seq.pages)], decode.lengths[r] = seq.pages, seq.num_computed + 1
             sample_row(r, seq, i)
             i += 1
         for r, (seq, start, end) in enumerate(pre):
             pos = place(i, seq, start, end)
-            prefill.index[r, :len(pos)] = np.arange(i, i + len(pos))
-            prefill.positions[r, :len(pos)] = pos
-            prefill.tables[r, :len(seq.pages)], prefill.lengths[r] = seq.pages, end
+            prefill.index[r, : len(pos)] = np.arange(i, i + len(pos))
+            prefill.positions[r, : len(pos)] = pos
+            prefill.tables[r, : len(seq.pages)], prefill.lengths[r] = seq.pages, end
             if end == len(seq.tokens):
                 sample_row(Rd + r, seq, i + len(pos) - 1)
             i += len(pos)
@@ -374,9 +416,17 @@ class Engine:
         copy_src, copy_dst = np.zeros(C, np.int32), np.zeros(C, np.int32)
         for k, (src, dst) in enumerate(plan.copies):
             copy_src[k], copy_dst[k] = src, dst
-        batch = StepBatch(tokens=tokens, positions=positions, slots=slots, decode=decode, prefill=prefill,
-                          logits_at=logits_at, copy_src=copy_src, copy_dst=copy_dst,
-                          rows=sampling.host_rows(params, seeds, samples, counters))
+        batch = StepBatch(
+            tokens=tokens,
+            positions=positions,
+            slots=slots,
+            decode=decode,
+            prefill=prefill,
+            logits_at=logits_at,
+            copy_src=copy_src,
+            copy_dst=copy_dst,
+            rows=sampling.host_rows(params, seeds, samples, counters),
+        )
         self.counters["padded_tokens"] += N - plan.num_tokens
         return batch, (N, Rd, Rp, Tc)
 
@@ -386,17 +436,26 @@ class Engine:
         if not plan.decode and not plan.prefill:
             if self.scheduler.has_work():
                 live = (*self.scheduler.running, *self.scheduler.waiting)
-                raise RuntimeError("no sequence can be scheduled: the cache is too small for the "
-                                   f"waiting requests; {self._describe(live)}")
+                raise RuntimeError(
+                    "no sequence can be scheduled: the cache is too small for the "
+                    f"waiting requests; {self._describe(live)}"
+                )
             return []
         if parents := [seq for seq in plan.decode if seq.is_parent]:  # its last piece forks, never samples
-            raise RuntimeError(f"scheduler error: a prompt parent was planned as a decode row; "
-                               f"{self._describe(parents)}")
+            raise RuntimeError(
+                f"scheduler error: a prompt parent was planned as a decode row; {self._describe(parents)}"
+            )
         start = time.perf_counter()
         batch, shape = self._batch(plan)
         self.shapes.add(shape)
-        self.pools, out = _step(self.state, self.pools, batch, graphdef=self.graphdef, kinds=self.kinds,
-                                num_logprobs=self.config.max_logprobs)
+        self.pools, out = _step(
+            self.state,
+            self.pools,
+            batch,
+            graphdef=self.graphdef,
+            kinds=self.kinds,
+            num_logprobs=self.config.max_logprobs,
+        )
         out = jax.device_get(out)
         now = time.perf_counter()
         self.counters["steps"] += 1
@@ -430,9 +489,14 @@ class Engine:
             logprob = float(out["logprobs"][r])
             seq.logprobs.append(logprob)
             n = params.logprobs
-            seq.top_logprobs.append({int(t): float(v) for t, v in
-                                     zip(out["top_ids"][r][:n], out["top_logprobs"][r][:n], strict=True)}
-                                    if n else {})
+            seq.top_logprobs.append(
+                {
+                    int(t): float(v)
+                    for t, v in zip(out["top_ids"][r][:n], out["top_logprobs"][r][:n], strict=True)
+                }
+                if n
+                else {}
+            )
         if request.first_token_time is None:
             request.first_token_time = now
         request.token_times.append(now)
@@ -444,8 +508,15 @@ class Engine:
             self.scheduler.finish(seq, "length")
         if request.finished:
             request.finish_time = now
-        return TokenEvent(request.request_id, seq.sample_index, token, self._text_delta(seq), logprob,
-                          seq.status is Status.FINISHED, seq.finish_reason)
+        return TokenEvent(
+            request.request_id,
+            seq.sample_index,
+            token,
+            self._text_delta(seq),
+            logprob,
+            seq.status is Status.FINISHED,
+            seq.finish_reason,
+        )
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids; ids past the tokenizer's vocabulary (a model's vocabulary may
@@ -463,10 +534,10 @@ class Engine:
         if self.tokenizer is None:
             return None
         key = (seq.request.request_id, seq.sample_index)
-        text = self.decode(seq.tokens[len(seq.request.prompt):])
+        text = self.decode(seq.tokens[len(seq.request.prompt) :])
         before = self._texts.get(key, "")
         self._texts[key] = text
-        return text[len(before):] if text.startswith(before) else text
+        return text[len(before) :] if text.startswith(before) else text
 
     # Results -----------------------------------------------------------------------------
 
@@ -475,18 +546,29 @@ class Engine:
         request = self.requests[request_id]
         completions, gaps = [], []
         for seq in request.completions:
-            generated = seq.tokens[len(request.prompt):]
+            generated = seq.tokens[len(request.prompt) :]
             want_lp = request.params.logprobs is not None
-            completions.append(Completion(
-                seq.sample_index, generated,
-                None if self.tokenizer is None else self.decode(generated),
-                list(seq.logprobs) if want_lp else None, list(seq.top_logprobs) if want_lp else None,
-                seq.finish_reason))
+            completions.append(
+                Completion(
+                    seq.sample_index,
+                    generated,
+                    None if self.tokenizer is None else self.decode(generated),
+                    list(seq.logprobs) if want_lp else None,
+                    list(seq.top_logprobs) if want_lp else None,
+                    seq.finish_reason,
+                )
+            )
             times = self._seq_times.get(seq.seq_id, [])
             gaps += list(np.diff(times))
         ttft = None if request.first_token_time is None else request.first_token_time - request.arrival_time
-        return RequestOutput(request.request_id, list(request.prompt), completions, request.finished,
-                             ttft, [float(g) for g in gaps])
+        return RequestOutput(
+            request.request_id,
+            list(request.prompt),
+            completions,
+            request.finished,
+            ttft,
+            [float(g) for g in gaps],
+        )
 
     def _requests_for(self, prompts, params) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
@@ -517,17 +599,25 @@ class Engine:
             p = request.params
             live = seqs.get(rid, [])
             shown = live + [s for s in request.completions if s not in live]
-            states = "; ".join(
-                f"{'prompt parent' if s.is_parent else f'completion {s.sample_index}'} {s.status.value}"
-                f"{f' ({s.finish_reason})' if s.finish_reason else ''}: {s.num_computed}/{len(s.tokens)} "
-                f"tokens computed, {max(0, s.num_generated)} generated, {len(s.pages)} pages"
-                for s in shown) or "no sequence"
-            parts.append(f"request {rid!r} (prompt of {len(request.prompt)} tokens, n={p.n}, "
-                         f"max_tokens={p.max_tokens}, {len(request.completions)} completions, "
-                         f"{'finished' if request.finished else 'unfinished'}, "
-                         f"{'queued or running' if live else 'in neither queue'}): {states}")
-        return (f"{len(request_ids)} request(s), {self.block_manager.num_free} of "
-                f"{self.block_manager.capacity} pages free: " + " | ".join(parts))
+            states = (
+                "; ".join(
+                    f"{'prompt parent' if s.is_parent else f'completion {s.sample_index}'} {s.status.value}"
+                    f"{f' ({s.finish_reason})' if s.finish_reason else ''}: {s.num_computed}/{len(s.tokens)} "
+                    f"tokens computed, {max(0, s.num_generated)} generated, {len(s.pages)} pages"
+                    for s in shown
+                )
+                or "no sequence"
+            )
+            parts.append(
+                f"request {rid!r} (prompt of {len(request.prompt)} tokens, n={p.n}, "
+                f"max_tokens={p.max_tokens}, {len(request.completions)} completions, "
+                f"{'finished' if request.finished else 'unfinished'}, "
+                f"{'queued or running' if live else 'in neither queue'}): {states}"
+            )
+        return (
+            f"{len(request_ids)} request(s), {self.block_manager.num_free} of "
+            f"{self.block_manager.capacity} pages free: " + " | ".join(parts)
+        )
 
     def _run(self, ids: list[str]) -> Iterator[TokenEvent]:
         """Steps until the requests ``ids`` finish, yielding every event. A step that runs nothing
@@ -536,12 +626,15 @@ class Engine:
             steps = self.counters["steps"]
             events = self.step()
             if self.counters["steps"] == steps:  # nothing scheduled, so nothing can have finished
-                raise RuntimeError("the engine made no progress: nothing can be scheduled, yet "
-                                   f"requests are unfinished; {self._describe(pending)}")
+                raise RuntimeError(
+                    "the engine made no progress: nothing can be scheduled, yet "
+                    f"requests are unfinished; {self._describe(pending)}"
+                )
             yield from events
 
-    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> Iterator[TokenEvent]:
+    def stream(
+        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[TokenEvent]:
         """Queues the prompts (all validated first) and yields their tokens as they come."""
         ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
         wanted = set(ids)
@@ -549,8 +642,9 @@ class Engine:
             if event.request_id in wanted:
                 yield event
 
-    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Generates for every prompt (token ids, or text with a tokenizer); one output each.
 
         All prompts are validated before any is queued: a bad one raises ValueError naming its
@@ -570,6 +664,10 @@ class Engine:
         """Counters: steps (and those mixing prefill chunks with decode tokens), tokens by kind,
         padding, seconds in steps with and without prefill, preemptions, distinct step shapes,
         pages."""
-        return dict(self.counters, preemptions=self.scheduler.num_preemptions,
-                    step_shapes=len(self.shapes), free_pages=self.block_manager.num_free,
-                    num_pages=self.block_manager.num_pages)
+        return dict(
+            self.counters,
+            preemptions=self.scheduler.num_preemptions,
+            step_shapes=len(self.shapes),
+            free_pages=self.block_manager.num_free,
+            num_pages=self.block_manager.num_pages,
+        )

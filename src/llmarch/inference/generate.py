@@ -19,9 +19,17 @@ from llmarch.inference.sampling import sample_logits
 from llmarch.model import Transformer, check_inputs
 
 
-def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
-             use_cache: bool = True) -> np.ndarray:
+def generate(
+    model: Transformer,
+    prompt: np.ndarray,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> np.ndarray:
     """Continues each row of ``prompt [B,T0]`` by ``max_new_tokens`` tokens; returns ``[B,T0+n]``.
 
     Rows share one length (no padding). ``temperature=0`` is greedy, else tokens are drawn by
@@ -36,8 +44,10 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, *, tem
     B, T0 = prompt.shape
     total = T0 + max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                         f"max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt length {T0} + max_new_tokens {max_new_tokens} = {total} exceeds "
+            f"max_seq_len={model.cfg.max_seq_len}"
+        )
     if top_k is not None and not 0 < top_k <= model.cfg.vocab_size:
         raise ValueError(f"top_k={top_k} is invalid: must be in [1, vocab_size={model.cfg.vocab_size}]")
     if not isinstance(top_p, int | float) or not 0 < top_p <= 1:

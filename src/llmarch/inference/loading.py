@@ -32,8 +32,10 @@ def _hf_tokenizer(root: Path):
     try:
         return load_tokenizer(root, **names)
     except Exception as e:  # noqa: BLE001  (the tokenizers library raises a bare Exception)
-        raise ValueError(f"the tokenizer in {root / TOKENIZER_FILE} cannot be loaded ({e}); pass a "
-                         "tokenizer explicitly, or token ids instead of text") from None
+        raise ValueError(
+            f"the tokenizer in {root / TOKENIZER_FILE} cannot be loaded ({e}); pass a "
+            "tokenizer explicitly, or token ids instead of text"
+        ) from None
 
 
 def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[nnx.Module, ModelConfig, Any]:
@@ -49,8 +51,10 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
       FileNotFoundError: no such directory, not a directory, or neither kind of checkpoint in it.
       ValueError: naming the file, for a config or weights file that cannot be read or used.
     """
-    expected = (f"an llmarch run directory ({CONFIG_FILE} + {CHECKPOINTS_DIR}/, written by `llmarch "
-                f"train`) or {hf.HF_CHECKPOINT}")
+    expected = (
+        f"an llmarch run directory ({CONFIG_FILE} + {CHECKPOINTS_DIR}/, written by `llmarch "
+        f"train`) or {hf.HF_CHECKPOINT}"
+    )
     root = existing_dir(path, expected)
     name = None if dtype is None else hf.dtype_name(dtype)  # a bad dtype fails before any loading
     if is_run(root):
@@ -62,8 +66,9 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
         model, cfg = hf.load_pretrained(root, dtype=name)
         tokenizer = _hf_tokenizer(root) if (root / TOKENIZER_FILE).is_file() else None
         return model, cfg, tokenizer
-    raise FileNotFoundError(f"{root} is not a checkpoint: it has neither {CONFIG_FILE} nor "
-                            f"{hf.CONFIG_FILE}; expected {expected}")
+    raise FileNotFoundError(
+        f"{root} is not a checkpoint: it has neither {CONFIG_FILE} nor {hf.CONFIG_FILE}; expected {expected}"
+    )
 
 
 def _load_run(root: Path):

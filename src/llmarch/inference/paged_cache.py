@@ -30,8 +30,10 @@ def cache_kinds(model) -> tuple[str, ...]:
 def init_pools(model, num_pages: int, page_size: int, dtype: Any = None) -> list[tuple[jax.Array, ...]]:
     """Empty page pools for every run of ``model``: a list of per-run array tuples."""
     dtype = jnp.dtype(model.cfg.dtype if dtype is None else dtype)
-    return [kinds.attention(kind).paged_cache.empty(model.cfg, run.count, num_pages, page_size, dtype)
-            for kind, run in zip(cache_kinds(model), model.runs, strict=True)]
+    return [
+        kinds.attention(kind).paged_cache.empty(model.cfg, run.count, num_pages, page_size, dtype)
+        for kind, run in zip(cache_kinds(model), model.runs, strict=True)
+    ]
 
 
 def bytes_per_page(model, page_size: int, dtype: Any = None) -> int:
@@ -42,8 +44,10 @@ def bytes_per_page(model, page_size: int, dtype: Any = None) -> int:
 
 def attach(names: tuple[str, ...], pools: list[tuple[jax.Array, ...]], meta: PageMeta) -> list:
     """The per-run cache objects the model takes, over ``pools``, for one step's ``meta``."""
-    return [kinds.attention(kind).paged_cache(*pool, meta=meta, layer=jnp.int32(0))
-            for kind, pool in zip(names, pools, strict=True)]
+    return [
+        kinds.attention(kind).paged_cache(*pool, meta=meta, layer=jnp.int32(0))
+        for kind, pool in zip(names, pools, strict=True)
+    ]
 
 
 def copy_pages(pools: list[tuple[jax.Array, ...]], src: jax.Array, dst: jax.Array) -> list:

@@ -63,7 +63,8 @@ class SamplingParams:
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             fail("seed", "must be None or an integer in [0, 2**63)")
         if not isinstance(self.stop_token_ids, tuple | list) or not all(
-                is_int(t) for t in self.stop_token_ids):
+            is_int(t) for t in self.stop_token_ids
+        ):
             fail("stop_token_ids", "must be a tuple of token ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
@@ -75,14 +76,19 @@ class SamplingParams:
         """The checks that need the model: token ids and top_k within the vocabulary."""
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids has unknown tokens {bad}: allowed "
-                             f"range is [0, vocab_size={vocab_size})")
+            raise ValueError(
+                f"SamplingParams.stop_token_ids has unknown tokens {bad}: allowed "
+                f"range is [0, vocab_size={vocab_size})"
+            )
         if self.top_k > vocab_size:
-            raise ValueError(f"SamplingParams.top_k={self.top_k} is invalid: must be <= "
-                             f"vocab_size={vocab_size}")
+            raise ValueError(
+                f"SamplingParams.top_k={self.top_k} is invalid: must be <= vocab_size={vocab_size}"
+            )
         if self.logprobs is not None and self.logprobs > max_logprobs:
-            raise ValueError(f"SamplingParams.logprobs={self.logprobs} is invalid: this engine "
-                             f"returns at most max_logprobs={max_logprobs} alternatives")
+            raise ValueError(
+                f"SamplingParams.logprobs={self.logprobs} is invalid: this engine "
+                f"returns at most max_logprobs={max_logprobs} alternatives"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -123,8 +129,9 @@ def _largest_key(keys: jax.Array, ok) -> jax.Array:
     return jax.lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
 
 
-def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                     top_p: jax.Array) -> jax.Array:
+def processed_logits(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """``[B,V]`` float32 logits scaled by temperature with top-k then top-p applied (-inf out).
 
     Rows with ``temperature == 0`` are scaled by 1 (their caller takes the argmax). Ties at a
@@ -140,37 +147,54 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
         kth = _largest_key(keys, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
         x = jnp.where(keys >= kth, x, -jnp.inf)
         probs = jax.nn.softmax(x, axis=-1)
-        pth = _largest_key(keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0), -1, keepdims=True)
-                           >= top_p[:, None])
+        pth = _largest_key(
+            keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0), -1, keepdims=True) >= top_p[:, None]
+        )
         return jnp.where(keys >= pth, x, -jnp.inf)
 
     return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda x: x, x)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float = 1.0) -> jax.Array:
+def sample_logits(
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+) -> jax.Array:
     """Token ids ``[B]`` drawn from ``logits [B,V]`` with the same settings for every row and one
     ``key`` for the batch (``generate``'s sampler); ``temperature == 0`` is greedy. The
     temperature, top-k and top-p are ``processed_logits``', as in ``sample``."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     B = logits.shape[0]
-    x = processed_logits(logits, jnp.full((B,), temperature, jnp.float32),
-                         jnp.full((B,), top_k or 0, jnp.int32), jnp.full((B,), top_p, jnp.float32))
+    x = processed_logits(
+        logits,
+        jnp.full((B,), temperature, jnp.float32),
+        jnp.full((B,), top_k or 0, jnp.int32),
+        jnp.full((B,), top_p, jnp.float32),
+    )
     return jax.random.categorical(key, x, axis=-1)
 
 
-def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """``[B,V]``: the distribution a row samples from; one-hot of the argmax for greedy rows."""
     probs = jax.nn.softmax(processed_logits(logits, temperature, top_k, top_p), axis=-1)
     onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
     return jnp.where((temperature > 0)[:, None], probs, onehot)
 
 
-def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, *, num_logprobs: int = 0, want_logprobs: jax.Array | None = None
-           ) -> dict[str, jax.Array]:
+def sample(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    *,
+    num_logprobs: int = 0,
+    want_logprobs: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     """Samples one token per row of ``logits [B,V]``.
 
     Returns a dict: ``tokens [B]``, ``logprobs [B]`` (of the chosen token, unprocessed
@@ -199,27 +223,47 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     if want_logprobs is None:
         return {"tokens": tokens, **logprobs(logits)}
     skipped = jax.eval_shape(logprobs, logits)
-    return {"tokens": tokens, **jax.lax.cond(
-        jnp.any(want_logprobs), logprobs,
-        lambda _: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skipped), logits)}
+    return {
+        "tokens": tokens,
+        **jax.lax.cond(
+            jnp.any(want_logprobs),
+            logprobs,
+            lambda _: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skipped),
+            logits,
+        ),
+    }
 
 
 def sample_rows(logits: jax.Array, rows: dict[str, jax.Array], *, num_logprobs: int = 0) -> dict:
     """``sample`` with per-row settings in ``rows``: temperature, top_k, top_p, seed_lo,
     seed_hi, sample (completion index), counter (token index), logprobs (wanted or not)."""
     keys = row_keys(rows["seed_lo"], rows["seed_hi"], rows["sample"], rows["counter"])
-    return sample(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"],
-                  num_logprobs=num_logprobs, want_logprobs=rows.get("logprobs"))
+    return sample(
+        logits,
+        keys,
+        rows["temperature"],
+        rows["top_k"],
+        rows["top_p"],
+        num_logprobs=num_logprobs,
+        want_logprobs=rows.get("logprobs"),
+    )
 
 
-def host_rows(params: list[SamplingParams | None], seeds: list[int], samples: list[int],
-              counters: list[int]) -> dict[str, np.ndarray]:
+def host_rows(
+    params: list[SamplingParams | None], seeds: list[int], samples: list[int], counters: list[int]
+) -> dict[str, np.ndarray]:
     """The per-row arrays of ``sample_rows`` for a padded batch (``None``: a padding row)."""
     B = len(params)
-    rows = {"temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
-            "top_p": np.ones(B, np.float32), "seed_lo": np.zeros(B, np.uint32),
-            "seed_hi": np.zeros(B, np.uint32), "sample": np.zeros(B, np.int32),
-            "counter": np.zeros(B, np.int32), "logprobs": np.zeros(B, bool)}
+    rows = {
+        "temperature": np.zeros(B, np.float32),
+        "top_k": np.zeros(B, np.int32),
+        "top_p": np.ones(B, np.float32),
+        "seed_lo": np.zeros(B, np.uint32),
+        "seed_hi": np.zeros(B, np.uint32),
+        "sample": np.zeros(B, np.int32),
+        "counter": np.zeros(B, np.int32),
+        "logprobs": np.zeros(B, bool),
+    }
     for i, p in enumerate(params):
         if p is None:
             continue

@@ -57,7 +57,8 @@ class Request:
     def finished(self) -> bool:
         """All completions ended (or the request was aborted)."""
         return self.finish_time is not None or (
-            bool(self.completions) and all(s.status is Status.FINISHED for s in self.completions))
+            bool(self.completions) and all(s.status is Status.FINISHED for s in self.completions)
+        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -117,8 +118,16 @@ class Plan:
 class Scheduler:
     """Admission, chunking and preemption over a ``BlockManager``'s pages."""
 
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, max_prefill_rows: int, watermark_pages: int = 0):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_prefill_chunk: int,
+        max_prefill_rows: int,
+        watermark_pages: int = 0,
+    ):
         self.bm = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_prefill_chunk, self.max_prefill_rows = max_prefill_chunk, max_prefill_rows

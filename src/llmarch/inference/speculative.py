@@ -48,8 +48,9 @@ def _prefill(state, tokens, cache, *, graphdef):
     return nnx.merge(graphdef, state)(tokens, positions=positions, cache=cache).cache
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "gamma"),
-                   donate_argnames=("t_cache", "d_cache"))
+@functools.partial(
+    jax.jit, static_argnames=("target_def", "draft_def", "gamma"), donate_argnames=("t_cache", "d_cache")
+)
 def _round(t_state, d_state, t_cache, d_cache, last2, n, rows, *, target_def, draft_def, gamma):
     """One round for every row: ``gamma`` proposals, one verification, acceptance.
 
@@ -87,8 +88,12 @@ def _round(t_state, d_state, t_cache, d_cache, last2, n, rows, *, target_def, dr
     out = target(verify, positions=positions, cache=t_cache)
     logits, t_cache = out.logits, out.cache  # [B,gamma+1,V]
     V = logits.shape[-1]
-    p = sampling.probabilities(logits.reshape(B * (gamma + 1), V), jnp.repeat(temp, gamma + 1),
-                               jnp.repeat(top_k, gamma + 1), jnp.repeat(top_p, gamma + 1))
+    p = sampling.probabilities(
+        logits.reshape(B * (gamma + 1), V),
+        jnp.repeat(temp, gamma + 1),
+        jnp.repeat(top_k, gamma + 1),
+        jnp.repeat(top_p, gamma + 1),
+    )
     p = p.reshape(B, gamma + 1, V)
     p_d = jnp.take_along_axis(p[:, :gamma], d[..., None], axis=-1)[..., 0]  # [B,gamma]
     q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
@@ -118,8 +123,9 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft, *, gamma: int = 4, seed: int = 0):
         if target.cfg.vocab_size != draft.cfg.vocab_size:
-            raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} differs from the target's "
-                             f"{target.cfg.vocab_size}")
+            raise ValueError(
+                f"draft vocab_size={draft.cfg.vocab_size} differs from the target's {target.cfg.vocab_size}"
+            )
         check_positive("", gamma=gamma)
         self.target, self.draft, self.gamma = target, draft, gamma
         self.max_len = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
@@ -143,12 +149,15 @@ class SpeculativeDecoder:
             raise ValueError("speculative decoding supports n=1 and logprobs=None only")
         room = self.max_len - self.gamma - 1  # the last round may write gamma + 1 past the end
         if len(ids) + params.max_tokens > room:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
-                             f"{room} (max_seq_len={self.max_len} minus gamma + 1)")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
+                f"{room} (max_seq_len={self.max_len} minus gamma + 1)"
+            )
         return ids.astype(int).tolist()
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[SpeculativeOutput]:
+    def generate(
+        self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[SpeculativeOutput]:
         """Generates for each prompt (token ids) in one batch; validated before anything runs."""
         prompts = list(prompts)
         params = [params or SamplingParams()] * len(prompts) if not isinstance(params, list) else params
@@ -160,8 +169,10 @@ class SpeculativeDecoder:
         lengths = [len(s) for s in seqs]
         # Caches as long as this batch needs (bucketed: few programs), not max_seq_len: a contiguous
         # cache's attention costs its full length at every step.
-        S = min(self.max_len, next_pow2(max(n + s.max_tokens for n, s in zip(lengths, params, strict=True))
-                                      + gamma + 1))
+        S = min(
+            self.max_len,
+            next_pow2(max(n + s.max_tokens for n, s in zip(lengths, params, strict=True)) + gamma + 1),
+        )
         t_def, t_state = nnx.split(self.target)
         d_def, d_state = nnx.split(self.draft)
         t_cache, d_cache = self.target.init_cache(B, S), self.draft.init_cache(B, S)
@@ -169,7 +180,7 @@ class SpeculativeDecoder:
         if max(lengths) > 1:
             tokens = np.zeros((B, width), np.int32)
             for i, s in enumerate(seqs):
-                tokens[i, :len(s)] = s
+                tokens[i, : len(s)] = s
             t_cache = _prefill(t_state, jnp.asarray(tokens), t_cache, graphdef=t_def)
             d_cache = _prefill(d_state, jnp.asarray(tokens), d_cache, graphdef=d_def)
         prompt_lens = list(lengths)
@@ -178,11 +189,21 @@ class SpeculativeDecoder:
         while not all(done):
             n = np.array([len(s) for s in seqs], np.int32)
             last2 = np.array([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], np.int32)
-            rows = sampling.host_rows(params, seeds, [0] * B, [len(s) - p for s, p in zip(seqs, prompt_lens,
-                                                                                         strict=True)])
+            rows = sampling.host_rows(
+                params, seeds, [0] * B, [len(s) - p for s, p in zip(seqs, prompt_lens, strict=True)]
+            )
             t_cache, d_cache, tokens, accepted = _round(
-                t_state, d_state, t_cache, d_cache, jnp.asarray(last2), jnp.asarray(n), rows,
-                target_def=t_def, draft_def=d_def, gamma=gamma)
+                t_state,
+                d_state,
+                t_cache,
+                d_cache,
+                jnp.asarray(last2),
+                jnp.asarray(n),
+                rows,
+                target_def=t_def,
+                draft_def=d_def,
+                gamma=gamma,
+            )
             tokens, accepted = np.asarray(tokens), np.asarray(accepted)
             self.stats["rounds"] += 1
             for i in range(B):
@@ -190,7 +211,7 @@ class SpeculativeDecoder:
                     continue
                 proposed[i] += gamma
                 accepted_total[i] += int(accepted[i])
-                for token in tokens[i, :accepted[i] + 1].tolist():
+                for token in tokens[i, : accepted[i] + 1].tolist():
                     seqs[i].append(token)
                     if token in params[i].stop_token_ids:
                         done[i] = "stop"
@@ -200,5 +221,7 @@ class SpeculativeDecoder:
                         break
         self.stats["proposed"] += sum(proposed)
         self.stats["accepted"] += sum(accepted_total)
-        return [SpeculativeOutput(s[p:], r, pr, a) for s, p, r, pr, a in
-                zip(seqs, prompt_lens, done, proposed, accepted_total, strict=True)]
+        return [
+            SpeculativeOutput(s[p:], r, pr, a)
+            for s, p, r, pr, a in zip(seqs, prompt_lens, done, proposed, accepted_total, strict=True)
+        ]

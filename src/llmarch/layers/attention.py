@@ -23,20 +23,32 @@ from llmarch.layers.rope import apply_rope, inverse_frequencies
 class Attention(nnx.Module):
     """``w_q_dnh [D,N,H]``, ``w_k_dkh, w_v_dkh [D,K,H]``, ``w_o_nhd [N,H,D]``."""
 
-    def __init__(self, d_model: int, cfg: AttentionConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
-                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: AttentionConfig,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+    ):
         a = cfg
         D, N, K, H = d_model, a.num_heads, a.num_kv_heads, a.head_dim
         init = nnx.initializers.normal(init_std)
         pd = jnp.dtype(param_dtype)
-        self.w_q_dnh = Einsum((D, N, H), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
-                              rngs=rngs, init=init, param_dtype=pd)
-        self.w_k_dkh = Einsum((D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
-                              rngs=rngs, init=init, param_dtype=pd)
-        self.w_v_dkh = Einsum((D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
-                              rngs=rngs, init=init, param_dtype=pd)
-        self.w_o_nhd = Einsum((N, H, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
-                              rngs=rngs, init=init, param_dtype=pd)
+        self.w_q_dnh = Einsum(
+            (D, N, H), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.w_k_dkh = Einsum(
+            (D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.w_v_dkh = Einsum(
+            (D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.w_o_nhd = Einsum(
+            (N, H, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), rngs=rngs, init=init, param_dtype=pd
+        )
         if a.qk_norm:  # Qwen3: per-head RMSNorm over H of q and k, before RoPE
             self.q_norm = RMSNorm(H, eps=a.qk_norm_eps, param_dtype=pd)
             self.k_norm = RMSNorm(H, eps=a.qk_norm_eps, param_dtype=pd)
@@ -51,8 +63,13 @@ class Attention(nnx.Module):
         shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B,S,K,H]
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCacheLike | None = None) -> tuple[jax.Array, KVCacheLike | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: KVCacheLike | None = None,
+    ) -> tuple[jax.Array, KVCacheLike | None]:
         """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
 
         With no cache the tokens attend to each other (``segment_ids [B,T]`` separates packed
@@ -67,9 +84,18 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = self.w_v_dkh("BTD,DKH->BTKH", x)
         if cache is None:
-            out = ops.attention(q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
-                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                                sliding_window=self.sliding_window)  # [B,T,N,H]
+            out = ops.attention(
+                q,
+                k,
+                v,
+                impl=self.impl,
+                q_positions=positions,
+                kv_positions=positions,
+                q_segment_ids=segment_ids,
+                kv_segment_ids=segment_ids,
+                causal=True,
+                sliding_window=self.sliding_window,
+            )  # [B,T,N,H]
         else:  # any KVCacheLike (layers/cache.py): contiguous here, paged in layers/paged.py
             cache = cache.write(positions, k, v)
             out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
@@ -92,17 +118,27 @@ class KVCache(NamedTuple):
     def num_slots(self) -> int:
         return self.k.shape[-3]  # [..., S, K, H], with or without a leading layers axis
 
-    def attend(self, q: jax.Array, positions: jax.Array, *, impl=None,
-               sliding_window: int | None = None) -> jax.Array:
+    def attend(
+        self, q: jax.Array, positions: jax.Array, *, impl=None, sliding_window: int | None = None
+    ) -> jax.Array:
         """``q [B,T,N,H]`` at ``positions [B,T]`` over all slots: causality on slot positions
         hides both the future and the slots not yet written."""
         kv_positions = jnp.broadcast_to(jnp.arange(self.k.shape[1]), self.k.shape[:2])  # [B,S]
-        return ops.attention(q, self.k.astype(q.dtype), self.v.astype(q.dtype), impl=impl,
-                             q_positions=positions, kv_positions=kv_positions, causal=True,
-                             sliding_window=sliding_window)
+        return ops.attention(
+            q,
+            self.k.astype(q.dtype),
+            self.v.astype(q.dtype),
+            impl=impl,
+            q_positions=positions,
+            kv_positions=kv_positions,
+            causal=True,
+            sliding_window=sliding_window,
+        )
 
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
         """Stores ``k, v [B,T,K,H]`` at the slots ``positions [B,T]`` (in range, checked by caller)."""
         rows = jnp.arange(k.shape[0])[:, None]  # [B,1]
-        return KVCache(k=self.k.at[rows, positions].set(k.astype(self.k.dtype)),
-                       v=self.v.at[rows, positions].set(v.astype(self.v.dtype)))
+        return KVCache(
+            k=self.k.at[rows, positions].set(k.astype(self.k.dtype)),
+            v=self.v.at[rows, positions].set(v.astype(self.v.dtype)),
+        )

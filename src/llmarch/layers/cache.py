@@ -28,8 +28,9 @@ class KVCacheLike(Protocol):
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCacheLike:
         """The cache with ``k, v [B,T,K,H]`` stored for ``positions [B,T]``."""
 
-    def attend(self, q: jax.Array, positions: jax.Array, *, impl: Any = None,
-               sliding_window: int | None = None) -> jax.Array:
+    def attend(
+        self, q: jax.Array, positions: jax.Array, *, impl: Any = None, sliding_window: int | None = None
+    ) -> jax.Array:
         """``q [B,T,N,H]`` at ``positions [B,T]`` over everything stored so far (this call's
         writes included), causally by position: ``[B,T,N,H]``."""
 
@@ -45,8 +46,9 @@ class LatentCacheLike(Protocol):
     def write(self, positions: jax.Array, c_kv: jax.Array, k_r: jax.Array) -> LatentCacheLike:
         """The cache with ``c_kv [B,T,A]``, ``k_r [B,T,R]`` stored for ``positions [B,T]``."""
 
-    def attend_latent(self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array,
-                      scale: float, impl: Any = None) -> jax.Array:
+    def attend_latent(
+        self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array, scale: float, impl: Any = None
+    ) -> jax.Array:
         """Absorbed attention of ``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]`` at ``positions``
         over everything stored so far: latent outputs ``[B,T,N,A]``."""
 

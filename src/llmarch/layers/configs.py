@@ -54,15 +54,24 @@ class AttentionConfig:
     qk_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        check_positive("AttentionConfig", num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                       head_dim=self.head_dim)
+        check_positive(
+            "AttentionConfig",
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
         if not isinstance(self.qk_norm, bool):
             fail("AttentionConfig", "qk_norm", self.qk_norm, "must be True or False")
-        check_number("AttentionConfig", "qk_norm_eps", self.qk_norm_eps, "must be in (0, 1)",
-                     lambda v: 0 < v < 1)
+        check_number(
+            "AttentionConfig", "qk_norm_eps", self.qk_norm_eps, "must be in (0, 1)", lambda v: 0 < v < 1
+        )
         if self.num_heads % self.num_kv_heads:
-            fail("AttentionConfig", "num_kv_heads", self.num_kv_heads,
-                  f"must divide num_heads={self.num_heads}")
+            fail(
+                "AttentionConfig",
+                "num_kv_heads",
+                self.num_kv_heads,
+                f"must divide num_heads={self.num_heads}",
+            )
         if self.head_dim % 2:
             fail("AttentionConfig", "head_dim", self.head_dim, "must be even for RoPE")
         if not self.rope_theta > 0:
@@ -97,8 +106,12 @@ class YarnScaling:
             fail("YarnScaling", "factor", self.factor, "must be >= 1")
         check_positive("YarnScaling", original_max_position_embeddings=self.original_max_position_embeddings)
         if not 0 < self.beta_slow <= self.beta_fast:
-            fail("YarnScaling", "beta_slow", self.beta_slow,
-                  f"must satisfy 0 < beta_slow <= beta_fast={self.beta_fast}")
+            fail(
+                "YarnScaling",
+                "beta_slow",
+                self.beta_slow,
+                f"must satisfy 0 < beta_slow <= beta_fast={self.beta_fast}",
+            )
         for name in ("mscale", "mscale_all_dim"):
             if not getattr(self, name) >= 0:
                 fail("YarnScaling", name, getattr(self, name), "must be >= 0 (0 means unset)")
@@ -126,9 +139,14 @@ class MLAConfig:
     path: str = "auto"
 
     def __post_init__(self):
-        check_positive("MLAConfig", num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
-                  qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-                  v_head_dim=self.v_head_dim)
+        check_positive(
+            "MLAConfig",
+            num_heads=self.num_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+        )
         if self.q_lora_rank is not None:
             check_positive("MLAConfig", q_lora_rank=self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
@@ -149,8 +167,12 @@ class MLAConfig:
         An all-MLA ModelConfig carries it as ``attention`` (which only "mha" blocks use), so that
         accounting can set MLA's cache against the MHA of the same heads.
         """
-        return AttentionConfig(num_heads=self.num_heads, num_kv_heads=self.num_heads,
-                               head_dim=self.qk_nope_head_dim, rope_theta=self.rope_theta)
+        return AttentionConfig(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_heads,
+            head_dim=self.qk_nope_head_dim,
+            rope_theta=self.rope_theta,
+        )
 
 
 # Mixture of experts (llmarch.layers.moe): how a token's affinities to the experts are scored, and
@@ -204,35 +226,57 @@ class MoEConfig:
     ep_chunks: int = 1
 
     def __post_init__(self):
-        check_positive("MoEConfig", num_experts=self.num_experts, top_k=self.top_k,
-                  expert_dim=self.expert_dim, n_group=self.n_group, topk_group=self.topk_group,
-                  ep_chunks=self.ep_chunks)
+        check_positive(
+            "MoEConfig",
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_dim=self.expert_dim,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            ep_chunks=self.ep_chunks,
+        )
         check_int("MoEConfig", "num_shared_experts", self.num_shared_experts, low=0)
         check_choice("MoEConfig", "router", self.router, MOE_ROUTERS)
         check_choice("MoEConfig", "strategy", self.strategy, MOE_STRATEGIES)
         if self.top_k > self.num_experts:
             fail("MoEConfig", "top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
         if self.num_experts % self.n_group:
-            fail("MoEConfig", "n_group", self.n_group,
-                  f"must divide num_experts={self.num_experts} (experts are split into equal groups)")
+            fail(
+                "MoEConfig",
+                "n_group",
+                self.n_group,
+                f"must divide num_experts={self.num_experts} (experts are split into equal groups)",
+            )
         if self.n_group > 1 and self.num_experts // self.n_group < 2:
-            fail("MoEConfig", "n_group", self.n_group,
-                  f"must leave >= 2 experts per group (a group scores by its top 2); "
-                  f"num_experts={self.num_experts}")
+            fail(
+                "MoEConfig",
+                "n_group",
+                self.n_group,
+                f"must leave >= 2 experts per group (a group scores by its top 2); "
+                f"num_experts={self.num_experts}",
+            )
         if self.topk_group > self.n_group:
             fail("MoEConfig", "topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
         reachable = self.topk_group * (self.num_experts // self.n_group)
         if self.top_k > reachable:
-            fail("MoEConfig", "top_k", self.top_k,
-                  f"must be <= topk_group·num_experts/n_group={reachable}, the experts routing can reach")
+            fail(
+                "MoEConfig",
+                "top_k",
+                self.top_k,
+                f"must be <= topk_group·num_experts/n_group={reachable}, the experts routing can reach",
+            )
         if not self.route_scale > 0:
             fail("MoEConfig", "route_scale", self.route_scale, "must be > 0")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if not getattr(self, name) >= 0:
                 fail("MoEConfig", name, getattr(self, name), "must be >= 0")
         if self.bias_update_rate > 0 and not self.router_bias:
-            fail("MoEConfig", "bias_update_rate", self.bias_update_rate,
-                  "must be 0 unless router_bias=True (the bias it updates)")
+            fail(
+                "MoEConfig",
+                "bias_update_rate",
+                self.bias_update_rate,
+                "must be 0 unless router_bias=True (the bias it updates)",
+            )
         if not self.capacity_factor > 0:
             fail("MoEConfig", "capacity_factor", self.capacity_factor, "must be > 0")
 
@@ -284,8 +328,15 @@ class MemoryConfig:
     value_lr_final: float = 1.0
 
     def __post_init__(self):
-        check_positive("MemoryConfig", num_keys=self.num_keys, topk=self.topk, num_heads=self.num_heads,
-                  key_dim=self.key_dim, num_cores=self.num_cores, virtual_blocks=self.virtual_blocks)
+        check_positive(
+            "MemoryConfig",
+            num_keys=self.num_keys,
+            topk=self.topk,
+            num_heads=self.num_heads,
+            key_dim=self.key_dim,
+            num_cores=self.num_cores,
+            virtual_blocks=self.virtual_blocks,
+        )
         if self.value_dim is not None:
             check_positive("MemoryConfig", value_dim=self.value_dim)
         check_int("MemoryConfig", "tucker_rank", self.tucker_rank, low=0)  # 0: PKM's scoring
@@ -293,17 +344,33 @@ class MemoryConfig:
             fail("MemoryConfig", "topk", self.topk, f"must be <= num_keys={self.num_keys} (m <= P)")
         check_choice("MemoryConfig", "score", self.score, MEMORY_SCORES)
         if self.num_cores > 1 and self.tucker_rank == 0:
-            fail("MemoryConfig", "num_cores", self.num_cores,
-                  "must be 1 with tucker_rank=0: multi-core scoring needs TDQKR cores (tucker_rank >= 1)")
+            fail(
+                "MemoryConfig",
+                "num_cores",
+                self.num_cores,
+                "must be 1 with tucker_rank=0: multi-core scoring needs TDQKR cores (tucker_rank >= 1)",
+            )
         if self.num_cores > 1 and self.score != "raw":
-            fail("MemoryConfig", "score", self.score,
-                  f"must be 'raw' with num_cores={self.num_cores}: each core's score scales its chunk")
-        if self.num_keys ** 2 % self.virtual_blocks:
-            fail("MemoryConfig", "virtual_blocks", self.virtual_blocks,
-                  f"must divide the num_keys²={self.num_keys ** 2} grid slots")
+            fail(
+                "MemoryConfig",
+                "score",
+                self.score,
+                f"must be 'raw' with num_cores={self.num_cores}: each core's score scales its chunk",
+            )
+        if self.num_keys**2 % self.virtual_blocks:
+            fail(
+                "MemoryConfig",
+                "virtual_blocks",
+                self.virtual_blocks,
+                f"must divide the num_keys²={self.num_keys**2} grid slots",
+            )
         if self.virtual_blocks > 1 and not self.output_proj:
-            fail("MemoryConfig", "output_proj", self.output_proj,
-                  f"must be True with virtual_blocks={self.virtual_blocks}: IVE projects each block")
+            fail(
+                "MemoryConfig",
+                "output_proj",
+                self.output_proj,
+                f"must be True with virtual_blocks={self.virtual_blocks}: IVE projects each block",
+            )
         if self.value_init_std is not None and not self.value_init_std > 0:
             fail("MemoryConfig", "value_init_std", self.value_init_std, "must be > 0 or None")
         for name in ("aux_alpha", "aux_tau"):
@@ -315,11 +382,11 @@ class MemoryConfig:
 
     @property
     def num_slots(self) -> int:  # the P² grid (virtual slots with IVE)
-        return self.num_keys ** 2
+        return self.num_keys**2
 
     @property
     def physical_rows(self) -> int:  # rows of the value table
-        return self.num_keys ** 2 // self.virtual_blocks
+        return self.num_keys**2 // self.virtual_blocks
 
     @property
     def reads_per_token(self) -> int:  # value rows one token reads: heads × m

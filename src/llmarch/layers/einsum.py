@@ -20,8 +20,11 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     """
     from flax.core import spmd as flax_spmd
 
-    eager = (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-             and bool(flax_spmd.get_logical_axis_rules()))
+    eager = (
+        nnx.using_eager_sharding()
+        and not jax.sharding.get_abstract_mesh().empty
+        and bool(flax_spmd.get_logical_axis_rules())
+    )
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
 
 

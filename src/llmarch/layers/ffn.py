@@ -13,8 +13,15 @@ from llmarch.layers.einsum import Einsum
 class SwiGLU(nnx.Module):
     """``down(silu(x W_gate) * (x W_up))`` with ``W_gate, W_up [D,F]`` and ``W_down [F,D]``."""
 
-    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, init_std: float = 0.02,
-                 param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         D, F = d_model, hidden
         init = nnx.initializers.normal(init_std)
         pd = jnp.dtype(param_dtype)

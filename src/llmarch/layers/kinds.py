@@ -166,9 +166,12 @@ def skip(name: str) -> FFNKind:
 def users_of(config_field: str) -> list[str]:
     """The registered kinds that need the ``ModelConfig`` sub-config ``config_field``, as
     ``"attention 'mla'"``, ``"skip_kind 'ultramem'"``, ... (for error messages)."""
-    return [f"{'skip_kind' if role == 'skip' else role} {name!r}"
-            for role, table in _REGISTRIES.items() for name, kind in table.items()
-            if kind.config_field == config_field]
+    return [
+        f"{'skip_kind' if role == 'skip' else role} {name!r}"
+        for role, table in _REGISTRIES.items()
+        for name, kind in table.items()
+        if kind.config_field == config_field
+    ]
 
 
 def expected_distinct(n: int, draws: float, p: float) -> float:
@@ -188,8 +191,11 @@ def _options(cfg: ModelConfig, *, impl: bool = True) -> dict[str, Any]:
 
 def _mha_params(cfg: ModelConfig) -> int:  # q and o: D·N·H each; k and v: D·K·H each
     a = cfg.attention
-    return (2 * cfg.d_model * a.num_heads * a.head_dim + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
-            + (2 * a.head_dim if a.qk_norm else 0))  # Qwen3's q_norm and k_norm scales [H]
+    return (
+        2 * cfg.d_model * a.num_heads * a.head_dim
+        + 2 * cfg.d_model * a.num_kv_heads * a.head_dim
+        + (2 * a.head_dim if a.qk_norm else 0)
+    )  # Qwen3's q_norm and k_norm scales [H]
 
 
 def _mha_score_flops(cfg: ModelConfig, keys: float) -> float:
@@ -201,34 +207,49 @@ def _mha_score_flops(cfg: ModelConfig, keys: float) -> float:
 def _mla_params(cfg: ModelConfig) -> int:  # the latent norms (Q and A scales) are counted here too
     m, D = cfg.mla, cfg.d_model
     N, A, R, H, Hv = m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
-    q = D * N * (H + R) if m.q_lora_rank is None else (
-        D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * N * (H + R))  # W_DQ, norm, W_UQ|W_QR
+    q = (
+        D * N * (H + R)
+        if m.q_lora_rank is None
+        else (D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * N * (H + R))
+    )  # W_DQ, norm, W_UQ|W_QR
     kv = D * A + A + D * R + A * N * (H + Hv)  # W_DKV, norm, W_KR, W_UK|W_UV
     return q + kv + N * Hv * D  # + W_O
 
 
-register_attention(AttentionKind(
-    name="mha",  # MHA, GQA and MQA, through num_kv_heads
-    config_field="attention", config_type=AttentionConfig,
-    build=lambda cfg, rngs: Attention(cfg.d_model, cfg.attention, rngs=rngs, **_options(cfg)),
-    init_cache=lambda cfg, batch, max_len, dtype: Attention.init_cache(cfg.attention, batch, max_len, dtype),
-    params=_mha_params,
-    score_flops=_mha_score_flops,
-    kv_elements=lambda cfg: 2 * cfg.attention.num_kv_heads * cfg.attention.head_dim,  # 2·K·H
-    paged_cache=PagedKVCache,
-))
+register_attention(
+    AttentionKind(
+        name="mha",  # MHA, GQA and MQA, through num_kv_heads
+        config_field="attention",
+        config_type=AttentionConfig,
+        build=lambda cfg, rngs: Attention(cfg.d_model, cfg.attention, rngs=rngs, **_options(cfg)),
+        init_cache=lambda cfg, batch, max_len, dtype: Attention.init_cache(
+            cfg.attention, batch, max_len, dtype
+        ),
+        params=_mha_params,
+        score_flops=_mha_score_flops,
+        kv_elements=lambda cfg: 2 * cfg.attention.num_kv_heads * cfg.attention.head_dim,  # 2·K·H
+        paged_cache=PagedKVCache,
+    )
+)
 
-register_attention(AttentionKind(
-    name="mla",
-    config_field="mla", config_type=MLAConfig,
-    build=lambda cfg, rngs: MLA(cfg.d_model, cfg.mla, rngs=rngs, **_options(cfg)),
-    init_cache=lambda cfg, batch, max_len, dtype: MLA.init_cache(cfg.mla, batch, max_len, dtype),
-    params=_mla_params,
-    # the naive path: QKᵀ over H+R dims, PV over H_v
-    score_flops=lambda cfg, keys: 6.0 * cfg.mla.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * keys,
-    kv_elements=lambda cfg: cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim,  # A + R (DeepSeek-V2, Table 1)
-    paged_cache=PagedLatentCache,
-))
+register_attention(
+    AttentionKind(
+        name="mla",
+        config_field="mla",
+        config_type=MLAConfig,
+        build=lambda cfg, rngs: MLA(cfg.d_model, cfg.mla, rngs=rngs, **_options(cfg)),
+        init_cache=lambda cfg, batch, max_len, dtype: MLA.init_cache(cfg.mla, batch, max_len, dtype),
+        params=_mla_params,
+        # the naive path: QKᵀ over H+R dims, PV over H_v
+        score_flops=lambda cfg, keys: (
+            6.0 * cfg.mla.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * keys
+        ),
+        kv_elements=lambda cfg: (
+            cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        ),  # A + R (DeepSeek-V2, Table 1)
+        paged_cache=PagedLatentCache,
+    )
+)
 
 
 def _swiglu(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU:
@@ -260,12 +281,17 @@ def _memory_params(cfg: ModelConfig, active: bool, *, skip: bool) -> int:
     m, D = cfg.memory, cfg.d_model
     Z, U, W = max(m.tucker_rank, 1), m.width(D), m.virtual_blocks
     rows = min(m.reads_per_token, m.physical_rows) if active else m.physical_rows
-    return (2 * D * m.num_heads * m.key_dim + 2 * m.key_dim  # W_q row/col, query LayerNorm
-            + 2 * m.num_heads * m.num_keys * Z * m.key_dim + (2 * m.key_dim if m.key_norm else 0)
-            + (m.num_cores * m.num_heads * Z * Z if m.tucker_rank else 0)
-            + rows * U
-            + (D * W * U if m.gate else 0) + (W * U * D if m.output_proj else 0)
-            + (D if skip else 0))  # a skip-layer memory's own RMSNorm
+    return (
+        2 * D * m.num_heads * m.key_dim
+        + 2 * m.key_dim  # W_q row/col, query LayerNorm
+        + 2 * m.num_heads * m.num_keys * Z * m.key_dim
+        + (2 * m.key_dim if m.key_norm else 0)
+        + (m.num_cores * m.num_heads * Z * Z if m.tucker_rank else 0)
+        + rows * U
+        + (D * W * U if m.gate else 0)
+        + (W * U * D if m.output_proj else 0)
+        + (D if skip else 0)
+    )  # a skip-layer memory's own RMSNorm
 
 
 def _memory_traffic(cfg: ModelConfig, batch: int, *, skip: bool) -> tuple[float, float]:
@@ -280,13 +306,17 @@ def _memory_traffic(cfg: ModelConfig, batch: int, *, skip: bool) -> tuple[float,
 def _memory_kind(name: str, *, skip: bool) -> FFNKind:
     def build(cfg: ModelConfig, rngs: nnx.Rngs) -> MemoryLayer:
         # a skip-layer memory normalizes the stream it reads; an FFN-position one gets the block's
-        return MemoryLayer(cfg.d_model, cfg.memory, rngs=rngs, pre_norm=skip, norm_eps=cfg.norm_eps,
-                           **_options(cfg))
+        return MemoryLayer(
+            cfg.d_model, cfg.memory, rngs=rngs, pre_norm=skip, norm_eps=cfg.norm_eps, **_options(cfg)
+        )
 
     return FFNKind(
-        name=name, build=build,
+        name=name,
+        build=build,
         params=lambda cfg, active: _memory_params(cfg, active, skip=skip),
-        config_field="memory", config_type=MemoryConfig, counted_as="memory",
+        config_field="memory",
+        config_type=MemoryConfig,
+        counted_as="memory",
         decode_traffic=lambda cfg, batch: _memory_traffic(cfg, batch, skip=skip),
         aux=frozenset({"loss"}),
         check=lambda cfg: check_width(cfg.d_model, cfg.memory),
@@ -294,12 +324,17 @@ def _memory_kind(name: str, *, skip: bool) -> FFNKind:
 
 
 register_ffn(FFNKind(name="swiglu", build=_swiglu, params=_swiglu_params))
-register_ffn(FFNKind(
-    name="moe",
-    build=lambda cfg, rngs: MoE(cfg.d_model, cfg.moe, rngs=rngs, **_options(cfg)),
-    params=_moe_params, config_field="moe", config_type=MoEConfig, decode_traffic=_moe_traffic,
-    aux=frozenset({"loss", "load", "dropped", "metrics"}),
-))
+register_ffn(
+    FFNKind(
+        name="moe",
+        build=lambda cfg, rngs: MoE(cfg.d_model, cfg.moe, rngs=rngs, **_options(cfg)),
+        params=_moe_params,
+        config_field="moe",
+        config_type=MoEConfig,
+        decode_traffic=_moe_traffic,
+        aux=frozenset({"loss", "load", "dropped", "metrics"}),
+    )
+)
 register_ffn(_memory_kind("pkm", skip=False))
 
 # Skip-layer modules (UltraMem's wiring, ModelConfig.skip_layers): a module reads the stream

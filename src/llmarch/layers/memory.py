@@ -67,9 +67,18 @@ class MemoryLayer(nnx.Module):
     adds it to the training objective.
     """
 
-    def __init__(self, d_model: int, cfg: MemoryConfig, *, rngs: nnx.Rngs, pre_norm: bool = False,
-                 norm_eps: float = 1e-5, init_std: float = 0.02, param_dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MemoryConfig,
+        *,
+        rngs: nnx.Rngs,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+    ):
         """``pre_norm``: RMS-normalize the input first (a skip-layer memory reads the raw residual
         stream; an FFN-position one gets its block's norm)."""
         check_width(d_model, cfg)
@@ -83,28 +92,38 @@ class MemoryLayer(nnx.Module):
         # follow, so only their directions matter), LayerNorm scales H^-0.33, cores U(0, 1),
         # output projection N(0, 1/(W·U)).
         normal = nnx.initializers.normal
-        self.w_q_row_dnh = Einsum((D, N, H), (axes.EMBED, None, None), rngs=rngs, init=normal(H ** -0.5),
-                                  param_dtype=pd)
-        self.w_q_col_dnh = Einsum((D, N, H), (axes.EMBED, None, None), rngs=rngs, init=normal(H ** -0.5),
-                                  param_dtype=pd)
-        self.query_norm = LayerNorm(H, scale_init=H ** -0.33, param_dtype=pd)
-        self.keys_row_npzh = param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
-        self.keys_col_npzh = param(normal(H ** -0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
-        self.key_norm = LayerNorm(H, scale_init=H ** -0.33, param_dtype=pd) if m.key_norm else None
+        self.w_q_row_dnh = Einsum(
+            (D, N, H), (axes.EMBED, None, None), rngs=rngs, init=normal(H**-0.5), param_dtype=pd
+        )
+        self.w_q_col_dnh = Einsum(
+            (D, N, H), (axes.EMBED, None, None), rngs=rngs, init=normal(H**-0.5), param_dtype=pd
+        )
+        self.query_norm = LayerNorm(H, scale_init=H**-0.33, param_dtype=pd)
+        self.keys_row_npzh = param(normal(H**-0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
+        self.keys_col_npzh = param(normal(H**-0.5)(rngs.params(), (N, P, Z, H), pd), (None,) * 4)
+        self.key_norm = LayerNorm(H, scale_init=H**-0.33, param_dtype=pd) if m.key_norm else None
         if r:
             cores = jax.random.uniform(rngs.params(), (X, N, Z, Z), pd)
             self.cores_xnzy = param(cores, (None, None, None, None))
             self.tucker_ref = MemoryState(initial_reference(cores))  # [N, 2, Z]
-        std = m.value_init_std if m.value_init_std is not None else U ** -0.5
-        self.values_mu = param(normal(std)(rngs.params(), (m.physical_rows, U), pd),
-                               (axes.MEMORY_ROWS, None))
+        std = m.value_init_std if m.value_init_std is not None else U**-0.5
+        self.values_mu = param(normal(std)(rngs.params(), (m.physical_rows, U), pd), (axes.MEMORY_ROWS, None))
         if W > 1:
             self.ive_permutation = MemoryState(
-                jax.random.permutation(rngs.params(), m.num_slots).astype(jnp.int32))
-        self.w_gate_dwu = Einsum((D, W, U), (axes.EMBED, None, None), rngs=rngs,
-                                 init=normal(init_std), param_dtype=pd) if m.gate else None
-        self.w_out_wud = Einsum((W, U, D), (None, None, axes.EMBED), rngs=rngs,
-                                init=normal((W * U) ** -0.5), param_dtype=pd) if m.output_proj else None
+                jax.random.permutation(rngs.params(), m.num_slots).astype(jnp.int32)
+            )
+        self.w_gate_dwu = (
+            Einsum((D, W, U), (axes.EMBED, None, None), rngs=rngs, init=normal(init_std), param_dtype=pd)
+            if m.gate
+            else None
+        )
+        self.w_out_wud = (
+            Einsum(
+                (W, U, D), (None, None, axes.EMBED), rngs=rngs, init=normal((W * U) ** -0.5), param_dtype=pd
+            )
+            if m.output_proj
+            else None
+        )
 
     def search(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The picks of ``h [B,T,D]``: ``(weights [B,T,N,m,X], slots [B,T,N,m])`` (grid slots)."""
@@ -133,7 +152,8 @@ class MemoryLayer(nnx.Module):
         with jax.named_scope("memory_search"):
             weights, slots = self.search(h)
             rows, blocks = virtual_to_physical(
-                slots, self.ive_permutation[...] if m.virtual_blocks > 1 else None, m.physical_rows)
+                slots, self.ive_permutation[...] if m.virtual_blocks > 1 else None, m.physical_rows
+            )
         J = m.reads_per_token
         rows = rows.reshape(B * T, J)
         weights = weights.reshape(B * T, J, weights.shape[-1])
@@ -146,8 +166,11 @@ class MemoryLayer(nnx.Module):
         if self.w_gate_dwu is not None:
             pooled = pooled * jax.nn.silu(self.w_gate_dwu("BTD,DWU->BTWU", h))
         out = pooled[:, :, 0] if self.w_out_wud is None else self.w_out_wud("BTWU,WUD->BTD", pooled)
-        loss = (tucker_aux_loss(self.cores_xnzy[...], m.aux_alpha, m.aux_tau) if m.tucker_rank
-                else jnp.zeros((), jnp.float32))
+        loss = (
+            tucker_aux_loss(self.cores_xnzy[...], m.aux_alpha, m.aux_tau)
+            if m.tucker_rank
+            else jnp.zeros((), jnp.float32)
+        )
         return out, {"loss": loss}
 
     def update_state(self, aux: dict | None = None) -> None:
@@ -170,9 +193,17 @@ def check_width(d_model: int, cfg: MemoryConfig) -> None:
     and a width other than ``d_model`` needs the output projection back to it."""
     width = cfg.width(d_model)
     if width % cfg.num_cores:
-        fail("MemoryConfig", "value_dim", width,
-             f"must be divisible by num_cores={cfg.num_cores} (MCS splits a value row into one chunk "
-             "per core); value_dim=None means d_model")
+        fail(
+            "MemoryConfig",
+            "value_dim",
+            width,
+            f"must be divisible by num_cores={cfg.num_cores} (MCS splits a value row into one chunk "
+            "per core); value_dim=None means d_model",
+        )
     if width != d_model and not cfg.output_proj:
-        fail("MemoryConfig", "output_proj", False,
-             f"must be True when the value width {width} differs from d_model={d_model}")
+        fail(
+            "MemoryConfig",
+            "output_proj",
+            False,
+            f"must be True when the value width {width} differs from d_model={d_model}",
+        )

@@ -26,8 +26,9 @@ from llmarch import ops
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def grouped_lookup(table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array,
-                   num_blocks: int) -> jax.Array:
+def grouped_lookup(
+    table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array, num_blocks: int
+) -> jax.Array:
     """``[B,W,U]``: ``out[b,w] = Σ_{j: blocks[b,j]=w} weights[b,j]·table[rows[b,j]]``.
 
     Args:
@@ -66,8 +67,15 @@ if ops.Impl.XLA not in ops.available("memory_lookup_grouped"):
     ops.register("memory_lookup_grouped", ops.Impl.XLA, grouped_lookup)
 
 
-def read_values(table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array | None,
-                num_blocks: int, *, impl: str | None = None) -> jax.Array:
+def read_values(
+    table: jax.Array,
+    rows: jax.Array,
+    weights: jax.Array,
+    blocks: jax.Array | None,
+    num_blocks: int,
+    *,
+    impl: str | None = None,
+) -> jax.Array:
     """``[B,W,U]``: the picks' weighted sum per virtual block, each core scaling its chunk.
 
     Args:
@@ -101,8 +109,9 @@ def read_values(table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: j
     return out
 
 
-def virtual_to_physical(slots: jax.Array, permutation: jax.Array | None,
-                        physical_rows: int) -> tuple[jax.Array, jax.Array | None]:
+def virtual_to_physical(
+    slots: jax.Array, permutation: jax.Array | None, physical_rows: int
+) -> tuple[jax.Array, jax.Array | None]:
     """IVE addressing: grid slot ``s`` -> ``π(s)`` -> (row ``π(s) mod M``, block ``π(s) div M``).
 
     The fixed random permutation ``π`` of the ``W·M`` virtual slots (as in the official code)

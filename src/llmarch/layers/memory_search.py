@@ -47,8 +47,9 @@ def brute_force_search(s_row: jax.Array, s_col: jax.Array, k: int) -> tuple[jax.
     return jax.lax.top_k(grid.reshape(*grid.shape[:-2], P * P), k)
 
 
-def tucker_search(s_row: jax.Array, s_col: jax.Array, cores: jax.Array, u: jax.Array, v: jax.Array,
-                  k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def tucker_search(
+    s_row: jax.Array, s_col: jax.Array, cores: jax.Array, u: jax.Array, v: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """TDQKR: the ``k`` best of ``Σ_c S_row C_c S_colᵀ`` among the candidates that ``u, v`` pick.
 
     Args:
@@ -74,13 +75,18 @@ def tucker_search(s_row: jax.Array, s_col: jax.Array, cores: jax.Array, u: jax.A
     return scores, core_scores, _slots(i_row, i_col, flat, k, P)
 
 
-def brute_force_tucker(s_row: jax.Array, s_col: jax.Array, cores: jax.Array,
-                       k: int) -> tuple[jax.Array, jax.Array]:
+def brute_force_tucker(
+    s_row: jax.Array, s_col: jax.Array, cores: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
     """Top-k of the full TDQKR grid ``Σ_c S_row C_c S_colᵀ`` over all ``P²`` slots: ``[..., N, k]``."""
     P = s_row.shape[-2]
     # every row and column is a candidate: I = J = P (Q would be the query LoRA rank)
-    grid = jnp.einsum("...NIZ,NZY,...NJY->...NIJ", s_row.astype(jnp.float32),
-                      cores.astype(jnp.float32).sum(0), s_col.astype(jnp.float32))
+    grid = jnp.einsum(
+        "...NIZ,NZY,...NJY->...NIJ",
+        s_row.astype(jnp.float32),
+        cores.astype(jnp.float32).sum(0),
+        s_col.astype(jnp.float32),
+    )
     return jax.lax.top_k(grid.reshape(*grid.shape[:-2], P * P), k)
 
 

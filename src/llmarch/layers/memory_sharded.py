@@ -31,9 +31,16 @@ def memory_axes() -> tuple[str, ...]:
     return tuple(a for a in names if mesh.shape[a] > 1)
 
 
-def sharded_read_values(table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array | None,
-                        num_blocks: int, *, mesh_axes: tuple[str, ...],
-                        impl: str | None = None) -> jax.Array:
+def sharded_read_values(
+    table: jax.Array,
+    rows: jax.Array,
+    weights: jax.Array,
+    blocks: jax.Array | None,
+    num_blocks: int,
+    *,
+    mesh_axes: tuple[str, ...],
+    impl: str | None = None,
+) -> jax.Array:
     """``read_values`` with the table's rows split over ``mesh_axes`` of the active mesh.
 
     Args and result as ``llmarch.layers.memory_lookup.read_values``; ``mesh_axes`` must be
@@ -42,8 +49,10 @@ def sharded_read_values(table: jax.Array, rows: jax.Array, weights: jax.Array, b
     mesh = jax.sharding.get_abstract_mesh()
     ways = math.prod(mesh.shape[a] for a in mesh_axes)
     if table.shape[0] % ways:
-        raise ValueError(f"value table rows M={table.shape[0]} do not split over mesh axes {mesh_axes} "
-                         f"(x{ways}): M must be divisible by {ways}")
+        raise ValueError(
+            f"value table rows M={table.shape[0]} do not split over mesh axes {mesh_axes} "
+            f"(x{ways}): M must be divisible by {ways}"
+        )
     spec_rows = PartitionSpec(mesh_axes, None)
 
     def body(local_table, rows, weights, *maybe_blocks):
@@ -53,11 +62,11 @@ def sharded_read_values(table: jax.Array, rows: jax.Array, weights: jax.Array, b
         mine = (local >= 0) & (local < local_rows)
         local = jnp.where(mine, local, 0)
         weights = jnp.where(mine[..., None], weights, jnp.zeros_like(weights))
-        part = read_values(local_table, local, weights, maybe_blocks[0] if maybe_blocks else None,
-                           num_blocks, impl=impl)
+        part = read_values(
+            local_table, local, weights, maybe_blocks[0] if maybe_blocks else None, num_blocks, impl=impl
+        )
         return jax.lax.psum(part, mesh_axes)
 
     args = (table, rows, weights) + (() if blocks is None else (blocks,))
     in_specs = (spec_rows,) + (PartitionSpec(),) * (len(args) - 1)
-    return jax.shard_map(body, in_specs=in_specs, out_specs=PartitionSpec(),
-                         axis_names=set(mesh_axes))(*args)
+    return jax.shard_map(body, in_specs=in_specs, out_specs=PartitionSpec(), axis_names=set(mesh_axes))(*args)

@@ -89,16 +89,23 @@ class MLA(nnx.Module):
     - output: ``w_o_nhd [N,H,D]``.
     """
 
-    def __init__(self, d_model: int, cfg: MLAConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
-                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MLAConfig,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+    ):
         m = cfg
         D, N, A, R = d_model, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
         H, Hv = m.qk_nope_head_dim, m.v_head_dim
         pd = jnp.dtype(param_dtype)
 
         def weight(shape, names):
-            return Einsum(shape, names, rngs=rngs, init=nnx.initializers.normal(init_std),
-                          param_dtype=pd)
+            return Einsum(shape, names, rngs=rngs, init=nnx.initializers.normal(init_std), param_dtype=pd)
 
         E, NH, HD = axes.EMBED, axes.HEADS, axes.HEAD_DIM
         if m.q_lora_rank is not None:
@@ -122,12 +129,20 @@ class MLA(nnx.Module):
     def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> MLACache:
         """An empty latent cache: slot ``s`` will hold ``c_KV`` and ``k_R`` of position ``s``."""
         m = cfg
-        return MLACache(c_kv=jnp.zeros((batch_size, max_len, m.kv_lora_rank), dtype),  # [B,S,A]
-                        k_r=jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype))  # [B,S,R]
+        return MLACache(
+            c_kv=jnp.zeros((batch_size, max_len, m.kv_lora_rank), dtype),  # [B,S,A]
+            k_r=jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype),
+        )  # [B,S,R]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: LatentCacheLike | None = None, *, path: str | None = None,
-                 ) -> tuple[jax.Array, LatentCacheLike | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: LatentCacheLike | None = None,
+        *,
+        path: str | None = None,
+    ) -> tuple[jax.Array, LatentCacheLike | None]:
         """Attends ``x [B,T,D]`` at ``positions [B,T]``; returns ``(out [B,T,D], cache)``.
 
         As ``Attention``: with a cache, the tokens' ``c_KV, k_R`` are first written to the slots
@@ -136,8 +151,11 @@ class MLA(nnx.Module):
         """
         m = self.config
         path = check_path(m.path if path is None else path)
-        inv_freq = (inverse_frequencies(m.qk_rope_head_dim, m.rope_theta) if m.rope_scaling is None
-                    else yarn_inverse_frequencies(m.qk_rope_head_dim, m.rope_theta, m.rope_scaling))
+        inv_freq = (
+            inverse_frequencies(m.qk_rope_head_dim, m.rope_theta)
+            if m.rope_scaling is None
+            else yarn_inverse_frequencies(m.qk_rope_head_dim, m.rope_theta, m.rope_scaling)
+        )
         mscale = yarn_rope_factor(m.rope_scaling)
         if m.q_lora_rank is not None:
             c_q = self.q_norm(self.w_down_q_dq("BTD,DQ->BTQ", x))  # [B,T,Q]
@@ -162,14 +180,20 @@ class MLA(nnx.Module):
             path = "absorbed"  # a paged latent cache is only read in the latent space (FlashMLA)
         if cache is not None and path == "naive":
             c_kv, k_r, kv_positions = cache.read(x.dtype)  # [B,S,A], [B,S,R], [B,S]
-        mask = dict(q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
-                    kv_segment_ids=segment_ids, causal=True, scale=scale)
+        mask = dict(
+            q_positions=positions,
+            kv_positions=kv_positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            causal=True,
+            scale=scale,
+        )
         if cache is not None:
-            attend_latent = functools.partial(cache.attend_latent, positions=positions, scale=scale,
-                                              impl=self.impl)
+            attend_latent = functools.partial(
+                cache.attend_latent, positions=positions, scale=scale, impl=self.impl
+            )
         else:
-            attend_latent = functools.partial(latent_attention, c_kv=c_kv, k_r=k_r, mask=mask,
-                                              impl=self.impl)
+            attend_latent = functools.partial(latent_attention, c_kv=c_kv, k_r=k_r, mask=mask, impl=self.impl)
         with jax.named_scope(f"mla_{path}"):
             if path == "naive":
                 out = self._naive(q_c, q_r, c_kv, k_r, mask)
@@ -202,8 +226,9 @@ class MLA(nnx.Module):
         return self.w_uv_anh("BTNA,ANH->BTNH", o_a)  # W_UV folded into the output: [B,T,N,H_v]
 
 
-def latent_attention(q_latent: jax.Array, q_rope: jax.Array, *, c_kv: jax.Array, k_r: jax.Array,
-                     mask: dict, impl=None) -> jax.Array:
+def latent_attention(
+    q_latent: jax.Array, q_rope: jax.Array, *, c_kv: jax.Array, k_r: jax.Array, mask: dict, impl=None
+) -> jax.Array:
     """Absorbed MLA as MQA over one KV head ``[c_KV; k_R]``: ``[B,T,N,A]`` latent outputs.
 
     ``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]``, ``c_kv [B,S,A]``, ``k_r [B,S,R]``; ``mask``
@@ -241,8 +266,9 @@ class MLACache(NamedTuple):
         kv_positions = jnp.broadcast_to(jnp.arange(self.c_kv.shape[1]), self.c_kv.shape[:2])
         return self.c_kv.astype(dtype), self.k_r.astype(dtype), kv_positions
 
-    def attend_latent(self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array,
-                      scale: float, impl=None) -> jax.Array:
+    def attend_latent(
+        self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array, scale: float, impl=None
+    ) -> jax.Array:
         """Absorbed attention of ``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]`` at ``positions``
         over every slot (causality hides unwritten ones): ``[B,T,N,A]``."""
         c_kv, k_r, kv_positions = self.read(q_latent.dtype)
@@ -252,6 +278,7 @@ class MLACache(NamedTuple):
     def write(self, positions: jax.Array, c_kv: jax.Array, k_r: jax.Array) -> MLACache:
         """Stores ``c_kv [B,T,A]``, ``k_r [B,T,R]`` at the slots ``positions [B,T]``."""
         rows = jnp.arange(c_kv.shape[0])[:, None]  # [B,1]
-        return MLACache(c_kv=self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype)),
-                        k_r=self.k_r.at[rows, positions].set(k_r.astype(self.k_r.dtype)))
-
+        return MLACache(
+            c_kv=self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype)),
+            k_r=self.k_r.at[rows, positions].set(k_r.astype(self.k_r.dtype)),
+        )

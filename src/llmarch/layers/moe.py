@@ -47,8 +47,16 @@ class MoE(nnx.Module):
     """A routed-expert FFN (plus shared experts) of width ``d_model``, configured by a
     ``MoEConfig``; see the module doc."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs, init_std: float = 0.02,
-                 param_dtype: jnp.dtype = jnp.float32, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        param_dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+    ):
         m = cfg
         D, E, F = d_model, m.num_experts, m.expert_dim
         mesh, table = sharding.ambient()
@@ -58,14 +66,20 @@ class MoE(nnx.Module):
         init = nnx.initializers.normal(init_std)
         pd = jnp.dtype(param_dtype)
         self.w_router_de = Einsum((D, E), (axes.EMBED, None), rngs=rngs, init=init, param_dtype=pd)
-        self.w_gate_edf = Einsum((E, D, F), (axes.EXPERT, axes.EMBED, axes.MLP), rngs=rngs, init=init,
-                                 param_dtype=pd)
-        self.w_up_edf = Einsum((E, D, F), (axes.EXPERT, axes.EMBED, axes.MLP), rngs=rngs, init=init,
-                               param_dtype=pd)
-        self.w_down_efd = Einsum((E, F, D), (axes.EXPERT, axes.MLP, axes.EMBED), rngs=rngs, init=init,
-                                 param_dtype=pd)
-        self.shared = (SwiGLU(D, m.shared_dim, rngs=rngs, init_std=init_std, param_dtype=pd)
-                       if m.num_shared_experts else None)
+        self.w_gate_edf = Einsum(
+            (E, D, F), (axes.EXPERT, axes.EMBED, axes.MLP), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.w_up_edf = Einsum(
+            (E, D, F), (axes.EXPERT, axes.EMBED, axes.MLP), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.w_down_efd = Einsum(
+            (E, F, D), (axes.EXPERT, axes.MLP, axes.EMBED), rngs=rngs, init=init, param_dtype=pd
+        )
+        self.shared = (
+            SwiGLU(D, m.shared_dim, rngs=rngs, init_std=init_std, param_dtype=pd)
+            if m.num_shared_experts
+            else None
+        )
         self.bias_e = ExpertBias(jnp.zeros((E,), jnp.float32)) if m.router_bias else None
 
     def weights(self) -> ExpertWeights:
@@ -77,8 +91,9 @@ class MoE(nnx.Module):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), w)  # l = u W_r
         return routing.route(logits, None if self.bias_e is None else self.bias_e[...], self.moe)
 
-    def __call__(self, x: jax.Array, *, strategy: str | None = None,
-                 impl: str | None = None) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x: jax.Array, *, strategy: str | None = None, impl: str | None = None
+    ) -> tuple[jax.Array, dict]:
         """``(y [B,T,D], aux)``; ``strategy`` overrides ``MoEConfig.strategy`` and ``impl`` (of the
         grouped matmuls) ``cfg.impl`` for this call."""
         m = self.moe
@@ -88,16 +103,22 @@ class MoE(nnx.Module):
             r = self.route(x)
         strategy = m.strategy if strategy is None else strategy
         with jax.named_scope("experts"):
-            y, dropped = self.experts(x.reshape(B * T, D), r.experts.reshape(B * T, m.top_k),
-                                      r.gates.reshape(B * T, m.top_k), strategy=strategy, impl=impl)
+            y, dropped = self.experts(
+                x.reshape(B * T, D),
+                r.experts.reshape(B * T, m.top_k),
+                r.gates.reshape(B * T, m.top_k),
+                strategy=strategy,
+                impl=impl,
+            )
         y = y.reshape(B, T, D)  # [B,T,D]
         if self.shared is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
         return y, self._aux(r, dropped)
 
-    def experts(self, x: jax.Array, experts: jax.Array, gates: jax.Array, *, strategy: str,
-                impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+    def experts(
+        self, x: jax.Array, experts: jax.Array, gates: jax.Array, *, strategy: str, impl: str | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """``(Σ_k g·FFN_{e_k}(x) [n,D], dropped)`` for flat tokens ``x [n,D]`` and routing ``[n,k]``."""
         m, w = self.moe, self.weights()
         mesh, table = sharding.ambient()
@@ -106,8 +127,9 @@ class MoE(nnx.Module):
         if not mesh.empty and table:
             _, _, ep, shards = moe_parallel.layout(mesh, table)
             if ep > 1 or (shards > 1 and x.shape[0] % shards == 0):
-                return moe_parallel.parallel_moe(x, experts, gates, w, m, strategy=strategy, mesh=mesh,
-                                                 table=table, impl=impl)
+                return moe_parallel.parallel_moe(
+                    x, experts, gates, w, m, strategy=strategy, mesh=mesh, table=table, impl=impl
+                )
         if strategy == "dropless":
             return dispatch.dropless(x, experts, gates, w, impl=impl), jnp.zeros((), jnp.int32)
         capacity = dispatch.capacity_of(x.shape[0], m.top_k, m.num_experts, m.capacity_factor)
@@ -124,13 +146,21 @@ class MoE(nnx.Module):
         if m.z_loss_coef:
             loss += m.z_loss_coef * routing.router_z_loss(r.logits)
         total = r.experts.size
-        return {"loss": loss, "load": load, "dropped": dropped,
-                "metrics": {"expert_load": load / total, "load_ratio": routing.load_ratio(load),
-                            "dropped_fraction": dropped.astype(jnp.float32) / total}}
+        return {
+            "loss": loss,
+            "load": load,
+            "dropped": dropped,
+            "metrics": {
+                "expert_load": load / total,
+                "load_ratio": routing.load_ratio(load),
+                "dropped_fraction": dropped.astype(jnp.float32) / total,
+            },
+        }
 
     def update_state(self, aux: dict) -> None:
         """After a train step: ``b += γ·sign(mean load − load)`` from this layer's ``aux["load"]``
         (a scanned run's variables and aux both carry the layers axis)."""
         if self.bias_e is not None and self.moe.bias_update_rate > 0:
-            self.bias_e.set_value(routing.updated_bias(self.bias_e[...], aux["load"],
-                                                       self.moe.bias_update_rate))
+            self.bias_e.set_value(
+                routing.updated_bias(self.bias_e[...], aux["load"], self.moe.bias_update_rate)
+            )

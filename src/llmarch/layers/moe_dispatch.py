@@ -48,8 +48,9 @@ def dense_all_experts(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Exp
     return jnp.einsum("...E,E...D->...D", combine.astype(jnp.float32), y.astype(jnp.float32)).astype(x.dtype)
 
 
-def dropless(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights, *,
-             impl: str | None = None) -> jax.Array:
+def dropless(
+    x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights, *, impl: str | None = None
+) -> jax.Array:
     """``[n,D]``: sort the ``n·k`` token copies by expert, grouped matmuls, unsort, combine."""
     n, k = experts.shape
     E = w.gate.shape[0]
@@ -83,24 +84,27 @@ def slots(experts: jax.Array, num_experts: int, capacity: int) -> tuple[jax.Arra
     return slot, slot < capacity
 
 
-def to_buffers(x: jax.Array, experts: jax.Array, slot: jax.Array, num_experts: int,
-               capacity: int) -> jax.Array:
+def to_buffers(
+    x: jax.Array, experts: jax.Array, slot: jax.Array, num_experts: int, capacity: int
+) -> jax.Array:
     """``[E,C,D]``: token copies placed in their expert's slots; dropped ones (slot ≥ C) vanish."""
     copies = jnp.broadcast_to(x[:, None, :], (*experts.shape, x.shape[-1]))  # [n,k,D]
     buffers = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
     return buffers.at[experts, slot].add(copies, mode="drop")  # slots are unique: add == set
 
 
-def from_buffers(y: jax.Array, experts: jax.Array, slot: jax.Array, keep: jax.Array,
-                 gates: jax.Array) -> jax.Array:
+def from_buffers(
+    y: jax.Array, experts: jax.Array, slot: jax.Array, keep: jax.Array, gates: jax.Array
+) -> jax.Array:
     """``[n,D]``: ``Σ_k g·y[e_k, slot_k]`` over the kept assignments of ``y [E,C,D]``."""
     picked = y.at[experts, slot].get(mode="fill", fill_value=0)  # [n,k,D]
     weights = jnp.where(keep, gates, 0).astype(jnp.float32)
     return jnp.einsum("...k,...kD->...D", weights, picked.astype(jnp.float32)).astype(y.dtype)
 
 
-def capacity_compute(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights,
-                     capacity: int) -> tuple[jax.Array, jax.Array]:
+def capacity_compute(
+    x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights, capacity: int
+) -> tuple[jax.Array, jax.Array]:
     """``([n,D], dropped)``: the capacity path with ``capacity`` slots per expert; ``dropped`` is
     the int32 number of (token, choice) assignments over capacity."""
     E = w.gate.shape[0]

@@ -60,8 +60,10 @@ def check_experts_divide(cfg: MoEConfig, mesh, table: sharding.Rules) -> None:
     """Raises ValueError unless the expert mesh axis divides ``cfg.num_experts``."""
     _, ep_axis, ep, _ = layout(mesh, table)
     if cfg.num_experts % ep:
-        raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} is invalid for this mesh: must be "
-                         f"divisible by the '{ep_axis}' mesh axis size {ep} (experts are split evenly)")
+        raise ValueError(
+            f"MoEConfig.num_experts={cfg.num_experts} is invalid for this mesh: must be "
+            f"divisible by the '{ep_axis}' mesh axis size {ep} (experts are split evenly)"
+        )
 
 
 def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> jax.Array:
@@ -70,7 +72,7 @@ def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> ja
     size = buffers.shape[2] // chunks
     out = []
     for c in range(chunks):  # unrolled: the scheduler sees every chunk's ops at once
-        part = buffers[:, :, c * size:(c + 1) * size]  # [ep,E_l,C/c,D]
+        part = buffers[:, :, c * size : (c + 1) * size]  # [ep,E_l,C/c,D]
         with jax.named_scope(f"ep_chunk{c}"):
             arrived = jax.lax.all_to_all(part, axis, 0, 0, tiled=True)  # [s] = sent by source s
             y = dispatch.expert_ffn(arrived, w)  # [ep,E_l,C/c,D]
@@ -78,9 +80,18 @@ def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> ja
     return out[0] if chunks == 1 else jnp.concatenate(out, axis=2)
 
 
-def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights,
-                 cfg: MoEConfig, *, strategy: str, mesh, table: sharding.Rules,
-                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+def parallel_moe(
+    x: jax.Array,
+    experts: jax.Array,
+    gates: jax.Array,
+    w: ExpertWeights,
+    cfg: MoEConfig,
+    *,
+    strategy: str,
+    mesh,
+    table: sharding.Rules,
+    impl: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """``([B·T,D], dropped)``: the routed experts of ``x [B·T,D]`` under ``mesh``, tokens split over the
     batch axes; with an ``expert`` axis of size ep > 1 the experts are split ep ways (EP).
 
@@ -91,8 +102,10 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
     check_experts_divide(cfg, mesh, table)
     num_tokens, D = x.shape
     if num_tokens % shards:
-        raise ValueError(f"{num_tokens} tokens cannot be split over the batch mesh axes {token_axes} "
-                         f"(x{shards}); allowed: a multiple of {shards}")
+        raise ValueError(
+            f"{num_tokens} tokens cannot be split over the batch mesh axes {token_axes} "
+            f"(x{shards}); allowed: a multiple of {shards}"
+        )
     E, k, chunks = cfg.num_experts, cfg.top_k, cfg.ep_chunks
     tokens = PartitionSpec(token_axes or None, None)
     expert_spec = PartitionSpec(ep_axis, None, None)
@@ -102,8 +115,9 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
         if ep == 1:  # every expert is here: the single-device strategies on the local tokens
             if strategy == "dropless":
                 return dispatch.dropless(x, experts, gates, w, impl=impl), jnp.zeros((1,), jnp.int32)
-            out, dropped = dispatch.capacity_compute(x, experts, gates, w,
-                                                     dispatch.capacity_of(n, k, E, cfg.capacity_factor))
+            out, dropped = dispatch.capacity_compute(
+                x, experts, gates, w, dispatch.capacity_of(n, k, E, cfg.capacity_factor)
+            )
             return out, dropped[None]
         capacity = n if strategy == "dropless" else dispatch.capacity_of(n, k, E, cfg.capacity_factor)
         padded = round_up(capacity, chunks)  # C rounded up to whole chunks; the rest stays empty
@@ -114,6 +128,9 @@ def parallel_moe(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWe
         return dispatch.from_buffers(y, experts, slot, keep, gates), jnp.sum(~keep, dtype=jnp.int32)[None]
 
     out, dropped = jax.shard_map(
-        body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_spec, expert_spec, expert_spec),
-        out_specs=(tokens, PartitionSpec(token_axes or None)))(x, experts, gates, *w)
+        body,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, expert_spec, expert_spec, expert_spec),
+        out_specs=(tokens, PartitionSpec(token_axes or None)),
+    )(x, experts, gates, *w)
     return out, dropped.sum()

@@ -27,8 +27,9 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis in float32 (returns float32), scale initialized to a constant."""
 
-    def __init__(self, dim: int, *, scale_init: float, eps: float = 1e-5,
-                 param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self, dim: int, *, scale_init: float, eps: float = 1e-5, param_dtype: jnp.dtype = jnp.float32
+    ):
         self.eps = eps
         self.scale = param(jnp.full((dim,), scale_init, param_dtype), (axes.NORM,))
         self.bias = param(jnp.zeros((dim,), param_dtype), (axes.NORM,))

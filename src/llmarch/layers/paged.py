@@ -118,8 +118,9 @@ class PagedKVCache:
     num_slots = None
 
     @staticmethod
-    def empty(cfg: ModelConfig, layers: int, num_pages: int, page_size: int,
-              dtype: Any) -> tuple[jax.Array, jax.Array]:
+    def empty(
+        cfg: ModelConfig, layers: int, num_pages: int, page_size: int, dtype: Any
+    ) -> tuple[jax.Array, jax.Array]:
         a = cfg.attention
         shape = (layers, num_pages, page_size, a.num_kv_heads, a.head_dim)  # [L,P,ps,K,H]
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
@@ -134,11 +135,15 @@ class PagedKVCache:
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
         """Stores ``k, v [B,T,K,H]`` (B*T = the step's N flat tokens) at ``meta.slots``."""
         del positions  # placed by the slots the block manager chose
-        return dataclasses.replace(self, k_pages=_write(self.k_pages, self.layer, self.meta.slots, k),
-                                   v_pages=_write(self.v_pages, self.layer, self.meta.slots, v))
+        return dataclasses.replace(
+            self,
+            k_pages=_write(self.k_pages, self.layer, self.meta.slots, k),
+            v_pages=_write(self.v_pages, self.layer, self.meta.slots, v),
+        )
 
-    def attend(self, q: jax.Array, positions: jax.Array, *, impl=None,
-               sliding_window: int | None = None) -> jax.Array:
+    def attend(
+        self, q: jax.Array, positions: jax.Array, *, impl=None, sliding_window: int | None = None
+    ) -> jax.Array:
         """``q [B,T,N,H]`` over each token's sequence, causally: ``[B,T,N,H]``."""
         del positions  # each group carries its rows' positions
         k_pages, first = _layer_pages(self.k_pages, self.layer)
@@ -146,8 +151,16 @@ class PagedKVCache:
         k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)  # no-ops when equal
 
         def attend(group: AttentionGroup, q_rows: jax.Array) -> jax.Array:
-            return ops.paged_attention(q_rows, k_pages, v_pages, group.tables + first, group.lengths,
-                                       group.positions, impl=impl, sliding_window=sliding_window)
+            return ops.paged_attention(
+                q_rows,
+                k_pages,
+                v_pages,
+                group.tables + first,
+                group.lengths,
+                group.positions,
+                impl=impl,
+                sliding_window=sliding_window,
+            )
 
         return _grouped((q,), self.meta, attend).reshape(q.shape)
 
@@ -169,11 +182,14 @@ class PagedLatentCache:
     num_slots = None
 
     @staticmethod
-    def empty(cfg: ModelConfig, layers: int, num_pages: int, page_size: int,
-              dtype: Any) -> tuple[jax.Array, jax.Array]:
+    def empty(
+        cfg: ModelConfig, layers: int, num_pages: int, page_size: int, dtype: Any
+    ) -> tuple[jax.Array, jax.Array]:
         m = cfg.mla
-        return (jnp.zeros((layers, num_pages, page_size, m.kv_lora_rank), dtype),  # [L,P,ps,A]
-                jnp.zeros((layers, num_pages, page_size, m.qk_rope_head_dim), dtype))  # [L,P,ps,R]
+        return (
+            jnp.zeros((layers, num_pages, page_size, m.kv_lora_rank), dtype),  # [L,P,ps,A]
+            jnp.zeros((layers, num_pages, page_size, m.qk_rope_head_dim), dtype),
+        )  # [L,P,ps,R]
 
     @property
     def pools(self) -> tuple[jax.Array, jax.Array]:
@@ -186,11 +202,15 @@ class PagedLatentCache:
         """Stores ``c_kv [B,T,A]``, ``k_r [B,T,R]`` at ``meta.slots``."""
         del positions
         slots = self.meta.slots
-        return dataclasses.replace(self, c_kv_pages=_write(self.c_kv_pages, self.layer, slots, c_kv),
-                                   k_r_pages=_write(self.k_r_pages, self.layer, slots, k_r))
+        return dataclasses.replace(
+            self,
+            c_kv_pages=_write(self.c_kv_pages, self.layer, slots, c_kv),
+            k_r_pages=_write(self.k_r_pages, self.layer, slots, k_r),
+        )
 
-    def attend_latent(self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array,
-                      scale: float, impl=None) -> jax.Array:
+    def attend_latent(
+        self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array, scale: float, impl=None
+    ) -> jax.Array:
         """``q_latent [B,T,N,A]``, ``q_rope [B,T,N,R]`` -> latent outputs ``[B,T,N,A]``."""
         del positions
         c_kv, first = _layer_pages(self.c_kv_pages, self.layer)
@@ -198,7 +218,16 @@ class PagedLatentCache:
         c_kv, k_r = c_kv.astype(q_latent.dtype), k_r.astype(q_latent.dtype)  # no-ops when equal
 
         def attend(group: AttentionGroup, ql: jax.Array, qr: jax.Array) -> jax.Array:
-            return ops.mla_decode(ql, qr, c_kv, k_r, group.tables + first, group.lengths,
-                                  group.positions, scale=scale, impl=impl)
+            return ops.mla_decode(
+                ql,
+                qr,
+                c_kv,
+                k_r,
+                group.tables + first,
+                group.lengths,
+                group.positions,
+                scale=scale,
+                impl=impl,
+            )
 
         return _grouped((q_latent, q_rope), self.meta, attend).reshape(q_latent.shape)

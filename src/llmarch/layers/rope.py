@@ -46,8 +46,11 @@ def yarn_inverse_frequencies(dim: int, theta: float, s: YarnScaling) -> np.ndarr
     base = inverse_frequencies(dim, theta).astype(np.float64)  # theta^(-2i/dim)
 
     def correction_dim(rotations: float) -> float:  # the dim index that turns `rotations` times
-        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-            2 * math.log(theta))
+        return (
+            dim
+            * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
 
     low = max(math.floor(correction_dim(s.beta_fast)), 0)
     high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)

@@ -52,8 +52,11 @@ def _digest(path: Path) -> str:
 
 
 def _files(step_dir: Path) -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "blake2b": _digest(p)}
-            for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(step_dir)): {"size": p.stat().st_size, "blake2b": _digest(p)}
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 class Checkpointer:
@@ -74,9 +77,12 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} does not exist: the run has no checkpoint")
         self.save_every, self.keep, self.read_only = save_every, keep, read_only
-        options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
-                                               cleanup_tmp_directories=not read_only,
-                                               enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=False,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     # What is there -----------------------------------------------------------------------
@@ -101,15 +107,19 @@ class Checkpointer:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} has no {MANIFEST}: its save did not "
-                                  "finish") from None
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} has no {MANIFEST}: its save did not finish"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} is corrupted: {path.name} is not "
-                                  f"valid JSON ({e})") from None
-        if not (isinstance(data, dict) and data.get("format") == _FORMAT
-                and isinstance(data.get("files"), dict)):
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} is corrupted: {path.name} is not an "
-                                  "llmarch manifest")
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} is corrupted: {path.name} is not valid JSON ({e})"
+            ) from None
+        if not (
+            isinstance(data, dict) and data.get("format") == _FORMAT and isinstance(data.get("files"), dict)
+        ):
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} is corrupted: {path.name} is not an llmarch manifest"
+            )
         return data
 
     def verify(self, step: int) -> dict[str, Any]:
@@ -131,8 +141,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.step_dir(step)} is corrupted: {problem}")
         extra = sorted(set(found) - set(expected["files"]))
         if extra:
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} is corrupted: {extra[0]} is not in "
-                                  f"its {MANIFEST}")
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} is corrupted: {extra[0]} is not in its {MANIFEST}"
+            )
         return expected
 
     def intact(self, step: int) -> bool:
@@ -156,8 +167,16 @@ class Checkpointer:
 
     # Saving and restoring ------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, *, config: dict | None = None,
-             data: dict | None = None, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: grain.DatasetIterator,
+        *,
+        config: dict | None = None,
+        data: dict | None = None,
+        force: bool = False,
+    ) -> bool:
         """Saves when ``step`` is due (or ``force``), seals it with a manifest that carries
         ``config`` and ``data`` (fingerprints of what the run reads), then rotates; returns
         whether it saved."""
@@ -169,13 +188,19 @@ class Checkpointer:
             return False
         if isinstance(state, TrainState):
             state = state.as_dict()  # the on-disk layout stays a dict: see TrainState
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        )
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            manifest = {"format": _FORMAT, "step": step, "config": config, "data": data,
-                        "files": _files(self.step_dir(step))}
+            manifest = {
+                "format": _FORMAT,
+                "step": step,
+                "config": config,
+                "data": data,
+                "files": _files(self.step_dir(step)),
+            }
             atomic_write_text(self.step_dir(step) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             for old in [s for s in self.steps() if s < step][: max(len(self.steps()) - self.keep, 0)]:
                 self.manager.delete(old)
@@ -190,7 +215,8 @@ class Checkpointer:
         if typed:
             target = target.as_dict()
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target
+        )
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -198,8 +224,10 @@ class Checkpointer:
             state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
         except Exception as e:  # orbax/tensorstore errors are deep and varied: name the place
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} does not match this run's model and "
-                                  f"optimizer ({type(e).__name__}: {first})") from e
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} does not match this run's model and "
+                f"optimizer ({type(e).__name__}: {first})"
+            ) from e
         return TrainState.from_dict(state) if typed else state
 
     def close(self) -> None:

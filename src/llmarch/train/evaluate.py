@@ -60,9 +60,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches
     if data is None:
         rows = load_rows(cfg)[1]
     else:
-        rows = pack_documents(load_documents(data, text_field=cfg.text_field), load_tokenizer(cfg.tokenizer),
-                              seq_len=cfg.seq_len, model_vocab_size=cfg.model_config().vocab_size)
+        rows = pack_documents(
+            load_documents(data, text_field=cfg.text_field),
+            load_tokenizer(cfg.tokenizer),
+            seq_len=cfg.seq_len,
+            model_vocab_size=cfg.model_config().vocab_size,
+        )
     evaluate = make_evaluator(graphdef, rows, batch_size=cfg.batch_size, batches=batches)
     loss = evaluate(state.params, state.rest)
-    return {"step": step, "data": data or f"validation split of {cfg.data}", "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0))}
+    return {
+        "step": step,
+        "data": data or f"validation split of {cfg.data}",
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+    }

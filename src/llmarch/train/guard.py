@@ -61,18 +61,23 @@ class RunHealth:
                     f"{skipped_total} of {step} steps were skipped for non-finite loss, gradients or "
                     f"update, more than max_skipped_fraction={self.max_skipped_fraction} of "
                     f"{self.total_steps} steps allows: the run has diverged (lower the learning rate, "
-                    "add clipping or z_loss)")
+                    "add clipping or z_loss)"
+                )
             return
         self.zero_grad_streak = self.zero_grad_streak + 1 if grad_norm == 0.0 else 0
         if self.zero_grad_streak == DEAD_STEPS:
-            self.warn(f"WARNING: step {step}: the gradient norm has been exactly 0 for {DEAD_STEPS} steps "
-                      f"(loss {loss:.4f}): the model has stopped learning, typically after a learning rate "
-                      "far too large saturated it")
+            self.warn(
+                f"WARNING: step {step}: the gradient norm has been exactly 0 for {DEAD_STEPS} steps "
+                f"(loss {loss:.4f}): the model has stopped learning, typically after a learning rate "
+                "far too large saturated it"
+            )
         if self.ema is not None and self.accepted >= SPIKE_WARMUP and math.isfinite(loss):
             spike = loss > SPIKE_RATIO * self.ema and loss > self.ema + SPIKE_MARGIN
             if spike and not self.in_spike:
-                self.warn(f"WARNING: step {step}: loss {loss:.4f} is far above its running level "
-                          f"{self.ema:.4f}: the run may be diverging")
+                self.warn(
+                    f"WARNING: step {step}: loss {loss:.4f} is far above its running level "
+                    f"{self.ema:.4f}: the run may be diverging"
+                )
             self.in_spike = spike
             if spike:
                 return  # a spike does not move the reference level

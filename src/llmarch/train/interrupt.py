@@ -48,8 +48,10 @@ def graceful_stop(*, log) -> Iterator[StopRequest]:
         if request:
             raise Aborted(signum)
         request.signum = signum
-        log(f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-            "(send it again to abort without saving)")
+        log(
+            f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+            "(send it again to abort without saving)"
+        )
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
     try:

@@ -47,8 +47,11 @@ class MetricsLog:
         self.path = self.directory / METRICS_FILE
         self.truncate_after(start)
         self.tensorboard = tensorboard
-        self.writer = (SummaryWriter(str(self.directory / TENSORBOARD_DIR), purge_step=start + 1)
-                       if tensorboard else None)
+        self.writer = (
+            SummaryWriter(str(self.directory / TENSORBOARD_DIR), purge_step=start + 1)
+            if tensorboard
+            else None
+        )
 
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step`` (atomically). A torn last line, left by a kill during a
@@ -64,8 +67,10 @@ class MetricsLog:
                 record = json.loads(line)
                 record_step = record["step"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{self.path} line {i + 1} is not a metrics record: {line.strip()[:80]!r}; "
-                                 "repair or delete the line to resume") from None
+                raise ValueError(
+                    f"{self.path} line {i + 1} is not a metrics record: {line.strip()[:80]!r}; "
+                    "repair or delete the line to resume"
+                ) from None
             if record_step <= step:
                 kept.append(line)
         atomic_write_text(self.path, "".join(kept))

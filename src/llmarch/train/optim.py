@@ -66,8 +66,7 @@ class OptimizerConfig:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"OptimizerConfig.name={self.name!r} is unknown; allowed: {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"OptimizerConfig.schedule={self.schedule!r} is unknown; "
-                             f"allowed: {SCHEDULES}")
+            raise ValueError(f"OptimizerConfig.schedule={self.schedule!r} is unknown; allowed: {SCHEDULES}")
         _check("learning_rate", self.learning_rate, "must be a finite number > 0", lambda x: x > 0)
         _check("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", lambda x: 0 <= x <= 1)
         _check("weight_decay", self.weight_decay, "must be a finite number >= 0", lambda x: x >= 0)
@@ -89,11 +88,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
         if not cfg.warmup_steps:
             return optax.constant_schedule(cfg.learning_rate)
         warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-        return optax.join_schedules([warmup, optax.constant_schedule(cfg.learning_rate)],
-                                    [cfg.warmup_steps])
+        return optax.join_schedules([warmup, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+        0.0,
+        cfg.learning_rate,
+        cfg.warmup_steps,
+        max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
 
 
 def _update_rule(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -147,8 +149,9 @@ def model_lr_groups(model: ModelConfig) -> tuple[LrGroup, ...]:
     return (LrGroup(VALUES_PATTERN, memory.value_lr, memory.value_lr_final),)
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: ModelConfig | None = None
-                    ) -> optax.GradientTransformation:
+def build_optimizer(
+    cfg: OptimizerConfig, total_steps: int, model: ModelConfig | None = None
+) -> optax.GradientTransformation:
     """The optimizer for ``total_steps`` updates (``optax.MultiSteps`` when accumulating), with
     ``cfg.lr_groups`` and then the groups that ``model``'s config asks for (``model_lr_groups``;
     the first group whose pattern matches a parameter wins)."""
@@ -165,6 +168,7 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: ModelConfig |
     decay = [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask)] if cfg.weight_decay else []
     parts += [_update_rule(cfg), *decay] if cfg.name == "adamw" else [*decay, _update_rule(cfg)]
     if cfg.lr_groups:
+
         def multiplier(g: LrGroup) -> optax.GradientTransformation:
             end = g.multiplier if g.final_multiplier is None else g.final_multiplier
             return optax.scale_by_schedule(optax.linear_schedule(g.multiplier, end, updates))

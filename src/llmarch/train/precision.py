@@ -24,8 +24,9 @@ class Precision:
                 raise ValueError(f"Precision.{name}={value!r} is invalid; allowed: {DTYPES}")
 
     def apply(self, cfg: ModelConfig) -> ModelConfig:
-        return cfg.replace(param_dtype=self.param_dtype, dtype=self.compute_dtype,
-                           logits_dtype=self.output_dtype)
+        return cfg.replace(
+            param_dtype=self.param_dtype, dtype=self.compute_dtype, logits_dtype=self.output_dtype
+        )
 
 
 POLICIES = {

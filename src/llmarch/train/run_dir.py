@@ -25,9 +25,25 @@ from llmarch.train.checkpoint import Checkpointer, CheckpointError
 
 RESUME_MODES = ("auto", "must", "never", "fallback")
 # Fields that may change between a run and its resumption: they steer the loop, not the state.
-RESUMABLE_CHANGES = frozenset({"out_dir", "steps", "eval_every", "eval_batches", "log_every",
-                               "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
-                               "peak_flops", "nan_policy", "mesh", "rules", "resume", "max_skipped_fraction"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out_dir",
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "tensorboard",
+        "progress",
+        "peak_flops",
+        "nan_policy",
+        "mesh",
+        "rules",
+        "resume",
+        "max_skipped_fraction",
+    }
+)
 
 
 def lock(out_dir: Path) -> filelock.BaseFileLock:
@@ -38,8 +54,10 @@ def lock(out_dir: Path) -> filelock.BaseFileLock:
     try:
         handle.acquire(timeout=0)
     except filelock.Timeout:
-        raise RuntimeError(f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); "
-                           "wait for it to finish or stop it, or choose another --out") from None
+        raise RuntimeError(
+            f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); "
+            "wait for it to finish or stop it, or choose another --out"
+        ) from None
     return handle
 
 
@@ -73,8 +91,10 @@ def start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = 
         log(f"checkpoint {steps[-1]} was still being saved when the last run stopped: moved to {where}")
         steps = steps[:-1]
     if mode == "never" and steps:
-        raise CheckpointError(f"{ckpt.directory} already holds checkpoints {steps} and --resume never was "
-                              "given; choose another --out, or --resume auto to continue the run")
+        raise CheckpointError(
+            f"{ckpt.directory} already holds checkpoints {steps} and --resume never was "
+            "given; choose another --out, or --resume auto to continue the run"
+        )
     if mode == "must" and not steps:
         raise CheckpointError(f"{ckpt.directory} holds no checkpoint to resume from (--resume must)")
     corrupted = 0
@@ -84,8 +104,10 @@ def start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = 
             manifest = ckpt.verify(step)
         except CheckpointError as e:
             if mode != "fallback":
-                raise CheckpointError(f"{e}; rerun with --resume fallback to set it aside and resume from "
-                                      "the newest intact checkpoint") from None
+                raise CheckpointError(
+                    f"{e}; rerun with --resume fallback to set it aside and resume from "
+                    "the newest intact checkpoint"
+                ) from None
             log(f"{e}: moved to {ckpt.set_aside(step, 'corrupted')}")
             steps, corrupted = steps[:-1], corrupted + 1
             continue
@@ -93,14 +115,18 @@ def start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = 
         if data is not None and manifest.get("data") not in (None, data):
             differ.append("the training or validation tokens (the corpus or tokenizer changed)")
         if differ:
-            raise CheckpointError(f"{ckpt.step_dir(step)} was saved by a run with another configuration "
-                                  f"({'; '.join(differ)}); nothing was changed: use the same settings "
-                                  "to resume, or another --out for a new run")
+            raise CheckpointError(
+                f"{ckpt.step_dir(step)} was saved by a run with another configuration "
+                f"({'; '.join(differ)}); nothing was changed: use the same settings "
+                "to resume, or another --out for a new run"
+            )
         return step
     if corrupted:  # fallback found nothing intact: starting over is not what was asked
-        raise CheckpointError(f"every checkpoint in {ckpt.directory} was corrupted ({corrupted} set aside in "
-                              f"{ckpt.directory.name}_set_aside/); nothing is left to resume from: rerun to "
-                              "start this run from scratch, or use another --out")
+        raise CheckpointError(
+            f"every checkpoint in {ckpt.directory} was corrupted ({corrupted} set aside in "
+            f"{ckpt.directory.name}_set_aside/); nothing is left to resume from: rerun to "
+            "start this run from scratch, or use another --out"
+        )
     if mode == "must":
         raise CheckpointError(f"{ckpt.directory} holds no intact checkpoint to resume from (--resume must)")
     return None

@@ -86,8 +86,16 @@ class TrainConfig:
     peak_flops: float | None = None  # per device; None: from the device kind if known
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every",
-                     "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             check_int("TrainConfig", name, getattr(self, name), high=INT32_MAX)
         check_int("TrainConfig", "seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range
         for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
@@ -96,31 +104,43 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a non-empty string")
         for name in ("tensorboard", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: "
-                                 "must be True or False")
+                raise ValueError(
+                    f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be True or False"
+                )
         if self.model is not None and not isinstance(self.model, ModelConfig):
             raise ValueError(f"TrainConfig.model={self.model!r} is invalid: must be a ModelConfig or None")
         if not isinstance(self.optimizer, OptimizerConfig):
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is invalid: "
-                             "must be an OptimizerConfig")
+            raise ValueError(
+                f"TrainConfig.optimizer={self.optimizer!r} is invalid: must be an OptimizerConfig"
+            )
         _check("z_loss", self.z_loss, "must be a finite number >= 0", lambda x: x >= 0)
         _check("val_fraction", self.val_fraction, "must be in (0, 1)", lambda x: 0 < x < 1)
         _check("max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]", lambda x: 0 <= x <= 1)
         if self.peak_flops is not None:
-            _check("peak_flops", self.peak_flops, "must be a finite number > 0 (FLOP/s per device), or None",
-                    lambda x: x > 0)
+            _check(
+                "peak_flops",
+                self.peak_flops,
+                "must be a finite number > 0 (FLOP/s per device), or None",
+                lambda x: x > 0,
+            )
         if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; "
-                             f"allowed: {NAN_POLICIES}")
+            raise ValueError(
+                f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; allowed: {NAN_POLICIES}"
+            )
         if self.mesh is not None and (not isinstance(self.mesh, str) or not self.mesh):
-            raise ValueError(f"TrainConfig.mesh={self.mesh!r} is invalid: must be a mesh spec such as "
-                             "'data=2,fsdp=4', or None")
+            raise ValueError(
+                f"TrainConfig.mesh={self.mesh!r} is invalid: must be a mesh spec such as "
+                "'data=2,fsdp=4', or None"
+            )
         if self.optimizer.grad_accum_steps > self.steps:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps={self.optimizer.grad_accum_steps} exceeds "
-                             f"TrainConfig.steps={self.steps}: no update would ever be applied")
+            raise ValueError(
+                f"OptimizerConfig.grad_accum_steps={self.optimizer.grad_accum_steps} exceeds "
+                f"TrainConfig.steps={self.steps}: no update would ever be applied"
+            )
         if self.resume not in run_dir.RESUME_MODES:
-            raise ValueError(f"TrainConfig.resume={self.resume!r} is unknown; "
-                             f"allowed: {run_dir.RESUME_MODES}")
+            raise ValueError(
+                f"TrainConfig.resume={self.resume!r} is unknown; allowed: {run_dir.RESUME_MODES}"
+            )
         if self.model is None and self.preset not in presets.names():
             raise ValueError(f"TrainConfig.preset={self.preset!r} is unknown; allowed: {presets.names()}")
         policy(self.precision)
@@ -129,8 +149,9 @@ class TrainConfig:
             sharding.parse_mesh_spec(self.mesh)
         cfg = self.model_config()
         if self.seq_len > cfg.max_seq_len:
-            raise ValueError(f"TrainConfig.seq_len={self.seq_len} exceeds the model's "
-                             f"max_seq_len={cfg.max_seq_len}")
+            raise ValueError(
+                f"TrainConfig.seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
+            )
 
     def model_config(self) -> ModelConfig:
         cfg = self.model if self.model is not None else presets.get(self.preset)
@@ -146,12 +167,16 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """The same run with its paths absolute, as it is stored: ``eval`` and ``generate`` then
         work from any directory."""
+
         def absolute(value: str, keep: tuple[str, ...]) -> str:
             return value if value in keep or not Path(value).exists() else str(Path(value).resolve())
 
-        return dataclasses.replace(self, out_dir=str(Path(self.out_dir).resolve()),
-                                   data=absolute(self.data, ("default",)),
-                                   tokenizer=absolute(self.tokenizer, ("byte",)))
+        return dataclasses.replace(
+            self,
+            out_dir=str(Path(self.out_dir).resolve()),
+            data=absolute(self.data, ("default",)),
+            tokenizer=absolute(self.tokenizer, ("byte",)),
+        )
 
 
 @dataclasses.dataclass
@@ -206,8 +231,14 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = build_optimizer(cfg.optimizer, cfg.steps, model=cfg.model_config())  # + e.g. UltraMem's value LR
-    state = TrainState(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
-                       rng=jax.random.key_data(jax.random.key(cfg.seed)), skipped=jnp.int32(0))
+    state = TrainState(
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        step=jnp.int32(0),
+        rng=jax.random.key_data(jax.random.key(cfg.seed)),
+        skipped=jnp.int32(0),
+    )
     if mesh is not None:  # scalars (step counts, RNG) are born on one device: replicate them
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)  # noqa: E731
@@ -215,15 +246,17 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     return graphdef, tx, state
 
 
-def make_evaluator(graphdef: nnx.GraphDef, rows: PackedRows, *, batch_size: int, batches: int,
-                   data_sharding=None):
+def make_evaluator(
+    graphdef: nnx.GraphDef, rows: PackedRows, *, batch_size: int, batches: int, data_sharding=None
+):
     """``evaluate(params, rest) -> mean loss`` over the first ``batches`` batches of ``rows``
     in order (token-weighted: padding and cross-document targets do not count)."""
 
     @jax.jit
     def eval_step(params, rest, batch):
-        logits = nnx.merge(graphdef, params, rest)(batch["inputs"], positions=batch["positions"],
-                                                   segment_ids=batch["segment_ids"])
+        logits = nnx.merge(graphdef, params, rest)(
+            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
         return cross_entropy(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
 
     batch_size = min(batch_size, len(rows))
@@ -246,8 +279,10 @@ def load_rows(cfg: TrainConfig) -> tuple[PackedRows, PackedRows]:
     tokenizer = load_tokenizer(cfg.tokenizer)
     documents = load_documents(cfg.data, text_field=cfg.text_field)
     train_docs, val_docs = train_val_split(documents, cfg.val_fraction, seed=cfg.seed)
-    return tuple(pack_documents(docs, tokenizer, seq_len=cfg.seq_len, model_vocab_size=model_cfg.vocab_size)
-                 for docs in (train_docs, val_docs))
+    return tuple(
+        pack_documents(docs, tokenizer, seq_len=cfg.seq_len, model_vocab_size=model_cfg.vocab_size)
+        for docs in (train_docs, val_docs)
+    )
 
 
 def train(cfg: TrainConfig, *, log=print) -> TrainResult:
@@ -279,16 +314,22 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
     train_rows, val_rows = rows
     data_sharding = sharding.batch_sharding(mesh, cfg.rules) if mesh is not None else None
     if cfg.batch_size % jax.process_count():
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over "
-                         f"{jax.process_count()} processes")
+        raise ValueError(
+            f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {jax.process_count()} processes"
+        )
     train_iter = make_batches(train_rows, batch_size=cfg.batch_size, seed=cfg.seed)
     graphdef, tx, state = init_state(cfg, mesh)
-    shardings = (jax.tree.map(lambda x: x.sharding, (state.params, state.rest, state.opt_state))
-                 if mesh is not None else None)
-    step_fn = make_train_step(graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings,
-                              update_rest=True)  # rest: e.g. the MoE expert bias, updated per step
-    evaluate = make_evaluator(graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches,
-                              data_sharding=data_sharding)
+    shardings = (
+        jax.tree.map(lambda x: x.sharding, (state.params, state.rest, state.opt_state))
+        if mesh is not None
+        else None
+    )
+    step_fn = make_train_step(
+        graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings, update_rest=True
+    )  # rest: e.g. the MoE expert bias, updated per step
+    evaluate = make_evaluator(
+        graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches, data_sharding=data_sharding
+    )
 
     config = run_dir.as_dict(cfg)
     data = {"train_tokens": _fingerprint(train_rows), "val_tokens": _fingerprint(val_rows)}
@@ -302,14 +343,17 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
             log(f"resumed from {ckpt.step_dir(start)}")
         start = int(state.step)
         if start >= cfg.steps:
-            log(f"the run is already at step {start}, at or past steps={cfg.steps}: nothing to train "
-                "(raise --steps to continue it)")
+            log(
+                f"the run is already at step {start}, at or past steps={cfg.steps}: nothing to train "
+                "(raise --steps to continue it)"
+            )
         # Only now, with a fresh start or a verified restore, is the directory this run's.
         atomic_write_text(out / CONFIG_FILE, cfg.to_json() + "\n")
         log_file = metrics_lib.MetricsLog(out, start=start, tensorboard=cfg.tensorboard)
 
         flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
         peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
+
         def warn(message: str) -> None:
             with tqdm.external_write_mode():  # above the progress bar, not through it
                 log(message)
@@ -326,8 +370,9 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
 
         def save(step: int, state: TrainState) -> None:
             if not bool(all_finite(state)):  # unreachable through the guarded step: never save it
-                raise TrainingError(f"step {step}: the train state holds non-finite values; not saved; "
-                                    f"{last_good()}")
+                raise TrainingError(
+                    f"step {step}: the train state holds non-finite values; not saved; {last_good()}"
+                )
             log_file.sync()  # every point logged so far survives a kill, as the checkpoint does
             try:
                 ckpt.save(step, state, train_iter, config=config, data=data, force=True)  # no-op if saved
@@ -343,8 +388,14 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                 batch = _to_global(next(train_iter), data_sharding)
                 params, rest, opt_state, m = step_fn(state.params, state.rest, state.opt_state, batch)
                 skipped = state.skipped + (~m["finite"]).astype(jnp.int32)
-                state = dataclasses.replace(state, params=params, rest=rest, opt_state=opt_state,
-                                            step=jnp.int32(step), skipped=skipped)
+                state = dataclasses.replace(
+                    state,
+                    params=params,
+                    rest=rest,
+                    opt_state=opt_state,
+                    step=jnp.int32(step),
+                    skipped=skipped,
+                )
                 loss = float(m["loss"])  # waits for the step
                 if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
                     busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
@@ -354,29 +405,37 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                     raise TrainingError(
                         f"step {step}: the loss ({loss}), gradient norm ({float(m['grad_norm'])}) or "
                         f"update is not finite; stopped without applying it (nan_policy='stop'); "
-                        f"{last_good()}. Lower the learning rate, add z_loss, or set nan_policy='skip'")
+                        f"{last_good()}. Lower the learning rate, add z_loss, or set nan_policy='skip'"
+                    )
                 try:
                     health.observe(step, loss, float(m["grad_norm"]), finite, int(skipped))
                 except TrainingError as e:
                     raise TrainingError(f"{e}; {last_good()}") from None
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps or stop:
-                    record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
-                              "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                              "skipped": int(skipped), **_layer_metrics(m)}
+                    record = {
+                        "loss": loss,
+                        "perplexity": float(np.exp(min(loss, 50.0))),
+                        "z_loss": float(m["z_loss"]),
+                        "grad_norm": float(m["grad_norm"]),
+                        "skipped": int(skipped),
+                        **_layer_metrics(m),
+                    }
                     if busy_steps:
                         tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
                         record["tokens_per_s"] = tokens_per_s
                         if peak:
-                            record["mfu"] = accounting.mfu(tokens_per_s / jax.device_count(), flops_per_token,
-                                                           peak)
+                            record["mfu"] = accounting.mfu(
+                                tokens_per_s / jax.device_count(), flops_per_token, peak
+                            )
                     busy, busy_steps = 0.0, 0
                     log_file.write(step, record)
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val_loss = evaluate(params, state.rest)
-                    log_file.write(step, {"val_loss": val_loss,
-                                          "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
+                    log_file.write(
+                        step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))}
+                    )
                     if not math.isfinite(val_loss):
                         warn(f"WARNING: step {step}: the validation loss is {val_loss}")
                 if step == cfg.steps or step % cfg.checkpoint_every == 0:
@@ -385,10 +444,13 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                     save(step, state)
                     raise TrainingInterrupted(
                         f"stopped by {stop.name} after step {step}; saved {ckpt.step_dir(step)}; run the "
-                        "same command again to resume", stop.signum)
+                        "same command again to resume",
+                        stop.signum,
+                    )
         if val_loss is not None and not math.isfinite(val_loss):
-            raise TrainingError(f"the run ended with validation loss {val_loss}: the model is broken; "
-                                f"{last_good()}")
+            raise TrainingError(
+                f"the run ended with validation loss {val_loss}: the model is broken; {last_good()}"
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -397,6 +459,13 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         ckpt.close()
     if val_loss is not None:
         log(f"step {int(state.step)}: validation loss {val_loss:.4f}")
-    return TrainResult(step=int(state.step), losses=losses, val_loss=val_loss,
-                       skipped_steps=int(state.skipped), params=state.params, rest=state.rest,
-                       graphdef=graphdef, train_rows=train_rows)
+    return TrainResult(
+        step=int(state.step),
+        losses=losses,
+        val_loss=val_loss,
+        skipped_steps=int(state.skipped),
+        params=state.params,
+        rest=state.rest,
+        graphdef=graphdef,
+        train_rows=train_rows,
+    )
