@@ -6,7 +6,7 @@ from flax import nnx
 
 import llmarch
 from kernels_pallas.flash_attention import attention_reference
-from llmarch import ops
+from llmarch import layers, ops
 from llmarch.config import RopeScaling
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.norms import RMSNorm
@@ -14,8 +14,7 @@ from llmarch.layers.rope import apply_rope, inverse_frequencies
 
 
 def test_einsum_applies_its_weight():
-    with nnx.use_eager_sharding(False):  # a lone layer, with no mesh to be sharded on
-        layer = Einsum((3, 2), ("embed", "mlp"), rngs=nnx.Rngs(0))
+    layer = Einsum((3, 2), ("embed", "mlp"), rngs=nnx.Rngs(0))  # a lone layer: no mesh needed
     x = jnp.arange(6.0).reshape(1, 2, 3)
     np.testing.assert_allclose(layer("BTD,DF->BTF", x), x @ layer.w[...], rtol=1e-6)
     with pytest.raises(ValueError, match="rank"):
@@ -152,3 +151,51 @@ def test_model_config_impl_reaches_ops(monkeypatch):
     monkeypatch.setattr(ops, "resolve", lambda op, impl=None: (requested.append(impl), resolve(op, impl))[1])
     model(jnp.zeros((1, 4), jnp.int32))
     assert requested and set(requested) == {"pallas"}
+
+
+_LONE = {  # each layer from its own sub-config and explicit dimensions: no ModelConfig, no mesh
+    "Attention": lambda: layers.Attention(32, layers.AttentionConfig(4, 2, 8), rngs=nnx.Rngs(0)),
+    "MLA": lambda: layers.MLA(
+        32,
+        layers.MLAConfig(4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+        rngs=nnx.Rngs(0),
+    ),
+    "SwiGLU": lambda: layers.SwiGLU(32, 64, rngs=nnx.Rngs(0)),
+    "MoE": lambda: layers.MoE(32, layers.MoEConfig(num_experts=4, top_k=2, expert_dim=16), rngs=nnx.Rngs(0)),
+    "MemoryLayer": lambda: layers.MemoryLayer(32, layers.MemoryConfig(num_keys=4, topk=2), rngs=nnx.Rngs(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LONE))
+def test_each_layer_builds_and_runs_on_its_own(name):
+    layer = _LONE[name]()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    if name in ("Attention", "MLA"):
+        out, cache = layer(x, jnp.broadcast_to(jnp.arange(5), (2, 5)))
+        assert cache is None
+    else:
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == x.shape and bool(jnp.isfinite(out).all())
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: layers.SwiGLU(0, 64, rngs=nnx.Rngs(0)), r"SwiGLU.d_model=0 is invalid: must be a positive"),
+        (lambda: layers.SwiGLU(32, 6.5, rngs=nnx.Rngs(0)), r"SwiGLU.hidden=6.5 is invalid"),
+        (
+            lambda: layers.MLA(32, layers.AttentionConfig(4, 2, 8), rngs=nnx.Rngs(0)),
+            r"MLA.cfg=AttentionConfig\(.*is invalid: must be a MLAConfig",
+        ),
+        (
+            lambda: layers.MemoryLayer(
+                32, layers.MemoryConfig(num_keys=4, topk=2, value_dim=16), rngs=nnx.Rngs(0)
+            ),
+            r"MemoryConfig.output_proj=False is invalid: must be True when the value width 16 differs",
+        ),
+    ],
+)
+def test_a_lone_layer_rejects_bad_arguments_by_name(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()

@@ -53,3 +53,10 @@ def check_number(
 def check_choice(owner: str, field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         fail(owner, field, value, f"must be one of {allowed}")
+
+
+def check_layer(owner: str, cfg: Any, cfg_type: type | None = None, **dims: Any) -> None:
+    """A layer's constructor arguments: positive integer dimensions, and its config's type."""
+    check_positive(owner, **dims)
+    if cfg_type is not None and not isinstance(cfg, cfg_type):
+        fail(owner, "cfg", cfg, f"must be a {cfg_type.__name__}")

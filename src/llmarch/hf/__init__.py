@@ -15,7 +15,7 @@ from llmarch.hf.architecture import Architecture
 from llmarch.hf.architectures import ARCHITECTURES
 from llmarch.hf.config_json import config_from_hf, config_to_hf
 from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
-from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, INDEX_FILE, WEIGHTS_FILE, checkpoint_dir
+from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, INDEX_FILE, WEIGHTS_FILE
 from llmarch.hf.pretrained import dtype_name, load_pretrained, save_pretrained
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "INDEX_FILE",
     "WEIGHTS_FILE",
     "Architecture",
-    "checkpoint_dir",
     "config_from_hf",
     "config_to_hf",
     "dtype_name",

@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import spmd as flax_spmd
 
 from llmarch import sharding
 from llmarch.config import ModelConfig
@@ -115,7 +114,7 @@ def from_hf_tensors(
 
 
 def _place(state: nnx.State) -> nnx.State:
-    mesh, rules = jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
+    mesh, rules = sharding.ambient()
     if mesh.empty or not rules:
         return jax.device_put(state)
     return sharding.shard_state(state, jax.sharding.get_mesh(), rules)

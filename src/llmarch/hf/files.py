@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -55,20 +54,6 @@ class CheckpointTensors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._files)
-
-
-def checkpoint_dir(path: str | os.PathLike, expected: str) -> Path:
-    """``path`` as a directory; ``expected`` says what the directory should hold.
-
-    Raises:
-      FileNotFoundError: when ``path`` does not exist or is not a directory.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist; expected {expected}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(root)!r} is not a directory; expected {expected}")
-    return root
 
 
 def _tensor_names(file: Path) -> list[str]:

@@ -16,12 +16,12 @@ from llmarch.hf.files import (
     CONFIG_FILE,
     HF_CHECKPOINT,
     CheckpointTensors,
-    checkpoint_dir,
     weight_files,
     write_checkpoint,
 )
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
+from llmarch.run_format import existing_dir
 
 
 def dtype_name(dtype: Any) -> str:
@@ -51,7 +51,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
       ValueError: naming the file, for one that is not valid JSON or safetensors, an unsupported or
         invalid config field, or tensors that do not match the config.
     """
-    root = checkpoint_dir(path, HF_CHECKPOINT)
+    root = existing_dir(path, HF_CHECKPOINT)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: a checkpoint needs {CONFIG_FILE}")

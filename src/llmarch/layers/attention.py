@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch.checks import check_layer
 from llmarch.layers.cache import KVCacheLike
 from llmarch.layers.configs import AttentionConfig
 from llmarch.layers.einsum import Einsum
@@ -33,6 +34,7 @@ class Attention(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
+        check_layer("Attention", cfg, AttentionConfig, d_model=d_model)
         a = cfg
         D, N, K, H = d_model, a.num_heads, a.num_kv_heads, a.head_dim
         init = nnx.initializers.normal(init_std)

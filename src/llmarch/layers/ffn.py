@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
+from llmarch.checks import check_layer
 from llmarch.layers.einsum import Einsum
 
 
@@ -22,6 +23,7 @@ class SwiGLU(nnx.Module):
         init_std: float = 0.02,
         param_dtype: jnp.dtype = jnp.float32,
     ):
+        check_layer("SwiGLU", None, d_model=d_model, hidden=hidden)
         D, F = d_model, hidden
         init = nnx.initializers.normal(init_std)
         pd = jnp.dtype(param_dtype)

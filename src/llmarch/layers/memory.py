@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes
-from llmarch.checks import fail
+from llmarch.checks import check_layer, fail
 from llmarch.layers.configs import MemoryConfig
 from llmarch.layers.einsum import Einsum, param
 from llmarch.layers.memory_lookup import read_values, virtual_to_physical
@@ -81,6 +81,7 @@ class MemoryLayer(nnx.Module):
     ):
         """``pre_norm``: RMS-normalize the input first (a skip-layer memory reads the raw residual
         stream; an FFN-position one gets its block's norm)."""
+        check_layer("MemoryLayer", cfg, MemoryConfig, d_model=d_model)
         check_width(d_model, cfg)
         m = self.mem = cfg
         D, N, P, H, r = d_model, m.num_heads, m.num_keys, m.key_dim, m.tucker_rank

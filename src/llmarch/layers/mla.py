@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch.checks import check_layer
 from llmarch.layers.cache import LatentCacheLike, ReadableLatentCache
 from llmarch.layers.configs import MLA_PATHS, MLAConfig
 from llmarch.layers.einsum import Einsum
@@ -99,6 +100,7 @@ class MLA(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
+        check_layer("MLA", cfg, MLAConfig, d_model=d_model)
         m = cfg
         D, N, A, R = d_model, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
         H, Hv = m.qk_nope_head_dim, m.v_head_dim

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, sharding
+from llmarch.checks import check_layer
 from llmarch.layers import moe_dispatch as dispatch
 from llmarch.layers import moe_parallel
 from llmarch.layers import moe_routing as routing
@@ -57,6 +58,7 @@ class MoE(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
+        check_layer("MoE", cfg, MoEConfig, d_model=d_model)
         m = cfg
         D, E, F = d_model, m.num_experts, m.expert_dim
         mesh, table = sharding.ambient()
