@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache stays off in tests (a test that wants it names a directory),
+# so in-process `cli.main` calls never write to the user's ~/.cache.
+os.environ["LLMARCH_COMPILE_CACHE"] = "off"
 
 import pathlib  # noqa: E402
 

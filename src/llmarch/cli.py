@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -210,6 +211,53 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# jax's persistent compilation cache: a second run of the same shapes loads its compiled programs
+# instead of compiling them again (`llmarch train --steps 5` twice: 17.4 s, then 6.4 s with it).
+COMPILE_CACHE_ENV = "LLMARCH_COMPILE_CACHE"  # a directory, or "off"
+_OFF = ("", "off", "0", "none", "false")
+
+
+def compile_cache_dir(args: argparse.Namespace) -> pathlib.Path | None:
+    """Where compiled programs are cached: ``--compile-cache DIR``, else ``$LLMARCH_COMPILE_CACHE``,
+    else ``$XDG_CACHE_HOME/llmarch/jax`` (``~/.cache/llmarch/jax``); None when turned off by
+    ``--no-compile-cache`` or ``LLMARCH_COMPILE_CACHE=off``."""
+    chosen = getattr(args, "compile_cache", None)
+    if chosen is False:  # --no-compile-cache
+        return None
+    if chosen is None:
+        chosen = os.environ.get(COMPILE_CACHE_ENV)
+        if chosen is not None and chosen.strip().lower() in _OFF:
+            return None
+    if chosen is None:
+        home = os.environ.get("XDG_CACHE_HOME") or pathlib.Path("~/.cache").expanduser()
+        return pathlib.Path(home) / "llmarch" / "jax"
+    if not str(chosen).strip():
+        raise ValueError("--compile-cache '' is invalid: give a directory, or use --no-compile-cache")
+    return pathlib.Path(chosen).expanduser()
+
+
+def _use_compile_cache(directory: pathlib.Path | None, *, explicit: bool) -> None:
+    """Points jax's persistent cache at ``directory`` (before anything compiles). A directory the
+    user named must be usable (else ValueError); the default one is skipped with a warning."""
+    if directory is None:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as e:
+        if explicit:
+            raise ValueError(f"--compile-cache {str(directory)!r} is invalid: {e}") from None
+        print(f"llmarch: warning: compilation cache off ({e}); see --compile-cache", file=sys.stderr)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # jax caches only programs that took >= 1 s to compile by default; a small model's train step
+    # compiles in less on an accelerator, and every program counts toward a warm start.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -217,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="show the full traceback and library logs on an error",
+    )
+    cache = common.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help=f"cache compiled programs here (default: ${COMPILE_CACHE_ENV}, else ~/.cache/llmarch/jax)",
+    )
+    cache.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="compile everything anew (also: LLMARCH_COMPILE_CACHE=off)",
     )
     parser = argparse.ArgumentParser(prog="llmarch", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         threading.excepthook = lambda hook_args: None
         sys.unraisablehook = lambda hook_args: None
     try:
+        _use_compile_cache(
+            compile_cache_dir(args), explicit=isinstance(getattr(args, "compile_cache", None), str)
+        )
         return args.func(args)
     except TrainingInterrupted as e:
         return _fail(args, e, 128 + e.signum, debug)
