@@ -75,3 +75,26 @@ def test_unknown_preset():
 )
 def test_real_preset_param_counts(name, published):
     assert accounting.param_count(llmarch.presets.get(name)) == published
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: RopeScaling(factor=float("nan")), r"RopeScaling.factor=nan is invalid: must be >= 1"),
+        (
+            lambda: RopeScaling(factor="8"),
+            r"RopeScaling.factor='8' is invalid: must be a Python int or float",
+        ),
+        (
+            lambda: AttentionConfig(4, 4, 16, rope_theta=float("inf")),
+            r"rope_theta=inf is invalid: must be > 0",
+        ),
+        (
+            lambda: AttentionConfig(4, 4, 16, rope_scaling={"factor": 8.0}),
+            r"AttentionConfig.rope_scaling=\{'factor': 8.0\} is invalid: must be a RopeScaling or None",
+        ),
+    ],
+)
+def test_float_fields_are_finite_numbers_of_the_right_type(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()

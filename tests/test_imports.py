@@ -14,6 +14,26 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = {"llmarch": ROOT / "src" / "llmarch", "kernels_pallas": ROOT / "kernels_pallas"}
+# The package's layers, top to bottom (docs/architecture.md draws the same picture): a module may
+# import modules of its own row and the rows below it, never a row above. Each entry is a module or
+# a package prefix; the first that matches a module places it.
+LAYERING = [
+    ("llmarch", "llmarch.cli"),
+    ("llmarch.demo",),
+    ("llmarch.inference",),
+    ("llmarch.hf",),
+    ("llmarch.train",),
+    ("llmarch.presets", "llmarch.data", "llmarch.run_format"),
+    ("llmarch.model",),
+    ("llmarch.accounting",),
+    ("llmarch.config",),
+    ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
+    ("llmarch.layers.",),  # every layer module
+    ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
+    ("llmarch.sharding",),
+    ("llmarch.axes", "llmarch.checks", "llmarch.machine"),
+    ("kernels_pallas",),
+]
 # The layers are the bottom of the model stack: they may not reach up into what assembles, trains,
 # serves or converts models.
 LAYERS_MAY_NOT_IMPORT = ("llmarch.model", "llmarch.train", "llmarch.inference", "llmarch.hf")
@@ -128,3 +148,25 @@ def test_layers_do_not_import_what_builds_on_them(graph):
         if dep.startswith(LAYERS_MAY_NOT_IMPORT)
     )
     assert not bad, f"layer modules importing model/train/inference/hf: {bad}"
+
+
+def _row(module: str) -> int:
+    for i, row in enumerate(LAYERING):
+        for entry in row:
+            exact = module == entry
+            inside = entry.endswith(".") and module.startswith(entry)
+            package = entry in (
+                "llmarch.inference",
+                "llmarch.hf",
+                "llmarch.train",
+                "llmarch.data",
+                "kernels_pallas",
+            ) and module.startswith(entry + ".")
+            if exact or inside or package:
+                return i
+    raise AssertionError(f"{module} has no row in LAYERING: add it")
+
+
+def test_imports_only_go_down_the_layering(graph):
+    upward = sorted((name, dep) for name, deps in graph.items() for dep in deps if _row(dep) < _row(name))
+    assert not upward, f"imports of a row above: {upward}"

@@ -137,3 +137,33 @@ def test_a_layer_that_breaks_its_aux_contract_fails_while_tracing():
             model(jnp.zeros((1, 4), jnp.int32))
     finally:
         kinds.unregister("ffn", "liar")
+
+
+def test_kind_records_are_checked_when_made_and_used():
+    with pytest.raises(ValueError, match=r"FFNKind.name='' is invalid: must be a non-empty string"):
+        kinds.FFNKind(name="", build=TOY.build, params=TOY.params)
+    with pytest.raises(TypeError, match=r"FFNKind 'x': build=None must be callable"):
+        kinds.FFNKind(name="x", build=None, params=TOY.params)
+    with pytest.raises(TypeError, match=r"aux=\{'metrics'\} must be a frozenset"):
+        kinds.FFNKind(name="x", build=TOY.build, params=TOY.params, aux={"metrics"})
+    with pytest.raises(ValueError, match=r"ffn kind 'never' is not registered"):
+        kinds.unregister("ffn", "never")
+    odd = [
+        kinds.FFNKind(name="nothing", build=lambda cfg, rngs: None, params=TOY.params),
+        kinds.FFNKind(
+            name="elsewhere", build=TOY.build, params=TOY.params, config_field="relu2", config_type=dict
+        ),
+    ]
+    for kind in odd:
+        kinds.register_ffn(kind)
+    try:
+        base = llmarch.presets.get("tiny-dense")
+        with pytest.raises(TypeError, match=r"kind 'nothing': build returned NoneType, not an nnx.Module"):
+            llmarch.Transformer(base.replace(blocks=(BlockConfig(ffn="nothing"),) * 2), rngs=nnx.Rngs(0))
+        with pytest.raises(
+            ValueError, match=r"blocks use ffn 'elsewhere', whose kind needs ModelConfig.relu2"
+        ):
+            base.replace(blocks=(BlockConfig(ffn="elsewhere"),) * 2)
+    finally:
+        for kind in odd:
+            kinds.unregister("ffn", kind.name)

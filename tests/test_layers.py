@@ -186,7 +186,7 @@ def test_each_layer_builds_and_runs_on_its_own(name):
         (lambda: layers.SwiGLU(32, 6.5, rngs=nnx.Rngs(0)), r"SwiGLU.hidden=6.5 is invalid"),
         (
             lambda: layers.MLA(32, layers.AttentionConfig(4, 2, 8), rngs=nnx.Rngs(0)),
-            r"MLA.cfg=AttentionConfig\(.*is invalid: must be a MLAConfig",
+            r"MLA.cfg='AttentionConfig' is invalid: must be an MLAConfig",
         ),
         (
             lambda: layers.MemoryLayer(

@@ -55,8 +55,37 @@ def check_choice(owner: str, field: str, value: Any, allowed: tuple[str, ...]) -
         fail(owner, field, value, f"must be one of {allowed}")
 
 
-def check_layer(owner: str, cfg: Any, cfg_type: type | None = None, **dims: Any) -> None:
-    """A layer's constructor arguments: positive integer dimensions, and its config's type."""
+def check_float_dtype(owner: str, field: str, value: Any) -> None:
+    """A floating-point dtype, by name ("bfloat16") or as a dtype object."""
+    import jax.numpy as jnp  # here, not at the top: this module is imported by every config
+
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        fail(owner, field, value, "must be a floating-point dtype such as 'float32' or 'bfloat16'")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        fail(owner, field, value, "must be a floating-point dtype such as 'float32' or 'bfloat16'")
+
+
+def check_layer(
+    owner: str,
+    cfg: Any,
+    cfg_type: type | None = None,
+    *,
+    init_std: Any = 0.02,
+    param_dtype: Any = "float32",
+    **dims: Any,
+) -> None:
+    """A layer's constructor arguments: positive integer dimensions, its config's type, a positive
+    init scale and a floating-point parameter dtype."""
     check_positive(owner, **dims)
     if cfg_type is not None and not isinstance(cfg, cfg_type):
-        fail(owner, "cfg", cfg, f"must be a {cfg_type.__name__}")
+        fail(owner, "cfg", type(cfg).__name__, f"must be {article(cfg_type)}")
+    check_number(owner, "init_std", init_std, "must be > 0", lambda v: v > 0)
+    check_float_dtype(owner, "param_dtype", param_dtype)
+
+
+def article(cls: type) -> str:
+    """``"a MoEConfig"``, ``"an MLAConfig"``: a class name with the article it reads with."""
+    name = cls.__name__
+    return f"{'an' if name[0] in 'AEIOU' or name.startswith(('ML', 'MH')) else 'a'} {name}"

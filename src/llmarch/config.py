@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any
 
-from llmarch.checks import check_choice, check_positive, fail
+from llmarch.checks import article, check_choice, check_positive, fail
 from llmarch.json_config import build as _build
 from llmarch.layers import kinds
 from llmarch.layers.configs import (  # noqa: F401  (re-exported: configs are built from here)
@@ -163,7 +163,7 @@ class ModelConfig:
             users = [(who, k) for who, k in used if k.config_field == field]
             cls = users[0][1].config_type if users else None
             if users and not isinstance(value, cls):
-                allowed = f"must be {_article(cls)}: {users[0][0]}"
+                allowed = f"must be {article(cls)}: {users[0][0]}"
                 fail("ModelConfig", field, value, allowed)
             if value is not None and not users:
                 fail(
@@ -172,7 +172,12 @@ class ModelConfig:
                     f"<{type(value).__name__}>",
                     f"must be None: no block uses {' or '.join(kinds.users_of(field))}",
                 )
-        for _, kind in used:
+        for who, kind in used:
+            if kind.config_field not in (*SUB_CONFIGS, "attention", None):
+                raise ValueError(
+                    f"{who}, whose kind needs ModelConfig.{kind.config_field}, which ModelConfig does not "
+                    f"have: a kind's sub-config must be one of {('attention', *SUB_CONFIGS)}"
+                )
             if getattr(kind, "check", None) is not None:
                 kind.check(self)
 
@@ -226,8 +231,3 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
-
-
-def _article(cls: type) -> str:
-    name = cls.__name__
-    return f"{'an' if name[0] in 'AEIOU' or name.startswith('ML') else 'a'} {name}"

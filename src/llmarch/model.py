@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from llmarch import axes, sharding
-from llmarch.checks import check_positive
+from llmarch.checks import check_float_dtype, check_positive
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers import kinds
 from llmarch.layers.cache import Pooled
@@ -42,10 +42,10 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, block: BlockConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.attention = kinds.attention(block.attention).build(cfg, rngs)
+        self.attention = kinds.build(kinds.attention(block.attention), cfg, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.ffn_kind = kinds.ffn(block.ffn)  # static: its aux contract
-        self.ffn = self.ffn_kind.build(cfg, rngs)
+        self.ffn = kinds.build(self.ffn_kind, cfg, rngs)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: Any = None
@@ -145,7 +145,7 @@ class Transformer(nnx.Module):
                 [BlockRun(cfg, block, count, rngs=rngs) for block, _, count in run_layout(cfg)]
             )
             self.skip_kind = None if cfg.skip_kind is None else kinds.skip(cfg.skip_kind)
-            self.skips = nnx.List([self.skip_kind.build(cfg, rngs) for _ in cfg.skip_layers])
+            self.skips = nnx.List([kinds.build(self.skip_kind, cfg, rngs) for _ in cfg.skip_layers])
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
             self.lm_head = (
                 None
@@ -167,6 +167,8 @@ class Transformer(nnx.Module):
         """
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         check_positive("", batch_size=batch_size, max_len=max_len)
+        if dtype is not None:
+            check_float_dtype("", "dtype", dtype)
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
@@ -313,6 +315,8 @@ def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tu
         raise TypeError(
             f"{kind.name!r} layer returned aux keys {sorted(aux)}, but its kind declares {sorted(kind.aux)}"
         )
+    if not isinstance(aux.get("metrics", {}), dict):  # aux_metrics reads name -> per-layer values
+        raise TypeError(f"{kind.name!r} layer's aux['metrics'] must be a dict of named arrays")
     return out, aux
 
 

@@ -34,7 +34,9 @@ class Attention(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
-        check_layer("Attention", cfg, AttentionConfig, d_model=d_model)
+        check_layer(
+            "Attention", cfg, AttentionConfig, d_model=d_model, init_std=init_std, param_dtype=param_dtype
+        )
         a = cfg
         D, N, K, H = d_model, a.num_heads, a.num_kv_heads, a.head_dim
         init = nnx.initializers.normal(init_std)

@@ -26,8 +26,9 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
-        if self.factor < 1.0:
-            fail("RopeScaling", "factor", self.factor, "must be >= 1")
+        check_number("RopeScaling", "factor", self.factor, "must be >= 1", lambda v: v >= 1.0)
+        check_number("RopeScaling", "high_freq_factor", self.high_freq_factor, "must be > 0", lambda v: v > 0)
+        check_number("RopeScaling", "low_freq_factor", self.low_freq_factor, "must be > 0", lambda v: v > 0)
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             fail(
                 "RopeScaling",
@@ -74,10 +75,11 @@ class AttentionConfig:
             )
         if self.head_dim % 2:
             fail("AttentionConfig", "head_dim", self.head_dim, "must be even for RoPE")
-        if not self.rope_theta > 0:
-            fail("AttentionConfig", "rope_theta", self.rope_theta, "must be > 0")
+        check_number("AttentionConfig", "rope_theta", self.rope_theta, "must be > 0", lambda v: v > 0)
         if self.sliding_window is not None:
             check_positive("AttentionConfig", sliding_window=self.sliding_window)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            fail("AttentionConfig", "rope_scaling", self.rope_scaling, "must be a RopeScaling or None")
 
     @property
     def groups(self) -> int:  # G = N / K
@@ -102,8 +104,7 @@ class YarnScaling:
     mscale_all_dim: float = 0.0
 
     def __post_init__(self):
-        if not self.factor >= 1.0:
-            fail("YarnScaling", "factor", self.factor, "must be >= 1")
+        check_number("YarnScaling", "factor", self.factor, "must be >= 1", lambda v: v >= 1.0)
         check_positive("YarnScaling", original_max_position_embeddings=self.original_max_position_embeddings)
         if not 0 < self.beta_slow <= self.beta_fast:
             fail(
@@ -113,8 +114,9 @@ class YarnScaling:
                 f"must satisfy 0 < beta_slow <= beta_fast={self.beta_fast}",
             )
         for name in ("mscale", "mscale_all_dim"):
-            if not getattr(self, name) >= 0:
-                fail("YarnScaling", name, getattr(self, name), "must be >= 0 (0 means unset)")
+            check_number(
+                "YarnScaling", name, getattr(self, name), "must be >= 0 (0 means unset)", lambda v: v >= 0
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +153,7 @@ class MLAConfig:
             check_positive("MLAConfig", q_lora_rank=self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
             fail("MLAConfig", "qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
-        if not self.rope_theta > 0:
-            fail("MLAConfig", "rope_theta", self.rope_theta, "must be > 0")
+        check_number("MLAConfig", "rope_theta", self.rope_theta, "must be > 0", lambda v: v > 0)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
             fail("MLAConfig", "rope_scaling", self.rope_scaling, "must be a YarnScaling or None")
         check_choice("MLAConfig", "path", self.path, MLA_PATHS)
@@ -265,11 +266,9 @@ class MoEConfig:
                 self.top_k,
                 f"must be <= topk_group·num_experts/n_group={reachable}, the experts routing can reach",
             )
-        if not self.route_scale > 0:
-            fail("MoEConfig", "route_scale", self.route_scale, "must be > 0")
+        check_number("MoEConfig", "route_scale", self.route_scale, "must be > 0", lambda v: v > 0)
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            if not getattr(self, name) >= 0:
-                fail("MoEConfig", name, getattr(self, name), "must be >= 0")
+            check_number("MoEConfig", name, getattr(self, name), "must be >= 0", lambda v: v >= 0)
         if self.bias_update_rate > 0 and not self.router_bias:
             fail(
                 "MoEConfig",
@@ -277,8 +276,7 @@ class MoEConfig:
                 self.bias_update_rate,
                 "must be 0 unless router_bias=True (the bias it updates)",
             )
-        if not self.capacity_factor > 0:
-            fail("MoEConfig", "capacity_factor", self.capacity_factor, "must be > 0")
+        check_number("MoEConfig", "capacity_factor", self.capacity_factor, "must be > 0", lambda v: v > 0)
 
     @property
     def shared_dim(self) -> int:  # F of the shared experts together
@@ -374,11 +372,9 @@ class MemoryConfig:
         if self.value_init_std is not None and not self.value_init_std > 0:
             fail("MemoryConfig", "value_init_std", self.value_init_std, "must be > 0 or None")
         for name in ("aux_alpha", "aux_tau"):
-            if not getattr(self, name) >= 0:
-                fail("MemoryConfig", name, getattr(self, name), "must be >= 0")
+            check_number("MemoryConfig", name, getattr(self, name), "must be >= 0", lambda v: v >= 0)
         for name in ("value_lr", "value_lr_final"):
-            if not getattr(self, name) > 0:
-                fail("MemoryConfig", name, getattr(self, name), "must be > 0")
+            check_number("MemoryConfig", name, getattr(self, name), "must be > 0", lambda v: v > 0)
 
     @property
     def num_slots(self) -> int:  # the P² grid (virtual slots with IVE)

@@ -23,7 +23,9 @@ class SwiGLU(nnx.Module):
         init_std: float = 0.02,
         param_dtype: jnp.dtype = jnp.float32,
     ):
-        check_layer("SwiGLU", None, d_model=d_model, hidden=hidden)
+        check_layer(
+            "SwiGLU", None, d_model=d_model, hidden=hidden, init_std=init_std, param_dtype=param_dtype
+        )
         D, F = d_model, hidden
         init = nnx.initializers.normal(init_std)
         pd = jnp.dtype(param_dtype)

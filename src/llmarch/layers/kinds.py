@@ -64,6 +64,9 @@ class AttentionKind:
     kv_elements: Callable[[ModelConfig], int]
     paged_cache: type | None = None
 
+    def __post_init__(self):
+        _check_record(self, ("build", "init_cache", "params", "score_flops", "kv_elements"))
+
 
 @dataclasses.dataclass(frozen=True)
 class FFNKind:
@@ -95,6 +98,9 @@ class FFNKind:
     check: Callable[[ModelConfig], None] | None = None
 
     def __post_init__(self):
+        _check_record(self, ("build", "params") + (("decode_traffic",) if self.decode_traffic else ()))
+        if not isinstance(self.aux, frozenset) or not all(isinstance(k, str) for k in self.aux):
+            raise TypeError(f"FFNKind {self.name!r}: aux={self.aux!r} must be a frozenset of key names")
         if self.counted_as not in ("ffn", "memory"):
             raise ValueError(f"FFNKind.counted_as={self.counted_as!r} is invalid: must be 'ffn' or 'memory'")
         if (self.config_field is None) != (self.config_type is None):
@@ -104,6 +110,25 @@ class FFNKind:
         if self.decode_traffic is None:
             return float(self.params(cfg, False)), 0.0
         return self.decode_traffic(cfg, batch)
+
+
+def _check_record(kind: Any, functions: tuple[str, ...]) -> None:
+    owner = type(kind).__name__
+    if not isinstance(kind.name, str) or not kind.name:
+        raise ValueError(f"{owner}.name={kind.name!r} is invalid: must be a non-empty string")
+    for field in functions:
+        if not callable(getattr(kind, field)):
+            raise TypeError(f"{owner} {kind.name!r}: {field}={getattr(kind, field)!r} must be callable")
+    if kind.config_type is not None and not isinstance(kind.config_type, type):
+        raise TypeError(f"{owner} {kind.name!r}: config_type={kind.config_type!r} must be a class")
+
+
+def build(kind: AttentionKind | FFNKind, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """``kind.build(cfg, rngs)``, checked to give a module (model code calls this, not ``build``)."""
+    module = kind.build(cfg, rngs)
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"kind {kind.name!r}: build returned {type(module).__name__}, not an nnx.Module")
+    return module
 
 
 _REGISTRIES: dict[str, dict[str, Any]] = {"attention": {}, "ffn": {}, "skip": {}}
@@ -133,8 +158,8 @@ def register_skip(kind: FFNKind) -> FFNKind:
 
 def unregister(role: str, name: str) -> None:
     """Removes a kind (tests that register their own); built-in kinds stay removable too."""
-    names(role)  # a clear error for an unknown role
-    _REGISTRIES[role].pop(name, None)
+    _lookup(role, name)  # a clear error for an unknown role or name
+    del _REGISTRIES[role][name]
 
 
 def names(role: str) -> tuple[str, ...]:
@@ -145,6 +170,7 @@ def names(role: str) -> tuple[str, ...]:
 
 
 def _lookup(role: str, name: str) -> Any:
+    names(role)  # a clear error for an unknown role
     table = _REGISTRIES[role]
     if name not in table:
         raise ValueError(f"{role} kind {name!r} is not registered: registered are {tuple(table)}")

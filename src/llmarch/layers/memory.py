@@ -81,7 +81,9 @@ class MemoryLayer(nnx.Module):
     ):
         """``pre_norm``: RMS-normalize the input first (a skip-layer memory reads the raw residual
         stream; an FFN-position one gets its block's norm)."""
-        check_layer("MemoryLayer", cfg, MemoryConfig, d_model=d_model)
+        check_layer(
+            "MemoryLayer", cfg, MemoryConfig, d_model=d_model, init_std=init_std, param_dtype=param_dtype
+        )
         check_width(d_model, cfg)
         m = self.mem = cfg
         D, N, P, H, r = d_model, m.num_heads, m.num_keys, m.key_dim, m.tucker_rank

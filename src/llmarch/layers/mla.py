@@ -100,7 +100,7 @@ class MLA(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
-        check_layer("MLA", cfg, MLAConfig, d_model=d_model)
+        check_layer("MLA", cfg, MLAConfig, d_model=d_model, init_std=init_std, param_dtype=param_dtype)
         m = cfg
         D, N, A, R = d_model, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
         H, Hv = m.qk_nope_head_dim, m.v_head_dim

@@ -58,7 +58,7 @@ class MoE(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
     ):
-        check_layer("MoE", cfg, MoEConfig, d_model=d_model)
+        check_layer("MoE", cfg, MoEConfig, d_model=d_model, init_std=init_std, param_dtype=param_dtype)
         m = cfg
         D, E, F = d_model, m.num_experts, m.expert_dim
         mesh, table = sharding.ambient()
