@@ -4,9 +4,8 @@ What ``llmarch.ops`` runs for these ops where it resolves to XLA (CPU, or ``impl
 ``*_reference`` functions stay the specification: they gather every row's pages into a
 contiguous cache and call ``attention_reference``: simple and plainly right, but they read
 every table entry and build ``[B,S,K,H]`` copies. ``blocked_attention`` reads only the pages a
-step needs, once, in contractions that XLA:CPU runs fast; it is what serving runs on CPU.
-(Moved here from ``llmarch.inference.paged_cache`` unchanged, so the paged cache reaches it
-through ``llmarch.ops`` like any kernel.)
+step needs, once, in contractions that XLA:CPU runs fast; it is what serving runs on CPU, reached
+through ``llmarch.ops`` like any kernel.
 """
 
 from __future__ import annotations

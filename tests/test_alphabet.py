@@ -1,8 +1,8 @@
 """Every einsum string and weight name in the library speaks the axis alphabet (``llmarch.axes``).
 
-DESIGN.md fixes one alphabet for einsum strings, shape comments and weight names; this test reads
-the source of ``src/llmarch`` and ``kernels_pallas`` with ``ast`` (nothing is imported or run) and
-checks the letters of
+The project fixes one alphabet (``llmarch.axes``, docs/architecture.md) for einsum strings, shape
+comments and weight names; this test reads the source of ``src/llmarch`` and ``kernels_pallas``
+with ``ast`` (nothing is imported or run) and checks the letters of
 
 - every einsum equation: the first argument of a call to ``einsum`` (``jnp.einsum``,
   ``jax.numpy.einsum``, ``np.einsum``, ...) or of an ``Einsum`` weight called through its

@@ -1,8 +1,8 @@
 """Every kernel lowers for TPU (Mosaic) and for NVIDIA GPUs (Pallas' Triton backend).
 
 Exported from this CPU with ``jax.export`` at realistic shapes (head dim 128, page sizes 16
-and 64, bfloat16), as DESIGN.md prescribes: a tile a target rejects fails here as it would
-on the chip. Training kernels export their forward and backward (``value_and_grad``).
+and 64, bfloat16), as docs/architecture.md prescribes for kernels: a tile a target rejects fails
+here as it would on the chip. Training kernels export their forward and backward (``value_and_grad``).
 Lowering checks the Pallas-to-Mosaic/Triton translation and the tiling rules, not the
 chips' own compilers (which run only on the hardware).
 """

@@ -198,13 +198,14 @@ class Transformer(nnx.Module):
         train step calls it after the parameter update.
 
         Raises:
-          KeyError: for a key that names no aux-producing module of this model.
+          KeyError: for a key that names no module of this model that returns aux (every run's FFN
+            and every skip module has a key, ``{}`` when it has nothing to report).
         """
         sources = self.aux_sources()
         for key, entry in aux.items():
             if key not in sources:
                 raise KeyError(
-                    f"aux key {key!r} names no aux-producing module of this model; known: {sorted(sources)}"
+                    f"aux key {key!r} names no FFN or skip module of this model; known: {sorted(sources)}"
                 )
             module = sources[key]
             if hasattr(module, "update_state") and entry:
@@ -230,8 +231,9 @@ class Transformer(nnx.Module):
             within their segment. Default: one document per row. Not used with a cache.
           cache: from ``init_cache``; the tokens then attend to everything cached before them.
           return_aux: also return the blocks' auxiliary outputs (router losses and statistics):
-            one dict per aux-producing module, keyed by its path (``aux_sources``), a scanned
-            run's stacked over its layers; ``aux_loss`` sums their losses.
+            one dict per FFN and skip module (``{}`` for one with nothing to report), keyed by
+            its path (``aux_sources``), a scanned run's stacked over its layers; ``aux_loss``
+            sums their losses.
           logits_at: int ``[B,J]`` indices into T: compute logits only there (``[B,J,V]``), as a
             serving step does for the last token of each sequence.
         Returns:

@@ -43,7 +43,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
       path: a directory with ``config.json`` and ``model.safetensors`` (or its shards and
         ``model.safetensors.index.json``).
       dtype: dtype of the parameters and of the computation, e.g. ``"bfloat16"``; None keeps
-        both float32 (whatever the checkpoint's dtype), as DESIGN.md's numerics ask.
+        both float32, whatever the checkpoint's dtype (parameters are kept in float32).
     Returns:
       ``(model, cfg)``; ``cfg.hf_model_type`` records the architecture, for ``save_pretrained``.
     Raises:

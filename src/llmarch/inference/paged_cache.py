@@ -36,12 +36,6 @@ def init_pools(model, num_pages: int, page_size: int, dtype: Any = None) -> list
     ]
 
 
-def bytes_per_page(model, page_size: int, dtype: Any = None) -> int:
-    """Bytes one page takes across every layer (all runs, all pools)."""
-    pools = jax.eval_shape(lambda: init_pools(model, 1, page_size, dtype))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pools))
-
-
 def attach(names: tuple[str, ...], pools: list[tuple[jax.Array, ...]], meta: PageMeta) -> list:
     """The per-run cache objects the model takes, over ``pools``, for one step's ``meta``."""
     return [

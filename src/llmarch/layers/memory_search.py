@@ -14,7 +14,7 @@ A query scores the P rows and the P columns (``s_row, s_col``) and never the ``P
   are non-negative); an auxiliary loss keeps ``ΣC_c`` close to rank 1.
 
 Shapes: leading axes ``...`` (tokens), ``N`` memory heads, ``P`` keys per side, ``Z``/``Y`` rank,
-``X`` cores, ``I``/``J`` row/column candidates. Scores and top-k are float32 (DESIGN.md).
+``X`` cores, ``I``/``J`` row/column candidates. Scores and top-k are float32.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ fixed-shape step can carry padding without touching any sequence's cache.
 A serving step flattens its tokens (decode tokens and prefill chunks of many sequences, then
 padding) into one row ``[1, N]``. ``PageMeta`` says, for that step, where each token's key and
 value go (``slots``, flat ``page * page_size + offset``) and how the queries regroup into rows
-for attention: an ``AttentionGroup`` of decode rows ``[R, 1]`` and one of prefill chunks
-``[R, T]``, each row with its block table and its number of valid keys. Both caches follow the
-protocols of ``layers/attention.py`` (``write``/``attend``) and ``layers/mla.py``
-(``write``/``attend_latent``), attending through ``llmarch.ops.paged_attention`` and
+for attention: an ``AttentionGroup`` of decode rows ``[B, 1]`` and one of prefill chunks
+``[B, T]``, each row with its block table and its number of valid keys. Both caches follow the
+protocols of ``layers/cache.py`` (``KVCacheLike``: ``write``/``attend``; ``LatentCacheLike``:
+``write``/``attend_latent``; ``Pooled``: ``for_layer``), attending through ``llmarch.ops.paged_attention`` and
 ``llmarch.ops.mla_decode`` (Pallas kernels on TPU/GPU; on CPU a blocked XLA loop over the
 pages, ``kernels_pallas/_paged_xla.py``). They define ``for_layer``, so ``model.BlockRun``
 carries the whole pool through its scan and each layer updates it in place.
