@@ -2,15 +2,10 @@
 speculative decoding)."""
 
 from llmarch.inference.block_manager import BlockManager, OutOfPages
-from llmarch.inference.engine import (
-    Completion,
-    Engine,
-    EngineConfig,
-    RequestOutput,
-    TokenEvent,
-    compiled_programs,
-)
+from llmarch.inference.engine import Engine, compiled_programs
+from llmarch.inference.engine_config import EngineConfig
 from llmarch.inference.generate import generate
+from llmarch.inference.outputs import Completion, RequestOutput, TokenEvent
 from llmarch.inference.sampling import SamplingParams, sample_logits
 from llmarch.inference.speculative import SpeculativeDecoder, SpeculativeOutput
 

@@ -1,0 +1,71 @@
+"""``EngineConfig``: the budgets and buckets of an ``Engine``, validated before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmarch.checks import check_int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Budgets and buckets of an ``Engine``.
+
+    Attributes:
+      page_size: tokens per cache page.
+      num_pages: pages in the pool, the trash page included (None: enough for ``max_num_seqs``
+        sequences of ``max_len`` tokens).
+      max_num_seqs: sequences running at once (the batch budget).
+      max_num_batched_tokens: tokens per step, decode and prefill together (<= the model's
+        max_seq_len: a step is one row of the model).
+      max_prefill_chunk: prompt tokens of one sequence per step (chunked prefill).
+      max_prefill_rows: sequences prefilling in one step.
+      max_len: prompt + generated tokens per sequence (None: the model's max_seq_len).
+      max_logprobs: the most alternatives ``SamplingParams.logprobs`` may ask for.
+      min_decode_rows, min_tokens, min_chunk: the smallest buckets (fewer programs to compile).
+      fixed_shapes: every step at the largest bucket: one program, more padding.
+      watermark: fraction of the pages kept free when admitting new sequences while others run.
+      seed: draws the seeds of requests that give none.
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    max_prefill_chunk: int = 128
+    max_prefill_rows: int = 4
+    max_len: int | None = None
+    max_logprobs: int = 5
+    min_decode_rows: int = 4
+    min_tokens: int = 16
+    min_chunk: int = 16
+    watermark: float = 0.01
+    fixed_shapes: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("watermark", "num_pages", "max_len", "seed", "max_logprobs", "fixed_shapes"):
+                continue
+            check_int("EngineConfig", f.name, value)
+        for name in ("num_pages", "max_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(
+                    f"EngineConfig.{name}={value!r} is invalid: must be None or a positive integer"
+                )
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} is invalid: must be >= 0")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"EngineConfig.watermark={self.watermark!r} is invalid: must be in [0, 1)")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"EngineConfig.max_num_batched_tokens={self.max_num_batched_tokens} is invalid: "
+                f"must be >= max_num_seqs={self.max_num_seqs} (one decode token each)"
+            )
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(
+                f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} is invalid: must be "
+                f"<= max_num_batched_tokens={self.max_num_batched_tokens}"
+            )
