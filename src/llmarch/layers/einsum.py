@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmarch import sharding
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -18,13 +20,8 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     shards annotated variables eagerly; with no mesh it is built unsharded on the default device,
     so a layer constructs on its own, with no sharding context, as readily as inside a model.
     """
-    from flax.core import spmd as flax_spmd
-
-    eager = (
-        nnx.using_eager_sharding()
-        and not jax.sharding.get_abstract_mesh().empty
-        and bool(flax_spmd.get_logical_axis_rules())
-    )
+    mesh, rules = sharding.ambient()
+    eager = nnx.using_eager_sharding() and not mesh.empty and bool(rules)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
 
 
