@@ -12,6 +12,8 @@ import math
 import typing
 from typing import Any
 
+import jax.numpy as jnp
+
 INT32_MAX = 2**31 - 1  # step counters and schedules run as int32 on device
 
 
@@ -57,8 +59,6 @@ def check_choice(owner: str, field: str, value: Any, allowed: tuple[str, ...]) -
 
 def check_float_dtype(owner: str, field: str, value: Any) -> None:
     """A floating-point dtype, by name ("bfloat16") or as a dtype object."""
-    import jax.numpy as jnp  # here, not at the top: this module is imported by every config
-
     try:
         dtype = jnp.dtype(value)
     except TypeError:

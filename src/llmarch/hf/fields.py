@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from llmarch.checks import check_int
 from llmarch.config import RopeScaling, YarnScaling
 
 
@@ -33,9 +34,7 @@ def read_int(
     value = read_value(hf, key, default, prefix)
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 4096.0, as some tools write it
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"config.json {prefix}{key}={value!r} is invalid: must be {allowed}")
+    check_int("", f"config.json {prefix}{key}", value, low=minimum)
     return value
 
 
