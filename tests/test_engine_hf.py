@@ -2,15 +2,15 @@
 same greedy tokens as transformers' generate; `llmarch generate` serves a Hugging Face checkpoint
 and an `llmarch train` run directory."""
 
-import numpy as np
 import pytest
 
 import llmarch
 from llmarch import cli
-from llmarch.inference import Engine, SamplingParams
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from hf_greedy import engine_and_transformers_greedy  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.hf
 V = 128
@@ -47,34 +47,8 @@ def hf_dir(tmp_path_factory):
 def test_engine_greedy_equals_transformers_generate(hf_dir):
     path, hf_model = hf_dir
     model, cfg = llmarch.hf.load_pretrained(path)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, V, n).tolist() for n in (5, 23, 40)]
-    max_tokens = 16
-    engine = Engine(
-        model,
-        cfg,
-        max_num_seqs=2,
-        max_num_batched_tokens=32,
-        max_prefill_chunk=16,
-        max_prefill_rows=1,
-        max_len=64,
-        page_size=8,
-        fixed_shapes=True,
-    )
-    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    with torch.no_grad():
-        want = [
-            hf_model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(p) :].tolist()
-            for p in prompts
-        ]
-    assert [o.token_ids for o in outs] == want
+    ours, want = engine_and_transformers_greedy(model, cfg, hf_model, V, max_tokens=16)
+    assert ours == want
 
 
 def test_cli_generates_from_a_hugging_face_checkpoint(hf_dir, capsys):

@@ -18,11 +18,12 @@ from flax import nnx
 import llmarch
 from llmarch import accounting, hf
 from llmarch.config import BlockConfig, ModelConfig, MoEConfig
-from llmarch.inference import Engine, SamplingParams
 from llmarch.layers.moe_routing import route
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from hf_greedy import engine_and_transformers_greedy  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.hf
 
@@ -145,33 +146,8 @@ def test_engine_greedy_equals_transformers_generate(case, tmp_path):
     ref = _torch_model(case)
     ref.save_pretrained(tmp_path)
     model, cfg = hf.load_pretrained(tmp_path)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, V, n).tolist() for n in (5, 23, 40)]
-    engine = Engine(
-        model,
-        cfg,
-        max_num_seqs=2,
-        max_num_batched_tokens=32,
-        max_prefill_chunk=16,
-        max_prefill_rows=1,
-        max_len=64,
-        page_size=8,
-        fixed_shapes=True,
-    )
-    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
-    with torch.no_grad():
-        want = [
-            ref.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=12,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(p) :].tolist()
-            for p in prompts
-        ]
-    assert [o.token_ids for o in outs] == want
+    ours, want = engine_and_transformers_greedy(model, cfg, ref, V, max_tokens=12)
+    assert ours == want
 
 
 def test_save_is_exact_and_transformers_loads_the_same_class(checkpoint, tmp_path):
