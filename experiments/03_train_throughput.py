@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -29,26 +28,12 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=10)
 args = parser.parse_args()
 
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 device_kind = jax.devices()[0].device_kind
 peak = metrics.peak_flops(device_kind)
 peak_source = f"published peak of {device_kind}"
 if peak is None:
-    peak, peak_source = matmul_peak(), "measured float32 matmul peak (2048³, best of 10)"
+    peak = machine.matmul_flops(2048, repeats=10)
+    peak_source = "measured float32 matmul peak (2048³, best of 10)"
 
 rows = []
 for name, batch, seq in (("tiny-dense", 16, 128), ("small-20m", 8, 256)):
