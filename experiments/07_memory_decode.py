@@ -20,11 +20,10 @@ from other processes falls on both).
 import argparse
 import datetime
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from _bench_common import interleaved_medians
 from flax import nnx
 
 import llmarch
@@ -33,171 +32,192 @@ from llmarch.config import AttentionConfig, MemoryConfig, ModelConfig, MoEConfig
 from llmarch.layers.memory import MemoryLayer
 from llmarch.layers.moe import MoE
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--batches", default="1,2,4,8,16,32,64")
-parser.add_argument("--repeats", type=int, default=15)
-parser.add_argument("--d-model", type=int, default=1024)
-parser.add_argument("--num-keys", type=int, default=512, help="P: the UltraMem grid is P² slots")
-args = parser.parse_args()
-batches = [int(b) for b in args.batches.split(",")]
-out_path = pathlib.Path(__file__).parent / "results" / "07_memory_decode.md"
-lines = [
-    "# 07 Memory-layer decode: traffic model and UltraMem vs MoE latency",
-    "",
-    f"Command: `python experiments/07_memory_decode.py --batches {args.batches} "
-    f"--repeats {args.repeats} --d-model {args.d_model} --num-keys {args.num_keys}`",
-    "",
-    f"Machine: {machine.describe()}  ",
-    f"Date: {datetime.date.today()}",
-    "",
-]
-
-# -- part 1: the traffic model at paper scale ------------------------------------------------------
-lines += [
-    "## Bytes read per decoding step (traffic model, from the configs)",
-    "",
-    "Reconstructed paper-scale presets (see `llmarch/presets.py` for how their shapes were derived; "
-    "they are not the paper's published table). bf16 weights and cache, KV cache of 2048 tokens per "
-    "sequence, uniform routing and memory picks. `sparse`: the MoE experts / memory value rows the "
-    "batch touches; `total`: everything the step reads (dense weights, sparse part, KV cache).",
-    "",
-    "| model | params | activated | B | sparse (MB) | total (MB) | MoE total / UltraMem total |",
-    "|---|---|---|---|---|---|---|",
-]
-for size in ("151m", "680m", "1.6b"):
-    um, moe = llmarch.presets.get(f"ultramem-{size}"), llmarch.presets.get(f"moe-{size}-2in34")
-    for B in (1, 8, 64, 256):
-        t_um = accounting.decode_traffic(um, B, context_len=2048)
-        t_moe = accounting.decode_traffic(moe, B, context_len=2048)
-        for name, cfg, t in ((um.name, um, t_um), (moe.name, moe, t_moe)):
-            ratio = f"{t_moe.total / t_um.total:.2f}x" if cfg is moe else ""
-            lines.append(
-                f"| {name} | {accounting.param_count(cfg) / 1e9:.2f}B | "
-                f"{accounting.active_param_count(cfg) / 1e9:.3f}B | {B} | {t.sparse / 1e6:,.1f} | "
-                f"{t.total / 1e6:,.1f} | {ratio} |"
-            )
-lines.append("")
-
-# -- part 2: measured layer latency ----------------------------------------------------------------
-D = args.d_model
-mem = MemoryConfig(
-    num_keys=args.num_keys,
-    topk=32,
-    num_heads=2,
-    key_dim=128,
-    value_dim=D // 2,
-    score="raw",
-    output_proj=True,
-    tucker_rank=2,
-    num_cores=2,
-    virtual_blocks=4,
-    key_norm=True,
-    value_init_std=0.02,
-)
-base = dict(
-    vocab_size=256,
-    d_model=D,
-    num_layers=1,
-    ffn_dim=4 * D,
-    max_seq_len=64,
-    attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128),
-)
-um_cfg = ModelConfig(**base, skip_layers=((0, 0),), skip_kind="ultramem", memory=mem)
-um_total = accounting.memory_params(um_cfg)
-um_active = accounting.memory_params(um_cfg, active=True)
-# MoE: top-2 experts whose 2·3·D·F matches UltraMem's activated parameters, and enough of them to
-# match its total (the router, D·E, is counted in both).
-F = round((um_active - D * 24) / (2 * 3 * D))
-E = round(um_total / (3 * D * F + D))
-moe_cfg = ModelConfig(**base, moe=MoEConfig(num_experts=E, top_k=2, expert_dim=F), blocks=moe_blocks(1))
-moe_total = accounting.param_counts(moe_cfg).ffn
-moe_active = accounting.active_param_counts(moe_cfg).ffn
-
-with nnx.use_eager_sharding(False):
-    um_graph, um_state = nnx.split(MemoryLayer(D, um_cfg.memory, rngs=nnx.Rngs(0), pre_norm=True))
-    moe_graph, moe_state = nnx.split(MoE(D, moe_cfg.moe, rngs=nnx.Rngs(0)))
-
-
-@jax.jit
-def um_step(state, x):
-    return nnx.merge(um_graph, state)(x)[0]
-
-
-def moe_step(strategy):
-    return jax.jit(lambda state, x: nnx.merge(moe_graph, state)(x, strategy=strategy)[0])
-
-
-@jax.jit
-def moe_gather_step(state, x):
-    """A decode baseline written here (not a library strategy): each token gathers its k experts'
-    weights, so a batch reads B·k expert copies, the fewest possible while B·k <= E."""
-    layer = nnx.merge(moe_graph, state)
-    r, w = layer.route(x), layer.weights()
-    B, k = x.shape[0], layer.moe.top_k
-    e = r.experts.reshape(B * k)
-    xk = jnp.repeat(x.reshape(B, D), k, axis=0)  # [B·k, D]
-    h = jax.nn.silu(jnp.einsum("ND,NDF->NF", xk, w.gate[e])) * jnp.einsum("ND,NDF->NF", xk, w.up[e])
-    y = jnp.einsum("NF,NFD->ND", h, w.down[e]).reshape(B, k, D)
-    return jnp.einsum("BKD,BK->BD", y, r.gates.reshape(B, k))[:, None]
-
-
-steps = {"ultramem": lambda x: um_step(um_state, x)}
-for strategy in ("dropless", "capacity"):
-    fn = moe_step(strategy)
-    steps[f"moe-{strategy}"] = lambda x, fn=fn: fn(moe_state, x)
-steps["moe-gather"] = lambda x: moe_gather_step(moe_state, x)
 MOES = ("moe-dropless", "moe-capacity", "moe-gather")
 
-rows = []
-for B in batches:
-    x = jax.random.normal(jax.random.key(B), (B, 1, D), jnp.float32)
-    for fn in steps.values():
-        jax.block_until_ready(fn(x))  # compile
-        jax.block_until_ready(fn(x))  # warm
-    times = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    best = min(MOES, key=med.get)
-    rows.append((B, med, best))
-    print(B, {k: round(v, 3) for k, v in med.items()}, flush=True)
 
-lines += [
-    "## Measured decode-step latency of one layer (this machine)",
-    "",
-    f"UltraMem layer: D={D}, P={args.num_keys} ({args.num_keys**2:,} virtual slots, "
-    f"{mem.physical_rows:,} physical rows of {D // 2}), 2 heads x top-32, key width 128, "
-    f"TDQKR r=2 with 2 cores, IVE W=4, raw scores; {um_total:,} parameters, "
-    f"{um_active:,} activated per token (queries, all keys, projection, the 64 rows read). "
-    f"MoE layer: {E} SwiGLU experts of F={F}, top-2; {moe_total:,} parameters, "
-    f"{moe_active:,} activated. "
-    "float32, jitted, `x [B,1,D]`, median of interleaved repeats. MoE strategies: `dropless` "
-    "(the library's sort + `ragged_dot`, which XLA:CPU runs slowly), `capacity` (the library's "
-    "per-expert buffers: every expert's weights are read at every step), `gather` (written in this "
-    "script: each token gathers its k experts, B·k expert reads); `MoE best` is the fastest of the "
-    "three at that B, so the ratio is against the best MoE decode available here.",
-    "",
-    "| B | UltraMem (ms) | MoE dropless (ms) | MoE capacity (ms) | MoE gather (ms) | MoE best (ms) "
-    "| MoE best / UltraMem |",
-    "|---|---|---|---|---|---|---|",
-]
-for B, med, best in rows:
-    lines.append(
-        f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
-        f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
-        f"{med[best] / med['ultramem']:.2f}x |"
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,2,4,8,16,32,64")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--num-keys", type=int, default=512, help="P: the UltraMem grid is P² slots")
+    return parser.parse_args(argv)
+
+
+def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
+    """Part 2: median decode-step ms of the UltraMem layer and each MoE strategy at each B, over
+    interleaved repeats. Returns ``rows`` (``(B, {name: ms}, fastest MoE)``) and the sizes."""
+    D = d_model
+    mem = MemoryConfig(
+        num_keys=num_keys,
+        topk=32,
+        num_heads=2,
+        key_dim=128,
+        value_dim=D // 2,
+        score="raw",
+        output_proj=True,
+        tucker_rank=2,
+        num_cores=2,
+        virtual_blocks=4,
+        key_norm=True,
+        value_init_std=0.02,
     )
-at8 = [med[best] / med["ultramem"] for B, med, best in rows if B >= 8]
-if at8:
-    lines += [
+    base = dict(
+        vocab_size=256,
+        d_model=D,
+        num_layers=1,
+        ffn_dim=4 * D,
+        max_seq_len=64,
+        attention=AttentionConfig(num_heads=D // 128, num_kv_heads=D // 128, head_dim=128),
+    )
+    um_cfg = ModelConfig(**base, skip_layers=((0, 0),), skip_kind="ultramem", memory=mem)
+    um_total = accounting.memory_params(um_cfg)
+    um_active = accounting.memory_params(um_cfg, active=True)
+    # MoE: top-2 experts whose 2·3·D·F matches UltraMem's activated parameters, and enough of them to
+    # match its total (the router, D·E, is counted in both).
+    F = round((um_active - D * 24) / (2 * 3 * D))
+    E = round(um_total / (3 * D * F + D))
+    moe_cfg = ModelConfig(**base, moe=MoEConfig(num_experts=E, top_k=2, expert_dim=F), blocks=moe_blocks(1))
+    moe_total = accounting.param_counts(moe_cfg).ffn
+    moe_active = accounting.active_param_counts(moe_cfg).ffn
+
+    with nnx.use_eager_sharding(False):
+        um_graph, um_state = nnx.split(MemoryLayer(D, um_cfg.memory, rngs=nnx.Rngs(0), pre_norm=True))
+        moe_graph, moe_state = nnx.split(MoE(D, moe_cfg.moe, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def um_step(state, x):
+        return nnx.merge(um_graph, state)(x)[0]
+
+    def moe_step(strategy):
+        return jax.jit(lambda state, x: nnx.merge(moe_graph, state)(x, strategy=strategy)[0])
+
+    @jax.jit
+    def moe_gather_step(state, x):
+        """A decode baseline written here (not a library strategy): each token gathers its k experts'
+        weights, so a batch reads B·k expert copies, the fewest possible while B·k <= E."""
+        layer = nnx.merge(moe_graph, state)
+        r, w = layer.route(x), layer.weights()
+        B, k = x.shape[0], layer.moe.top_k
+        e = r.experts.reshape(B * k)
+        xk = jnp.repeat(x.reshape(B, D), k, axis=0)  # [B·k, D]
+        h = jax.nn.silu(jnp.einsum("ND,NDF->NF", xk, w.gate[e])) * jnp.einsum("ND,NDF->NF", xk, w.up[e])
+        y = jnp.einsum("NF,NFD->ND", h, w.down[e]).reshape(B, k, D)
+        return jnp.einsum("BKD,BK->BD", y, r.gates.reshape(B, k))[:, None]
+
+    steps = {"ultramem": lambda x: um_step(um_state, x)}
+    for strategy in ("dropless", "capacity"):
+        fn = moe_step(strategy)
+        steps[f"moe-{strategy}"] = lambda x, fn=fn: fn(moe_state, x)
+    steps["moe-gather"] = lambda x: moe_gather_step(moe_state, x)
+
+    rows = []
+    for B in batches:
+        x = jax.random.normal(jax.random.key(B), (B, 1, D), jnp.float32)
+        calls = {name: (lambda fn=fn, x=x: jax.block_until_ready(fn(x))) for name, fn in steps.items()}
+        for call in calls.values():
+            call()  # compile
+            call()  # warm
+        med = {name: t * 1e3 for name, t in interleaved_medians(calls, repeats).items()}
+        best = min(MOES, key=med.get)
+        rows.append((B, med, best))
+        print(B, {k: round(v, 3) for k, v in med.items()}, flush=True)
+    return dict(
+        rows=rows,
+        mem=mem,
+        um_total=um_total,
+        um_active=um_active,
+        moe_total=moe_total,
+        moe_active=moe_active,
+        E=E,
+        F=F,
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    out_path = pathlib.Path(__file__).parent / "results" / "07_memory_decode.md"
+    lines = [
+        "# 07 Memory-layer decode: traffic model and UltraMem vs MoE latency",
         "",
-        f"Goal (UltraMem >= 2x faster at B >= 8, as the paper's A100 figures show): "
-        f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
-        f"({'met' if min(at8) >= 2 else 'NOT met'}).",
+        f"Command: `python experiments/07_memory_decode.py --batches {args.batches} "
+        f"--repeats {args.repeats} --d-model {args.d_model} --num-keys {args.num_keys}`",
+        "",
+        f"Machine: {machine.describe()}  ",
+        f"Date: {datetime.date.today()}",
+        "",
     ]
-lines.append("")
-out_path.write_text("\n".join(lines))
-print("\n".join(lines))
+
+    # -- part 1: the traffic model at paper scale ------------------------------------------------------
+    lines += [
+        "## Bytes read per decoding step (traffic model, from the configs)",
+        "",
+        "Reconstructed paper-scale presets (see `llmarch/presets.py` for how their shapes were derived; "
+        "they are not the paper's published table). bf16 weights and cache, KV cache of 2048 tokens per "
+        "sequence, uniform routing and memory picks. `sparse`: the MoE experts / memory value rows the "
+        "batch touches; `total`: everything the step reads (dense weights, sparse part, KV cache).",
+        "",
+        "| model | params | activated | B | sparse (MB) | total (MB) | MoE total / UltraMem total |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in ("151m", "680m", "1.6b"):
+        um, moe = llmarch.presets.get(f"ultramem-{size}"), llmarch.presets.get(f"moe-{size}-2in34")
+        for B in (1, 8, 64, 256):
+            t_um = accounting.decode_traffic(um, B, context_len=2048)
+            t_moe = accounting.decode_traffic(moe, B, context_len=2048)
+            for name, cfg, t in ((um.name, um, t_um), (moe.name, moe, t_moe)):
+                ratio = f"{t_moe.total / t_um.total:.2f}x" if cfg is moe else ""
+                lines.append(
+                    f"| {name} | {accounting.param_count(cfg) / 1e9:.2f}B | "
+                    f"{accounting.active_param_count(cfg) / 1e9:.3f}B | {B} | {t.sparse / 1e6:,.1f} | "
+                    f"{t.total / 1e6:,.1f} | {ratio} |"
+                )
+    lines.append("")
+
+    # -- part 2: measured layer latency ------------------------------------------------------------
+    m = decode_latency(batches, args.repeats, args.d_model, args.num_keys)
+    rows, mem, D = m["rows"], m["mem"], args.d_model
+    um_total, um_active, moe_total, moe_active, E, F = (
+        m[k] for k in ("um_total", "um_active", "moe_total", "moe_active", "E", "F")
+    )
+    lines += [
+        "## Measured decode-step latency of one layer (this machine)",
+        "",
+        f"UltraMem layer: D={D}, P={args.num_keys} ({args.num_keys**2:,} virtual slots, "
+        f"{mem.physical_rows:,} physical rows of {D // 2}), 2 heads x top-32, key width 128, "
+        f"TDQKR r=2 with 2 cores, IVE W=4, raw scores; {um_total:,} parameters, "
+        f"{um_active:,} activated per token (queries, all keys, projection, the 64 rows read). "
+        f"MoE layer: {E} SwiGLU experts of F={F}, top-2; {moe_total:,} parameters, "
+        f"{moe_active:,} activated. "
+        "float32, jitted, `x [B,1,D]`, median of interleaved repeats. MoE strategies: `dropless` "
+        "(the library's sort + `ragged_dot`, which XLA:CPU runs slowly), `capacity` (the library's "
+        "per-expert buffers: every expert's weights are read at every step), `gather` (written in this "
+        "script: each token gathers its k experts, B·k expert reads); `MoE best` is the fastest of the "
+        "three at that B, so the ratio is against the best MoE decode available here.",
+        "",
+        "| B | UltraMem (ms) | MoE dropless (ms) | MoE capacity (ms) | MoE gather (ms) | MoE best (ms) "
+        "| MoE best / UltraMem |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for B, med, best in rows:
+        lines.append(
+            f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
+            f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
+            f"{med[best] / med['ultramem']:.2f}x |"
+        )
+    at8 = [med[best] / med["ultramem"] for B, med, best in rows if B >= 8]
+    if at8:
+        lines += [
+            "",
+            f"Goal (UltraMem >= 2x faster at B >= 8, as the paper's A100 figures show): "
+            f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
+            f"({'met' if min(at8) >= 2 else 'NOT met'}).",
+        ]
+    lines.append("")
+    out_path.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

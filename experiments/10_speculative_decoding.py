@@ -34,74 +34,88 @@ from llmarch.inference.generate import generate
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.trainer import TrainConfig, train
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=300)
-parser.add_argument("--gammas", default="1,2,3,4,6")
-parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
-parser.add_argument("--prompt-len", type=int, default=64)
-parser.add_argument("--new-tokens", type=int, default=128)
-parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-parser.add_argument("--data", default=str(SHARED / "tinyshakespeare.txt"))
-args = parser.parse_args()
-gammas = [int(g) for g in args.gammas.split(",")]
-
-draft_cfg = presets.get("tiny-dense").replace(max_seq_len=512)
-target_cfg = draft_cfg.replace(
-    name="spec-target",
-    d_model=256,
-    num_layers=4,
-    ffn_dim=768,
-    attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=64),
-)
-
-models, val_losses = {}, {}
-with tempfile.TemporaryDirectory() as tmp:
-    for label, cfg in (("target", target_cfg), ("draft", draft_cfg)):
-        run = TrainConfig(
-            out_dir=f"{tmp}/{label}",
-            model=cfg,
-            data=args.data,
-            seq_len=128,
-            batch_size=16,
-            steps=args.steps,
-            eval_every=args.steps,
-            eval_batches=16,
-            log_every=100,
-            checkpoint_every=args.steps,
-            progress=False,
-            tensorboard=False,
-            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=args.steps // 15),
-        )
-        start = time.perf_counter()
-        result = train(run, log=lambda s: None)
-        models[label], val_losses[label] = result.model(), result.val_loss
-        print(
-            f"{label}: validation loss {result.val_loss:.4f} ({time.perf_counter() - start:.0f}s)", flush=True
-        )
-        if label == "target":
-            text = result.train_rows.tokens  # the training token stream: prompts are windows of it
-target, draft = models["target"], models["draft"]
-rng = np.random.default_rng(0)
-starts = rng.choice(len(text) - args.prompt_len, args.batch, replace=False)
-prompts = np.stack([text[s : s + args.prompt_len] for s in starts]).astype(np.int32)  # [B, prompt_len]
-N = args.new_tokens
 
 
-def median_time(fn) -> float:
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--gammas", default="1,2,3,4,6")
+    parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    parser.add_argument("--data", default=str(SHARED / "tinyshakespeare.txt"))
+    return parser.parse_args(argv)
+
+
+def configs():
+    """``(target_cfg, draft_cfg)``: D=256 with 4 blocks, and ``tiny-dense``."""
+    draft_cfg = presets.get("tiny-dense").replace(max_seq_len=512)
+    target_cfg = draft_cfg.replace(
+        name="spec-target",
+        d_model=256,
+        num_layers=4,
+        ffn_dim=768,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=64),
+    )
+    return target_cfg, draft_cfg
+
+
+def train_pair(steps: int, data: str) -> dict:
+    """Trains the target and the draft ``steps`` steps on ``data``; returns both models, their
+    validation losses, and the target's training token stream (prompts are windows of it)."""
+    target_cfg, draft_cfg = configs()
+    models, val_losses = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, cfg in (("target", target_cfg), ("draft", draft_cfg)):
+            run = TrainConfig(
+                out_dir=f"{tmp}/{label}",
+                model=cfg,
+                data=data,
+                seq_len=128,
+                batch_size=16,
+                steps=steps,
+                eval_every=steps,
+                eval_batches=16,
+                log_every=100,
+                checkpoint_every=steps,
+                progress=False,
+                tensorboard=False,
+                optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=steps // 15),
+            )
+            start = time.perf_counter()
+            result = train(run, log=lambda s: None)
+            models[label], val_losses[label] = result.model(), result.val_loss
+            print(
+                f"{label}: validation loss {result.val_loss:.4f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
+            if label == "target":
+                text = result.train_rows.tokens
+    return dict(target=models["target"], draft=models["draft"], val_losses=val_losses, text=text)
+
+
+def make_prompts(text, batch: int, prompt_len: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    starts = rng.choice(len(text) - prompt_len, batch, replace=False)
+    return np.stack([text[s : s + prompt_len] for s in starts]).astype(np.int32)  # [B, prompt_len]
+
+
+def median_time(fn, repeats: int) -> float:
     fn()  # compile
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def overlap(tokens: np.ndarray, temperature: float) -> float:
+def overlap(target, draft, tokens: np.ndarray, prompt_len: int, temperature: float) -> float:
     """α of the paper: mean over generated positions of Σ_x min(p(x), q(x)) (greedy: one-hots)."""
     t_logits, d_logits = target(jnp.asarray(tokens)), draft(jnp.asarray(tokens))
-    at = slice(args.prompt_len - 1, tokens.shape[1] - 1)  # the distributions the new tokens came from
+    at = slice(prompt_len - 1, tokens.shape[1] - 1)  # the distributions the new tokens came from
     if temperature == 0:
         same = jnp.argmax(t_logits[:, at], -1) == jnp.argmax(d_logits[:, at], -1)
         return float(jnp.mean(same))
@@ -110,143 +124,167 @@ def overlap(tokens: np.ndarray, temperature: float) -> float:
     return float(jnp.mean(jnp.sum(jnp.minimum(p, q), -1)))
 
 
-# Target-only and draft-only decoding: the baseline, and the cost ratio c of the formulas.
-base = {}
-for temperature in (1.0, 0.0):
-    base[temperature] = median_time(lambda t=temperature: generate(target, prompts, N, temperature=t, seed=0))
-t_draft = median_time(lambda: generate(draft, prompts, N, temperature=1.0, seed=0))
-c = t_draft / base[1.0]
+def measure(target, draft, prompts: np.ndarray, N: int, gammas, temperatures, repeats: int) -> dict:
+    """Target-only and draft-only decoding times (``base`` per temperature, ``t_draft``, their
+    cost ratio ``c``), then, per temperature and γ, a row of ``results``: (temperature, γ,
+    acceptance, its formula, α, tokens/round, formula, round cost, formula, speedup, formula,
+    seconds)."""
+    base = {}
+    for temperature in temperatures:
+        base[temperature] = median_time(
+            lambda t=temperature: generate(target, prompts, N, temperature=t, seed=0), repeats
+        )
+    t_draft = median_time(lambda: generate(draft, prompts, N, temperature=max(temperatures), seed=0), repeats)
+    c = t_draft / base[max(temperatures)]
+    prompt_len, batch = prompts.shape
+    results = []
+    for temperature in temperatures:
+        for gamma in gammas:
+            spec = SpeculativeDecoder(target, draft, gamma=gamma)
+            params = [SamplingParams(max_tokens=N, temperature=temperature, seed=i) for i in range(batch)]
+            outs = []
 
-results = []
-for temperature in (1.0, 0.0):
-    for gamma in gammas:
-        spec = SpeculativeDecoder(target, draft, gamma=gamma)
-        params = [SamplingParams(max_tokens=N, temperature=temperature, seed=i) for i in range(args.batch)]
-        outs = None
+            def run(spec=spec, params=params, outs=outs):
+                spec.stats.update(rounds=0, proposed=0, accepted=0)
+                outs[:] = spec.generate(list(prompts), params)
 
-        def run(spec=spec, params=params):
-            global outs
-            spec.stats.update(rounds=0, proposed=0, accepted=0)
-            outs = spec.generate(list(prompts), params)
-
-        seconds = median_time(run)
-        rate = spec.acceptance_rate
-        # Rounds per row: the batch runs until its longest row is done, so count per row.
-        rounds = [o.proposed / gamma for o in outs]
-        tokens_per_round = float(np.mean([len(o.token_ids) / r for o, r in zip(outs, rounds, strict=True)]))
-        generated = np.concatenate([prompts, np.array([o.token_ids[:N] for o in outs])], axis=1)
-        alpha = overlap(generated, temperature)
-        e_tokens = (1 - alpha ** (gamma + 1)) / (1 - alpha)
-        e_rate = (e_tokens - 1) / gamma  # accepted / proposed: a round proposes γ, accepts E − 1
-        e_speedup = e_tokens / (gamma * c + 1)
-        # A round's measured cost in target decode steps (the formula's γc + 1).
-        round_cost = seconds / spec.stats["rounds"] / (base[temperature] / N)
-        results.append(
-            (
-                temperature,
-                gamma,
-                rate,
-                e_rate,
-                alpha,
-                tokens_per_round,
-                e_tokens,
-                round_cost,
-                gamma * c + 1,
-                base[temperature] / seconds,
-                e_speedup,
-                seconds,
+            seconds = median_time(run, repeats)
+            rate = spec.acceptance_rate
+            # Rounds per row: the batch runs until its longest row is done, so count per row.
+            rounds = [o.proposed / gamma for o in outs]
+            tokens_per_round = float(
+                np.mean([len(o.token_ids) / r for o, r in zip(outs, rounds, strict=True)])
             )
-        )
-        print(
-            f"T={temperature} γ={gamma}: acceptance {rate:.3f} (formula {e_rate:.3f}, α {alpha:.3f}), "
-            f"tokens/round {tokens_per_round:.2f} (formula {e_tokens:.2f}), round cost {round_cost:.2f} "
-            f"(formula {gamma * c + 1:.2f}), speedup {base[temperature] / seconds:.2f}x "
-            f"(formula {e_speedup:.2f}x)",
-            flush=True,
-        )
+            generated = np.concatenate([prompts, np.array([o.token_ids[:N] for o in outs])], axis=1)
+            alpha = overlap(target, draft, generated, prompt_len, temperature)
+            e_tokens = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+            e_rate = (e_tokens - 1) / gamma  # accepted / proposed: a round proposes γ, accepts E − 1
+            e_speedup = e_tokens / (gamma * c + 1)
+            # A round's measured cost in target decode steps (the formula's γc + 1).
+            round_cost = seconds / spec.stats["rounds"] / (base[temperature] / N)
+            results.append(
+                (
+                    temperature,
+                    gamma,
+                    rate,
+                    e_rate,
+                    alpha,
+                    tokens_per_round,
+                    e_tokens,
+                    round_cost,
+                    gamma * c + 1,
+                    base[temperature] / seconds,
+                    e_speedup,
+                    seconds,
+                )
+            )
+            print(
+                f"T={temperature} γ={gamma}: acceptance {rate:.3f} (formula {e_rate:.3f}, α {alpha:.3f}), "
+                f"tokens/round {tokens_per_round:.2f} (formula {e_tokens:.2f}), round cost {round_cost:.2f} "
+                f"(formula {gamma * c + 1:.2f}), speedup {base[temperature] / seconds:.2f}x "
+                f"(formula {e_speedup:.2f}x)",
+                flush=True,
+            )
+    return dict(base=base, t_draft=t_draft, c=c, results=results)
 
-n_target, n_draft = accounting.param_count(target_cfg), accounting.param_count(draft_cfg)
-lines = [
-    "# 10 Speculative decoding: measured vs the paper's formulas",
-    "",
-    f"Command: `python experiments/10_speculative_decoding.py --steps {args.steps} "
-    f"--gammas {args.gammas} --batch {args.batch} --prompt-len {args.prompt_len} --new-tokens {N} "
-    f"--repeats {args.repeats}`",
-    "",
-    f"Machine: {machine.describe()}  ",
-    f"Date: {datetime.date.today()}",
-    "",
-    f"Target: D=256, 4 blocks, {n_target:,} parameters, validation loss {val_losses['target']:.3f} "
-    f"nats/byte; draft: `tiny-dense`, {n_draft:,} parameters ({n_target / n_draft:.0f}x fewer), "
-    f"validation loss {val_losses['draft']:.3f}; both trained {args.steps} steps on tinyshakespeare "
-    "(byte tokens, 16 x 128 per step, AdamW 3e-3). "
-    f"{args.batch} prompts of {args.prompt_len} bytes from the training text, {N} new tokens each, "
-    f"generated together; times are medians of {args.repeats} runs after a compile run.",
-    "",
-    f"Target-only decoding (`llmarch.inference.generate`, KV cache): {base[1.0]:.2f} s at T=1, "
-    f"{base[0.0]:.2f} s greedy; draft-only {t_draft:.2f} s, so c = {c:.3f} (the paper's cost "
-    "coefficient, draft step / target step, measured).",
-    "",
-    "Columns: `α` is the paper's expected acceptance E[Σ_x min(p(x), q(x))] over the generated "
-    "positions (greedy: how often the two argmaxes agree); `acceptance` is accepted / proposed draft "
-    "tokens as `SpeculativeDecoder` counts them, against α(1 − α^γ)/((1 − α)γ) (proposals after a "
-    "rejection count as proposed); `tokens/round` is generated tokens per verification round, per "
-    "row, against (1 − α^{γ+1})/(1 − α); `round cost` is a round's measured time in target decode "
-    "steps, against the γc + 1 the speedup formula assumes; `speedup` is target-only time over "
-    "speculative time, against (1 − α^{γ+1})/((1 − α)(γc + 1)).",
-    "",
-    "| temperature | γ | α | acceptance | formula | tokens/round | formula | round cost | formula "
-    "| speedup | formula | time (s) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
-]
-for (
-    temperature,
-    gamma,
-    rate,
-    e_rate,
-    alpha,
-    tpr,
-    e_tokens,
-    cost,
-    e_cost,
-    speedup,
-    e_speedup,
-    seconds,
-) in results:
-    lines.append(
-        f"| {temperature:g} | {gamma} | {alpha:.3f} | {rate:.3f} | {e_rate:.3f} | {tpr:.2f} "
-        f"| {e_tokens:.2f} | {cost:.2f} | {e_cost:.2f} | {speedup:.2f}x | {e_speedup:.2f}x "
-        f"| {seconds:.2f} |"
-    )
-sampled = [r for r in results if r[0] > 0]
-tokens_err = max(abs(r[5] - r[6]) / r[6] for r in sampled)
-cost_ratio = [r[7] / r[8] for r in results]
-lines += [
-    "",
-    "What this shows:",
-    "",
-    f"- Sampling (temperature 1): measured tokens per round are within {100 * tokens_err:.0f}% of "
-    "(1 − α^{γ+1})/(1 − α) at every γ, with α computed independently from the two models' "
-    "distributions: the acceptance rule behaves as the paper's analysis says.",
-    "- Greedy: tokens per round fall a little below the formula as γ grows. The formula assumes "
-    "each proposal is accepted independently with probability α; a likely reason for the gap is that "
-    "greedy disagreements between draft and target cluster in hard stretches of text, so a round "
-    "that starts after a rejection meets another one more often than α predicts (not tested here).",
-    f"- A round costs {min(cost_ratio):.1f}-{max(cost_ratio):.1f}x the γc + 1 target steps the speedup "
-    "formula charges it (the `round cost` columns). The formula counts one target step and γ draft "
-    "steps; a round also re-feeds the draft two tokens, verifies γ + 1 tokens in its target step "
-    "(on this CPU a 5-token step of the target costs about 1.2x a 1-token step), draws and "
-    "compares the distributions, and returns to the host once. That cost per round, not the "
-    "acceptance, is why the measured speedup is about half the formula's here.",
-    "",
-]
-best = max(results, key=lambda r: r[9])
-lines += [
-    "",
-    f"Best measured speedup: {best[9]:.2f}x at temperature {best[0]:g}, γ={best[1]} "
-    f"(formula {best[10]:.2f}x).",
-    "",
-]
-out = pathlib.Path(__file__).parent / "results" / "10_speculative_decoding.md"
-out.write_text("\n".join(lines))
-print("\n".join(lines))
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    gammas = [int(g) for g in args.gammas.split(",")]
+    N = args.new_tokens
+    target_cfg, draft_cfg = configs()
+    trained = train_pair(args.steps, args.data)
+    val_losses = trained["val_losses"]
+    prompts = make_prompts(trained["text"], args.batch, args.prompt_len)
+    m = measure(trained["target"], trained["draft"], prompts, N, gammas, (1.0, 0.0), args.repeats)
+    base, t_draft, c, results = m["base"], m["t_draft"], m["c"], m["results"]
+
+    n_target, n_draft = accounting.param_count(target_cfg), accounting.param_count(draft_cfg)
+    lines = [
+        "# 10 Speculative decoding: measured vs the paper's formulas",
+        "",
+        f"Command: `python experiments/10_speculative_decoding.py --steps {args.steps} "
+        f"--gammas {args.gammas} --batch {args.batch} --prompt-len {args.prompt_len} --new-tokens {N} "
+        f"--repeats {args.repeats}`",
+        "",
+        f"Machine: {machine.describe()}  ",
+        f"Date: {datetime.date.today()}",
+        "",
+        f"Target: D=256, 4 blocks, {n_target:,} parameters, validation loss {val_losses['target']:.3f} "
+        f"nats/byte; draft: `tiny-dense`, {n_draft:,} parameters ({n_target / n_draft:.0f}x fewer), "
+        f"validation loss {val_losses['draft']:.3f}; both trained {args.steps} steps on tinyshakespeare "
+        "(byte tokens, 16 x 128 per step, AdamW 3e-3). "
+        f"{args.batch} prompts of {args.prompt_len} bytes from the training text, {N} new tokens each, "
+        f"generated together; times are medians of {args.repeats} runs after a compile run.",
+        "",
+        f"Target-only decoding (`llmarch.inference.generate`, KV cache): {base[1.0]:.2f} s at T=1, "
+        f"{base[0.0]:.2f} s greedy; draft-only {t_draft:.2f} s, so c = {c:.3f} (the paper's cost "
+        "coefficient, draft step / target step, measured).",
+        "",
+        "Columns: `α` is the paper's expected acceptance E[Σ_x min(p(x), q(x))] over the generated "
+        "positions (greedy: how often the two argmaxes agree); `acceptance` is accepted / proposed draft "
+        "tokens as `SpeculativeDecoder` counts them, against α(1 − α^γ)/((1 − α)γ) (proposals after a "
+        "rejection count as proposed); `tokens/round` is generated tokens per verification round, per "
+        "row, against (1 − α^{γ+1})/(1 − α); `round cost` is a round's measured time in target decode "
+        "steps, against the γc + 1 the speedup formula assumes; `speedup` is target-only time over "
+        "speculative time, against (1 − α^{γ+1})/((1 − α)(γc + 1)).",
+        "",
+        "| temperature | γ | α | acceptance | formula | tokens/round | formula | round cost | formula "
+        "| speedup | formula | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (
+        temperature,
+        gamma,
+        rate,
+        e_rate,
+        alpha,
+        tpr,
+        e_tokens,
+        cost,
+        e_cost,
+        speedup,
+        e_speedup,
+        seconds,
+    ) in results:
+        lines.append(
+            f"| {temperature:g} | {gamma} | {alpha:.3f} | {rate:.3f} | {e_rate:.3f} | {tpr:.2f} "
+            f"| {e_tokens:.2f} | {cost:.2f} | {e_cost:.2f} | {speedup:.2f}x | {e_speedup:.2f}x "
+            f"| {seconds:.2f} |"
+        )
+    sampled = [r for r in results if r[0] > 0]
+    tokens_err = max(abs(r[5] - r[6]) / r[6] for r in sampled)
+    cost_ratio = [r[7] / r[8] for r in results]
+    lines += [
+        "",
+        "What this shows:",
+        "",
+        f"- Sampling (temperature 1): measured tokens per round are within {100 * tokens_err:.0f}% of "
+        "(1 − α^{γ+1})/(1 − α) at every γ, with α computed independently from the two models' "
+        "distributions: the acceptance rule behaves as the paper's analysis says.",
+        "- Greedy: tokens per round fall a little below the formula as γ grows. The formula assumes "
+        "each proposal is accepted independently with probability α; a likely reason for the gap is that "
+        "greedy disagreements between draft and target cluster in hard stretches of text, so a round "
+        "that starts after a rejection meets another one more often than α predicts (not tested here).",
+        f"- A round costs {min(cost_ratio):.1f}-{max(cost_ratio):.1f}x the γc + 1 target steps the speedup "
+        "formula charges it (the `round cost` columns). The formula counts one target step and γ draft "
+        "steps; a round also re-feeds the draft two tokens, verifies γ + 1 tokens in its target step "
+        "(on this CPU a 5-token step of the target costs about 1.2x a 1-token step), draws and "
+        "compares the distributions, and returns to the host once. That cost per round, not the "
+        "acceptance, is why the measured speedup is about half the formula's here.",
+        "",
+    ]
+    best = max(results, key=lambda r: r[9])
+    lines += [
+        "",
+        f"Best measured speedup: {best[9]:.2f}x at temperature {best[0]:g}, γ={best[1]} "
+        f"(formula {best[10]:.2f}x).",
+        "",
+    ]
+    out = pathlib.Path(__file__).parent / "results" / "10_speculative_decoding.md"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
