@@ -102,6 +102,11 @@ def hf_one_at_a_time(hf_model, prompts, output_lens, count: int) -> dict:
             outputs[i] = out[0, len(prompts[i]) :].tolist()
             tokens += int(output_lens[i])
     seconds = time.perf_counter() - start - sum(ttft)
+    print(
+        f"(a) transformers, one at a time: {tokens} tokens in {seconds:.1f}s over {count} requests: "
+        f"{tokens / seconds:.1f} tokens/s",
+        flush=True,
+    )
     return dict(rate=tokens / seconds, tokens=tokens, seconds=seconds, ttft=ttft, outputs=outputs)
 
 
@@ -131,6 +136,11 @@ def hf_batched(hf_model, prompts, output_lens, batch_size: int, batches: int) ->
                 f"{time.perf_counter() - t0:.1f}s",
                 flush=True,
             )
+    print(
+        f"(b) transformers, {n_batches} batches of {batch_size}: {tokens} tokens in {seconds:.1f}s: "
+        f"{tokens / seconds:.1f} tokens/s",
+        flush=True,
+    )
     return dict(rate=tokens / seconds, tokens=tokens, seconds=seconds, steps=steps, n_batches=n_batches)
 
 
@@ -183,21 +193,11 @@ def main(argv=None) -> None:
     single_tokens, single_time, single_ttft, hf_outputs, rate_a = itemgetter(
         "tokens", "seconds", "ttft", "outputs", "rate"
     )(a)
-    print(
-        f"(a) transformers, one at a time: {single_tokens} tokens in {single_time:.1f}s over "
-        f"{args.single} requests: {rate_a:.1f} tokens/s",
-        flush=True,
-    )
     load_before = load_average()
     b = hf_batched(hf_model, prompts, output_lens, args.batch_size, args.batches)
     batch_time, batch_steps, batch_tokens, n_batches, rate_b = itemgetter(
         "seconds", "steps", "tokens", "n_batches", "rate"
     )(b)
-    print(
-        f"(b) transformers, {n_batches} batches of {args.batch_size}: {batch_tokens} tokens in "
-        f"{batch_time:.1f}s: {rate_b:.1f} tokens/s",
-        flush=True,
-    )
     c = engine_runs(model, cfg, prompts, output_lens, engine_kwargs(args))
     cold_time, engine, outs, rate_c = itemgetter("cold_seconds", "engine", "outs", "rate")(c)
     ttft = [o.ttft for o in outs]

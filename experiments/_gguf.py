@@ -68,7 +68,9 @@ def write_llama_gguf(hf_model, path) -> None:
     if c.tie_word_embeddings or c.attention_bias or c.mlp_bias:
         raise ValueError("write_llama_gguf: tied embeddings and biases are not supported")
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"write_llama_gguf: rope_type={rope['rope_type']!r} is not supported (only 'default')")
+        raise ValueError(
+            f"write_llama_gguf: rope_type={rope['rope_type']!r} is not supported (only 'default')"
+        )
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("llmarch bench random llama")

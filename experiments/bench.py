@@ -1,0 +1,492 @@
+"""The performance harness of issue #14: each workload against its peer in one run, written as one
+table to experiments/results/bench.md and into the README between its bench markers.
+
+Ratios, not absolute times, are the result: the two contenders run in the same process, close
+in time (interleaved where a repeat is short), and every figure is a median of repeats. Beside
+the table stand the machine's description and its two rooflines measured in this run
+(``llmarch.machine.matmul_flops`` at 1024², ``llmarch.machine.stream_bandwidth`` over 256 MB),
+which the "% of peak" and "% of bandwidth" figures divide by.
+
+Workloads (``--only`` takes their names, comma-separated):
+
+- ``train``: one AdamW train step of a Llama (D=256, 4 layers, GQA 8/4, F=688, V=256) on B=8 ×
+  T=256, float32, the same weights on both sides: llmarch's trainer step (``make_train_step`` as
+  ``llmarch.train.trainer`` builds it) against transformers + PyTorch (AdamW, the same clipping).
+- ``decode``: batch-1 greedy decoding of a random 56M Llama (D=512, 8 layers, GQA 8/4, F=1408,
+  V=32000): the ``Engine`` against llama.cpp (``llama-cpp-python``, the same weights as an F32
+  GGUF) when it is installed; and both as a share of the measured bandwidth (bytes a token reads,
+  from ``llmarch.accounting.decode_traffic``, times tokens/s).
+- ``serve32``: 32 requests (prompts of 16-128 tokens) × 64 new tokens on the same model: the
+  ``Engine`` against transformers ``generate`` one request at a time; MFU of the engine.
+- ``exp09``: experiment 09's workload (64 mixed requests): the ``Engine`` against transformers'
+  batched ``generate``, and the engine's time to first token.
+- ``exp07``: experiment 07's decode step of one layer: UltraMem against the fastest MoE strategy.
+- ``exp10``: experiment 10's speculative decoding, greedy: the measured speedup over target-only
+  decoding, and the share of Leviathan et al.'s predicted speedup it reaches.
+- ``warmstart``: the second ``llmarch train --steps 5`` of the same shapes, with the persistent
+  compilation cache (the default) against ``--no-compile-cache``.
+
+    python experiments/bench.py [--quick] [--only train,decode] [--repeats N]
+
+A run of every workload (``--quick`` included) writes the results file and the README section;
+a run with ``--only`` prints its table and writes only where ``--out``/``--readme`` are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from _bench_common import Row, interleaved_medians, load_average, random_llama, replace_section, table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results" / "bench.md"
+README = ROOT / "README.md"
+
+
+@dataclasses.dataclass
+class Context:
+    """What the workloads share: options, the rooflines, and the 56M Llama (built once)."""
+
+    quick: bool
+    repeats: int | None
+    flops: float  # measured float32 matmul FLOP/s
+    bandwidth: float  # measured streaming bytes/s
+    details: list[str] = dataclasses.field(default_factory=list)  # lines for the results file
+    _llama: tuple | None = None
+
+    def reps(self, full: int, quick: int) -> int:
+        return self.repeats or (quick if self.quick else full)
+
+    def llama56m(self):
+        if self._llama is None:
+            self._llama = random_llama(
+                vocab=32000, d_model=512, layers=8, heads=8, kv_heads=4, ffn=1408, max_len=512, seed=0
+            )
+        return self._llama
+
+
+def experiment(name: str):
+    """An experiment script as a module (its name starts with a digit, so no plain import)."""
+    return importlib.import_module(name)
+
+
+# -- 1. train step ----------------------------------------------------------------------------------
+
+
+def bench_train(ctx: Context) -> Row:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from llmarch import accounting
+    from llmarch.train.optim import OptimizerConfig, build_optimizer
+    from llmarch.train.step import make_train_step
+
+    B, T, V = 8, 256, 256
+    hf_model, model, cfg = random_llama(
+        vocab=V, d_model=256, layers=4, heads=8, kv_heads=4, ffn=688, max_len=T
+    )
+    opt_cfg = OptimizerConfig()  # AdamW, clip 1.0; the peer gets the same
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = build_optimizer(opt_cfg, 1000, model=cfg)
+    step = make_train_step(graphdef, tx, donate=True, update_rest=True)  # as the trainer builds it
+    state = [params, rest, tx.init(params)]
+    tokens = np.random.default_rng(0).integers(0, V, (B, T + 1))
+    data = {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+    }
+
+    def llmarch_step():
+        *new, metrics = step(*state, data)
+        state[:] = new
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    hf_model.train()
+    opt = torch.optim.AdamW(
+        hf_model.parameters(), lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+    )  # fmt: skip
+    inputs, targets = torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:])
+
+    def torch_step():
+        logits = hf_model(input_ids=inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), opt_cfg.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    first = (llmarch_step(), torch_step())  # the same weights and batch: the same first loss
+    llmarch_step(), torch_step()  # warm
+    med = interleaved_medians({"llmarch": llmarch_step, "torch": torch_step}, ctx.reps(10, 3))
+    ours, theirs = B * T / med["llmarch"], B * T / med["torch"]
+    peak = accounting.train_flops_per_token(cfg, T, causal=True) * ours / ctx.flops
+    ratio = ours / theirs
+    return Row(
+        "train step, Llama D=256 L=4 GQA 8/4 F=688 V=256, B=8 T=256, AdamW, float32",
+        f"{ours:,.0f} tok/s ({peak:.0%} of matmul peak)",
+        f"transformers + PyTorch {torch.__version__}: {theirs:,.0f} tok/s",
+        ratio,
+        "≥ 1.25×",
+        ratio >= 1.25,
+        f"first-step loss {first[0]:.4f} vs {first[1]:.4f} (same weights); median of "
+        f"{ctx.reps(10, 3)} interleaved steps",
+    )
+
+
+# -- 2. batch-1 decode ------------------------------------------------------------------------------
+
+
+def _engine_gaps(model, cfg, prompt: list[int], n: int):
+    """A batch-1 greedy ``Engine`` run: ``(seconds between successive tokens, tokens)``."""
+    from llmarch.inference import Engine, SamplingParams
+
+    engine = Engine(model, cfg, max_num_seqs=1, max_len=len(prompt) + n, min_decode_rows=1)
+    out = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0))[0]
+    return out.token_latencies, out.token_ids
+
+
+def _llama_cpp_runner(hf_model, n_ctx: int, tmp: str):
+    """A batch-1 greedy llama.cpp run on ``hf_model``'s weights (written as F32 GGUF), or None when
+    ``llama-cpp-python`` or ``gguf`` is not installed."""
+    try:
+        import llama_cpp
+        from _gguf import write_llama_gguf
+    except ImportError:
+        return None
+    path = pathlib.Path(tmp) / "model-f32.gguf"
+    write_llama_gguf(hf_model, path)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(), logits_all=False, verbose=False
+    )
+
+    def run(prompt: list[int], n: int):
+        llm.reset()
+        gaps, ids, last = [], [], None
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            ids.append(int(token))
+            if len(ids) == n:
+                break
+        return gaps, ids
+
+    run.version = llama_cpp.__version__
+    return run
+
+
+def bench_decode(ctx: Context) -> Row:
+    from llmarch import accounting
+
+    hf_model, model, cfg = ctx.llama56m()
+    n = 32 if ctx.quick else 128
+    prompt = np.random.default_rng(1).integers(1, cfg.vocab_size, 16).tolist()
+    reps = ctx.reps(3, 1)
+    ours, theirs, same = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = _llama_cpp_runner(hf_model, len(prompt) + n + 8, tmp)
+        _engine_gaps(model, cfg, prompt, n)  # compile
+        if peer is not None:
+            peer(prompt, n)  # warm
+        for _ in range(reps):  # interleaved runs
+            gaps, ids = _engine_gaps(model, cfg, prompt, n)
+            ours += gaps
+            if peer is not None:
+                peer_gaps, peer_ids = peer(prompt, n)
+                theirs += peer_gaps
+                same = next(
+                    (i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b), len(ids)
+                )
+    per_token = accounting.decode_traffic(cfg, 1, context_len=len(prompt) + n // 2).total  # bytes
+    rate = 1 / float(np.median(ours))
+    share = per_token * rate / ctx.bandwidth
+    notes = f"{per_token / 1e6:.0f} MB read per token; medians of {reps} × {n} tokens"
+    if peer is None:
+        peer_text, ratio = "llama.cpp: not installed (`pip install llama-cpp-python gguf`)", None
+        met = False if share < 0.9 else None  # the bandwidth half can fail alone
+    else:
+        peer_rate = 1 / float(np.median(theirs))
+        ratio = rate / peer_rate
+        peer_text = (
+            f"llama.cpp (llama-cpp-python {peer.version}, F32 GGUF): {peer_rate:,.0f} tok/s "
+            f"({per_token * peer_rate / ctx.bandwidth:.0%} of bandwidth)"
+        )
+        met = ratio >= 1.0 and share >= 0.9
+        notes += f"; greedy tokens identical for the first {same} of {n}"
+    return Row(
+        "batch-1 greedy decode, random 56M Llama (D=512, L=8, GQA 8/4, V=32000), float32",
+        f"`Engine`: {rate:,.0f} tok/s ({share:.0%} of measured bandwidth)",
+        peer_text,
+        ratio,
+        "≥ 1.0× llama.cpp and ≥ 90% of bandwidth",
+        met,
+        notes,
+    )
+
+
+# -- 3. 32 requests, one model ----------------------------------------------------------------------
+
+
+def _forward_flops(cfg, prompt_lens, output_lens) -> float:
+    """Forward FLOPs the engine must do: each prompt token through every weight but the LM head
+    (no logits before the last one), each output token through all, plus causal attention over the
+    request's length (``accounting``'s training FLOPs are 3× the forward's)."""
+    from llmarch import accounting
+
+    lm_head = 2 * cfg.d_model * cfg.vocab_size
+    total = 0.0
+    for p, o in zip(prompt_lens, output_lens, strict=True):
+        per_token = accounting.train_flops_per_token(cfg, int(p + o), causal=True) / 3
+        total += (p + o) * per_token - p * lm_head
+    return total
+
+
+def bench_serve32(ctx: Context) -> Row:
+    from llmarch.inference import Engine, SamplingParams
+
+    exp09 = experiment("09_serving_throughput")
+    hf_model, model, cfg = ctx.llama56m()
+    rng = np.random.default_rng(0)
+    requests, new = (8, 16) if ctx.quick else (32, 64)
+    prompt_lens = rng.integers(16, 129, requests)
+    prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for p in prompt_lens]
+    output_lens = np.full(requests, new)
+    params = SamplingParams(max_tokens=new, temperature=0.0)
+    runs = []
+    for _ in range(2):  # the first compiles one program per step bucket
+        engine = Engine(model, cfg, max_num_seqs=32, max_len=128 + new)
+        start = time.perf_counter()
+        engine.generate(prompts, params)
+        runs.append(time.perf_counter() - start)
+    single = exp09.hf_one_at_a_time(hf_model, prompts, output_lens, ctx.reps(8, 2))
+    rate = output_lens.sum() / runs[1]
+    mfu = _forward_flops(cfg, prompt_lens, output_lens) / runs[1] / ctx.flops
+    ratio = rate / single["rate"]
+    return Row(
+        f"{requests} requests × {new} new tokens, prompts 16–128, same model",
+        f"`Engine`: {rate:,.0f} tok/s (MFU {mfu:.0%}, prompt and output FLOPs)",
+        f"transformers `generate` one at a time: {single['rate']:,.1f} tok/s",
+        ratio,
+        "≥ 10×; report MFU",
+        ratio >= 10,
+        f"engine: the second of two runs ({runs[0]:.1f} s cold, {runs[1]:.1f} s); transformers: "
+        f"{len(single['ttft'])} requests, prefills excluded (experiment 09's method)",
+    )
+
+
+# -- 4. experiment 09 -------------------------------------------------------------------------------
+
+
+def bench_exp09(ctx: Context) -> Row:
+    exp09 = experiment("09_serving_throughput")
+    quick = [
+        "--requests",
+        "8",
+        "--max-prompt",
+        "128",
+        "--max-output",
+        "32",
+        "--batch-size",
+        "8",
+        "--batches",
+        "1",
+    ]
+    args = exp09.parse_args(quick if ctx.quick else [])
+    hf_model, model, cfg, _ = exp09.build_model(args)
+    prompts, output_lens = exp09.workload(args)
+    batched = exp09.hf_batched(hf_model, prompts, output_lens, args.batch_size, args.batches)
+    engine = exp09.engine_runs(model, cfg, prompts, output_lens, exp09.engine_kwargs(args))
+    ttft = np.median([o.ttft for o in engine["outs"]])
+    ratio = engine["rate"] / batched["rate"]
+    return Row(
+        f"experiment 09 ({args.requests} mixed requests)",
+        f"`Engine`: {engine['rate']:,.0f} tok/s, time to first token p50 {ttft:.1f} s",
+        f"transformers batched `generate` (batches of {args.batch_size}): {batched['rate']:,.0f} tok/s",
+        ratio,
+        "≥ 2×; TTFT p50 down from 4 s",
+        ratio >= 2,
+        f"transformers: {batched['n_batches']} batches timed; engine: the second of two runs",
+    )
+
+
+# -- 5. experiment 07 -------------------------------------------------------------------------------
+
+
+def bench_exp07(ctx: Context) -> Row:
+    exp07 = experiment("07_memory_decode")
+    batches = [8] if ctx.quick else [8, 16, 32, 64]
+    m = exp07.decode_latency(batches, ctx.reps(15, 3), 1024, 512)
+    ratios = {B: med[best] / med["ultramem"] for B, med, best in m["rows"]}
+    worst = min(ratios, key=ratios.get)
+    B, med, best = next(r for r in m["rows"] if r[0] == worst)
+    return Row(
+        "experiment 07: decode step of one layer, equal parameters, B ≥ 8",
+        f"UltraMem: {med['ultramem']:.2f} ms at B={B} (the worst B)",
+        f"best MoE strategy ({best[4:]}): {med[best]:.2f} ms",
+        ratios[worst],
+        "≥ 2× at every B ≥ 8",
+        all(r >= 2 for r in ratios.values()),
+        "MoE best / UltraMem by B: " + ", ".join(f"{b}: {r:.2f}×" for b, r in ratios.items()),
+    )
+
+
+# -- 6. experiment 10 -------------------------------------------------------------------------------
+
+
+def bench_exp10(ctx: Context) -> Row:
+    exp10 = experiment("10_speculative_decoding")
+    args = exp10.parse_args([])
+    if not pathlib.Path(args.data).is_file():
+        return Row(
+            "experiment 10: speculative decoding, greedy", "skipped", f"{args.data} absent", None, "", None
+        )
+    steps, gammas, n = (60, [4], 32) if ctx.quick else (args.steps, [2, 4, 6], args.new_tokens)
+    trained = exp10.train_pair(steps, args.data)
+    prompts = exp10.make_prompts(trained["text"], args.batch, args.prompt_len)
+    m = exp10.measure(trained["target"], trained["draft"], prompts, n, gammas, (0.0,), ctx.reps(3, 1))
+    best = max(m["results"], key=lambda r: r[9])  # (T, γ, ..., speedup, formula, seconds)
+    gamma, alpha, speedup, formula = best[1], best[4], best[9], best[10]
+    share = speedup / formula
+    return Row(
+        "experiment 10: speculative decoding, greedy",
+        f"{speedup:.2f}× over target-only decoding (best γ={gamma})",
+        f"Leviathan et al.'s formula for α={alpha:.3f}, c={m['c']:.3f}: {formula:.2f}×",
+        speedup,
+        "≥ 2× measured, ≥ 80% of the formula",
+        speedup >= 2 and share >= 0.8,
+        f"{share:.0%} of the formula; round cost {best[7]:.2f} target steps vs γc + 1 = {best[8]:.2f}; "
+        f"models trained {steps} steps; γ in {gammas}",
+    )
+
+
+# -- 7. warm start ----------------------------------------------------------------------------------
+
+
+def _train_seconds(out: str, env: dict, *flags: str) -> float:
+    command = [sys.executable, "-c", "import sys; from llmarch.cli import main; sys.exit(main(sys.argv[1:]))"]
+    command += ["train", "--preset", "tiny-dense", "--steps", "5", "--out", out, "--no-tensorboard", *flags]
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def bench_warmstart(ctx: Context) -> Row:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "LLMARCH_COMPILE_CACHE"}
+        env |= {"XDG_CACHE_HOME": f"{tmp}/xdg", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+        cached, uncached = [], []
+        for i in range(2):  # interleaved: the default (cache on), then with --no-compile-cache
+            cached.append(_train_seconds(f"{tmp}/cached{i}", env))
+            uncached.append(_train_seconds(f"{tmp}/uncached{i}", env, "--no-compile-cache"))
+        cache_dir = pathlib.Path(tmp, "xdg", "llmarch", "jax")
+        entries = len(list(cache_dir.iterdir())) if cache_dir.is_dir() else 0
+    ratio = uncached[1] / cached[1]
+    return Row(
+        "`llmarch train --steps 5`, second invocation",
+        f"{cached[1]:.1f} s with the default compilation cache ({entries} entries)",
+        f"`--no-compile-cache`: {uncached[1]:.1f} s",
+        ratio,
+        "cache on by default; second run faster (≥ 1.2×, beyond noise)",
+        entries > 0 and ratio >= 1.2,
+        f"first invocations {cached[0]:.1f} s / {uncached[0]:.1f} s; tiny-dense; subprocesses",
+    )
+
+
+WORKLOADS: dict[str, Callable[[Context], Row]] = {
+    "train": bench_train,
+    "decode": bench_decode,
+    "serve32": bench_serve32,
+    "exp09": bench_exp09,
+    "exp07": bench_exp07,
+    "exp10": bench_exp10,
+    "warmstart": bench_warmstart,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated workloads of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--quick", action="store_true", help="small repeat counts and workloads (a smoke run)"
+    )
+    parser.add_argument("--repeats", type=int, help="timed repeats per workload (default: each one's own)")
+    parser.add_argument("--out", help=f"results file (default {RESULTS.relative_to(ROOT)} on a full run)")
+    parser.add_argument(
+        "--readme", help="README whose bench section is rewritten (default README.md on a full run)"
+    )
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(WORKLOADS)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"--only {args.only!r}: unknown {unknown}; allowed: {', '.join(WORKLOADS)}")
+    if args.repeats is not None and args.repeats <= 0:
+        parser.error(f"--repeats {args.repeats} is invalid: must be > 0")
+    args.names = names
+    return args
+
+
+def report(rows: list[Row], header: str) -> str:
+    met = [r.met for r in rows if r.met is not None]
+    return f"{header}\n\n{table(rows)}\n\nGoals met: {sum(met)} of {len(met)} judged.\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from llmarch import machine
+
+    start_load = load_average()
+    flops, bandwidth = machine.matmul_flops(1024), machine.stream_bandwidth()
+    ctx = Context(quick=args.quick, repeats=args.repeats, flops=flops, bandwidth=bandwidth)
+    print(f"roofline: {flops / 1e9:.0f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for name in args.names:
+        t0 = time.perf_counter()
+        try:
+            rows.append(WORKLOADS[name](ctx))
+        except Exception as e:  # one broken workload must not lose the others' numbers
+            rows.append(Row(name, f"failed: {type(e).__name__}: {e}"[:300], "", None, "", None))
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]\n{table(rows[-1:])}", flush=True)
+    command = "python experiments/bench.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    header = (
+        f"Machine: {machine.describe()}; measured in this run: float32 matmul "
+        f"{flops / 1e9:.0f} GFLOP/s (1024², best of 10), streaming read {bandwidth / 1e9:.1f} GB/s "
+        f"(XLA matrix-vector product over a 256 MB matrix, best of 10)  \n"
+        f"Date: {datetime.date.today()}; command: `{command}`; load average (1 min) "
+        f"{start_load:.1f} at the start, {load_average():.1f} at the end (2 cores shared with "
+        "other jobs: every ratio below is measured under that load)  \n"
+        "Ratio: llmarch's figure over the peer's (higher is better for llmarch)."
+    )
+    body = report(rows, header)
+    print(body)
+    full = args.only is None
+    out = args.out or (RESULTS if full else None)
+    if out:
+        pathlib.Path(out).write_text(f"# Benchmark: llmarch against its peers (issue #14)\n\n{body}")
+        print(f"wrote {out}")
+    readme = args.readme or (README if full else None)
+    if readme:
+        path = pathlib.Path(readme)
+        path.write_text(replace_section(path.read_text(), body))
+        print(f"rewrote the bench section of {readme}")
+
+
+if __name__ == "__main__":
+    main()
