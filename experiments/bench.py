@@ -29,7 +29,7 @@ Workloads (``--only`` takes their names, comma-separated):
     python experiments/bench.py [--quick] [--only train,decode] [--repeats N]
 
 A run of every workload (``--quick`` included) writes the results file and the README section;
-a run with ``--only`` prints its table and writes only where ``--out``/``--readme`` are given.
+a run of some (``--only``) prints its table and writes only where ``--out``/``--readme`` are given.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def bench_train(ctx: Context) -> Row:
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), opt_cfg.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     first = (llmarch_step(), torch_step())  # the same weights and batch: the same first loss
     llmarch_step(), torch_step()  # warm
@@ -258,8 +258,6 @@ def _forward_flops(cfg, prompt_lens, output_lens) -> float:
 
 
 def bench_serve32(ctx: Context) -> Row:
-    from llmarch.inference import Engine, SamplingParams
-
     exp09 = experiment("09_serving_throughput")
     hf_model, model, cfg = ctx.llama56m()
     rng = np.random.default_rng(0)
@@ -267,16 +265,10 @@ def bench_serve32(ctx: Context) -> Row:
     prompt_lens = rng.integers(16, 129, requests)
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for p in prompt_lens]
     output_lens = np.full(requests, new)
-    params = SamplingParams(max_tokens=new, temperature=0.0)
-    runs = []
-    for _ in range(2):  # the first compiles one program per step bucket
-        engine = Engine(model, cfg, max_num_seqs=32, max_len=128 + new)
-        start = time.perf_counter()
-        engine.generate(prompts, params)
-        runs.append(time.perf_counter() - start)
+    engine = exp09.engine_runs(model, cfg, prompts, output_lens, dict(max_num_seqs=32, max_len=128 + new))
     single = exp09.hf_one_at_a_time(hf_model, prompts, output_lens, ctx.reps(8, 2))
-    rate = output_lens.sum() / runs[1]
-    mfu = _forward_flops(cfg, prompt_lens, output_lens) / runs[1] / ctx.flops
+    rate = engine["rate"]
+    mfu = _forward_flops(cfg, prompt_lens, output_lens) / engine["seconds"] / ctx.flops
     ratio = rate / single["rate"]
     return Row(
         f"{requests} requests × {new} new tokens, prompts 16–128, same model",
@@ -285,8 +277,8 @@ def bench_serve32(ctx: Context) -> Row:
         ratio,
         "≥ 10×; report MFU",
         ratio >= 10,
-        f"engine: the second of two runs ({runs[0]:.1f} s cold, {runs[1]:.1f} s); transformers: "
-        f"{len(single['ttft'])} requests, prefills excluded (experiment 09's method)",
+        f"engine: the second of two runs ({engine['cold_seconds']:.1f} s cold, {engine['seconds']:.1f} s); "
+        f"transformers: {len(single['ttft'])} requests, prefills excluded (experiment 09's method)",
     )
 
 
@@ -421,7 +413,9 @@ WORKLOADS: dict[str, Callable[[Context], Row]] = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help=f"comma-separated workloads of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--only", help=f"comma-separated workloads, run in that order: {', '.join(WORKLOADS)}"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small repeat counts and workloads (a smoke run)"
     )
@@ -454,14 +448,15 @@ def main(argv=None) -> None:
     flops, bandwidth = machine.matmul_flops(1024), machine.stream_bandwidth()
     ctx = Context(quick=args.quick, repeats=args.repeats, flops=flops, bandwidth=bandwidth)
     print(f"roofline: {flops / 1e9:.0f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s", flush=True)
-    rows = []
-    for name in args.names:
+    done = {}
+    for name in args.names:  # in the order given; the table keeps WORKLOADS' order
         t0 = time.perf_counter()
         try:
-            rows.append(WORKLOADS[name](ctx))
+            done[name] = WORKLOADS[name](ctx)
         except Exception as e:  # one broken workload must not lose the others' numbers
-            rows.append(Row(name, f"failed: {type(e).__name__}: {e}"[:300], "", None, "", None))
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s]\n{table(rows[-1:])}", flush=True)
+            done[name] = Row(name, f"failed: {type(e).__name__}: {e}"[:300], "", None, "", None)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]\n{table([done[name]])}", flush=True)
+    rows = [done[name] for name in WORKLOADS if name in done]
     command = "python experiments/bench.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -476,7 +471,7 @@ def main(argv=None) -> None:
     )
     body = report(rows, header)
     print(body)
-    full = args.only is None
+    full = set(args.names) == set(WORKLOADS)
     out = args.out or (RESULTS if full else None)
     if out:
         pathlib.Path(out).write_text(f"# Benchmark: llmarch against its peers (issue #14)\n\n{body}")
