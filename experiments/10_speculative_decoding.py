@@ -136,7 +136,7 @@ def measure(target, draft, prompts: np.ndarray, N: int, gammas, temperatures, re
         )
     t_draft = median_time(lambda: generate(draft, prompts, N, temperature=max(temperatures), seed=0), repeats)
     c = t_draft / base[max(temperatures)]
-    prompt_len, batch = prompts.shape
+    batch, prompt_len = prompts.shape  # [B, prompt_len]
     results = []
     for temperature in temperatures:
         for gamma in gammas:
