@@ -73,8 +73,7 @@ def test_rope_rows_go_from_halves_to_pairs():
     np.testing.assert_array_equal(got[:, 0], [0, 6, 3, 9, 12, 18, 15, 21])  # rows 0,2,1,3 per head
 
 
-def test_gguf_round_trip_same_tensors(tmp_path):
-    gguf = pytest.importorskip("gguf")
+def _tiny_llama():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -86,9 +85,21 @@ def test_gguf_round_trip_same_tensors(tmp_path):
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # attention scores of order 1, so that RoPE's layout changes the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+def test_gguf_round_trip_same_tensors(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    model = _tiny_llama()
     path = tmp_path / "m.gguf"
     _gguf.write_llama_gguf(model, path)
     reader = gguf.GGUFReader(str(path))
@@ -103,3 +114,18 @@ def test_gguf_round_trip_same_tensors(tmp_path):
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
     assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
     assert int(fields["llama.block_count"].parts[-1][0]) == 2
+
+
+def test_llama_cpp_computes_the_same_logits(tmp_path):
+    """The q/k row permutation is right only if llama.cpp's logits equal transformers'."""
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    torch = pytest.importorskip("torch")
+    model = _tiny_llama()
+    ids = [5, 17, 3, 60, 9, 33, 1, 42]
+    _gguf.write_llama_gguf(model, tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(llm.scores[: len(ids)]), expected, atol=1e-3)
