@@ -469,6 +469,11 @@ def main(argv=None) -> None:
         "other jobs: every ratio below is measured under that load)  \n"
         "Ratio: llmarch's figure over the peer's (higher is better for llmarch)."
     )
+    if args.quick:
+        header += (
+            "  \n`--quick`: smaller workloads and fewer repeats than the issue's (a smoke run): the "
+            "ratios are indicative only, and the goals are judged on these smaller workloads."
+        )
     body = report(rows, header)
     print(body)
     full = set(args.names) == set(WORKLOADS)
