@@ -81,6 +81,9 @@ n_params = sum(p.numel() for p in hf_model.parameters())
 with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp, safe_serialization=True)
     model, cfg = llmarch.hf.load_pretrained(tmp)
+# transformers runs where it runs fastest here: the GPU when torch sees one, else the CPU.
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+hf_model.to(TORCH_DEVICE)
 
 rng = np.random.default_rng(args.seed)
 prompt_lens = rng.integers(args.min_prompt, args.max_prompt + 1, args.requests)
@@ -105,7 +108,7 @@ single_tokens, single_ttft, hf_outputs = 0, [], {}
 start = time.perf_counter()
 with torch.inference_mode():
     for i in range(args.single):
-        ids = torch.tensor([prompts[i]])
+        ids = torch.tensor([prompts[i]], device=TORCH_DEVICE)
         t0 = time.perf_counter()
         mask = torch.ones_like(ids)
         hf_model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)  # first token alone
@@ -138,6 +141,7 @@ with torch.inference_mode():
             mask[row, width - len(prompts[i]) :] = 1
         new = int(max(output_lens[i] for i in idx))
         t0 = time.perf_counter()
+        ids, mask = ids.to(TORCH_DEVICE), mask.to(TORCH_DEVICE)
         hf_model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
         batch_time += time.perf_counter() - t0
         batch_steps.append((time.perf_counter() - t0) / new)
@@ -228,7 +232,8 @@ out = pathlib.Path(__file__).parent / "results" / "09_serving_throughput.md"
 out.write_text(
     "# 09 Serving throughput: llmarch Engine vs transformers generate\n\n"
     f"Command: `{command}`\n\n"
-    f"Machine: {machine.describe()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    f"Machine: {machine.describe()}; torch {torch.__version__} on {TORCH_DEVICE} "
+    f"({torch.get_num_threads()} threads), "
     f"transformers {transformers.__version__}  \nDate: {datetime.date.today()}  \n"
     f"Load average (1 min) when (b) started: {load_before:.1f}, at the end: {os.getloadavg()[0]:.1f} "
     "(the machine's 2 cores are shared with other jobs; every number below is under that load)\n\n"
