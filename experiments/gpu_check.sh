@@ -2,7 +2,8 @@
 # The accelerator checks of issue #14 as one prepared run, for a session lent a GPU machine for
 # minutes: the kernels' TPU/GPU lowering tests, experiment 04 (every Pallas kernel compiled and
 # timed against its XLA reference, flash attention against cuDNN, paged and MLA decode as a
-# share of HBM bandwidth), and experiments 07 and 09. Each step has its own time limit, so one
+# share of HBM bandwidth), the kernels' tile sweep (gpu_tune.py), and experiments 07 and 09.
+# About 9 minutes on an H200, compiling included. Each step has its own time limit, so one
 # hang cannot eat the others; logs and result files go to $OUT (default /tmp/gpu_check).
 #
 #     bash experiments/gpu_check.sh            # from the repository root
@@ -35,7 +36,8 @@ step 30 environment bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_ver
   python3 -c "import jax, flax, optax, torch; print(\"jax\", jax.__version__, \"flax\", flax.__version__,
   \"optax\", optax.__version__, \"torch\", torch.__version__, jax.devices())"'
 step 60 lowering env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_lowering.py
-step 200 "04 kernels" python3 experiments/04_kernels.py --repeats 20 --out "$OUT/04_kernels.md"
+step 240 "04 kernels" python3 experiments/04_kernels.py --repeats 20 --out "$OUT/04_kernels.md"
+step 240 "tile sweep" python3 experiments/gpu_tune.py --repeats 10 --budget 45 --out "$OUT/gpu_tune.md"
 # 07 and 09 write into experiments/results/: remove the committed (CPU) files first, so a failed
 # run cannot hand one back as the GPU's.
 rm -f experiments/results/07_memory_decode.md experiments/results/09_serving_throughput.md

@@ -72,10 +72,15 @@ class BlockSizes:
         )
 
     @classmethod
-    def default(cls, target: str) -> BlockSizes:
+    def default(cls, target: str, rows: int = 1) -> BlockSizes:
+        """Per target, and on GPU per query rows per KV head (``rows``): the fastest of
+        experiments/gpu_tune.py's sweep on an H200 (results/gpu_tune_nvidia_h200.md) for GQA
+        decoding (4 rows) and for MLA decoding (128 rows: 32 per program)."""
         if target == "tpu":
             return cls(pages_per_block=8, num_splits=1)
-        return cls(pages_per_block=1, num_splits=4, num_warps=4, num_stages=2)
+        if rows > 64:
+            return cls(pages_per_block=1, num_splits=2, num_warps=4, num_stages=2, rows_per_block=32)
+        return cls(pages_per_block=1, num_splits=4, num_warps=4, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,7 +369,7 @@ def attend(
     B, T, N, _ = q_parts[0].shape
     K = num_kv_heads
     G = N // K
-    bs = spec.block_sizes or BlockSizes.default(target)
+    bs = spec.block_sizes or BlockSizes.default(target, rows=T * (N // num_kv_heads))
     rows = T * G
     if interpret:  # any size; whole row blocks for the GPU build
         rows_p = common.round_up(rows, bs.rows_per_block) if target == "gpu" else rows
@@ -373,12 +378,12 @@ def attend(
         _check_tpu_tiles(spec, K)
     else:
         rows_p = max(16, common.next_pow2(rows))
-        _check_gpu_tiles(spec)
         if bs.rows_per_block < 16 or bs.rows_per_block & (bs.rows_per_block - 1):
             raise ValueError(
                 f"BlockSizes.rows_per_block={bs.rows_per_block} does not tile on GPU (Triton): "
                 "must be a power of two >= 16"
             )
+        _check_gpu_tiles(spec)
 
     def by_kv_head(x):  # [B,T,N,w] -> [B,K,rows_p,w], row t*G + g
         w = x.shape[-1]
