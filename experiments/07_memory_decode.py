@@ -14,6 +14,13 @@ per-expert buffers) and the table takes the faster one at each B, so the ratio i
 best MoE this library has. Medians over interleaved repeats (the two layers alternate, so load
 from other processes falls on both).
 
+Part 3, the roofline: the bytes and FLOPs each layer must touch per step (UltraMem: its dense
+weights and the B·J value rows it reads; MoE: the router and the experts its batch routes to),
+against this machine's streaming bandwidth (an XLA matrix-vector product over a 256 MB matrix)
+and matmul rate (a 1024² float32 matmul), both measured in the same process, interleaved with
+the layers. ``roofline`` is max(bytes / bandwidth, FLOPs / matmul rate); ``of roofline`` is the
+roofline time over the measured time.
+
     python experiments/07_memory_decode.py [--batches 1,2,4,8,16,32,64] [--repeats 15]
 """
 
@@ -141,6 +148,31 @@ def moe_gather_step(state, x):
     return jnp.einsum("BKD,BK->BD", y, r.gates.reshape(B, k))[:, None]
 
 
+big = jax.random.normal(jax.random.key(1), (65536, 1024), jnp.float32)  # 256 MB
+vec = jax.random.normal(jax.random.key(2), (1024,), jnp.float32)
+sq = jax.random.normal(jax.random.key(3), (1024, 1024), jnp.float32)
+matvec, matmul = jax.jit(lambda a, v: a @ v), jax.jit(lambda a: a @ a)
+probes = {"matvec": lambda: matvec(big, vec), "matmul": lambda: matmul(sq)}
+probe_times = {name: [] for name in probes}
+
+
+def run_probes():
+    for name, fn in probes.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        probe_times[name].append(time.perf_counter() - start)
+
+
+for fn in probes.values():
+    jax.block_until_ready(fn())
+
+
+def touched_experts(x):
+    """Distinct experts the batch ``x`` routes to (the fewest any MoE strategy must read)."""
+    layer = nnx.merge(moe_graph, moe_state)
+    return len(set(jax.device_get(layer.route(x).experts).reshape(-1).tolist()))
+
+
 steps = {"ultramem": lambda x: um_step(um_state, x)}
 for strategy in ("dropless", "capacity"):
     fn = moe_step(strategy)
@@ -156,13 +188,14 @@ for B in batches:
         jax.block_until_ready(fn(x))  # warm
     times = {name: [] for name in steps}
     for _ in range(args.repeats):
+        run_probes()
         for name, fn in steps.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(x))
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     best = min(MOES, key=med.get)
-    rows.append((B, med, best))
+    rows.append((B, med, best, touched_experts(x)))
     print(B, {k: round(v, 3) for k, v in med.items()}, flush=True)
 
 lines += [
@@ -184,13 +217,13 @@ lines += [
     "| MoE best / UltraMem |",
     "|---|---|---|---|---|---|---|",
 ]
-for B, med, best in rows:
+for B, med, best, _ in rows:
     lines.append(
         f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
         f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
         f"{med[best] / med['ultramem']:.2f}x |"
     )
-at8 = [med[best] / med["ultramem"] for B, med, best in rows if B >= 8]
+at8 = [med[best] / med["ultramem"] for B, med, best, _ in rows if B >= 8]
 if at8:
     lines += [
         "",
@@ -198,6 +231,46 @@ if at8:
         f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
         f"({'met' if min(at8) >= 2 else 'NOT met'}).",
     ]
+
+# -- part 3: the roofline ------------------------------------------------------------------------
+bandwidth = big.nbytes / statistics.median(probe_times["matvec"])  # bytes/s
+flop_rate = 2 * 1024**3 / statistics.median(probe_times["matmul"])  # FLOP/s
+J, U = mem.reads_per_token, mem.width(D)
+um_params = {jax.tree_util.keystr(k): v.size for k, v in jax.tree_util.tree_leaves_with_path(um_state)}
+um_dense = sum(n for k, n in um_params.items() if "values_mu" not in k and "ive_permutation" not in k)
+um_matmul = sum(n for k, n in um_params.items() if any(w in k for w in ("w_q_", "keys_", "w_out")))
+expert_params = 3 * D * F
+lines += [
+    "",
+    "## Roofline: what each layer must touch per step",
+    "",
+    f"Measured in this process, interleaved with the layers: streaming bandwidth "
+    f"{bandwidth / 1e9:.1f} GB/s (XLA matrix-vector product over a {big.nbytes / 2**20:.0f} MiB "
+    f"matrix), matmul rate {flop_rate / 1e9:.0f} GFLOP/s (1024² float32). UltraMem must read its "
+    f"dense weights ({um_dense * 4 / 1e6:.1f} MB: queries, keys, cores, W_o) and B·{J} value rows "
+    f"of {U} numbers; its FLOPs are 2·B·({um_matmul:,} query, key and W_o weights + {J}·{U} for the "
+    f"weighted sum). MoE must read its router and the experts its batch routes to "
+    f"({expert_params * 4 / 1e6:.1f} MB each; `experts` counts them at this B, of {E}); its FLOPs "
+    f"are 2·B·(D·E + 2·{expert_params:,}). `roofline` = max(bytes / bandwidth, FLOPs / matmul "
+    "rate); `of roofline` = roofline / measured. `roofline ratio` is MoE's roofline over "
+    "UltraMem's: the speed-up this machine allows if both layers ran at their rooflines.",
+    "",
+    "| B | UltraMem MB | UltraMem MFLOP | UltraMem roofline (ms) | of roofline | experts "
+    "| MoE MB | MoE MFLOP | MoE roofline (ms) | MoE best of roofline | roofline ratio |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+for B, med, best, touched in rows:
+    um_bytes = 4 * (um_dense + B * J * U) + 4 * B * J  # + the IVE permutation entries
+    um_flops = 2 * B * (um_matmul + J * U)
+    moe_bytes = 4 * (D * E + touched * expert_params)
+    moe_flops = 2 * B * (D * E + 2 * expert_params)
+    um_roof = max(um_bytes / bandwidth, um_flops / flop_rate) * 1e3
+    moe_roof = max(moe_bytes / bandwidth, moe_flops / flop_rate) * 1e3
+    lines.append(
+        f"| {B} | {um_bytes / 1e6:.1f} | {um_flops / 1e6:.0f} | {um_roof:.3f} | "
+        f"{um_roof / med['ultramem']:.0%} | {touched} | {moe_bytes / 1e6:.1f} | {moe_flops / 1e6:.0f} | "
+        f"{moe_roof:.3f} | {moe_roof / med[best]:.0%} | {moe_roof / um_roof:.2f}x |"
+    )
 lines.append("")
 out_path.write_text("\n".join(lines))
 print("\n".join(lines))
