@@ -51,6 +51,12 @@ PEAK_BYTES = {
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--repeats", type=int, default=20)
+parser.add_argument(
+    "--out",
+    default=None,
+    help="results file (default: results/04_kernels.md on a CPU, "
+    "results/04_kernels_<device kind>.md on an accelerator)",
+)
 args = parser.parse_args()
 
 platform = jax.devices()[0].platform
@@ -93,35 +99,44 @@ def _grads(fn, argnums, cotangent):
     return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent), argnums=argnums)
 
 
-rows = []  # (kernel, shape, error, kernel ms, reference ms, extra ms, achieved, % of peak)
+rows = []  # (kernel, shape, error, kernel ms, reference ms, extra ms, 'flops'/'bytes', per second)
 
 
-def record(name, shape, kernel, reference, inputs, *, flops=None, bytes_=None, extra=None):
-    """Compares (and on an accelerator times) ``kernel`` and ``reference`` on ``inputs``."""
+def record(name, shape, kernel, reference, inputs, **kw):
+    """Compares (and on an accelerator times) ``kernel`` and ``reference`` on ``inputs``. A kernel
+    that fails to lower or run becomes a row saying so, so one failure does not hide the others."""
+    try:
+        _record(name, shape, kernel, reference, inputs, **kw)
+    except Exception as e:  # noqa: BLE001 -- reported in the table, not swallowed
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:300].replace("|", "/")
+        rows.append((name, shape, f"FAILED ({message})", None, None, None, None, None))
+    print(rows[-1], flush=True)
+
+
+def _record(name, shape, kernel, reference, inputs, *, flops=None, bytes_=None, extra=None):
     err = _max_err(jax.jit(kernel)(*inputs), jax.jit(reference)(*inputs))
     if not TIMED:
         rows.append((name, shape, err, None, None, None, None, None))
         return
     t_k, t_r = _time(kernel, *inputs), _time(reference, *inputs)
     t_x = _time(extra, *inputs) if extra is not None else None
-    if flops is not None:
-        achieved, peak = flops / t_k, _peak(metrics.PEAK_FLOPS)
-        unit = f"{achieved / 1e12:.1f} TFLOP/s"
-    else:
-        achieved, peak = bytes_ / t_k, _peak(PEAK_BYTES)
-        unit = f"{achieved / 1e9:.0f} GB/s"
-    rows.append(
-        (
-            name,
-            shape,
-            err,
-            t_k * 1e3,
-            t_r * 1e3,
-            None if t_x is None else t_x * 1e3,
-            unit,
-            None if peak is None else achieved / peak,
-        )
-    )
+    kind, amount = ("flops", flops) if flops is not None else ("bytes", bytes_)
+    t_x = None if t_x is None else t_x * 1e3
+    rows.append((name, shape, err, t_k * 1e3, t_r * 1e3, t_x, kind, amount / t_k))
+
+
+def _measured_peaks() -> dict[str, float]:
+    """This chip's ceilings measured here (medians of ``--repeats``): a bf16 8192^3 matmul
+    (FLOP/s), and the faster of two passes over a 1 GiB array (bytes/s): elementwise ``x + 1``
+    counting bytes read and written (XLA cannot simplify it away as it could ``x * 1``), and a
+    sum, which only reads."""
+    n = 8192
+    a, b = _normal(30, (n, n), jnp.bfloat16), _normal(31, (n, n), jnp.bfloat16)
+    x = jnp.ones((2**28,), jnp.float32) if ACCELERATOR else jnp.ones((2**20,), jnp.float32)
+    mm = _time(lambda a, b: a @ b, a, b)
+    elementwise, read = _time(lambda x: x + 1, x), _time(jnp.sum, x)
+    nbytes = x.size * x.dtype.itemsize
+    return {"flops": 2 * n**3 / mm, "bytes": max(2 * nbytes / elementwise, nbytes / read)}
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -268,25 +283,45 @@ record(
     bytes_=Bd * ctx * (A + R) * itemsize,
 )
 
+
 # ------------------------------------------------------------------------------------- report
+def _rate(kind: str, value: float) -> str:
+    return f"{value / 1e12:.1f} TFLOP/s" if kind == "flops" else f"{value / 1e9:.0f} GB/s"
+
+
+def _err(e) -> str:
+    return e if isinstance(e, str) else f"{e:.2e}"
+
+
 if TIMED:
+    measured = _measured_peaks()
+    datasheet = {"flops": _peak(metrics.PEAK_FLOPS), "bytes": _peak(PEAK_BYTES)}
     header = (
         "| kernel | shape | max abs err | kernel (ms) | XLA reference (ms) | cuDNN (ms) | "
-        "achieved | of peak |\n|---|---|---|---|---|---|---|---|"
+        "achieved | of measured peak | of datasheet peak |\n|---|---|---|---|---|---|---|---|---|"
     )
-    body = "\n".join(
-        f"| {n} | {s} | {e:.2e} | {tk:.3f} | {tr:.3f} | {'' if tx is None else f'{tx:.3f}'} | "
-        f"{a} | {'' if p is None else f'{p:.0%}'} |"
-        for n, s, e, tk, tr, tx, a, p in rows
-    )
+    lines = []
+    for n, s, e, tk, tr, tx, kind, value in rows:
+        if tk is None:
+            lines.append(f"| {n} | {s} | {_err(e)} | | | | | | |")
+            continue
+        sheet = datasheet[kind]
+        lines.append(
+            f"| {n} | {s} | {_err(e)} | {tk:.3f} | {tr:.3f} | {'' if tx is None else f'{tx:.3f}'} | "
+            f"{_rate(kind, value)} | {value / measured[kind]:.0%} | "
+            f"{'' if sheet is None else f'{value / sheet:.0%}'} |"
+        )
+    body = "\n".join(lines)
     mode = (
         f"Compiled kernels on {device_kind}, {DTYPE.__name__}; medians of {args.repeats} runs. "
-        "Error: max |kernel - XLA reference| (bf16 outputs). Peaks: "
-        f"{_peak(metrics.PEAK_FLOPS)} FLOP/s, {_peak(PEAK_BYTES)} bytes/s."
+        "Error: max |kernel - XLA reference| (bf16 outputs). Measured peaks, this run: "
+        f"{_rate('flops', measured['flops'])} (bf16 8192^3 matmul), {_rate('bytes', measured['bytes'])} "
+        f"(best of a 1 GiB elementwise pass and a 1 GiB sum). Datasheet peaks: {datasheet['flops']} FLOP/s, "
+        f"{datasheet['bytes']} bytes/s."
     )
 else:
     header = "| kernel | shape | max abs err vs reference |\n|---|---|---|"
-    body = "\n".join(f"| {n} | {s} | {e:.2e} |" for n, s, e, *_ in rows)
+    body = "\n".join(f"| {n} | {s} | {_err(e)} |" for n, s, e, *_ in rows)
     mode = (
         "**Interpret mode, correctness only.** This machine has no GPU or TPU: Pallas runs "
         "the kernels in its interpreter (the TPU build), so timings would measure the "
@@ -306,7 +341,8 @@ Machine: {machine.describe()}  \nDate: {datetime.date.today()}
 {header}
 {body}
 """
-path = pathlib.Path(__file__).parent / "results" / "04_kernels.md"
+slug = "" if not ACCELERATOR else "_" + "_".join(device_kind.lower().split())
+path = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"04_kernels{slug}.md")
 path.write_text(text)
 print(text)
 print(f"wrote {path}")

@@ -14,12 +14,20 @@ per-expert buffers) and the table takes the faster one at each B, so the ratio i
 best MoE this library has. Medians over interleaved repeats (the two layers alternate, so load
 from other processes falls on both).
 
+Part 3, the roofline: the bytes and FLOPs each layer must touch per step (UltraMem: its dense
+weights and the B·J value rows it reads; MoE: the router and the experts its batch routes to),
+against this machine's streaming bandwidth (an XLA matrix-vector product over a 256 MB matrix)
+and matmul rate (a 1024² float32 matmul), both measured in the same process, interleaved with
+the layers. ``roofline`` is max(bytes / bandwidth, FLOPs / matmul rate); ``of roofline`` is the
+roofline time over the measured time.
+
     python experiments/07_memory_decode.py [--batches 1,2,4,8,16,32,64] [--repeats 15]
 """
 
 import argparse
 import datetime
 import pathlib
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +113,23 @@ def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
         y = jnp.einsum("NF,NFD->ND", h, w.down[e]).reshape(B, k, D)
         return jnp.einsum("BKD,BK->BD", y, r.gates.reshape(B, k))[:, None]
 
+    big = jax.random.normal(jax.random.key(1), (65536, 1024), jnp.float32)  # 256 MB
+    vec = jax.random.normal(jax.random.key(2), (1024,), jnp.float32)
+    sq = jax.random.normal(jax.random.key(3), (1024, 1024), jnp.float32)
+    matvec, matmul = jax.jit(lambda a, v: a @ v), jax.jit(lambda a: a @ a)
+    probes = {
+        "matvec": lambda: jax.block_until_ready(matvec(big, vec)),
+        "matmul": lambda: jax.block_until_ready(matmul(sq)),
+    }
+    probe_times = {name: [] for name in probes}
+    for fn in probes.values():
+        fn()
+
+    def touched_experts(x):
+        """Distinct experts the batch ``x`` routes to (the fewest any MoE strategy must read)."""
+        layer = nnx.merge(moe_graph, moe_state)
+        return len(set(jax.device_get(layer.route(x).experts).reshape(-1).tolist()))
+
     steps = {"ultramem": lambda x: um_step(um_state, x)}
     for strategy in ("dropless", "capacity"):
         fn = moe_step(strategy)
@@ -118,12 +143,20 @@ def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
         for call in calls.values():
             call()  # compile
             call()  # warm
-        med = {name: t * 1e3 for name, t in interleaved_medians(calls, repeats).items()}
+        # The roofline probes run interleaved with the layers, so they see the same load.
+        med = {name: t * 1e3 for name, t in interleaved_medians({**probes, **calls}, repeats).items()}
+        for name in probes:
+            probe_times[name].append(med.pop(name) / 1e3)
         best = min(MOES, key=med.get)
-        rows.append((B, med, best))
+        rows.append((B, med, best, touched_experts(x)))
         print(B, {k: round(v, 3) for k, v in med.items()}, flush=True)
+    um_params = {jax.tree_util.keystr(k): v.size for k, v in jax.tree_util.tree_leaves_with_path(um_state)}
     return dict(
         rows=rows,
+        bandwidth=big.nbytes / statistics.median(probe_times["matvec"]),  # bytes/s
+        flop_rate=2 * 1024**3 / statistics.median(probe_times["matmul"]),  # FLOP/s
+        big_nbytes=big.nbytes,
+        um_params=um_params,
         mem=mem,
         um_total=um_total,
         um_active=um_active,
@@ -200,13 +233,13 @@ def main(argv=None) -> None:
         "| MoE best / UltraMem |",
         "|---|---|---|---|---|---|---|",
     ]
-    for B, med, best in rows:
+    for B, med, best, _ in rows:
         lines.append(
             f"| {B} | {med['ultramem']:.3f} | {med['moe-dropless']:.3f} | {med['moe-capacity']:.3f} | "
             f"{med['moe-gather']:.3f} | {med[best]:.3f} ({best[4:]}) | "
             f"{med[best] / med['ultramem']:.2f}x |"
         )
-    at8 = [med[best] / med["ultramem"] for B, med, best in rows if B >= 8]
+    at8 = [med[best] / med["ultramem"] for B, med, best, _ in rows if B >= 8]
     if at8:
         lines += [
             "",
@@ -214,6 +247,43 @@ def main(argv=None) -> None:
             f"min ratio at B >= 8 on this machine = {min(at8):.2f}x "
             f"({'met' if min(at8) >= 2 else 'NOT met'}).",
         ]
+    # -- part 3: the roofline ------------------------------------------------------------------------
+    bandwidth, flop_rate, um_params = m["bandwidth"], m["flop_rate"], m["um_params"]
+    J, U = mem.reads_per_token, mem.width(D)
+    um_dense = sum(n for k, n in um_params.items() if "values_mu" not in k and "ive_permutation" not in k)
+    um_matmul = sum(n for k, n in um_params.items() if any(w in k for w in ("w_q_", "keys_", "w_out")))
+    expert_params = 3 * D * F
+    lines += [
+        "",
+        "## Roofline: what each layer must touch per step",
+        "",
+        f"Measured in this process, interleaved with the layers: streaming bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s (XLA matrix-vector product over a {m['big_nbytes'] / 2**20:.0f} MiB "
+        f"matrix), matmul rate {flop_rate / 1e9:.0f} GFLOP/s (1024² float32). UltraMem must read its "
+        f"dense weights ({um_dense * 4 / 1e6:.1f} MB: queries, keys, cores, W_o) and B·{J} value rows "
+        f"of {U} numbers; its FLOPs are 2·B·({um_matmul:,} query, key and W_o weights + {J}·{U} for the "
+        f"weighted sum). MoE must read its router and the experts its batch routes to "
+        f"({expert_params * 4 / 1e6:.1f} MB each; `experts` counts them at this B, of {E}); its FLOPs "
+        f"are 2·B·(D·E + 2·{expert_params:,}). `roofline` = max(bytes / bandwidth, FLOPs / matmul "
+        "rate); `of roofline` = roofline / measured. `roofline ratio` is MoE's roofline over "
+        "UltraMem's: the speed-up this machine allows if both layers ran at their rooflines.",
+        "",
+        "| B | UltraMem MB | UltraMem MFLOP | UltraMem roofline (ms) | of roofline | experts "
+        "| MoE MB | MoE MFLOP | MoE roofline (ms) | MoE best of roofline | roofline ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for B, med, best, touched in rows:
+        um_bytes = 4 * (um_dense + B * J * U) + 4 * B * J  # + the IVE permutation entries
+        um_flops = 2 * B * (um_matmul + J * U)
+        moe_bytes = 4 * (D * E + touched * expert_params)
+        moe_flops = 2 * B * (D * E + 2 * expert_params)
+        um_roof = max(um_bytes / bandwidth, um_flops / flop_rate) * 1e3
+        moe_roof = max(moe_bytes / bandwidth, moe_flops / flop_rate) * 1e3
+        lines.append(
+            f"| {B} | {um_bytes / 1e6:.1f} | {um_flops / 1e6:.0f} | {um_roof:.3f} | "
+            f"{um_roof / med['ultramem']:.0%} | {touched} | {moe_bytes / 1e6:.1f} | {moe_flops / 1e6:.0f} | "
+            f"{moe_roof:.3f} | {moe_roof / med[best]:.0%} | {moe_roof / um_roof:.2f}x |"
+        )
     lines.append("")
     out_path.write_text("\n".join(lines))
     print("\n".join(lines))

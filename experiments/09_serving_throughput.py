@@ -41,6 +41,8 @@ from llmarch import machine
 from llmarch.inference import Engine, SamplingParams, compiled_programs
 
 V = 8192
+# transformers runs where it runs fastest here: the GPU when torch sees one, else the CPU.
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +68,7 @@ def build_model(args):
     hf_model, model, cfg = random_llama(
         vocab=V, d_model=512, layers=args.layers, heads=8, kv_heads=4, ffn=1408, max_len=1024, seed=args.seed
     )
+    hf_model.to(TORCH_DEVICE)
     return hf_model, model, cfg, sum(p.numel() for p in hf_model.parameters())
 
 
@@ -89,7 +92,7 @@ def hf_one_at_a_time(hf_model, prompts, output_lens, count: int) -> dict:
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(count):
-            ids = torch.tensor([prompts[i]])
+            ids = torch.tensor([prompts[i]], device=TORCH_DEVICE)
             t0 = time.perf_counter()
             mask = torch.ones_like(ids)
             hf_model.generate(
@@ -128,6 +131,7 @@ def hf_batched(hf_model, prompts, output_lens, batch_size: int, batches: int) ->
                 mask[row, width - len(prompts[i]) :] = 1
             new = int(max(output_lens[i] for i in idx))
             t0 = time.perf_counter()
+            ids, mask = ids.to(TORCH_DEVICE), mask.to(TORCH_DEVICE)
             hf_model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
             seconds += time.perf_counter() - t0
             steps.append((time.perf_counter() - t0) / new)
@@ -253,7 +257,8 @@ def main(argv=None) -> None:
     out.write_text(
         "# 09 Serving throughput: llmarch Engine vs transformers generate\n\n"
         f"Command: `{command}`\n\n"
-        f"Machine: {machine.describe()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Machine: {machine.describe()}; torch {torch.__version__} on {TORCH_DEVICE} "
+        f"({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}  \nDate: {datetime.date.today()}  \n"
         f"Load average (1 min) when (b) started: {load_before:.1f}, at the end: {load_average():.1f} "
         "(the machine's 2 cores are shared with other jobs; every number below is under that load)\n\n"

@@ -324,9 +324,9 @@ def bench_exp07(ctx: Context) -> Row:
     exp07 = experiment("07_memory_decode")
     batches = [8] if ctx.quick else [8, 16, 32, 64]
     m = exp07.decode_latency(batches, ctx.reps(15, 3), 1024, 512)
-    ratios = {B: med[best] / med["ultramem"] for B, med, best in m["rows"]}
+    ratios = {B: med[best] / med["ultramem"] for B, med, best, _ in m["rows"]}
     worst = min(ratios, key=ratios.get)
-    B, med, best = next(r for r in m["rows"] if r[0] == worst)
+    B, med, best, _ = next(r for r in m["rows"] if r[0] == worst)
     return Row(
         "experiment 07: decode step of one layer, equal parameters, B ≥ 8",
         f"UltraMem: {med['ultramem']:.2f} ms at B={B} (the worst B)",

@@ -48,12 +48,18 @@ class BlockSizes:
         one page per loop iteration.
       num_splits: page ranges of one sequence attended in parallel, then merged.
       num_warps, num_stages: GPU only.
+      rows_per_block: GPU only: query rows (the query heads of one KV head, times the tokens
+        of each sequence) per program, a power of two >= 16; more rows are split across
+        programs that each read the pages. MLA decoding has all of its heads on one latent
+        "KV head": 128 rows of 512-wide latents do not fit a Hopper SM's 227 KiB of shared
+        memory (nor its registers) in one program.
     """
 
     pages_per_block: int = 8
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    rows_per_block: int = 64
 
     def __post_init__(self):
         common.check_positive(
@@ -62,13 +68,19 @@ class BlockSizes:
             num_splits=self.num_splits,
             num_warps=self.num_warps,
             num_stages=self.num_stages,
+            rows_per_block=self.rows_per_block,
         )
 
     @classmethod
-    def default(cls, target: str) -> BlockSizes:
+    def default(cls, target: str, rows: int = 1) -> BlockSizes:
+        """Per target, and on GPU per query rows per KV head (``rows``): the fastest of
+        experiments/gpu_tune.py's sweep on an H200 (results/gpu_tune_nvidia_h200.md) for GQA
+        decoding (4 rows) and for MLA decoding (128 rows: 32 per program)."""
         if target == "tpu":
             return cls(pages_per_block=8, num_splits=1)
-        return cls(pages_per_block=1, num_splits=4, num_warps=4, num_stages=2)
+        if rows > 64:
+            return cls(pages_per_block=1, num_splits=2, num_warps=4, num_stages=2, rows_per_block=32)
+        return cls(pages_per_block=1, num_splits=4, num_warps=4, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,26 +324,27 @@ def _gpu_call(spec, interpret, bs, q_parts, qpos, caches, tables, first, limit, 
     B, K, rows, _ = q_parts[0].shape
     pages_per_split = common.cdiv(tables.shape[1], num_splits)
     Hv = spec.value_width
+    rb = min(rows, bs.rows_per_block)  # divides rows (see attend)
 
     def whole(x):
-        return pl.BlockSpec(x.shape, lambda b, k, s, nd=x.ndim: (0,) * nd)
+        return pl.BlockSpec(x.shape, lambda b, k, s, r, nd=x.ndim: (0,) * nd)
 
-    q_specs = [pl.BlockSpec((None, None, rows, q.shape[3]), lambda b, k, s: (b, k, 0, 0)) for q in q_parts]
+    q_specs = [pl.BlockSpec((None, None, rb, q.shape[3]), lambda b, k, s, r: (b, k, r, 0)) for q in q_parts]
     kernel = functools.partial(_gpu_kernel, spec=spec, num_q=len(q_parts), pages_per_split=pages_per_split)
     return pl.pallas_call(
         kernel,
-        grid=(B, K, num_splits),
+        grid=(B, K, num_splits, rows // rb),
         in_specs=[
             whole(tables),
             whole(first),
             whole(limit),
-            pl.BlockSpec((None, rows, 1), lambda b, k, s: (b, 0, 0)),
+            pl.BlockSpec((None, rb, 1), lambda b, k, s, r: (b, r, 0)),
             *q_specs,
             *[whole(x) for x in caches],
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, Hv), lambda b, k, s: (b, k, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows, 1), lambda b, k, s: (b, k, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rb, Hv), lambda b, k, s, r: (b, k, s, r, 0)),
+            pl.BlockSpec((None, None, None, rb, 1), lambda b, k, s, r: (b, k, s, r, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, num_splits, rows, Hv), jnp.float32),
@@ -356,15 +369,20 @@ def attend(
     B, T, N, _ = q_parts[0].shape
     K = num_kv_heads
     G = N // K
-    bs = spec.block_sizes or BlockSizes.default(target)
+    bs = spec.block_sizes or BlockSizes.default(target, rows=T * (N // num_kv_heads))
     rows = T * G
-    if interpret:
-        rows_p = rows
+    if interpret:  # any size; whole row blocks for the GPU build
+        rows_p = common.round_up(rows, bs.rows_per_block) if target == "gpu" else rows
     elif target == "tpu":
         rows_p = common.round_up(rows, 8)
         _check_tpu_tiles(spec, K)
     else:
         rows_p = max(16, common.next_pow2(rows))
+        if bs.rows_per_block < 16 or bs.rows_per_block & (bs.rows_per_block - 1):
+            raise ValueError(
+                f"BlockSizes.rows_per_block={bs.rows_per_block} does not tile on GPU (Triton): "
+                "must be a power of two >= 16"
+            )
         _check_gpu_tiles(spec)
 
     def by_kv_head(x):  # [B,T,N,w] -> [B,K,rows_p,w], row t*G + g

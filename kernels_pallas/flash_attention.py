@@ -7,9 +7,11 @@ arXiv 2307.08691), and two kernels backward, one for ``dq`` (looping over key bl
 one for ``dk, dv`` (looping over the query blocks of every query head of its KV group).
 
 Masking compares *positions* and *segment ids*, not indices, so one kernel serves training
-(packed documents), prefill and decoding against a cache. Each key block is skipped when
-position bounds prove it invisible to the whole query block (causal future, outside the
-window), which halves the work of plain causal attention.
+(packed documents), prefill and decoding against a cache. Key blocks that position and
+segment bounds prove invisible to a whole query block (causal future, outside the window,
+another document) are not computed, which halves the work of plain causal attention: on TPU a
+branch skips them; on GPU the loop runs over the visible range only (``_tile_ranges``), as a
+branch in the loop would stop Triton pipelining its loads.
 
 Layout inside the kernels is heads-major, ``q [B,N,T,H]`` and ``k, v [B,K,S,H]``, so that
 every tile's two minor dims are ``(rows, H)`` as Mosaic wants; the wrapper transposes. The
@@ -29,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import _common as common
+from kernels_pallas import _tile_ranges
+from kernels_pallas._flash_kernels import LSE_EMPTY, dkv_kernel, dq_kernel, fwd_kernel
 
 
 def attention_mask(
@@ -91,13 +95,6 @@ def attention_reference(
     return out.reshape(B, T, N, H)  # [B,T,N,H]
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernel pieces shared by the forward and both backward kernels.
-
-# The log-sum-exp given to a query that sees no key: exp(s - LSE_EMPTY) = 0 for any score.
-LSE_EMPTY = 1e30
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tiles of the flash-attention kernels (rows of ``q`` and of ``k, v`` per step).
@@ -132,234 +129,12 @@ class BlockSizes:
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
-        """Starting points per target: big tiles for the MXU, Triton-friendly ones for GPUs."""
+        """Starting points per target: big tiles for the MXU; on GPUs the fastest forward of
+        experiments/gpu_tune.py's sweep on an H200 (B=4 T=4096 N=32 K=8 H=128, bf16: 2.28 ms
+        against 2.5-6.2 ms for the other 35 configurations; results/gpu_tune_nvidia_h200.md)."""
         if target == "tpu":
             return cls(block_q=256, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
-        return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
-
-
-def _dot_nt(a, b):
-    """``a [m,k] · b[n,k]ᵀ -> [m,n]`` in float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    """``a [m,k] · b[k,n] -> [m,n]`` in float32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _and(a, b):
-    return b if a is None else a & b
-
-
-def _mask(q_pos, kv_pos, q_seg, kv_seg, kv_valid, *, causal, window):
-    """Which (query, key) pairs may attend; the arguments broadcast against each other
-    (``[rows,1]`` against ``[1,cols]``, either way round). ``None`` means "all"."""
-    mask = None
-    if causal:
-        mask = kv_pos <= q_pos
-    if window is not None:
-        mask = _and(mask, q_pos - kv_pos < window)
-    if q_seg is not None:
-        mask = _and(mask, q_seg == kv_seg)
-    if kv_valid is not None:
-        mask = _and(mask, kv_valid)
-    return mask
-
-
-def _visible(q_pos, kv_pos, *, causal, window):
-    """Scalar: can any query of the tile see any key of the tile (from position bounds only)?
-    ``None`` when nothing can be ruled out (no causality, no window)."""
-    ok = None
-    if causal:
-        ok = jnp.min(kv_pos) <= jnp.max(q_pos)
-    if window is not None:
-        ok = _and(ok, jnp.min(q_pos) - jnp.max(kv_pos) < window)
-    return ok
-
-
-def _maybe(pred, fn, carry):
-    """``fn(carry)`` where ``pred`` holds (a scalar or None: always), else ``carry``."""
-    if pred is None:
-        return fn(carry)
-    return lax.cond(pred, fn, lambda c: c, carry)
-
-
-def _valid_index(start, size, length, *, axis):
-    """Boolean ``[1,size]`` (axis=1) or ``[size,1]`` (axis=0): index < length. None if all are."""
-    if length is None:
-        return None
-    shape = (1, size) if axis == 1 else (size, 1)
-    return start + lax.broadcasted_iota(jnp.int32, shape, axis) < length
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels. Refs are tiles: q_ref [bq,H], k_ref/v_ref [S_pad,H] (forward, dq), positions and
-# segment ids as columns [rows,1] or rows [1,cols].
-
-
-def _fwd_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
-    if has_seg:
-        qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    else:
-        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-        qseg_ref = kvseg_ref = None
-    q = q_ref[...]
-    q_pos = qpos_ref[...]  # [bq,1]
-    q_seg = None if qseg_ref is None else qseg_ref[...]
-    bq, H = q.shape
-
-    def body(j, carry):
-        start = pl.multiple_of(j * block_kv, block_kv)
-        kv_pos = kvpos_ref[:, pl.ds(start, block_kv)]  # [1,bk]
-
-        def step(carry):
-            acc, m, l = carry
-            k = k_ref[pl.ds(start, block_kv), :]
-            v = v_ref[pl.ds(start, block_kv), :]
-            s = _dot_nt(q, k) * scale  # [bq,bk]
-            kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
-            mask = _mask(
-                q_pos,
-                kv_pos,
-                q_seg,
-                kv_seg,
-                _valid_index(start, block_kv, kv_len, axis=1),
-                causal=causal,
-                window=window,
-            )
-            if mask is not None:
-                s = jnp.where(mask, s, common.MASKED)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            p = jnp.exp(s - m_new)
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)  # a fully masked row keeps l = 0, not a uniform average
-            alpha = jnp.exp(m - m_new)
-            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-            acc = alpha * acc + _dot_nn(p.astype(v.dtype), v)
-            return acc, m_new, l
-
-        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
-
-    init = (
-        jnp.zeros((bq, H), jnp.float32),
-        jnp.full((bq, 1), common.MASKED, jnp.float32),
-        jnp.zeros((bq, 1), jnp.float32),
-    )
-    acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, init)
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log(l_safe))
-
-
-def _dq_kernel(*refs, scale, causal, window, block_kv, kv_len, has_seg):
-    if has_seg:
-        (
-            qpos_ref,
-            kvpos_ref,
-            qseg_ref,
-            kvseg_ref,
-            q_ref,
-            k_ref,
-            v_ref,
-            do_ref,
-            lse_ref,
-            delta_ref,
-            dq_ref,
-        ) = refs
-    else:
-        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-        qseg_ref = kvseg_ref = None
-    q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]  # [bq,1]
-    q_pos = qpos_ref[...]
-    q_seg = None if qseg_ref is None else qseg_ref[...]
-
-    def body(j, dq):
-        start = pl.multiple_of(j * block_kv, block_kv)
-        kv_pos = kvpos_ref[:, pl.ds(start, block_kv)]
-
-        def step(dq):
-            k = k_ref[pl.ds(start, block_kv), :]
-            v = v_ref[pl.ds(start, block_kv), :]
-            kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_kv)]
-            mask = _mask(
-                q_pos,
-                kv_pos,
-                q_seg,
-                kv_seg,
-                _valid_index(start, block_kv, kv_len, axis=1),
-                causal=causal,
-                window=window,
-            )
-            p = jnp.exp(_dot_nt(q, k) * scale - lse)  # [bq,bk]
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
-            ds = p * (_dot_nt(do, v) - delta)
-            return dq + _dot_nn(ds.astype(k.dtype), k)
-
-        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, dq)
-
-    dq = lax.fori_loop(0, k_ref.shape[0] // block_kv, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(*refs, scale, causal, window, block_q, kv_len, kv_block, has_seg):
-    """dk, dv of one key tile, summed over the G query heads of its KV head: the transposed
-    problem (keys as rows), so every matmul is ``a·b`` or ``a·bᵀ``."""
-    if has_seg:
-        (
-            qpos_ref,
-            kvpos_ref,
-            qseg_ref,
-            kvseg_ref,
-            q_ref,
-            k_ref,
-            v_ref,
-            do_ref,
-            lse_ref,
-            delta_ref,
-            dk_ref,
-            dv_ref,
-        ) = refs
-    else:
-        qpos_ref, kvpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-        qseg_ref = kvseg_ref = None
-    k, v = k_ref[...], v_ref[...]  # [bk,H]
-    kv_pos = kvpos_ref[...]  # [bk,1]
-    kv_seg = None if kvseg_ref is None else kvseg_ref[...]
-    kv_valid = _valid_index(pl.program_id(2) * kv_block, kv_block, kv_len, axis=0)
-    G, T_pad = q_ref.shape[0], q_ref.shape[1]
-    n_q = T_pad // block_q
-
-    def body(idx, carry):
-        g, i = lax.div(idx, n_q), lax.rem(idx, n_q)
-        start = pl.multiple_of(i * block_q, block_q)
-        q_pos = qpos_ref[:, pl.ds(start, block_q)]  # [1,bq]
-
-        def step(carry):
-            dk, dv = carry
-            q = q_ref[g, pl.ds(start, block_q), :]
-            do = do_ref[g, pl.ds(start, block_q), :]
-            lse = lse_ref[g, :, pl.ds(start, block_q)]  # [1,bq]
-            delta = delta_ref[g, :, pl.ds(start, block_q)]
-            q_seg = None if qseg_ref is None else qseg_ref[:, pl.ds(start, block_q)]
-            mask = _mask(q_pos, kv_pos, q_seg, kv_seg, kv_valid, causal=causal, window=window)
-            p_t = jnp.exp(_dot_nt(k, q) * scale - lse)  # [bk,bq]
-            if mask is not None:
-                p_t = jnp.where(mask, p_t, 0.0)
-            dv = dv + _dot_nn(p_t.astype(do.dtype), do)
-            ds_t = p_t * (_dot_nt(v, do) - delta)
-            dk = dk + _dot_nn(ds_t.astype(q.dtype), q)
-            return dk, dv
-
-        return _maybe(_visible(q_pos, kv_pos, causal=causal, window=window), step, carry)
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, G * n_q, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+        return cls(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64, num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +171,30 @@ def _heads_major(x, rows, width):
 def _ids(x, size, *, column):
     """Positions / segment ids ``[B,T]`` as int32 columns ``[B,size,1]`` or rows ``[B,1,size]``;
     padded with the edge value (keeps the visibility bounds tight; padding is masked anyway)."""
-    x = common.pad_axis(x.astype(jnp.int32), 1, size, mode="edge")
+    x = _padded_ids(x, size)
     return x[:, :, None] if column else x[:, None, :]
+
+
+def _padded_ids(x, size):
+    return common.pad_axis(x.astype(jnp.int32), 1, size, mode="edge")
+
+
+def _tile_range_inputs(st, qpos, kvpos, qseg, kvseg, Tp, Sp, bq, bk, *, per_query_tile):
+    """``[lo, hi]``, each ``[B,tiles,1]`` int32: for each query tile the key tiles it can see
+    (``per_query_tile``), else for each key tile the query tiles that can see it."""
+    seg = (None, None) if qseg is None else (_padded_ids(qseg, Tp), _padded_ids(kvseg, Sp))
+    vis = _tile_ranges.visible(
+        _padded_ids(qpos, Tp),
+        _padded_ids(kvpos, Sp),
+        *seg,
+        block_q=bq,
+        block_kv=bk,
+        causal=st.causal,
+        window=st.window,
+    )
+    shape = (qpos.shape[0], Tp // bq, Sp // bk)
+    lo, hi = _tile_ranges.ranges(vis, shape, axis=2 if per_query_tile else 1)
+    return [lo[..., None], hi[..., None]]
 
 
 def _params(st, target, interpret, H, num_dims):
@@ -434,9 +231,19 @@ def _forward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg):
         specs += [col, row]
     inputs += [_heads_major(q, Tp, Hp), _heads_major(k, Sp, Hp), _heads_major(v, Sp, Hp)]
     specs += [q_spec, kv_spec, kv_spec]
+    ranged = target == "gpu"
+    if ranged:
+        tile = pl.BlockSpec((None, 1, 1), lambda b, n, i: (b, i, 0))
+        ranges = _tile_range_inputs(st, qpos, kvpos, qseg, kvseg, Tp, Sp, bq, bk, per_query_tile=True)
+        inputs, specs = ranges + inputs, [tile, tile] + specs
 
     kernel = functools.partial(
-        _fwd_kernel, **st.kernel_args(), block_kv=bk, kv_len=S if Sp != S else None, has_seg=has_seg
+        fwd_kernel,
+        **st.kernel_args(),
+        block_kv=bk,
+        kv_len=S if Sp != S else None,
+        has_seg=has_seg,
+        ranged=ranged,
     )
     out, lse = pl.pallas_call(
         kernel,
@@ -486,8 +293,15 @@ def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out
         specs += [q_col, kv_row]
     inputs += [qh, kh, vh, doh, lse[..., None], delta[..., None]]
     specs += [q_tile, kv_all, kv_all, q_tile, stat, stat]
+    ranged = target == "gpu"
+    ranges = functools.partial(_tile_range_inputs, st, qpos, kvpos, qseg, kvseg, Tp, Sp, bq, bk)
+    if ranged:
+        tile = pl.BlockSpec((None, 1, 1), lambda b, n, i: (b, i, 0))
+        inputs, specs = ranges(per_query_tile=True) + inputs, [tile, tile] + specs
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **st.kernel_args(), block_kv=bk, kv_len=kv_len, has_seg=has_seg),
+        functools.partial(
+            dq_kernel, **st.kernel_args(), block_kv=bk, kv_len=kv_len, has_seg=has_seg, ranged=ranged
+        ),
         grid=(B, N, Tp // bq),
         in_specs=specs,
         out_specs=q_tile,
@@ -510,9 +324,18 @@ def _backward_call(st, target, interpret, q, k, v, qpos, kvpos, qseg, kvseg, out
         specs += [q_row, kv_col]
     inputs += [qh, kh, vh, doh, lse[:, :, None, :], delta[:, :, None, :]]
     specs += [q_group, kv_tile, kv_tile, q_group, stat_t, stat_t]
+    if ranged:
+        tile = pl.BlockSpec((None, 1, 1), lambda b, h, j: (b, j, 0))
+        inputs, specs = ranges(per_query_tile=False) + inputs, [tile, tile] + specs
     dk, dv = pl.pallas_call(
         functools.partial(
-            _dkv_kernel, **st.kernel_args(), block_q=bq, kv_len=kv_len, kv_block=bk, has_seg=has_seg
+            dkv_kernel,
+            **st.kernel_args(),
+            block_q=bq,
+            kv_len=kv_len,
+            kv_block=bk,
+            has_seg=has_seg,
+            ranged=ranged,
         ),
         grid=(B, K, Sp // bk),
         in_specs=specs,

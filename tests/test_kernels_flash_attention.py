@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import _common as common
+from kernels_pallas import _tile_ranges
 from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
@@ -86,6 +88,68 @@ def test_flash_attention_matches_reference(dtype, option):
 )
 def test_flash_attention_other_shapes(shape, option):
     _check(shape, jnp.float32, option)
+
+
+@pytest.mark.parametrize("option", ["causal", "window", "segments", "noncausal"])
+def test_gpu_build_matches_reference(monkeypatch, option):
+    """The GPU (Triton) build, interpreted: its loops run over the tile ranges of
+    ``_tile_ranges`` instead of skipping tiles with a branch; queries at the end of longer keys."""
+    monkeypatch.setattr(common, "INTERPRET_TARGET", "gpu")
+    _check((2, 13, 21, 4, 2, 16), jnp.float32, option)
+
+
+def test_gpu_build_query_that_sees_nothing(monkeypatch):
+    monkeypatch.setattr(common, "INTERPRET_TARGET", "gpu")
+    test_query_that_sees_nothing_gets_zeros_and_finite_grads()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_tile_ranges_cover_every_visible_tile(trial):
+    """Against the elementwise mask, brute force: every (query tile, key tile) pair with a visible
+    pair inside lies in the query tile's key range and in the key tile's query range, for
+    shuffled positions and segments too. Causal masking of sorted positions alone (training
+    without packing) is ruled out exactly: no invisible tile is computed."""
+    rng = np.random.default_rng(trial)
+    B, T, S, bq, bk = 2, 16, 24, 4, 8
+    monotone = trial % 2 == 0
+    q_pos = np.sort(rng.integers(0, 30, (B, T))) if monotone else rng.integers(0, 30, (B, T))
+    kv_pos = np.sort(rng.integers(0, 30, (B, S))) if monotone else rng.integers(0, 30, (B, S))
+    q_seg, kv_seg = np.sort(rng.integers(0, 3, (B, T))), np.sort(rng.integers(0, 3, (B, S)))
+    causal, window = trial % 3 != 2, [None, 5, 9][trial % 3]
+    mask = np.ones((B, T, S), bool) & (q_seg[:, :, None] == kv_seg[:, None, :])
+    if causal:
+        mask &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= q_pos[:, :, None] - kv_pos[:, None, :] < window
+    exact = mask.reshape(B, T // bq, bq, S // bk, bk).any(axis=(2, 4))  # [B, Tb, Sb]
+    vis = _tile_ranges.visible(
+        *map(jnp.asarray, (q_pos, kv_pos, q_seg, kv_seg)),
+        block_q=bq,
+        block_kv=bk,
+        causal=causal,
+        window=window,
+    )
+    assert np.all(np.asarray(vis) | ~exact)  # conservative: never rules out a visible tile
+    for axis in (2, 1):
+        lo, hi = map(np.asarray, _tile_ranges.ranges(vis, exact.shape, axis=axis))
+        idx = np.arange(exact.shape[axis])
+        idx = idx[None, None, :] if axis == 2 else idx[None, :, None]
+        lo, hi = np.expand_dims(lo, axis), np.expand_dims(hi, axis)
+        assert np.all(~exact | ((lo <= idx) & (idx < hi)))
+    if monotone:
+        plain = kv_pos[:, None, :] <= q_pos[:, :, None]
+        only_causal = _tile_ranges.visible(
+            jnp.asarray(q_pos),
+            jnp.asarray(kv_pos),
+            None,
+            None,
+            block_q=bq,
+            block_kv=bk,
+            causal=True,
+            window=None,
+        )
+        exact = plain.reshape(B, T // bq, bq, S // bk, bk).any(axis=(2, 4))
+        np.testing.assert_array_equal(np.asarray(only_causal), exact)
 
 
 def test_without_interpret_a_cpu_runs_the_interpreted_kernel():

@@ -8,7 +8,7 @@ import llmarch
 from kernels_pallas.flash_attention import attention_reference
 from llmarch import layers, ops
 from llmarch.config import RopeScaling
-from llmarch.layers.einsum import Einsum
+from llmarch.layers.einsum import Einsum, contract
 from llmarch.layers.norms import RMSNorm
 from llmarch.layers.rope import apply_rope, inverse_frequencies
 
@@ -19,6 +19,34 @@ def test_einsum_applies_its_weight():
     np.testing.assert_allclose(layer("BTD,DF->BTF", x), x @ layer.w[...], rtol=1e-6)
     with pytest.raises(ValueError, match="rank"):
         Einsum((3, 2), ("embed",), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "eqn,x_shape,w_shape",
+    [
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),  # two contracted axes: the weight's order
+        ("BTWU,WUD->BTD", (2, 1, 3, 4), (3, 4, 5)),
+        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
+        ("BTD,D->BT", (2, 3, 6), (6,)),
+        ("BTNH,NPH->BTNP", (2, 1, 3, 4), (3, 5, 4)),  # a batch axis: jnp.einsum
+        ("BTD,DF->BFT", (2, 3, 4), (4, 5)),  # permuted output: jnp.einsum
+    ],
+)
+def test_contract_is_einsum(eqn, x_shape, w_shape):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    np.testing.assert_allclose(contract(eqn, x, w), jnp.einsum(eqn, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_contract_never_copies_the_weight():
+    """The attention output projection contracts N and H: the compiled step uses the weight in
+    place (jnp.einsum's (H, N) order made XLA:CPU copy a transposed weight at every call)."""
+    x = jax.ShapeDtypeStruct((4, 1, 8, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((8, 16, 32), jnp.float32)
+    text = jax.jit(lambda x, w: contract("BTNH,NHD->BTD", x, w)).lower(x, w).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    assert "f32[8,16,32]" in entry and "transpose" not in text
+    assert not [line for line in entry.splitlines() if "fusion(%w" in line.replace(" ", "")]
 
 
 def test_rmsnorm_by_hand():

@@ -48,4 +48,31 @@ class Einsum(nnx.Module):
 
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         # Weights are cast to the activation dtype: the compute dtype is the input's.
-        return jnp.einsum(eqn, x, self.w[...].astype(x.dtype))
+        return contract(eqn, x, self.w[...].astype(x.dtype))
+
+
+def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(eqn, x, w)``, with the contracted axes listed in the order ``w`` stores them.
+
+    ``jnp.einsum`` may list two or more contracted axes in another order than the weight's
+    (``"BTNH,NHD->BTD"`` comes out contracting (H, N)); XLA:CPU then copies a transposed weight
+    at every call, which in a decoding step reads and writes each such weight twice more. A
+    plain weight contraction (no batch axes, output = the input's free axes then the weight's)
+    is therefore one ``dot_general`` over the weight's axis order, its operands pure bitcasts;
+    anything else goes to ``jnp.einsum``.
+    """
+    inputs, out = eqn.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    letters = lhs + rhs
+    shared = [c for c in rhs if c in lhs]
+    plain = (
+        "." not in eqn
+        and len(set(lhs)) == len(lhs) == x.ndim
+        and len(set(rhs)) == len(rhs) == w.ndim
+        and not any(c in out for c in shared)  # no batch axes
+        and out == "".join(c for c in letters if c not in shared)  # free axes, in order
+    )
+    if not plain:
+        return jnp.einsum(eqn, x, w)
+    dims = ((tuple(lhs.index(c) for c in shared), tuple(rhs.index(c) for c in shared)), ((), ()))
+    return jax.lax.dot_general(x, w, dims)

@@ -3,16 +3,16 @@
 Every read gathers only the picked rows (never a one-hot matmul, never a score over all M rows),
 and its backward pass scatter-adds into only the picked rows of the table's gradient:
 
-- ``llmarch.ops.memory_lookup(table [M,U], rows [B,J], weights [B,J]) -> [B,U]`` is the plain read
-  (PKM); on TPU/GPU it is the Pallas gather-weighted-sum kernel.
-- Multi-core scoring (MCS) scales chunk ``c`` of a row by core ``c``'s score. Viewing the table as
-  ``[M·X, U/X]`` (a free reshape) turns it into X plain reads of ``U/X``-wide rows, each with its
-  own weights, so it too is ``ops.memory_lookup`` and reads no more bytes.
-- Implicit value expansion (IVE) pools the picks of each virtual block apart (they are projected
-  by different matrices). ``grouped_lookup`` does that with an explicit ``custom_vjp`` (gather,
-  per-block sum; backward: scatter-add into the picked rows). It is registered in ``llmarch.ops``
-  as the XLA entry of ``llmarch.ops``' ``"memory_lookup_grouped"``, whose Pallas entry is the
-  grouped kernel of ``kernels_pallas.memory_lookup``.
+- XLA (the CPU default): ``gather_weighted_sum`` does the whole read, MCS and IVE included, with
+  an explicit ``custom_vjp``: each picked row gathered once and scaled chunk by chunk, pooled per
+  virtual block in the ``[B,W,U]`` order the projection reads (no transpose before it); backward,
+  a scatter-add into the picked rows. ``grouped_lookup`` (one weight per pick) is it as the XLA
+  entry of ``llmarch.ops``' ``"memory_lookup_grouped"``.
+- Pallas (TPU/GPU): ``llmarch.ops.memory_lookup(table [M,U], rows [B,J], weights [B,J]) -> [B,U]``
+  is the plain read (PKM), the gather-weighted-sum kernel; ``memory_lookup_grouped`` pools the
+  picks of each virtual block (IVE) apart. Multi-core scoring (MCS) scales chunk ``c`` of a row by
+  core ``c``'s score: viewing the table as ``[M·X, U/X]`` (a free reshape) turns it into X plain
+  reads of ``U/X``-wide rows, each with its own weights, reading no more bytes.
 """
 
 from __future__ import annotations
@@ -26,42 +26,67 @@ from llmarch import ops
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def grouped_lookup(
-    table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array, num_blocks: int
+def gather_weighted_sum(
+    table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array | None, num_blocks: int
 ) -> jax.Array:
-    """``[B,W,U]``: ``out[b,w] = Σ_{j: blocks[b,j]=w} weights[b,j]·table[rows[b,j]]``.
+    """``[B,W,U]``: the XLA read, MCS and IVE included (see ``read_values`` for the arguments).
 
-    Args:
-      table: ``[M,U]`` value rows.
-      rows: int ``[B,J]`` picked rows in ``[0, M)``.
-      weights: float ``[B,J]``.
-      blocks: int ``[B,J]`` the virtual block ``[0, W)`` of each pick.
-      num_blocks: W.
-    Returns:
-      ``[B,W,U]`` in the table's dtype, summed in float32.
+    Each picked row is gathered once, already scaled chunk by chunk by its core weights (XLA fuses
+    the scaling into the gather), and lands in its block through a ``[B,J,W]`` one-hot batched
+    matmul: the output comes out in the ``[B,W,U]`` order the projection ``W_o [W,U,D]`` reads,
+    so no transpose sits between the read and the projection (XLA:CPU would otherwise move it
+    onto the projection's weight and copy that at every step). Backward: a scatter-add into the
+    picked rows only.
     """
+    B, J, X = weights.shape
+    M, U = table.shape
     picked = table[rows].astype(jnp.float32)  # [B,J,U]: only the picked rows
-    onehot = jax.nn.one_hot(blocks, num_blocks, dtype=jnp.float32)  # [B,J,W]
-    out = jnp.einsum("BJ,BJW,BJU->BWU", weights.astype(jnp.float32), onehot, picked)
+    if num_blocks == 1 and X == 1:  # PKM: a batched matrix-vector product, as ops.memory_lookup
+        out = jnp.einsum("BJ,BJU->BU", weights[..., 0].astype(jnp.float32), picked)[:, None]
+        return out.astype(table.dtype)
+    scaled = picked.reshape(B, J, X, U // X) * weights.astype(jnp.float32)[..., None]
+    scaled = scaled.reshape(B, J, U)  # each chunk scaled by its core's weight
+    if num_blocks == 1:
+        out = jnp.sum(scaled, axis=1)[:, None]  # [B,1,U]
+    else:
+        onehot = jax.nn.one_hot(blocks, num_blocks, dtype=jnp.float32)  # [B,J,W]
+        out = jnp.einsum("BJW,BJU->BWU", onehot, scaled)
     return out.astype(table.dtype)
 
 
-def _grouped_fwd(table, rows, weights, blocks, num_blocks):
+def _gws_fwd(table, rows, weights, blocks, num_blocks):
     # Residuals: the inputs only (the table is a parameter, kept anyway); rows are re-gathered.
-    return grouped_lookup(table, rows, weights, blocks, num_blocks), (table, rows, weights, blocks)
+    return gather_weighted_sum(table, rows, weights, blocks, num_blocks), (table, rows, weights, blocks)
 
 
-def _grouped_bwd(num_blocks, res, d_out):
+def _gws_bwd(num_blocks, res, d_out):
     table, rows, weights, blocks = res
-    d_pick = jnp.take_along_axis(d_out.astype(jnp.float32), blocks[..., None], axis=1)  # [B,J,U]
-    d_weights = jnp.einsum("BJU,BJU->BJ", table[rows].astype(jnp.float32), d_pick)
-    d_rows = weights.astype(jnp.float32)[..., None] * d_pick  # [B,J,U]
+    B, J, X = weights.shape
+    M, U = table.shape
+    d_out = d_out.astype(jnp.float32)
+    if num_blocks == 1:
+        d_pick = jnp.broadcast_to(d_out, (B, J, U))
+    else:
+        d_pick = jnp.take_along_axis(d_out, blocks[..., None], axis=1)  # [B,J,U]
+    d_pick = d_pick.reshape(B, J, X, U // X)
+    picked = table[rows].astype(jnp.float32).reshape(B, J, X, U // X)
+    d_weights = jnp.einsum("BJXU,BJXU->BJX", picked, d_pick)
+    d_rows = (weights.astype(jnp.float32)[..., None] * d_pick).reshape(B, J, U)
     # Scatter-add into the picked rows; rows nobody picked keep their zero gradient.
     d_table = jnp.zeros(table.shape, jnp.float32).at[rows].add(d_rows, mode="promise_in_bounds")
     return d_table.astype(table.dtype), None, d_weights.astype(weights.dtype), None
 
 
-grouped_lookup.defvjp(_grouped_fwd, _grouped_bwd)
+gather_weighted_sum.defvjp(_gws_fwd, _gws_bwd)
+
+
+def grouped_lookup(
+    table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array, num_blocks: int
+) -> jax.Array:
+    """``[B,W,U]``: ``out[b,w] = Σ_{j: blocks[b,j]=w} weights[b,j]·table[rows[b,j]]``, the XLA entry
+    of ``llmarch.ops``' ``"memory_lookup_grouped"`` (one weight per pick: ``weights [B,J]``)."""
+    return gather_weighted_sum(table, rows, weights[..., None], blocks, num_blocks)
+
 
 if ops.Impl.XLA not in ops.available("memory_lookup_grouped"):
     ops.register("memory_lookup_grouped", ops.Impl.XLA, grouped_lookup)
@@ -89,9 +114,14 @@ def read_values(
       ``[B,W,U]`` in the table's dtype: chunk ``c`` of ``out[b,w]`` is
       ``Σ_{j in block w} weights[b,j,c]·table[rows[b,j], chunk c]``.
     """
+    op = "memory_lookup" if num_blocks == 1 else "memory_lookup_grouped"
+    if ops.resolve(op, impl)[0] is ops.Impl.XLA:
+        return gather_weighted_sum(table, rows, weights, blocks, num_blocks)
+    # The kernels take one weight per pick: with MCS, chunk c of row p is row p·X + c of the
+    # [M·X, U/X] view, so X plain reads of U/X-wide rows, each with its own weights.
     M, U = table.shape
     B, J, X = weights.shape
-    if X > 1:  # MCS: chunk c of row p is row p·X + c of the [M·X, U/X] view
+    if X > 1:
         table = table.reshape(M * X, U // X)
         rows = (rows[:, None, :] * X + jnp.arange(X, dtype=rows.dtype)[None, :, None]).reshape(B * X, J)
         weights = jnp.swapaxes(weights, 1, 2).reshape(B * X, J)  # [B·X, J]

@@ -68,10 +68,14 @@ def tucker_search(
     _, i_col = jax.lax.top_k(jnp.einsum("...NPZ,NZ->...NP", s_col, v), k)  # [..., N, J]
     rows = jnp.take_along_axis(s_row, i_row[..., None], axis=-2)  # [..., N, I, Z]
     cols = jnp.take_along_axis(s_col, i_col[..., None], axis=-2)  # [..., N, J, Y]
-    grid = jnp.einsum("...NIZ,XNZY,...NJY->...NIJX", rows, cores.astype(jnp.float32), cols)
-    grid = grid.reshape(*grid.shape[:-3], k * k, grid.shape[-1])  # [..., N, I·J, X]
-    scores, flat = jax.lax.top_k(grid.sum(-1), k)  # [..., N, k]
-    core_scores = jnp.take_along_axis(grid, flat[..., None], axis=-2)  # [..., N, k, X]
+    cores = cores.astype(jnp.float32)
+    # The candidates are ranked by the summed grid, Σ_c C_c taken first (the specification's
+    # form, and X times less work); the per-core scores are then needed for the k winners only.
+    grid = jnp.einsum("...NIZ,NZY,...NJY->...NIJ", rows, cores.sum(0), cols)
+    scores, flat = jax.lax.top_k(grid.reshape(*grid.shape[:-2], k * k), k)  # [..., N, k]
+    row_won = jnp.take_along_axis(rows, (flat // k)[..., None], axis=-2)  # [..., N, k, Z]
+    col_won = jnp.take_along_axis(cols, (flat % k)[..., None], axis=-2)  # [..., N, k, Y]
+    core_scores = jnp.einsum("...NIZ,XNZY,...NIY->...NIX", row_won, cores, col_won)  # [..., N, k, X]
     return scores, core_scores, _slots(i_row, i_col, flat, k, P)
 
 
