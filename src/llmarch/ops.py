@@ -11,7 +11,8 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 
 - ``attention(q [B,T,N,H], k, v [B,S,K,H], *, q_positions, kv_positions, ...)`` -> ``[B,T,N,H]``:
   causal-by-position softmax attention with GQA, window and segment ids (training, prefill,
-  decoding against a contiguous cache). Pallas: flash attention, forward and backward.
+  decoding against a contiguous cache). Pallas: flash attention, forward and backward. XLA:
+  ``attention_xla``, the reference's function with a hand-written backward pass.
 - ``grouped_matmul(lhs [rows,in], rhs [E,in,out], group_sizes [E], *, transpose_rhs=False)`` ->
   ``[rows,out]``: rows sorted by expert, row of group e times ``rhs[e]``; rows past
   ``sum(group_sizes)`` are zero. Dropless MoE: the rows are the ``n·k`` routed token copies,
@@ -39,7 +40,8 @@ from collections.abc import Callable
 
 import jax
 
-from kernels_pallas.flash_attention import attention_reference, flash_attention
+from kernels_pallas._attention_xla import attention_xla
+from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.grouped_matmul import gmm, gmm_xla
 from kernels_pallas.memory_lookup import memory_lookup as memory_lookup_kernel
 from kernels_pallas.memory_lookup import memory_lookup_grouped, memory_lookup_reference
@@ -56,7 +58,9 @@ class Impl(enum.Enum):
 
 # op name -> {Impl: function}. Kernels register their Pallas entry as they land.
 _REGISTRY: dict[str, dict[Impl, Callable]] = {
-    "attention": {Impl.XLA: attention_reference, Impl.PALLAS: flash_attention},
+    # attention_xla: attention_reference's function with a hand-written backward pass (the
+    # reference's autodiff keeps every layer's [T,S] probabilities and makes extra passes).
+    "attention": {Impl.XLA: attention_xla, Impl.PALLAS: flash_attention},
     "grouped_matmul": {Impl.XLA: gmm_xla, Impl.PALLAS: gmm},
     "memory_lookup": {Impl.XLA: memory_lookup_reference, Impl.PALLAS: memory_lookup_kernel},
     # The paged ops' XLA entries are the blocked loop that serving runs on CPU, not their
@@ -111,7 +115,8 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
 
 
 def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array:
-    """Attention of ``q [B,T,N,H]`` over ``k, v [B,S,K,H]``; see ``attention_reference``."""
+    """Attention of ``q [B,T,N,H]`` over ``k, v [B,S,K,H]``; see
+    ``kernels_pallas.flash_attention.attention_reference``."""
     _, fn = resolve("attention", impl)
     return fn(q, k, v, **kwargs)
 
