@@ -129,3 +129,20 @@ def test_sampled_tokens_follow_the_target_distribution(target, draft):
     stat, dof = _chi2(np.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V), joint)
     assert stat < _chi2_critical(dof), (stat, dof)
     assert 0.1 < spec.acceptance_rate < 0.9
+
+
+def test_greedy_rows_beside_a_sampled_row_and_gamma_one_stay_the_targets_greedy(target, draft):
+    """A sampled row sends the whole round through the rejection rule (no all-greedy shortcut):
+    the greedy rows beside it must still be the target's greedy decoding; gamma=1 has no draft
+    steps after the first."""
+    prompts = [[3, 1, 4, 1, 5], [9], [2, 6]]
+    reference = _greedy_reference(target, prompts, 9)
+    for gamma in (1, 3):
+        spec = SpeculativeDecoder(target, draft, gamma=gamma)
+        params = [SamplingParams(max_tokens=9, temperature=0.0)] * 2 + [
+            SamplingParams(max_tokens=9, temperature=1.0, seed=3)
+        ]
+        outs = spec.generate(prompts, params)
+        assert [o.token_ids for o in outs[:2]] == reference[:2]
+        assert len(outs[2].token_ids) == 9 and outs[2].finish_reason == "length"
+        assert spec.stats["proposed"] == sum(o.proposed for o in outs) > 0
