@@ -29,14 +29,14 @@ DEFAULT_CHUNK = 8192  # vocabulary entries per step: a [B, 8192] f32 block is 32
 
 
 def _chunk(x, w, labels, i, chunk, transpose_w):
-    """Chunk ``i``: ``(z [B,c] float32, hit [B,c], fresh [c], w_c, start)``; ``hit``: the target
-    entries, ``fresh``: the entries no earlier chunk covered."""
+    """Chunk ``i``: ``(z [B,c] float32, hit [B,c], fresh [c], w_c [c,D], start)``; ``hit``: the
+    target entries, ``fresh``: the entries no earlier chunk covered."""
     axis = 1 if transpose_w else 0
     V = w.shape[axis]
     start = jnp.minimum(i * chunk, V - chunk)  # the last chunk ends at V
     w_c = lax.dynamic_slice_in_dim(w, start, chunk, axis=axis)
-    eqn = "BD,DV->BV" if transpose_w else "BD,VD->BV"
-    z = jnp.einsum(eqn, x, w_c, preferred_element_type=jnp.float32)
+    w_c = w_c.T if transpose_w else w_c  # [c,D]; XLA folds the transpose into the dots
+    z = jnp.einsum("BD,VD->BV", x, w_c, preferred_element_type=jnp.float32)
     ids = start + jnp.arange(chunk, dtype=jnp.int32)
     fresh = ids >= i * chunk
     return z, (ids == labels[:, None]) & fresh, fresh, w_c, start
@@ -82,12 +82,9 @@ def _bwd(transpose_w, chunk, res, cotangents):
         z, hit, fresh, w_c, start = _chunk(x, w, labels, i, chunk, transpose_w)
         dz = (g_nll + g_lse) * jnp.exp(z - lse[:, None]) - jnp.where(hit, g_nll, 0.0)
         dz = jnp.where(fresh, dz, 0.0).astype(x.dtype)  # [B,c]
-        dx += jnp.einsum(
-            "BV,DV->BD" if transpose_w else "BV,VD->BD", dz, w_c, preferred_element_type=jnp.float32
-        )
-        dw_c = jnp.einsum(
-            "BV,BD->DV" if transpose_w else "BV,BD->VD", dz, x, preferred_element_type=jnp.float32
-        )
+        dx += jnp.einsum("BV,VD->BD", dz, w_c, preferred_element_type=jnp.float32)
+        dw_c = jnp.einsum("BV,BD->VD", dz, x, preferred_element_type=jnp.float32)
+        dw_c = dw_c.T if transpose_w else dw_c
         # Only the overlap of the last chunk was written before, and there dz is zero: add.
         old = lax.dynamic_slice_in_dim(dw, start, chunk, axis=axis)
         return (dx, lax.dynamic_update_slice_in_dim(dw, old + dw_c.astype(dw.dtype), start, axis=axis)), None

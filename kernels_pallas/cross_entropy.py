@@ -58,8 +58,8 @@ def cross_entropy_reference(
     """``(nll [B], lse [B])`` float32 of the logits ``z = x·Wᵀ``: ``lse = logsumexp(z)`` and
     ``nll = lse − z[y]``, with ``x [B,D]``, ``w [V,D]`` (``[D,V]`` with ``transpose_w``) cast to
     ``x``'s dtype, float32 accumulation. Materializes ``z [B,V]``."""
-    eqn = "BD,DV->BV" if transpose_w else "BD,VD->BV"
-    z = jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    w = (w.T if transpose_w else w).astype(x.dtype)  # [V,D]
+    z = jnp.einsum("BD,VD->BV", x, w, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(z, axis=-1)
     target = jnp.take_along_axis(z, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
     return lse - target, lse
@@ -311,16 +311,16 @@ def _backward_call(st, target, interpret, x, w, labels, lse, g_nll, g_tot):
     t, bs, x, w = _tiles(st, target, interpret, x, w)
     nb, nv = t.Bp // t.bb, t.Vp // t.bv
     vocab = t.V if t.Vp != t.V else None
-    x_tile = lambda index: pl.BlockSpec((t.bb, t.Dp), index)  # noqa: E731
-    w_tile = lambda index: pl.BlockSpec((t.bv, t.Dp), index)  # noqa: E731
+    token_tile = lambda index: pl.BlockSpec((t.bb, t.Dp), index)  # noqa: E731
+    vocab_tile = lambda index: pl.BlockSpec((t.bv, t.Dp), index)  # noqa: E731
     stats = (labels, lse, g_nll, g_tot)
     if target == "tpu":
         column = pl.BlockSpec((None, t.bb, 1), lambda i, j: (i, 0, 0))
         dx = pl.pallas_call(
             functools.partial(_dx_tpu_kernel, vocab=vocab),
             grid=(nb, nv),
-            in_specs=[column] * 4 + [x_tile(lambda i, j: (i, 0)), w_tile(lambda i, j: (j, 0))],
-            out_specs=x_tile(lambda i, j: (i, 0)),
+            in_specs=[column] * 4 + [token_tile(lambda i, j: (i, 0)), vocab_tile(lambda i, j: (j, 0))],
+            out_specs=token_tile(lambda i, j: (i, 0)),
             out_shape=jax.ShapeDtypeStruct((t.Bp, t.Dp), jnp.float32),
             compiler_params=_params(bs, target, interpret, ("parallel", "arbitrary")),
             interpret=interpret,
@@ -330,8 +330,8 @@ def _backward_call(st, target, interpret, x, w, labels, lse, g_nll, g_tot):
         dw = pl.pallas_call(
             functools.partial(_dw_tpu_kernel, vocab=vocab),
             grid=(nv, nb),
-            in_specs=[row] * 4 + [x_tile(lambda j, i: (i, 0)), w_tile(lambda j, i: (j, 0))],
-            out_specs=w_tile(lambda j, i: (j, 0)),
+            in_specs=[row] * 4 + [token_tile(lambda j, i: (i, 0)), vocab_tile(lambda j, i: (j, 0))],
+            out_specs=vocab_tile(lambda j, i: (j, 0)),
             out_shape=jax.ShapeDtypeStruct((t.Vp, t.Dp), jnp.float32),
             compiler_params=_params(bs, target, interpret, ("parallel", "arbitrary")),
             interpret=interpret,
@@ -344,7 +344,8 @@ def _backward_call(st, target, interpret, x, w, labels, lse, g_nll, g_tot):
         dx, dw = pl.pallas_call(
             functools.partial(_bwd_gpu_kernel, vocab=vocab, bd=t.bd),
             grid=(nb, nv),
-            in_specs=[column] * 4 + [x_tile(lambda i, j: (i, 0)), w_tile(lambda i, j: (j, 0)), *whole],
+            in_specs=[column] * 4
+            + [token_tile(lambda i, j: (i, 0)), vocab_tile(lambda i, j: (j, 0)), *whole],
             out_specs=whole,
             out_shape=[jax.ShapeDtypeStruct(z.shape, jnp.float32) for z in zeros],
             input_output_aliases={6: 0, 7: 1},
