@@ -16,6 +16,9 @@ memory_lookup.py       ``memory_lookup``                           ``custom_vjp`
                                                                    dot, scatter-add
 paged_attention.py     ``paged_attention``                         none (decoding)
 mla_decode.py          ``mla_decode``                              none (decoding)
+cross_entropy.py       ``cross_entropy`` (spec:                    ``custom_vjp``: dx, dW
+                       ``cross_entropy_reference``;                kernels (TPU), one
+                       ``cross_entropy_xla`` for ops)              atomic kernel (GPU)
 =====================  ==========================================  ======================
 
 Each kernel is built for a *target*, TPU (Mosaic) or GPU (Pallas' Triton backend), which

@@ -22,7 +22,7 @@ from flax import nnx
 import llmarch
 from llmarch import ops
 
-OPS = ("attention", "grouped_matmul", "memory_lookup", "paged_attention", "mla_decode")
+OPS = ("attention", "grouped_matmul", "memory_lookup", "paged_attention", "mla_decode", "cross_entropy")
 
 
 def assert_close(actual, expected, tol=1e-5, what=""):

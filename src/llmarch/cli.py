@@ -55,6 +55,12 @@ _TRAIN_FLAGS = [
     ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints"),
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept"),
     ("--z-loss", "z_loss", float, "z-loss coefficient"),
+    (
+        "--loss-chunk",
+        "loss_chunk",
+        int,
+        "vocabulary entries per step of the fused cross entropy (default 8192; null in --config: plain loss)",
+    ),
     ("--nan-policy", "nan_policy", str, "skip or stop on a non-finite step"),
     (
         "--max-skipped-fraction",

@@ -182,6 +182,14 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
         return [run.init_cache(self.cfg, batch_size, max_len, dtype) for run in self.runs]
 
+    def output_projection(self) -> tuple[jax.Array, bool]:
+        """The weight that maps hidden states to logits and whether it is stored ``[D,V]``:
+        ``(table [V,D], False)`` with tied embeddings, ``(lm_head [D,V], True)`` otherwise (the
+        arguments ``w, transpose_w`` of ``llmarch.ops.cross_entropy``)."""
+        if self.lm_head is None:
+            return self.embed.table_vd[...], False
+        return self.lm_head.w[...], True
+
     def aux_sources(self) -> dict[str, nnx.Module]:
         """The module behind each key of the aux that ``__call__`` returns, in the same (layer)
         order: each skip module before the run it reads, each run's FFN (whose variables, like
@@ -228,6 +236,7 @@ class Transformer(nnx.Module):
         cache: list | None = None,
         return_aux: bool = False,
         logits_at: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array | ModelOutput:
         """Logits of ``tokens [B,T]``.
 
@@ -244,10 +253,15 @@ class Transformer(nnx.Module):
             sums their losses.
           logits_at: int ``[B,J]`` indices into T: compute logits only there (``[B,J,V]``), as a
             serving step does for the last token of each sequence.
+          return_hidden: stop before the output projection: a ``ModelOutput`` whose ``hidden``
+            holds the final-normed states ``[B,T,D]`` and whose ``logits`` is None. The training
+            loss projects them itself, a vocabulary chunk at a time (``llmarch.ops.cross_entropy``
+            with ``output_projection()``), so the ``[B,T,V]`` logits never exist.
         Returns:
           ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise) when neither a
-          cache nor ``return_aux`` is given; otherwise a ``ModelOutput`` of the logits, the
-          updated cache (None without one) and the aux (None without ``return_aux``).
+          cache nor ``return_aux`` nor ``return_hidden`` is given; otherwise a ``ModelOutput`` of
+          the logits (or hidden states), the updated cache (None without one) and the aux (None
+          without ``return_aux``).
         """
         check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
@@ -274,6 +288,13 @@ class Transformer(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B,J,D]
         x = self.final_norm(x)
+        if return_hidden:
+            return ModelOutput(
+                logits=None,
+                cache=None if cache is None else new_cache,
+                aux=aux if return_aux else None,
+                hidden=x,
+            )
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head("BTD,DV->BTV", x)
         logits = logits.astype(self.cfg.logits_dtype)
         logits = sharding.constrain(logits, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
@@ -305,16 +326,18 @@ class ModelOutput:
     so it can leave a jitted function whole).
 
     Attributes:
-      logits: ``[B,T,V]`` (or ``[B,J,V]`` with ``logits_at``).
+      logits: ``[B,T,V]`` (or ``[B,J,V]`` with ``logits_at``); None with ``return_hidden``.
       cache: the updated decoding cache, one entry per run as ``init_cache`` makes it; None
         when no cache was passed.
       aux: the layers' auxiliary outputs keyed by module path (``Transformer.aux_sources``), in
         layer order, each stacked over its run's layers; None unless ``return_aux``.
+      hidden: the final-normed hidden states ``[B,T,D]`` with ``return_hidden``, else None.
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     cache: list | None = None
     aux: AuxByModule | None = None
+    hidden: jax.Array | None = None
 
 
 def _with_aux(out: jax.Array | tuple[jax.Array, Aux], kind: kinds.FFNKind) -> tuple[jax.Array, Aux]:

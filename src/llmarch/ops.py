@@ -30,6 +30,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 - ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [pages,page_size,A],
   k_rope_pages [pages,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
   absorbed MLA over the paged latent cache, output in the latent space.
+- ``cross_entropy(x [B,D], w [V,D] (or [D,V] with transpose_w), labels [B], *, chunk)`` ->
+  ``(nll [B], lse [B])``: the LM head's loss terms without the ``[B,V]`` logits, differentiable in
+  x and w. XLA: ``chunk`` vocabulary entries per step of a loop; Pallas: tiles of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from collections.abc import Callable
 import jax
 
 from kernels_pallas._attention_xla import attention_xla
+from kernels_pallas.cross_entropy import DEFAULT_CHUNK, cross_entropy_xla
+from kernels_pallas.cross_entropy import cross_entropy as cross_entropy_kernel
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.grouped_matmul import gmm, gmm_xla
 from kernels_pallas.memory_lookup import memory_lookup as memory_lookup_kernel
@@ -67,6 +72,9 @@ _REGISTRY: dict[str, dict[Impl, Callable]] = {
     # *_reference (the specification, which gathers every row's whole table).
     "paged_attention": {Impl.XLA: paged_attention_xla, Impl.PALLAS: paged_attention_kernel},
     "mla_decode": {Impl.XLA: mla_decode_xla, Impl.PALLAS: mla_decode_kernel},
+    # The fused LM-head loss; its XLA entry is the chunked loop, not the reference (which
+    # materializes the logits it exists to avoid).
+    "cross_entropy": {Impl.XLA: cross_entropy_xla, Impl.PALLAS: cross_entropy_kernel},
     # UltraMem's grouped read; its XLA entry is registered by llmarch.layers.memory_lookup.
     "memory_lookup_grouped": {Impl.PALLAS: memory_lookup_grouped},
 }
@@ -160,3 +168,16 @@ def mla_decode(
     ``mla_decode_xla``)."""
     _, fn = resolve("mla_decode", impl)
     return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, scale=scale)
+
+
+def cross_entropy(
+    x, w, labels, *, transpose_w: bool = False, chunk: int = DEFAULT_CHUNK, impl: Impl | str | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``(nll [B], lse [B])`` float32 of the logits ``x·Wᵀ``, never materialized whole;
+    see ``kernels_pallas.cross_entropy``. ``chunk``: vocabulary entries per step of the XLA path
+    (the Pallas kernels tile by their ``BlockSizes``)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk={chunk!r} is invalid: must be a positive int (vocabulary entries per step)")
+    chosen, fn = resolve("cross_entropy", impl)
+    kwargs = {"chunk": chunk} if chosen is Impl.XLA else {}
+    return fn(x, w, labels, transpose_w=transpose_w, **kwargs)

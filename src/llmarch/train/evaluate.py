@@ -66,7 +66,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches
             seq_len=cfg.seq_len,
             model_vocab_size=cfg.model_config().vocab_size,
         )
-    evaluate = make_evaluator(graphdef, rows, batch_size=cfg.batch_size, batches=batches)
+    evaluate = make_evaluator(
+        graphdef, rows, batch_size=cfg.batch_size, batches=batches, loss_chunk=cfg.loss_chunk
+    )
     loss = evaluate(state.params, state.rest)
     return {
         "step": step,

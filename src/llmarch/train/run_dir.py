@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = frozenset(
         "rules",
         "resume",
         "max_skipped_fraction",
+        "loss_chunk",  # how the loss is computed, not what it is
     }
 )
 

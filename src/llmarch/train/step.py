@@ -10,24 +10,79 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llmarch.model import aux_loss, aux_metrics
+from llmarch import ops
+from llmarch.checks import fail
+from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
 from llmarch.train.guard import all_finite
 
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
 StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
 
+# Vocabulary entries per step of the fused loss's XLA path (llmarch.ops.cross_entropy): the
+# largest loss temporary is [B·T, 8192] float32 instead of the [B,T,V] logits.
+DEFAULT_LOSS_CHUNK = ops.DEFAULT_CHUNK
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross entropy of ``logits [B,T,V]`` (in float32) over unmasked positions."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return _masked_mean(losses, mask)
+    return masked_mean(losses, mask)
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The mean of ``values`` over the positions where ``mask`` is nonzero (all without one)."""
     if mask is None:
         return values.mean()
     mask = mask.astype(jnp.float32)
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def check_loss_chunk(owner: str, loss_chunk: Any) -> None:
+    """``loss_chunk`` is a positive int or None; raises ValueError naming it (``owner``: the config
+    class, "" for a function's argument)."""
+    if loss_chunk is not None and (
+        isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk <= 0
+    ):
+        fail(
+            owner,
+            "loss_chunk",
+            loss_chunk,
+            "must be a positive int (vocabulary entries per step of the fused cross entropy) "
+            "or None (the plain loss over [B,T,V] logits)",
+        )
+
+
+def token_losses(
+    model: Transformer, batch: Batch, loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+) -> tuple[jax.Array, jax.Array, AuxByModule]:
+    """``(nll, lse, aux)``: each token's cross entropy and log normalizer ``logsumexp(logits)``,
+    ``[B,T]`` float32, and the layers' aux (see ``Transformer.__call__``).
+
+    With ``loss_chunk`` the ``[B,T,V]`` logits never exist: the model stops at its final hidden
+    states and ``llmarch.ops.cross_entropy`` applies the output projection and the softmax a
+    vocabulary chunk at a time, backward too (XLA on CPU, the Pallas kernels on TPU/GPU, as
+    ``cfg.impl`` says). Its matmuls run in the compute dtype with float32 accumulation, so the
+    logits are never rounded to a bfloat16 ``cfg.logits_dtype``. ``None``: the plain loss.
+    """
+    call = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), return_aux=True)
+    targets = batch["targets"]
+    if loss_chunk is None:
+        out = model(batch["inputs"], **call)
+        logits = out.logits.astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return nll, jax.nn.logsumexp(logits, axis=-1), out.aux
+    out = model(batch["inputs"], **call, return_hidden=True)
+    w, transposed = model.output_projection()
+    B, T, D = out.hidden.shape
+    nll, lse = ops.cross_entropy(
+        out.hidden.reshape(B * T, D),  # [B·T,D]
+        w,
+        targets.reshape(B * T),
+        transpose_w=transposed,
+        chunk=loss_chunk,
+        impl=model.cfg.impl,
+    )
+    return nll.reshape(B, T), lse.reshape(B, T), out.aux
 
 
 def loss_fn(
@@ -38,21 +93,15 @@ def loss_fn(
     z_loss: float = 0.0,
     *,
     with_aux: bool = False,
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
 ) -> tuple[jax.Array, Any]:
     """Cross entropy, plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
     softmax normalizer near 1 so bf16 logits do not drift), plus the layers' aux losses;
     returns ``(total, parts)``, or ``(total, (parts, aux))`` with ``with_aux`` (the layers' aux
-    by module path, see ``Transformer.__call__``)."""
-    model = nnx.merge(graphdef, params, rest)
-    out = model(
-        batch["inputs"],
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        return_aux=True,
-    )
-    logits, aux = out.logits.astype(jnp.float32), out.aux
-    ce = cross_entropy(logits, batch["targets"], batch.get("mask"))
-    z = _masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), batch.get("mask"))
+    by module path, see ``Transformer.__call__``). ``loss_chunk``: see ``token_losses``."""
+    nll, lse, aux = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
+    ce = masked_mean(nll, batch.get("mask"))
+    z = masked_mean(jnp.square(lse), batch.get("mask"))
     extra = aux_loss(aux)  # the layers' own weighted losses (e.g. MoE load balancing)
     parts = {"loss": ce, "z_loss": z, "aux_loss": extra}
     return ce + z_loss * z + extra, ((parts, aux) if with_aux else parts)
@@ -66,6 +115,7 @@ def make_train_step(
     donate: bool = False,
     out_shardings: Any = None,
     update_rest: bool = False,
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
 ) -> StepFn:
     """``step(params, rest, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
@@ -77,11 +127,13 @@ def make_train_step(
     parameters and new optimizer state (and new ``rest``) are all finite; otherwise it leaves
     all state untouched and reports ``finite=False``, and the caller decides whether to go on.
     ``metrics`` also holds the layers' ``aux_metrics`` (e.g. ``expert_load``, ``load_ratio``).
+    ``loss_chunk``: vocabulary entries per step of the fused loss (``token_losses``), or None.
     """
+    check_loss_chunk("", loss_chunk)
 
     def step(params, rest, opt_state, batch):
         (_, (parts, aux)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-            graphdef, params, rest, batch, z_loss, with_aux=True
+            graphdef, params, rest, batch, z_loss, with_aux=True, loss_chunk=loss_chunk
         )
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)

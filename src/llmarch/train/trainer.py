@@ -49,7 +49,13 @@ from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import OptimizerConfig, build_optimizer
 from llmarch.train.precision import policy
 from llmarch.train.state import TrainState
-from llmarch.train.step import cross_entropy, make_train_step
+from llmarch.train.step import (
+    DEFAULT_LOSS_CHUNK,
+    check_loss_chunk,
+    make_train_step,
+    masked_mean,
+    token_losses,
+)
 
 NAN_POLICIES = ("skip", "stop")
 _check = functools.partial(check_number, "TrainConfig")
@@ -76,6 +82,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     precision: str = "float32"
     z_loss: float = 0.0
+    # Vocabulary entries per step of the fused cross entropy (the [B,T,V] logits never exist,
+    # see llmarch.train.step.token_losses); None: the plain loss over the whole logits.
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK
     nan_policy: str = "skip"  # skip the update and count it, or stop with an error
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of `steps`: the run fails
     resume: str = "auto"  # auto, must, never, fallback: see llmarch.train.run_dir.start_step
@@ -114,6 +123,7 @@ class TrainConfig:
                 f"TrainConfig.optimizer={self.optimizer!r} is invalid: must be an OptimizerConfig"
             )
         _check("z_loss", self.z_loss, "must be a finite number >= 0", lambda x: x >= 0)
+        check_loss_chunk("TrainConfig", self.loss_chunk)
         _check("val_fraction", self.val_fraction, "must be in (0, 1)", lambda x: 0 < x < 1)
         _check("max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]", lambda x: 0 <= x <= 1)
         if self.peak_flops is not None:
@@ -247,17 +257,22 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
 
 
 def make_evaluator(
-    graphdef: nnx.GraphDef, rows: PackedRows, *, batch_size: int, batches: int, data_sharding=None
+    graphdef: nnx.GraphDef,
+    rows: PackedRows,
+    *,
+    batch_size: int,
+    batches: int,
+    data_sharding=None,
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
 ):
     """``evaluate(params, rest) -> mean loss`` over the first ``batches`` batches of ``rows``
-    in order (token-weighted: padding and cross-document targets do not count)."""
+    in order (token-weighted: padding and cross-document targets do not count); the loss is the
+    training step's (``token_losses`` with ``loss_chunk``)."""
 
     @jax.jit
     def eval_step(params, rest, batch):
-        logits = nnx.merge(graphdef, params, rest)(
-            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-        )
-        return cross_entropy(logits, batch["targets"], batch["mask"]), batch["mask"].sum()
+        nll, _, _ = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
+        return masked_mean(nll, batch["mask"]), batch["mask"].sum()
 
     batch_size = min(batch_size, len(rows))
     batches = min(batches, batches_per_epoch(rows, batch_size, drop_remainder=False))
@@ -325,10 +340,21 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         else None
     )
     step_fn = make_train_step(
-        graphdef, tx, z_loss=cfg.z_loss, donate=True, out_shardings=shardings, update_rest=True
-    )  # rest: e.g. the MoE expert bias, updated per step
+        graphdef,
+        tx,
+        z_loss=cfg.z_loss,
+        donate=True,
+        out_shardings=shardings,
+        update_rest=True,  # rest: e.g. the MoE expert bias, updated per step
+        loss_chunk=cfg.loss_chunk,
+    )
     evaluate = make_evaluator(
-        graphdef, val_rows, batch_size=cfg.batch_size, batches=cfg.eval_batches, data_sharding=data_sharding
+        graphdef,
+        val_rows,
+        batch_size=cfg.batch_size,
+        batches=cfg.eval_batches,
+        data_sharding=data_sharding,
+        loss_chunk=cfg.loss_chunk,
     )
 
     config = run_dir.as_dict(cfg)
