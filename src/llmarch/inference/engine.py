@@ -40,6 +40,7 @@ from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_batch import StepBatch
 from llmarch.layers.paged import AttentionGroup, PageMeta
+from llmarch.model import with_unstacked_layers
 
 
 def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
@@ -51,6 +52,13 @@ def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
     n = max(n, lo)
     power = next_pow2(n)
     return min(hi, 3 * power // 4 if fine and n <= 3 * power // 4 and power >= 4 else power)
+
+
+def _unstack(choice: bool | None, model) -> bool:
+    """EngineConfig.unstack_layers resolved: None means "when the weights live on CPU"."""
+    if choice is not None:
+        return choice
+    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
 
 
 # Decode rows attend in up to DECODE_GROUPS groups (of at least DECODE_GROUP_ROWS rows) by length.
@@ -124,6 +132,8 @@ class Engine:
         self.max_pages_per_seq = pages_for(self.max_len, config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.max_pages_per_seq + 1
         self.kinds = paged_cache.cache_kinds(model)
+        if _unstack(config.unstack_layers, model):
+            model = with_unstacked_layers(model)
         self.graphdef, self.state = nnx.split(model)
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size)
@@ -249,8 +259,10 @@ class Engine:
         if c.fixed_shapes:
             N, Rd, Rp, Tc = c.max_num_batched_tokens, c.max_num_seqs, c.max_prefill_rows, c.max_prefill_chunk
         else:  # fine buckets for decode-only steps (the steady state), coarse ones with prefill
-            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens)
             Rd = _bucket(len(dec), c.min_decode_rows, c.max_num_seqs, fine=not pre)
+            # A decode-only step feeds one token per row and no more: every padding token would
+            # be a row of every matmul (at batch 1, min_tokens=16 made 16x the FLOPs).
+            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens) if pre else Rd
             Rp = c.max_prefill_rows if pre else 0
             Tc = _bucket(max((e - s for _, s, e in pre), default=0), c.min_chunk, c.max_prefill_chunk)
         tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
