@@ -24,6 +24,9 @@ class EngineConfig:
       max_logprobs: the most alternatives ``SamplingParams.logprobs`` may ask for.
       min_decode_rows, min_tokens, min_chunk: the smallest buckets (fewer programs to compile).
       fixed_shapes: every step at the largest bucket: one program, more padding.
+      decode_steps: decode steps per dispatch when a step only decodes and no request waits
+        (one program loops over them on the device, feeding each step's tokens to the next);
+        1: one step per dispatch. Tokens then arrive in bursts of up to this many.
       unstack_layers: run the layers one after another over per-layer copies of their weights
         (``llmarch.model.with_unstacked_layers``) instead of a scan over the stacked ones; None:
         when the weights live on CPU, where a scan copies every layer's weights each step.
@@ -44,6 +47,7 @@ class EngineConfig:
     min_chunk: int = 16
     watermark: float = 0.01
     fixed_shapes: bool = False
+    decode_steps: int = 8
     unstack_layers: bool | None = None
     seed: int = 0
 
