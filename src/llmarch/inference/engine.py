@@ -7,7 +7,10 @@ program: copy-on-write page copies, the model over the paged cache (``paged_cach
 per-row sampling (``sampling``). Shapes are bucketed (tokens, decode rows and chunk width
 by powers of two and the 1.5x points between; block tables always span ``max_len``, since
 attention loops only over the pages in use), so the program compiles once per bucket and a
-steady decode never recompiles.
+steady decode never recompiles. When a step only decodes and no request waits, one dispatch
+runs up to ``EngineConfig.decode_steps`` decode steps on the device (``step_program``), each
+feeding the tokens the last one sampled; ``step()`` then returns several tokens per sequence.
+On CPU the layers run over per-layer copies of their weights (``unstack_layers``).
 
     engine = Engine(model, cfg, tokenizer=tok, max_num_seqs=32)
     outs = engine.generate(["Once upon", "The"], SamplingParams(max_tokens=64, temperature=0))
@@ -343,7 +346,7 @@ class Engine:
         start = time.perf_counter()
         steps = self._decode_steps(plan)
         batch, shape = self._batch(plan)
-        self.shapes.add(shape)
+        self.shapes.add((*shape, steps > 1))  # the decode loop is a program of its own
         if steps > 1:
             self.pools, out = run_decode(
                 self._leaves,
@@ -565,8 +568,10 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Counters: steps (and those mixing prefill chunks with decode tokens), tokens by kind,
-        padding, seconds in steps with and without prefill, preemptions, distinct step shapes,
+        """Counters: steps (and those mixing prefill chunks with decode tokens), dispatches
+        (programs run: a dispatch of several decode steps counts once), tokens by kind,
+        padding, seconds in steps with and without prefill, preemptions, distinct step shapes
+        (a bucket run as a loop of decode steps counts apart: each is one compiled program),
         pages."""
         return dict(
             self.counters,
