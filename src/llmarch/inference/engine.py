@@ -41,7 +41,7 @@ from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_batch import StepBatch
-from llmarch.inference.step_program import Program, run_decode, run_step
+from llmarch.inference.step_program import program, run_decode, run_step
 from llmarch.layers.paged import AttentionGroup
 from llmarch.model import with_unstacked_layers
 
@@ -106,7 +106,7 @@ class Engine:
             model = with_unstacked_layers(model)
         graphdef, state = nnx.split(model)
         self._leaves, treedef = jax.tree.flatten(state)
-        self.program = Program(graphdef, treedef, self.kinds, config.max_logprobs, config.decode_steps)
+        self.program = program(graphdef, treedef, self.kinds, config.max_logprobs, config.decode_steps)
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(

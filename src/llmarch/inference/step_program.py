@@ -32,8 +32,9 @@ DECODE_GROUPS, DECODE_GROUP_ROWS = 8, 8
 @dataclasses.dataclass(frozen=True, eq=False)
 class Program:
     """What the step programs need besides arrays: the model's structure, the kinds of its paged
-    caches, the log-prob width and the most decode steps per dispatch. Hashed once; equal only to
-    itself (one per engine), so jit's per-call cache lookup costs nothing."""
+    caches, the log-prob width and the most decode steps per dispatch. Made by ``program``, which
+    returns one object per distinct value, so jit's per-call lookup compares identities (engines
+    over equal models share their compiled programs)."""
 
     graphdef: Any
     treedef: Any  # of the parameter state, whose leaves the programs take as a list
@@ -46,6 +47,12 @@ class Program:
 
     def model(self, leaves: list[jax.Array]):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+@functools.cache
+def program(graphdef, treedef, kinds: tuple[str, ...], num_logprobs: int, decode_steps: int) -> Program:
+    """The one ``Program`` of these values (hashing the graphdef here, once per engine)."""
+    return Program(graphdef, treedef, kinds, num_logprobs, decode_steps)
 
 
 def _forward(program: Program, leaves, pools, batch: StepBatch):
