@@ -93,7 +93,8 @@ def test_greedy_equals_full_recompute(name):
     stats = engine.stats
     assert stats["mixed_steps"] > 0  # prefill chunks ran beside other sequences' decode tokens
     assert stats["free_pages"] == stats["num_pages"] - 1  # every page back, the trash page held
-    assert stats["step_shapes"] == 1
+    # one program (fixed shapes), and the decode loop's when the tail ran several steps per dispatch
+    assert stats["step_shapes"] == 1 + (stats["dispatches"] < stats["steps"])
 
 
 def test_reference_is_generate_without_cache():

@@ -105,6 +105,8 @@ class BlockRun(nnx.Module):
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: Any = None
     ) -> tuple[jax.Array, tuple[Any, Aux]]:
         """Returns ``(x, (cache, aux))`` with cache and aux stacked over the run's layers."""
+        if isinstance(self.layers, nnx.List):  # unstacked for serving: see with_unstacked_layers
+            return self._unrolled(x, positions, segment_ids, cache)
         graphdef, state = nnx.split(self.layers)
         if isinstance(cache, Pooled):  # pools hold every layer (paged): carried whole, updated in place
             return self._scan_pooled(graphdef, state, x, positions, segment_ids, cache)
@@ -130,6 +132,30 @@ class BlockRun(nnx.Module):
 
         (x, cache, _), aux = jax.lax.scan(body, (x, cache, jnp.int32(0)), state)
         return x, (cache, aux)
+
+    def _unrolled(self, x, positions, segment_ids, cache):
+        """The layers one after another (a Python loop): each reads its own parameter arrays."""
+        pooled = isinstance(cache, Pooled)
+        caches, auxes = [], []
+        for i, block in enumerate(self.layers):
+            if pooled:
+                layer_cache = cache.for_layer(jnp.int32(i))
+            else:
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+            x, (layer_cache, aux) = block(x, positions, segment_ids, layer_cache)
+            cache = layer_cache.for_layer(jnp.int32(i + 1)) if pooled else cache
+            caches.append(layer_cache)
+            auxes.append(aux)
+        if not pooled and cache is not None:
+            cache = jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        return x, (cache, jax.tree.map(lambda *a: jnp.stack(a), *auxes))
+
+    def unstack(self) -> None:
+        """Replaces the stacked layers by ``count`` Blocks, each over its own (copied) arrays."""
+        graphdef, state = nnx.split(self.layers)
+        self.layers = nnx.List(
+            [nnx.merge(graphdef, jax.tree.map(lambda v, i=i: v[i], state)) for i in range(self.count)]
+        )
 
 
 class Transformer(nnx.Module):
@@ -443,6 +469,22 @@ def _unsharded_block(cfg: ModelConfig, block: BlockConfig) -> Block:
 def _unsharded_model(cfg: ModelConfig) -> Transformer:
     with nnx.use_eager_sharding(False):
         return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def with_unstacked_layers(model: Transformer) -> Transformer:
+    """``model`` with every run's layers as separate Blocks called one after another, instead of
+    stacked parameters scanned over: the same function, for serving.
+
+    XLA:CPU runs a scan over stacked parameters by copying each layer's slice of every weight
+    before its matmul, so a memory-bound decode step reads the weights three times (read, write,
+    read the copy) instead of once. Separate arrays are read in place. The layers' arrays are
+    copies (the model's stacked ones are left as they are); compile time grows with depth. Built
+    for inference: ``aux_sources`` and training expect the stacked layout.
+    """
+    new = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for run in new.runs:
+        run.unstack()
+    return new
 
 
 def with_mla_path(model: Transformer, path: str) -> Transformer:

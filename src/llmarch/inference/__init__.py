@@ -2,12 +2,13 @@
 speculative decoding)."""
 
 from llmarch.inference.block_manager import BlockManager, OutOfPages
-from llmarch.inference.engine import Engine, compiled_programs
+from llmarch.inference.engine import Engine
 from llmarch.inference.engine_config import EngineConfig
 from llmarch.inference.generate import generate
 from llmarch.inference.outputs import Completion, RequestOutput, TokenEvent
 from llmarch.inference.sampling import SamplingParams, sample_logits
 from llmarch.inference.speculative import SpeculativeDecoder, SpeculativeOutput
+from llmarch.inference.step_program import compiled_programs
 
 __all__ = [
     "BlockManager",

@@ -7,7 +7,10 @@ program: copy-on-write page copies, the model over the paged cache (``paged_cach
 per-row sampling (``sampling``). Shapes are bucketed (tokens, decode rows and chunk width
 by powers of two and the 1.5x points between; block tables always span ``max_len``, since
 attention loops only over the pages in use), so the program compiles once per bucket and a
-steady decode never recompiles.
+steady decode never recompiles. When a step only decodes and no request waits, one dispatch
+runs up to ``EngineConfig.decode_steps`` decode steps on the device (``step_program``), each
+feeding the tokens the last one sampled; ``step()`` then returns several tokens per sequence.
+On CPU the layers run over per-layer copies of their weights (``unstack_layers``).
 
     engine = Engine(model, cfg, tokenizer=tok, max_num_seqs=32)
     outs = engine.generate(["Once upon", "The"], SamplingParams(max_tokens=64, temperature=0))
@@ -20,7 +23,6 @@ disturbs the ones in flight), ``step``, ``has_unfinished``, ``abort``, ``stats``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -39,7 +41,9 @@ from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_batch import StepBatch
-from llmarch.layers.paged import AttentionGroup, PageMeta
+from llmarch.inference.step_program import program, run_decode, run_step
+from llmarch.layers.paged import AttentionGroup
+from llmarch.model import with_unstacked_layers
 
 
 def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
@@ -53,37 +57,11 @@ def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
     return min(hi, 3 * power // 4 if fine and n <= 3 * power // 4 and power >= 4 else power)
 
 
-# Decode rows attend in up to DECODE_GROUPS groups (of at least DECODE_GROUP_ROWS rows) by length.
-DECODE_GROUPS, DECODE_GROUP_ROWS = 8, 8
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "kinds", "num_logprobs"), donate_argnames=("pools",))
-def _step(state, pools, batch: StepBatch, *, graphdef, kinds, num_logprobs):
-    """One fixed-shape serving step: page copies, the model over the paged cache, sampling."""
-    pools = paged_cache.copy_pages(pools, batch.copy_src, batch.copy_dst)
-    # Decode rows come padding first, then sorted by length; groups of them attend separately,
-    # so each group's loop over pages stops at its own longest sequence.
-    decode, rows = batch.decode, batch.decode.rows
-    parts = max(1, min(DECODE_GROUPS, rows // DECODE_GROUP_ROWS))
-    bounds = [j * (rows // parts) for j in range(parts)] + [rows]  # the last takes the rest
-    split = [
-        jax.tree.map(lambda v, a=a, b=b: v[a:b], decode) for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
-    meta = PageMeta(slots=batch.slots, groups=(*split, batch.prefill))
-    model = nnx.merge(graphdef, state)
-    out = model(
-        batch.tokens[None],
-        positions=batch.positions[None],
-        cache=paged_cache.attach(kinds, pools, meta),
-        logits_at=batch.logits_at[None],
-    )
-    sampled = sampling.sample_rows(out.logits[0], batch.rows, num_logprobs=num_logprobs)
-    return [c.pools for c in out.cache], sampled
-
-
-def compiled_programs() -> int:
-    """Programs the engine step has compiled in this process (one per bucket and model)."""
-    return _step._cache_size()
+def _unstack(choice: bool | None, model) -> bool:
+    """EngineConfig.unstack_layers resolved: None means "when the weights live on CPU"."""
+    if choice is not None:
+        return choice
+    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
 
 
 class Engine:
@@ -124,7 +102,11 @@ class Engine:
         self.max_pages_per_seq = pages_for(self.max_len, config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.max_pages_per_seq + 1
         self.kinds = paged_cache.cache_kinds(model)
-        self.graphdef, self.state = nnx.split(model)
+        if _unstack(config.unstack_layers, model):
+            model = with_unstacked_layers(model)
+        graphdef, state = nnx.split(model)
+        self._leaves, treedef = jax.tree.flatten(state)
+        self.program = program(graphdef, treedef, self.kinds, config.max_logprobs, config.decode_steps)
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(
@@ -142,6 +124,7 @@ class Engine:
         self._seq_times: dict[int, list[float]] = {}  # token arrival times per sequence
         self.counters = dict(
             steps=0,
+            dispatches=0,
             mixed_steps=0,
             decode_tokens=0,
             prefill_tokens=0,
@@ -249,8 +232,10 @@ class Engine:
         if c.fixed_shapes:
             N, Rd, Rp, Tc = c.max_num_batched_tokens, c.max_num_seqs, c.max_prefill_rows, c.max_prefill_chunk
         else:  # fine buckets for decode-only steps (the steady state), coarse ones with prefill
-            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens)
             Rd = _bucket(len(dec), c.min_decode_rows, c.max_num_seqs, fine=not pre)
+            # A decode-only step feeds one token per row and no more: every padding token would
+            # be a row of every matmul (at batch 1, min_tokens=16 made 16x the FLOPs).
+            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens) if pre else Rd
             Rp = c.max_prefill_rows if pre else 0
             Tc = _bucket(max((e - s for _, s, e in pre), default=0), c.min_chunk, c.max_prefill_chunk)
         tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
@@ -322,6 +307,27 @@ class Engine:
         self.counters["padded_tokens"] += N - plan.num_tokens
         return batch, (N, Rd, Rp, Tc)
 
+    def _decode_steps(self, plan: Plan) -> int:
+        """How many decode steps to run in this dispatch: ``EngineConfig.decode_steps`` when the
+        step only decodes, nothing waits to be admitted (it would wait for the whole dispatch)
+        and every row has that many tokens left and pages for them without copy-on-write (given
+        here, as the scheduler gives the first); otherwise 1."""
+        c, bm = self.config, self.block_manager
+        if c.decode_steps == 1 or plan.prefill or plan.copies or self.scheduler.waiting:
+            return 1
+        steps = min(c.decode_steps, *(s.request.params.max_tokens - s.num_generated for s in plan.decode))
+        if steps <= 1:
+            return 1
+        spans = [(seq.pages, seq.num_computed, seq.num_computed + steps) for seq in plan.decode]
+        new = [max(0, pages_for(end, c.page_size) - len(table)) for table, _, end in spans]
+        if sum(new) > bm.num_free or any(
+            bm.pages_to_write(*span) != n for span, n in zip(spans, new, strict=True)
+        ):
+            return 1  # short of pages, or a shared page ahead: one step, as scheduled
+        for span in spans:
+            bm.prepare_write(*span)  # only appends fresh pages: checked above
+        return steps
+
     def step(self) -> list[TokenEvent]:
         """Runs one step; returns the tokens it generated (empty if nothing could run)."""
         plan = self.scheduler.schedule()
@@ -338,29 +344,38 @@ class Engine:
                 f"scheduler error: a prompt parent was planned as a decode row; {self._describe(parents)}"
             )
         start = time.perf_counter()
+        steps = self._decode_steps(plan)
         batch, shape = self._batch(plan)
-        self.shapes.add(shape)
-        self.pools, out = _step(
-            self.state,
-            self.pools,
-            batch,
-            graphdef=self.graphdef,
-            kinds=self.kinds,
-            num_logprobs=self.config.max_logprobs,
-        )
+        self.shapes.add((*shape, steps > 1))  # the decode loop is a program of its own
+        if steps > 1:
+            self.pools, out = run_decode(
+                self._leaves,
+                self.pools,
+                batch,
+                np.int32(steps),
+                program=self.program,
+                page_size=self.config.page_size,
+            )
+        else:
+            self.pools, out = run_step(self._leaves, self.pools, batch, program=self.program)
         out = jax.device_get(out)
         now = time.perf_counter()
-        self.counters["steps"] += 1
+        self.counters["steps"] += steps
+        self.counters["dispatches"] += 1
         self.counters["prefill_step_seconds" if plan.prefill else "decode_step_seconds"] += now - start
         self.counters["mixed_steps"] += bool(plan.decode and plan.prefill)  # chunked prefill + decode
-        self.counters["decode_tokens"] += len(plan.decode)
         self.counters["prefill_tokens"] += plan.num_tokens - len(plan.decode)
         events = []
         Rd = shape[1]
         first = Rd - len(plan.decode)  # the first decode row that holds a sequence
-        for r, seq in enumerate(plan.decode):
-            seq.num_computed += 1
-            events.append(self._append(seq, out, first + r, now))
+        for j in range(steps):
+            out_j = {name: value[j] for name, value in out.items()} if steps > 1 else out
+            for r, seq in enumerate(plan.decode):
+                if seq.status is Status.FINISHED:  # stopped earlier in this dispatch; the rest is dropped
+                    continue
+                seq.num_computed += 1
+                self.counters["decode_tokens"] += 1
+                events.append(self._append(seq, out_j, first + r, now))
         for r, (seq, _, end) in enumerate(plan.prefill):
             seq.num_computed = end
             if end < len(seq.tokens):
@@ -553,8 +568,10 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Counters: steps (and those mixing prefill chunks with decode tokens), tokens by kind,
-        padding, seconds in steps with and without prefill, preemptions, distinct step shapes,
+        """Counters: steps (and those mixing prefill chunks with decode tokens), dispatches
+        (programs run: a dispatch of several decode steps counts once), tokens by kind,
+        padding, seconds in steps with and without prefill, preemptions, distinct step shapes
+        (a bucket run as a loop of decode steps counts apart: each is one compiled program),
         pages."""
         return dict(
             self.counters,

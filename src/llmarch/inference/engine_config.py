@@ -24,6 +24,12 @@ class EngineConfig:
       max_logprobs: the most alternatives ``SamplingParams.logprobs`` may ask for.
       min_decode_rows, min_tokens, min_chunk: the smallest buckets (fewer programs to compile).
       fixed_shapes: every step at the largest bucket: one program, more padding.
+      decode_steps: decode steps per dispatch when a step only decodes and no request waits
+        (one program loops over them on the device, feeding each step's tokens to the next);
+        1: one step per dispatch. Tokens then arrive in bursts of up to this many.
+      unstack_layers: run the layers one after another over per-layer copies of their weights
+        (``llmarch.model.with_unstacked_layers``) instead of a scan over the stacked ones; None:
+        when the weights live on CPU, where a scan copies every layer's weights each step.
       watermark: fraction of the pages kept free when admitting new sequences while others run.
       seed: draws the seeds of requests that give none.
     """
@@ -41,12 +47,22 @@ class EngineConfig:
     min_chunk: int = 16
     watermark: float = 0.01
     fixed_shapes: bool = False
+    decode_steps: int = 8
+    unstack_layers: bool | None = None
     seed: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("watermark", "num_pages", "max_len", "seed", "max_logprobs", "fixed_shapes"):
+            if f.name in (
+                "watermark",
+                "num_pages",
+                "max_len",
+                "seed",
+                "max_logprobs",
+                "fixed_shapes",
+                "unstack_layers",
+            ):
                 continue
             check_int("EngineConfig", f.name, value)
         for name in ("num_pages", "max_len"):
@@ -57,6 +73,10 @@ class EngineConfig:
                 )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} is invalid: must be >= 0")
+        if self.unstack_layers not in (None, True, False):
+            raise ValueError(
+                f"EngineConfig.unstack_layers={self.unstack_layers!r} is invalid: must be None, True or False"
+            )
         if not 0 <= self.watermark < 1:
             raise ValueError(f"EngineConfig.watermark={self.watermark!r} is invalid: must be in [0, 1)")
         if self.max_num_batched_tokens < self.max_num_seqs:

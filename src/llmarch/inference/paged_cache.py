@@ -46,4 +46,5 @@ def attach(names: tuple[str, ...], pools: list[tuple[jax.Array, ...]], meta: Pag
 
 def copy_pages(pools: list[tuple[jax.Array, ...]], src: jax.Array, dst: jax.Array) -> list:
     """Copy-on-write: page ``src[i]`` -> ``dst[i]`` in every layer (trash -> trash pads)."""
-    return [tuple(x.at[:, dst].set(x[:, src]) for x in pool) for pool in pools]
+    # Page ids are in range by construction; see layers.paged._write for why it is promised.
+    return [tuple(x.at[:, dst].set(x[:, src], mode="promise_in_bounds") for x in pool) for pool in pools]

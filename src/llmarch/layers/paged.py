@@ -82,7 +82,16 @@ def _write(pages: jax.Array, layer: jax.Array, slots: jax.Array, values: jax.Arr
     L, per_layer, ps = pages.shape[:3]
     flat = pages.reshape(L * per_layer * ps, *pages.shape[3:])
     rows = values.reshape(-1, *pages.shape[3:]).astype(pages.dtype)
-    return flat.at[layer * (per_layer * ps) + slots].set(rows).reshape(pages.shape)
+    # Slots are in range by construction (the block manager's pages, the trash page for padding):
+    # promising it lets XLA write in place, where its bounds check (a select over the whole pool
+    # when a step writes one token) made it copy the pool for every layer.
+    index = layer * (per_layer * ps) + slots
+    if index.shape[0] == 1:
+        # XLA turns a one-row scatter into a dynamic-update-slice, which it then fuses into each
+        # reader of the pool, copying the whole pool per layer (per token at batch-1 decode). The
+        # same row written twice stays a scatter, which updates the pool in place.
+        index, rows = jnp.concatenate([index, index]), jnp.concatenate([rows, rows])
+    return flat.at[index].set(rows, mode="promise_in_bounds").reshape(pages.shape)
 
 
 def _grouped(q_parts: tuple[jax.Array, ...], meta: PageMeta, attend) -> jax.Array:
