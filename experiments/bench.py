@@ -204,19 +204,22 @@ def bench_decode(ctx: Context) -> Row:
         _engine_gaps(model, cfg, prompt, n)  # compile
         if peer is not None:
             peer(prompt, n)  # warm
+        # Seconds per token of each run: its decode time over its gaps. Not a median of the gaps:
+        # the engine runs several decode steps per dispatch (EngineConfig.decode_steps), so its
+        # tokens arrive in bursts and most gaps are near zero.
         for _ in range(reps):  # interleaved runs
             gaps, ids = _engine_gaps(model, cfg, prompt, n)
-            ours += gaps
+            ours.append(sum(gaps) / len(gaps))
             if peer is not None:
                 peer_gaps, peer_ids = peer(prompt, n)
-                theirs += peer_gaps
+                theirs.append(sum(peer_gaps) / len(peer_gaps))
                 same = next(
                     (i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b), len(ids)
                 )
     per_token = accounting.decode_traffic(cfg, 1, context_len=len(prompt) + n // 2).total  # bytes
     rate = 1 / float(np.median(ours))
     share = per_token * rate / ctx.bandwidth
-    notes = f"{per_token / 1e6:.0f} MB read per token; medians of {reps} × {n} tokens"
+    notes = f"{per_token / 1e6:.0f} MB read per token; medians of {reps} runs of {n} tokens"
     if peer is None:
         peer_text, ratio = "llama.cpp: not installed (`pip install llama-cpp-python gguf`)", None
         met = False if share < 0.9 else None  # the bandwidth half can fail alone
