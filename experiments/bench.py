@@ -288,6 +288,9 @@ def bench_serve32(ctx: Context) -> Row:
 # -- 4. experiment 09 -------------------------------------------------------------------------------
 
 
+TTFT_BEFORE_S = 4.0  # experiment 09's time-to-first-token p50 when issue #14 was filed
+
+
 def bench_exp09(ctx: Context) -> Row:
     exp09 = experiment("09_serving_throughput")
     quick = [
@@ -315,7 +318,7 @@ def bench_exp09(ctx: Context) -> Row:
         f"transformers batched `generate` (batches of {args.batch_size}): {batched['rate']:,.0f} tok/s",
         ratio,
         "≥ 2×; TTFT p50 down from 4 s",
-        ratio >= 2,
+        bool(ratio >= 2 and ttft < TTFT_BEFORE_S),
         f"transformers: {batched['n_batches']} batches timed; engine: the second of two runs",
     )
 
