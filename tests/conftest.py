@@ -10,12 +10,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # so in-process `cli.main` calls never write to the user's ~/.cache.
 os.environ["LLMARCH_COMPILE_CACHE"] = "off"
 
+import gc  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's caches after each test module. XLA:CPU maps memory for the code of every
+    executable it keeps, and the whole suite in one process compiles thousands: two test files
+    left 10,423 mappings (754 with this), and the suite crossed the kernel's 65,530-mapping limit
+    (vm.max_map_count), which aborts the process inside an XLA compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
