@@ -21,9 +21,8 @@ import argparse
 import datetime
 import functools
 import pathlib
-import statistics
-import time
 
+import _kernel_bench as kb
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,30 +72,11 @@ def _peak(table: dict[str, float]) -> float | None:
 
 
 def _time(fn, *xs) -> float:
-    """Median seconds of ``fn(*xs)`` (jitted), after a warm-up run."""
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*xs))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*xs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _max_err(a, b) -> float:
-    return max(
-        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
+    return kb.median_seconds(fn, *xs, repeats=args.repeats)
 
 
 def _normal(key, shape, dtype=DTYPE):
-    return jax.random.normal(jax.random.key(key), shape).astype(dtype)
-
-
-def _grads(fn, argnums, cotangent):
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent), argnums=argnums)
+    return kb.normal(key, shape, dtype)
 
 
 rows = []  # (kernel, shape, error, kernel ms, reference ms, extra ms, 'flops'/'bytes', per second)
@@ -114,7 +94,7 @@ def record(name, shape, kernel, reference, inputs, **kw):
 
 
 def _record(name, shape, kernel, reference, inputs, *, flops=None, bytes_=None, extra=None):
-    err = _max_err(jax.jit(kernel)(*inputs), jax.jit(reference)(*inputs))
+    err = kb.max_abs_err(jax.jit(kernel)(*inputs), jax.jit(reference)(*inputs))
     if not TIMED:
         rows.append((name, shape, err, None, None, None, None, None))
         return
@@ -162,11 +142,11 @@ d_out = _normal(3, (B, T, N, H), jnp.float32)
 record(
     "flash attention fwd+bwd",
     shape,
-    _grads(flash, (0, 1, 2), d_out),
-    _grads(ref, (0, 1, 2), d_out),
+    kb.grads(flash, (0, 1, 2), d_out),
+    kb.grads(ref, (0, 1, 2), d_out),
     (q, k, v),
     flops=3.5 * attn_flops,
-    extra=None if cudnn is None else _grads(cudnn, (0, 1, 2), d_out),
+    extra=None if cudnn is None else kb.grads(cudnn, (0, 1, 2), d_out),
 )
 q_w = functools.partial(flash, sliding_window=T // 8)
 r_w = functools.partial(ref, sliding_window=T // 8)
@@ -188,8 +168,8 @@ d_out = _normal(6, (M, F), jnp.float32)
 record(
     "gmm fwd+bwd (gmm, gmm, tgmm)",
     shape,
-    _grads(gmm_k, (0, 1), d_out),
-    _grads(gmm_r, (0, 1), d_out),
+    kb.grads(gmm_k, (0, 1), d_out),
+    kb.grads(gmm_r, (0, 1), d_out),
     (lhs, rhs),
     flops=6 * M * Dm * F,
 )
@@ -219,8 +199,8 @@ d_out = _normal(10, (Bt, Dv), jnp.float32)
 record(
     "memory lookup fwd+bwd",
     shape,
-    _grads(lambda t, w: look_k(t, idx, w), (0, 1), d_out),
-    _grads(lambda t, w: ml.memory_lookup_reference(t, idx, w), (0, 1), d_out),
+    kb.grads(lambda t, w: look_k(t, idx, w), (0, 1), d_out),
+    kb.grads(lambda t, w: ml.memory_lookup_reference(t, idx, w), (0, 1), d_out),
     (table, wts),
     bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4,
 )
@@ -231,14 +211,14 @@ d_out = _normal(21, (Bt, W, Dv), jnp.float32)
 record(
     f"memory lookup grouped (W={W}) fwd+bwd",
     shape,
-    _grads(
+    kb.grads(
         lambda t, w: ml.memory_lookup_grouped(
             t, idx, w, blocks, W, block_sizes=m_blocks, interpret=INTERPRET
         ),
         (0, 1),
         d_out,
     ),
-    _grads(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W), (0, 1), d_out),
+    kb.grads(lambda t, w: ml.memory_lookup_grouped_reference(t, idx, w, blocks, W), (0, 1), d_out),
     (table, wts),
     bytes_=3 * Bt * J * Dv * itemsize + Mm * Dv * 4,
 )

@@ -17,9 +17,9 @@ import datetime
 import functools
 import itertools
 import pathlib
-import statistics
 import time
 
+import _kernel_bench as kb
 import jax
 import jax.numpy as jnp
 
@@ -40,25 +40,11 @@ DTYPE = jnp.bfloat16
 
 
 def _time(fn, *xs) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*xs))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*xs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return kb.median_seconds(fn, *xs, repeats=args.repeats)
 
 
 def _normal(key, shape, dtype=DTYPE):
-    return jax.random.normal(jax.random.key(key), shape).astype(dtype)
-
-
-def _err(a, b) -> float:
-    return max(
-        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
+    return kb.normal(key, shape, dtype)
 
 
 sections = []
@@ -75,7 +61,7 @@ def sweep(title, configs, make, inputs, reference, *, unit, amount, peers):
             break
         fn = make(config)
         try:
-            err = _err(jax.jit(fn)(*inputs), want)
+            err = kb.max_abs_err(jax.jit(fn)(*inputs), want)
             ms = _time(fn, *inputs) * 1e3
         except Exception as e:  # noqa: BLE001 -- a config that does not compile is a row
             rows.append((float("inf"), config, " ".join(f"{type(e).__name__}: {e}".split())[:160]))
@@ -145,7 +131,7 @@ d_out = _normal(3, (B, T, N, H), jnp.float32)
 
 
 def grads(fn):
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * d_out), argnums=(0, 1, 2))
+    return kb.grads(fn, (0, 1, 2), d_out)
 
 
 bwd_configs = [
