@@ -227,9 +227,9 @@ def dkv_kernel(*refs, scale, causal, window, block_q, kv_len, kv_block, has_seg,
     G, T_pad = q_ref.shape[0], q_ref.shape[1]
     # (head g, query tile i) pairs, i over [first, first + n_q): the tiles that see this one.
     first, n_q = (lo_ref[0, 0], hi_ref[0, 0] - lo_ref[0, 0]) if ranged else (0, T_pad // block_q)
+    per_head = jnp.maximum(n_q, 1)  # n_q = 0 runs no step; avoid a division by zero
 
     def body(idx, carry):
-        per_head = jnp.maximum(n_q, 1)  # n_q = 0 runs no step; avoid a division by zero
         g, i = lax.div(idx, per_head), first + lax.rem(idx, per_head)
         start = pl.multiple_of(i * block_q, block_q)
         q_pos = qpos_ref[:, pl.ds(start, block_q)]  # [1,bq]

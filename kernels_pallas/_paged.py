@@ -369,7 +369,7 @@ def attend(
     B, T, N, _ = q_parts[0].shape
     K = num_kv_heads
     G = N // K
-    bs = spec.block_sizes or BlockSizes.default(target, rows=T * (N // num_kv_heads))
+    bs = spec.block_sizes or BlockSizes.default(target, rows=T * G)
     rows = T * G
     if interpret:  # any size; whole row blocks for the GPU build
         rows_p = common.round_up(rows, bs.rows_per_block) if target == "gpu" else rows

@@ -131,14 +131,9 @@ def _mla(dtype, N=4, A=32, R=8, page_size=4, num_pages=16):
     )
 
 
-@pytest.mark.parametrize(
-    "target,N,rows_per_block",
-    [("tpu", 4, 64), ("gpu", 4, 64), ("gpu", 8, 16)],  # 8 heads x 3 tokens: two 16-row programs
-)
-def test_mla_decode_builds_match_reference(target, N, rows_per_block):
-    q_a, q_r, c, k_r = _mla(jnp.float32, N=N)
-    tables, lengths, q_pos = _batch(page_size=4)
-    spec = _paged.Spec(
+def _mla_spec(block_sizes, *, interpret):
+    """The paged-kernel spec of MLA decoding over ``_mla``'s caches (latent 32, rope 8, pages of 4)."""
+    return _paged.Spec(
         caches=(_paged.Cache(32, False), _paged.Cache(8, False)),
         score_caches=(0, 1),
         value_cache=0,
@@ -146,9 +141,21 @@ def test_mla_decode_builds_match_reference(target, N, rows_per_block):
         page_size=4,
         scale=0.2,
         window=None,
-        block_sizes=_paged.BlockSizes(pages_per_block=3, num_splits=2, rows_per_block=rows_per_block),
-        interpret=True,
+        block_sizes=block_sizes,
+        interpret=interpret,
         name="mla_decode",
+    )
+
+
+@pytest.mark.parametrize(
+    "target,N,rows_per_block",
+    [("tpu", 4, 64), ("gpu", 4, 64), ("gpu", 8, 16)],  # 8 heads x 3 tokens: two 16-row programs
+)
+def test_mla_decode_builds_match_reference(target, N, rows_per_block):
+    q_a, q_r, c, k_r = _mla(jnp.float32, N=N)
+    tables, lengths, q_pos = _batch(page_size=4)
+    spec = _mla_spec(
+        _paged.BlockSizes(pages_per_block=3, num_splits=2, rows_per_block=rows_per_block), interpret=True
     )
     out = jax.jit(lambda *a: _paged.attend(spec, target, True, [a[0], a[1]], [a[2], a[3]], *a[4:], 1))(
         q_a, q_r, c, k_r, tables, lengths, q_pos
@@ -284,17 +291,6 @@ def test_tiles_a_target_rejects_raise_at_trace_time(H, page_size, match):
 def test_gpu_rows_per_block_must_tile():
     q_a, q_r, c, k_r = _mla(jnp.float32)
     tables, lengths, q_pos = _batch(page_size=4)
-    spec = _paged.Spec(
-        caches=(_paged.Cache(32, False), _paged.Cache(8, False)),
-        score_caches=(0, 1),
-        value_cache=0,
-        value_width=32,
-        page_size=4,
-        scale=0.2,
-        window=None,
-        block_sizes=_paged.BlockSizes(rows_per_block=24),
-        interpret=False,
-        name="mla_decode",
-    )
+    spec = _mla_spec(_paged.BlockSizes(rows_per_block=24), interpret=False)
     with pytest.raises(ValueError, match=r"rows_per_block=24 .* power of two >= 16"):
         _paged.attend(spec, "gpu", False, [q_a, q_r], [c, k_r], tables, lengths, q_pos, 1)
