@@ -214,7 +214,7 @@ class Transformer(nnx.Module):
         arguments ``w, transpose_w`` of ``llmarch.ops.cross_entropy``)."""
         if self.lm_head is None:
             return self.embed.table_vd[...], False
-        return self.lm_head.w[...], True
+        return self.lm_head.weight(), True
 
     def aux_sources(self) -> dict[str, nnx.Module]:
         """The module behind each key of the aux that ``__call__`` returns, in the same (layer)
