@@ -168,7 +168,7 @@ class QuantizedTensor:
             raise ValueError(f"kind={kind!r} is invalid: must be 'int' or 'fp8'")
         check_groups(shape, bits, group_size)
         signed = zero is None
-        packed = pack(np.asarray(q), bits, signed=signed)
+        packed = pack(q if isinstance(q, jax.Array) else np.asarray(q), bits, signed=signed)
         zero = None if zero is None else jnp.asarray(zero)
         return cls(jnp.asarray(packed), jnp.asarray(scale, jnp.float32), zero, bits, group_size, kind, shape)
 
