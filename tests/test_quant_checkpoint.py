@@ -21,7 +21,7 @@ from llmarch.quant.checkpoint import QUANT_CONFIG, WEIGHTS, load_quantized, save
     [
         ("tiny-moe", QuantConfig(bits=4, group_size=32, symmetric=False, include_lm_head=True)),
         ("tiny-mla", QuantConfig(method="fp8", fp8_block=32)),
-        ("tiny-gqa", QuantConfig(bits=3, group_size=32)),
+        ("tiny-gqa", QuantConfig(bits=3, group_size=32, include_embeddings=True)),
     ],
 )
 def test_save_load_round_trip(tmp_path, name, qcfg):

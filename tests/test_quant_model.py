@@ -39,6 +39,9 @@ def dequantized_twin(model, cfg, qcfg, qmodel):
         "/".join(map(str, p)): m for p, m in nnx.iter_modules(qmodel) if isinstance(m, QuantizedEinsum)
     }
     for t in linears(twin, cfg, qcfg):
+        if t.path == "embed":
+            t.module.table_vd.set_value(qmodel.embed.table())
+            continue
         layer = q_by_path[t.path]
         if t.lead:  # a scanned run: dequantize layer by layer
             graphdef, state = nnx.split(layer)
@@ -163,6 +166,29 @@ def test_lm_head_quantized_when_asked():
     assert transposed and w.shape == model.lm_head.w[...].shape
 
 
+@pytest.mark.parametrize(
+    "tied,kw",
+    [(False, dict(bits=4, group_size=32, include_lm_head=True)), (True, dict(method="fp8", fp8_block=32))],
+)
+def test_embeddings_quantized_when_asked(tied, kw):
+    cfg = llmarch.presets.get("tiny-gqa").replace(tie_embeddings=tied)
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    qcfg = QuantConfig(include_embeddings=True, **kw)
+    qmodel = quantize(model, cfg, qcfg, progress=False)
+    assert type(qmodel.embed).__name__ == "QuantizedEmbed"
+    table = qmodel.embed.table()
+    assert table.shape == model.embed.table_vd[...].shape
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+    # encode dequantizes the tokens' columns only: the rows of the dequantized table
+    np.testing.assert_array_equal(
+        np.asarray(qmodel.embed.encode(tokens, jnp.float32)), np.asarray(table[tokens])
+    )
+    twin = dequantized_twin(model, cfg, qcfg, qmodel)
+    np.testing.assert_allclose(
+        np.asarray(_jit_forward(qmodel)(tokens)), np.asarray(_jit_forward(twin)(tokens)), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_bad_requests_are_one_line_errors():
     model = _model("tiny-dense")
     with pytest.raises(ValueError, match="group_size=128 does not divide the input dimension K=64"):
@@ -170,8 +196,6 @@ def test_bad_requests_are_one_line_errors():
     qmodel = quantize(model, model.cfg, QuantConfig(bits=8), progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(qmodel, model.cfg, QuantConfig(bits=8), progress=False)
-    with pytest.raises(ValueError, match="include_embeddings"):
-        quantize(model, model.cfg, QuantConfig(include_embeddings=True), progress=False)
 
 
 def _recompute_greedy(model, prompt, n):

@@ -213,7 +213,7 @@ class Transformer(nnx.Module):
         ``(table [V,D], False)`` with tied embeddings, ``(lm_head [D,V], True)`` otherwise (the
         arguments ``w, transpose_w`` of ``llmarch.ops.cross_entropy``)."""
         if self.lm_head is None:
-            return self.embed.table_vd[...], False
+            return self.embed.table(), False
         return self.lm_head.weight(), True
 
     def aux_sources(self) -> dict[str, nnx.Module]:

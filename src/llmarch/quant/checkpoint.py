@@ -156,7 +156,7 @@ def _structure(cfg: ModelConfig, qcfg: QuantConfig) -> Transformer:
     with nnx.use_eager_sharding(False):
         model = Transformer(cfg, rngs=nnx.Rngs(0))
     for t in linears(model, cfg, qcfg):
-        w = jnp.zeros((*t.module.w[...].shape[: t.lead], *t.layout.matrix_shape), jnp.float32)
+        w = jnp.zeros((*t.value().shape[: t.lead], *t.layout.matrix_shape), jnp.float32)
         if qcfg.method == "fp8":
             q, scale = fp8(w, qcfg.fp8_block)
             qt = QuantizedTensor.from_unpacked(q, scale, None, 8, qcfg.fp8_block, kind="fp8")

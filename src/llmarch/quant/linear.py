@@ -119,6 +119,43 @@ class QuantizedEinsum(nnx.Module):
         return y.reshape(*free_shape, *n_dims)
 
 
+class QuantizedEmbed(nnx.Module):
+    """A drop-in for ``Embed`` whose ``[V,D]`` table is stored quantized as the matrix ``[D, V]``
+    of its LM-head use (``attend`` contracts D): groups run along D, each token has its scales.
+    ``encode`` gathers the tokens' columns and dequantizes only those."""
+
+    def __init__(self, qt: QuantizedTensor, layout: Layout):
+        self.table_q = QuantizedEinsum(qt, layout)
+
+    def table(self) -> jax.Array:
+        return self.table_q.weight()
+
+    def encode(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        qt = self.table_q.tensor  # [D, V]
+        flat = tokens.reshape(-1)  # [n]
+        take = lambda a, idx: jnp.take(a, idx, axis=-1)  # noqa: E731
+        if qt.kind == "fp8" and qt.group_size is not None:  # square blocks: a scale per block of V
+            b, D = qt.group_size, qt.K
+            scale = jnp.repeat(take(qt.scale, flat // b), b, axis=0)[:D]  # [D, n]
+            cols = take(qt.q, flat).astype(jnp.float32) * scale
+        else:
+            zero = None if qt.zero is None else take(qt.zero, flat)
+            picked = QuantizedTensor(
+                take(qt.q, flat),
+                take(qt.scale, flat),
+                zero,
+                qt.bits,
+                qt.group_size,
+                qt.kind,
+                (qt.K, flat.size),
+            )
+            cols = dequantize(picked)  # [D, n]
+        return cols.T.reshape(*tokens.shape, qt.K).astype(dtype)  # [B,T,D]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return self.table_q("BTD,VD->BTV", x)
+
+
 def _variable(value: jax.Array, names: tuple[str | None, ...]) -> QuantParam:
     mesh, rules = sharding.ambient()
     eager = nnx.using_eager_sharding() and not mesh.empty and bool(rules)

@@ -6,7 +6,8 @@ recording the equation each ``Einsum`` is called with (the layers name their con
 their call sites). MoE experts, which the dispatch code multiplies as ``[E, D, F]`` arrays rather
 than calling, are batch-E matrices ``[E, K, N]`` by construction. Left in float: the MoE router
 (its logits pick the experts; every serving stack keeps it unquantized), the memory layers' keys
-and values tables (lookups, not linears), norms, and the embeddings and the LM head unless asked.
+and values tables (lookups, not linears), norms, and the embeddings and the LM head unless asked
+(``include_embeddings``, ``include_lm_head``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 from llmarch.config import ModelConfig
 from llmarch.layers.einsum import Einsum
+from llmarch.layers.embed import Embed
 from llmarch.layers.moe import MoE
 from llmarch.quant.config import QuantConfig
-from llmarch.quant.linear import Layout, QuantizedEinsum
+from llmarch.quant.linear import Layout, QuantizedEinsum, QuantizedEmbed
 from llmarch.quant.tensor import QuantizedTensor, check_groups
 from llmarch.quant.tensor import quantize as quantize_tensor
 
@@ -42,7 +44,8 @@ class Linear:
     Attributes:
       path: its path in the model (``"runs/0/layers/attention/w_q_dnh"``).
       parent: the module holding it, under attribute (or list index) ``key``.
-      module: the ``Einsum``.
+      module: the ``Einsum`` (or, with ``include_embeddings``, the ``Embed``, whose ``[V,D]``
+        table is the matrix ``[D, V]`` of its LM-head use).
       layout: its matrix view (one layer's).
       lead: 1 when its arrays carry a scanned run's layers axis, else 0.
     """
@@ -50,17 +53,24 @@ class Linear:
     path: str
     parent: Any
     key: str | int
-    module: Einsum
+    module: Einsum | Embed
     layout: Layout
     lead: int
 
     def matrix(self) -> np.ndarray:
         """The float32 weight as ``[*lead, *batch, K, N]`` (host numpy)."""
-        return np.asarray(self.layout.to_matrix(np.asarray(self.module.w[...], np.float32), self.lead))
+        return np.asarray(self.layout.to_matrix(np.asarray(self.value(), np.float32), self.lead))
 
-    def install(self, qt: QuantizedTensor) -> QuantizedEinsum:
-        """Replaces the ``Einsum`` in its parent by a ``QuantizedEinsum`` of ``qt``."""
-        layer = QuantizedEinsum(qt, self.layout, lead=self.lead)
+    def value(self) -> jax.Array:
+        """The weight as stored, ``[*lead, *layout.shape]``."""
+        return self.module.table_vd[...] if isinstance(self.module, Embed) else self.module.w[...]
+
+    def install(self, qt: QuantizedTensor) -> QuantizedEinsum | QuantizedEmbed:
+        """Replaces the layer in its parent by a ``QuantizedEinsum`` (``QuantizedEmbed``) of ``qt``."""
+        if isinstance(self.module, Embed):
+            layer = QuantizedEmbed(qt, self.layout)
+        else:
+            layer = QuantizedEinsum(qt, self.layout, lead=self.lead)
         if isinstance(self.key, int):
             self.parent[self.key] = layer
         else:
@@ -93,18 +103,13 @@ def quantize(
       forward, ``generate`` and the ``Engine`` run on it unchanged.
 
     Raises:
-      ValueError: an already quantized model, a group size not dividing a weight's K (naming
-        the weight), or embeddings asked for (``include_embeddings`` is not supported).
+      ValueError: an already quantized model, or a group size not dividing a weight's K (naming
+        the weight).
     """
     if not isinstance(qcfg, QuantConfig):
         raise TypeError(f"qcfg must be a QuantConfig, got {type(qcfg).__name__}")
     if is_quantized(model):
         raise ValueError("the model is already quantized: quantize its float checkpoint instead")
-    if qcfg.include_embeddings:
-        raise ValueError(
-            "QuantConfig.include_embeddings=True is not supported: the embedding table stays float "
-            "(a lookup reads one row per token; only the LM head is a matmul)"
-        )
     model = nnx.clone(model)
     targets = linears(model, cfg, qcfg)
     if qcfg.method in ("gptq", "awq"):
@@ -160,6 +165,12 @@ def linears(model: nnx.Module, cfg: ModelConfig, qcfg: QuantConfig) -> list[Line
         if qcfg.method != "fp8":
             check_groups(layout.matrix_shape, qcfg.bits, qcfg.group_size, where=path)
         found.append(Linear(path, parent, key, module, layout, lead))
+    if qcfg.include_embeddings:
+        table = model.embed.table_vd
+        layout = Layout(tuple(table.shape), tuple(table.get_metadata().get("out_sharding")), (1, 0), 0, 1)
+        if qcfg.method != "fp8":
+            check_groups(layout.matrix_shape, qcfg.bits, qcfg.group_size, where="embed")
+        found.append(Linear("embed", model, "embed", model.embed, layout, 0))
     return found
 
 
