@@ -233,3 +233,23 @@ def test_engine_greedy_equals_full_recompute_on_quantized_model(name, kw):
     outs = engine.generate(prompts, [SamplingParams(max_tokens=8, temperature=0.0)] * 2)
     want = [_recompute_greedy(qmodel, p, 8) for p in prompts]
     assert [o.token_ids for o in outs] == want
+
+
+@pytest.mark.parametrize("spec,rules", [("fsdp=4,tensor=2", "fsdp_tp"), ("data=2,expert=4", "ep")])
+def test_sharded_quantized_model_equals_single_device(devices, spec, rules):
+    from llmarch import sharding
+
+    name = "tiny-moe" if rules == "ep" else "tiny-gqa"
+    model = _model(name)
+    qmodel = quantize(model, model.cfg, QuantConfig(bits=4, group_size=32, symmetric=False), progress=False)
+    graphdef, state = nnx.split(qmodel)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, model.cfg.vocab_size)
+    want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    mesh = sharding.make_mesh(spec)
+    with sharding.use(mesh, rules):
+        placed = sharding.shard_state(state, mesh, rules)  # packed weights and scales by their names
+        q_leaves = jax.tree.leaves(nnx.state(nnx.merge(graphdef, placed), QuantParam))
+        assert any(not leaf.sharding.is_fully_replicated for leaf in q_leaves)
+        batch = jax.device_put(tokens, sharding.batch_sharding(mesh, rules))
+        got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(placed, batch)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
