@@ -127,11 +127,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from llmarch.quant.checkpoint import is_quantized_checkpoint
+    from llmarch.quant.convert import evaluate_quantized
     from llmarch.train.evaluate import evaluate_run
     from llmarch.train.guard import TrainingError
 
     if args.data is not None and not args.data.strip():
         raise ValueError("--data '' is invalid: give a text file, a directory of texts or a .jsonl file")
+    if is_quantized_checkpoint(args.checkpoint):  # written by `llmarch quantize`
+        result = evaluate_quantized(args.checkpoint, data=args.data, batches=args.batches)
+        print(json.dumps(result, indent=2))
+        return 0
     result = evaluate_run(args.checkpoint, data=args.data, batches=args.batches)
     if not math.isfinite(result["loss"]):  # a broken model is not a result: no exit 0, no NaN "JSON"
         raise TrainingError(
@@ -139,6 +145,28 @@ def _eval(args: argparse.Namespace) -> int:
             f"loss ({result['loss']}): its weights are broken"
         )
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from llmarch.quant.config import QuantConfig
+    from llmarch.quant.convert import quantize_checkpoint
+
+    group = None if args.group_size in (None, 0) else args.group_size
+    if args.method == "fp8":
+        qcfg = QuantConfig(method="fp8", fp8_block=group)
+    else:
+        qcfg = QuantConfig(
+            method=args.method, bits=args.bits, group_size=group, symmetric=not args.asymmetric
+        )
+    summary = quantize_checkpoint(
+        args.checkpoint,
+        qcfg,
+        args.out,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+    )
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -312,10 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", parents=[common], help="evaluate a run's latest checkpoint on held-out data"
     )
-    evaluate.add_argument("--checkpoint", required=True, help="a run directory written by `llmarch train`")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a run directory of `llmarch train`, or of `llmarch quantize`"
+    )
     evaluate.add_argument("--data", help="evaluate on this corpus instead of the run's validation split")
     evaluate.add_argument("--batches", type=int, default=16, help="batches to evaluate")
     evaluate.set_defaults(func=_eval)
+    quant = sub.add_parser(
+        "quantize", parents=[common], help="quantize a checkpoint's linear weights (RTN, GPTQ, AWQ, FP8)"
+    )
+    quant.add_argument("--checkpoint", required=True, help="an llmarch run or a Hugging Face directory")
+    quant.add_argument("--method", required=True, help="rtn, gptq, awq or fp8")
+    quant.add_argument("--bits", type=int, default=8, help="8, 4 or 3 (integer methods)")
+    quant.add_argument(
+        "--group-size",
+        type=int,
+        help="input rows per scale: 32, 64 or 128 (default: per channel); fp8: block",
+    )
+    quant.add_argument("--asymmetric", action="store_true", help="zero points (integer methods)")
+    quant.add_argument("--calibration-data", help="a text corpus for gptq/awq (default: the run's data)")
+    quant.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences")
+    quant.add_argument("--out", required=True, help="the quantized checkpoint's directory")
+    quant.set_defaults(func=_quantize)
     listing = sub.add_parser(
         "presets", parents=[common], help="list the presets with parameter and FLOP counts"
     )

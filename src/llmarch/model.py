@@ -213,8 +213,8 @@ class Transformer(nnx.Module):
         ``(table [V,D], False)`` with tied embeddings, ``(lm_head [D,V], True)`` otherwise (the
         arguments ``w, transpose_w`` of ``llmarch.ops.cross_entropy``)."""
         if self.lm_head is None:
-            return self.embed.table_vd[...], False
-        return self.lm_head.w[...], True
+            return self.embed.table(), False
+        return self.lm_head.weight(), True
 
     def aux_sources(self) -> dict[str, nnx.Module]:
         """The module behind each key of the aux that ``__call__`` returns, in the same (layer)

@@ -33,6 +33,10 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 - ``cross_entropy(x [B,D], w [V,D] (or [D,V] with transpose_w), labels [B], *, chunk)`` ->
   ``(nll [B], lse [B])``: the LM head's loss terms without the ``[B,V]`` logits, differentiable in
   x and w. XLA: ``chunk`` vocabulary entries per step of a loop; Pallas: tiles of its own.
+- ``quantized_matmul(x [..., K], qt: QuantizedTensor [K, N])`` -> ``[..., N]`` in x's dtype: a
+  weight-only quantized linear (``llmarch.quant``), reading the stored (packed) weights at every
+  call. XLA: ``llmarch.quant.matmul``, tiles of K dequantized into cache; Pallas (int weights):
+  ``kernels_pallas.quantized_matmul``, dequantizing inside the kernel. FP8 weights take the XLA path.
 """
 
 from __future__ import annotations
@@ -181,3 +185,33 @@ def cross_entropy(
     chosen, fn = resolve("cross_entropy", impl)
     kwargs = {"chunk": chunk} if chosen is Impl.XLA else {}
     return fn(x, w, labels, transpose_w=transpose_w, **kwargs)
+
+
+# llmarch.quant builds on this module (its layers call the ops here), so its entries are imported
+# when first called.
+def _quantized_matmul_xla(x, qt) -> jax.Array:
+    from llmarch.quant.matmul import quantized_matmul_xla
+
+    return quantized_matmul_xla(x, qt)
+
+
+def _quantized_matmul_pallas(x, qt, *, interpret: bool = False) -> jax.Array:
+    """The Pallas kernel's entry in this op's ``(x [M,K], qt)`` signature."""
+    from kernels_pallas.quantized_matmul import quantized_matmul as kernel
+
+    return kernel(x, qt.q, qt.scale, qt.zero, bits=qt.bits, group_size=qt.group_size, interpret=interpret)
+
+
+register("quantized_matmul", Impl.XLA, _quantized_matmul_xla)
+register("quantized_matmul", Impl.PALLAS, _quantized_matmul_pallas)
+
+
+def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
+    """``[..., N]`` in x's dtype: ``x [..., K]`` times the quantized weight ``qt`` ``[K, N]`` (a
+    ``llmarch.quant.QuantizedTensor``), dequantized tile by tile from its stored form."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    if qt.kind == "fp8":  # the kernel takes integer weights only
+        impl = Impl.XLA
+    _, fn = resolve("quantized_matmul", impl)
+    return fn(x2, qt).reshape(*lead, qt.shape[-1])

@@ -57,6 +57,12 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
     )
     root = existing_dir(path, expected)
     name = None if dtype is None else hf.dtype_name(dtype)  # a bad dtype fails before any loading
+    from llmarch.quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(root):  # written by `llmarch quantize`: its weights stay as stored
+        if name is not None:
+            raise ValueError(f"--dtype {name} does not apply to the quantized checkpoint {root}")
+        return load_quantized(root)
     if is_run(root):
         model, cfg, tokenizer = _load_run(root)
         if name is not None:

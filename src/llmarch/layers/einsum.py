@@ -46,6 +46,10 @@ class Einsum(nnx.Module):
         init = init or nnx.initializers.normal(0.02)
         self.w = param(init(rngs.params(), tuple(shape), param_dtype), names)
 
+    def weight(self) -> jax.Array:
+        """The weight as stored (a ``QuantizedEinsum`` gives its dequantized weight here)."""
+        return self.w[...]
+
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         # Weights are cast to the activation dtype: the compute dtype is the input's.
         return contract(eqn, x, self.w[...].astype(x.dtype))

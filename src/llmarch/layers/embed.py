@@ -27,6 +27,10 @@ class Embed(nnx.Module):
             init(rngs.params(), (vocab_size, d_model), param_dtype), (axes.VOCAB, axes.EMBED)
         )
 
+    def table(self) -> jax.Array:
+        """The ``[V,D]`` table (a quantized model's ``QuantizedEmbed`` dequantizes it here)."""
+        return self.table_vd[...]
+
     def encode(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
         return jnp.take(self.table_vd[...], tokens, axis=0).astype(dtype)  # [B,T,D]
 

@@ -85,7 +85,8 @@ class MoE(nnx.Module):
         self.bias_e = ExpertBias(jnp.zeros((E,), jnp.float32)) if m.router_bias else None
 
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w_gate_edf.w[...], self.w_up_edf.w[...], self.w_down_efd.w[...])
+        # weight(): a quantized model's experts (llmarch.quant) are dequantized here, in the step
+        return ExpertWeights(self.w_gate_edf.weight(), self.w_up_edf.weight(), self.w_down_efd.weight())
 
     def route(self, x: jax.Array) -> routing.Routing:
         """The routing of ``x [B,T,D]``: experts and gates ``[B,T,k]``, all in float32."""
