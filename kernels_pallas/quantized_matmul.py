@@ -117,10 +117,12 @@ class BlockSizes:
 
     @classmethod
     def default(cls, target: str) -> BlockSizes:
+        """Per-target tiles. Decoding's few rows shrink ``block_m`` to one tile (8 rows on TPU,
+        16 on GPU); GPU's narrower ``block_n`` gives a decoding matmul more programs to spread
+        over the SMs (its grid has no K axis)."""
         if target == "tpu":
-            return cls(block_m=128, block_k=512, block_n=512)
-        # Decoding has a handful of rows: small row tiles, wide K steps.
-        return cls(block_m=16, block_k=128, block_n=128, num_warps=4, num_stages=3)
+            return cls(block_m=256, block_k=512, block_n=512)
+        return cls(block_m=64, block_k=128, block_n=64, num_warps=4, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +167,28 @@ def _fit_k(block: int, K: int, pack: int, target: str, interpret: bool) -> int:
     return max(min(block, common.next_pow2(K)), min_gpu)
 
 
+def _dividing(block: int, extent: int, unit: int) -> int:
+    """``block`` halved (not below ``unit``) until it divides ``extent``; ``block`` if none does
+    or if one tile covers the extent anyway."""
+    b = block
+    while extent > block and b >= unit:
+        if extent % b == 0:
+            return b
+        b //= 2
+    return block
+
+
 def _tiles(st: _Static, target: str, interpret: bool, M: int, K: int, N: int) -> tuple[_Tiles, BlockSizes]:
-    bs = st.block_sizes or BlockSizes.default(target)
     pack = _rows_per_byte(st.bits)
+    bs = st.block_sizes
+    if bs is None:
+        # Default tiles that divide K and N where a smaller legal one does: a padded weight is
+        # a copy per call, which would undo the bandwidth the packing saves.
+        bs = BlockSizes.default(target)
+        lane = 128 if target == "tpu" else 16
+        bs = dataclasses.replace(
+            bs, block_k=_dividing(bs.block_k, K, lane * pack), block_n=_dividing(bs.block_n, N, lane)
+        )
     fit = functools.partial(common.fit_block, "BlockSizes", target=target, interpret=interpret, min_gpu=16)
     bm = fit("block_m", bs.block_m, M)
     bn = fit("block_n", bs.block_n, N, lane=True)
@@ -217,15 +238,14 @@ def _tile_product(xs, v, s, z, *, packed: bool) -> jax.Array:
     (``z`` None: symmetric)."""
     rows = v.shape[0]
     s = _over_rows(s.astype(jnp.float32), rows)
+    # 8-bit integers widen to int32 before anything else: the one conversion from them that
+    # both Mosaic and Triton take for every 8-bit type (signed or not) and tile shape.
     if z is not None:
-        offset = _over_rows(z.astype(jnp.float32), rows)
+        offset = _over_rows(z.astype(jnp.int32).astype(jnp.float32), rows)
     else:
         offset = float(NIBBLE_OFFSET) if packed else 0.0
-    if packed:
-        b = v.astype(jnp.int32)
-        planes = (b & 15, b >> 4)  # even input rows in the low nibble, odd in the high
-    else:
-        planes = (v,)
+    b = v.astype(jnp.int32)
+    planes = (b & 15, b >> 4) if packed else (b,)  # even input rows in the low nibble, odd in the high
     acc = None
     for x, p in zip(xs, planes, strict=True):
         w = ((p.astype(jnp.float32) - offset) * s).astype(x.dtype)

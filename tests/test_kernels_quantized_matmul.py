@@ -201,3 +201,9 @@ def test_kernel_lowers(case, platform):
         kw["disabled_checks"] = [export.DisabledSafetyCheck.custom_call(CUSTOM_CALL["cuda"])]
     module = export.export(jax.jit(f), platforms=[platform], **kw)(*args).mlir_module()
     assert module.count(CUSTOM_CALL[platform]) == 1
+    # The kernel reads the stored bytes as they are (default tiles divide K and N: no padded
+    # copy), and no dequantized [K,N] weight exists outside it.
+    stored = f"tensor<{args[1].shape[0]}x{N}x{'i8' if q_dtype == jnp.int8 else 'ui8'}>"
+    assert module.count(stored) >= 2, f"{stored} does not reach the kernel unchanged"
+    for float_type in ("bf16", "f32"):
+        assert f"tensor<{K}x{N}x{float_type}>" not in module
