@@ -30,9 +30,9 @@ is the whole axis, so any group count tiles). GPU (Triton): a grid (row tile, co
 program looping over K tiles and loading them by offset.
 
 Inference only: there is no VJP (the weights are integers and nothing trains through them).
-Shapes whose M, K or N are not multiples of the tiles are zero-padded per call: for the weights
-that is a copy, so pick ``block_k``/``block_n`` that divide K and N (the defaults shrink to one
-tile for small axes).
+Axes that are not a multiple of their tile are zero-padded per call; for the weights that is a
+copy, so the default tiles halve until they divide K and N, and explicit ``block_k``/``block_n``
+should divide them too.
 """
 
 from __future__ import annotations
@@ -376,14 +376,16 @@ def quantized_matmul(
     """
     _check(x, q, scale, zero, bits, group_size, block_sizes)
     st = _Static(int(bits), group_size, block_sizes, bool(interpret))
-    lead = x.shape[:-1]
+    lead, N = x.shape[:-1], q.shape[1]
     x2 = x.reshape(-1, x.shape[-1])  # [M,K]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, N), x.dtype)
 
     def build(target, interp):
         return lambda x, q, s, *z: _call(st, target, interp, x, q, s, z[0] if z else None)
 
     out = common.dispatch(build, x2, q, scale, *([zero] if zero is not None else []), interpret=st.interpret)
-    return out.reshape(*lead, q.shape[1])
+    return out.reshape(*lead, N)
 
 
 def _check(x, q, scale, zero, bits, group_size, block_sizes) -> None:

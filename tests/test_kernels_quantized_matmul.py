@@ -113,6 +113,8 @@ def test_public_wrapper(dtype, bits, symmetric, group_size):
         assert_close(got, want, dtype, f"block_sizes={bs}")
     # The bf16 reference rounds W to bf16 first; both stay close to the exact float32 product.
     assert_close(got, np.asarray(x, np.float32) @ w, jnp.bfloat16)
+    empty = qm.quantized_matmul(x[:0], q, scale, zero, bits=bits, group_size=group_size, interpret=True)
+    assert empty.shape == (0, 3, N) and empty.dtype == dtype
 
 
 @pytest.mark.parametrize(
@@ -153,6 +155,7 @@ def test_bad_inputs_are_clear_errors(call, match):
         ("gpu", 8, 96, 32, r"block_k=96 does not tile on GPU \(Triton\): must be a power of two >= 16"),
         ("gpu", 4, 16, 32, r"block_k=16 does not tile on GPU \(Triton\): must be a power of two >= 32"),
         ("tpu", 8, 256, 384, r"block_k=256 does not align with group_size=384"),
+        ("tpu", 4, 256, 8, r"group_size=8 gives 4-row groups of packed weights"),
     ],
 )
 def test_tiles_a_target_rejects_fail_when_traced(target, bits, block_k, group_size, match):
