@@ -243,12 +243,13 @@ def _tile_product(xs, v, s, z, *, packed: bool) -> jax.Array:
     if z is not None:
         offset = _over_rows(z.astype(jnp.int32).astype(jnp.float32), rows)
     else:
-        offset = float(NIBBLE_OFFSET) if packed else 0.0
+        offset = float(NIBBLE_OFFSET) if packed else None  # symmetric int8: q itself
     b = v.astype(jnp.int32)
     planes = (b & 15, b >> 4) if packed else (b,)  # even input rows in the low nibble, odd in the high
     acc = None
     for x, p in zip(xs, planes, strict=True):
-        w = ((p.astype(jnp.float32) - offset) * s).astype(x.dtype)
+        p = p.astype(jnp.float32)
+        w = ((p if offset is None else p - offset) * s).astype(x.dtype)
         d = lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         acc = d if acc is None else acc + d
     return acc
