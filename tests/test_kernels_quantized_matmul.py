@@ -71,10 +71,11 @@ def test_reference_dequantizes_like_numpy(bits, symmetric, group_size):
     )
 
 
-# (M, K, N, group_size, BlockSizes): two groups per K tile; a group split over two K tiles;
-# per channel over three K tiles (K=96 padded to 128: a partial last tile).
+# (M, K, N, group_size, BlockSizes): two groups per K tile (K=96: the last tile has one real
+# group and one of padding); a group split over two K tiles; per channel over three K tiles
+# (K=96 padded to 128: a partial last tile).
 TILINGS = {
-    "groups_in_tile": (13, 128, 40, 32, qm.BlockSizes(block_m=8, block_k=64, block_n=16)),
+    "groups_in_tile": (13, 96, 40, 32, qm.BlockSizes(block_m=8, block_k=64, block_n=16)),
     "tiles_in_group": (13, 128, 40, 64, qm.BlockSizes(block_m=8, block_k=32, block_n=16)),
     "per_channel": (5, 96, 24, None, qm.BlockSizes(block_m=8, block_k=32, block_n=16)),
 }
