@@ -70,7 +70,7 @@ def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     qmax = _QMAX[dtype]
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    scale = jnp.where(amax == 0, 1.0, amax / qmax)
+    scale = jnp.where(amax == 0, 1.0, amax * np.float32(1 / qmax))  # XLA would make a/c into a·(1/c)
     # Clipping matters for both: x/scale can exceed qmax by a rounding error, and float8_e4m3fn
     # has no infinity (an overflowing cast gives NaN).
     y = jnp.clip(x / scale, -qmax, qmax)
