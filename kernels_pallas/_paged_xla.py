@@ -28,6 +28,8 @@ def blocked_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    k_scales: tuple[jax.Array, ...] | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
     """The XLA path of paged attention: a loop over blocks of pages with an online softmax.
 
@@ -44,6 +46,10 @@ def blocked_attention(
       qs: ``[B,T,N,H_i]`` query parts; k_pages: matching ``[pages,ps,K,H_i]`` key pools.
       v_pages: ``[pages,ps,K,H_v]``; tables ``[B,max_pages]``; lengths ``[B]``; q_positions
       ``[B,T]`` (-1 pad).
+      k_scales, v_scales: a quantized cache's (int8 / float8) scale pools, ``[pages,ps,K,1]``
+        per key part and for the values (``llmarch.layers.kv_quant``), or None for a float cache.
+        The loop reads the stored pages and multiplies each key's scale into its scores and each
+        value's into its softmax weight, so nothing of the pool is dequantized up front.
     Returns:
       ``[B,T,N,H_v]``; padding queries (and queries with no visible key) get zeros.
     """
@@ -58,19 +64,24 @@ def blocked_attention(
     longest = jnp.max(jnp.where(jnp.any(q_positions >= 0, axis=1), lengths, 0))
     trips = cdiv(longest, pb * ps)
 
+    def block_scales(pool: jax.Array, pages: jax.Array) -> jax.Array:
+        """``[B,K,1,1,pb*ps]``: the scales of a block's tokens, laid out like its scores."""
+        return pool[pages].reshape(B, pb * ps, K).transpose(0, 2, 1)[:, :, None, None, :]
+
+    def part_scores(q: jax.Array, kp: jax.Array, ks: jax.Array | None, pages: jax.Array) -> jax.Array:
+        keys = kp[pages].reshape(B, pb * ps, K, -1)
+        if ks is None:
+            return jnp.einsum("BKGTH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+        s = jnp.einsum("BKGTH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        return s * block_scales(ks, pages)
+
+    parts_scales = (None,) * len(qs) if k_scales is None else k_scales
+
     def body(carry):
         i, top, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pb, pb, axis=1)  # [B,pb]
         scores = (
-            sum(
-                jnp.einsum(
-                    "BKGTH,BSKH->BKGTS",
-                    q,
-                    kp[pages].reshape(B, pb * ps, K, -1),
-                    preferred_element_type=jnp.float32,
-                )
-                for q, kp in zip(qg, k_pages, strict=True)
-            )
+            sum(part_scores(q, kp, ks, pages) for q, kp, ks in zip(qg, k_pages, parts_scales, strict=True))
             * scale
         )  # [B,K,G,T,pb*ps]
         kv = i * pb * ps + jnp.arange(pb * ps, dtype=jnp.int32)[None, None, :]  # slot s: position s
@@ -82,8 +93,15 @@ def blocked_attention(
         weights = jnp.exp(scores - new_top[..., None])
         rescale = jnp.exp(top - new_top)
         values = v_pages[pages].reshape(B, pb * ps, K, Hv)
+        if v_scales is None:
+            p = weights.astype(values.dtype)
+        else:  # the value scales folded into the weights; the values converted as stored
+            p, values = (
+                (weights * block_scales(v_scales, pages)).astype(qs[0].dtype),
+                values.astype(qs[0].dtype),
+            )
         acc = acc * rescale[..., None] + jnp.einsum(
-            "BKGTS,BSKH->BKGTH", weights.astype(values.dtype), values, preferred_element_type=jnp.float32
+            "BKGTS,BSKH->BKGTH", p, values, preferred_element_type=jnp.float32
         )
         return i + 1, new_top, denom * rescale + jnp.sum(weights, axis=-1), acc
 

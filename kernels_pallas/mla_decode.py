@@ -46,13 +46,39 @@ def mla_decode_reference(
 
 
 def mla_decode_xla(
-    q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *, scale: float
+    q_latent,
+    q_rope,
+    c_kv_pages,
+    k_rope_pages,
+    block_tables,
+    lengths,
+    q_positions,
+    *,
+    scale: float,
+    c_kv_scales: jax.Array | None = None,
+    k_rope_scales: jax.Array | None = None,
 ) -> jax.Array:
     """``[B,T,N,A]``: ``mla_decode_reference``'s function (up to float rounding) by
     ``_paged_xla.blocked_attention``: one KV head, keys ``[c_KV; k_R]`` as two score parts,
-    values ``c_KV``."""
+    values ``c_KV``. With ``c_kv_scales, k_rope_scales [pages,page_size,1]`` the pools are a
+    quantized cache's (``llmarch.layers.kv_quant``), read as stored and scaled in the loop."""
     c, r = c_kv_pages[:, :, None], k_rope_pages[:, :, None]  # [P,ps,1,A], [P,ps,1,R]
-    return blocked_attention((q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions, scale=scale)
+    if c_kv_scales is None:
+        return blocked_attention(
+            (q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions, scale=scale
+        )
+    cs, rs = c_kv_scales[:, :, None], k_rope_scales[:, :, None]  # [P,ps,1,1]
+    return blocked_attention(
+        (q_latent, q_rope),
+        (c, r),
+        c,
+        block_tables,
+        lengths,
+        q_positions,
+        scale=scale,
+        k_scales=(cs, rs),
+        v_scales=cs,
+    )
 
 
 def mla_decode(

@@ -85,9 +85,15 @@ def paged_attention_xla(
     *,
     sliding_window: int | None = None,
     scale: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ):
     """``[B,T,N,H]``: ``paged_attention_reference``'s function (up to float rounding) by
-    ``_paged_xla.blocked_attention``, reading each row's visible pages once, in ``q``'s dtype."""
+    ``_paged_xla.blocked_attention``, reading each row's visible pages once, in ``q``'s dtype.
+
+    With ``k_scales, v_scales [pages,page_size,K,1]`` the pools are a quantized cache's (int8 or
+    float8, ``llmarch.layers.kv_quant``): the function is then the reference's over the
+    dequantized pools ``pages * scales``, read as stored."""
     H = q.shape[-1]
     return blocked_attention(
         (q,),
@@ -98,6 +104,8 @@ def paged_attention_xla(
         q_positions,
         scale=H**-0.5 if scale is None else scale,
         sliding_window=sliding_window,
+        k_scales=None if k_scales is None else (k_scales,),
+        v_scales=v_scales,
     )
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llmarch.checks import check_positive
 from llmarch.config import ModelConfig
-from llmarch.layers import kinds
+from llmarch.layers import kinds, kv_quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +112,34 @@ def kv_cache_elements_per_token(cfg: ModelConfig) -> int:
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
-    """Bytes of decoding cache per token over all layers, in ``dtype`` (default ``cfg.dtype``)."""
-    return kv_cache_elements_per_token(cfg) * jnp.dtype(dtype or cfg.dtype).itemsize
+    """Bytes of decoding cache per token over all layers, in ``dtype`` (a float dtype or a
+    ``kv_cache_dtype`` name; default ``cfg.dtype``).
+
+    Read off the shapes of each kind's own (contiguous) cache for one token, so a quantized cache
+    ("int8", "fp8_e4m3": ``llmarch.layers.kv_quant``) counts its float32 scales too, one per
+    cached vector: GQA ``2·K·(H + 4)`` bytes per layer in int8, MLA ``A + R + 8``.
+    """
+    storage = kv_quant.storage_dtype("auto" if dtype is None else dtype, cfg.dtype, owner="")
+
+    def layer_bytes(name: str) -> int:
+        one = jax.eval_shape(lambda: kinds.attention(name).init_cache(cfg, 1, 1, storage))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one))
+
+    per_kind = {name: layer_bytes(name) for name in {b.attention for b in cfg.layer_blocks}}
+    return sum(per_kind[b.attention] for b in cfg.layer_blocks)
+
+
+def kv_page_bytes(cfg: ModelConfig, page_size: int, dtype: str | None = None) -> int:
+    """Bytes of one cache page of ``page_size`` tokens over all layers (as ``kv_cache_bytes_per_token``)."""
+    check_positive("", page_size=page_size)
+    return page_size * kv_cache_bytes_per_token(cfg, dtype)
+
+
+def pages_for_memory(cfg: ModelConfig, memory_bytes: int, page_size: int, dtype: str | None = None) -> int:
+    """The pages a pool of ``memory_bytes`` holds: more as the cache dtype shrinks (int8 about
+    4x float32's, less the scales)."""
+    check_positive("", memory_bytes=memory_bytes)
+    return memory_bytes // kv_page_bytes(cfg, page_size, dtype)
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
@@ -162,7 +189,12 @@ def expert_bytes_read(
 
 
 def decode_traffic(
-    cfg: ModelConfig, batch_size: int, *, context_len: int = 0, dtype: str | None = None
+    cfg: ModelConfig,
+    batch_size: int,
+    *,
+    context_len: int = 0,
+    dtype: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> DecodeTraffic:
     """The decode-step traffic model (UltraMem's Figure 1c argument, from the config alone).
 
@@ -170,7 +202,8 @@ def decode_traffic(
     ``E·(1 − (1 − k/E)^B)`` experts of ``3·D·F`` weights each; a memory layer's touches
     ``M·(1 − (1 − 1/M)^{B·J})`` ≈ ``B·J`` value rows of ``U`` numbers (J = heads × top-m), so its
     sparse bytes grow with the batch, an MoE's with the experts woken up. Weights in ``dtype``
-    (default ``cfg.dtype``), the KV cache too.
+    (default ``cfg.dtype``); the KV cache in ``kv_cache_dtype`` (default: ``dtype``), whose
+    quantized kinds count their scales (``kv_cache_bytes_per_token``).
     """
     check_positive("", batch_size=batch_size)
     nbytes = jnp.dtype(dtype or cfg.dtype).itemsize
@@ -182,5 +215,5 @@ def decode_traffic(
         kind_dense, kind_sparse = kind.traffic(cfg, B)
         dense += kind_dense
         sparse += kind_sparse
-    kv = kv_cache_elements_per_token(cfg) * context_len * B
-    return DecodeTraffic(dense=dense * nbytes, sparse=sparse * nbytes, kv_cache=kv * nbytes)
+    kv = kv_cache_bytes_per_token(cfg, kv_cache_dtype or dtype) * context_len * B
+    return DecodeTraffic(dense=dense * nbytes, sparse=sparse * nbytes, kv_cache=kv)

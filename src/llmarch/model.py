@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from llmarch import axes, sharding
-from llmarch.checks import check_float_dtype, check_positive
+from llmarch.checks import check_positive
 from llmarch.config import BlockConfig, ModelConfig
-from llmarch.layers import kinds
+from llmarch.layers import kinds, kv_quant
 from llmarch.layers.cache import Pooled
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
@@ -197,15 +197,15 @@ class Transformer(nnx.Module):
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.
 
         A list with one entry per run of blocks, each that run's per-layer caches stacked on a
-        leading layers axis; pass it to ``__call__`` and use the cache it returns.
+        leading layers axis; pass it to ``__call__`` and use the cache it returns. ``dtype``: a
+        float dtype, or a ``kv_cache_dtype`` name (``llmarch.layers.kv_quant``: "int8" and
+        "fp8_e4m3" store the cache quantized); None: the config's compute dtype.
         """
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         check_positive("", batch_size=batch_size, max_len=max_len)
-        if dtype is not None:
-            check_float_dtype("", "dtype", dtype)
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
-        dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
+        dtype = kv_quant.storage_dtype("auto" if dtype is None else dtype, self.cfg.dtype, owner="")
         return [run.init_cache(self.cfg, batch_size, max_len, dtype) for run in self.runs]
 
     def output_projection(self) -> tuple[jax.Array, bool]:

@@ -23,7 +23,8 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   (UltraMem's value expansion) has its Pallas kernel here and its XLA version in
   ``llmarch.layers.memory_lookup``.
 - ``paged_attention(q [B,T,N,H], k_pages, v_pages [pages,page_size,K,H], block_tables [B,max_pages],
-  lengths [B], q_positions [B,T], *, sliding_window=None, scale=None)`` -> ``[B,T,N,H]``: decode
+  lengths [B], q_positions [B,T], *, sliding_window=None, scale=None, k_scales=None,
+  v_scales=None)`` -> ``[B,T,N,H]``: decode
   steps and chunked-prefill chunks in one batch (position -1 pads a row's queries). Its XLA
   entry (and ``mla_decode``'s) is a blocked online-softmax loop over the pages, not the
   reference, which gathers whole tables.
@@ -46,6 +47,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from kernels_pallas._attention_xla import attention_xla
 from kernels_pallas.cross_entropy import DEFAULT_CHUNK, cross_entropy_xla
@@ -148,11 +150,35 @@ def memory_lookup(table, indices, weights, *, impl: Impl | str | None = None) ->
     return fn(table, indices, weights)
 
 
+def _dequantized(pages, scales, dtype):
+    """A quantized pool as the floats the Pallas kernels read (``llmarch.layers.kv_quant``)."""
+    return (pages.astype(jnp.float32) * scales).astype(dtype)
+
+
 def paged_attention(
-    q, k_pages, v_pages, block_tables, lengths, q_positions, *, impl: Impl | str | None = None, **kwargs
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    q_positions,
+    *,
+    impl: Impl | str | None = None,
+    k_scales=None,
+    v_scales=None,
+    **kwargs,
 ) -> jax.Array:
-    """Attention over a paged KV cache; see ``paged_attention_reference`` (XLA: ``paged_attention_xla``)."""
-    _, fn = resolve("paged_attention", impl)
+    """Attention over a paged KV cache; see ``paged_attention_reference`` (XLA: ``paged_attention_xla``).
+
+    ``k_scales, v_scales [pages,page_size,K,1]``: the pools are a quantized (int8/float8) cache's.
+    The XLA loop reads them as stored; the Pallas kernels read float pages, so they get the
+    pools dequantized first (correct, without the bandwidth saving).
+    """
+    chosen, fn = resolve("paged_attention", impl)
+    if k_scales is not None and chosen is Impl.XLA:
+        kwargs.update(k_scales=k_scales, v_scales=v_scales)
+    elif k_scales is not None:
+        k_pages, v_pages = _dequantized(k_pages, k_scales, q.dtype), _dequantized(v_pages, v_scales, q.dtype)
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
 
 
@@ -167,11 +193,22 @@ def mla_decode(
     *,
     scale: float,
     impl: Impl | str | None = None,
+    c_kv_scales=None,
+    k_rope_scales=None,
 ) -> jax.Array:
     """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference`` (XLA:
-    ``mla_decode_xla``)."""
-    _, fn = resolve("mla_decode", impl)
-    return fn(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, scale=scale)
+    ``mla_decode_xla``). ``c_kv_scales, k_rope_scales [pages,page_size,1]``: a quantized latent
+    cache, handled as ``paged_attention``'s scales are."""
+    chosen, fn = resolve("mla_decode", impl)
+    kwargs = {}
+    if c_kv_scales is not None and chosen is Impl.XLA:
+        kwargs = dict(c_kv_scales=c_kv_scales, k_rope_scales=k_rope_scales)
+    elif c_kv_scales is not None:
+        c_kv_pages = _dequantized(c_kv_pages, c_kv_scales, q_latent.dtype)
+        k_rope_pages = _dequantized(k_rope_pages, k_rope_scales, q_latent.dtype)
+    return fn(
+        q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, scale=scale, **kwargs
+    )
 
 
 def cross_entropy(

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.intmath import next_pow2
+from llmarch import accounting
 from llmarch.config import ModelConfig
 from llmarch.inference import paged_cache, sampling
 from llmarch.inference.block_manager import BlockManager, pages_for
@@ -42,6 +43,7 @@ from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_batch import StepBatch
 from llmarch.inference.step_program import program, run_decode, run_step
+from llmarch.layers import kv_quant
 from llmarch.layers.paged import AttentionGroup
 from llmarch.model import with_unstacked_layers
 
@@ -100,14 +102,25 @@ class Engine:
                 f"the model's max_seq_len={cfg.max_seq_len} (a step is one row)"
             )
         self.max_pages_per_seq = pages_for(self.max_len, config.page_size)
+        self.kv_dtype = kv_quant.storage_dtype(config.kv_cache_dtype, cfg.dtype)
         num_pages = config.num_pages or config.max_num_seqs * self.max_pages_per_seq + 1
+        if config.kv_cache_memory is not None:
+            num_pages = accounting.pages_for_memory(
+                cfg, config.kv_cache_memory, config.page_size, self.kv_dtype
+            )
+            if num_pages < 2:
+                raise ValueError(
+                    f"EngineConfig.kv_cache_memory={config.kv_cache_memory} is invalid: holds {num_pages} "
+                    f"pages of {accounting.kv_page_bytes(cfg, config.page_size, self.kv_dtype)} bytes; "
+                    "needs >= 2 (one is the trash page)"
+                )
         self.kinds = paged_cache.cache_kinds(model)
         if _unstack(config.unstack_layers, model):
             model = with_unstacked_layers(model)
         graphdef, state = nnx.split(model)
         self._leaves, treedef = jax.tree.flatten(state)
         self.program = program(graphdef, treedef, self.kinds, config.max_logprobs, config.decode_steps)
-        self.pools = paged_cache.init_pools(model, num_pages, config.page_size)
+        self.pools = paged_cache.init_pools(model, num_pages, config.page_size, self.kv_dtype)
         self.block_manager = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -572,11 +585,12 @@ class Engine:
         (programs run: a dispatch of several decode steps counts once), tokens by kind,
         padding, seconds in steps with and without prefill, preemptions, distinct step shapes
         (a bucket run as a loop of decode steps counts apart: each is one compiled program),
-        pages."""
+        pages and the bytes of the page pools (scales included)."""
         return dict(
             self.counters,
             preemptions=self.scheduler.num_preemptions,
             step_shapes=len(self.shapes),
             free_pages=self.block_manager.num_free,
             num_pages=self.block_manager.num_pages,
+            kv_cache_bytes=sum(x.nbytes for pool in self.pools for x in pool),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmarch.checks import check_int
+from llmarch.layers.kv_quant import KV_CACHE_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,8 +14,13 @@ class EngineConfig:
 
     Attributes:
       page_size: tokens per cache page.
-      num_pages: pages in the pool, the trash page included (None: enough for ``max_num_seqs``
-        sequences of ``max_len`` tokens).
+      num_pages: pages in the pool, the trash page included (None: from ``kv_cache_memory`` when
+        given, else enough for ``max_num_seqs`` sequences of ``max_len`` tokens).
+      kv_cache_dtype: how the cache stores keys and values (``llmarch.layers.kv_quant``):
+        "auto" (the model's compute dtype), "float32", "bfloat16", or quantized per token and
+        KV head (MLA: per token's latent and RoPE key) "int8" or "fp8_e4m3".
+      kv_cache_memory: bytes the page pools may take, scales included; sets ``num_pages``
+        (``accounting.pages_for_memory``), so a smaller ``kv_cache_dtype`` buys more pages.
       max_num_seqs: sequences running at once (the batch budget).
       max_num_batched_tokens: tokens per step, decode and prefill together (<= the model's
         max_seq_len: a step is one row of the model).
@@ -36,6 +42,8 @@ class EngineConfig:
 
     page_size: int = 16
     num_pages: int | None = None
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory: int | None = None
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 256
     max_prefill_chunk: int = 128
@@ -62,10 +70,22 @@ class EngineConfig:
                 "max_logprobs",
                 "fixed_shapes",
                 "unstack_layers",
+                "kv_cache_dtype",
+                "kv_cache_memory",
             ):
                 continue
             check_int("EngineConfig", f.name, value)
-        for name in ("num_pages", "max_len"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of "
+                f"{list(KV_CACHE_DTYPES)}"
+            )
+        if self.num_pages is not None and self.kv_cache_memory is not None:
+            raise ValueError(
+                f"EngineConfig.kv_cache_memory={self.kv_cache_memory!r} is invalid with "
+                f"num_pages={self.num_pages!r}: give one of them"
+            )
+        for name in ("num_pages", "max_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from llmarch.inference.sampling import sample_logits
+from llmarch.layers import kv_quant
 from llmarch.model import Transformer, check_inputs
 
 
@@ -29,12 +30,14 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     use_cache: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> np.ndarray:
     """Continues each row of ``prompt [B,T0]`` by ``max_new_tokens`` tokens; returns ``[B,T0+n]``.
 
     Rows share one length (no padding). ``temperature=0`` is greedy, else tokens are drawn by
     ``sampling.sample_logits`` (top-k, then nucleus top-p); ``use_cache=False`` recomputes the
-    whole sequence at every step.
+    whole sequence at every step. ``kv_cache_dtype``: the cache's storage, as
+    ``EngineConfig.kv_cache_dtype`` ("int8", "fp8_e4m3": quantized per token and head).
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -53,6 +56,7 @@ def generate(
     if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1]")
     check_inputs(model.cfg, prompt)
+    cache_dtype = kv_quant.storage_dtype(kv_cache_dtype, model.cfg.dtype, owner="").name
     graphdef, state = nnx.split(model)
     how = dict(graphdef=graphdef, temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
@@ -62,7 +66,7 @@ def generate(
         for i, t in enumerate(range(T0, total)):
             out[:, t] = _next_token(state, jnp.asarray(out), t, keys[i], **how)
         return out
-    token, cache = _prefill(state, jnp.asarray(prompt), keys[0], total=total, **how)
+    token, cache = _prefill(state, jnp.asarray(prompt), keys[0], total=total, cache_dtype=cache_dtype, **how)
     out[:, T0] = token
     for i, t in enumerate(range(T0, total - 1), start=1):
         token, cache = _decode(state, token, t, cache, keys[i], **how)
@@ -82,12 +86,12 @@ def _next_token(state, buffer, t, key, *, graphdef, temperature, top_k, top_p):
     return sample_logits(last, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "total"))
-def _prefill(state, tokens, key, *, graphdef, temperature, top_k, top_p, total):
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "total", "cache_dtype"))
+def _prefill(state, tokens, key, *, graphdef, temperature, top_k, top_p, total, cache_dtype):
     model = nnx.merge(graphdef, state)
     B, T0 = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T0), (B, T0))
-    out = model(tokens, positions=positions, cache=model.init_cache(B, total))
+    out = model(tokens, positions=positions, cache=model.init_cache(B, total, cache_dtype))
     return sample_logits(out.logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p), out.cache
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from llmarch import axes, ops
 from llmarch.checks import check_layer
+from llmarch.layers import kv_quant
 from llmarch.layers.cache import KVCacheLike
 from llmarch.layers.configs import AttentionConfig
 from llmarch.layers.einsum import Einsum
@@ -62,9 +63,15 @@ class Attention(nnx.Module):
         self.impl = impl
 
     @staticmethod
-    def init_cache(cfg: AttentionConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-        """An empty cache: slot ``s`` will hold the key and value of position ``s``."""
+    def init_cache(
+        cfg: AttentionConfig, batch_size: int, max_len: int, dtype: jnp.dtype
+    ) -> KVCache | QuantizedKVCache:
+        """An empty cache: slot ``s`` will hold the key and value of position ``s``; quantized
+        (``QuantizedKVCache``) when ``dtype`` is int8 or float8_e4m3fn."""
         shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B,S,K,H]
+        if kv_quant.is_quantized(dtype):
+            scales = jnp.ones(kv_quant.scale_shape(shape), kv_quant.SCALE_DTYPE)  # [B,S,K,1]
+            return QuantizedKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), scales, scales)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def __call__(
@@ -145,4 +152,44 @@ class KVCache(NamedTuple):
         return KVCache(
             k=self.k.at[rows, positions].set(k.astype(self.k.dtype)),
             v=self.v.at[rows, positions].set(v.astype(self.v.dtype)),
+        )
+
+
+class QuantizedKVCache(NamedTuple):
+    """``KVCache`` stored quantized (``llmarch.layers.kv_quant``): ``k, v [B,S,K,H]`` int8 or
+    float8_e4m3fn, ``k_scale, v_scale [B,S,K,1]`` float32, one scale per token and KV head.
+
+    ``write`` quantizes; ``attend`` attends over the dequantized cache, so its function is
+    ``KVCache``'s over ``k * k_scale, v * v_scale``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[-3]
+
+    def dequantized(self, dtype) -> KVCache:
+        return KVCache(
+            kv_quant.dequantize(self.k, self.k_scale, dtype), kv_quant.dequantize(self.v, self.v_scale, dtype)
+        )
+
+    def attend(
+        self, q: jax.Array, positions: jax.Array, *, impl=None, sliding_window: int | None = None
+    ) -> jax.Array:
+        """As ``KVCache.attend``, over the dequantized keys and values."""
+        return self.dequantized(q.dtype).attend(q, positions, impl=impl, sliding_window=sliding_window)
+
+    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> QuantizedKVCache:
+        """Stores ``k, v [B,T,K,H]`` quantized at the slots ``positions [B,T]``."""
+        rows = jnp.arange(k.shape[0])[:, None]  # [B,1]
+        (qk, sk), (qv, sv) = kv_quant.quantize(k, self.k.dtype), kv_quant.quantize(v, self.v.dtype)
+        return QuantizedKVCache(
+            k=self.k.at[rows, positions].set(qk),
+            v=self.v.at[rows, positions].set(qv),
+            k_scale=self.k_scale.at[rows, positions].set(sk),
+            v_scale=self.v_scale.at[rows, positions].set(sv),
         )

@@ -33,6 +33,7 @@ from flax import nnx
 
 from llmarch import axes, ops
 from llmarch.checks import check_layer
+from llmarch.layers import kv_quant
 from llmarch.layers.cache import LatentCacheLike, ReadableLatentCache
 from llmarch.layers.configs import MLA_PATHS, MLAConfig
 from llmarch.layers.einsum import Einsum
@@ -128,9 +129,20 @@ class MLA(nnx.Module):
         self.config, self.impl = m, impl  # static: part of the graphdef
 
     @staticmethod
-    def init_cache(cfg: MLAConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> MLACache:
-        """An empty latent cache: slot ``s`` will hold ``c_KV`` and ``k_R`` of position ``s``."""
+    def init_cache(
+        cfg: MLAConfig, batch_size: int, max_len: int, dtype: jnp.dtype
+    ) -> MLACache | QuantizedMLACache:
+        """An empty latent cache: slot ``s`` will hold ``c_KV`` and ``k_R`` of position ``s``;
+        quantized (``QuantizedMLACache``) when ``dtype`` is int8 or float8_e4m3fn."""
         m = cfg
+        if kv_quant.is_quantized(dtype):
+            scales = jnp.ones((batch_size, max_len, 1), kv_quant.SCALE_DTYPE)  # [B,S,1]
+            return QuantizedMLACache(
+                jnp.zeros((batch_size, max_len, m.kv_lora_rank), dtype),
+                jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype),
+                scales,
+                scales,
+            )
         return MLACache(
             c_kv=jnp.zeros((batch_size, max_len, m.kv_lora_rank), dtype),  # [B,S,A]
             k_r=jnp.zeros((batch_size, max_len, m.qk_rope_head_dim), dtype),
@@ -283,4 +295,48 @@ class MLACache(NamedTuple):
         return MLACache(
             c_kv=self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype)),
             k_r=self.k_r.at[rows, positions].set(k_r.astype(self.k_r.dtype)),
+        )
+
+
+class QuantizedMLACache(NamedTuple):
+    """``MLACache`` stored quantized (``llmarch.layers.kv_quant``): ``c_kv [B,S,A]`` and
+    ``k_r [B,S,R]`` int8 or float8_e4m3fn with ``c_kv_scale, k_r_scale [B,S,1]`` float32, one
+    scale per token's latent and RoPE key. Reads (both paths) see the dequantized cache."""
+
+    c_kv: jax.Array
+    k_r: jax.Array
+    c_kv_scale: jax.Array
+    k_r_scale: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.c_kv.shape[-2]
+
+    def dequantized(self, dtype) -> MLACache:
+        return MLACache(
+            kv_quant.dequantize(self.c_kv, self.c_kv_scale, dtype),
+            kv_quant.dequantize(self.k_r, self.k_r_scale, dtype),
+        )
+
+    def read(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """As ``MLACache.read``, dequantized."""
+        return self.dequantized(dtype).read(dtype)
+
+    def attend_latent(
+        self, q_latent: jax.Array, q_rope: jax.Array, *, positions: jax.Array, scale: float, impl=None
+    ) -> jax.Array:
+        """As ``MLACache.attend_latent``, over the dequantized cache."""
+        return self.dequantized(q_latent.dtype).attend_latent(
+            q_latent, q_rope, positions=positions, scale=scale, impl=impl
+        )
+
+    def write(self, positions: jax.Array, c_kv: jax.Array, k_r: jax.Array) -> QuantizedMLACache:
+        """Stores ``c_kv [B,T,A]``, ``k_r [B,T,R]`` quantized at the slots ``positions [B,T]``."""
+        rows = jnp.arange(c_kv.shape[0])[:, None]  # [B,1]
+        (qc, sc), (qr, sr) = kv_quant.quantize(c_kv, self.c_kv.dtype), kv_quant.quantize(k_r, self.k_r.dtype)
+        return QuantizedMLACache(
+            c_kv=self.c_kv.at[rows, positions].set(qc),
+            k_r=self.k_r.at[rows, positions].set(qr),
+            c_kv_scale=self.c_kv_scale.at[rows, positions].set(sc),
+            k_r_scale=self.k_r_scale.at[rows, positions].set(sr),
         )

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from llmarch import ops
+from llmarch.layers import kv_quant
 
 if TYPE_CHECKING:  # annotations only: config imports the kind registry, which imports this module
     from llmarch.config import ModelConfig
@@ -94,6 +95,24 @@ def _write(pages: jax.Array, layer: jax.Array, slots: jax.Array, values: jax.Arr
     return flat.at[index].set(rows, mode="promise_in_bounds").reshape(pages.shape)
 
 
+def _store(
+    pages: jax.Array, scales: jax.Array | None, layer: jax.Array, slots: jax.Array, values: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """``_write`` of ``values`` into a float pool, or of their quantized form into a quantized
+    pool and its scale pool (``scales`` not None)."""
+    if scales is None:
+        return _write(pages, layer, slots, values), None
+    q, s = kv_quant.quantize(values, pages.dtype)
+    return _write(pages, layer, slots, q), _write(scales, layer, slots, s)
+
+
+def _empty(shape: tuple[int, ...], dtype: Any) -> tuple[jax.Array, ...]:
+    """An empty pool of ``shape``, and its scale pool when ``dtype`` is quantized."""
+    if kv_quant.is_quantized(dtype):
+        return jnp.zeros(shape, dtype), jnp.zeros(kv_quant.scale_shape(shape), kv_quant.SCALE_DTYPE)
+    return (jnp.zeros(shape, dtype),)
+
+
 def _grouped(q_parts: tuple[jax.Array, ...], meta: PageMeta, attend) -> jax.Array:
     """Runs ``attend(group, *q_rows)`` per group on the queries regrouped into its rows, and
     scatters the ``[B,T,...]`` outputs back to the flat ``[n,...]`` order (padding adds 0)."""
@@ -117,26 +136,35 @@ class PagedKVCache:
     Follows ``KVCache``'s protocol for ``Attention``: ``write`` scatters this step's keys and
     values to ``meta.slots`` of the current ``layer``; ``attend`` runs ``ops.paged_attention``
     once per attention group. ``num_slots`` is None: positions are placed by the block tables.
+    A quantized cache (pools int8 or float8_e4m3fn, ``llmarch.layers.kv_quant``) also has
+    ``k_scales, v_scales [L, P, page_size, K, 1]``: ``write`` quantizes per token and head,
+    ``attend`` hands the scales to the op, which applies them as it reads the pages.
     """
 
     k_pages: jax.Array
     v_pages: jax.Array
-    meta: PageMeta
-    layer: jax.Array  # int32 scalar: which layer of the pools this view addresses
+    k_scales: jax.Array | None = None
+    v_scales: jax.Array | None = None
+    meta: PageMeta = dataclasses.field(kw_only=True)
+    layer: jax.Array = dataclasses.field(kw_only=True)  # int32 scalar: the layer this view addresses
 
     num_slots = None
 
     @staticmethod
     def empty(
         cfg: ModelConfig, layers: int, num_pages: int, page_size: int, dtype: Any
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, ...]:
+        """``(k_pages, v_pages)``, then ``(k_scales, v_scales)`` when ``dtype`` is quantized."""
         a = cfg.attention
-        shape = (layers, num_pages, page_size, a.num_kv_heads, a.head_dim)  # [L,P,ps,K,H]
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        k = _empty((layers, num_pages, page_size, a.num_kv_heads, a.head_dim), dtype)  # [L,P,ps,K,H]
+        v = _empty((layers, num_pages, page_size, a.num_kv_heads, a.head_dim), dtype)
+        return (k[0], v[0], *k[1:], *v[1:])
 
     @property
-    def pools(self) -> tuple[jax.Array, jax.Array]:
-        return self.k_pages, self.v_pages
+    def pools(self) -> tuple[jax.Array, ...]:
+        if self.k_scales is None:
+            return self.k_pages, self.v_pages
+        return self.k_pages, self.v_pages, self.k_scales, self.v_scales
 
     def for_layer(self, layer: jax.Array) -> PagedKVCache:
         return dataclasses.replace(self, layer=layer)
@@ -144,10 +172,10 @@ class PagedKVCache:
     def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
         """Stores ``k, v [B,T,K,H]`` (B*T = the step's N flat tokens) at ``meta.slots``."""
         del positions  # placed by the slots the block manager chose
+        k_pages, k_scales = _store(self.k_pages, self.k_scales, self.layer, self.meta.slots, k)
+        v_pages, v_scales = _store(self.v_pages, self.v_scales, self.layer, self.meta.slots, v)
         return dataclasses.replace(
-            self,
-            k_pages=_write(self.k_pages, self.layer, self.meta.slots, k),
-            v_pages=_write(self.v_pages, self.layer, self.meta.slots, v),
+            self, k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales
         )
 
     def attend(
@@ -157,7 +185,14 @@ class PagedKVCache:
         del positions  # each group carries its rows' positions
         k_pages, first = _layer_pages(self.k_pages, self.layer)
         v_pages, _ = _layer_pages(self.v_pages, self.layer)
-        k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)  # no-ops when equal
+        quantized = {}
+        if self.k_scales is None:
+            k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)  # no-ops when equal
+        else:  # read as stored: the op applies the scales
+            quantized = dict(
+                k_scales=_layer_pages(self.k_scales, self.layer)[0],
+                v_scales=_layer_pages(self.v_scales, self.layer)[0],
+            )
 
         def attend(group: AttentionGroup, q_rows: jax.Array) -> jax.Array:
             return ops.paged_attention(
@@ -169,6 +204,7 @@ class PagedKVCache:
                 group.positions,
                 impl=impl,
                 sliding_window=sliding_window,
+                **quantized,
             )
 
         return _grouped((q,), self.meta, attend).reshape(q.shape)
@@ -181,28 +217,34 @@ class PagedLatentCache:
 
     Follows ``MLACache``'s protocol without ``read``: MLA attends it only in the latent space,
     through ``ops.mla_decode`` (as FlashMLA does), for decode steps and prefill chunks alike.
+    Quantized (int8/float8 pools): ``c_kv_scales, k_r_scales [L,P,page_size,1]``, one scale per
+    token's latent and per token's RoPE key, as ``PagedKVCache``'s.
     """
 
     c_kv_pages: jax.Array
     k_r_pages: jax.Array
-    meta: PageMeta
-    layer: jax.Array
+    c_kv_scales: jax.Array | None = None
+    k_r_scales: jax.Array | None = None
+    meta: PageMeta = dataclasses.field(kw_only=True)
+    layer: jax.Array = dataclasses.field(kw_only=True)
 
     num_slots = None
 
     @staticmethod
     def empty(
         cfg: ModelConfig, layers: int, num_pages: int, page_size: int, dtype: Any
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, ...]:
+        """``(c_kv_pages, k_r_pages)``, then their scale pools when ``dtype`` is quantized."""
         m = cfg.mla
-        return (
-            jnp.zeros((layers, num_pages, page_size, m.kv_lora_rank), dtype),  # [L,P,ps,A]
-            jnp.zeros((layers, num_pages, page_size, m.qk_rope_head_dim), dtype),
-        )  # [L,P,ps,R]
+        c = _empty((layers, num_pages, page_size, m.kv_lora_rank), dtype)  # [L,P,ps,A]
+        r = _empty((layers, num_pages, page_size, m.qk_rope_head_dim), dtype)  # [L,P,ps,R]
+        return (c[0], r[0], *c[1:], *r[1:])
 
     @property
-    def pools(self) -> tuple[jax.Array, jax.Array]:
-        return self.c_kv_pages, self.k_r_pages
+    def pools(self) -> tuple[jax.Array, ...]:
+        if self.c_kv_scales is None:
+            return self.c_kv_pages, self.k_r_pages
+        return self.c_kv_pages, self.k_r_pages, self.c_kv_scales, self.k_r_scales
 
     def for_layer(self, layer: jax.Array) -> PagedLatentCache:
         return dataclasses.replace(self, layer=layer)
@@ -211,10 +253,10 @@ class PagedLatentCache:
         """Stores ``c_kv [B,T,A]``, ``k_r [B,T,R]`` at ``meta.slots``."""
         del positions
         slots = self.meta.slots
+        c_kv_pages, c_kv_scales = _store(self.c_kv_pages, self.c_kv_scales, self.layer, slots, c_kv)
+        k_r_pages, k_r_scales = _store(self.k_r_pages, self.k_r_scales, self.layer, slots, k_r)
         return dataclasses.replace(
-            self,
-            c_kv_pages=_write(self.c_kv_pages, self.layer, slots, c_kv),
-            k_r_pages=_write(self.k_r_pages, self.layer, slots, k_r),
+            self, c_kv_pages=c_kv_pages, k_r_pages=k_r_pages, c_kv_scales=c_kv_scales, k_r_scales=k_r_scales
         )
 
     def attend_latent(
@@ -224,7 +266,14 @@ class PagedLatentCache:
         del positions
         c_kv, first = _layer_pages(self.c_kv_pages, self.layer)
         k_r, _ = _layer_pages(self.k_r_pages, self.layer)
-        c_kv, k_r = c_kv.astype(q_latent.dtype), k_r.astype(q_latent.dtype)  # no-ops when equal
+        quantized = {}
+        if self.c_kv_scales is None:
+            c_kv, k_r = c_kv.astype(q_latent.dtype), k_r.astype(q_latent.dtype)  # no-ops when equal
+        else:  # read as stored: the op applies the scales
+            quantized = dict(
+                c_kv_scales=_layer_pages(self.c_kv_scales, self.layer)[0],
+                k_rope_scales=_layer_pages(self.k_r_scales, self.layer)[0],
+            )
 
         def attend(group: AttentionGroup, ql: jax.Array, qr: jax.Array) -> jax.Array:
             return ops.mla_decode(
@@ -237,6 +286,7 @@ class PagedLatentCache:
                 group.positions,
                 scale=scale,
                 impl=impl,
+                **quantized,
             )
 
         return _grouped((q_latent, q_rope), self.meta, attend).reshape(q_latent.shape)
