@@ -19,17 +19,23 @@ PACKAGES = {"llmarch": ROOT / "src" / "llmarch", "kernels_pallas": ROOT / "kerne
 # a package prefix; the first that matches a module places it.
 LAYERING = [
     ("llmarch", "llmarch.cli"),
-    ("llmarch.demo",),
+    ("llmarch.demo", "llmarch.quant.convert"),  # `llmarch quantize` and evaluating its output
     ("llmarch.inference",),
     ("llmarch.hf",),
     ("llmarch.train",),
+    ("llmarch.quant.checkpoint",),
     ("llmarch.presets", "llmarch.data", "llmarch.run_format"),
+    ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
+    ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.model",),
+    ("llmarch.quant.targets",),  # a model's Einsum/MoE/Embed layers seen as matrices
     ("llmarch.accounting",),
     ("llmarch.config",),
     ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
-    ("llmarch.layers.",),  # every layer module
+    ("llmarch.layers.", "llmarch.quant.linear"),  # every layer module; the quantized Einsum
+    ("llmarch.quant.config",),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
+    ("llmarch.quant.matmul", "llmarch.quant.tensor"),  # the quantized formats, below the ops
     ("llmarch.sharding",),
     ("llmarch.axes", "llmarch.checks", "llmarch.machine"),
     ("kernels_pallas",),

@@ -35,7 +35,7 @@ from llmarch.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
 from llmarch.quant.config import QuantConfig
-from llmarch.quant.model import is_quantized, linears
+from llmarch.quant.targets import is_quantized, linears
 from llmarch.quant.tensor import QuantizedTensor, fp8, rtn
 
 QUANT_CONFIG = "quant_config.json"
