@@ -120,7 +120,8 @@ def test_awq_search_and_fold_against_brute_force(name):
 
     def check_unit(unit):
         stats = unit.stats()
-        reference = np.asarray(unit(rows=awq.SEARCH_ROWS), np.float64)
+        rows = awq.search_rows(unit)
+        reference = np.asarray(unit(rows=rows), np.float64)
         for group in awq.groups(unit, stats):
             if group.fold is None:
                 continue
@@ -133,13 +134,11 @@ def test_awq_search_and_fold_against_brute_force(name):
                     [g.members for g in awq.groups(unit, stats)].index(group.members)
                 ]
                 awq.fold(twin, twin_group, awq.scales(group.mean_abs, a))
-                folded = np.asarray(twin(rows=awq.SEARCH_ROWS), np.float64)
+                folded = np.asarray(twin(rows=rows), np.float64)
                 assert np.allclose(folded, reference, atol=1e-4, rtol=1e-3)  # the same function
                 for p in group.members:
                     twin.sites[p].set(awq.fake_quantize(twin.sites[p].matrix(), qcfg))
-                brute.append(
-                    np.mean(np.square(np.asarray(twin(rows=awq.SEARCH_ROWS), np.float64) - reference))
-                )
+                brute.append(np.mean(np.square(np.asarray(twin(rows=rows), np.float64) - reference)))
             assert np.allclose(losses, brute, rtol=1e-3), (losses, brute)
             assert alpha == awq.grid(qcfg.awq_grid)[int(np.argmin(brute))]
             checked.append(group.fold[0])
@@ -195,3 +194,14 @@ def test_calibration_errors(rows, match):
     for method in ("gptq", "awq"):
         with pytest.raises(ValueError, match=match):
             quantize(model, cfg, QuantConfig(method=method, bits=4), rows, progress=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_awq_host_fake_quantize_is_rtn_dequantized(symmetric, group_size, bits):
+    w = RNG.normal(size=(2, 64, 24)).astype(np.float32)
+    qcfg = QuantConfig(method="awq", bits=bits, group_size=group_size, symmetric=symmetric)
+    assert np.array_equal(
+        awq.fake_quantize(w, qcfg), _deq(*rtn(w, bits, group_size, symmetric), bits, group_size)
+    )

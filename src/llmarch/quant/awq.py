@@ -33,7 +33,14 @@ from llmarch.quant.targets import Linear
 from llmarch.quant.tensor import QuantizedTensor, dequantize, rtn
 
 CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(10))  # the paper's grid: 1.0, 0.95, .., 0.55
-SEARCH_ROWS = 64  # calibration rows the α search runs the block on
+# Calibration tokens the α search runs the block on, 20 times per group: enough to rank the
+# grid points (the statistics themselves come from every calibration row).
+SEARCH_TOKENS = 2048
+
+
+def search_rows(unit: calibrate.Unit) -> int:
+    """How many of the unit's calibration rows the search uses (at least one)."""
+    return max(1, SEARCH_TOKENS // unit.x.shape[1])
 
 
 def grid(points: int) -> np.ndarray:
@@ -49,9 +56,15 @@ def scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def fake_quantize(m: np.ndarray, qcfg: QuantConfig) -> np.ndarray:
-    """``m [..., K, N]`` rounded by RTN and dequantized (float32)."""
-    q, s, z = rtn(m, qcfg.bits, qcfg.group_size, qcfg.symmetric)
-    return np.asarray(dequantize(QuantizedTensor.from_unpacked(q, s, z, qcfg.bits, qcfg.group_size)))
+    """``m [..., K, N]`` rounded by RTN and dequantized (float32, on the host: the α and clipping
+    searches call it hundreds of times)."""
+    q, s, z = rtn(np.asarray(m, np.float32), qcfg.bits, qcfg.group_size, qcfg.symmetric)
+    *batch, K, N = m.shape
+    g = K if qcfg.group_size is None else qcfg.group_size
+    q = q.reshape(*batch, K // g, g, N).astype(np.float32)
+    if z is not None:
+        q = q - z.reshape(*batch, K // g, 1, N).astype(np.float32)
+    return (q * s.reshape(*batch, K // g, 1, N)).reshape(m.shape)
 
 
 class Group:
@@ -122,7 +135,7 @@ def search(unit: calibrate.Unit, group: Group, qcfg: QuantConfig, reference) -> 
             for p, m in saved.items():
                 rs = row_scales(group, p, s, unit)
                 unit.sites[p].set(fake_quantize(m * rs, qcfg) / rs)
-            out = unit(rows=SEARCH_ROWS)
+            out = unit(rows=search_rows(unit))
             losses[i] = float(np.mean(np.square(np.asarray(out, np.float64) - reference)))
     finally:
         for p, m in saved.items():
@@ -193,7 +206,7 @@ def quantize_model(
 
     def quantize_unit(unit: calibrate.Unit) -> dict[str, QuantizedTensor]:
         stats = unit.stats()
-        reference = np.asarray(unit(rows=SEARCH_ROWS), np.float64)
+        reference = np.asarray(unit(rows=search_rows(unit)), np.float64)
         chosen = []
         for group in groups(unit, stats):
             alpha = search(unit, group, qcfg, reference)[0] if group.fold else 0.0

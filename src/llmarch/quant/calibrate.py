@@ -134,10 +134,13 @@ class Unit:
             total: dict[str, list] = {}
             for i in range(0, len(self.x), self._batch):
                 found = _record(graphdef, self._call, state, self.x[i : i + self._batch], layouts)
-                for path, parts in found.items():
-                    total[path] = (
-                        [a + b for a, b in zip(total[path], parts, strict=True)] if path in total else parts
-                    )
+                for path, parts in found.items():  # summed on the host: no dispatch per add
+                    parts = [np.asarray(a, np.float64) for a in parts]
+                    if path in total:
+                        for acc, a in zip(total[path], parts, strict=True):
+                            acc += a
+                    else:
+                        total[path] = parts
         return {
             path: Stats(*(np.asarray(a, np.float32) for a in parts), source=sources.get(path))
             for path, parts in total.items()
@@ -307,11 +310,16 @@ def _instrumented(graphdef, call, state, x, layouts, sources: dict) -> dict[str,
     layouts = dict(layouts)
     originals = Einsum.__call__, RMSNorm.__call__, MoE.experts, MoE.__call__
 
+    shared: dict[tuple, tuple] = {}  # (input, its [n, K] view) -> moments: q/k/v share theirs
+
     def einsum(self, eqn, xin):
         tag = getattr(self, _TAG, None)
         x_k = _as_rows(eqn, xin, layouts.get(tag))
         if tag is not None and x_k is not None and tag not in found:
-            found[tag] = _moments(x_k)
+            key = (id(xin), _view_key(eqn, layouts.get(tag)))
+            if key not in shared:
+                shared[key] = _moments(x_k)
+            found[tag] = shared[key]
             sources[tag] = produced.get(id(xin))
         return originals[0](self, eqn, xin)
 
@@ -384,6 +392,15 @@ def _as_rows(eqn: str, x: jax.Array, layout: Layout | None) -> jax.Array | None:
     free = [c for c in lhs if c not in rhs]
     order = tuple(lhs.index(c) for c in free + k_letters)
     return jnp.transpose(x, order).reshape(-1, layout.matrix_shape[-2]).astype(jnp.float32)
+
+
+def _view_key(eqn: str, layout: Layout | None) -> tuple:
+    """What fixes the ``[n, K]`` view ``_as_rows`` takes of an input: the input's letters and the
+    contracted letters in the layout's order."""
+    lhs, rhs = eqn.replace(" ", "").split("->")[0].split(",")
+    if layout is None or layout.batch:
+        return (lhs, None)
+    return (lhs, tuple(rhs[p] for p in layout.perm[: layout.contracted]))
 
 
 def _moments(x_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
