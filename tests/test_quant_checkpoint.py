@@ -102,6 +102,20 @@ def test_quantize_eval_generate_on_a_run(run, tmp_path, capsys):
     assert "already quantized" in err
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_quantize_on_a_run(run, tmp_path, capsys, method):
+    """GPTQ and AWQ calibrate on the run's own training data through the CLI; the result
+    evaluates as a run does and records its method."""
+    out = tmp_path / method
+    argv = ["quantize", "--checkpoint", str(run), "--method", method, "--bits", "4", "--group-size", "32"]
+    assert main([*argv, "--calibration-samples", "8", "--out", str(out), "--no-compile-cache"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == method and summary["bytes"] < summary["float32_bytes"]
+    assert main(["eval", "--checkpoint", str(out), "--batches", "2", "--no-compile-cache"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quant"]["method"] == method and np.isfinite(result["loss"])
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [
