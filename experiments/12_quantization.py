@@ -49,11 +49,22 @@ HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ("rtn", "gptq", "awq", "fp8")
 # (label, bits, group_size) of the integer settings, each run by every integer method.
 INT_SETTINGS = (("w8", 8, None), ("w4g128", 4, 128), ("w4g64", 4, 64), ("w3g128", 3, 128))
+# RTN only: every weight at W4g128, the embedding table and the LM head too (the size bound).
+ALL_WEIGHTS = ("w4g128-all", 4, 128)
 FP8_SETTINGS = (("fp8", None), ("fp8b128", 128))
 KV_DTYPES = ("int8", "fp8_e4m3")
 # The decode-speed rows: display name -> (method, label) of a measured setting.
 DECODE_MODELS = {"W8 RTN": ("rtn", "w8"), "W4g128 RTN": ("rtn", "w4g128"), "FP8 per channel": ("fp8", "fp8")}
-NAMES = {"w8": "W8 per channel", "w4g128": "W4 g128", "w4g64": "W4 g64", "w3g128": "W3 g128"}
+NAMES = {
+    "w8": "W8 per channel",
+    "w4g128": "W4 g128",
+    "w4g64": "W4 g64",
+    "w3g128": "W3 g128",
+    "w4g128-all": "W4 g128, embeddings and LM head too (RTN)",
+}
+# Decode speed where the float32 weights do not fit in L3 (random weights: speed does not depend
+# on their values): the bandwidth-bound case quantized weights are for.
+BIG_PRESET = "small-20m"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +99,15 @@ def settings(methods: tuple[str, ...], quick: bool = False) -> list[tuple[str, s
         for method in ("rtn", "gptq", "awq"):
             if method in methods:
                 out.append((method, label, QuantConfig(method=method, bits=bits, group_size=group)))
+    if "rtn" in methods:
+        label, bits, group = ALL_WEIGHTS
+        out.append(
+            (
+                "rtn",
+                label,
+                QuantConfig(bits=bits, group_size=group, include_embeddings=True, include_lm_head=True),
+            )
+        )
     if "fp8" in methods:
         out += [("fp8", label, QuantConfig(method="fp8", fp8_block=block)) for label, block in FP8_SETTINGS]
     return out
@@ -184,12 +204,12 @@ def weight_table(rows, float_ppl: float, float_bytes: int, methods) -> str:
         + f" | {fmt_bytes(float_bytes)} | 1.00 |"
     )
     by = {(r["method"], r["label"]): r for r in rows}
-    for label, _, _ in INT_SETTINGS:
+    for label, _, _ in (*INT_SETTINGS, ALL_WEIGHTS):
         cells, size = [], None
         for m in int_methods:
             r = by.get((m, label))
             if r is None or "ppl" not in r:
-                cells.append("n/a")
+                cells.append("—" if label == ALL_WEIGHTS[0] else "n/a")
                 continue
             cells.append(f"{r['ppl']:.3f} ({r['ppl'] / float_ppl - 1:+.1%})")
             size = r["bytes"] if size is None else size
@@ -207,6 +227,50 @@ def weight_table(rows, float_ppl: float, float_bytes: int, methods) -> str:
             + f" | {fmt_bytes(r['bytes'])} | {r['bytes'] / float_bytes:.3f} |"
         )
     return "\n".join(lines)
+
+
+def big_model_decode(new_tokens: int, repeats: int, batches: tuple[int, ...]) -> tuple[str, dict, dict]:
+    """Decode tokens/s of a random ``BIG_PRESET`` model in float32, W8 RTN, W4g128 RTN and FP8:
+    ``(description, {name: weight bytes}, rates)``."""
+    from llmarch import Transformer, presets
+    from llmarch.quant import QuantParam
+
+    cfg = presets.get(BIG_PRESET)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    models = {"float32": model}
+    for name, qcfg in (
+        ("W8 RTN", QuantConfig(bits=8)),
+        ("W4g128 RTN", QuantConfig(bits=4, group_size=128)),
+        ("FP8 per channel", QuantConfig(method="fp8")),
+    ):
+        models[name] = quantize(model, cfg, qcfg, progress=False)
+
+    def weight_bytes(m) -> int:  # float parameters and quantized values, scales, zero points
+        return sum(x.nbytes for x in jax.tree.leaves(nnx.state(m, nnx.Any(nnx.Param, QuantParam))))
+
+    sizes = {name: weight_bytes(m) for name, m in models.items()}
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(max(batches), 32))
+    rates = qx.decode_rates(models, prompts, new_tokens, batches, repeats)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    what = (
+        f"`{BIG_PRESET}` with random weights (D={cfg.d_model}, {cfg.num_layers} blocks, "
+        f"F={cfg.ffn_dim}, V={cfg.vocab_size}; {n_params / 1e6:.1f}M parameters)"
+    )
+    return what, sizes, rates
+
+
+def big_verdict(rates: dict, sizes: dict) -> str:
+    """One sentence from the measured batch-1 ratios: what reading fewer bytes bought."""
+    ratio = rates[("W8 RTN", 1)] / rates[("float32", 1)]
+    fewer = sizes["float32"] / sizes["W8 RTN"]
+    if ratio > 1:
+        return f"W8 reads {fewer:.1f}x fewer bytes and decodes {ratio:.2f}x as fast at batch 1."
+    return (
+        f"W8 reads {fewer:.1f}x fewer bytes yet decodes at {ratio:.2f}x float32's speed at batch 1: "
+        "XLA:CPU turns the int8 weights back into float32 (tile by tile, `llmarch.quant.matmul`) at "
+        "fewer elements per second than it streams float32 weights from memory, so on this CPU the "
+        "dequantization, not the memory traffic, bounds the step."
+    )
 
 
 def main(argv=None) -> None:
@@ -262,6 +326,9 @@ def main(argv=None) -> None:
     prompts = evaluation[starts, :prompt_len]
     batches = (1, 32)
     rates = qx.decode_rates(models, prompts, args.new_tokens, batches, 1 if args.quick else args.repeats)
+    big_what, big_sizes, big_rates = big_model_decode(
+        args.new_tokens, 1 if args.quick else args.repeats, batches
+    )
     seconds = time.perf_counter() - began
     shutil.rmtree(qdir, ignore_errors=True)
 
@@ -277,6 +344,18 @@ def main(argv=None) -> None:
         for b in batches:
             cells += [f"{rates[(name, b)]:,.0f}", f"{rates[(name, b)] / rates[('float32', b)]:.2f}"]
         decode_lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    big_lines = [
+        "| weights | bytes | batch 1 tok/s | / float32 | batch 32 tok/s | / float32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, size in big_sizes.items():
+        cells = [fmt_bytes(size)]
+        for b in batches:
+            cells += [
+                f"{big_rates[(name, b)]:,.0f}",
+                f"{big_rates[(name, b)] / big_rates[('float32', b)]:.2f}",
+            ]
+        big_lines.append(f"| {name} | " + " | ".join(cells) + " |")
     llama_line = (
         "llama.cpp (Q8_0/Q4_0 of the same weights): `llama_cpp` is importable, but this script does not "
         "convert to GGUF yet."
@@ -347,7 +426,14 @@ taking turns.
 
 {chr(10).join(decode_lines)}
 
-{llama_line}
+This model's float32 weights ({fmt_bytes(float_bytes)}) fit in the CPU's last-level cache, so
+a decode step is not bound by memory bandwidth. Where the float32 weights do not fit, the same
+measurement on {big_what}:
+
+{chr(10).join(big_lines)}
+
+Bytes: the arrays a decode step reads (quantized values, scales and zero points, and the float
+parameters left: norms, embedding table). {big_verdict(big_rates, big_sizes)} {llama_line}
 
 ## Against the AWQ paper (Lin et al. 2024, Llama-2-7B, WikiText-2)
 
