@@ -185,7 +185,7 @@ def clipped(m: np.ndarray, hessian: np.ndarray, qcfg: QuantConfig) -> np.ndarray
         c = np.clip(mg, lo_r, hi_r)
         d = (c.reshape(m.shape) - fake_quantize(c.reshape(m.shape), qcfg)).reshape(mg.shape)
         d = (mg - c) + d  # the error against the unclipped weight
-        err = np.einsum("...Gin,...Gij,...Gjn->...Gn", d, hg, d)
+        err = np.sum(d * (hg @ d), axis=-2)  # Δwᵀ H_gg Δw per (group, column)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better[..., None, :], c, best)

@@ -343,13 +343,15 @@ def _instrumented(graphdef, call, state, x, layouts, sources: dict) -> dict[str,
             E = w.gate.shape[0]
             routed = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=1)  # [n,E]
             xf32 = xf.astype(jnp.float32)
-            h = jax.nn.silu(jnp.einsum("nD,EDF->EnF", xf32, w.gate)) * jnp.einsum("nD,EDF->EnF", xf32, w.up)
+            h = jax.nn.silu(jnp.einsum("...D,EDF->E...F", xf32, w.gate)) * jnp.einsum(
+                "...D,EDF->E...F", xf32, w.up
+            )  # flat tokens "...", as in moe_dispatch
             source = sources.get(tag)
             for name, inp in (("w_gate_edf", None), ("w_up_edf", None), ("w_down_efd", h)):
                 inp = jnp.broadcast_to(xf32, (E, *xf32.shape)) if inp is None else inp  # [E,n,K]
                 m = routed.T[..., None]  # [E,n,1]
                 found[f"{tag}/{name}"] = (
-                    jnp.einsum("EnK,EnL->EKL", inp * m, inp),
+                    jnp.einsum("E...K,E...L->EKL", inp * m, inp),
                     jnp.sum(jnp.abs(inp) * m, axis=1),
                     jnp.sum(routed, axis=0),
                 )
