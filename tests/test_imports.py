@@ -25,6 +25,7 @@ LAYERING = [
     ("llmarch.train",),
     ("llmarch.quant.checkpoint",),
     ("llmarch.presets", "llmarch.data", "llmarch.run_format"),
+    ("llmarch.prune", "llmarch.prune.model"),  # pruning walks the blocks as GPTQ does
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.model",),
@@ -33,7 +34,7 @@ LAYERING = [
     ("llmarch.config",),
     ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
     ("llmarch.layers.", "llmarch.quant.linear"),  # every layer module; the quantized Einsum
-    ("llmarch.quant.config",),
+    ("llmarch.quant.config", "llmarch.prune.config", "llmarch.prune.masks"),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
     ("llmarch.quant.matmul", "llmarch.quant.tensor"),  # the quantized formats, below the ops
     ("llmarch.sharding",),

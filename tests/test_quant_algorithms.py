@@ -145,7 +145,16 @@ def test_awq_search_and_fold_against_brute_force(name):
         return {}
 
     targets = linears(nnx.clone(model), cfg, qcfg)
-    calibrate.walk(nnx.clone(model), cfg, qcfg, targets, _rows(cfg), check_unit, progress=False)
+    calibrate.walk(
+        nnx.clone(model),
+        cfg,
+        targets,
+        _rows(cfg),
+        check_unit,
+        lambda t, r: None,
+        method="awq",
+        progress=False,
+    )
     assert "norm" in checked and "up" in checked
 
 

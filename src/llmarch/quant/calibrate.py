@@ -39,6 +39,7 @@ from llmarch.quant.config import QuantConfig
 from llmarch.quant.linear import Layout
 from llmarch.quant.targets import Linear
 from llmarch.quant.tensor import QuantizedTensor
+from llmarch.quant.tensor import quantize as quantize_tensor
 
 _TAG = "_calib_tag"  # a static attribute: a module's path in its unit, while a unit is traced
 MIN_ROWS = 8  # fewer calibration sequences than this estimate a Hessian too poorly to be useful
@@ -170,23 +171,32 @@ def check_rows(rows: Any, cfg: ModelConfig, method: str) -> np.ndarray:
 def walk(
     model: nnx.Module,
     cfg: ModelConfig,
-    qcfg: QuantConfig,
     targets: list[Linear],
     rows: np.ndarray,
-    quantize_unit: Callable[[Unit], dict[str, QuantizedTensor]],
+    process_unit: Callable[[Unit], dict[str, Any]],
+    install: Callable[[Linear, dict[int | None, Any] | None], None],
     *,
+    method: str,
+    include_head: bool = False,
     batch: int = 8,
     progress: bool = True,
 ) -> None:
-    """Quantizes ``model``'s ``targets`` unit by unit: ``quantize_unit(unit)`` returns a
-    ``QuantizedTensor`` for each of ``unit.sites`` (by path) after writing their dequantized
-    values into the unit; the results are installed in ``model`` (stacked runs restacked).
+    """Processes ``model``'s ``targets`` unit by unit on the calibration ``rows``.
 
-    Targets no unit calls (the embedding table) are quantized by RTN."""
-    rows = check_rows(rows, cfg, qcfg.method)
+    ``process_unit(unit)`` returns a result for each of ``unit.sites`` (by path) after writing the
+    weights it stands for into the unit (the next units then see them); ``install(target,
+    results)`` puts a target's results, by layer (None for an unstacked target), into ``model``,
+    and is called with None for a target no unit calls (the embedding table). Float weights the
+    process changed besides its sites (norm scales, AWQ's folds) are copied into ``model``.
+
+    Args:
+      method: names the process in errors and the progress bar.
+      include_head: the LM head (with the final norm) is a unit too.
+    """
+    rows = check_rows(rows, cfg, method)
     by_path = {t.path: t for t in targets}
     work = with_unstacked_layers(model)
-    done: dict[str, dict[int | None, QuantizedTensor]] = {}
+    done: dict[str, dict[int | None, Any]] = {}
     positions = segment_positions(None, rows.shape)[:batch]
 
     def run(name: str, module: nnx.Module, call: Callable, x: jax.Array, map_path: Callable) -> jax.Array:
@@ -198,16 +208,16 @@ def walk(
                 if target_path in by_path:
                     sites[rel] = Site(rel, sub, by_path[target_path], layer)
         unit = Unit(name, module, call, x, sites, batch)
-        for rel, qt in quantize_unit(unit).items():
+        for rel, result in process_unit(unit).items():
             site = sites[rel]
-            done.setdefault(site.target.path, {})[site.layer] = qt
+            done.setdefault(site.target.path, {})[site.layer] = result
         _write_back(model, module, sites, map_path)
         bar.update()
         return unit()
 
     block_call = lambda m, x: m(x, positions[: len(x)], None)[0]  # noqa: E731
-    units = sum(c for _, _, c in run_layout(cfg)) + len(cfg.skip_layers) + bool(qcfg.include_lm_head)
-    with tqdm(total=units, desc=f"{qcfg.method} blocks", disable=not progress, leave=False) as bar:
+    units = sum(c for _, _, c in run_layout(cfg)) + len(cfg.skip_layers) + bool(include_head)
+    with tqdm(total=units, desc=f"{method} blocks", disable=not progress, leave=False) as bar:
         tokens = jnp.asarray(rows)
         x = jnp.concatenate(
             [
@@ -234,17 +244,22 @@ def walk(
                 )
             if start + count - 1 in pending:
                 x = x + pending.pop(start + count - 1)
-        if qcfg.include_lm_head and work.lm_head is not None:
+        if include_head and work.lm_head is not None:
             head = _Head(work.final_norm, work.lm_head)
             run(
                 "head", head, lambda m, x: m(x), x, lambda rel: ("lm_head" if rel == "lm_head" else rel, None)
             )
     for t in targets:
-        found = done.get(t.path)
-        if found is None:  # not called by any unit (the embedding table): round to nearest
-            from llmarch.quant.tensor import quantize as rtn_tensor
+        install(t, done.get(t.path))
 
-            qt = rtn_tensor(
+
+def install_quantized(qcfg: QuantConfig) -> Callable[[Linear, dict | None], None]:
+    """``walk``'s ``install`` for ``QuantizedTensor`` results: a stacked run's layers restacked;
+    a target no unit calls (the embedding table) rounded to nearest."""
+
+    def install(t: Linear, found: dict[int | None, QuantizedTensor] | None) -> None:
+        if found is None:
+            qt = quantize_tensor(
                 t.matrix(), method="rtn", bits=qcfg.bits, group_size=qcfg.group_size, symmetric=qcfg.symmetric
             )
         elif t.lead:
@@ -252,6 +267,8 @@ def walk(
         else:
             qt = found[None]
         t.install(dataclasses.replace(qt, shape=t.layout.matrix_shape))
+
+    return install
 
 
 def _write_back(model: nnx.Module, module: nnx.Module, sites: dict[str, Site], map_path: Callable) -> None:
