@@ -10,9 +10,12 @@ Each tile's float32 copy is made explicit with an ``optimization_barrier``: fuse
 dequantization takes XLA:CPU off its GEMM library onto a naive loop (49 ms against 7 ms for the
 float32 matmul at batch 1, ``[4096, 8192]``), and a fused multiply-reduce is slower still.
 
-What it buys (2-core EPYC, shared and loaded): one batch-1 decoding step of ``small-20m`` (84 MB of
-float32 weights, more than the 32 MiB L3) takes 8.5 ms in int8 (22 MB) against 14.3 ms in float32.
-A lone matrix that fits in cache gains nothing: there the float32 GEMM is faster than unpacking.
+What it buys, and what it does not: memory holds the stored bytes only (a W8 ``small-20m`` is
+22 MB against 84 MB in float32). Speed on this project's 2-core CPU is another matter: XLA:CPU
+dequantizes at fewer elements per second than it streams float32 weights, so batch-1 decoding of
+``small-20m`` runs at 0.71x float32's speed in W8 and 0.58x in W4g128 (experiment 12, measured side
+by side); a kernel that dequantizes in registers (the Pallas one on TPU/GPU) is what turns the
+smaller bytes into time.
 
 Packed 4/3-bit weights are never interleaved back: the even rows of K meet the low nibbles and
 the odd rows the high ones (``x[:, 0::2]``, ``x[:, 1::2]``), which groups (of even size) keep together.
