@@ -253,6 +253,31 @@ def walk(
         install(t, done.get(t.path))
 
 
+def walk_quantized(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    qcfg: QuantConfig,
+    targets: list[Linear],
+    rows: np.ndarray,
+    quantize_unit: Callable[[Unit], dict[str, QuantizedTensor]],
+    *,
+    progress: bool = True,
+) -> None:
+    """``walk`` for a quantization method: ``quantize_unit`` returns ``QuantizedTensor``s, which
+    are installed as ``QuantizedEinsum`` layers (``install_quantized``)."""
+    walk(
+        model,
+        cfg,
+        targets,
+        rows,
+        quantize_unit,
+        install_quantized(qcfg),
+        method=qcfg.method,
+        include_head=qcfg.include_lm_head,
+        progress=progress,
+    )
+
+
 def install_quantized(qcfg: QuantConfig) -> Callable[[Linear, dict | None], None]:
     """``walk``'s ``install`` for ``QuantizedTensor`` results: a stacked run's layers restacked;
     a target no unit calls (the embedding table) rounded to nearest."""

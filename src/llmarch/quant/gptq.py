@@ -166,14 +166,4 @@ def quantize_model(
             out[path] = qt
         return out
 
-    calibrate.walk(
-        model,
-        cfg,
-        targets,
-        calibration,
-        quantize_unit,
-        calibrate.install_quantized(qcfg),
-        method=qcfg.method,
-        include_head=qcfg.include_lm_head,
-        progress=progress,
-    )
+    calibrate.walk_quantized(model, cfg, qcfg, targets, calibration, quantize_unit, progress=progress)
