@@ -36,7 +36,11 @@ LAYERING = [
     ("llmarch.layers.", "llmarch.quant.linear"),  # every layer module; the quantized Einsum
     ("llmarch.quant.config", "llmarch.prune.config", "llmarch.prune.masks"),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
-    ("llmarch.quant.matmul", "llmarch.quant.tensor"),  # the quantized formats, below the ops
+    (
+        "llmarch.quant.matmul",
+        "llmarch.quant.tensor",
+        "llmarch.quant.hessian",
+    ),  # the quantized formats, below the ops
     ("llmarch.sharding",),
     ("llmarch.axes", "llmarch.checks", "llmarch.machine"),
     ("kernels_pallas",),

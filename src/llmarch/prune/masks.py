@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmarch.quant.hessian import inverse_factor, zero_dead_inputs
+
 
 def _lowest(scores: np.ndarray, count: int, axis: int | None) -> np.ndarray:
     """True where a score is not among the ``count`` lowest (along ``axis``; None: all)."""
@@ -91,11 +93,8 @@ def sparsegpt(
         )
     W, H = w.copy(), hessian.copy()
     K, N = W.shape
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[dead] = 0.0
-    H[np.diag_indices(K)] += damp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper: H⁻¹ = Uᵀ U
+    zero_dead_inputs(W, H)
+    U = inverse_factor(H, damp)  # upper: H⁻¹ = Uᵀ U
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1, U1 = W[i1:i2], U[i1:i2, i1:i2]

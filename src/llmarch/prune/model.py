@@ -54,10 +54,7 @@ def prune(
             )
             masks = [np.abs(m) >= cut for m in matrices]
         else:
-            masks = [
-                _per_matrix(m, lambda x: magnitude(x, pcfg.sparsity, pcfg.n_m), t.lead)
-                for m, t in zip(matrices, targets, strict=True)
-            ]
+            masks = [magnitude(m, pcfg.sparsity, pcfg.n_m) for m, t in zip(matrices, targets, strict=True)]
         for t, m, keep in zip(targets, matrices, masks, strict=True):
             _set(t, np.where(keep, m, 0.0))
         return model
@@ -82,7 +79,7 @@ def prune(
     def install(t: Linear, found: dict[int | None, np.ndarray] | None) -> None:
         if found is None:  # no unit calls it: magnitude
             m = t.matrix()
-            _set(t, np.where(_per_matrix(m, lambda x: magnitude(x, pcfg.sparsity, pcfg.n_m), t.lead), m, 0.0))
+            _set(t, np.where(magnitude(m, pcfg.sparsity, pcfg.n_m), m, 0.0))
         else:
             _set(t, np.stack([found[i] for i in range(len(found))]) if t.lead else found[None])
 
@@ -123,13 +120,6 @@ def _targets(model: nnx.Module, cfg: ModelConfig, pcfg: PruneConfig) -> list[Lin
                     f"{t.layout.matrix_shape} to be a multiple of {m}"
                 )
     return targets
-
-
-def _per_matrix(m: np.ndarray, mask_of, lead: int) -> np.ndarray:
-    """``mask_of`` applied to each layer's matrix of a stacked ``m [*lead, *batch, K, N]``."""
-    if not lead:
-        return mask_of(m)
-    return np.stack([mask_of(layer) for layer in m])
 
 
 def _set(t: Linear, m: np.ndarray) -> None:

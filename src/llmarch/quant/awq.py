@@ -117,7 +117,7 @@ def groups(unit: calibrate.Unit, stats: dict[str, calibrate.Stats]) -> list[Grou
     return found
 
 
-def row_scales(group: Group, path: str, s: np.ndarray, unit: calibrate.Unit) -> np.ndarray:
+def row_scales(path: str, s: np.ndarray, unit: calibrate.Unit) -> np.ndarray:
     """``s`` broadcast over the K rows of member ``path``'s matrix ``[*batch, K, 1]``."""
     batch = unit.sites[path].layout.matrix_shape[:-2]
     return np.broadcast_to(s, (*batch, s.shape[-1]))[..., None]
@@ -133,7 +133,7 @@ def search(unit: calibrate.Unit, group: Group, qcfg: QuantConfig, reference) -> 
         for i, alpha in enumerate(alphas):
             s = scales(group.mean_abs, alpha)
             for p, m in saved.items():
-                rs = row_scales(group, p, s, unit)
+                rs = row_scales(p, s, unit)
                 unit.sites[p].set(fake_quantize(m * rs, qcfg) / rs)
             out = unit(rows=search_rows(unit))
             losses[i] = float(np.mean(np.square(np.asarray(out, np.float64) - reference)))
@@ -147,7 +147,7 @@ def fold(unit: calibrate.Unit, group: Group, s: np.ndarray) -> None:
     """Applies the scales ``s`` to the unit's float weights without changing its function."""
     for p in group.members:
         site = unit.sites[p]
-        site.set(site.matrix() * row_scales(group, p, s, unit))
+        site.set(site.matrix() * row_scales(p, s, unit))
     kind = group.fold[0]
     if kind == "norm":
         _, norm, also = group.fold
@@ -220,7 +220,7 @@ def quantize_model(
                 site = unit.sites[p]
                 m = site.matrix()
                 if qcfg.awq_clip and p in stats:
-                    rs = row_scales(group, p, 1.0 / s, unit)  # the folded input is x / s
+                    rs = row_scales(p, 1.0 / s, unit)  # the folded input is x / s
                     h = stats[p].hessian * rs * np.swapaxes(rs, -1, -2)
                     m = clipped(m, h, qcfg)
                 qt = QuantizedTensor.from_unpacked(

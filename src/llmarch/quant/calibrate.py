@@ -208,10 +208,11 @@ def walk(
                 if target_path in by_path:
                     sites[rel] = Site(rel, sub, by_path[target_path], layer)
         unit = Unit(name, module, call, x, sites, batch)
+        before = _float_weights(module, sites)
         for rel, result in process_unit(unit).items():
             site = sites[rel]
             done.setdefault(site.target.path, {})[site.layer] = result
-        _write_back(model, module, sites, map_path)
+        _write_back(model, before, map_path)
         bar.update()
         return unit()
 
@@ -296,24 +297,32 @@ def install_quantized(qcfg: QuantConfig) -> Callable[[Linear, dict | None], None
     return install
 
 
-def _write_back(model: nnx.Module, module: nnx.Module, sites: dict[str, Site], map_path: Callable) -> None:
-    """Copies the unit's float weights that an algorithm may have changed (norm scales and the
-    linears it does not quantize, into which AWQ folds its scales) back into ``model``."""
+def _float_weights(module: nnx.Module, sites: dict[str, Site]) -> dict[str, tuple[nnx.Variable, Any]]:
+    """The unit's float weights a process may change besides its sites (norm scales, linears it
+    does not quantize, into which AWQ folds scales): each variable with its value now, by path."""
+    found = {}
     for path, sub in nnx.iter_modules(module):
         rel = "/".join(map(str, path))
         if isinstance(sub, RMSNorm):
-            value = sub.scale
+            found[rel] = (sub.scale, sub.scale.get_value())
         elif isinstance(sub, Einsum) and rel not in sites:
-            value = sub.w
-        else:
+            found[rel] = (sub.w, sub.w.get_value())
+    return found
+
+
+def _write_back(model: nnx.Module, before: dict[str, tuple[nnx.Variable, Any]], map_path: Callable) -> None:
+    """Copies into ``model`` the float weights of ``before`` that were assigned since (only those:
+    a stacked weight's copy costs the whole stack)."""
+    for rel, (var, value) in before.items():
+        if var.get_value() is value:
             continue
         target_path, layer = map_path(rel)
         node = model
         for key in target_path.split("/"):
             node = node[int(key)] if key.isdigit() else getattr(node, key)
-        var = node.scale if isinstance(sub, RMSNorm) else node.w
-        new = value[...] if layer is None else var[...].at[layer].set(value[...])
-        var[...] = new.astype(var[...].dtype)
+        target = node.scale if isinstance(node, RMSNorm) else node.w
+        new = var[...] if layer is None else target[...].at[layer].set(var[...])
+        target[...] = new.astype(target[...].dtype)
 
 
 class _Head(nnx.Module):

@@ -27,6 +27,7 @@ from flax import nnx
 from llmarch.config import ModelConfig
 from llmarch.quant import calibrate
 from llmarch.quant.config import QuantConfig
+from llmarch.quant.hessian import inverse_factor, zero_dead_inputs
 from llmarch.quant.targets import Linear
 from llmarch.quant.tensor import QuantizedTensor, dequantize, rtn
 
@@ -77,9 +78,7 @@ def gptq(
 def _gptq_matrix(W, H, bits, group_size, symmetric, damp, block, act_order):
     K, N = W.shape
     g = K if group_size is None else group_size
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[dead] = 0.0
+    zero_dead_inputs(W, H)
     n_groups = K // g
     scales = np.ones((n_groups, N), np.float32)
     zeros = None if symmetric else np.zeros((n_groups, N), np.float32)
@@ -92,8 +91,7 @@ def _gptq_matrix(W, H, bits, group_size, symmetric, damp, block, act_order):
     else:
         perm = np.arange(K)
     W, H = W[perm], H[perm][:, perm]
-    H[np.diag_indices(K)] += damp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper: H⁻¹ = Uᵀ U
+    U = inverse_factor(H, damp)  # upper: H⁻¹ = Uᵀ U
     Q = np.zeros((K, N), np.float32)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
