@@ -164,7 +164,41 @@ def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
         moe_active=moe_active,
         E=E,
         F=F,
+        D=D,
+        steps=steps,  # name -> fn(x): the layers, for a profile of one of them
     )
+
+
+def roofline(m: dict) -> dict:
+    """Part 3 from ``decode_latency``'s result: per B, the bytes and FLOPs each layer must touch
+    and its roofline time (ms) = max(bytes / bandwidth, FLOPs / matmul rate) at the rates measured
+    beside the layers, with the measured times (``um_measured``, ``moe_measured``: the best MoE)."""
+    mem, D, E, F, params = m["mem"], m["D"], m["E"], m["F"], m["um_params"]
+    J, U = mem.reads_per_token, mem.width(D)
+    um_dense = sum(n for k, n in params.items() if "values_mu" not in k and "ive_permutation" not in k)
+    um_matmul = sum(n for k, n in params.items() if any(w in k for w in ("w_q_", "keys_", "w_out")))
+    expert_params = 3 * D * F
+    rows = []
+    for B, med, best, touched in m["rows"]:
+        um_bytes = 4 * (um_dense + B * J * U) + 4 * B * J  # + the IVE permutation entries
+        um_flops = 2 * B * (um_matmul + J * U)
+        moe_bytes = 4 * (D * E + touched * expert_params)
+        moe_flops = 2 * B * (D * E + 2 * expert_params)
+        rows.append(
+            dict(
+                B=B,
+                experts=touched,
+                um_bytes=um_bytes,
+                um_flops=um_flops,
+                moe_bytes=moe_bytes,
+                moe_flops=moe_flops,
+                um_ms=max(um_bytes / m["bandwidth"], um_flops / m["flop_rate"]) * 1e3,
+                moe_ms=max(moe_bytes / m["bandwidth"], moe_flops / m["flop_rate"]) * 1e3,
+                um_measured=med["ultramem"],
+                moe_measured=med[best],
+            )
+        )
+    return dict(rows=rows, um_dense=um_dense, um_matmul=um_matmul, expert_params=expert_params)
 
 
 def main(argv=None) -> None:
@@ -248,41 +282,34 @@ def main(argv=None) -> None:
             f"({'met' if min(at8) >= 2 else 'NOT met'}).",
         ]
     # -- part 3: the roofline ------------------------------------------------------------------------
-    bandwidth, flop_rate, um_params = m["bandwidth"], m["flop_rate"], m["um_params"]
-    J, U = mem.reads_per_token, mem.width(D)
-    um_dense = sum(n for k, n in um_params.items() if "values_mu" not in k and "ive_permutation" not in k)
-    um_matmul = sum(n for k, n in um_params.items() if any(w in k for w in ("w_q_", "keys_", "w_out")))
-    expert_params = 3 * D * F
+    roof = roofline(m)
+    J, U, E, F = mem.reads_per_token, mem.width(D), m["E"], m["F"]
     lines += [
         "",
         "## Roofline: what each layer must touch per step",
         "",
         f"Measured in this process, interleaved with the layers: streaming bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s (XLA matrix-vector product over a {m['big_nbytes'] / 2**20:.0f} MiB "
-        f"matrix), matmul rate {flop_rate / 1e9:.0f} GFLOP/s (1024² float32). UltraMem must read its "
-        f"dense weights ({um_dense * 4 / 1e6:.1f} MB: queries, keys, cores, W_o) and B·{J} value rows "
-        f"of {U} numbers; its FLOPs are 2·B·({um_matmul:,} query, key and W_o weights + {J}·{U} for the "
-        f"weighted sum). MoE must read its router and the experts its batch routes to "
-        f"({expert_params * 4 / 1e6:.1f} MB each; `experts` counts them at this B, of {E}); its FLOPs "
-        f"are 2·B·(D·E + 2·{expert_params:,}). `roofline` = max(bytes / bandwidth, FLOPs / matmul "
-        "rate); `of roofline` = roofline / measured. `roofline ratio` is MoE's roofline over "
-        "UltraMem's: the speed-up this machine allows if both layers ran at their rooflines.",
+        f"{m['bandwidth'] / 1e9:.1f} GB/s (XLA matrix-vector product over a {m['big_nbytes'] / 2**20:.0f} "
+        f"MiB matrix), matmul rate {m['flop_rate'] / 1e9:.0f} GFLOP/s (1024² float32). UltraMem must "
+        f"read its dense weights ({roof['um_dense'] * 4 / 1e6:.1f} MB: queries, keys, cores, W_o) and "
+        f"B·{J} value rows of {U} numbers; its FLOPs are 2·B·({roof['um_matmul']:,} query, key and W_o "
+        f"weights + {J}·{U} for the weighted sum). MoE must read its router and the experts its batch "
+        f"routes to ({roof['expert_params'] * 4 / 1e6:.1f} MB each; `experts` counts them at this B, of "
+        f"{E}); its FLOPs are 2·B·(D·E + 2·{roof['expert_params']:,}). `roofline` = max(bytes / "
+        "bandwidth, FLOPs / matmul rate); `of roofline` = roofline / measured. `roofline ratio` is "
+        "MoE's roofline over UltraMem's: the speed-up this machine allows if both layers ran at their "
+        "rooflines.",
         "",
         "| B | UltraMem MB | UltraMem MFLOP | UltraMem roofline (ms) | of roofline | experts "
         "| MoE MB | MoE MFLOP | MoE roofline (ms) | MoE best of roofline | roofline ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for B, med, best, touched in rows:
-        um_bytes = 4 * (um_dense + B * J * U) + 4 * B * J  # + the IVE permutation entries
-        um_flops = 2 * B * (um_matmul + J * U)
-        moe_bytes = 4 * (D * E + touched * expert_params)
-        moe_flops = 2 * B * (D * E + 2 * expert_params)
-        um_roof = max(um_bytes / bandwidth, um_flops / flop_rate) * 1e3
-        moe_roof = max(moe_bytes / bandwidth, moe_flops / flop_rate) * 1e3
+    for r in roof["rows"]:
         lines.append(
-            f"| {B} | {um_bytes / 1e6:.1f} | {um_flops / 1e6:.0f} | {um_roof:.3f} | "
-            f"{um_roof / med['ultramem']:.0%} | {touched} | {moe_bytes / 1e6:.1f} | {moe_flops / 1e6:.0f} | "
-            f"{moe_roof:.3f} | {moe_roof / med[best]:.0%} | {moe_roof / um_roof:.2f}x |"
+            f"| {r['B']} | {r['um_bytes'] / 1e6:.1f} | {r['um_flops'] / 1e6:.0f} | {r['um_ms']:.3f} | "
+            f"{r['um_ms'] / r['um_measured']:.0%} | {r['experts']} | {r['moe_bytes'] / 1e6:.1f} | "
+            f"{r['moe_flops'] / 1e6:.0f} | {r['moe_ms']:.3f} | {r['moe_ms'] / r['moe_measured']:.0%} | "
+            f"{r['moe_ms'] / r['um_ms']:.2f}x |"
         )
     lines.append("")
     out_path.write_text("\n".join(lines))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import llmarch
 from llmarch.data.tokenizer import ByteTokenizer
-from llmarch.inference import Engine, SamplingParams
+from llmarch.inference import Engine, EngineConfig, SamplingParams
 from llmarch.inference.block_manager import BlockManager
 from llmarch.inference.scheduler import Request, Scheduler
 
@@ -156,6 +156,70 @@ def test_parent_with_one_token_left_is_a_prefill_piece_not_a_decode_row():
         assert not parent.decoding
 
 
+def _scheduler(admission: str, max_wait_steps: int = 64, pages: int = 64) -> Scheduler:
+    return Scheduler(
+        BlockManager(pages, PAGE),
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        max_prefill_chunk=16,
+        max_prefill_rows=1,
+        admission=admission,
+        max_wait_steps=max_wait_steps,
+    )
+
+
+def _queue(sched: Scheduler, lengths: list[int]) -> list:
+    seqs = []
+    for i, n in enumerate(lengths):
+        request = Request(str(i), list(range(n)), SamplingParams(max_tokens=1), 0, 0.0)
+        seqs.append(sched.new_sequence(request, 0, request.prompt))
+        sched.add(seqs[-1])
+    return seqs
+
+
+def _admitted(sched: Scheduler, steps: int) -> list[int]:
+    """Prompt lengths of the sequences whose prefill starts in each of ``steps`` steps (one
+    prefill row per step, so one admission per step; computed at once so none decodes)."""
+    order = []
+    for _ in range(steps):
+        plan = sched.schedule()
+        for seq, start, end in plan.prefill:
+            if start == 0:
+                order.append(len(seq.tokens))
+            seq.num_computed = end
+    return order
+
+
+@pytest.mark.parametrize(
+    "admission, max_wait_steps, expected",
+    [
+        ("fcfs", 64, [12, 3, 7, 2]),
+        ("shortest", 64, [2, 3, 7, 12]),
+        # With max_wait_steps=2 every queued sequence is overdue from the second step on: FCFS.
+        ("shortest", 2, [2, 12, 3, 7]),
+    ],
+)
+def test_admission_order(admission, max_wait_steps, expected):
+    sched = _scheduler(admission, max_wait_steps)
+    _queue(sched, [12, 3, 7, 2])
+    assert _admitted(sched, 4) == expected
+
+
+def test_shortest_first_puts_a_preempted_sequence_first():
+    sched = _scheduler("shortest")
+    long, short = _queue(sched, [12, 3])
+    assert _admitted(sched, 1) == [3]
+    sched.preempt(short)
+    _queue(sched, [1])
+    assert sched.next_waiting() is short  # recomputes before a shorter newcomer and the long one
+
+
+@pytest.mark.parametrize("field, value", [("admission", "sjf"), ("max_wait_steps", 0)])
+def test_engine_config_rejects_bad_admission(field, value):
+    with pytest.raises(ValueError, match=f"EngineConfig.{field}={value!r} is invalid"):
+        EngineConfig(**{field: value})
+
+
 def test_two_token_prompt_with_n_2_finishes():
     """``llmarch generate --prompt "hi" --n 2 --max-tokens 3``: the engine the CLI builds."""
     tok = ByteTokenizer()
@@ -264,6 +328,8 @@ def _workloads(draw):
         requests=requests,
         early=early,
         delay=draw(st.integers(0, 3)),
+        admission=draw(st.sampled_from(("shortest", "fcfs"))),
+        max_wait_steps=draw(st.sampled_from((64, 1))),  # 1: the starvation bound fires at once
     )
 
 
@@ -292,7 +358,9 @@ def test_every_request_finishes_with_n_completions_equal_to_running_alone(work):
                 temperature=1.0 if r["sampled"] else 0.0,
             )
         )
-    engine = _engine(work["chunk"], work["num_pages"])
+    engine = _engine(
+        work["chunk"], work["num_pages"], admission=work["admission"], max_wait_steps=work["max_wait_steps"]
+    )
     # Generous: each step computes a token, and preemption recomputes at most every sequence's
     # tokens once per preemption, each of which needs a newer sequence to have run.
     work_tokens = sum(len(p) + q.n * q.max_tokens for p, q in zip(prompts, params, strict=True))

@@ -129,6 +129,8 @@ class Engine:
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_rows=config.max_prefill_rows,
             watermark_pages=int(config.watermark * num_pages),
+            admission=config.admission,
+            max_wait_steps=config.max_wait_steps,
         )
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)

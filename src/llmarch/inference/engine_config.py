@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmarch.checks import check_int
+from llmarch.inference.scheduler import ADMISSION
 from llmarch.layers.kv_quant import KV_CACHE_DTYPES
 
 
@@ -37,6 +38,11 @@ class EngineConfig:
         (``llmarch.model.with_unstacked_layers``) instead of a scan over the stacked ones; None:
         when the weights live on CPU, where a scan copies every layer's weights each step.
       watermark: fraction of the pages kept free when admitting new sequences while others run.
+      admission: the order waiting requests are admitted in (``llmarch.inference.scheduler``):
+        "shortest" (fewest prompt tokens first: lower time to first token when requests queue
+        together) or "fcfs" (first come first served).
+      max_wait_steps: under "shortest", steps after which a waiting request goes ahead of
+        shorter ones (so none starves).
       seed: draws the seeds of requests that give none.
     """
 
@@ -54,6 +60,8 @@ class EngineConfig:
     min_tokens: int = 16
     min_chunk: int = 16
     watermark: float = 0.01
+    admission: str = "shortest"
+    max_wait_steps: int = 64
     fixed_shapes: bool = False
     decode_steps: int = 8
     unstack_layers: bool | None = None
@@ -72,6 +80,7 @@ class EngineConfig:
                 "unstack_layers",
                 "kv_cache_dtype",
                 "kv_cache_memory",
+                "admission",
             ):
                 continue
             check_int("EngineConfig", f.name, value)
@@ -79,6 +88,10 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of "
                 f"{list(KV_CACHE_DTYPES)}"
+            )
+        if self.admission not in ADMISSION:
+            raise ValueError(
+                f"EngineConfig.admission={self.admission!r} is invalid: must be one of {list(ADMISSION)}"
             )
         if self.num_pages is not None and self.kv_cache_memory is not None:
             raise ValueError(

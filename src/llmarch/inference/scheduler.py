@@ -4,8 +4,15 @@ At every step (Orca's iteration-level scheduling, vLLM's scheduler) running sequ
 first, oldest first: a completion with one token to feed decodes it; one still in its prompt
 (or recomputing after preemption) takes the next chunk of it, so long prompts are prefilled
 in chunks *in the same step* as the other sequences' decode tokens. Then waiting sequences
-join, first come first served, while the batch budget (``max_num_seqs``), the token budget
-(``max_num_batched_tokens``), the prefill-row budget and free pages allow.
+join while the batch budget (``max_num_seqs``), the token budget (``max_num_batched_tokens``),
+the prefill-row budget and free pages allow, in the order ``admission`` names:
+
+- ``"fcfs"``: first come first served.
+- ``"shortest"``: the fewest prompt tokens left to compute first (shortest job first, which
+  minimises the mean time to first token of requests waiting together: a 16-token prompt no
+  longer waits behind a 512-token one). A sequence that has waited ``max_wait_steps`` steps,
+  or that was preempted, goes ahead of all others, first come first served among them, so a
+  long prompt is delayed by at most that many steps, never starved.
 
 When a running sequence needs a page and none is free, the newest running sequence is
 preempted: its pages are released and it goes back to the front of the queue, to be
@@ -31,6 +38,9 @@ import itertools
 
 from llmarch.inference.block_manager import BlockManager, OutOfPages
 from llmarch.inference.sampling import SamplingParams
+
+
+ADMISSION = ("fcfs", "shortest")
 
 
 class Status(enum.Enum):
@@ -75,6 +85,7 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     order: int = -1  # admission stamp: the largest is the newest, preempted first
+    queued_at: int = 0  # the scheduling step it joined the queue at; -1: preempted (goes first)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -127,7 +138,13 @@ class Scheduler:
         max_prefill_chunk: int,
         max_prefill_rows: int,
         watermark_pages: int = 0,
+        admission: str = "fcfs",
+        max_wait_steps: int = 64,
     ):
+        if admission not in ADMISSION:
+            raise ValueError(f"admission={admission!r} is invalid: must be one of {list(ADMISSION)}")
+        self.admission, self.max_wait_steps = admission, max_wait_steps
+        self.num_steps = 0
         self.bm = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_prefill_chunk, self.max_prefill_rows = max_prefill_chunk, max_prefill_rows
@@ -144,6 +161,7 @@ class Scheduler:
         return Sequence(next(self._ids), request, sample_index, list(tokens))
 
     def add(self, seq: Sequence) -> None:
+        seq.queued_at = self.num_steps
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -160,7 +178,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Frees ``seq``'s pages; it waits at the front of the queue to be recomputed."""
         self.bm.release(seq.pages)
-        seq.num_computed, seq.status = 0, Status.WAITING
+        seq.num_computed, seq.status, seq.queued_at = 0, Status.WAITING, -1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -207,8 +225,19 @@ class Scheduler:
                 if victim is seq:
                     return False
 
+    def next_waiting(self) -> Sequence:
+        """The waiting sequence to admit next, by the ``admission`` policy."""
+        if self.admission == "fcfs":
+            return self.waiting[0]
+        overdue = self.num_steps - self.max_wait_steps
+        for seq in self.waiting:  # preempted (-1) or waited too long: first come first served
+            if seq.queued_at <= overdue or seq.queued_at < 0:
+                return seq
+        return min(self.waiting, key=lambda s: s.to_compute)  # ties: the earliest queued
+
     def schedule(self) -> Plan:
         """The next step's plan (possibly empty when nothing can run)."""
+        self.num_steps += 1
         budget = self.max_num_batched_tokens
         plan = Plan([], [], [])
         scheduled: set[Sequence] = set()
@@ -229,7 +258,7 @@ class Scheduler:
                     self._schedule(plan, scheduled, seq, start, end)
                     budget -= end - start
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
+            seq = self.next_waiting()
             if sum(map(self._slots_taken, self.running)) + self._slots_taken(seq) > self.max_num_seqs:
                 break
             start, todo = seq.num_computed, seq.to_compute
@@ -241,7 +270,7 @@ class Scheduler:
             if needed + headroom > self.bm.num_free:
                 break
             plan.copies += self.bm.prepare_write(seq.pages, start, end)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self._admit(seq)
             self._schedule(plan, scheduled, seq, start, end)
             budget -= end - start
