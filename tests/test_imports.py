@@ -13,7 +13,11 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = {"llmarch": ROOT / "src" / "llmarch", "kernels_pallas": ROOT / "kernels_pallas"}
+PACKAGES = {
+    "llmarch": ROOT / "src" / "llmarch",
+    "kernels_pallas": ROOT / "kernels_pallas",
+    "kernels_cpu": ROOT / "kernels_cpu",
+}
 # The package's layers, top to bottom (docs/architecture.md draws the same picture): a module may
 # import modules of its own row and the rows below it, never a row above. Each entry is a module or
 # a package prefix; the first that matches a module places it.
@@ -43,7 +47,7 @@ LAYERING = [
     ),  # the quantized formats, below the ops
     ("llmarch.sharding",),
     ("llmarch.axes", "llmarch.checks", "llmarch.machine"),
-    ("kernels_pallas",),
+    ("kernels_pallas", "kernels_cpu"),
 ]
 # The layers are the bottom of the model stack: they may not reach up into what assembles, trains,
 # serves or converts models.
@@ -172,6 +176,7 @@ def _row(module: str) -> int:
                 "llmarch.train",
                 "llmarch.data",
                 "kernels_pallas",
+                "kernels_cpu",
             ) and module.startswith(entry + ".")
             if exact or inside or package:
                 return i

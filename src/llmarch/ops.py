@@ -1,4 +1,4 @@
-"""Implementation choice per op: the XLA reference or a Pallas kernel.
+"""Implementation choice per op: the XLA reference, a Pallas kernel, or a CPU kernel.
 
 Layers call the functions here, never a kernel directly. ``impl`` is resolved per call:
 an explicit argument wins, then the model config's ``impl``; ``"auto"`` takes the Pallas
@@ -6,6 +6,11 @@ kernel on TPU/GPU when one is registered for the op and the XLA reference otherw
 for Pallas where no kernel exists is an error, not a silent fallback. Pallas on a backend
 without a kernel compiler (CPU) runs the kernel in the Pallas interpreter, so ``impl="pallas"``
 is how CPU tests exercise the kernels end to end.
+
+A few ops also have a C++ kernel for the CPU backend (``kernels_cpu``, called through XLA's FFI,
+``Impl.CPU``) where XLA:CPU's own code is far from the roofline; ``"auto"`` takes it on CPU
+for the shapes it serves, and the XLA path where it is not built (no compiler) or the shape is
+outside them.
 
 Ops and their layouts (axis letters as in ``llmarch.axes``):
 
@@ -37,7 +42,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 - ``quantized_matmul(x [..., K], qt: QuantizedTensor [K, N])`` -> ``[..., N]`` in x's dtype: a
   weight-only quantized linear (``llmarch.quant``), reading the stored (packed) weights at every
   call. XLA: ``llmarch.quant.matmul``, tiles of K dequantized into cache; Pallas (int weights):
-  ``kernels_pallas.quantized_matmul``, dequantizing inside the kernel. FP8 weights take the XLA path.
+  ``kernels_pallas.quantized_matmul``, dequantizing inside the kernel; CPU (int weights, at most
+  ``kernels_cpu.quantized_matmul.MAX_ROWS`` rows of x: decoding, unsharded):
+  ``kernels_cpu.quantized_matmul``, dequantizing in registers. FP8 weights take the XLA path.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from kernels_pallas.paged_attention import paged_attention_xla
 class Impl(enum.Enum):
     XLA = "xla"
     PALLAS = "pallas"
+    CPU = "cpu"  # a C++ kernel in kernels_cpu (XLA FFI), CPU backend only
 
 
 # op name -> {Impl: function}. Kernels register their Pallas entry as they land.
@@ -117,7 +125,9 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
         try:
             chosen = Impl(impl)
         except ValueError:
-            raise ValueError(f"impl={impl!r} is invalid: must be one of 'auto', 'xla', 'pallas'") from None
+            raise ValueError(
+                f"impl={impl!r} is invalid: must be one of 'auto', 'xla', 'pallas', 'cpu'"
+            ) from None
         if chosen not in impls:
             raise ValueError(
                 f"impl={chosen.value!r} is not available for op={op!r}; available: {[i.value for i in impls]}"
@@ -243,12 +253,40 @@ register("quantized_matmul", Impl.XLA, _quantized_matmul_xla)
 register("quantized_matmul", Impl.PALLAS, _quantized_matmul_pallas)
 
 
+def _quantized_matmul_cpu(x, qt) -> jax.Array:
+    from kernels_cpu.quantized_matmul import quantized_matmul as kernel
+
+    return kernel(x, qt.q, qt.scale, qt.zero, bits=qt.bits)
+
+
+register("quantized_matmul", Impl.CPU, _quantized_matmul_cpu)
+
+
+def _cpu_kernel_serves(m: int, qt) -> bool:
+    """The CPU kernel takes this call: CPU backend, an unsharded program (the FFI call is opaque
+    to the partitioner), integer weights, few rows, and the kernel built on this machine."""
+    from kernels_cpu.quantized_matmul import supports
+
+    mesh = jax.sharding.get_abstract_mesh()
+    unsharded = mesh.empty or mesh.size == 1
+    return jax.default_backend() == "cpu" and unsharded and supports(m, bits=qt.bits, kind=qt.kind)
+
+
 def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
     """``[..., N]`` in x's dtype: ``x [..., K]`` times the quantized weight ``qt`` ``[K, N]`` (a
     ``llmarch.quant.QuantizedTensor``), dequantized tile by tile from its stored form."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    if qt.kind == "fp8":  # the kernel takes integer weights only
+    auto = impl is None or impl == "auto"
+    if auto and _cpu_kernel_serves(x2.shape[0], qt):
+        impl = Impl.CPU
+    elif qt.kind == "fp8":  # the kernels take integer weights only
         impl = Impl.XLA
-    _, fn = resolve("quantized_matmul", impl)
+    chosen, fn = resolve("quantized_matmul", impl)
+    if chosen is Impl.CPU and not _cpu_kernel_serves(x2.shape[0], qt):
+        raise ValueError(
+            f"impl='cpu' cannot take this quantized_matmul (M={x2.shape[0]}, {qt.kind} {qt.bits}-bit, "
+            f"backend {jax.default_backend()}): the CPU kernel takes integer weights and at most "
+            "kernels_cpu.quantized_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
+        )
     return fn(x2, qt).reshape(*lead, qt.shape[-1])

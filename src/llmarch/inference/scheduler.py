@@ -39,7 +39,6 @@ import itertools
 from llmarch.inference.block_manager import BlockManager, OutOfPages
 from llmarch.inference.sampling import SamplingParams
 
-
 ADMISSION = ("fcfs", "shortest")
 
 

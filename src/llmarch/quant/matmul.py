@@ -11,11 +11,12 @@ dequantization takes XLA:CPU off its GEMM library onto a naive loop (49 ms again
 float32 matmul at batch 1, ``[4096, 8192]``), and a fused multiply-reduce is slower still.
 
 What it buys, and what it does not: memory holds the stored bytes only (a W8 ``small-20m`` is
-22 MB against 84 MB in float32). Speed on this project's 2-core CPU is another matter: XLA:CPU
-dequantizes at fewer elements per second than it streams float32 weights, so batch-1 decoding of
-``small-20m`` runs at 0.71x float32's speed in W8 and 0.58x in W4g128 (experiment 12, measured side
-by side); a kernel that dequantizes in registers (the Pallas one on TPU/GPU) is what turns the
-smaller bytes into time.
+22 MB against 84 MB in float32), but XLA:CPU dequantizes at fewer elements per second than it
+streams float32 weights, so on this project's 2-core CPU this path decodes ``small-20m`` at
+batch 1 at 0.71x float32's speed in W8 and 0.58x in W4g128 (measured side by side). Decode rows
+(M <= 16) of integer weights therefore run ``kernels_cpu.quantized_matmul`` on CPU (widening
+in registers: 2.1x float32's batch-1 speed in W8, experiment 12), and the Pallas kernel on
+TPU/GPU; this path serves prefill, FP8 weights and sharded programs.
 
 Packed 4/3-bit weights are never interleaved back: the even rows of K meet the low nibbles and
 the odd rows the high ones (``x[:, 0::2]``, ``x[:, 1::2]``), which groups (of even size) keep together.

@@ -1,0 +1,16 @@
+"""CPU kernels for llmarch's hot paths: C++ handlers called through XLA's FFI.
+
+Pallas compiles no CPU kernels (on CPU it runs in interpret mode, for tests), so where XLA:CPU's
+own code is far from the machine's roofline, the kernel is written in C++ against XLA's FFI
+headers (which jaxlib ships), compiled once per machine on first use and registered with
+``jax.ffi``. ``llmarch.ops`` dispatches to them on the CPU backend, beside the XLA path each is
+checked against, and falls back to that path when no compiler is present.
+
+=====================  ==========================================================
+file                   op
+=====================  ==========================================================
+quantized_matmul.cc    ``quantized_matmul``: integer weights, few rows (decoding)
+=====================  ==========================================================
+
+``build.py`` compiles and loads the library.
+"""

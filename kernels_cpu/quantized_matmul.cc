@@ -1,0 +1,157 @@
+// x [M, K] (float32) @ dequantize(q) [K, N] for llmarch's integer weight formats
+// (llmarch/quant/tensor.py), with few rows M: the batch-1 to batch-16 decode step.
+//
+// XLA:CPU cannot make this bandwidth-bound: fused, the dequantization leaves its GEMM library
+// for a scalar loop; unfused, it writes a float32 copy of each tile (llmarch/quant/matmul.py).
+// Here each stored byte is read once, widened to float32 in registers and multiplied into
+// accumulators that stay in L1, so a step reads 1 byte per weight (8 bits) or half a byte
+// (4 and 3 bits) against float32's 4.
+//
+// Storage (quant/tensor.py): q [K', N] with K' = K (8 bits: int8, or uint8 with a zero point)
+// or K / 2 (4 and 3 bits: stored row r holds logical row 2r in its low nibble and 2r + 1 in its
+// high one, signed values offset by +8); scale [G, N] float32 per group of K / G logical rows;
+// zero [G, N] float32 (the zero point; [0, N] when symmetric).
+//
+// Threads: N is cut into tiles of kTile columns taken from one atomic counter by the calling
+// thread and by helper tasks on XLA's intra-op pool. The caller waits only for tiles already
+// taken, never for a task still queued, so several of these calls running at once on the pool
+// cannot deadlock (a helper that starts late finds no tile left and returns).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 512;  // columns per tile: M accumulators of 2 KiB stay in L1
+constexpr int64_t kMaxRows = 16;
+
+struct Problem {
+  const float* x;      // [M, K]
+  const uint8_t* q;    // [K', N] bytes
+  const float* scale;  // [G, N]
+  const float* zero;   // [G, N] or nullptr
+  float* y;            // [M, N]
+  int64_t M, K, N, G, bits;
+  bool is_signed;
+};
+
+// One tile of columns [n0, n1): y = sum over groups of scale * sum over the group's rows of x * w.
+template <int kBits, bool kSigned>
+void tile(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t nt = n1 - n0, N = p.N, M = p.M;
+  const int64_t stored_per_group = (kBits == 8 ? p.K : p.K / 2) / p.G;
+  alignas(64) float acc[kMaxRows * kTile];
+  alignas(64) float out[kMaxRows * kTile];
+  std::fill(out, out + M * kTile, 0.f);
+  alignas(64) float w0[kTile], w1[kTile];  // one or two stored rows' weights, widened once
+  for (int64_t g = 0; g < p.G; ++g) {
+    std::fill(acc, acc + M * kTile, 0.f);
+    const float* z = p.zero ? p.zero + g * N + n0 : nullptr;
+    for (int64_t r = g * stored_per_group; r < (g + 1) * stored_per_group; ++r) {
+      const uint8_t* qr = p.q + r * N + n0;
+      if constexpr (kBits == 8) {
+        if (z) {
+#pragma omp simd
+          for (int64_t j = 0; j < nt; ++j) w0[j] = static_cast<float>(qr[j]) - z[j];
+        } else if constexpr (kSigned) {
+          const int8_t* qs = reinterpret_cast<const int8_t*>(qr);
+#pragma omp simd
+          for (int64_t j = 0; j < nt; ++j) w0[j] = static_cast<float>(qs[j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < nt; ++j) w0[j] = static_cast<float>(qr[j]);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const float xv = p.x[m * p.K + r];
+          float* a = acc + m * kTile;
+#pragma omp simd
+          for (int64_t j = 0; j < nt; ++j) a[j] += xv * w0[j];
+        }
+      } else {
+        const float off = kSigned ? 8.f : 0.f;
+#pragma omp simd
+        for (int64_t j = 0; j < nt; ++j) {
+          const float zj = z ? z[j] : off;
+          w0[j] = static_cast<float>(qr[j] & 15) - zj;
+          w1[j] = static_cast<float>(qr[j] >> 4) - zj;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const float lo = p.x[m * p.K + 2 * r], hi = p.x[m * p.K + 2 * r + 1];
+          float* a = acc + m * kTile;
+#pragma omp simd
+          for (int64_t j = 0; j < nt; ++j) a[j] += lo * w0[j] + hi * w1[j];
+        }
+      }
+    }
+    const float* s = p.scale + g * N + n0;
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = out + m * kTile;
+      const float* a = acc + m * kTile;
+#pragma omp simd
+      for (int64_t j = 0; j < nt; ++j) o[j] += s[j] * a[j];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) std::copy(out + m * kTile, out + m * kTile + nt, p.y + m * N + n0);
+}
+
+template <int kBits, bool kSigned>
+void run(ffi::ThreadPool& pool, const Problem& p) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  const int64_t tiles = (p.N + kTile - 1) / kTile;
+  auto state = std::make_shared<State>();
+  auto work = [p, tiles](State& st) {
+    for (int64_t t; (t = st.next.fetch_add(1)) < tiles;) {
+      tile<kBits, kSigned>(p, t * kTile, std::min(p.N, (t + 1) * kTile));
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, work] { work(*state); });
+  work(*state);
+  while (state->done.load(std::memory_order_acquire) < tiles) std::this_thread::yield();
+}
+
+ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool is_signed) {
+  const auto qd = q.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
+  if (qd.size() != 2 || sd.size() != 2 || xd.size() != 2)
+    return ffi::Error::InvalidArgument("quantized_matmul: x, q and scale must be 2-D");
+  if (q.element_type() != ffi::DataType::S8 && q.element_type() != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument("quantized_matmul: q must be int8 or uint8");
+  Problem p{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), scale.typed_data(),
+            zero.element_count() ? zero.typed_data() : nullptr, y->typed_data(),
+            xd[0], xd[1], qd[1], sd[0], bits, is_signed};
+  const int64_t stored = bits == 8 ? p.K : p.K / 2;
+  if (p.M > kMaxRows || qd[0] != stored || sd[1] != p.N || p.G <= 0 || stored % p.G ||
+      (bits != 8 && p.K % 2))
+    return ffi::Error::InvalidArgument("quantized_matmul: shapes do not match the format");
+  if (bits == 8) {
+    if (is_signed) run<8, true>(pool, p); else run<8, false>(pool, p);
+  } else {
+    if (is_signed) run<4, true>(pool, p); else run<4, false>(pool, p);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmarch_quantized_matmul, QuantizedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // zero
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("bits")
+                                  .Attr<bool>("is_signed"));

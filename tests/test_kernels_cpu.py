@@ -1,0 +1,144 @@
+"""The CPU kernels (``kernels_cpu``: C++ through XLA's FFI) against their specifications, their
+dispatch from ``llmarch.ops``, and the fallback when they cannot be built.
+
+The quantized matmul takes random stored integers in each format (the same independent numpy
+packer as the Pallas kernel's tests), with N spanning several 512-column tiles and a ragged last
+one, so the work sharing between threads is exercised. Tolerance as there: float32, 2e-5 of the
+largest expected magnitude (only the summation order differs).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels_quantized_matmul import activations, assert_close, make_weight
+
+from kernels_cpu import build
+from kernels_cpu import quantized_matmul as cq
+from kernels_pallas.quantized_matmul import quantized_matmul_reference
+from llmarch import ops
+from llmarch.quant.tensor import QuantizedTensor
+
+# CI must run these (under CI=true a kernel that cannot be built fails them instead of skipping).
+needs_kernels = pytest.mark.skipif(
+    build.load() is None and os.environ.get("CI") != "true",
+    reason=f"CPU kernels not built here: {build.unavailable()}",
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_quantized_matmul_matches_reference(bits, symmetric, group_size, M):
+    K, N = 96, 1100  # three column tiles, the last one ragged
+    q, scale, zero, w = make_weight(K, N, bits, symmetric, group_size)
+    x = activations(M, K, jnp.float32)
+    got = jax.jit(lambda x: cq.quantized_matmul(x, q, scale, zero, bits=bits))(x)
+    want = quantized_matmul_reference(x, q, scale, zero, bits=bits, group_size=group_size)
+    assert_close(got, want, jnp.float32, f"bits={bits} symmetric={symmetric} g={group_size} M={M}")
+    assert_close(got, np.asarray(x) @ w, jnp.float32)
+
+
+@needs_kernels
+def test_quantized_matmul_in_loops_and_vmap():
+    """Inside a while loop (the engine's multi-step decode), a scan, and vmap (one call per row)."""
+    q, scale, zero, w = make_weight(64, 600, 4, True, 16)
+    x = activations(2, 64, jnp.float32)
+    call = lambda x: cq.quantized_matmul(x, q, scale, zero, bits=4)  # noqa: E731
+    want = np.asarray(x) @ w
+
+    def body(i, acc):
+        return acc + call(x)
+
+    assert_close(jax.jit(lambda: jax.lax.fori_loop(0, 3, body, jnp.zeros((2, 600))))(), 3 * want, jnp.float32)
+    ys = jax.jit(lambda: jax.lax.scan(lambda c, xi: (c, call(xi)), 0, jnp.stack([x, 2 * x]))[1])()
+    assert_close(ys[1], 2 * want, jnp.float32)
+    assert_close(jax.jit(jax.vmap(call))(x[:, None]).reshape(2, 600), want, jnp.float32)
+
+
+def _qt(K, N, bits, kind="int"):
+    q, scale, zero, _ = make_weight(K, N, bits, True, None)
+    return QuantizedTensor(q, scale, zero, bits, None, kind, (K, N))
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return "llmarch_quantized_matmul" in jax.jit(fn).lower(*args).as_text()
+
+
+@needs_kernels
+def test_ops_dispatches_decode_rows_to_the_kernel_and_the_rest_to_xla():
+    qt = _qt(64, 128, 8)
+    fn = lambda x: ops.quantized_matmul(x, qt)  # noqa: E731
+    assert _uses_kernel(fn, jnp.ones((1, 64)))
+    assert _uses_kernel(fn, jnp.ones((2, 8, 64)))  # [B, T, K]: 16 rows
+    assert not _uses_kernel(fn, jnp.ones((17, 64)))  # prefill: XLA's GEMM on dequantized tiles
+    assert not _uses_kernel(lambda x: ops.quantized_matmul(x, qt, impl="xla"), jnp.ones((1, 64)))
+    x = activations(3, 64, jnp.float32)
+    assert_close(ops.quantized_matmul(x, qt), ops.quantized_matmul(x, qt, impl="xla"), jnp.float32)
+    assert ops.quantized_matmul(x.astype(jnp.bfloat16), qt).dtype == jnp.bfloat16
+
+
+@needs_kernels
+def test_ops_keeps_sharded_programs_on_xla():
+    """The FFI call is opaque to the partitioner: under a mesh of several devices, the XLA path."""
+    qt = _qt(64, 128, 8)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        assert not _uses_kernel(lambda x: ops.quantized_matmul(x, qt), jnp.ones((1, 64)))
+
+
+def test_impl_cpu_rejects_what_the_kernel_does_not_take():
+    with pytest.raises(ValueError, match="impl='cpu' cannot take this quantized_matmul"):
+        ops.quantized_matmul(jnp.ones((17, 64)), _qt(64, 128, 8), impl="cpu")
+    with pytest.raises(ValueError, match="impl='gpu' is invalid"):
+        ops.quantized_matmul(jnp.ones((1, 64)), _qt(64, 128, 8), impl="gpu")
+
+
+def _subprocess(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+FALLBACK = """
+    import warnings
+    import jax.numpy as jnp
+    from kernels_cpu import build
+    from llmarch import ops
+    from llmarch.quant.tensor import QuantizedTensor, rtn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert build.load() is None
+    print("reason:", build.unavailable())
+    print("warned:", [str(w.message) for w in caught])
+    q, s, z = rtn(jnp.ones((8, 4)), 8, None, True)
+    qt = QuantizedTensor(q, s, z, 8, None, "int", (8, 4))
+    print("value:", float(ops.quantized_matmul(jnp.ones((1, 8)), qt).sum()))
+"""
+
+
+def test_turned_off_kernels_fall_back_to_xla():
+    out = _subprocess(FALLBACK, LLMARCH_CPU_KERNELS="0")
+    assert out.returncode == 0, out.stderr
+    assert "reason: LLMARCH_CPU_KERNELS=0" in out.stdout
+    assert "value: 32.0" in out.stdout
+
+
+def test_a_failing_build_warns_once_and_falls_back(tmp_path):
+    out = _subprocess(FALLBACK, CXX="false", LLMARCH_KERNEL_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "reason: building kernels_cpu-" in out.stdout
+    assert "llmarch CPU kernels unavailable, using the XLA paths" in out.stdout
+    assert "value: 32.0" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
