@@ -15,7 +15,10 @@ last 10% of the text (never seen in training, in the tokenizer's merges, or in c
 - bytes on disk of each quantized checkpoint (``save_quantized``: safetensors + config) against
   the float32 weights (``llmarch.hf.save_pretrained``) and the training run's checkpoint;
 - batch-1 and batch-32 greedy decode tokens/s through ``llmarch.inference.Engine`` of float32,
-  W8 RTN, W4g128 RTN and FP8, as ratios to float32 measured in the same run.
+  W8 RTN, W4g128 RTN and FP8, as ratios to float32 measured in the same run;
+- when ``llama-cpp-python`` and ``gguf`` are installed, batch-1 decode of a random 56M Llama in
+  llmarch (float32, W8 and W4 in groups of 32) and in llama.cpp (F32, Q8_0, Q4_0 of the same
+  weights, written by ``experiments/_gguf.py``).
 
     python experiments/12_quantization.py [--steps 1500] [--run DIR] [--methods rtn,gptq,awq,fp8]
     python experiments/12_quantization.py --quick    # a ~2 minute smoke test (tiny model, 60 steps)
@@ -259,6 +262,52 @@ def big_model_decode(new_tokens: int, repeats: int, batches: tuple[int, ...]) ->
     return what, sizes, rates
 
 
+def llama_cpp_decode(new_tokens: int, repeats: int) -> str:
+    """Batch-1 greedy decode of ``experiments/bench.py``'s random 56M Llama in llmarch (float32,
+    and W8 / W4 RTN in groups of 32 with the LM head quantized too) and in llama.cpp (F32, Q8_0,
+    Q4_0 of the same weights: blocks of 32 inputs, every matrix but the token embedding); a
+    markdown table, or a line saying why it was skipped."""
+    from _bench_common import random_llama
+    from _gguf import llama_cpp_runner
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        return "Skipped: `llama-cpp-python` or `gguf` is not installed."
+    hf_model, model, cfg = random_llama(
+        vocab=32000, d_model=512, layers=8, heads=8, kv_heads=4, ffn=1408, max_len=512, seed=0
+    )
+    models = {"float32": model}
+    for name, bits in (("W8 g32", 8), ("W4 g32", 4)):
+        qcfg = QuantConfig(bits=bits, group_size=32, include_lm_head=True)
+        models[name] = quantize(model, cfg, qcfg, progress=False)
+    prompt = np.random.default_rng(1).integers(1, cfg.vocab_size, (1, 16))
+    ours = qx.decode_rates(models, prompt, new_tokens, (1,), repeats)
+    theirs, sizes = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for file_type in ("f32", "q8_0", "q4_0"):
+            run = llama_cpp_runner(hf_model, 16 + new_tokens + 8, tmp, file_type)
+            run(prompt[0].tolist(), new_tokens)  # warm
+            per_token = [np.mean(run(prompt[0].tolist(), new_tokens)[0]) for _ in range(repeats)]
+            theirs[file_type], sizes[file_type] = 1 / float(np.median(per_token)), run.nbytes
+            version = run.version
+    lines = [
+        f"The random 56M Llama of `experiments/bench.py` (D=512, 8 blocks, GQA 8/4, F=1408, V=32000), "
+        f"batch 1, {new_tokens} greedy tokens after 16, median of {repeats} runs: llmarch through the "
+        f"`Engine` (decode-only steps), llama.cpp through llama-cpp-python {version} (seconds between "
+        "tokens); the two sides ran one after the other in this process.",
+        "",
+        "| weights | llmarch tok/s | / its float32 | llama.cpp | GGUF bytes | tok/s | / its F32 "
+        "| llmarch / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ours_name, file_type in (("float32", "f32"), ("W8 g32", "q8_0"), ("W4 g32", "q4_0")):
+        a, b = ours[(ours_name, 1)], theirs[file_type]
+        lines.append(
+            f"| {ours_name} | {a:,.0f} | {a / ours[('float32', 1)]:.2f} | {file_type.upper()} | "
+            f"{fmt_bytes(sizes[file_type])} | {b:,.0f} | {b / theirs['f32']:.2f} | {a / b:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def big_verdict(rates: dict, sizes: dict) -> str:
     """One sentence from the measured batch-1 ratios: what reading fewer bytes bought."""
     ratio = rates[("W8 RTN", 1)] / rates[("float32", 1)]
@@ -267,9 +316,8 @@ def big_verdict(rates: dict, sizes: dict) -> str:
         return f"W8 reads {fewer:.1f}x fewer bytes and decodes {ratio:.2f}x as fast at batch 1."
     return (
         f"W8 reads {fewer:.1f}x fewer bytes yet decodes at {ratio:.2f}x float32's speed at batch 1: "
-        "XLA:CPU turns the int8 weights back into float32 (tile by tile, `llmarch.quant.matmul`) at "
-        "fewer elements per second than it streams float32 weights from memory, so on this CPU the "
-        "dequantization, not the memory traffic, bounds the step."
+        "the int8 weights are widened to float32 at fewer elements per second than float32 weights "
+        "stream from memory, so on this CPU the dequantization, not the memory traffic, bounds the step."
     )
 
 
@@ -329,6 +377,7 @@ def main(argv=None) -> None:
     big_what, big_sizes, big_rates = big_model_decode(
         args.new_tokens, 1 if args.quick else args.repeats, batches
     )
+    llama_table = llama_cpp_decode(args.new_tokens, 1 if args.quick else args.repeats)
     seconds = time.perf_counter() - began
     shutil.rmtree(qdir, ignore_errors=True)
 
@@ -356,12 +405,6 @@ def main(argv=None) -> None:
                 f"{big_rates[(name, b)] / big_rates[('float32', b)]:.2f}",
             ]
         big_lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    llama_line = (
-        "llama.cpp (Q8_0/Q4_0 of the same weights): `llama_cpp` is importable, but this script does not "
-        "convert to GGUF yet."
-        if importlib.util.find_spec("llama_cpp")
-        else "llama.cpp (Q8_0/Q4_0 of the same weights): skipped, `llama_cpp` is not installed."
-    )
     kv_lines = [
         "| KV cache (float32 weights) | perplexity | vs float32 cache "
         "| decode check: max \\|Δ logit\\| | decode check: \\|Δ mean loss\\| |",
@@ -433,7 +476,11 @@ measurement on {big_what}:
 {chr(10).join(big_lines)}
 
 Bytes: the arrays a decode step reads (quantized values, scales and zero points, and the float
-parameters left: norms, embedding table). {big_verdict(big_rates, big_sizes)} {llama_line}
+parameters left: norms, embedding table). {big_verdict(big_rates, big_sizes)}
+
+### Against llama.cpp
+
+{llama_table}
 
 ## Against the AWQ paper (Lin et al. 2024, Llama-2-7B, WikiText-2)
 

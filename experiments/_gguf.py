@@ -1,5 +1,8 @@
-"""A transformers ``LlamaForCausalLM`` written as an F32 GGUF file that llama.cpp loads, so the
-harness's decode peer runs the very weights llmarch runs (``gguf`` package, ``GGUFWriter``).
+"""A transformers ``LlamaForCausalLM`` written as a GGUF file that llama.cpp loads, so the
+harness's decode peer runs the very weights llmarch runs (``gguf`` package, ``GGUFWriter``): F32,
+or Q8_0 / Q4_0 (llama.cpp's blocks of 32 input weights with one scale each, quantized by the
+``gguf`` package's reference quantizer) for every matrix but the token embedding, which stays F32
+(a lookup reads one row per token; llmarch's weight quantization leaves embeddings float too).
 
 Tensor names and metadata follow llama.cpp's ``convert_hf_to_gguf.py`` for the ``llama``
 architecture. Its one change to the numbers: llama.cpp applies RoPE to adjacent pairs of a head
@@ -10,6 +13,10 @@ no merges ("no BOS/EOS added"): prompts are given as token ids.
 """
 
 from __future__ import annotations
+
+import os
+import pathlib
+import time
 
 import numpy as np
 
@@ -54,8 +61,12 @@ def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
     return out
 
 
-def write_llama_gguf(hf_model, path) -> None:
-    """Writes ``hf_model`` (an untied, bias-free ``LlamaForCausalLM``) to ``path`` as F32 GGUF.
+FILE_TYPES = ("f32", "q8_0", "q4_0")
+
+
+def write_llama_gguf(hf_model, path, file_type: str = "f32") -> None:
+    """Writes ``hf_model`` (an untied, bias-free ``LlamaForCausalLM``) to ``path`` as GGUF of
+    ``file_type`` (one of ``FILE_TYPES``).
 
     Raises:
       ValueError: a tied embedding or biases (not written here), or a RoPE scaling type other
@@ -63,6 +74,9 @@ def write_llama_gguf(hf_model, path) -> None:
     """
     import gguf
 
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"file_type={file_type!r} is invalid: must be one of {FILE_TYPES}")
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(file_type)
     c = hf_model.config
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
     if c.tie_word_embeddings or c.attention_bias or c.mlp_bias:
@@ -86,7 +100,11 @@ def write_llama_gguf(hf_model, path) -> None:
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(
+        {"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(
+            file_type, gguf.LlamaFileType.MOSTLY_Q4_0
+        )
+    )
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<{i}>" for i in range(c.vocab_size)])
     w.add_token_scores([0.0] * c.vocab_size)
@@ -94,8 +112,44 @@ def write_llama_gguf(hf_model, path) -> None:
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     for name, array in gguf_tensors(hf_model).items():
-        w.add_tensor(name, array)
+        if qtype is None or array.ndim != 2 or name == "token_embd.weight":
+            w.add_tensor(name, array)
+        else:  # rows of [out, in]: blocks of 32 along the input, as llama.cpp quantizes
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def llama_cpp_runner(hf_model, n_ctx: int, tmp: str, file_type: str = "f32"):
+    """A batch-1 greedy llama.cpp run on ``hf_model``'s weights written as ``file_type`` GGUF in
+    the directory ``tmp``: ``run(prompt_ids, n) -> (seconds between successive tokens, ids)``;
+    None when ``llama-cpp-python`` or ``gguf`` is not installed."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError:
+        return None
+    path = pathlib.Path(tmp) / f"model-{file_type}.gguf"
+    write_llama_gguf(hf_model, path, file_type)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(), logits_all=False, verbose=False
+    )
+
+    def run(prompt: list[int], n: int):
+        llm.reset()
+        gaps, ids, last = [], [], None
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            ids.append(int(token))
+            if len(ids) == n:
+                break
+        return gaps, ids
+
+    run.version = llama_cpp.__version__
+    run.nbytes = path.stat().st_size
+    return run

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _bench_common import Row, interleaved_medians, load_average, random_llama, replace_section, table
+from _gguf import llama_cpp_runner
 from _profile import breakdown, dot_table, is_dot, trace
 from flax import nnx
 
@@ -201,37 +202,6 @@ def _engine_gaps(model, cfg, prompt: list[int], n: int):
     return out.token_latencies, out.token_ids
 
 
-def _llama_cpp_runner(hf_model, n_ctx: int, tmp: str):
-    """A batch-1 greedy llama.cpp run on ``hf_model``'s weights (written as F32 GGUF), or None when
-    ``llama-cpp-python`` or ``gguf`` is not installed."""
-    try:
-        import llama_cpp
-        from _gguf import write_llama_gguf
-    except ImportError:
-        return None
-    path = pathlib.Path(tmp) / "model-f32.gguf"
-    write_llama_gguf(hf_model, path)
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(), logits_all=False, verbose=False
-    )
-
-    def run(prompt: list[int], n: int):
-        llm.reset()
-        gaps, ids, last = [], [], None
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            now = time.perf_counter()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
-            ids.append(int(token))
-            if len(ids) == n:
-                break
-        return gaps, ids
-
-    run.version = llama_cpp.__version__
-    return run
-
-
 def bench_decode(ctx: Context) -> Row:
     from llmarch import accounting
 
@@ -241,7 +211,7 @@ def bench_decode(ctx: Context) -> Row:
     reps = ctx.reps(3, 1)
     ours, theirs, same = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
-        peer = _llama_cpp_runner(hf_model, len(prompt) + n + 8, tmp)
+        peer = llama_cpp_runner(hf_model, len(prompt) + n + 8, tmp)
         _engine_gaps(model, cfg, prompt, n)  # compile
         if peer is not None:
             peer(prompt, n)  # warm
