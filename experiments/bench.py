@@ -184,9 +184,10 @@ def _train_profile(run_step: Callable[[], object], hlo: str, goal_s: float, ctx:
         f"their lone speed leave {goal - lone:.0f} ms for everything else (attention softmax, norms, "
         f"SwiGLU, RoPE, the loss, AdamW, and the layout copies XLA inserts around products), which "
         f"take {parts['span'] - parts['dots']:.0f} ms now. Closing that gap means CPU code XLA does "
-        "not generate (products fused with their neighbours, layouts chosen for them); Pallas "
-        "compiles no CPU kernels (CPU runs it only in interpret mode), so the library has no CPU "
-        "kernel language to write them in.\n"
+        "not generate (products fused with their neighbours and backward passes, layouts chosen for "
+        "them): Pallas compiles no CPU kernels (CPU runs it only in interpret mode), so it would take "
+        "hand-written C++ kernels through XLA's FFI (`kernels_cpu`, which has the decode-time "
+        "quantized matmul only) for every product of the forward and backward pass.\n"
     )
 
 
@@ -506,10 +507,14 @@ def bench_exp10(ctx: Context) -> Row:
     trained = exp10.train_pair(steps, args.data)
     prompts = exp10.make_prompts(trained["text"], args.batch, args.prompt_len)
     m = exp10.measure(trained["target"], trained["draft"], prompts, n, gammas, (0.0,), ctx.reps(3, 1))
-    best = max(m["results"], key=lambda r: r[9])  # (T, γ, ..., speedup, formula, seconds)
+    # (T, γ, ..., speedup, formula, seconds). A user picks γ: the goal holds when some γ meets
+    # both halves; the row shows the fastest such γ, else the fastest γ.
+    meeting = [r for r in m["results"] if r[9] >= 2 and r[9] / r[10] >= 0.8]
+    best = max(meeting or m["results"], key=lambda r: r[9])
     gamma, alpha, speedup, formula = best[1], best[4], best[9], best[10]
     share = speedup / formula
-    if not (speedup >= 2 and share >= 0.8):
+    others = ", ".join(f"γ={r[1]}: {r[9]:.2f}× ({r[9] / r[10]:.0%})" for r in m["results"] if r is not best)
+    if not meeting:
         ctx.details.append(_exp10_profile(trained, prompts, m, n, ctx))
     return Row(
         "experiment 10: speculative decoding, greedy",
@@ -517,9 +522,9 @@ def bench_exp10(ctx: Context) -> Row:
         f"Leviathan et al.'s formula for α={alpha:.3f}, c={m['c']:.3f}: {formula:.2f}×",
         speedup,
         "≥ 2× measured, ≥ 80% of the formula",
-        speedup >= 2 and share >= 0.8,
+        bool(meeting),
         f"{share:.0%} of the formula; round cost {best[7]:.2f} target steps vs γc + 1 = {best[8]:.2f}; "
-        f"models trained {steps} steps; γ in {gammas}",
+        f"other γ: {others or 'none'} (speedup, share of the formula); models trained {steps} steps",
     )
 
 

@@ -5,11 +5,12 @@
 // for a scalar loop; unfused, it writes a float32 copy of each tile (llmarch/quant/matmul.py).
 // Here each stored byte is read once, widened to float32 in registers and multiplied into
 // accumulators that stay in L1, so a step reads 1 byte per weight (8 bits) or half a byte
-// (4 and 3 bits) against float32's 4.
+// (4 and 3 bits) against float32's 4; float8_e4m3fn weights are widened through a 256-entry table.
 //
 // Storage (quant/tensor.py): q [K', N] with K' = K (8 bits: int8, or uint8 with a zero point)
 // or K / 2 (4 and 3 bits: stored row r holds logical row 2r in its low nibble and 2r + 1 in its
-// high one, signed values offset by +8); scale [G, N] float32 per group of K / G logical rows;
+// high one, signed values offset by +8) or float8_e4m3fn [K, N] (bits = 0); scale [G, N] float32
+// per group of K / G logical rows (FP8's square blocks arrive expanded along N);
 // zero [G, N] float32 (the zero point; [0, N] when symmetric).
 //
 // Threads: N is cut into tiles of kTile columns taken from one atomic counter by the calling
@@ -19,7 +20,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <thread>
 
@@ -28,6 +31,21 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// float8_e4m3fn bit patterns -> float: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent
+// 0 is subnormal (m/8 · 2^-6); S.1111.111 is NaN; there are no infinities.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      float v = e == 0 ? std::ldexp(m / 8.f, -6) : std::ldexp(1.f + m / 8.f, e - 7);
+      if (e == 15 && m == 7) v = std::numeric_limits<float>::quiet_NaN();
+      value[b] = (b & 128) ? -v : v;
+    }
+  }
+};
+const Fp8Table kFp8;
 
 constexpr int64_t kTile = 512;  // columns per tile: M accumulators of 2 KiB stay in L1
 constexpr int64_t kMaxRows = 16;
@@ -43,10 +61,11 @@ struct Problem {
 };
 
 // One tile of columns [n0, n1): y = sum over groups of scale * sum over the group's rows of x * w.
+// kBits: 8 (int8, or uint8 with zero points), 4 (two nibbles a byte), or 0 (float8_e4m3fn).
 template <int kBits, bool kSigned>
 void tile(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t nt = n1 - n0, N = p.N, M = p.M;
-  const int64_t stored_per_group = (kBits == 8 ? p.K : p.K / 2) / p.G;
+  const int64_t stored_per_group = (kBits == 4 ? p.K / 2 : p.K) / p.G;
   alignas(64) float acc[kMaxRows * kTile];
   alignas(64) float out[kMaxRows * kTile];
   std::fill(out, out + M * kTile, 0.f);
@@ -56,8 +75,10 @@ void tile(const Problem& p, int64_t n0, int64_t n1) {
     const float* z = p.zero ? p.zero + g * N + n0 : nullptr;
     for (int64_t r = g * stored_per_group; r < (g + 1) * stored_per_group; ++r) {
       const uint8_t* qr = p.q + r * N + n0;
-      if constexpr (kBits == 8) {
-        if (z) {
+      if constexpr (kBits != 4) {
+        if constexpr (kBits == 0) {
+          for (int64_t j = 0; j < nt; ++j) w0[j] = kFp8.value[qr[j]];
+        } else if (z) {
 #pragma omp simd
           for (int64_t j = 0; j < nt; ++j) w0[j] = static_cast<float>(qr[j]) - z[j];
         } else if constexpr (kSigned) {
@@ -126,16 +147,21 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
   const auto qd = q.dimensions(), sd = scale.dimensions(), xd = x.dimensions();
   if (qd.size() != 2 || sd.size() != 2 || xd.size() != 2)
     return ffi::Error::InvalidArgument("quantized_matmul: x, q and scale must be 2-D");
-  if (q.element_type() != ffi::DataType::S8 && q.element_type() != ffi::DataType::U8)
-    return ffi::Error::InvalidArgument("quantized_matmul: q must be int8 or uint8");
+  const auto type = q.element_type();
+  if (type != ffi::DataType::S8 && type != ffi::DataType::U8 && type != ffi::DataType::F8E4M3FN)
+    return ffi::Error::InvalidArgument("quantized_matmul: q must be int8, uint8 or float8_e4m3fn");
+  if ((type == ffi::DataType::F8E4M3FN) != (bits == 0))
+    return ffi::Error::InvalidArgument("quantized_matmul: bits=0 is float8_e4m3fn, and only it");
   Problem p{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), scale.typed_data(),
             zero.element_count() ? zero.typed_data() : nullptr, y->typed_data(),
             xd[0], xd[1], qd[1], sd[0], bits, is_signed};
-  const int64_t stored = bits == 8 ? p.K : p.K / 2;
+  const int64_t stored = bits == 4 ? p.K / 2 : p.K;
   if (p.M > kMaxRows || qd[0] != stored || sd[1] != p.N || p.G <= 0 || stored % p.G ||
-      (bits != 8 && p.K % 2))
+      (bits == 4 && p.K % 2))
     return ffi::Error::InvalidArgument("quantized_matmul: shapes do not match the format");
-  if (bits == 8) {
+  if (bits == 0) {
+    run<0, true>(pool, p);
+  } else if (bits == 8) {
     if (is_signed) run<8, true>(pool, p); else run<8, false>(pool, p);
   } else {
     if (is_signed) run<4, true>(pool, p); else run<4, false>(pool, p);

@@ -23,6 +23,7 @@ from kernels_cpu import quantized_matmul as cq
 from kernels_pallas.quantized_matmul import quantized_matmul_reference
 from llmarch import ops
 from llmarch.quant.tensor import QuantizedTensor
+from llmarch.quant.tensor import quantize as quantize_tensor
 
 # CI must run these (under CI=true a kernel that cannot be built fails them instead of skipping).
 needs_kernels = pytest.mark.skipif(
@@ -142,3 +143,22 @@ def test_a_failing_build_warns_once_and_falls_back(tmp_path):
     assert "llmarch CPU kernels unavailable, using the XLA paths" in out.stdout
     assert "value: 32.0" in out.stdout
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", [None, 32])
+@pytest.mark.parametrize("M", [1, 7])
+def test_fp8_weights_match_the_xla_path(block, M):
+    """float8_e4m3fn through the kernel's 256-entry table, per channel or in square blocks."""
+    w = np.random.default_rng(3).normal(size=(96, 1100)).astype(np.float32)
+    w[0, :4] = [0.0, -0.0, 1e-9, 448.0]  # zero, negative zero, a subnormal after scaling, the max
+    qt = quantize_tensor(jnp.asarray(w), method="fp8", fp8_block=block)
+    x = activations(M, 96, jnp.float32)
+    assert _uses_kernel(lambda x: ops.quantized_matmul(x, qt), x)
+    assert_close(ops.quantized_matmul(x, qt), ops.quantized_matmul(x, qt, impl="xla"), jnp.float32)
+
+
+@needs_kernels
+def test_fp8_blocks_that_do_not_divide_k_stay_on_xla():
+    qt = quantize_tensor(jnp.ones((80, 64)), method="fp8", fp8_block=32)  # K=80: a partial block
+    assert not _uses_kernel(lambda x: ops.quantized_matmul(x, qt), jnp.ones((1, 80)))

@@ -43,8 +43,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   weight-only quantized linear (``llmarch.quant``), reading the stored (packed) weights at every
   call. XLA: ``llmarch.quant.matmul``, tiles of K dequantized into cache; Pallas (int weights):
   ``kernels_pallas.quantized_matmul``, dequantizing inside the kernel; CPU (int weights, at most
-  ``kernels_cpu.quantized_matmul.MAX_ROWS`` rows of x: decoding, unsharded):
-  ``kernels_cpu.quantized_matmul``, dequantizing in registers. FP8 weights take the XLA path.
+  ``kernels_cpu.quantized_matmul.MAX_ROWS`` rows of x: decoding, unsharded; FP8 too):
+  ``kernels_cpu.quantized_matmul``, dequantizing in registers. Otherwise FP8 weights take the
+  XLA path.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ register("quantized_matmul", Impl.PALLAS, _quantized_matmul_pallas)
 def _quantized_matmul_cpu(x, qt) -> jax.Array:
     from kernels_cpu.quantized_matmul import quantized_matmul as kernel
 
-    return kernel(x, qt.q, qt.scale, qt.zero, bits=qt.bits)
+    return kernel(x, qt.q, qt.scale, qt.zero, bits=qt.bits, kind=qt.kind, block=qt.group_size)
 
 
 register("quantized_matmul", Impl.CPU, _quantized_matmul_cpu)
@@ -264,12 +265,16 @@ register("quantized_matmul", Impl.CPU, _quantized_matmul_cpu)
 
 def _cpu_kernel_serves(m: int, qt) -> bool:
     """The CPU kernel takes this call: CPU backend, an unsharded program (the FFI call is opaque
-    to the partitioner), integer weights, few rows, and the kernel built on this machine."""
+    to the partitioner), integer or FP8 weights, few rows, and the kernel built on this machine."""
     from kernels_cpu.quantized_matmul import supports
 
     mesh = jax.sharding.get_abstract_mesh()
     unsharded = mesh.empty or mesh.size == 1
-    return jax.default_backend() == "cpu" and unsharded and supports(m, bits=qt.bits, kind=qt.kind)
+    return (
+        jax.default_backend() == "cpu"
+        and unsharded
+        and supports(m, bits=qt.bits, kind=qt.kind, K=qt.K, group_size=qt.group_size)
+    )
 
 
 def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
@@ -280,13 +285,13 @@ def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
     auto = impl is None or impl == "auto"
     if auto and _cpu_kernel_serves(x2.shape[0], qt):
         impl = Impl.CPU
-    elif qt.kind == "fp8":  # the kernels take integer weights only
+    elif qt.kind == "fp8" and impl not in (Impl.CPU, "cpu"):  # Pallas takes integer weights only
         impl = Impl.XLA
     chosen, fn = resolve("quantized_matmul", impl)
     if chosen is Impl.CPU and not _cpu_kernel_serves(x2.shape[0], qt):
         raise ValueError(
             f"impl='cpu' cannot take this quantized_matmul (M={x2.shape[0]}, {qt.kind} {qt.bits}-bit, "
-            f"backend {jax.default_backend()}): the CPU kernel takes integer weights and at most "
+            f"backend {jax.default_backend()}): the CPU kernel takes integer or FP8 weights and at most "
             "kernels_cpu.quantized_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
         )
     return fn(x2, qt).reshape(*lead, qt.shape[-1])
