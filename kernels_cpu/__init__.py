@@ -9,7 +9,7 @@ checked against, and falls back to that path when no compiler is present.
 =====================  ==========================================================
 file                   op
 =====================  ==========================================================
-quantized_matmul.cc    ``quantized_matmul``: integer weights, few rows (decoding)
+quantized_matmul.cc    ``quantized_matmul``: integer and FP8 weights, few rows (decoding)
 =====================  ==========================================================
 
 ``build.py`` compiles and loads the library.

@@ -1,4 +1,4 @@
-// x [M, K] (float32) @ dequantize(q) [K, N] for llmarch's integer weight formats
+// x [M, K] (float32) @ dequantize(q) [K, N] for llmarch's integer and FP8 weight formats
 // (llmarch/quant/tensor.py), with few rows M: the batch-1 to batch-16 decode step.
 //
 // XLA:CPU cannot make this bandwidth-bound: fused, the dequantization leaves its GEMM library
@@ -56,8 +56,7 @@ struct Problem {
   const float* scale;  // [G, N]
   const float* zero;   // [G, N] or nullptr
   float* y;            // [M, N]
-  int64_t M, K, N, G, bits;
-  bool is_signed;
+  int64_t M, K, N, G;  // the format (bits, signedness) is tile()'s template arguments
 };
 
 // One tile of columns [n0, n1): y = sum over groups of scale * sum over the group's rows of x * w.
@@ -154,7 +153,7 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
     return ffi::Error::InvalidArgument("quantized_matmul: bits=0 is float8_e4m3fn, and only it");
   Problem p{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()), scale.typed_data(),
             zero.element_count() ? zero.typed_data() : nullptr, y->typed_data(),
-            xd[0], xd[1], qd[1], sd[0], bits, is_signed};
+            xd[0], xd[1], qd[1], sd[0]};
   const int64_t stored = bits == 4 ? p.K / 2 : p.K;
   if (p.M > kMaxRows || qd[0] != stored || sd[1] != p.N || p.G <= 0 || stored % p.G ||
       (bits == 4 && p.K % 2))

@@ -1,10 +1,11 @@
-"""``x [M, K] @ W`` for llmarch's integer weight formats on CPU: the C++ kernel
+"""``x [M, K] @ W`` for llmarch's integer and FP8 weight formats on CPU: the C++ kernel
 ``quantized_matmul.cc`` (see its header for the algorithm), called through ``jax.ffi``.
 
 It serves the rows of a decode step (``M <= MAX_ROWS``); ``llmarch.ops.quantized_matmul`` sends
-larger M (prefill: compute-bound, where XLA's GEMM on a dequantized tile is the faster way) and
-FP8 weights to the XLA path. The specification is ``kernels_pallas.quantized_matmul``'s
-``quantized_matmul_reference``; the tests compare the two over every format.
+larger M (prefill: compute-bound, where XLA's GEMM on a dequantized tile is the faster way), FP8
+blocks that do not divide K and sharded programs to the XLA path. The specification is
+``kernels_pallas.quantized_matmul``'s ``quantized_matmul_reference``; the tests compare the two
+over every format.
 """
 
 from __future__ import annotations

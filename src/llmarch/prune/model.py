@@ -54,7 +54,7 @@ def prune(
             )
             masks = [np.abs(m) >= cut for m in matrices]
         else:
-            masks = [magnitude(m, pcfg.sparsity, pcfg.n_m) for m, t in zip(matrices, targets, strict=True)]
+            masks = [magnitude(m, pcfg.sparsity, pcfg.n_m) for m in matrices]
         for t, m, keep in zip(targets, matrices, masks, strict=True):
             _set(t, np.where(keep, m, 0.0))
         return model
