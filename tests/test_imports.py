@@ -22,14 +22,23 @@ PACKAGES = {
 # import modules of its own row and the rows below it, never a row above. Each entry is a module or
 # a package prefix; the first that matches a module places it.
 LAYERING = [
-    ("llmarch", "llmarch.cli"),
-    ("llmarch.demo", "llmarch.quant.convert"),  # `llmarch quantize` and evaluating its output
+    ("llmarch", "llmarch.cli", "llmarch.cli_compress", "llmarch.cli_train"),
+    # `llmarch quantize`/`prune`/`lowrank` and their outputs; fine-tuning and distilling from a
+    # checkpoint (sources: loads what the trainer, below Hugging Face and inference, cannot)
+    (
+        "llmarch.demo",
+        "llmarch.quant.convert",
+        "llmarch.prune.convert",
+        "llmarch.lowrank.convert",
+        "llmarch.sources",
+    ),
     ("llmarch.inference",),
     ("llmarch.hf",),
     ("llmarch.train",),
     ("llmarch.quant.checkpoint",),
     ("llmarch.presets", "llmarch.data", "llmarch.run_format"),
-    ("llmarch.prune", "llmarch.prune.model"),  # pruning walks the blocks as GPTQ does
+    ("llmarch.prune", "llmarch.prune.model", "llmarch.prune.structured"),  # walks the blocks as GPTQ does
+    ("llmarch.lowrank", "llmarch.lowrank.model"),  # so does activation-aware SVD
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.model",),
@@ -37,8 +46,17 @@ LAYERING = [
     ("llmarch.accounting",),
     ("llmarch.config",),
     ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
-    ("llmarch.layers.", "llmarch.quant.linear"),  # every layer module; the quantized Einsum
-    ("llmarch.quant.config", "llmarch.prune.config", "llmarch.prune.masks"),
+    # every layer module; the quantized and the factorized Einsum (the model builds the latter)
+    ("llmarch.layers.", "llmarch.quant.linear", "llmarch.lowrank.layer"),
+    (
+        "llmarch.quant.config",
+        "llmarch.prune.config",
+        "llmarch.prune.masks",
+        "llmarch.lowrank.config",
+        "llmarch.lowrank.svd",
+        "llmarch.distill",
+        "llmarch.distill.",
+    ),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
     (
         "llmarch.quant.matmul",

@@ -5,7 +5,9 @@ appendix B): ``6·N_matmul`` for the weight matmuls (forward 2, backward 4 per w
 ``12·L·N_heads·H·S`` for the attention scores and weighted sums over ``S`` keys.
 
 Every per-kind formula (parameters, score FLOPs, cache elements, decode traffic) is declared with
-its kind in ``llmarch.layers.kinds``; this module sums them over a config's layers.
+its kind in ``llmarch.layers.kinds``; this module sums them over a config's layers. Weights stored
+as low-rank factors (``ModelConfig.low_rank``, ``llmarch.lowrank``) count ``r·(K+N)`` per layer at
+their stored rank r instead of ``K·N``, in parameters, FLOPs and decode traffic alike.
 """
 
 from __future__ import annotations
@@ -46,19 +48,35 @@ def _ffn_like(cfg: ModelConfig) -> list[kinds.FFNKind]:
 
 
 def _ffn_and_memory(cfg: ModelConfig, *, active: bool) -> dict[str, int]:
-    totals = {"ffn": 0, "memory": 0}
+    saved = low_rank_savings(cfg)  # factorized FFN/memory weights are dense ones: always active
+    totals = {"ffn": -saved["ffn"], "memory": -saved["memory"]}
     for kind in _ffn_like(cfg):
         totals[kind.counted_as] += kind.params(cfg, active)
     return totals
 
 
+def low_rank_savings(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters the low-rank factors save over their dense weights (``K·N − r·(K+N)`` per layer
+    at the stored rank r; negative where factors are larger), by ``ParamCounts`` field."""
+    saved = {"attention": 0, "ffn": 0, "memory": 0, "lm_head": 0}
+    for w in cfg.low_rank or ():
+        saved[w.counted_as] += w.params_saved
+    return saved
+
+
+def _output_matmul(cfg: ModelConfig) -> int:
+    """Weights of the matmul to logits: ``D·V`` (a tied table too), less a factorized head's saving."""
+    return cfg.d_model * cfg.vocab_size - low_rank_savings(cfg)["lm_head"]
+
+
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     blocks = cfg.layer_blocks
     V, D = cfg.vocab_size, cfg.d_model
+    saved = low_rank_savings(cfg)
     return ParamCounts(
         embedding=V * D,
-        lm_head=0 if cfg.tie_embeddings else D * V,
-        attention=sum(kinds.attention(b.attention).params(cfg) for b in blocks),
+        lm_head=0 if cfg.tie_embeddings else D * V - saved["lm_head"],
+        attention=sum(kinds.attention(b.attention).params(cfg) for b in blocks) - saved["attention"],
         norms=(2 * len(blocks) + 1) * D,
         **_ffn_and_memory(cfg, active=False),
     )
@@ -94,11 +112,12 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, causa
     """``6·N_matmul + attention`` FLOPs to train on one token of a ``seq_len`` sequence.
 
     ``N_matmul`` counts every weight that enters a matmul: all but the embedding lookup and
-    norms; a tied embedding still costs its output matmul; of MoE layers, the activated weights.
+    norms; a tied embedding still costs its output matmul; of MoE layers, the activated weights;
+    a factorized weight, its factors ``r·(K+N)``.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     counts = active_param_counts(cfg)  # an MoE token multiplies by its k experts only
-    matmul = counts.attention + counts.ffn + counts.memory + cfg.d_model * cfg.vocab_size
+    matmul = counts.attention + counts.ffn + counts.memory + _output_matmul(cfg)
     return 6.0 * matmul + attention_flops_per_token(cfg, seq_len, causal=causal)
 
 
@@ -209,7 +228,9 @@ def decode_traffic(
     nbytes = jnp.dtype(dtype or cfg.dtype).itemsize
     D, B = cfg.d_model, batch_size
     counts = param_counts(cfg)
-    dense = counts.attention + counts.norms + D * cfg.vocab_size + B * D  # + the B embedding rows
+    dense = counts.attention + counts.norms + _output_matmul(cfg) + B * D  # + the B embedding rows
+    saved = low_rank_savings(cfg)
+    dense -= saved["ffn"] + saved["memory"]  # factorized FFN/memory weights: read whole every step
     sparse = 0.0
     for kind in _ffn_like(cfg):
         kind_dense, kind_sparse = kind.traffic(cfg, B)

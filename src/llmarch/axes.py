@@ -33,6 +33,8 @@ ALPHABET = {
     "W": "UltraMem IVE virtual blocks",
     # MoE dispatch (llmarch.layers.moe_dispatch); its flat token axis is written "..."
     "k": "MoE top-k: the routed choices of one token",
+    # low-rank factorization (llmarch.lowrank): W [K, N] ~ A [K, r] · B [r, N]; the papers' r
+    "r": "rank of a factorized linear weight",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

@@ -15,6 +15,7 @@ import threading
 import traceback
 
 from llmarch import accounting, presets
+from llmarch.cli_train import TRAIN_FLAGS, add_train_switches, train_config
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,94 +36,10 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-# `llmarch train` flags: (flag, TrainConfig field or "optimizer.<field>", type, help).
-_TRAIN_FLAGS = [
-    ("--out", "out_dir", str, "output directory: checkpoints, metrics.jsonl, tensorboard/"),
-    ("--preset", "preset", str, "model preset (see `llmarch presets`)"),
-    ("--data", "data", str, "'default', a text file, a directory of texts, or a .jsonl file"),
-    ("--text-field", "text_field", str, "the text field of JSONL records"),
-    ("--tokenizer", "tokenizer", str, "'byte' or a tokenizer.json"),
-    ("--steps", "steps", int, "training steps"),
-    ("--seq-len", "seq_len", int, "tokens per row"),
-    ("--batch-size", "batch_size", int, "global batch size in rows"),
-    ("--seed", "seed", int, "seed of the model, data order and RNG"),
-    ("--mesh", "mesh", str, "device mesh, e.g. data=2,fsdp=4"),
-    ("--rules", "rules", str, "sharding rules preset: dp, fsdp, tp, fsdp_tp, ep, hybrid"),
-    ("--precision", "precision", str, "float32, bf16, bf16-logits, pure-bf16"),
-    ("--eval-every", "eval_every", int, "steps between evaluations"),
-    ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
-    ("--log-every", "log_every", int, "steps between metric records"),
-    ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints"),
-    ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept"),
-    ("--z-loss", "z_loss", float, "z-loss coefficient"),
-    (
-        "--loss-chunk",
-        "loss_chunk",
-        int,
-        "vocabulary entries per step of the fused cross entropy (default 8192; null in --config: plain loss)",
-    ),
-    ("--nan-policy", "nan_policy", str, "skip or stop on a non-finite step"),
-    (
-        "--max-skipped-fraction",
-        "max_skipped_fraction",
-        float,
-        "fail the run once more than this share of its steps were skipped (default 0.1)",
-    ),
-    (
-        "--resume",
-        "resume",
-        str,
-        "auto: continue from the newest checkpoint if any (default); must: fail "
-        "without one; never: fail if one exists; fallback: set corrupted checkpoints aside and continue "
-        "from the newest intact one",
-    ),
-    ("--val-fraction", "val_fraction", float, "held-out fraction of the corpus"),
-    ("--peak-flops", "peak_flops", float, "peak FLOP/s per device for MFU"),
-    ("--optimizer", "optimizer.name", str, "sgd, momentum, adagrad, adadelta, rmsprop, adam, adamw"),
-    ("--lr", "optimizer.learning_rate", float, "peak learning rate"),
-    ("--schedule", "optimizer.schedule", str, "constant or cosine"),
-    ("--warmup-steps", "optimizer.warmup_steps", int, "linear warmup steps"),
-    ("--weight-decay", "optimizer.weight_decay", float, "weight decay (none on norms and biases)"),
-    ("--clip-norm", "optimizer.clip_norm", float, "global gradient-norm clip"),
-    ("--grad-accum-steps", "optimizer.grad_accum_steps", int, "micro-steps per update"),
-]
-
-
-def _train_config(args: argparse.Namespace):
-    from llmarch.json_config import read_json
-    from llmarch.train.trainer import TrainConfig
-
-    data: dict = {}
-    if args.config:
-        path = pathlib.Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path} does not exist")
-        try:
-            data = read_json(path)
-        except ValueError as e:
-            raise ValueError(f"--config {e}") from None
-    for _, field, _, _ in _TRAIN_FLAGS:
-        value = getattr(args, field.replace(".", "_"))
-        if value is None:
-            continue
-        if field.startswith("optimizer."):
-            data.setdefault("optimizer", {})[field.split(".", 1)[1]] = value
-        else:
-            data[field] = value
-    if args.no_tensorboard:
-        data["tensorboard"] = False
-    if "out_dir" not in data:
-        raise ValueError("an output directory is required: --out DIR (or out_dir in --config)")
-    try:
-        return TrainConfig.from_dict(data)
-    except ValueError as e:
-        raise ValueError(f"--config {args.config}: {e}" if args.config else str(e)) from None
-
-
 def _train(args: argparse.Namespace) -> int:
-    from llmarch.train.trainer import train
+    from llmarch.sources import train
 
-    train(_train_config(args))
+    train(train_config(args))
     return 0
 
 
@@ -333,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", parents=[common], help="train a model; resumes from the latest checkpoint in --out"
     )
     train.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
-    for flag, field, kind, text in _TRAIN_FLAGS:
+    for flag, field, kind, text in TRAIN_FLAGS:
         train.add_argument(flag, dest=field.replace(".", "_"), type=kind, help=text)
-    train.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
+    add_train_switches(train)
     train.set_defaults(func=_train)
     evaluate = sub.add_parser(
         "eval", parents=[common], help="evaluate a run's latest checkpoint on held-out data"
@@ -394,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.set_defaults(func=_generate)
+    from llmarch import cli_compress
+
+    cli_compress.add_parsers(sub, common)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from llmarch.checks import article, check_choice, check_positive, fail
@@ -35,6 +36,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "xla", "pallas")
 # ModelConfig fields that hold one kind's sub-config: None unless a block (or skip) kind needs it.
 SUB_CONFIGS = ("mla", "moe", "memory")
+# The accounting.ParamCounts fields a factorized weight (LowRankWeight.counted_as) can belong to.
+LOW_RANK_COUNTS = ("attention", "ffn", "memory", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,81 @@ def moe_blocks(
         BlockConfig(attention=attention, ffn="swiglu" if i < first_k_dense_replace else "moe")
         for i in range(num_layers)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankWeight:
+    """One linear weight stored factorized (``llmarch.lowrank``): ``W [*shape]``, viewed as the
+    matrix ``[K, N]`` of its ``contracted`` axes (K) and the others (N), held as ``A [*K, r]`` and
+    ``B [r, *N]``. ``Transformer`` builds a ``LowRankEinsum`` at ``path`` from this record.
+
+    Attributes:
+      path: the weight's ``Einsum`` in the model, as ``nnx.state`` names it
+        (``"runs/0/layers/attention/w_q_dnh"``, ``"lm_head"``).
+      shape: one layer's weight shape (without a scanned run's layers axis).
+      contracted: the axes of ``shape`` the model contracts (K), increasing; the rest are N.
+      ranks: each stacked layer's rank (one entry for a weight outside a scanned run). The run's
+        layers share one array shape, so all are stored at the largest, ``rank``; a layer's
+        columns of A and rows of B beyond its own rank are zero.
+      counted_as: the ``accounting.ParamCounts`` field the weight belongs to.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    contracted: tuple[int, ...]
+    ranks: tuple[int, ...]
+    counted_as: str
+
+    def __post_init__(self):
+        owner = "LowRankWeight"
+        if not isinstance(self.path, str) or not self.path:
+            fail(owner, "path", self.path, "must be a non-empty string (a module path)")
+        where = f"{owner}[{self.path}]"
+        if not _ints(self.shape) or not self.shape or min(self.shape) < 1:
+            fail(where, "shape", self.shape, "must be a non-empty tuple of positive ints")
+        if (
+            not _ints(self.contracted)
+            or not self.contracted
+            or list(self.contracted) != sorted(set(self.contracted))
+            or self.contracted[0] < 0
+            or self.contracted[-1] >= len(self.shape)
+            or len(self.contracted) >= len(self.shape)
+        ):
+            fail(
+                where,
+                "contracted",
+                self.contracted,
+                f"must be increasing axis indices of shape {self.shape}, leaving at least one output axis",
+            )
+        most = min(self.k, self.n)
+        if not _ints(self.ranks) or not self.ranks or not all(1 <= r <= most for r in self.ranks):
+            fail(where, "ranks", self.ranks, f"must be a non-empty tuple of ints in [1, min(K, N)={most}]")
+        check_choice(where, "counted_as", self.counted_as, LOW_RANK_COUNTS)
+        if (self.path == "lm_head") != (self.counted_as == "lm_head"):
+            fail(where, "counted_as", self.counted_as, "must be 'lm_head' exactly for the path 'lm_head'")
+
+    @property
+    def rank(self) -> int:
+        """The stored rank r: the largest of ``ranks``."""
+        return max(self.ranks)
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.shape[i] for i in self.contracted)
+
+    @property
+    def n(self) -> int:
+        return math.prod(d for i, d in enumerate(self.shape) if i not in self.contracted)
+
+    @property
+    def params_saved(self) -> int:
+        """``layers·(K·N − r·(K+N))``: parameters (and multiply-adds per token) the factorization
+        saves over the dense weight; negative when the stored rank costs more."""
+        return len(self.ranks) * (self.k * self.n - self.rank * (self.k + self.n))
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +179,9 @@ class ModelConfig:
     # The Hugging Face model_type this config was imported from (llmarch.hf), so that export writes
     # the same architecture back; None: llmarch.hf picks one from the blocks (see its docs).
     hf_model_type: str | None = None
+    # Linear weights stored as low-rank factors (llmarch.lowrank.factorize_model writes it; the
+    # Transformer builds those weights factorized). None: every weight dense.
+    low_rank: tuple[LowRankWeight, ...] | None = None
 
     def __post_init__(self):
         check_positive(
@@ -143,6 +224,7 @@ class ModelConfig:
             )
         self._check_skip_layers()
         self._check_kinds()
+        self._check_low_rank()
 
     def used_kinds(self) -> list[tuple[str, kinds.AttentionKind | kinds.FFNKind]]:
         """``(what uses it, kind record)`` for every distinct kind the model uses, e.g.
@@ -180,6 +262,20 @@ class ModelConfig:
                 )
             if getattr(kind, "check", None) is not None:
                 kind.check(self)
+
+    def _check_low_rank(self) -> None:
+        """A non-empty tuple of ``LowRankWeight`` with distinct paths; the LM head only when it is
+        not tied. That each record matches its weight's shape is checked when a model is built."""
+        if self.low_rank is None:
+            return
+        value = self.low_rank
+        if not isinstance(value, tuple) or not value or not all(isinstance(w, LowRankWeight) for w in value):
+            fail("ModelConfig", "low_rank", value, "must be None or a non-empty tuple of LowRankWeight")
+        paths = [w.path for w in value]
+        if len(set(paths)) != len(paths):
+            fail("ModelConfig", "low_rank", paths, "must name each weight path once")
+        if self.tie_embeddings and "lm_head" in paths:
+            fail("ModelConfig", "low_rank", "lm_head", "names no weight: tie_embeddings=True has no LM head")
 
     def _check_skip_layers(self) -> None:
         if not isinstance(self.skip_layers, tuple):

@@ -192,6 +192,10 @@ class Transformer(nnx.Module):
                     param_dtype=pd,
                 )
             )
+            if cfg.low_rank is not None:  # weights stored as low-rank factors (llmarch.lowrank)
+                from llmarch.lowrank.layer import build_factorized
+
+                build_factorized(self, cfg.low_rank, rngs=rngs, init_std=cfg.init_std, param_dtype=pd)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> list:
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.

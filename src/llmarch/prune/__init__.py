@@ -8,5 +8,25 @@ whose linear weights hold zeros where they were pruned: an ordinary float model 
 from llmarch.prune.config import PruneConfig
 from llmarch.prune.masks import magnitude, n_m, sparsegpt, wanda
 from llmarch.prune.model import prune, sparsity
+from llmarch.prune.structured import (
+    StructuredPlan,
+    apply_structured,
+    plan_structured,
+    prune_structured,
+    structured_mask,
+)
 
-__all__ = ["PruneConfig", "magnitude", "n_m", "prune", "sparsegpt", "sparsity", "wanda"]
+__all__ = [
+    "PruneConfig",
+    "StructuredPlan",
+    "apply_structured",
+    "magnitude",
+    "n_m",
+    "plan_structured",
+    "prune",
+    "prune_structured",
+    "sparsegpt",
+    "sparsity",
+    "structured_mask",
+    "wanda",
+]

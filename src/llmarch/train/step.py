@@ -16,7 +16,10 @@ from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
 from llmarch.train.guard import all_finite
 
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
-StepFn = Callable[[nnx.State, nnx.State, Any, Batch], tuple[nnx.State, Any, dict[str, jax.Array]]]
+StepFn = Callable[..., tuple[Any, ...]]  # (params, rest, opt_state, batch[, teacher]) -> new state, metrics
+# A training objective other than ``loss_fn``'s: ``(model, batch, teacher) -> (total, parts, aux)``,
+# ``parts`` holding at least "loss", "z_loss" and "aux_loss" (see ``llmarch.train.distill_step``).
+Objective = Callable[[Transformer, Batch, Any], tuple[jax.Array, dict[str, jax.Array], AuxByModule]]
 
 # Vocabulary entries per step of the fused loss's XLA path (llmarch.ops.cross_entropy): the
 # largest loss temporary is [B·T, 8192] float32 instead of the [B,T,V] logits.
@@ -116,8 +119,10 @@ def make_train_step(
     out_shardings: Any = None,
     update_rest: bool = False,
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+    keep_zeros: bool = False,
+    objective: Objective | None = None,
 ) -> StepFn:
-    """``step(params, rest, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+    """``step(params, rest, opt_state, batch, teacher=None) -> (params, opt_state, metrics)``, jitted.
 
     ``params`` are the model's ``nnx.Param`` variables (``nnx.split(model, nnx.Param, ...)``);
     ``rest`` is any other state, passed through unchanged; with ``update_rest`` the step returns
@@ -128,16 +133,30 @@ def make_train_step(
     all state untouched and reports ``finite=False``, and the caller decides whether to go on.
     ``metrics`` also holds the layers' ``aux_metrics`` (e.g. ``expert_load``, ``load_ratio``).
     ``loss_chunk``: vocabulary entries per step of the fused loss (``token_losses``), or None.
+    ``keep_zeros``: a weight matrix entry (any parameter of two or more axes) that is exactly zero
+    before the step stays zero after it, so a pruned model keeps its masks through fine-tuning
+    without storing them. ``objective``: trains on it instead of ``loss_fn`` (``z_loss`` and
+    ``loss_chunk`` are then the objective's business); ``teacher`` is passed to it as is.
     """
     check_loss_chunk("", loss_chunk)
 
-    def step(params, rest, opt_state, batch):
-        (_, (parts, aux)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-            graphdef, params, rest, batch, z_loss, with_aux=True, loss_chunk=loss_chunk
-        )
+    def loss(params, rest, batch, teacher):
+        if objective is None:
+            return loss_fn(graphdef, params, rest, batch, z_loss, with_aux=True, loss_chunk=loss_chunk)
+        total, parts, aux = objective(nnx.merge(graphdef, params, rest), batch, teacher)
+        return total, (parts, aux)
+
+    def step(params, rest, opt_state, batch, teacher=None):
+        (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch, teacher)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        if keep_zeros:
+            new_params = jax.tree.map(
+                lambda new, old: jnp.where(old == 0, jnp.zeros_like(new), new) if old.ndim >= 2 else new,
+                new_params,
+                params,
+            )
         new_rest = rest
         if update_rest:
             model = nnx.merge(graphdef, new_params, rest)

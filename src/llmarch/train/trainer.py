@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,14 @@ from llmarch.data import (
     pack_documents,
     train_val_split,
 )
+from llmarch.distill.config import DistillConfig
 from llmarch.json_config import dataclass_from_dict
 from llmarch.model import Transformer
 from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
 from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
+from llmarch.train.distill_step import distill_objective
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
 from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import OptimizerConfig, build_optimizer
@@ -58,6 +61,7 @@ from llmarch.train.step import (
 )
 
 NAN_POLICIES = ("skip", "stop")
+Sampler = Callable[[Any, np.ndarray, int, int], np.ndarray]
 _check = functools.partial(check_number, "TrainConfig")
 
 
@@ -93,6 +97,14 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float | None = None  # per device; None: from the device kind if known
+    # Fine-tuning: a fresh run starts from this checkpoint's weights (an llmarch run or a Hugging
+    # Face directory) instead of random ones; the model config is the source's (see
+    # llmarch.sources.train, which loads it; the trainer alone cannot reach Hugging Face).
+    init_from: str | None = None
+    # Weight entries that are zero stay zero through training (a pruned model's masks).
+    # None: as the init_from run says (llmarch prune writes True), False without one.
+    keep_sparsity: bool | None = None
+    distill: DistillConfig | None = None  # train against a teacher (llmarch.distill)
 
     def __post_init__(self):
         for name in (
@@ -116,6 +128,23 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be True or False"
                 )
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(
+                f"TrainConfig.init_from={self.init_from!r} is invalid: must be a checkpoint directory or None"
+            )
+        if self.keep_sparsity is not None and not isinstance(self.keep_sparsity, bool):
+            raise ValueError(
+                f"TrainConfig.keep_sparsity={self.keep_sparsity!r} is invalid: must be True, False or None"
+            )
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise ValueError(
+                f"TrainConfig.distill={self.distill!r} is invalid: must be a DistillConfig or None"
+            )
+        if self.distill is not None and self.distill.prompt_tokens(self.seq_len) >= self.seq_len:
+            raise ValueError(
+                f"DistillConfig.prompt_len={self.distill.prompt_len} is invalid: must be shorter than "
+                f"TrainConfig.seq_len={self.seq_len}"
+            )
         if self.model is not None and not isinstance(self.model, ModelConfig):
             raise ValueError(f"TrainConfig.model={self.model!r} is invalid: must be a ModelConfig or None")
         if not isinstance(self.optimizer, OptimizerConfig):
@@ -157,6 +186,8 @@ class TrainConfig:
         sharding.rules(self.rules)
         if self.mesh is not None:
             sharding.parse_mesh_spec(self.mesh)
+        if self.model is None and self.init_from is not None:
+            return  # the model is the source's: checked once llmarch.sources.train has read it
         cfg = self.model_config()
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(
@@ -210,7 +241,7 @@ def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Arr
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
 
 
-_STEP_METRICS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite")
+_STEP_METRICS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite", "distill_loss")
 
 
 def _layer_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -249,11 +280,67 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
         rng=jax.random.key_data(jax.random.key(cfg.seed)),
         skipped=jnp.int32(0),
     )
+    if mesh is None:  # committed, like every later step's outputs and a loaded teacher's
+        # weights: a step fed committed and uncommitted arrays at once would compile twice
+        return graphdef, tx, jax.device_put(state, jax.devices()[0])
     if mesh is not None:  # scalars (step counts, RNG) are born on one device: replicate them
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)  # noqa: E731
         state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
     return graphdef, tx, state
+
+
+def start_from(state: TrainState, tx, params: nnx.State, rest: nnx.State) -> TrainState:
+    """``state`` starting from the weights ``params``/``rest`` (laid out like its own), with a
+    fresh optimizer state for them."""
+
+    def place(new, old):
+        new = jnp.asarray(new)
+        if new.shape != old.shape:
+            raise ValueError(f"init_from weights of shape {new.shape} do not fit this run's {old.shape}")
+        return jax.device_put(new.astype(old.dtype), old.sharding)
+
+    try:
+        params = jax.tree.map(place, params, state.params)
+        rest = jax.tree.map(place, rest, state.rest)
+    except ValueError as e:  # a tree mismatch: the source is another architecture
+        raise ValueError(f"TrainConfig.init_from's weights do not fit this run's model: {e}") from None
+    return dataclasses.replace(state, params=params, rest=rest, opt_state=tx.init(params))
+
+
+class _OnPolicy:
+    """Which steps train on student samples (a fraction λ, drawn from the seed and step so a
+    resumed run draws the same), and those batches: each row's first ``prompt_len`` tokens
+    continued by the student to the row's length; only the sampled positions count."""
+
+    def __init__(self, cfg: TrainConfig, graphdef: nnx.GraphDef, sampler: Sampler):
+        self.fraction, self.seed, self.graphdef, self.sampler = (
+            cfg.distill.on_policy_fraction,
+            cfg.seed,
+            graphdef,
+            sampler,
+        )
+        self.prompt = cfg.distill.prompt_tokens(cfg.seq_len)
+
+    def due(self, step: int) -> bool:
+        return bool(np.random.default_rng((self.seed, step)).random() < self.fraction)
+
+    def batch(self, batch: dict[str, np.ndarray], params, rest, step: int) -> dict[str, np.ndarray]:
+        inputs = np.asarray(batch["inputs"])
+        B, T = inputs.shape
+        model = nnx.merge(self.graphdef, params, rest)
+        seq = np.asarray(self.sampler(model, inputs[:, : self.prompt], T + 1 - self.prompt, self.seed + step))
+        mask = np.zeros_like(batch["mask"])
+        mask[:, self.prompt - 1 :] = 1  # targets from position prompt - 1 on were sampled
+        positions = np.broadcast_to(np.arange(T, dtype=batch["positions"].dtype), (B, T))
+        return {  # one document per row, the same keys and dtypes as a corpus batch
+            "inputs": seq[:, :T].astype(batch["inputs"].dtype),
+            "targets": seq[:, 1:].astype(batch["targets"].dtype),
+            "segment_ids": np.ones_like(batch["segment_ids"]),
+            "positions": np.ascontiguousarray(positions),
+            "mask": mask,
+            "label_weight": np.zeros((B, T), np.float32),
+        }
 
 
 def make_evaluator(
@@ -300,8 +387,25 @@ def load_rows(cfg: TrainConfig) -> tuple[PackedRows, PackedRows]:
     )
 
 
-def train(cfg: TrainConfig, *, log=print) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    log=print,
+    init: Callable[[], tuple[nnx.State, nnx.State]] | None = None,
+    teacher: nnx.Module | None = None,
+    sampler: Sampler | None = None,
+) -> TrainResult:
     """Trains (or resumes) the run in ``cfg.out_dir``; see the module docstring.
+
+    A run with ``init_from`` or ``distill`` needs what those name, loaded: ``llmarch.sources.train``
+    passes them (the trainer sits below the Hugging Face and inference packages).
+
+    Args:
+      init: returns the ``(params, rest)`` a fresh run starts from (``cfg.init_from``'s weights);
+        called only when the run does not resume.
+      teacher: the distillation teacher (``cfg.distill``), run in inference mode.
+      sampler: ``sampler(model, prompt [B,P], new_tokens, seed) -> [B,P+new]`` int32 numpy, for
+        on-policy distillation steps (``cfg.distill.on_policy_fraction > 0``).
 
     Raises:
       ValueError, CheckpointError: bad settings, or a run directory that this run cannot use
@@ -312,6 +416,19 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
       TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was saved.
     """
     cfg = cfg.resolved()
+    if cfg.init_from is not None and init is None:
+        raise ValueError(
+            f"TrainConfig.init_from={cfg.init_from!r} needs its weights: train through "
+            "llmarch.sources.train(cfg), which loads them"
+        )
+    if cfg.init_from is not None and cfg.model is None:
+        raise ValueError(
+            "TrainConfig.model must be the init_from checkpoint's (llmarch.sources.train fills it)"
+        )
+    if cfg.distill is not None and teacher is None:
+        raise ValueError("TrainConfig.distill needs its teacher: train through llmarch.sources.train(cfg)")
+    if cfg.distill is not None and cfg.distill.on_policy_fraction > 0 and sampler is None:
+        raise ValueError("TrainConfig.distill.on_policy_fraction > 0 needs a sampler (llmarch.sources.train)")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
@@ -319,12 +436,14 @@ def train(cfg: TrainConfig, *, log=print) -> TrainResult:
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     lock = run_dir.lock(out)
     try:
-        return _train(cfg, out, rows, mesh, log)
+        return _train(cfg, out, rows, mesh, log, init, teacher, sampler)
     finally:
         lock.release()
 
 
-def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mesh, log) -> TrainResult:
+def _train(
+    cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mesh, log, init, teacher, sampler
+) -> TrainResult:
     model_cfg = cfg.model_config()
     train_rows, val_rows = rows
     data_sharding = sharding.batch_sharding(mesh, cfg.rules) if mesh is not None else None
@@ -339,6 +458,14 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         if mesh is not None
         else None
     )
+    teacher_state = None
+    objective = None
+    if cfg.distill is not None:
+        teacher_graphdef, teacher_state = nnx.split(teacher)
+        if mesh is not None:  # sharded like the student, by the same rules
+            teacher_state = sharding.shard_state(teacher_state, mesh, cfg.rules)
+
+        objective = distill_objective(cfg.distill, teacher_graphdef, z_loss=cfg.z_loss)
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -347,7 +474,10 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         out_shardings=shardings,
         update_rest=True,  # rest: e.g. the MoE expert bias, updated per step
         loss_chunk=cfg.loss_chunk,
+        keep_zeros=bool(cfg.keep_sparsity),
+        objective=objective,
     )
+    on_policy = _OnPolicy(cfg, graphdef, sampler) if cfg.distill and cfg.distill.on_policy_fraction else None
     evaluate = make_evaluator(
         graphdef,
         val_rows,
@@ -367,6 +497,9 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         if start is not None:
             state = ckpt.restore(start, state, train_iter)
             log(f"resumed from {ckpt.step_dir(start)}")
+        elif init is not None:
+            state = start_from(state, tx, *init())
+            log(f"starting from the weights of {cfg.init_from}")
         start = int(state.step)
         if start >= cfg.steps:
             log(
@@ -411,8 +544,16 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
         with graceful_stop(log=log) as stop:
             for step in range(start + 1, cfg.steps + 1):
                 tick = time.perf_counter()
-                batch = _to_global(next(train_iter), data_sharding)
-                params, rest, opt_state, m = step_fn(state.params, state.rest, state.opt_state, batch)
+                batch = next(train_iter)
+                sampled = on_policy is not None and on_policy.due(step)
+                if sampled:  # GKD: the student's own continuations of the rows' prompts
+                    batch = on_policy.batch(batch, state.params, state.rest, step)
+                elif on_policy is not None:
+                    batch = {**batch, "label_weight": np.ones(batch["inputs"].shape, np.float32)}
+                batch = _to_global(batch, data_sharding)
+                params, rest, opt_state, m = step_fn(
+                    state.params, state.rest, state.opt_state, batch, teacher_state
+                )
                 skipped = state.skipped + (~m["finite"]).astype(jnp.int32)
                 state = dataclasses.replace(
                     state,
@@ -445,6 +586,8 @@ def _train(cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mes
                         "z_loss": float(m["z_loss"]),
                         "grad_norm": float(m["grad_norm"]),
                         "skipped": int(skipped),
+                        **({"distill_loss": float(m["distill_loss"])} if "distill_loss" in m else {}),
+                        **({"on_policy": sampled} if on_policy is not None else {}),
                         **_layer_metrics(m),
                     }
                     if busy_steps:
