@@ -36,6 +36,7 @@ from llmarch import accounting
 from llmarch.config import ModelConfig
 from llmarch.inference import paged_cache, sampling
 from llmarch.inference.block_manager import BlockManager, pages_for
+from llmarch.inference.detokenize import TextStream
 from llmarch.inference.engine_config import EngineConfig
 from llmarch.inference.outputs import Completion, RequestOutput, TokenEvent
 from llmarch.inference.sampling import SamplingParams
@@ -135,7 +136,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self._ids = itertools.count()
-        self._texts: dict[tuple[str, int], str] = {}
+        self._texts: dict[tuple[str, int], TextStream] = {}  # streamed text of live completions
         self._seq_times: dict[int, list[float]] = {}  # token arrival times per sequence
         self.counters = dict(
             steps=0,
@@ -231,6 +232,8 @@ class Engine:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.request is request:
                 self.scheduler.finish(seq, "abort")
+        for key in [k for k in self._texts if k[0] == request_id]:
+            del self._texts[key]  # its text streams end with it
         request.finish_time = time.perf_counter()
 
     def has_unfinished(self) -> bool:
@@ -453,13 +456,16 @@ class Engine:
         return "".join([*parts, self.tokenizer.decode(run)])
 
     def _text_delta(self, seq: Seq) -> str | None:
+        """The text seq's newest token adds: never part of a character (held back until the token
+        completing it comes); at the end, whatever is left, so the pieces join to the output's text."""
         if self.tokenizer is None:
             return None
         key = (seq.request.request_id, seq.sample_index)
-        text = self.decode(seq.tokens[len(seq.request.prompt) :])
-        before = self._texts.get(key, "")
-        self._texts[key] = text
-        return text[len(before) :] if text.startswith(before) else text
+        stream = self._texts.setdefault(key, TextStream(self.decode))
+        final = seq.status is Status.FINISHED
+        if final:
+            del self._texts[key]
+        return stream.push(seq.tokens[-1], final=final)
 
     # Results -----------------------------------------------------------------------------
 
