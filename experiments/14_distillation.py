@@ -287,7 +287,8 @@ def verdict(rows: dict, labels: dict, phase: str) -> list[str]:
             f"Agarwal et al. 2024 (GKD), on-policy JSD beats supervised JSD: held-out CE "
             f"{g['val_ce'] - j['val_ce']:+.4f} nats ({compare(g['val_ce'], j['val_ce'])}); the teacher's "
             f"loss on its samples {g['sample_nll']:.3f} against {j['sample_nll']:.3f} "
-            f"({compare(g['sample_nll'], j['sample_nll'])}); {g['seconds'] / j['seconds']:.1f}x the wall time."
+            f"({compare(g['sample_nll'], j['sample_nll'])}); "
+            f"{g['seconds'] / j['seconds']:.1f}x the wall time."
         )
     return out
 
@@ -354,7 +355,10 @@ def main(argv=None) -> None:
     if warm:
         phases.append((f"phase 2 ({args.warm_steps} steps from the label-only student)", warm))
     plot(path.with_suffix(".png"), labels, phases, t_curve, t_name)
-    t_row = f"| {t_name} | {t_ce:.4f} | {math.exp(t_ce):.2f} | — | 0 | {t_curve:.4f} | {t_nll:.3f} | {t_distinct:.1%} | — |"
+    t_row = (
+        f"| {t_name} | {t_ce:.4f} | {math.exp(t_ce):.2f} | — | 0 | {t_curve:.4f} | {t_nll:.3f} "
+        f"| {t_distinct:.1%} | — |"
+    )
     memorized = (
         "it has memorized much of its 1 MB corpus, and the students distil its distributions on that "
         "same training text, where they are sharper than on new text"
@@ -366,7 +370,9 @@ def main(argv=None) -> None:
     command = "python experiments/14_distillation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     warm_text = "Phase 2 was not run (`--warm-steps 0`)."
     if warm:
-        warm_text = f"""Each objective continues phase 1's label-only student for {args.warm_steps} more steps (`init_from`:
+        steps = args.warm_steps
+        warm_text = f"""Each objective continues phase 1's label-only student for {steps} more steps
+(`init_from`:
 its weights, a fresh optimizer, peak learning rate {args.warm_lr:g} with {max(1, args.warm_steps // 10)}
 warmup steps, the same first batches as phase 1 again), the setting of GKD and MiniLLM, whose students
 start from supervised fine-tuned models. "labels only" is simply more label training.
@@ -382,6 +388,7 @@ start from supervised fine-tuned models. "labels only" is simply more label trai
             f"continuing the first {args.prompt_len or T // 2} tokens of each row to {T + 1} tokens; "
             "those steps train on JSD alone over the sampled positions and see no corpus labels."
         )
+    tokens = args.steps * first.batch_size * T / 1e6
     text = f"""# 14 Knowledge distillation into a 5x smaller student
 
 Command: `{command.strip()}`
@@ -409,7 +416,7 @@ Wall s: the training call (teacher loading, compiling, sampling and evaluations 
 run shows the seconds it took when trained). Differences under {TIE} nats are called ties: every
 row is one seed. Whole experiment {seconds / 60:.1f} min.
 
-## Phase 1: {args.steps} steps from random weights ({args.steps * first.batch_size * T / 1e6:.2f}M tokens, peak learning rate {args.lr:g})
+## Phase 1: {args.steps} steps from random weights ({tokens:.2f}M tokens, peak learning rate {args.lr:g})
 
 {table(cold, labels, t_row)}
 
