@@ -29,6 +29,20 @@ def test_magnitude_keeps_the_largest():
         assert np.abs(wi[ki]).min() >= np.abs(wi[~ki]).max()
 
 
+@pytest.mark.hf
+@pytest.mark.parametrize("amount", [0.25, 0.5, 0.75])
+def test_magnitude_equals_torch_l1_unstructured(amount):
+    """The issue's reference: torch.nn.utils.prune.l1_unstructured on the same tensor."""
+    torch = pytest.importorskip("torch")
+    torch_prune = pytest.importorskip("torch.nn.utils.prune")
+    w = RNG.normal(size=(16, 8)).astype(np.float32)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w.T.copy()))  # torch stores [out, in]
+    torch_prune.l1_unstructured(layer, "weight", amount=amount)
+    np.testing.assert_array_equal(magnitude(w, amount), layer.weight_mask.numpy().T.astype(bool))
+
+
 def test_n_m_keeps_n_highest_of_every_m():
     scores = RNG.normal(size=(16, 5))
     keep = n_m(scores, 2, 4)
