@@ -110,3 +110,24 @@ def test_engine_streams_whole_characters(kind, bpe):
     assert events[-1].finished and events[-1].finish_reason == "length"
     assert engine.generate([[0]], params)[0].text == text
     assert not engine._texts  # finished streams are dropped
+
+
+def test_release_forgets_finished_requests(bpe):
+    """A server releases each finished request, so the engine's memory stays bounded."""
+    engine = Engine(_successor_model(8), max_len=64, page_size=8, max_num_seqs=2)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    rid = engine.add_request([0], params)
+    with pytest.raises(ValueError, match=f"request {rid!r} is unfinished: abort it"):
+        engine.release(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.output(rid).token_ids == [1, 2, 3, 4]
+    engine.release(rid)
+    assert rid not in engine.requests and not engine._seq_times
+    with pytest.raises(ValueError, match="is unknown"):
+        engine.release(rid)
+    aborted = engine.add_request([0], params)
+    engine.step()
+    engine.abort(aborted)
+    engine.release(aborted)
+    assert not engine.requests and not engine._texts

@@ -56,6 +56,9 @@ RULES: dict[str, Rules] = {
     "fsdp_tp": _rules(_FSDP, _TP),
     "ep": _rules(_EP, batch=(*_DATA, "expert")),
     "hybrid": _rules(_FSDP, _TP, _EP, batch=(*_DATA, "expert")),
+    # One serving replica (llmarch.inference.placement): the model split, the weights never
+    # gathered per step (no FSDP); tokens spread over expert for the expert-parallel MoE layer.
+    "serve": _rules(_TP, _EP, batch=(*_DATA, "expert")),
 }
 
 

@@ -5,6 +5,12 @@ sequence holding them finishes. Sequences may share pages (parallel samples of o
 share the prompt's pages): each page has a reference count, and a sequence about to write
 into a page it shares first gets a private copy (copy-on-write). Page ``TRASH_PAGE`` (0) is
 never handed out: padding tokens write there.
+
+With prefix caching (``llmarch.inference.prefix_cache``), full pages of computed tokens are also
+entered in a table by the hash of their prefix (``cache_page``); a new sequence starts from the
+cached pages of its prefix (``lookup`` then ``take``). A cached page that nobody holds any more is
+kept, evictable, and counts as free: allocation takes never-cached free pages first, then evicts
+the least recently released cached page.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import numpy as np
 
 from kernels_pallas.intmath import cdiv
 from llmarch.checks import check_positive
+from llmarch.inference.prefix_cache import PrefixCache
 from llmarch.layers.paged import TRASH_PAGE
 
 
@@ -29,10 +36,11 @@ class BlockManager:
     """Reference-counted pages ``1..num_pages-1`` of a pool of ``num_pages`` (0 is the trash page).
 
     A block table is a plain ``list[int]`` of page ids owned by its sequence; the manager
-    mutates it in ``prepare_write`` and ``release``.
+    mutates it in ``prepare_write`` and ``release``. ``prefix_caching``: keep full computed pages
+    for reuse (``cache``, a ``PrefixCache``; None when off).
     """
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, *, prefix_caching: bool = False):
         check_positive("", num_pages=num_pages, page_size=page_size)
         if num_pages < 2:
             raise ValueError(
@@ -41,11 +49,13 @@ class BlockManager:
         self.num_pages, self.page_size = num_pages, page_size
         self.refcount = np.zeros(num_pages, np.int64)
         self.refcount[TRASH_PAGE] = 1  # reserved forever
-        self._free = list(range(num_pages - 1, 0, -1))  # a stack: low page ids first
+        self._free = list(range(num_pages - 1, 0, -1))  # a stack: low page ids first; never cached
+        self.cache = PrefixCache() if prefix_caching else None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can take: free ones and evictable cached ones."""
+        return len(self._free) + (self.cache.num_evictable if self.cache is not None else 0)
 
     @property
     def capacity(self) -> int:
@@ -53,7 +63,7 @@ class BlockManager:
         return self.num_pages - 1
 
     def _allocate(self) -> int:
-        page = self._free.pop()
+        page = self._free.pop() if self._free else self.cache.evict()  # callers checked num_free
         self.refcount[page] = 1
         return page
 
@@ -64,14 +74,46 @@ class BlockManager:
         return list(table)
 
     def release(self, table: list[int]) -> None:
-        """Drops ``table``'s hold on its pages (emptying it); pages nobody holds are freed."""
-        for page in table:
+        """Drops ``table``'s hold on its pages (emptying it); pages nobody holds are freed, or,
+        when cached, become evictable. The table's last pages are released first, so they are
+        evicted first: a longer prefix is less likely to be asked for again than a shorter one."""
+        for page in reversed(table):
             self.refcount[page] -= 1
             if self.refcount[page] == 0:
-                self._free.append(page)
+                if self.cache is not None and self.cache.is_cached(page):
+                    self.cache.park(page)
+                else:
+                    self._free.append(page)
             elif self.refcount[page] < 0:
                 raise RuntimeError(f"page {page} was released more often than it was held")
         table.clear()
+
+    # Prefix caching ----------------------------------------------------------------------
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of ``hashes`` (nothing taken; [] when off)."""
+        return [] if self.cache is None else self.cache.lookup(hashes)
+
+    def pages_revived(self, pages: list[int]) -> int:
+        """Free (evictable) pages that ``take(pages)`` would take out of ``num_free``."""
+        return sum(1 for page in pages if self.refcount[page] == 0)
+
+    def take(self, pages: list[int]) -> list[int]:
+        """A new block table holding the cached ``pages`` (from ``lookup``): held pages are
+        shared, evictable ones held again."""
+        for page in pages:
+            if self.refcount[page] == 0:
+                self.cache.unpark(page)
+            self.refcount[page] += 1
+        return list(pages)
+
+    def cache_page(self, page: int, h: bytes) -> None:
+        """Enters ``page`` (held, full of computed tokens whose prefix hashes to ``h``) in the
+        table; no-op when caching is off or ``h`` is cached as another page already."""
+        if self.cache is not None:
+            if self.refcount[page] <= 0:
+                raise RuntimeError(f"page {page} is cached while nobody holds it")
+            self.cache.add(page, h)
 
     def pages_to_write(self, table: list[int], start: int, end: int) -> int:
         """Free pages that ``prepare_write(table, start, end)`` would take."""
@@ -120,5 +162,10 @@ class BlockManager:
                 f"refcounts differ at pages {bad.tolist()}: held {counts[bad].tolist()}, "
                 f"counted {self.refcount[bad].tolist()}"
             )
-        if sorted(self._free) != np.flatnonzero(counts == 0).tolist():
-            raise AssertionError("the free list is not exactly the pages nobody holds")
+        idle = self._free + (self.cache.evictable_pages() if self.cache is not None else [])
+        if sorted(idle) != np.flatnonzero(counts == 0).tolist():
+            raise AssertionError("the free and evictable pages are not exactly the pages nobody holds")
+        if self.cache is not None:
+            if any(self.cache.is_cached(page) for page in self._free):
+                raise AssertionError("a cached page is on the free list (it should be evictable)")
+            self.cache.check(self.refcount)

@@ -10,6 +10,8 @@ attention loops only over the pages in use), so the program compiles once per bu
 steady decode never recompiles. When a step only decodes and no request waits, one dispatch
 runs up to ``EngineConfig.decode_steps`` decode steps on the device (``step_program``), each
 feeding the tokens the last one sampled; ``step()`` then returns several tokens per sequence.
+Full pages stay cached by the hash of their prefix, so a prompt that starts like an earlier one
+prefills only from the first page not cached (``prefix_cache``; ``enable_prefix_caching``).
 On CPU the layers run over per-layer copies of their weights (``unstack_layers``).
 
     engine = Engine(model, cfg, tokenizer=tok, max_num_seqs=32)
@@ -34,7 +36,7 @@ from flax import nnx
 from kernels_pallas.intmath import next_pow2
 from llmarch import accounting
 from llmarch.config import ModelConfig
-from llmarch.inference import paged_cache, sampling
+from llmarch.inference import paged_cache, placement, prefix_cache, sampling
 from llmarch.inference.block_manager import BlockManager, pages_for
 from llmarch.inference.detokenize import TextStream
 from llmarch.inference.engine_config import EngineConfig
@@ -116,13 +118,23 @@ class Engine:
                     "needs >= 2 (one is the trash page)"
                 )
         self.kinds = paged_cache.cache_kinds(model)
+        self.mesh = None if config.mesh is None else placement.serving_mesh(config.mesh)
+        if self.mesh is not None:  # a sharded copy: the caller's model stays where it is
+            model = placement.place_model(model, self.mesh)
         if _unstack(config.unstack_layers, model):
             model = with_unstacked_layers(model)
         graphdef, state = nnx.split(model)
         self._leaves, treedef = jax.tree.flatten(state)
         self.program = program(graphdef, treedef, self.kinds, config.max_logprobs, config.decode_steps)
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size, self.kv_dtype)
-        self.block_manager = BlockManager(num_pages, config.page_size)
+        if self.mesh is not None:
+            self.pools = placement.place_pools(self.kinds, self.pools, self.mesh)
+        # Why prefix caching is off (None: it is on): turned off, or unsafe for this model.
+        off = None if config.enable_prefix_caching else "EngineConfig.enable_prefix_caching=False"
+        self.prefix_caching_off = off or prefix_cache.unsafe_reason(cfg)
+        self.block_manager = BlockManager(
+            num_pages, config.page_size, prefix_caching=not self.prefix_caching_off
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
@@ -235,6 +247,18 @@ class Engine:
         for key in [k for k in self._texts if k[0] == request_id]:
             del self._texts[key]  # its text streams end with it
         request.finish_time = time.perf_counter()
+
+    def release(self, request_id: str) -> None:
+        """Forgets a finished (or aborted) request, so a long-running server's memory stays
+        bounded; its output can no longer be read."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"request_id={request_id!r} is unknown (never added, or released)")
+        if not request.finished:
+            raise ValueError(f"request {request_id!r} is unfinished: abort it before releasing it")
+        for seq in request.completions:
+            self._seq_times.pop(seq.seq_id, None)
+        del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -365,17 +389,18 @@ class Engine:
         steps = self._decode_steps(plan)
         batch, shape = self._batch(plan)
         self.shapes.add((*shape, steps > 1))  # the decode loop is a program of its own
-        if steps > 1:
-            self.pools, out = run_decode(
-                self._leaves,
-                self.pools,
-                batch,
-                np.int32(steps),
-                program=self.program,
-                page_size=self.config.page_size,
-            )
-        else:
-            self.pools, out = run_step(self._leaves, self.pools, batch, program=self.program)
+        with placement.ambient(self.mesh):  # traced with the mesh's rules: GSPMD splits the step
+            if steps > 1:
+                self.pools, out = run_decode(
+                    self._leaves,
+                    self.pools,
+                    batch,
+                    np.int32(steps),
+                    program=self.program,
+                    page_size=self.config.page_size,
+                )
+            else:
+                self.pools, out = run_step(self._leaves, self.pools, batch, program=self.program)
         out = jax.device_get(out)
         now = time.perf_counter()
         self.counters["steps"] += steps
@@ -391,11 +416,11 @@ class Engine:
             for r, seq in enumerate(plan.decode):
                 if seq.status is Status.FINISHED:  # stopped earlier in this dispatch; the rest is dropped
                     continue
-                seq.num_computed += 1
+                self.scheduler.advance(seq, seq.num_computed + 1)
                 self.counters["decode_tokens"] += 1
                 events.append(self._append(seq, out_j, first + r, now))
         for r, (seq, _, end) in enumerate(plan.prefill):
-            seq.num_computed = end
+            self.scheduler.advance(seq, end)
             if end < len(seq.tokens):
                 continue
             if seq.is_parent:
@@ -590,10 +615,14 @@ class Engine:
     @property
     def stats(self) -> dict:
         """Counters: steps (and those mixing prefill chunks with decode tokens), dispatches
-        (programs run: a dispatch of several decode steps counts once), tokens by kind,
+        (programs run: a dispatch of several decode steps counts once), tokens by kind (prompt
+        tokens found in the prefix cache are not computed, so not counted in ``prefill_tokens``),
         padding, seconds in steps with and without prefill, preemptions, distinct step shapes
         (a bucket run as a loop of decode steps counts apart: each is one compiled program),
-        pages and the bytes of the page pools (scales included)."""
+        pages (``free_pages`` counts evictable cached ones) and the bytes of the page pools
+        (scales included). Prefix caching: whether it is on, lookups (one per sequence joining
+        from the queue, preempted ones again), their tokens and the tokens found cached, the hit
+        rate (found over looked-up tokens), cached pages and evictions."""
         return dict(
             self.counters,
             preemptions=self.scheduler.num_preemptions,
@@ -601,4 +630,5 @@ class Engine:
             free_pages=self.block_manager.num_free,
             num_pages=self.block_manager.num_pages,
             kv_cache_bytes=sum(x.nbytes for pool in self.pools for x in pool),
+            **prefix_cache.stats(self.block_manager.cache),
         )

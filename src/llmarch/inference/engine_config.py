@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmarch.checks import check_int
+from llmarch.inference import placement
 from llmarch.inference.scheduler import ADMISSION
 from llmarch.layers.kv_quant import KV_CACHE_DTYPES
 
@@ -43,6 +44,14 @@ class EngineConfig:
         together) or "fcfs" (first come first served).
       max_wait_steps: under "shortest", steps after which a waiting request goes ahead of
         shorter ones (so none starves).
+      enable_prefix_caching: keep the full pages of computed tokens and let later sequences
+        whose tokens start the same reuse them instead of prefilling them again (automatic
+        prefix caching, ``llmarch.inference.prefix_cache``). Outputs are unchanged; the engine
+        leaves it off for models whose pages depend on more than their prefix (MoE with
+        ``strategy="capacity"``) and says why in ``Engine.prefix_caching_off``.
+      mesh: devices to split the model over, e.g. "tensor=2" or "tensor=2,expert=2"
+        (``llmarch.inference.placement``: heads, FFN units and the vocabulary over ``tensor``, MoE
+        experts over ``expert``, the KV pages by head); None: one device.
       seed: draws the seeds of requests that give none.
     """
 
@@ -65,6 +74,8 @@ class EngineConfig:
     fixed_shapes: bool = False
     decode_steps: int = 8
     unstack_layers: bool | None = None
+    enable_prefix_caching: bool = True
+    mesh: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -81,6 +92,8 @@ class EngineConfig:
                 "kv_cache_dtype",
                 "kv_cache_memory",
                 "admission",
+                "enable_prefix_caching",
+                "mesh",
             ):
                 continue
             check_int("EngineConfig", f.name, value)
@@ -106,6 +119,14 @@ class EngineConfig:
                 )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} is invalid: must be >= 0")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} is invalid: "
+                "must be True or False"
+            )
+        if self.mesh is not None and not isinstance(self.mesh, str):
+            raise ValueError(f"EngineConfig.mesh={self.mesh!r} is invalid: must be None or e.g. 'tensor=2'")
+        placement.check_mesh_spec(self.mesh)
         if self.unstack_layers not in (None, True, False):
             raise ValueError(
                 f"EngineConfig.unstack_layers={self.unstack_layers!r} is invalid: must be None, True or False"

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from llmarch import hf
+from llmarch import hf, hub
 from llmarch.config import ModelConfig
 from llmarch.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from llmarch.json_config import read_json
@@ -43,9 +43,10 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
 
     ``path`` is either a run directory written by ``llmarch train`` (its latest checkpoint and
     its tokenizer) or a Hugging Face checkpoint (``config.json`` + safetensors; its
-    ``tokenizer.json`` when present). ``dtype`` (e.g. ``"bfloat16"``) becomes the dtype of the
-    parameters and of the computation, for either kind; None keeps a run's dtypes as trained and
-    loads a Hugging Face checkpoint in float32.
+    ``tokenizer.json`` when present), or the Hub id ``org/name`` of one (``llmarch.hub``).
+    ``dtype`` (e.g. ``"bfloat16"``) becomes the dtype of the parameters and of the computation,
+    for either kind; None keeps a run's dtypes as trained and loads a Hugging Face checkpoint in
+    float32.
 
     Raises:
       FileNotFoundError: no such directory, not a directory, or neither kind of checkpoint in it.
@@ -55,7 +56,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
         f"an llmarch run directory ({CONFIG_FILE} + {CHECKPOINTS_DIR}/, written by `llmarch "
         f"train`) or {hf.HF_CHECKPOINT}"
     )
-    root = existing_dir(path, expected)
+    root = existing_dir(hub.resolve(path), expected)
     name = None if dtype is None else hf.dtype_name(dtype)  # a bad dtype fails before any loading
     from llmarch.quant.checkpoint import is_quantized_checkpoint, load_quantized
 

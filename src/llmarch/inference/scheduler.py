@@ -24,6 +24,12 @@ A request for ``n > 1`` completions first prefills its prompt (all but the last 
 *parent* sequence; then ``fork`` makes ``n`` children that share the parent's pages (copy on
 write) and each feed the last prompt token as their first decode step.
 
+With prefix caching (``BlockManager(prefix_caching=True)``, ``llmarch.inference.prefix_cache``),
+a sequence joining from the queue (new, or preempted and to be recomputed) first looks up the
+full pages of its tokens, all but the last (which must be computed, for its logits or, in a
+parent, to fork); it holds the cached ones and computes only from the first page not found. The
+pages a step fills are entered in the cache as the step completes (``advance``).
+
 Whether a row decodes is the sequence's state (``Sequence.decoding``), never the length of the
 piece it feeds: a parent's last prefill piece may be a single token, and it must still fork, not
 sample.
@@ -36,6 +42,7 @@ import dataclasses
 import enum
 import itertools
 
+from llmarch.inference import prefix_cache
 from llmarch.inference.block_manager import BlockManager, OutOfPages
 from llmarch.inference.sampling import SamplingParams
 
@@ -74,7 +81,9 @@ class Request:
 class Sequence:
     """A token sequence in the cache. ``tokens[:num_computed]`` have keys and values in
     ``pages``; ``tokens[num_computed:]`` are fed next. ``sample_index`` -1 marks the
-    shared-prompt parent of an ``n > 1`` request (it never samples)."""
+    shared-prompt parent of an ``n > 1`` request (it never samples). ``hashes``: the prefix
+    hashes of its first full pages (known so far); ``num_cached``: its first pages already offered
+    to the prefix cache."""
 
     seq_id: int
     request: Request
@@ -88,6 +97,8 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+    num_cached: int = 0
 
     @property
     def is_parent(self) -> bool:
@@ -177,7 +188,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Frees ``seq``'s pages; it waits at the front of the queue to be recomputed."""
         self.bm.release(seq.pages)
-        seq.num_computed, seq.status, seq.queued_at = 0, Status.WAITING, -1
+        seq.num_computed, seq.num_cached, seq.status, seq.queued_at = 0, 0, Status.WAITING, -1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -197,6 +208,7 @@ class Scheduler:
         for i in range(request.params.n):
             child = self.new_sequence(request, i, request.prompt)
             child.num_computed, child.pages = parent.num_computed, self.bm.share(parent.pages)
+            child.hashes, child.num_cached = list(parent.hashes), parent.num_cached
             children.append(child)
         self.bm.release(parent.pages)
         if parent.status is Status.RUNNING:
@@ -206,6 +218,26 @@ class Scheduler:
             self._admit(child)
         request.completions = children
         return children
+
+    def advance(self, seq: Sequence, num_computed: int) -> None:
+        """Records that ``seq``'s tokens up to ``num_computed`` have their keys and values in its
+        pages (a step ran), entering the pages that became full in the prefix cache."""
+        seq.num_computed = num_computed
+        full = num_computed // self.bm.page_size
+        if self.bm.cache is None or full <= seq.num_cached:
+            return
+        hashes = prefix_cache.extend_hashes(seq.hashes, seq.tokens, self.bm.page_size, full)
+        for j in range(seq.num_cached, full):
+            self.bm.cache_page(seq.pages[j], hashes[j])
+        seq.num_cached = full
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached pages ``seq`` (waiting, holding no pages) can start from: those of its
+        longest cached prefix of full pages, short of its last token (nothing taken yet)."""
+        if self.bm.cache is None or seq.pages:
+            return []
+        usable = (len(seq.tokens) - 1) // self.bm.page_size
+        return self.bm.lookup(prefix_cache.extend_hashes(seq.hashes, seq.tokens, self.bm.page_size, usable))
 
     # Scheduling --------------------------------------------------------------------------
 
@@ -260,14 +292,23 @@ class Scheduler:
             seq = self.next_waiting()
             if sum(map(self._slots_taken, self.running)) + self._slots_taken(seq) > self.max_num_seqs:
                 break
-            start, todo = seq.num_computed, seq.to_compute
-            if not seq.decoding and len(plan.prefill) >= self.max_prefill_rows:
+            hits = self._cached_prefix(seq)
+            start = len(hits) * self.bm.page_size if hits else seq.num_computed
+            todo = len(seq.tokens) - start
+            decoding = not seq.is_parent and todo == 1  # seq.decoding once start is computed
+            if not decoding and len(plan.prefill) >= self.max_prefill_rows:
                 break
             end = start + min(todo, budget, self.max_prefill_chunk)
-            needed = self.bm.pages_to_write(seq.pages, start, end)
+            table = hits or seq.pages  # the block table seq starts from
+            # Cached pages nobody holds are counted free: taking them leaves fewer.
+            needed = self.bm.pages_to_write(table, start, end) + self.bm.pages_revived(hits)
             headroom = self.watermark_pages if self.running else 0  # room for the running to grow
             if needed + headroom > self.bm.num_free:
                 break
+            if self.bm.cache is not None and not seq.pages:
+                self.bm.cache.record(len(seq.tokens), start)
+                if hits:
+                    seq.pages, seq.num_computed, seq.num_cached = self.bm.take(hits), start, len(hits)
             plan.copies += self.bm.prepare_write(seq.pages, start, end)
             self.waiting.remove(seq)
             self._admit(seq)
