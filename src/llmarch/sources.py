@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from llmarch import hf
+from llmarch import hf, hub
 from llmarch.checks import check_positive
 from llmarch.config import ModelConfig
 from llmarch.data import make_batches
@@ -63,12 +63,13 @@ class Source:
 
 
 def source(path: str | os.PathLike, *, what: str = "checkpoint") -> Source:
-    """The ``Source`` at ``path``; ``what`` names it in errors (e.g. "TrainConfig.init_from").
+    """The ``Source`` at ``path`` (or at the Hub id ``org/name``: ``llmarch.hub``); ``what`` names it
+    in errors (e.g. "TrainConfig.init_from").
 
     Raises:
       FileNotFoundError, ValueError: not a directory, neither kind of checkpoint, a quantized one.
     """
-    root = existing_dir(path, _EXPECTED, what=what).resolve()
+    root = existing_dir(hub.resolve(path, what=what), _EXPECTED, what=what).resolve()
     if is_quantized_checkpoint(root):
         raise ValueError(f"{what} {root} is quantized: start from its float source instead")
     if is_run(root):

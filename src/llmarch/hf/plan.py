@@ -42,7 +42,13 @@ class Entry:
 
 
 def check_blocks(cfg: ModelConfig, arch: Architecture) -> None:
-    """Raises ValueError when a block of ``cfg`` has a kind ``arch`` has no tensor table for."""
+    """Raises ValueError when a block of ``cfg`` has a kind ``arch`` has no tensor table for, or when
+    ``cfg`` has factorized weights or skip-layer modules (no architecture holds them)."""
+    if cfg.low_rank:
+        raise ValueError(
+            f"ModelConfig.low_rank holds {len(cfg.low_rank)} factorized weights, which Hugging Face "
+            "checkpoints cannot hold; allowed: None (export the checkpoint it was factorized from)"
+        )
     if cfg.skip_layers:
         raise ValueError(
             f"ModelConfig.skip_layers={cfg.skip_layers} has no Hugging Face equivalent; allowed: ()"

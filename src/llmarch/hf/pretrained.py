@@ -19,6 +19,7 @@ from llmarch.hf.files import (
     weight_files,
     write_checkpoint,
 )
+from llmarch.hf.tokenizer import token_ids, tokenizer_config, write_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
 from llmarch.run_format import existing_dir
@@ -78,9 +79,14 @@ def save_pretrained(
     *,
     architecture: str | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
 ) -> None:
     """Writes ``config.json`` and safetensors weights that transformers' ``from_pretrained`` of the
-    architecture's class loads.
+    architecture's class loads; with a ``tokenizer``, also what ``AutoTokenizer`` and ``generate``
+    read (``llmarch.hf.tokenizer``: ``tokenizer.json``, ``tokenizer_config.json`` with
+    ``chat_template`` when given, ``generation_config.json``, and the special token ids in
+    ``config.json``).
 
     The architecture is ``architecture`` (a model_type such as ``"qwen3"``) when given, else
     ``cfg.hf_model_type`` (what ``load_pretrained`` read), else chosen from the blocks by
@@ -88,9 +94,27 @@ def save_pretrained(
     into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``. Weight files
     left by an earlier save in ``path`` are removed first, so that a stale index cannot shadow the
     new weights.
+
+    Raises:
+      ValueError: a model Hugging Face cannot hold (quantized, factorized, or a block kind or config
+        field the architecture lacks), or ``cfg`` not describing ``model``.
+      TypeError: a tokenizer other than llmarch's byte or BPE tokenizer.
     """
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
+    quant = getattr(model, "quant_config", None)  # set by llmarch.quant on a quantized model
+    if quant is not None:
+        raise ValueError(
+            f"the model is quantized ({quant.method}): a Hugging Face checkpoint holds float weights; "
+            "save its float source instead"
+        )
+    if tokenizer is not None:  # checked before anything is written
+        tokenizer_config(tokenizer, model_max_length=cfg.max_seq_len, chat_template=chat_template)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens, more than ModelConfig.vocab_size="
+                f"{cfg.vocab_size}: it is not the model's tokenizer"
+            )
     hf_config = config_to_hf(cfg, architecture=architecture)
     architecture = hf_config["model_type"]  # judge model.cfg by the same architecture
     if config_to_hf(model.cfg, architecture=architecture) != hf_config:
@@ -99,4 +123,8 @@ def save_pretrained(
             f"(cfg.name={cfg.name!r}, model.cfg.name={model.cfg.name!r})"
         )
     tensors = to_hf_tensors(model, cfg, architecture=architecture)
+    if tokenizer is not None:
+        hf_config.update(token_ids(tokenizer))
     write_checkpoint(Path(path), hf_config, tensors, max_shard_bytes)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, path, model_max_length=cfg.max_seq_len, chat_template=chat_template)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from llmarch import hf
+from llmarch import hf, hub
 from llmarch.checks import check_positive
 from llmarch.data import load_documents, load_tokenizer, pack_documents
 from llmarch.data.tokenizer import TOKENIZER_FILE
@@ -53,7 +53,7 @@ def quantize_checkpoint(
     from llmarch.inference.loading import load_for_inference
 
     check_positive("", calibration_samples=calibration_samples)
-    root = existing_dir(src, f"an llmarch run ({CONFIG_FILE}) or {hf.HF_CHECKPOINT}")
+    root = existing_dir(hub.resolve(src), f"an llmarch run ({CONFIG_FILE}) or {hf.HF_CHECKPOINT}")
     if is_quantized_checkpoint(root):
         _, _, done = read_record(root)
         raise ValueError(
