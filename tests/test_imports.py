@@ -22,7 +22,16 @@ PACKAGES = {
 # import modules of its own row and the rows below it, never a row above. Each entry is a module or
 # a package prefix; the first that matches a module places it.
 LAYERING = [
-    ("llmarch", "llmarch.cli", "llmarch.cli_compress", "llmarch.cli_train"),
+    (
+        "llmarch",
+        "llmarch.cli",
+        "llmarch.cli_compress",
+        "llmarch.cli_train",
+        "llmarch.cli_serve",
+        "llmarch.cli_export",
+    ),
+    ("llmarch.serve", "llmarch.serve."),  # `llmarch serve`: HTTP over the engine
+    ("llmarch.export", "llmarch.export."),  # `llmarch export`: Hugging Face, GGUF, StableHLO
     # `llmarch quantize`/`prune`/`lowrank` and their outputs; fine-tuning and distilling from a
     # checkpoint (sources: loads what the trainer, below Hugging Face and inference, cannot)
     (
@@ -64,7 +73,7 @@ LAYERING = [
         "llmarch.quant.hessian",
     ),  # the quantized formats, below the ops
     ("llmarch.sharding",),
-    ("llmarch.axes", "llmarch.checks", "llmarch.machine"),
+    ("llmarch.axes", "llmarch.checks", "llmarch.machine", "llmarch.hub"),
     ("kernels_pallas", "kernels_cpu"),
 ]
 # The layers are the bottom of the model stack: they may not reach up into what assembles, trains,

@@ -133,6 +133,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_num_batched_tokens=budget,
         max_prefill_chunk=min(budget, 256),
         max_len=max_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        mesh=args.mesh,
     )
     start = time.perf_counter()
     tokens = 0  # generated tokens, counted from what was printed
@@ -154,9 +156,13 @@ def _generate(args: argparse.Namespace) -> int:
                 body = c.text if c.text is not None else " ".join(map(str, c.token_ids))
                 print(f"[{out.request_id}.{c.index}] ({c.finish_reason}) {body}")
     seconds = time.perf_counter() - start
+    stats = engine.stats
+    cache = "prefix caching off"
+    if stats["prefix_caching"]:
+        cache = f"prefix cache hit rate {stats['prefix_cache_hit_rate']:.0%}"
     print(
-        f"{tokens} tokens in {seconds:.2f}s ({engine.stats['steps']} steps, "
-        f"{engine.stats['preemptions']} preemptions)",
+        f"{tokens} tokens in {seconds:.2f}s ({stats['steps']} steps, {stats['preemptions']} preemptions, "
+        f"{cache})",
         file=sys.stderr,
     )
     return 0
@@ -310,10 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's)")
     gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--mesh", help="devices to split the model over, e.g. tensor=2 (default: one device)")
+    gen.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt in full (default: reuse the cached pages of a shared prefix)",
+    )
     gen.set_defaults(func=_generate)
     from llmarch import cli_compress
 
     cli_compress.add_parsers(sub, common)
+    from llmarch import cli_serve
+
+    cli_serve.add_parsers(sub, common)
+    from llmarch import cli_export
+
+    cli_export.add_parsers(sub, common)
     return parser
 
 
