@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +9,11 @@ import pytest
 from flax import nnx
 
 import llmarch
+from llmarch.json_config import dataclass_from_dict
 from llmarch.train.optim import LrGroup, OptimizerConfig, build_optimizer, decay_mask, learning_rate_schedule
 from llmarch.train.precision import Precision, policy
+from llmarch.train.step import make_train_step
+from llmarch.train.trainer import TrainConfig
 
 PARAMS = {"attn_norm": {"scale": jnp.ones(3)}, "ffn": {"w": jnp.ones((3, 2))}, "mem": {"values": jnp.ones(2)}}
 
@@ -109,3 +115,60 @@ def test_precision_policy_reaches_the_model():
         policy("fp8")
     with pytest.raises(ValueError, match="compute_dtype='int4'"):
         Precision(compute_dtype="int4")
+
+
+def _legacy(name, **changes):
+    """An ``optimizer`` object as train_config.json held it before the per-optimizer fields."""
+    old = dict(
+        name=name,
+        learning_rate=0.003,
+        schedule="cosine",
+        warmup_steps=0,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        momentum=0.9,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-08,
+        grad_accum_steps=1,
+        lr_groups=[],
+    )
+    return {**old, **changes}
+
+
+def test_configs_written_before_the_per_optimizer_fields_still_load_with_their_meaning():
+    def load(data):
+        return dataclass_from_dict(OptimizerConfig, data)
+
+    sgd = load(_legacy("sgd"))  # its stored momentum=0.9 was never used: still plain SGD
+    assert sgd.momentum is None and sgd.resolved().momentum == 0.0 and sgd.b2 is None
+    assert load(_legacy("momentum")).momentum == 0.9
+    rms = load(_legacy("rmsprop"))  # its decay was b2
+    assert (rms.alpha, rms.b2, rms.momentum, rms.eps) == (0.95, None, None, 1e-8)
+    assert load(_legacy("adagrad")).initial_accumulator_value == 0.1  # the old built-in start
+    adamw = load(_legacy("adamw", weight_decay=0.1))
+    assert (adamw.b1, adamw.b2, adamw.eps, adamw.momentum, adamw.weight_decay) == (0.9, 0.95, 1e-8, None, 0.1)
+    assert load(_legacy("adadelta")).eps == 1e-8 and load(_legacy("adadelta")).rho is None
+    # Nested in a stored TrainConfig, as `llmarch train --out DIR` resumes and `eval` reads it.
+    run = TrainConfig.from_dict({"out_dir": "x", "optimizer": _legacy("rmsprop")})
+    assert run.optimizer.alpha == 0.95
+    # What this version writes reads back as it is (it is not taken for an old file).
+    new = OptimizerConfig(name="sgd", momentum=0.9, nesterov=True)
+    assert load(json.loads(json.dumps(dataclasses.asdict(new)))) == new
+    with pytest.raises(ValueError, match=r"b1=0.9 is invalid: rmsprop does not use it"):
+        load({**_legacy("rmsprop"), "alpha": None})  # a hand-mixed file is validated as written
+
+
+def test_float16_training_is_refused_with_the_field_and_bfloat16_named():
+    with pytest.raises(
+        ValueError, match=r"Precision.compute_dtype='float16' is invalid: .*loss scaling.*'bfloat16'"
+    ):
+        Precision(compute_dtype="float16")
+    cfg = llmarch.presets.get("tiny-dense").replace(dtype="float16")
+    graphdef, params, rest = nnx.split(llmarch.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    tx = optax.sgd(0.1)
+    step = make_train_step(graphdef, tx)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"ModelConfig.dtype='float16' is invalid for training"):
+        step(params, rest, tx.init(params), {"inputs": tokens, "targets": tokens})

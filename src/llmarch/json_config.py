@@ -18,6 +18,9 @@ def build(cls: type, data: Any, where: str) -> Any:
     must already have its field's type (JSON ``"0.01"`` is not a float, ``"no"`` not a bool)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    upgrade = getattr(cls, "upgrade_json", None)
+    if upgrade is not None:  # a class that still reads what earlier versions of it wrote
+        data = upgrade(data)
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
     names = {f.name for f in fields}

@@ -1,7 +1,14 @@
-"""Precision policies: the dtypes of parameters, of computation and of the model's output.
+"""Precision policies for training: the dtypes of parameters, of computation and of the
+model's output.
 
 Applied to a model through its config. Whatever the policy, softmax, norms, router scores
 and losses are computed in float32 inside the layers.
+
+float16 is refused for training (``check_trainable``). Its 5-bit exponent flushes gradients
+below ~6e-8 to zero, so float16 training needs loss scaling (scale the loss up, the gradients
+back down, skip steps that overflow), which llmarch does not do. bfloat16 has float32's
+exponent range, needs no scaling, and costs the same memory; float16 stays available for
+inference and export, where no gradient is taken.
 """
 
 from __future__ import annotations
@@ -9,6 +16,12 @@ from __future__ import annotations
 import dataclasses
 
 from llmarch.config import DTYPES, ModelConfig
+
+TRAINABLE_DTYPES = tuple(d for d in DTYPES if d != "float16")
+_NO_FLOAT16 = (
+    "float16 training needs loss scaling, which llmarch does not do; use 'bfloat16' "
+    "(float32's exponent range at float16's size)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +33,10 @@ class Precision:
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
             value = getattr(self, name)
-            if value not in DTYPES:
-                raise ValueError(f"Precision.{name}={value!r} is invalid; allowed: {DTYPES}")
+            if value == "float16":
+                raise ValueError(f"Precision.{name}={value!r} is invalid: {_NO_FLOAT16}")
+            if value not in TRAINABLE_DTYPES:
+                raise ValueError(f"Precision.{name}={value!r} is invalid; allowed: {TRAINABLE_DTYPES}")
 
     def apply(self, cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(
@@ -43,3 +58,10 @@ def policy(name: str) -> Precision:
     if name not in POLICIES:
         raise ValueError(f"precision={name!r} is unknown; allowed: {sorted(POLICIES)}")
     return POLICIES[name]
+
+
+def check_trainable(cfg: ModelConfig) -> None:
+    """Raises ValueError naming the field when ``cfg`` would train in float16 (see above)."""
+    for name in ("param_dtype", "dtype", "logits_dtype"):
+        if getattr(cfg, name, None) == "float16":
+            raise ValueError(f"ModelConfig.{name}='float16' is invalid for training: {_NO_FLOAT16}")

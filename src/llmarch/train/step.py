@@ -14,6 +14,7 @@ from llmarch import ops
 from llmarch.checks import fail
 from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
 from llmarch.train.guard import all_finite
+from llmarch.train.precision import check_trainable
 
 Batch = dict[str, jax.Array]  # inputs, targets [B,T]; optional mask, segment_ids, positions [B,T]
 StepFn = Callable[..., tuple[Any, ...]]  # (params, rest, opt_state, batch[, teacher]) -> new state, metrics
@@ -137,6 +138,8 @@ def make_train_step(
     before the step stays zero after it, so a pruned model keeps its masks through fine-tuning
     without storing them. ``objective``: trains on it instead of ``loss_fn`` (``z_loss`` and
     ``loss_chunk`` are then the objective's business); ``teacher`` is passed to it as is.
+    A model whose config computes or keeps parameters in float16 is refused with a ValueError
+    at the first call (``llmarch.train.precision.check_trainable``): there is no loss scaling.
     """
     check_loss_chunk("", loss_chunk)
 
@@ -147,6 +150,8 @@ def make_train_step(
         return total, (parts, aux)
 
     def step(params, rest, opt_state, batch, teacher=None):
+        # Checked while tracing, before XLA compiles: float16 would need loss scaling.
+        check_trainable(getattr(nnx.merge(graphdef, params, rest), "cfg", None))
         (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch, teacher)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
