@@ -29,9 +29,11 @@ LAYERING = [
         "llmarch.cli_train",
         "llmarch.cli_serve",
         "llmarch.cli_export",
+        "llmarch.cli_plot",
     ),
     ("llmarch.serve", "llmarch.serve."),  # `llmarch serve`: HTTP over the engine
     ("llmarch.export", "llmarch.export."),  # `llmarch export`: Hugging Face, GGUF, StableHLO
+    ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     # `llmarch quantize`/`prune`/`lowrank` and their outputs; fine-tuning and distilling from a
     # checkpoint (sources: loads what the trainer, below Hugging Face and inference, cannot)
     (

@@ -125,6 +125,30 @@ def test_cli_train_config_file_and_flags(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
+def test_records_hold_lr_step_time_throughput_and_only_active_loss_terms(tmp_path):
+    messages = []
+    warmup = OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=2)
+    cfg = TrainConfig(out_dir=str(tmp_path / "plain"), steps=3, optimizer=warmup, **SMALL)
+    train(cfg, log=messages.append)
+    records = [r for r in metrics.read(tmp_path / "plain" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # The step's own learning rate: warmup from 0 over 2 updates (step 1 applies update 0).
+    np.testing.assert_allclose([r["learning_rate"] for r in records], [0.0, 5e-4, 1e-3], rtol=1e-6)
+    assert all({"grad_norm", "skipped", "perplexity"} <= set(r) for r in records)
+    assert "step_time" not in records[0] and "tokens_per_s" not in records[0]  # the compiling step
+    for r in records[1:]:
+        assert r["step_time"] > 0
+        np.testing.assert_allclose(r["tokens_per_s"], 8 * 32 / r["step_time"], rtol=1e-9)
+    assert not any("z_loss" in r or "aux_loss" in r for r in records)  # coefficient 0, no MoE
+    assert messages[0].startswith("compiling the train step")
+    assert f"wrote {(tmp_path / 'plain').resolve()}: metrics.jsonl, checkpoints/" in messages
+    # With a z-loss coefficient and an MoE with a balance loss, both terms are logged.
+    moe = TrainConfig(out_dir=str(tmp_path / "moe"), preset="tiny-moe", steps=2, z_loss=1e-4, **SMALL)
+    train(moe, log=lambda s: None)
+    records = [r for r in metrics.read(tmp_path / "moe" / "metrics.jsonl") if "loss" in r]
+    assert all(r["z_loss"] > 0 and r["aux_loss"] > 0 for r in records)
+
+
 def test_tensorboard_events_are_written(tmp_path):
     _run(tmp_path, "tb", steps=2, tensorboard=True)
     assert any(Path(tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,9 +1,11 @@
-"""The ``llmarch`` command."""
+"""The ``llmarch`` command: each subcommand's flags, and one-line errors (exit 2 for a user's
+mistake, 1 for a failed run) instead of tracebacks."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import math
@@ -215,6 +217,21 @@ def _use_compile_cache(directory: pathlib.Path | None, *, explicit: bool) -> Non
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+DESCRIPTION = (
+    "llmarch: train, evaluate, compress, export and serve the LLM architectures of the llmarch "
+    "library (dense, GQA/MQA, MLA, MoE, memory layers), on one device or a mesh."
+)
+EPILOG = "Run `llmarch COMMAND --help` for a command's options; --debug shows the traceback of an error."
+
+
+def version() -> str:
+    """The installed distribution's version (a source tree that was never installed has none)."""
+    try:
+        return importlib.metadata.version("llmarch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -237,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="compile everything anew (also: LLMARCH_COMPILE_CACHE=off)",
     )
-    parser = argparse.ArgumentParser(prog="llmarch", description=__doc__, parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="llmarch", description=DESCRIPTION, epilog=EPILOG, parents=[common])
+    parser.add_argument("--version", action="version", version=f"llmarch {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     demo = sub.add_parser(
         "demo", parents=[common], help="train a tiny model on the embedded corpus and sample from it"
     )
@@ -332,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmarch import cli_export
 
     cli_export.add_parsers(sub, common)
+    from llmarch import cli_plot
+
+    cli_plot.add_parsers(sub, common)
     return parser
 
 

@@ -56,6 +56,12 @@ TRAIN_FLAGS = [
         str,
         "fine-tune: start from this run's or Hugging Face checkpoint's weights",
     ),
+    (
+        "--profile-steps",
+        "profile_steps",
+        str,
+        "A:B: write a jax.profiler trace of steps A to B-1 to OUT/profile (TensorBoard, Perfetto)",
+    ),
     ("--optimizer", "optimizer.name", str, "sgd, momentum, adagrad, adadelta, rmsprop, adam, adamw"),
     ("--lr", "optimizer.learning_rate", float, "peak learning rate"),
     ("--schedule", "optimizer.schedule", str, "constant or cosine"),

@@ -11,6 +11,7 @@ not on the trainer. Layout of a run directory::
   checkpoints_set_aside/    corrupted or unfinished steps moved out of the way, kept to inspect
   metrics.jsonl             one JSON record per logged step
   tensorboard/              the same scalars as TensorBoard events
+  profile/                  a jax.profiler trace of the steps --profile-steps names, if any
   .lock                     held while a trainer writes
 """
 
@@ -25,6 +26,7 @@ MANIFEST = "manifest.json"  # inside each checkpoints/<step>/
 SET_ASIDE_SUFFIX = "_set_aside"  # checkpoints/ + this: where set-aside steps go
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
 LOCK_FILE = ".lock"
 
 

@@ -1,4 +1,5 @@
-"""Training metrics: JSON lines, TensorBoard event files, and the MFU denominator."""
+"""Training metrics: JSON lines, TensorBoard event files, the MFU denominator, and which of a
+train step's outputs a record holds."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tensorboardX import SummaryWriter
 
+from llmarch.config import ModelConfig
 from llmarch.run_format import METRICS_FILE, TENSORBOARD_DIR
 from llmarch.train.checkpoint import atomic_write_text
 
@@ -28,6 +31,50 @@ def peak_flops(device_kind: str) -> float | None:
     """The chip's peak from ``PEAK_FLOPS`` by the longest matching name; None if unknown (CPUs)."""
     matches = [name for name in PEAK_FLOPS if device_kind.startswith(name)]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+# A train step's own outputs (``llmarch.train.step``); everything else it returns is the layers'.
+STEP_OUTPUTS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite", "distill_loss")
+
+
+def aux_loss_active(cfg: ModelConfig) -> bool:
+    """Whether the layers add a weighted loss of their own to the objective: an MoE balance or
+    router z-loss with a coefficient > 0, or a TDQKR memory's singular-value loss. Without one,
+    ``aux_loss`` is a constant 0 and not worth a curve."""
+    fields = {kind.config_field for _, kind in cfg.used_kinds()}
+    moe, memory = cfg.moe, cfg.memory
+    if "moe" in fields and moe is not None:
+        if moe.aux_loss_coef or moe.seq_aux_loss_coef or moe.z_loss_coef:
+            return True
+    return "memory" in fields and memory is not None and bool(memory.tucker_rank and memory.aux_alpha)
+
+
+def layer_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """The layers' metrics of a step (``[layers]`` or ``[layers, ...]`` arrays, e.g. MoE
+    ``load_ratio`` and ``expert_load``) as JSON: per-layer scalars as their mean (and ``_max``),
+    anything larger as nested lists."""
+    out: dict[str, Any] = {}
+    for name, value in m.items():
+        if name in STEP_OUTPUTS:
+            continue
+        value = np.asarray(value)
+        if value.ndim <= 1:
+            out[name], out[f"{name}_max"] = float(value.mean()), float(value.max())
+        else:
+            out[name] = value.tolist()
+    return out
+
+
+def progress_text(record: dict[str, Any]) -> str:
+    """The progress bar's summary of a step's record: loss, throughput, MFU, learning rate."""
+    parts = [f"loss {record['loss']:.3f}"]
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"MFU {record['mfu']:.1%}")
+    if "learning_rate" in record:
+        parts.append(f"lr {record['learning_rate']:.2e}")
+    return ", ".join(parts)
 
 
 class MetricsLog:

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "max_skipped_fraction",
         "loss_chunk",  # how the loss is computed, not what it is
+        "profile_steps",  # what is traced, not what is trained
     }
 )
 

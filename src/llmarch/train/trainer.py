@@ -42,15 +42,16 @@ from llmarch.data import (
 from llmarch.distill.config import DistillConfig
 from llmarch.json_config import dataclass_from_dict
 from llmarch.model import Transformer
-from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE
+from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
 from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
 from llmarch.train.distill_step import distill_objective
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
 from llmarch.train.interrupt import graceful_stop
-from llmarch.train.optim import OptimizerConfig, build_optimizer
+from llmarch.train.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
 from llmarch.train.precision import policy
+from llmarch.train.profile import StepProfiler, parse_profile_steps
 from llmarch.train.state import TrainState
 from llmarch.train.step import (
     DEFAULT_LOSS_CHUNK,
@@ -105,6 +106,8 @@ class TrainConfig:
     # None: as the init_from run says (llmarch prune writes True), False without one.
     keep_sparsity: bool | None = None
     distill: DistillConfig | None = None  # train against a teacher (llmarch.distill)
+    # "A:B": a jax.profiler trace of steps A to B-1 in <out_dir>/profile (llmarch.train.profile)
+    profile_steps: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -162,6 +165,8 @@ class TrainConfig:
                 "must be a finite number > 0 (FLOP/s per device), or None",
                 lambda x: x > 0,
             )
+        if self.profile_steps is not None:
+            parse_profile_steps(self.profile_steps, steps=self.steps)
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(
                 f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; allowed: {NAN_POLICIES}"
@@ -239,25 +244,6 @@ def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Arr
     if data_sharding is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
-
-
-_STEP_METRICS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite", "distill_loss")
-
-
-def _layer_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    """The layers' metrics of a step (``[layers]`` or ``[layers, ...]`` arrays, e.g. MoE
-    ``load_ratio`` and ``expert_load``) as JSON: per-layer scalars as their mean (and ``_max``),
-    anything larger as nested lists."""
-    out: dict[str, Any] = {}
-    for name, value in m.items():
-        if name in _STEP_METRICS:
-            continue
-        value = np.asarray(value)
-        if value.ndim <= 1:
-            out[name], out[f"{name}_max"] = float(value.mean()), float(value.max())
-        else:
-            out[name] = value.tolist()
-    return out
 
 
 def _fingerprint(rows: PackedRows) -> str:
@@ -492,6 +478,7 @@ def _train(
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     log_file = None
     bar = None
+    profiler = StepProfiler(cfg.profile_steps, out)
     try:
         start = run_dir.start_step(ckpt, cfg.resume, config, data, log=log)
         if start is not None:
@@ -512,6 +499,12 @@ def _train(
 
         flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
         peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
+        # The learning rate a step uses, as the optimizer computes it: the schedule counts applied
+        # updates (a skipped step applies none; accumulated micro-steps count once).
+        accum = cfg.optimizer.grad_accum_steps
+        schedule = learning_rate_schedule(cfg.optimizer, cfg.steps // accum or 1)
+        # Loss terms with a coefficient of 0 are constants, not curves: logged only when active.
+        terms = ("z_loss",) * bool(cfg.z_loss) + ("aux_loss",) * metrics_lib.aux_loss_active(model_cfg)
 
         def warn(message: str) -> None:
             with tqdm.external_write_mode():  # above the progress bar, not through it
@@ -520,7 +513,6 @@ def _train(
         health = RunHealth(cfg.steps, cfg.max_skipped_fraction, warn=warn)
         losses: dict[int, float] = {}
         val_loss = None
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress, mininterval=1.0)
         busy, busy_steps = 0.0, 0  # time in train steps since the last record (not eval, not saving)
 
         def last_good() -> str:
@@ -541,8 +533,11 @@ def _train(
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise TrainingError(f"saving {ckpt.step_dir(step)} failed ({first}); {last_good()}") from e
 
+        if start < cfg.steps:
+            log(f"compiling the train step (step {start + 1} of {cfg.steps} waits for it)…")
         with graceful_stop(log=log) as stop:
             for step in range(start + 1, cfg.steps + 1):
+                profiler.before(step)
                 tick = time.perf_counter()
                 batch = next(train_iter)
                 sampled = on_policy is not None and on_policy.due(step)
@@ -564,9 +559,10 @@ def _train(
                     skipped=skipped,
                 )
                 loss = float(m["loss"])  # waits for the step
-                if step > start + 1 or step == cfg.steps:  # the first step compiles: not throughput
+                if step > start + 1:  # the first step compiles: not throughput
                     busy, busy_steps = busy + time.perf_counter() - tick, busy_steps + 1
                 losses[step] = loss
+                profiler.after(step, (params, rest, opt_state, m), last=step == cfg.steps)
                 finite = bool(m["finite"])
                 if not finite and cfg.nan_policy == "stop":
                     raise TrainingError(
@@ -578,19 +574,27 @@ def _train(
                     health.observe(step, loss, float(m["grad_norm"]), finite, int(skipped))
                 except TrainingError as e:
                     raise TrainingError(f"{e}; {last_good()}") from None
-                bar.update(1)
+                if bar is None:  # started once the first step is done: its ETA leaves out compiling
+                    bar = tqdm(
+                        total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, mininterval=1.0
+                    )
+                else:
+                    bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps or stop:
+                    applied = step - 1 - (int(skipped) - (not finite))  # updates applied before this step
                     record = {
                         "loss": loss,
                         "perplexity": float(np.exp(min(loss, 50.0))),
-                        "z_loss": float(m["z_loss"]),
+                        **{name: float(m[name]) for name in terms},
                         "grad_norm": float(m["grad_norm"]),
                         "skipped": int(skipped),
+                        "learning_rate": float(schedule(applied // accum)),
                         **({"distill_loss": float(m["distill_loss"])} if "distill_loss" in m else {}),
                         **({"on_policy": sampled} if on_policy is not None else {}),
-                        **_layer_metrics(m),
+                        **metrics_lib.layer_metrics(m),
                     }
-                    if busy_steps:
+                    if busy_steps:  # seconds per step and throughput since the last record
+                        record["step_time"] = busy / busy_steps
                         tokens_per_s = busy_steps * cfg.batch_size * cfg.seq_len / busy
                         record["tokens_per_s"] = tokens_per_s
                         if peak:
@@ -599,7 +603,7 @@ def _train(
                             )
                     busy, busy_steps = 0.0, 0
                     log_file.write(step, record)
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix_str(metrics_lib.progress_text(record), refresh=False)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val_loss = evaluate(params, state.rest)
                     log_file.write(
@@ -621,6 +625,7 @@ def _train(
                 f"the run ended with validation loss {val_loss}: the model is broken; {last_good()}"
             )
     finally:
+        profiler.close()  # training ended inside the traced steps: keep what was traced
         if bar is not None:
             bar.close()
         if log_file is not None:
@@ -628,6 +633,14 @@ def _train(
         ckpt.close()
     if val_loss is not None:
         log(f"step {int(state.step)}: validation loss {val_loss:.4f}")
+    written = [METRICS_FILE, *([f"{TENSORBOARD_DIR}/"] if cfg.tensorboard else []), f"{CHECKPOINTS_DIR}/"]
+    log(f"wrote {out}: {', '.join(written)}")
+    if profiler.directory is not None:
+        first, last = profiler.traced
+        log(
+            f"profile of steps {first}-{last}: {profiler.directory} "
+            "(TensorBoard's profile tab; its perfetto_trace.json.gz opens in ui.perfetto.dev)"
+        )
     return TrainResult(
         step=int(state.step),
         losses=losses,
