@@ -15,8 +15,9 @@ import tempfile
 from llmarch import machine
 from llmarch.demo import unigram_entropy
 from llmarch.train import metrics
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

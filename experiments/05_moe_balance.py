@@ -20,8 +20,9 @@ import numpy as np
 from llmarch import machine, presets
 from llmarch.config import MoEConfig
 from llmarch.train import metrics
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "05_moe_balance.md"

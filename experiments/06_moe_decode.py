@@ -45,8 +45,9 @@ from llmarch.config import MoEConfig, moe_blocks  # noqa: E402
 from llmarch.layers import moe_routing  # noqa: E402
 from llmarch.layers.moe import MoE  # noqa: E402
 from llmarch.model import run_layout, segment_positions  # noqa: E402
+from llmarch.train.config import TrainConfig  # noqa: E402
 from llmarch.train.optim import OptimizerConfig  # noqa: E402
-from llmarch.train.trainer import TrainConfig, train  # noqa: E402
+from llmarch.train.trainer import train  # noqa: E402
 
 
 def ep_schedule() -> dict:

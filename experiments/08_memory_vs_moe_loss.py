@@ -23,8 +23,9 @@ import time
 
 from llmarch import accounting, machine, presets
 from llmarch.config import MoEConfig, moe_blocks
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=200)

@@ -32,8 +32,9 @@ from llmarch import accounting, machine, presets
 from llmarch.config import AttentionConfig
 from llmarch.inference import SamplingParams, SpeculativeDecoder
 from llmarch.inference.generate import generate
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -39,8 +39,8 @@ from llmarch import accounting, machine, sources  # noqa: E402
 from llmarch.inference.loading import load_for_inference  # noqa: E402
 from llmarch.lowrank import LowRankConfig, factorize_model  # noqa: E402
 from llmarch.prune import PruneConfig, prune, prune_structured, sparsity  # noqa: E402
+from llmarch.train.config import TrainConfig  # noqa: E402
 from llmarch.train.optim import OptimizerConfig  # noqa: E402
-from llmarch.train.trainer import TrainConfig  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ("magnitude", "wanda", "sparsegpt")

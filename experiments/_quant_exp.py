@@ -14,8 +14,9 @@ import numpy as np
 
 from llmarch.config import AttentionConfig, ModelConfig
 from llmarch.data import BPETokenizer, load_documents, train_val_split
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, load_rows, train
+from llmarch.train.trainer import load_rows, train
 
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DATA = SHARED / "tinyshakespeare.txt"

@@ -12,7 +12,7 @@ import pytest
 from llmarch import sources
 from llmarch.cli import main
 from llmarch.distill import DistillConfig, divergence, forward_kl, jsd, reverse_kl
-from llmarch.train.trainer import TrainConfig
+from llmarch.train.config import TrainConfig
 
 RNG = np.random.default_rng(0)
 

@@ -76,7 +76,8 @@ def test_cli_generates_from_a_hugging_face_checkpoint(hf_dir, capsys):
 
 @pytest.mark.slow
 def test_cli_generates_from_an_llmarch_run(tmp_path, capsys):
-    from llmarch.train.trainer import TrainConfig, train
+    from llmarch.train.config import TrainConfig
+    from llmarch.train.trainer import train
 
     run = tmp_path / "run"
     train(

@@ -19,7 +19,8 @@ from llmarch.inference.engine import Engine
 from llmarch.inference.sampling import SamplingParams
 from llmarch.layers import kinds
 from llmarch.layers.einsum import Einsum
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.config import TrainConfig
+from llmarch.train.trainer import train
 
 
 class ReluSquared(nnx.Module):

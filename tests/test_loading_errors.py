@@ -277,7 +277,8 @@ def run(tmp_path_factory):
 
     from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE
     from llmarch.train.checkpoint import Checkpointer
-    from llmarch.train.trainer import TrainConfig, init_state
+    from llmarch.train.config import TrainConfig
+    from llmarch.train.trainer import init_state
 
     path = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(out_dir=str(path), preset="tiny-dense", seq_len=16, tensorboard=False, progress=False)

@@ -343,8 +343,9 @@ def test_update_state_keeps_the_sign_reference_of_the_previous_step(ultramem):
 def test_trainer_applies_the_value_lr_from_4_to_1(tmp_path):
     """``llmarch train --preset tiny-ultramem`` trains the value tables at λ × the learning rate,
     λ from 4 to 1, with no option to set: the trainer's optimizer reads it from the model config."""
+    from llmarch.train.config import TrainConfig
     from llmarch.train.optim import OptimizerConfig, model_lr_groups
-    from llmarch.train.trainer import TrainConfig, init_state
+    from llmarch.train.trainer import init_state
 
     sgd = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant", clip_norm=None)
     cfg = TrainConfig(out_dir=str(tmp_path), preset="tiny-ultramem", steps=10, optimizer=sgd)

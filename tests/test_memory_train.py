@@ -7,8 +7,9 @@ from flax import nnx
 import llmarch
 from llmarch import presets
 from llmarch.layers.memory_search import leading_singular_vectors
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 
 @pytest.mark.slow

@@ -212,8 +212,9 @@ def test_mixed_stack_counts_each_kind():
 
 
 def test_mla_trains_through_the_trainer_on_tinyshakespeare(shared_data, tmp_path):
+    from llmarch.train.config import TrainConfig
     from llmarch.train.optim import OptimizerConfig
-    from llmarch.train.trainer import TrainConfig, train
+    from llmarch.train.trainer import train
 
     result = train(
         TrainConfig(

@@ -219,7 +219,8 @@ def test_train_step_returns_the_updated_bias_and_load_metrics():
 @pytest.mark.slow
 def test_trainer_updates_the_bias_and_logs_the_load(tmp_path):
     from llmarch.train import metrics as metrics_lib
-    from llmarch.train.trainer import TrainConfig, train
+    from llmarch.train.config import TrainConfig
+    from llmarch.train.trainer import train
 
     cfg = _model_cfg(num_experts=4, router_bias=True, bias_update_rate=0.01)
     run = dict(

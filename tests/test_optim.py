@@ -10,10 +10,10 @@ from flax import nnx
 
 import llmarch
 from llmarch.json_config import dataclass_from_dict
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import LrGroup, OptimizerConfig, build_optimizer, decay_mask, learning_rate_schedule
 from llmarch.train.precision import Precision, policy
 from llmarch.train.step import make_train_step
-from llmarch.train.trainer import TrainConfig
 
 PARAMS = {"attn_norm": {"scale": jnp.ones(3)}, "ffn": {"w": jnp.ones((3, 2))}, "mem": {"values": jnp.ones(2)}}
 

@@ -14,7 +14,8 @@ import pytest
 from llmarch import cli
 from llmarch.plot import draw, load_runs, moving_average, plot_runs
 from llmarch.train import metrics
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.config import TrainConfig
+from llmarch.train.trainer import train
 
 
 @pytest.fixture(scope="module")

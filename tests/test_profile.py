@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from llmarch import cli
+from llmarch.train.config import TrainConfig
 from llmarch.train.profile import StepProfiler, parse_profile_steps
-from llmarch.train.trainer import TrainConfig
 
 
 def _step_runs(trace_dir) -> set[str]:

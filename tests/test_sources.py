@@ -11,8 +11,9 @@ from flax import nnx
 from llmarch import hf, sources
 from llmarch.cli import main
 from llmarch.prune import sparsity
+from llmarch.train.config import TrainConfig
 from llmarch.train.evaluate import evaluate_run, restore_run
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 QUIET = dict(progress=False, tensorboard=False)
 

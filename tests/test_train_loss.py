@@ -19,8 +19,8 @@ from flax import nnx
 
 from llmarch import presets
 from llmarch.model import Transformer
+from llmarch.train.config import TrainConfig
 from llmarch.train.step import loss_fn, make_train_step
-from llmarch.train.trainer import TrainConfig
 
 
 def _setup(tie, impl="auto", vocab=None, batch=3, seq=16):

@@ -21,11 +21,12 @@ from llmarch.model import Transformer
 from llmarch.run_format import CONFIG_FILE, LOCK_FILE, MANIFEST
 from llmarch.train import metrics, run_dir
 from llmarch.train.checkpoint import Checkpointer, CheckpointError
+from llmarch.train.config import TrainConfig
 from llmarch.train.evaluate import evaluate_run, restore_run
 from llmarch.train.guard import DEAD_STEPS, RunHealth, TrainingError
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.step import make_train_step
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 SMALL = dict(
     seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False, tensorboard=False

@@ -8,9 +8,10 @@ import pytest
 from llmarch import cli
 from llmarch.train import metrics
 from llmarch.train.checkpoint import CheckpointError
+from llmarch.train.config import TrainConfig
 from llmarch.train.evaluate import evaluate_run
 from llmarch.train.optim import OPTIMIZERS, OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 SMALL = dict(
     seq_len=32, batch_size=8, eval_every=1000, eval_batches=2, log_every=1, progress=False, tensorboard=False

@@ -77,7 +77,7 @@ def train_config(args: argparse.Namespace, extra: dict | None = None):
     ``llmarch distill``'s ``distill``), merged into the file's."""
     from llmarch.json_config import read_json
     from llmarch.run_format import CONFIG_FILE
-    from llmarch.train.trainer import TrainConfig
+    from llmarch.train.config import TrainConfig
 
     data: dict = {}
     if args.config:

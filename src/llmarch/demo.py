@@ -17,8 +17,9 @@ from llmarch import accounting, presets, run_format
 from llmarch.data import ByteTokenizer
 from llmarch.inference import generate
 from llmarch.train import metrics
+from llmarch.train.config import TrainConfig
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import TrainConfig, train
+from llmarch.train.trainer import train
 
 
 @dataclasses.dataclass(frozen=True)

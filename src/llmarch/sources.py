@@ -31,7 +31,8 @@ from llmarch.quant.checkpoint import is_quantized_checkpoint
 from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE, existing_dir, is_run
 from llmarch.train import run_dir
 from llmarch.train.checkpoint import Checkpointer, atomic_write_text
-from llmarch.train.trainer import TrainConfig, TrainResult, init_state, load_rows, start_from
+from llmarch.train.config import TrainConfig
+from llmarch.train.trainer import TrainResult, init_state, load_rows, start_from
 from llmarch.train.trainer import train as _train
 
 DERIVED_FILE = "derived.json"  # in a written run: where its weights came from and how

@@ -119,7 +119,8 @@ def calibration_rows(data: str, tokenizer, seq_len: int, samples: int, vocab_siz
 def evaluate_quantized(path: str | os.PathLike, *, data: str | None = None, batches: int = 16) -> dict:
     """Loss and perplexity of a quantized checkpoint, as ``llmarch eval`` reports a run's: on the
     source run's validation split, or on all of ``data``."""
-    from llmarch.train.trainer import TrainConfig, load_rows, make_evaluator
+    from llmarch.train.config import TrainConfig
+    from llmarch.train.trainer import load_rows, make_evaluator
 
     check_positive("", batches=batches)
     record, cfg, qcfg = read_record(path)

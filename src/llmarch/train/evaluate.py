@@ -13,8 +13,9 @@ from llmarch.checks import check_positive
 from llmarch.data import load_documents, load_tokenizer, pack_documents
 from llmarch.run_format import CHECKPOINTS_DIR
 from llmarch.train.checkpoint import CheckpointError
+from llmarch.train.config import TrainConfig
 from llmarch.train.run_dir import latest_verified
-from llmarch.train.trainer import TrainConfig, init_state, load_rows, make_evaluator
+from llmarch.train.trainer import init_state, load_rows, make_evaluator
 
 
 def _listing(run_dir) -> set[str]:

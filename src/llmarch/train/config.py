@@ -1,0 +1,183 @@
+"""``TrainConfig``: every setting of a training run, checked when it is made (before anything is
+loaded or compiled), stored as ``train_config.json`` in the run so a rerun continues it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from llmarch import presets, sharding
+from llmarch.checks import INT32_MAX, check_int, check_number
+from llmarch.config import ModelConfig
+from llmarch.distill.config import DistillConfig
+from llmarch.json_config import dataclass_from_dict
+from llmarch.train import run_dir
+from llmarch.train.optim import OptimizerConfig
+from llmarch.train.precision import policy
+from llmarch.train.profile import parse_profile_steps
+from llmarch.train.step import DEFAULT_LOSS_CHUNK, check_loss_chunk
+
+NAN_POLICIES = ("skip", "stop")
+_check = functools.partial(check_number, "TrainConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str
+    preset: str = "tiny-dense"
+    model: ModelConfig | None = None  # overrides the preset when given
+    data: str = "default"  # "default", a text file, a directory of texts, or JSONL
+    text_field: str = "text"
+    tokenizer: str = "byte"  # "byte" or a tokenizer.json
+    seq_len: int = 128
+    batch_size: int = 16  # global, across all devices and processes
+    steps: int = 300
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    optimizer: OptimizerConfig = OptimizerConfig()
+    precision: str = "float32"
+    z_loss: float = 0.0
+    # Vocabulary entries per step of the fused cross entropy (the [B,T,V] logits never exist,
+    # see llmarch.train.step.token_losses); None: the plain loss over the whole logits.
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+    nan_policy: str = "skip"  # skip the update and count it, or stop with an error
+    max_skipped_fraction: float = 0.1  # more skipped steps than this share of `steps`: the run fails
+    resume: str = "auto"  # auto, must, never, fallback: see llmarch.train.run_dir.start_step
+    mesh: str | None = None
+    rules: str = "fsdp"
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float | None = None  # per device; None: from the device kind if known
+    # Fine-tuning: a fresh run starts from this checkpoint's weights (an llmarch run or a Hugging
+    # Face directory) instead of random ones; the model config is the source's (see
+    # llmarch.sources.train, which loads it; the trainer alone cannot reach Hugging Face).
+    init_from: str | None = None
+    # Weight entries that are zero stay zero through training (a pruned model's masks).
+    # None: as the init_from run says (llmarch prune writes True), False without one.
+    keep_sparsity: bool | None = None
+    distill: DistillConfig | None = None  # train against a teacher (llmarch.distill)
+    # "A:B": a jax.profiler trace of steps A to B-1 in <out_dir>/profile (llmarch.train.profile)
+    profile_steps: str | None = None
+
+    def __post_init__(self):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            check_int("TrainConfig", name, getattr(self, name), high=INT32_MAX)
+        check_int("TrainConfig", "seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range
+        for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be a non-empty string")
+        for name in ("tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be True or False"
+                )
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(
+                f"TrainConfig.init_from={self.init_from!r} is invalid: must be a checkpoint directory or None"
+            )
+        if self.keep_sparsity is not None and not isinstance(self.keep_sparsity, bool):
+            raise ValueError(
+                f"TrainConfig.keep_sparsity={self.keep_sparsity!r} is invalid: must be True, False or None"
+            )
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise ValueError(
+                f"TrainConfig.distill={self.distill!r} is invalid: must be a DistillConfig or None"
+            )
+        if self.distill is not None and self.distill.prompt_tokens(self.seq_len) >= self.seq_len:
+            raise ValueError(
+                f"DistillConfig.prompt_len={self.distill.prompt_len} is invalid: must be shorter than "
+                f"TrainConfig.seq_len={self.seq_len}"
+            )
+        if self.model is not None and not isinstance(self.model, ModelConfig):
+            raise ValueError(f"TrainConfig.model={self.model!r} is invalid: must be a ModelConfig or None")
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise ValueError(
+                f"TrainConfig.optimizer={self.optimizer!r} is invalid: must be an OptimizerConfig"
+            )
+        _check("z_loss", self.z_loss, "must be a finite number >= 0", lambda x: x >= 0)
+        check_loss_chunk("TrainConfig", self.loss_chunk)
+        _check("val_fraction", self.val_fraction, "must be in (0, 1)", lambda x: 0 < x < 1)
+        _check("max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]", lambda x: 0 <= x <= 1)
+        if self.peak_flops is not None:
+            _check(
+                "peak_flops",
+                self.peak_flops,
+                "must be a finite number > 0 (FLOP/s per device), or None",
+                lambda x: x > 0,
+            )
+        if self.profile_steps is not None:
+            parse_profile_steps(self.profile_steps, steps=self.steps)
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(
+                f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; allowed: {NAN_POLICIES}"
+            )
+        if self.mesh is not None and (not isinstance(self.mesh, str) or not self.mesh):
+            raise ValueError(
+                f"TrainConfig.mesh={self.mesh!r} is invalid: must be a mesh spec such as "
+                "'data=2,fsdp=4', or None"
+            )
+        if self.optimizer.grad_accum_steps > self.steps:
+            raise ValueError(
+                f"OptimizerConfig.grad_accum_steps={self.optimizer.grad_accum_steps} exceeds "
+                f"TrainConfig.steps={self.steps}: no update would ever be applied"
+            )
+        if self.resume not in run_dir.RESUME_MODES:
+            raise ValueError(
+                f"TrainConfig.resume={self.resume!r} is unknown; allowed: {run_dir.RESUME_MODES}"
+            )
+        if self.model is None and self.preset not in presets.names():
+            raise ValueError(f"TrainConfig.preset={self.preset!r} is unknown; allowed: {presets.names()}")
+        policy(self.precision)
+        sharding.rules(self.rules)
+        if self.mesh is not None:
+            sharding.parse_mesh_spec(self.mesh)
+        if self.model is None and self.init_from is not None:
+            return  # the model is the source's: checked once llmarch.sources.train has read it
+        cfg = self.model_config()
+        if self.seq_len > cfg.max_seq_len:
+            raise ValueError(
+                f"TrainConfig.seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
+            )
+
+    def model_config(self) -> ModelConfig:
+        cfg = self.model if self.model is not None else presets.get(self.preset)
+        return policy(self.precision).apply(cfg)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return dataclass_from_dict(cls, data)
+
+    def resolved(self) -> TrainConfig:
+        """The same run with its paths absolute, as it is stored: ``eval`` and ``generate`` then
+        work from any directory."""
+
+        def absolute(value: str, keep: tuple[str, ...]) -> str:
+            return value if value in keep or not Path(value).exists() else str(Path(value).resolve())
+
+        return dataclasses.replace(
+            self,
+            out_dir=str(Path(self.out_dir).resolve()),
+            data=absolute(self.data, ("default",)),
+            tokenizer=absolute(self.tokenizer, ("byte",)),
+        )
