@@ -1,3 +1,5 @@
+import math
+
 import jax
 import numpy as np
 import optax
@@ -117,3 +119,28 @@ def test_indivisible_layout_names_the_parameter(devices):
     with pytest.raises(ValueError, match=r"w_k_dkh.*size 2.*\('tensor',\)"):
         with sharding.use(mesh, "tp"):
             llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "spec, count, fitted",
+    [
+        ("data=2,fsdp=2,tensor=2", 8, {"data": 2, "fsdp": 2, "tensor": 2}),
+        ("data=2,fsdp=2,tensor=2", 4, {"data": 2, "fsdp": 2, "tensor": 1}),
+        ("data=2,fsdp=2,tensor=2", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
+        ("data=2,fsdp=2,tensor=2", 16, {"data": 4, "fsdp": 2, "tensor": 2}),
+        ("data=2,expert=4", 2, {"data": 2, "expert": 1}),
+        ("expert=4", 6, {"expert": 6}),
+        ("", 3, {"data": 3}),
+    ],
+)
+def test_fit_mesh_spec_uses_exactly_the_devices_there_are(spec, count, fitted):
+    got = sharding.fit_mesh_spec(spec, count)
+    assert got == fitted and math.prod(got.values()) == count
+
+
+def test_fit_mesh_spec_errors_and_default_count(devices):
+    assert math.prod(sharding.fit_mesh_spec("tensor=2").values()) == len(devices)
+    with pytest.raises(ValueError, match="device_count=0 is invalid"):
+        sharding.fit_mesh_spec("data=2", 0)
+    with pytest.raises(ValueError, match="mesh axis 'rows' is unknown"):
+        sharding.fit_mesh_spec("rows=2", 2)

@@ -90,6 +90,28 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     return sizes
 
 
+def fit_mesh_spec(spec: str | Mapping[str, int], device_count: int | None = None) -> dict[str, int]:
+    """``spec`` shrunk or grown to ``device_count`` devices (default: all of ``jax.devices()``), so
+    code written for one mesh runs on a laptop, a one-GPU Colab runtime or a pod slice.
+
+    Each axis, in ``spec``'s order, keeps the largest divisor of its size that the devices left
+    allow; devices left over go to the first axis (data parallelism, which any model admits).
+    ``{"data": 2, "fsdp": 2, "tensor": 2}`` on 8 devices is itself, on 4 is data=2,fsdp=2,tensor=1,
+    on 1 is all ones, and on 16 is data=4,fsdp=2,tensor=2.
+    """
+    sizes = parse_mesh_spec(spec)
+    left = len(jax.devices()) if device_count is None else device_count
+    if not isinstance(left, int) or left < 1:
+        raise ValueError(f"device_count={device_count!r} is invalid: must be a positive integer")
+    fitted = {}
+    for name, size in sizes.items():
+        fitted[name] = math.gcd(size, left)
+        left //= fitted[name]
+    first = next(iter(fitted), "data")
+    fitted[first] = fitted.get(first, 1) * left
+    return fitted
+
+
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with all five axes (those not in ``spec`` have size 1), every axis ``Auto``."""
     sizes = parse_mesh_spec(spec)
@@ -99,6 +121,12 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
         raise ValueError(
             f"mesh {sizes} needs {math.prod(shape)} devices but {len(devices)} are given; "
             "the product of the axis sizes must equal the device count"
+            + (
+                " (on a CPU, simulate devices: XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{math.prod(shape)} in the environment before jax starts)"
+                if devices[0].platform == "cpu"
+                else ""
+            )
         )
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
