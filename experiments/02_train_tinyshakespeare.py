@@ -12,7 +12,7 @@ import datetime
 import pathlib
 import tempfile
 
-from llmarch import machine
+from llmarch import logs, machine
 from llmarch.demo import unigram_entropy
 from llmarch.train import metrics
 from llmarch.train.config import TrainConfig
@@ -44,6 +44,7 @@ cfg = TrainConfig(
     tensorboard=False,
     optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=25, weight_decay=0.01),
 )
+logs.configure()  # the trainer's header, progress and summary on stderr, as `llmarch train`
 result = train(cfg)
 baseline = unigram_entropy(result.train_rows.tokens)
 records = metrics.read(pathlib.Path(out) / "metrics.jsonl")

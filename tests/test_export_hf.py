@@ -472,4 +472,7 @@ def test_hub_ids_resolve_through_the_cache_and_fail_in_one_line(exported, tmp_pa
 def test_cli_unknown_format_is_one_line(exported, tmp_path):
     done = _llmarch("export", "--checkpoint", str(exported), "--format", "onnx", "--out", str(tmp_path / "o"))
     assert done.returncode == 2
-    assert done.stderr == "llmarch export: error: --format 'onnx' is unknown; allowed: hf, gguf, stablehlo\n"
+    assert (
+        done.stderr
+        == "llmarch export: error: --format 'onnx' is unknown; allowed: hf, gguf, stablehlo, run\n"
+    )

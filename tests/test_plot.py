@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmarch import cli
-from llmarch.plot import draw, load_runs, moving_average, plot_runs
+from llmarch.plot import Run, draw, load_runs, moving_average, plot_runs
 from llmarch.train import metrics
 from llmarch.train.config import TrainConfig
 from llmarch.train.trainer import train
@@ -126,3 +126,12 @@ def test_bad_flags(runs, tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
     assert cli.main(["plot", str(tmp_path / "records"), "--out", str(tmp_path / "x.png")]) == 2
     assert "has no metrics: its metrics.jsonl holds no step records" in capsys.readouterr().err
+
+
+def test_smooth_per_metric_leaves_the_others_raw():
+    records = [{"step": i, "loss": 3.0 - 0.1 * i} for i in range(1, 11)] + [{"step": 10, "val_loss": 2.0}]
+    fig = draw([Run("a", Path("a"), records)], ["loss", "val_loss"], smooth={"loss": 4})
+    assert [ax.get_title() for ax in fig.axes] == ["loss (moving average of 4)", "val_loss"]
+    assert len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 1  # raw + average; raw only
+    with pytest.raises(ValueError, match="smooth=0 is invalid"):
+        draw([Run("a", Path("a"), records)], ["loss"], smooth={"loss": 0})

@@ -24,10 +24,10 @@ def test_cli_train_profile_steps_traces_the_chosen_step(tmp_path, capsys):
     argv = ["train", "--out", str(out), "--steps", "4", "--seq-len", "32", "--batch-size", "4"]
     argv += ["--eval-every", "4", "--eval-batches", "1", "--no-tensorboard", "--profile-steps", "2:3"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the run's summary, logged
     traces = list((out / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
-    assert f"profile of steps 2-2: {(out / 'profile').resolve()}" in printed
+    assert f"  profile      {(out / 'profile').resolve()} (steps 2-2: " in printed
     # The trace holds the train step's device work, of step 2 only (one execution, not 3 or 4).
     assert len(_step_runs(out / "profile")) == 1
     saved = json.loads((out / "train_config.json").read_text())

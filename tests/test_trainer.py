@@ -141,8 +141,10 @@ def test_records_hold_lr_step_time_throughput_and_only_active_loss_terms(tmp_pat
         assert r["step_time"] > 0
         np.testing.assert_allclose(r["tokens_per_s"], 8 * 32 / r["step_time"], rtol=1e-9)
     assert not any("z_loss" in r or "aux_loss" in r for r in records)  # coefficient 0, no MoE
-    assert messages[0].startswith("compiling the train step")
-    assert f"wrote {(tmp_path / 'plain').resolve()}: metrics.jsonl, checkpoints/" in messages
+    assert messages[0].startswith("training tiny-dense (") and "on 1 cpu device:" in messages[0]
+    assert messages[1].startswith("compiling the train step")
+    assert f"wrote {(tmp_path / 'plain').resolve()}:" in messages  # the summary names each file
+    assert f"  metrics      {(tmp_path / 'plain').resolve() / 'metrics.jsonl'}" in messages
     # With a z-loss coefficient and an MoE with a balance loss, both terms are logged.
     moe = TrainConfig(out_dir=str(tmp_path / "moe"), preset="tiny-moe", steps=2, z_loss=1e-4, **SMALL)
     train(moe, log=lambda s: None)

@@ -66,21 +66,28 @@ def _distill(args: argparse.Namespace) -> int:
     from llmarch.cli_train import train_config
     from llmarch.sources import source, train
 
-    if (args.preset is None) == (args.init_from is None):
+    # The flags are TrainConfig's (llmarch.cli_train), stored under their field paths when given.
+    preset, student = getattr(args, "preset", None), getattr(args, "init_from", None)
+    if (preset is None) == (student is None):
         raise ValueError("give the student as exactly one of --student-preset P or --student SRC")
-    section = {"teacher": args.teacher}
-    for name in ("loss", "temperature", "alpha", "beta", "on_policy_fraction", "prompt_len"):
-        if getattr(args, name) is not None:
-            section[name] = getattr(args, name)
-    if args.tokenizer is None and args.init_from is None:  # a fresh student reads the teacher's tokens
-        args.tokenizer = source(args.teacher, what="--teacher").tokenizer
-    result = train(train_config(args, {"distill": section}))
-    print(json.dumps({"out": args.out_dir, "step": result.step, "val_loss": result.val_loss}))
+    teacher = getattr(args, "distill.teacher", None)
+    if not hasattr(args, "tokenizer") and student is None and teacher:  # the teacher's tokens
+        tokenizer = source(teacher, what="--teacher").tokenizer
+        if tokenizer is not None:
+            args.tokenizer = tokenizer
+    cfg = train_config(args, {"distill": {}})  # --teacher (or distill.teacher in --config) is required
+    result = train(cfg)
+    print(json.dumps({"out": cfg.out_dir, "step": result.step, "val_loss": result.val_loss}))
     return 0
 
 
+# DistillConfig fields that `llmarch distill` also takes by their own names (--teacher, --loss, ...).
+DISTILL_SHORT = ("teacher", "loss", "temperature", "alpha", "beta", "on_policy_fraction", "prompt_len")
+
+
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
-    from llmarch.cli_train import TRAIN_FLAGS, add_train_switches
+    from llmarch.cli_config import HelpFormatter
+    from llmarch.cli_train import add_train_flags
 
     prune = sub.add_parser(
         "prune", parents=[common], help="prune a checkpoint (magnitude, Wanda, SparseGPT; N:M; structured)"
@@ -131,26 +138,21 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     lowrank.set_defaults(func=_lowrank)
 
     distill = sub.add_parser(
-        "distill", parents=[common], help="train a student on a teacher's distributions (KD, GKD)"
+        "distill",
+        parents=[common],
+        help="train a student on a teacher's distributions (KD, GKD)",
+        usage="%(prog)s --teacher SRC (--student-preset P | --student SRC) [--FIELD VALUE ...]",
+        description="The flags of `llmarch train`, the student named by --student-preset or --student, "
+        "and the distill section's fields also by their short names (--teacher, --loss, --alpha, ...).",
+        formatter_class=HelpFormatter,
     )
-    distill.add_argument("--teacher", required=True, help="an llmarch run or a Hugging Face directory")
-    distill.add_argument("--student-preset", dest="preset", help="a fresh student of this preset")
-    distill.add_argument("--student", dest="init_from", help="a student checkpoint (run or Hugging Face)")
-    distill.add_argument("--loss", help="forward_kl (default), reverse_kl or jsd")
-    distill.add_argument("--temperature", type=float, help="softens both distributions (default 1)")
-    distill.add_argument(
-        "--alpha", type=float, help="the divergence's weight against the labels' (default 1)"
+    add_train_flags(
+        distill,
+        names={"preset": ["--student-preset"], "init_from": ["--student"]},
+        aliases={f"distill.{name}": ["--" + name.replace("_", "-")] for name in DISTILL_SHORT},
+        helps={
+            "preset": "a fresh student of this preset",
+            "init_from": "a student checkpoint (run or Hugging Face)",
+        },
     )
-    distill.add_argument("--beta", type=float, help="JSD's beta (default 0.5)")
-    distill.add_argument(
-        "--on-policy-fraction", type=float, help="share of steps on student samples (GKD; default 0)"
-    )
-    distill.add_argument(
-        "--prompt-len", type=int, help="prompt tokens of an on-policy sample (default: half a row)"
-    )
-    distill.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
-    for flag, field, kind, text in TRAIN_FLAGS:
-        if field not in ("preset", "init_from"):
-            distill.add_argument(flag, dest=field.replace(".", "_"), type=kind, help=text)
-    add_train_switches(distill)
     distill.set_defaults(func=_distill)

@@ -2,7 +2,8 @@
 
 ``--format hf`` writes a Hugging Face directory (``llmarch.export.hf``), ``gguf`` one llama.cpp
 file (``llmarch.export.gguf``), ``stablehlo`` the prefill and decode steps as serialized XLA
-programs with their weights (``llmarch.export.stablehlo``). Each format's module is imported only
+programs with their weights (``llmarch.export.stablehlo``), ``run`` a plain llmarch run (a LoRA
+run's adapters merged into its base: ``llmarch.export.run``). Each format's module is imported only
 when asked for.
 """
 
@@ -12,7 +13,7 @@ import argparse
 import json
 import re
 
-FORMATS = ("hf", "gguf", "stablehlo")
+FORMATS = ("hf", "gguf", "stablehlo", "run")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -55,6 +56,10 @@ def _export(args: argparse.Namespace) -> int:
         summary = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=size)
     elif args.format == "gguf":
         summary = _gguf(args)
+    elif args.format == "run":
+        from llmarch.export.run import export_run
+
+        summary = export_run(args.checkpoint, args.out, dtype=args.dtype)
     else:
         summary = _stablehlo(args)
     print(json.dumps(summary, indent=2))
@@ -114,7 +119,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],
-        help="write a checkpoint for other runtimes: Hugging Face, GGUF, StableHLO",
+        help="write a checkpoint for other runtimes: Hugging Face, GGUF, StableHLO, a run (LoRA merged)",
     )
     export.add_argument(
         "--checkpoint",
@@ -125,11 +130,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--out",
         required=True,
-        help="hf, stablehlo: a new or empty directory (or an earlier export); gguf: FILE.gguf",
+        help="hf, stablehlo: a new or empty directory (or an earlier export); gguf: FILE.gguf; run: a new or "
+        "empty directory",
     )
     export.add_argument(
         "--dtype",
-        help="hf, stablehlo: float32, bfloat16 or float16 (default: as stored); gguf: f32, f16 or q8_0",
+        help="hf, stablehlo, run: float32, bfloat16 or float16 (default: as stored); gguf: f32, f16 or q8_0",
     )
     export.add_argument(
         "--max-shard-size", help="hf: the largest weights file, e.g. 5GB (the default) or 500MB"

@@ -157,7 +157,9 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        run_server(app, sock, log_level=args.log_level, drain_timeout=args.drain_timeout)
+        run_server(
+            app, sock, log_level=getattr(args, "log_level", None) or "info", drain_timeout=args.drain_timeout
+        )
     finally:
         sock.close()
     if server.worker.error is not None:
@@ -211,9 +213,6 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="on SIGTERM, seconds to let requests in flight finish before aborting them",
-    )
-    serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     _add_engine_options(serve)
     serve.set_defaults(func=_serve)

@@ -1,13 +1,34 @@
-"""The flags of the commands that train (``llmarch train``, ``llmarch distill``) and the
-``TrainConfig`` they make: ``--config``, then the run's own stored settings when ``--out`` already
-holds a run (so ``llmarch train --out RUN --steps N`` continues it), then the flags."""
+"""The flags of the commands that train (``llmarch train``, ``llmarch distill``), one for every
+TrainConfig field (``llmarch.cli_config``), and the ``TrainConfig`` they make: ``--config`` (YAML or
+JSON), then the run's own stored settings when ``--out`` already holds a run (so ``llmarch train
+--out RUN --steps N`` continues it), then the flags."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 
-# `llmarch train` flags: (flag, TrainConfig field or "optimizer.<field>", type, help).
+
+def _spec(kind: str):
+    """An argparse type: a ``--clean`` or ``--augment`` word list as its config's JSON fields."""
+
+    def parse(text: str) -> dict:
+        from llmarch.data import AugmentConfig, CleanConfig
+
+        try:
+            cfg = (CleanConfig if kind == "clean" else AugmentConfig).from_spec(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return {**dataclasses.asdict(cfg), **({"ops": list(cfg.ops)} if kind == "augment" else {})}
+
+    parse.__name__ = kind
+    return parse
+
+
+# Short names and help of `llmarch train` flags: (flag, TrainConfig field path, type, help). Every
+# field has its own flag anyway (add_train_flags); an entry for a field adds an alias and its help (the
+# type is the field's), an entry for a section (--clean) is a flag of its own with this type.
 TRAIN_FLAGS = [
     ("--out", "out_dir", str, "output directory: checkpoints, metrics.jsonl, tensorboard/"),
     ("--preset", "preset", str, "model preset (see `llmarch presets`)"),
@@ -19,8 +40,8 @@ TRAIN_FLAGS = [
     ("--batch-size", "batch_size", int, "global batch size in rows"),
     ("--seed", "seed", int, "seed of the model, data order and RNG"),
     ("--mesh", "mesh", str, "device mesh, e.g. data=2,fsdp=4"),
-    ("--rules", "rules", str, "sharding rules preset: dp, fsdp, tp, fsdp_tp, ep, hybrid"),
-    ("--precision", "precision", str, "float32, bf16, bf16-logits, pure-bf16"),
+    ("--rules", "rules", str, "sharding rules preset (llmarch.sharding)"),
+    ("--precision", "precision", str, "mixed-precision policy (llmarch.train.precision)"),
     ("--eval-every", "eval_every", int, "steps between evaluations"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
     ("--log-every", "log_every", int, "steps between metric records"),
@@ -31,14 +52,14 @@ TRAIN_FLAGS = [
         "--loss-chunk",
         "loss_chunk",
         int,
-        "vocabulary entries per step of the fused cross entropy (default 8192; null in --config: plain loss)",
+        "vocabulary entries per step of the fused cross entropy; null: the plain loss over all logits",
     ),
     ("--nan-policy", "nan_policy", str, "skip or stop on a non-finite step"),
     (
         "--max-skipped-fraction",
         "max_skipped_fraction",
         float,
-        "fail the run once more than this share of its steps were skipped (default 0.1)",
+        "fail the run once more than this share of its steps were skipped",
     ),
     (
         "--resume",
@@ -62,9 +83,28 @@ TRAIN_FLAGS = [
         str,
         "A:B: write a jax.profiler trace of steps A to B-1 to OUT/profile (TensorBoard, Perfetto)",
     ),
-    ("--optimizer", "optimizer.name", str, "sgd, momentum, adagrad, adadelta, rmsprop, adam, adamw"),
+    (
+        "--clean",
+        "clean",
+        _spec("clean"),
+        "clean the corpus first: a comma list of exact, near (MinHash), dedup (both), gopher "
+        "(Gopher's repetition rules), all; counts go to OUT/data_report.json",
+    ),
+    (
+        "--augment",
+        "augment",
+        _spec("augment"),
+        "EDA augmentation of every training epoch: eda (all four) or a comma list of sr, ri, rs, rd",
+    ),
+    (
+        "--wandb",
+        "wandb",
+        str,
+        "also log to this Weights & Biases project (the wandb extra; WANDB_MODE=offline logs locally)",
+    ),
+    ("--optimizer", "optimizer.name", str, "the optimizer (each as its torch.optim namesake)"),
     ("--lr", "optimizer.learning_rate", float, "peak learning rate"),
-    ("--schedule", "optimizer.schedule", str, "constant or cosine"),
+    ("--schedule", "optimizer.schedule", str, "learning-rate schedule after the warmup"),
     ("--warmup-steps", "optimizer.warmup_steps", int, "linear warmup steps"),
     ("--weight-decay", "optimizer.weight_decay", float, "weight decay (none on norms and biases)"),
     ("--clip-norm", "optimizer.clip_norm", float, "global gradient-norm clip"),
@@ -72,42 +112,154 @@ TRAIN_FLAGS = [
 ]
 
 
+# Help for the fields that TRAIN_FLAGS does not describe (the others: their comments in the class).
+HELPS = {
+    "tensorboard": "write TensorBoard event files too (--no-tensorboard: metrics.jsonl only)",
+    "keep_sparsity": "zero weights stay zero (null: as the --init-from run says; on for `llmarch prune`'s)",
+    "progress": "show a progress bar",
+}
+MODEL_DEFAULTS = "the preset's"  # or --init-from's: see _model_base
+
+
+def train_choices() -> dict[tuple[type, str], tuple[str, ...]]:
+    """The values each validated string field allows, for ``--help`` (the classes check them)."""
+    from llmarch import config, presets, sharding
+    from llmarch.distill.config import LOSSES, DistillConfig
+    from llmarch.train import run_dir
+    from llmarch.train.config import NAN_POLICIES, TrainConfig
+    from llmarch.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+    from llmarch.train.precision import POLICIES
+
+    dtypes = {(config.ModelConfig, f): config.DTYPES for f in ("dtype", "param_dtype", "logits_dtype")}
+    return {
+        (TrainConfig, "preset"): presets.names(),
+        (TrainConfig, "precision"): tuple(sorted(POLICIES)),
+        (TrainConfig, "rules"): tuple(sorted(sharding.RULES)),
+        (TrainConfig, "nan_policy"): NAN_POLICIES,
+        (TrainConfig, "resume"): run_dir.RESUME_MODES,
+        (OptimizerConfig, "name"): OPTIMIZERS,
+        (OptimizerConfig, "schedule"): SCHEDULES,
+        **dtypes,
+        (config.ModelConfig, "remat"): config.REMAT_POLICIES,
+        (config.ModelConfig, "impl"): config.IMPLS,
+        (config.MLAConfig, "path"): config.MLA_PATHS,
+        (config.MoEConfig, "router"): config.MOE_ROUTERS,
+        (config.MoEConfig, "strategy"): config.MOE_STRATEGIES,
+        (config.MemoryConfig, "score"): config.MEMORY_SCORES,
+        (DistillConfig, "loss"): LOSSES,
+    }
+
+
+def train_paths() -> set[str]:
+    """The ``args`` attributes that hold TrainConfig values: every field path, sections included
+    (``--clean`` sets a whole section), and TRAIN_FLAGS' fields."""
+    from llmarch.cli_config import walk
+    from llmarch.train.config import TrainConfig
+
+    flags, sections = walk(TrainConfig)
+    return {f.path for f in flags} | set(sections) | {field for _, field, _, _ in TRAIN_FLAGS}
+
+
+def add_train_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    names: dict[str, list[str]] | None = None,
+    aliases: dict[str, list[str]] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
+    """``--config`` and a flag for every TrainConfig field, however nested (``llmarch.cli_config``),
+    with TRAIN_FLAGS' short names as aliases (``--out``, ``--lr``); a TRAIN_FLAGS entry for a
+    section (``--clean WORDS``) is a flag of its own, with its own type. ``names``: a field's flags
+    instead of its own and TRAIN_FLAGS' (distill's ``{"preset": ["--student-preset"]}``);
+    ``aliases``: more flags for a field; ``helps``: a field's help, instead of TRAIN_FLAGS' or its
+    comment's."""
+    from llmarch import cli_config
+    from llmarch.train.config import TrainConfig
+
+    names = names or {}
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML (.yaml, .yml) or JSON (.json) file of TrainConfig fields, nested as the flags "
+        "(a `model` without all of ModelConfig's required fields starts from the preset's); flags "
+        "override it",
+    )
+    leaves = {f.path for f in cli_config.walk(TrainConfig)[0]}
+    table = {path: list(more) for path, more in (aliases or {}).items()}
+    helps = {**HELPS, **(helps or {})}
+    own = []  # TRAIN_FLAGS entries that set a whole section (or anything that is not one field)
+    for flag, field, kind, text in TRAIN_FLAGS:
+        if field in names:
+            continue
+        helps.setdefault(field, text)
+        if field in leaves:
+            table.setdefault(field, []).append(flag)
+        else:
+            own.append((flag, field, kind, text))
+    groups = cli_config.add_flags(
+        parser,
+        TrainConfig,
+        aliases=table,
+        names=names,
+        helps=helps,
+        choices=train_choices(),
+        from_section={"model": MODEL_DEFAULTS},
+    )
+    for flag, field, kind, text in own:
+        if flag not in parser._option_string_actions:
+            group = groups.get(field, parser)
+            group.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+def _model_base(data: dict) -> dict:
+    """The model a partial ``model`` override starts from: ``init_from``'s, else the preset's."""
+    from llmarch import presets
+    from llmarch.train.config import TrainConfig
+
+    if data.get("init_from"):
+        from llmarch.sources import source
+
+        return dataclasses.asdict(source(data["init_from"], what="--init-from").cfg)
+    name = data.get("preset", TrainConfig.__dataclass_fields__["preset"].default)
+    if name not in presets.names():
+        raise ValueError(f"TrainConfig.preset={name!r} is unknown; allowed: {presets.names()}")
+    return dataclasses.asdict(presets.get(name))
+
+
 def train_config(args: argparse.Namespace, extra: dict | None = None):
-    """The TrainConfig of ``--config`` and the flags; ``extra``: sections set by other flags (e.g.
-    ``llmarch distill``'s ``distill``), merged into the file's."""
+    """The TrainConfig of ``--config`` (YAML or JSON), then of the run's stored settings when
+    ``--out`` holds a run and no ``--config`` is given, then of the flags (``add_train_flags``).
+    Flags under ``model.`` (and a ``model`` in the file that lacks required fields) change the
+    preset's model, or ``--init-from``'s, field by field. ``extra``: sections set by other flags,
+    merged over the rest."""
+    from llmarch import cli_config
+    from llmarch.config import ModelConfig
     from llmarch.json_config import read_json
     from llmarch.run_format import CONFIG_FILE
     from llmarch.train.config import TrainConfig
 
+    flags = cli_config.given(args, train_paths())
+    config = getattr(args, "config", None)
     data: dict = {}
-    if args.config:
-        path = pathlib.Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path} does not exist")
+    if config:
         try:
-            data = read_json(path)
+            data = cli_config.read_config(config, TrainConfig)
         except ValueError as e:
             raise ValueError(f"--config {e}") from None
-    stored = pathlib.Path(args.out_dir or data.get("out_dir") or "") / CONFIG_FILE
-    if not args.config and args.out_dir and stored.is_file():
+    out_dir = flags.get("out_dir")
+    if not config and out_dir and (pathlib.Path(out_dir) / CONFIG_FILE).is_file():
         # An existing run continues with its own settings; flags that differ still fail the resume.
-        data = read_json(stored)
-        if getattr(args, "preset", None) is not None:
+        data = read_json(pathlib.Path(out_dir) / CONFIG_FILE)
+        if "preset" in flags:
             data["model"] = None  # the preset flag names the model: let the resume compare it
-    for _, field, _, _ in TRAIN_FLAGS:
-        value = getattr(args, field.replace(".", "_"))
-        if value is None:
-            continue
-        if field.startswith("optimizer."):
-            data.setdefault("optimizer", {})[field.split(".", 1)[1]] = value
-        else:
-            data[field] = value
+    data = cli_config.merge(data, {p: v for p, v in flags.items() if "." not in p})
+    model = data.get("model")
+    if isinstance(model, dict) and cli_config.missing_required(ModelConfig, model):
+        data["model"] = cli_config.deep_update(_model_base(data), model)
+    nested = {p: v for p, v in flags.items() if "." in p}
+    data = cli_config.merge(data, nested, lambda section: _model_base(data) if section == "model" else None)
     for key, section in (extra or {}).items():
         data[key] = {**(data.get(key) or {}), **section}
-    if args.no_tensorboard:
-        data["tensorboard"] = False
-    if args.keep_sparsity is not None:
-        data["keep_sparsity"] = args.keep_sparsity
     if data.get("init_from") and "tokenizer" not in data:  # the weights' own tokenizer
         from llmarch.sources import source
 
@@ -117,15 +269,4 @@ def train_config(args: argparse.Namespace, extra: dict | None = None):
     try:
         return TrainConfig.from_dict(data)
     except ValueError as e:
-        raise ValueError(f"--config {args.config}: {e}" if args.config else str(e)) from None
-
-
-def add_train_switches(parser: argparse.ArgumentParser) -> None:
-    """The boolean flags of ``llmarch train`` (and of the commands that train, e.g. distill)."""
-    parser.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
-    parser.add_argument(
-        "--keep-sparsity",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="zero weights stay zero (default: as the --init-from run says; on for `llmarch prune`'s)",
-    )
+        raise ValueError(f"--config {config}: {e}" if config else str(e)) from None

@@ -11,7 +11,7 @@ is noisy. Drawing uses matplotlib's object API (a ``Figure`` saved by the Agg ca
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,13 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (total[1:] - total[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def draw(runs: Sequence[Run], metrics: Sequence[str], *, smooth: int = 1):
+def draw(runs: Sequence[Run], metrics: Sequence[str], *, smooth: int | Mapping[str, int] = 1):
     """A matplotlib ``Figure``: one panel per metric, one colour per run.
 
-    Non-finite points (a skipped step's loss) are left out of the lines and the averages.
+    ``smooth``: points averaged, for every metric, or per metric (``{"loss": 10}``: a validation
+    loss evaluated a few times is not averaged with the per-step training loss); those a mapping
+    leaves out are drawn raw. Non-finite points (a skipped step's loss) are left out of the lines
+    and the averages.
     """
     _check_smooth(smooth)
     from matplotlib.figure import Figure
@@ -120,19 +123,20 @@ def draw(runs: Sequence[Run], metrics: Sequence[str], *, smooth: int = 1):
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for ax, metric in zip(axes, metrics, strict=True):
+        window = smooth.get(metric, 1) if isinstance(smooth, Mapping) else smooth
         for run, colour in zip(runs, colours, strict=True):
             steps, values = run.curve(metric)
             keep = np.isfinite(values)
             steps, values = steps[keep], values[keep]
             if not len(steps):
                 continue
-            if smooth > 1:
+            if window > 1:
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-                values = moving_average(values, smooth)
+                values = moving_average(values, window)
             ax.plot(steps, values, color=colour, label=run.label, marker="o" if len(steps) == 1 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.set_title(metric + (f" (moving average of {smooth})" if smooth > 1 else ""))
+        ax.set_title(metric + (f" (moving average of {window})" if window > 1 else ""))
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -143,10 +147,10 @@ def plot_runs(
     out: str | Path,
     *,
     metrics: Sequence[str] = DEFAULT_METRICS,
-    smooth: int = 1,
+    smooth: int | Mapping[str, int] = 1,
 ) -> dict[str, Any]:
     """Draws ``metrics`` of the runs in ``paths`` and saves the figure to ``out`` (its suffix
-    picks the format: .png, .pdf, .svg, ...).
+    picks the format: .png, .pdf, .svg, ...); ``smooth`` as in ``draw``.
 
     Returns:
       ``{"out": path, "runs": {label: path}, "metrics": [...], "missing": {metric: [labels]}}``.
@@ -179,6 +183,10 @@ def plot_runs(
 
 
 def _check_smooth(smooth: Any) -> None:
+    if isinstance(smooth, Mapping):
+        for window in smooth.values():
+            _check_smooth(window)
+        return
     if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
         raise ValueError(f"smooth={smooth!r} is invalid: must be an integer >= 1 (points averaged; 1: none)")
 

@@ -10,8 +10,10 @@ not on the trainer. Layout of a run directory::
                             stores the configuration it was saved under
   checkpoints_set_aside/    corrupted or unfinished steps moved out of the way, kept to inspect
   metrics.jsonl             one JSON record per logged step
+  data_report.json          what cleaning removed (per rule), the augmentation, token counts
   tensorboard/              the same scalars as TensorBoard events
   profile/                  a jax.profiler trace of the steps --profile-steps names, if any
+  wandb/, wandb_run_id      the Weights & Biases run's local files and id, with --wandb PROJECT
   .lock                     held while a trainer writes
 """
 
@@ -25,8 +27,11 @@ CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"  # inside each checkpoints/<step>/
 SET_ASIDE_SUFFIX = "_set_aside"  # checkpoints/ + this: where set-aside steps go
 METRICS_FILE = "metrics.jsonl"
+DATA_REPORT_FILE = "data_report.json"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+WANDB_DIR = "wandb"  # made by wandb itself under the run directory
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 LOCK_FILE = ".lock"
 
 

@@ -122,8 +122,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 f"{cfg.init_from!r} ({src.tokenizer}): train with the tokenizer the weights were trained with"
             )
         keep = cfg.keep_sparsity
-        if keep is None:
-            keep = bool((src.train or {}).get("keep_sparsity"))
+        if keep is None:  # a LoRA run's merged weights are dense: it keeps no sparsity
+            keep = cfg.lora is None and bool((src.train or {}).get("keep_sparsity"))
         cfg = dataclasses.replace(cfg, model=src.cfg, init_from=str(src.root), keep_sparsity=keep)
     if cfg.distill is not None:
         teacher = source(cfg.distill.teacher, what="DistillConfig.teacher")
@@ -142,7 +142,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def train(cfg: TrainConfig, *, log=print) -> TrainResult:
+def train(cfg: TrainConfig, *, log=None) -> TrainResult:
     """``llmarch.train.trainer.train`` for any ``TrainConfig``, ``init_from`` and ``distill``
     included: loads what they name and checks it (see ``resolve``)."""
     cfg = resolve(cfg)
@@ -216,7 +216,7 @@ def write_run(
     """
     out = check_out(out)
     base = dict(src.train or {})
-    for name in ("model", "preset", "init_from", "distill", "resume", "keep_sparsity"):
+    for name in ("model", "preset", "init_from", "distill", "resume", "keep_sparsity", "lora"):
         base.pop(name, None)
     base.update(
         out_dir=str(out.resolve()),

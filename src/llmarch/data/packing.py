@@ -36,8 +36,18 @@ class PackedRows:
     A random-access source (``len`` and ``[]``), as ``grain.MapDataset.source`` takes.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, *, seq_len: int, pad_id: int):
-        """``tokens`` and ``doc_ids`` are int32 ``[N]``: the token stream and each token's document."""
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_ids: np.ndarray,
+        *,
+        seq_len: int,
+        pad_id: int,
+        trained: np.ndarray | None = None,
+    ):
+        """``tokens`` and ``doc_ids`` are int32 ``[N]``: the token stream and each token's document;
+        ``trained``, bool ``[N]``: whether the loss counts each token as a target (None: every one;
+        chat data counts the assistant's tokens only, ``llmarch.data.chat``)."""
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
             raise ValueError(f"seq_len={seq_len!r}: must be a positive int")
         if tokens.shape != doc_ids.shape or tokens.ndim != 1:
@@ -48,8 +58,11 @@ class PackedRows:
                 f"seq_len={seq_len} needs seq_len + 1 = {seq_len + 1} (inputs and the "
                 f"next-token targets)"
             )
+        if trained is not None and np.shape(trained) != tokens.shape:
+            raise ValueError(f"trained {np.shape(trained)} must have the tokens' shape {tokens.shape}")
         self.tokens = tokens.astype(np.int32, copy=False)
         self.doc_ids = doc_ids.astype(np.int32, copy=False)
+        self.trained = None if trained is None else np.asarray(trained, bool)
         self.seq_len, self.pad_id = seq_len, pad_id
 
     @property
@@ -81,6 +94,8 @@ class PackedRows:
         starts = np.concatenate([[True], segment[1:] != segment[:-1]])
         row["positions"][:n] = idx - np.maximum.accumulate(np.where(starts, idx, 0))
         row["mask"][:n] = docs[1:] == docs[:-1]
+        if self.trained is not None:
+            row["mask"][:n] &= self.trained[window][1:]
         return row
 
     def padding_row(self) -> dict[str, np.ndarray]:

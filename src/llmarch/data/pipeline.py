@@ -25,6 +25,7 @@ import grain
 import jax
 
 from kernels_pallas.intmath import cdiv
+from llmarch.data.augment_epochs import AugmentedRows
 from llmarch.data.packing import PackedRows, pack_documents
 from llmarch.data.tokenizer import Tokenizer
 
@@ -82,14 +83,16 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return index, count
 
 
-def batches_per_epoch(num_rows: int | PackedRows, batch_size: int, *, drop_remainder: bool = True) -> int:
+def batches_per_epoch(
+    num_rows: int | PackedRows | AugmentedRows, batch_size: int, *, drop_remainder: bool = True
+) -> int:
     """Global batches that one epoch of ``num_rows`` rows fills (a partial one counts unless dropped)."""
-    n = len(num_rows) if isinstance(num_rows, PackedRows) else num_rows
+    n = len(num_rows) if isinstance(num_rows, PackedRows | AugmentedRows) else num_rows
     return n // batch_size if drop_remainder else cdiv(n, batch_size)
 
 
 def batch_dataset(
-    rows: PackedRows,
+    rows: PackedRows | AugmentedRows,
     *,
     batch_size: int,
     seed: int = 0,
@@ -102,7 +105,8 @@ def batch_dataset(
     """The ``MapDataset`` of this process's batches (dicts of int32 ``[B_local, seq_len]``).
 
     Args:
-      rows: the packed corpus (``pack_documents``).
+      rows: the packed corpus (``pack_documents``), or ``AugmentedRows`` (each epoch augmented
+        anew, its documents and rows shuffled by ``seed`` and the epoch; see ``augment_epochs``).
       batch_size: the global batch B, summed over processes; each gets ``B / process_count`` rows.
       seed: the shuffle seed, in [0, 2**32).
       shuffle: permute rows (a new order every epoch); False reads them in corpus order.
@@ -130,10 +134,13 @@ def batch_dataset(
         raise ValueError(f"num_epochs={num_epochs!r}: must be a positive int or None (forever)")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed}: must be in [0, 2**32)")
-    ds = grain.MapDataset.source(rows)
-    if shuffle:
-        ds = ds.shuffle(seed)  # index-level permutation; reshuffled per epoch by the index's epoch
-    ds = ds.repeat(num_epochs)
+    if isinstance(rows, AugmentedRows):  # its epochs differ, so it repeats (and shuffles) itself
+        ds = rows.dataset(seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    else:
+        ds = grain.MapDataset.source(rows)
+        if shuffle:
+            ds = ds.shuffle(seed)  # index-level permutation; reshuffled per epoch by the index's epoch
+        ds = ds.repeat(num_epochs)
     ds = _ProcessRows(
         ds,
         batch_size=batch_size,
@@ -146,7 +153,7 @@ def batch_dataset(
 
 
 def make_batches(
-    documents: Sequence[str] | PackedRows,
+    documents: Sequence[str] | PackedRows | AugmentedRows,
     tokenizer: Tokenizer | None = None,
     *,
     seq_len: int | None = None,
@@ -168,13 +175,14 @@ def make_batches(
 
     Args:
       documents: the corpus (tokenized here, once), or rows already packed by ``pack_documents``
-        (then ``tokenizer``, ``seq_len``, ``bos`` and ``model_vocab_size`` are not used).
+        or ``AugmentedRows`` (then ``tokenizer``, ``seq_len``, ``bos`` and ``model_vocab_size`` are
+        not used).
       tokenizer, seq_len, bos, model_vocab_size: as in ``pack_documents``.
       prefetch: batches prepared ahead by background threads; 0 reads in the calling thread.
       batch_size, seed, shuffle, num_epochs, drop_remainder, process_index, process_count: as in
         ``batch_dataset``.
     """
-    if isinstance(documents, PackedRows):
+    if isinstance(documents, PackedRows | AugmentedRows):
         rows = documents
     else:
         if tokenizer is None or seq_len is None:

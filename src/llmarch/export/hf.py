@@ -4,7 +4,8 @@
 The source is anything ``--checkpoint`` takes: an ``llmarch train`` run (or one that ``prune`` or
 ``distill`` wrote), a Hugging Face directory, or a Hub id ``org/name``. The directory gets
 ``config.json``, safetensors weights (sharded past a size), ``generation_config.json`` and the
-tokenizer (``llmarch.hf.save_pretrained`` with the source's tokenizer). From a Hugging Face source
+tokenizer (``llmarch.hf.save_pretrained`` with the source's tokenizer, and the chat template a run
+trained on chat data used). From a Hugging Face source
 the tokenizer and generation files it has are carried over as they are, and its special token ids
 in ``config.json``, so a round trip keeps how transformers tokenizes and generates; a file it lacks
 is made from its ``tokenizer.json`` as for a run.
@@ -122,7 +123,14 @@ def export_hf(
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # not tempfile.mkdtemp: its 0700 would become out's mode
     try:
-        hf.save_pretrained(model, cfg, staging, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+        hf.save_pretrained(
+            model,
+            cfg,
+            staging,
+            max_shard_bytes=max_shard_bytes,
+            tokenizer=tokenizer,
+            chat_template=_chat_template(src, tokenizer),
+        )
         if from_hf:
             _carry_over(src.root, staging)
         if out.exists():
@@ -144,6 +152,19 @@ def export_hf(
         "files": files,
         "bytes": sum((out / f).stat().st_size for f in files),
     }
+
+
+def _chat_template(src: sources.Source, tokenizer: Any) -> str | None:
+    """The template a run trained on chat data (``data_format="chat"``) rendered its conversations
+    with, so that transformers' ``apply_chat_template`` writes prompts as the model learned them."""
+    train = src.train or {}
+    if tokenizer is None or train.get("data_format") != "chat":
+        return None
+    from llmarch.data.chat import chat_template
+
+    return chat_template(
+        tokenizer, template=train.get("chat_template"), tokenizer_spec=train.get("tokenizer")
+    ).source
 
 
 def _carry_over(root: Path, out: Path) -> None:

@@ -82,8 +82,12 @@ def _load_run(root: Path):
     """The newest verified checkpoint of an ``llmarch train`` run, restored as ``evaluate_run`` does."""
     from llmarch.train.evaluate import restore_run
 
-    cfg, graphdef, state, _ = restore_run(root)
-    model = nnx.merge(graphdef, state.params, state.rest)
+    cfg, graphdef, state, _ = restore_run(root, load_base=lambda path: load_for_inference(path)[0])
+    model = nnx.merge(graphdef, state.params, state.rest_and_frozen())
+    if cfg.lora is not None:  # a LoRA run: its adapters merged into its base, a plain model
+        from llmarch.lora import merge_lora
+
+        model = merge_lora(model)
     return model, model.cfg, load_tokenizer(cfg.tokenizer)
 
 

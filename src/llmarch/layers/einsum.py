@@ -13,8 +13,10 @@ from llmarch import sharding
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
-def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
-    """A parameter whose axes carry logical ``names``.
+def param(
+    value: jax.Array, names: Sequence[str | None], *, kind: type[nnx.Variable] = nnx.Param
+) -> nnx.Param:
+    """A parameter (a ``kind`` variable, e.g. ``nnx.LoRAParam``) whose axes carry logical ``names``.
 
     Under a mesh and logical-axis rules (``llmarch.sharding.use``) it is born sharded, as flax 0.12
     shards annotated variables eagerly; with no mesh it is built unsharded on the default device,
@@ -22,7 +24,7 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     """
     mesh, rules = sharding.ambient()
     eager = nnx.using_eager_sharding() and not mesh.empty and bool(rules)
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
+    return kind(value, out_sharding=tuple(names), eager_sharding=eager)
 
 
 class Einsum(nnx.Module):

@@ -78,13 +78,7 @@ class LowRankEinsum(nnx.Module):
 
     def weight(self) -> jax.Array:
         """``a·b`` in the original weight's shape and axis order (``[*lead, *shape]``)."""
-        a, b = self.a[...], self.b[...]
-        lead = a.ndim - len(self.contracted) - 1
-        k = math.prod(a.shape[lead:-1])
-        m = jnp.matmul(a.reshape(*a.shape[:lead], k, -1), b.reshape(*b.shape[: lead + 1], -1))  # [*L,K,N]
-        order = self.contracted + tuple(i for i in range(len(self.shape)) if i not in self.contracted)
-        m = m.reshape(*a.shape[:lead], *(self.shape[i] for i in order))  # [*L, *K, *N]
-        return jnp.transpose(m, (*range(lead), *(lead + int(p) for p in np.argsort(order))))
+        return factor_product(self.a[...], self.b[...], self.shape, self.contracted)
 
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         plan = _plan(eqn, self.shape, self.contracted, tuple(x.shape), self.rank)
@@ -98,6 +92,26 @@ class LowRankEinsum(nnx.Module):
             if a_first
             else contract(second, contract(first, x, b), a)
         )
+
+
+def factor_product(a: jax.Array, b: jax.Array, shape: Sequence[int], contracted: Sequence[int]) -> jax.Array:
+    """``a [*lead, *K, r] · b [*lead, r, *N]`` as a weight of ``shape`` (``[*lead, *shape]``, its
+    axes in their own order), ``contracted`` naming the axes of ``shape`` that form K."""
+    shape, contracted = tuple(shape), tuple(contracted)
+    lead = a.ndim - len(contracted) - 1
+    k = math.prod(a.shape[lead:-1])
+    m = jnp.matmul(a.reshape(*a.shape[:lead], k, -1), b.reshape(*b.shape[: lead + 1], -1))  # [*L,K,N]
+    order = contracted + tuple(i for i in range(len(shape)) if i not in contracted)
+    m = m.reshape(*a.shape[:lead], *(shape[i] for i in order))  # [*L, *K, *N]
+    return jnp.transpose(m, (*range(lead), *(lead + int(p) for p in np.argsort(order))))
+
+
+def split_equation(
+    eqn: str, shape: tuple[int, ...], contracted: tuple[int, ...], x_shape: tuple[int, ...], rank: int
+) -> tuple[str, str, bool] | None:
+    """``eqn`` (x with a weight of ``shape``) as two equations through a rank axis: ``(first,
+    second, a_first)``, the cheaper order, or None when it cannot be split; see ``_plan``."""
+    return _plan(eqn, tuple(shape), tuple(contracted), tuple(x_shape), rank)
 
 
 @functools.lru_cache(maxsize=512)

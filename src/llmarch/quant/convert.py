@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -13,13 +12,12 @@ from flax import nnx
 
 from llmarch import hf, hub
 from llmarch.checks import check_positive
-from llmarch.data import load_documents, load_tokenizer, pack_documents
+from llmarch.data import load_documents, pack_documents
 from llmarch.data.tokenizer import TOKENIZER_FILE
 from llmarch.json_config import read_json
 from llmarch.quant.checkpoint import (
     checkpoint_bytes,
     is_quantized_checkpoint,
-    load_quantized,
     read_record,
     save_quantized,
 )
@@ -117,38 +115,8 @@ def calibration_rows(data: str, tokenizer, seq_len: int, samples: int, vocab_siz
 
 
 def evaluate_quantized(path: str | os.PathLike, *, data: str | None = None, batches: int = 16) -> dict:
-    """Loss and perplexity of a quantized checkpoint, as ``llmarch eval`` reports a run's: on the
-    source run's validation split, or on all of ``data``."""
-    from llmarch.train.config import TrainConfig
-    from llmarch.train.trainer import load_rows, make_evaluator
+    """Loss, perplexity and bits per byte of a quantized checkpoint, as ``llmarch eval`` reports
+    them (``llmarch.evaluation.evaluate``): on the source run's validation split, or on ``data``."""
+    from llmarch.evaluation import evaluate
 
-    check_positive("", batches=batches)
-    record, cfg, qcfg = read_record(path)
-    model, cfg, tokenizer = load_quantized(path)
-    train = record.get("train")
-    if data is None and train is None:
-        raise ValueError(
-            f"{path} was quantized from a Hugging Face checkpoint: give --data FILE to evaluate on"
-        )
-    if data is None:
-        rows = load_rows(TrainConfig.from_dict(train))[1]
-    else:
-        if tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer to read --data {data} with")
-        seq_len = train["seq_len"] if train else min(cfg.max_seq_len, _HF_SEQ_LEN)
-        text_field = train["text_field"] if train else "text"
-        tok = load_tokenizer(train["tokenizer"]) if train else tokenizer
-        rows = pack_documents(
-            load_documents(data, text_field=text_field), tok, seq_len=seq_len, model_vocab_size=cfg.vocab_size
-        )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sizes = {"batch_size": train["batch_size"], "loss_chunk": train["loss_chunk"]} if train else {}
-    evaluate = make_evaluator(graphdef, rows, batches=batches, **{"batch_size": _HF_BATCH, **sizes})
-    loss = evaluate(params, rest)
-    return {
-        "checkpoint": str(path),
-        "quant": {"method": qcfg.method, "bits": qcfg.bits, "group_size": qcfg.group_size},
-        "data": data or f"validation split of {train['data']}",
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-    }
+    return evaluate(path, data=data, batches=batches, progress=False)

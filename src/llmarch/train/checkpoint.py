@@ -212,8 +212,8 @@ class Checkpointer:
         ``data_iterator``, when given, is moved to where it was."""
         self.verify(step)
         typed = isinstance(target, TrainState)
-        if typed:
-            target = target.as_dict()
+        if typed:  # a LoRA run's frozen base is not in its checkpoints: it stays the target's
+            target, frozen = target.as_dict(), target.frozen
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target
         )
@@ -228,7 +228,7 @@ class Checkpointer:
                 f"checkpoint {self.step_dir(step)} does not match this run's model and "
                 f"optimizer ({type(e).__name__}: {first})"
             ) from e
-        return TrainState.from_dict(state) if typed else state
+        return TrainState.from_dict(state, frozen=frozen) if typed else state
 
     def close(self) -> None:
         self.manager.close()

@@ -12,8 +12,11 @@ from typing import Any
 from llmarch import presets, sharding
 from llmarch.checks import INT32_MAX, check_int, check_number
 from llmarch.config import ModelConfig
+from llmarch.data.augment_epochs import AugmentConfig
+from llmarch.data.clean import CleanConfig
 from llmarch.distill.config import DistillConfig
 from llmarch.json_config import dataclass_from_dict
+from llmarch.lora.config import LoraConfig
 from llmarch.train import run_dir
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.precision import policy
@@ -21,6 +24,7 @@ from llmarch.train.profile import parse_profile_steps
 from llmarch.train.step import DEFAULT_LOSS_CHUNK, check_loss_chunk
 
 NAN_POLICIES = ("skip", "stop")
+DATA_FORMATS = ("text", "chat")
 _check = functools.partial(check_number, "TrainConfig")
 
 
@@ -64,8 +68,23 @@ class TrainConfig:
     # None: as the init_from run says (llmarch prune writes True), False without one.
     keep_sparsity: bool | None = None
     distill: DistillConfig | None = None  # train against a teacher (llmarch.distill)
+    # LoRA/QLoRA: train adapters on a frozen base (init_from's, or the seed's), llmarch.lora.
+    lora: LoraConfig | None = None
+    # "text": documents (text_field of JSONL records); "chat": JSONL {"messages": [{"role", "content"}]}
+    # rendered by a chat template, the loss on the assistant's tokens only (llmarch.data.chat).
+    data_format: str = "text"
+    # chat: a Jinja template file; None: the tokenizer's own (tokenizer_config.json or
+    # chat_template.jinja beside its tokenizer.json), else llmarch.data.chat.DEFAULT_TEMPLATE.
+    chat_template: str | None = None
     # "A:B": a jax.profiler trace of steps A to B-1 in <out_dir>/profile (llmarch.train.profile)
     profile_steps: str | None = None
+    # A Weights & Biases project to log to besides metrics.jsonl/TensorBoard (llmarch.train.trackers;
+    # needs the wandb extra; WANDB_MODE=offline logs locally).
+    wandb: str | None = None
+    # Cleaning of the corpus before the split: deduplication, quality filters (llmarch.data.clean).
+    clean: CleanConfig | None = None
+    # EDA augmentation of each training epoch's documents (llmarch.data.augment_epochs).
+    augment: AugmentConfig | None = None
 
     def __post_init__(self):
         for name in (
@@ -106,6 +125,12 @@ class TrainConfig:
                 f"DistillConfig.prompt_len={self.distill.prompt_len} is invalid: must be shorter than "
                 f"TrainConfig.seq_len={self.seq_len}"
             )
+        for name, kind in (("clean", CleanConfig), ("augment", AugmentConfig)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                allowed = f"must be a {kind.__name__} or None"
+                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
+        self._check_lora_and_chat()
         if self.model is not None and not isinstance(self.model, ModelConfig):
             raise ValueError(f"TrainConfig.model={self.model!r} is invalid: must be a ModelConfig or None")
         if not isinstance(self.optimizer, OptimizerConfig):
@@ -125,6 +150,10 @@ class TrainConfig:
             )
         if self.profile_steps is not None:
             parse_profile_steps(self.profile_steps, steps=self.steps)
+        if self.wandb is not None and (not isinstance(self.wandb, str) or not self.wandb.strip()):
+            raise ValueError(
+                f"TrainConfig.wandb={self.wandb!r} is invalid: must be a W&B project name, or None"
+            )
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(
                 f"TrainConfig.nan_policy={self.nan_policy!r} is unknown; allowed: {NAN_POLICIES}"
@@ -157,6 +186,40 @@ class TrainConfig:
                 f"TrainConfig.seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
             )
 
+    def _check_lora_and_chat(self) -> None:
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"TrainConfig.lora={self.lora!r} is invalid: must be a LoraConfig or None")
+        if self.lora is not None and self.keep_sparsity:
+            raise ValueError(
+                "TrainConfig.keep_sparsity=True is invalid with lora: the adapters' B starts at zero and "
+                "the merged weights are dense; set keep_sparsity to false"
+            )
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"TrainConfig.data_format={self.data_format!r} is unknown; allowed: {DATA_FORMATS}"
+            )
+        if self.chat_template is not None and (
+            not isinstance(self.chat_template, str) or not self.chat_template.strip()
+        ):
+            raise ValueError(
+                f"TrainConfig.chat_template={self.chat_template!r} is invalid: must be a Jinja file or None"
+            )
+        if self.data_format != "chat" and self.chat_template is not None:
+            raise ValueError(
+                f"TrainConfig.chat_template={self.chat_template!r} applies to data_format='chat' only"
+            )
+        if self.data_format == "chat":
+            if self.data == "default":
+                raise ValueError(
+                    "TrainConfig.data='default' is invalid with data_format='chat': give a JSONL file of "
+                    '{"messages": [...]} records'
+                )
+            for name in ("clean", "augment"):
+                if getattr(self, name, None) is not None:
+                    raise ValueError(
+                        f"TrainConfig.{name} applies to text documents, not to data_format='chat'"
+                    )
+
     def model_config(self) -> ModelConfig:
         cfg = self.model if self.model is not None else presets.get(self.preset)
         return policy(self.precision).apply(cfg)
@@ -180,4 +243,5 @@ class TrainConfig:
             out_dir=str(Path(self.out_dir).resolve()),
             data=absolute(self.data, ("default",)),
             tokenizer=absolute(self.tokenizer, ("byte",)),
+            chat_template=None if self.chat_template is None else absolute(self.chat_template, ()),
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
+import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
+
+from flax import nnx
 
 from llmarch.checks import check_positive
 from llmarch.data import load_documents, load_tokenizer, pack_documents
@@ -15,7 +16,7 @@ from llmarch.run_format import CHECKPOINTS_DIR
 from llmarch.train.checkpoint import CheckpointError
 from llmarch.train.config import TrainConfig
 from llmarch.train.run_dir import latest_verified
-from llmarch.train.trainer import init_state, load_rows, make_evaluator
+from llmarch.train.trainer import init_state, load_rows, make_evaluator, with_lora_base
 
 
 def _listing(run_dir) -> set[str]:
@@ -25,12 +26,17 @@ def _listing(run_dir) -> set[str]:
         return set()
 
 
-_STDERR = functools.partial(print, file=sys.stderr)
+logger = logging.getLogger(__name__)
 
 
-def restore_run(run_dir: str | os.PathLike, *, log=_STDERR, attempts: int = 5):
+def restore_run(run_dir: str | os.PathLike, *, log=None, attempts: int = 5, load_base=None):
     """``(cfg, graphdef, state, step)`` of the newest verified checkpoint of a training run,
     restored on one device; see ``llmarch.train.run_dir.latest_verified`` for what is checked.
+
+    A LoRA run's checkpoints hold its adapters, not its base: ``load_base(path)`` returns the
+    plain model at its ``init_from`` (``llmarch.inference.loading.load_for_inference(path)[0]``,
+    which the trainer, below Hugging Face and inference, cannot call), and the state comes back
+    with that base as ``state.frozen``. A LoRA run without ``init_from`` has the seed's base.
 
     A trainer may be saving into the run and rotating old steps away meanwhile: a failure while
     the checkpoint directory's listing changed is retried (up to ``attempts`` times); one while
@@ -39,13 +45,13 @@ def restore_run(run_dir: str | os.PathLike, *, log=_STDERR, attempts: int = 5):
     for attempt in range(attempts):
         before = _listing(run_dir)
         try:
-            cfg, ckpt, step = latest_verified(run_dir, TrainConfig.from_dict, log=log)
+            cfg, ckpt, step = latest_verified(run_dir, TrainConfig.from_dict, log=log or logger.warning)
             try:
                 graphdef, _, state = init_state(cfg, mesh=None)
                 state = ckpt.restore(step, state)
             finally:
                 ckpt.close()
-            return cfg, graphdef, state, step
+            return cfg, graphdef, _with_base(cfg, state, load_base, run_dir), step
         except (CheckpointError, OSError):
             if attempt == attempts - 1 or _listing(run_dir) == before:
                 raise
@@ -53,11 +59,27 @@ def restore_run(run_dir: str | os.PathLike, *, log=_STDERR, attempts: int = 5):
     raise AssertionError("unreachable")
 
 
-def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches: int = 16) -> dict:
+def _with_base(cfg: TrainConfig, state, load_base, run_dir):
+    """A LoRA run's state with its frozen base, ``init_from``'s weights (see ``restore_run``)."""
+    if cfg.lora is None or cfg.init_from is None:
+        return state
+    if load_base is None:
+        raise ValueError(
+            f"{run_dir} is a LoRA run whose base is {cfg.init_from}: read it with "
+            "llmarch.inference.loading.load_for_inference (or pass restore_run a load_base)"
+        )
+    _, params, rest = nnx.split(load_base(cfg.init_from), nnx.Param, ...)
+    return with_lora_base(cfg, state, params, rest, fresh=False)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike, *, data: str | None = None, batches: int = 16, load_base=None
+) -> dict:
     """Loss and perplexity of the latest checkpoint in ``run_dir`` (written by ``llmarch train``)
-    on the run's validation split, or on all of ``data`` when given."""
+    on the run's validation split, or on all of ``data`` when given; ``load_base``: see
+    ``restore_run``."""
     check_positive("", batches=batches)
-    cfg, graphdef, state, step = restore_run(run_dir)
+    cfg, graphdef, state, step = restore_run(run_dir, load_base=load_base)
     if data is None:
         rows = load_rows(cfg)[1]
     else:
@@ -70,7 +92,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, batches
     evaluate = make_evaluator(
         graphdef, rows, batch_size=cfg.batch_size, batches=batches, loss_chunk=cfg.loss_chunk
     )
-    loss = evaluate(state.params, state.rest)
+    loss = evaluate(state.params, state.rest_and_frozen())
     return {
         "step": step,
         "data": data or f"validation split of {cfg.data}",

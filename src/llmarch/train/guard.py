@@ -67,7 +67,7 @@ class RunHealth:
         self.zero_grad_streak = self.zero_grad_streak + 1 if grad_norm == 0.0 else 0
         if self.zero_grad_streak == DEAD_STEPS:
             self.warn(
-                f"WARNING: step {step}: the gradient norm has been exactly 0 for {DEAD_STEPS} steps "
+                f"step {step}: the gradient norm has been exactly 0 for {DEAD_STEPS} steps "
                 f"(loss {loss:.4f}): the model has stopped learning, typically after a learning rate "
                 "far too large saturated it"
             )
@@ -75,7 +75,7 @@ class RunHealth:
             spike = loss > SPIKE_RATIO * self.ema and loss > self.ema + SPIKE_MARGIN
             if spike and not self.in_spike:
                 self.warn(
-                    f"WARNING: step {step}: loss {loss:.4f} is far above its running level "
+                    f"step {step}: loss {loss:.4f} is far above its running level "
                     f"{self.ema:.4f}: the run may be diverging"
                 )
             self.in_spike = spike

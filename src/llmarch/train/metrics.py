@@ -1,5 +1,5 @@
-"""Training metrics: JSON lines, TensorBoard event files, the MFU denominator, and which of a
-train step's outputs a record holds."""
+"""Training metrics: the MFU denominator, which of a train step's outputs a record holds, the
+progress bar's text, and reading ``metrics.jsonl`` back (the writers are ``llmarch.train.trackers``)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from llmarch.config import ModelConfig
-from llmarch.run_format import METRICS_FILE, TENSORBOARD_DIR
-from llmarch.train.checkpoint import atomic_write_text
+from llmarch.train.trackers import JsonlTracker, TensorBoardTracker, Trackers
 
 # Dense peak FLOP/s per chip at the precision training uses (bf16 on accelerators).
 PEAK_FLOPS = {
@@ -77,8 +75,9 @@ def progress_text(record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-class MetricsLog:
-    """Appends ``{"step": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
+class MetricsLog(Trackers):
+    """``metrics.jsonl`` and TensorBoard scalars as one ``Trackers`` (``llmarch.train.trackers``):
+    ``write(step, metrics)``, ``sync()``, ``close()``.
 
     Opened with ``start``, the step the run starts from (0 for a fresh start), it first drops
     every record past ``start``, atomically: a fresh start in an old directory does not append
@@ -89,66 +88,9 @@ class MetricsLog:
     """
 
     def __init__(self, directory: str | Path, *, start: int = 0, tensorboard: bool = True):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / METRICS_FILE
-        self.truncate_after(start)
-        self.tensorboard = tensorboard
-        self.writer = (
-            SummaryWriter(str(self.directory / TENSORBOARD_DIR), purge_step=start + 1)
-            if tensorboard
-            else None
-        )
-
-    def truncate_after(self, step: int) -> None:
-        """Drops records past ``step`` (atomically). A torn last line, left by a kill during a
-        write, is dropped too: it is past every checkpoint, since saving follows logging."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = []
-        for i, line in enumerate(lines):
-            if not line.strip() or (i == len(lines) - 1 and not line.endswith("\n")):
-                continue  # blank, or torn by a kill mid-write
-            try:
-                record = json.loads(line)
-                record_step = record["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(
-                    f"{self.path} line {i + 1} is not a metrics record: {line.strip()[:80]!r}; "
-                    "repair or delete the line to resume"
-                ) from None
-            if record_step <= step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(kept))
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard:
-            if self.writer is None:  # after a sync: continue in a new events file
-                self.writer = SummaryWriter(str(self.directory / TENSORBOARD_DIR))
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
-
-    def sync(self) -> None:
-        """Puts every TensorBoard point written so far on disk. tensorboardX writes from a
-        background queue and its ``flush`` does not wait for that queue; only ``close`` drains it."""
-        self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def _plain(value: Any) -> Any:
-    try:
-        return value.item()  # numpy / jax scalars
-    except AttributeError:
-        return value
+        jsonl = JsonlTracker(directory, start=start)
+        super().__init__([jsonl, *([TensorBoardTracker(directory, start=start)] if tensorboard else [])])
+        self.directory, self.path = Path(directory), jsonl.path
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = frozenset(
         "max_skipped_fraction",
         "loss_chunk",  # how the loss is computed, not what it is
         "profile_steps",  # what is traced, not what is trained
+        "wandb",  # where metrics also go
     }
 )
 

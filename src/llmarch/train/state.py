@@ -21,6 +21,9 @@ class TrainState:
       step: int32 ``[]`` the last finished step (0 before training).
       rng: uint32 ``[2]`` the run's RNG key data (``jax.random.key_data``).
       skipped: int32 ``[]`` steps skipped so far for non-finite values.
+      frozen: a LoRA run's frozen base weights (``llmarch.lora.split``), with ``params`` its
+        adapters; None otherwise. Never checkpointed: the base is re-read from the run's
+        ``init_from`` (or rebuilt from its seed) whenever the run is read.
     """
 
     params: nnx.State
@@ -29,15 +32,23 @@ class TrainState:
     step: jax.Array
     rng: jax.Array
     skipped: jax.Array
+    frozen: nnx.State | None = None
+
+    def rest_and_frozen(self) -> nnx.State:
+        """What a forward pass needs besides ``params``: ``rest``, and the frozen base if any."""
+        return self.rest if self.frozen is None else nnx.merge_state(self.rest, self.frozen)
 
     # Checkpoints hold a dict with these keys, as they did before this class existed: keeping
     # the on-disk tree a dict means older checkpoints restore, and orbax never has to know it.
 
     def as_dict(self) -> dict[str, Any]:
-        """The checkpoint layout: ``{"params", "rest", "opt_state", "step", "rng", "skipped"}``."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        """The checkpoint layout: ``{"params", "rest", "opt_state", "step", "rng", "skipped"}``
+        (never ``frozen``)."""
+        names = [field.name for field in dataclasses.fields(self) if field.name != "frozen"]
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
-    def from_dict(cls, tree: dict[str, Any]) -> TrainState:
-        """The inverse of ``as_dict``."""
-        return cls(**{field.name: tree[field.name] for field in dataclasses.fields(cls)})
+    def from_dict(cls, tree: dict[str, Any], frozen: nnx.State | None = None) -> TrainState:
+        """The inverse of ``as_dict``, with ``frozen`` (not in a checkpoint) given apart."""
+        fields = [field.name for field in dataclasses.fields(cls) if field.name != "frozen"]
+        return cls(**{name: tree[name] for name in fields}, frozen=frozen)

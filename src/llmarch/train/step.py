@@ -12,6 +12,7 @@ from flax import nnx
 
 from llmarch import ops
 from llmarch.checks import fail
+from llmarch.lora.layer import dropout_key
 from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
 from llmarch.train.guard import all_finite
 from llmarch.train.precision import check_trainable
@@ -123,7 +124,8 @@ def make_train_step(
     keep_zeros: bool = False,
     objective: Objective | None = None,
 ) -> StepFn:
-    """``step(params, rest, opt_state, batch, teacher=None) -> (params, opt_state, metrics)``, jitted.
+    """``step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None) -> (params,
+    opt_state, metrics)``, jitted.
 
     ``params`` are the model's ``nnx.Param`` variables (``nnx.split(model, nnx.Param, ...)``);
     ``rest`` is any other state, passed through unchanged; with ``update_rest`` the step returns
@@ -140,19 +142,27 @@ def make_train_step(
     ``loss_chunk`` are then the objective's business); ``teacher`` is passed to it as is.
     A model whose config computes or keeps parameters in float16 is refused with a ValueError
     at the first call (``llmarch.train.precision.check_trainable``): there is no loss scaling.
+    ``frozen``: weights the forward pass reads but the step neither differentiates nor returns (a
+    LoRA run's base, ``llmarch.lora.split``; ``params`` are then the adapters). ``rng``: the key
+    data of this step's LoRA dropout (None: no dropout).
     """
     check_loss_chunk("", loss_chunk)
 
-    def loss(params, rest, batch, teacher):
-        if objective is None:
-            return loss_fn(graphdef, params, rest, batch, z_loss, with_aux=True, loss_chunk=loss_chunk)
-        total, parts, aux = objective(nnx.merge(graphdef, params, rest), batch, teacher)
+    def loss(params, rest, batch, teacher, frozen, rng):
+        fixed = rest if frozen is None else nnx.merge_state(rest, frozen)
+        with dropout_key(rng):  # LoRA adapters' dropout: on in the train step only
+            if objective is None:
+                return loss_fn(graphdef, params, fixed, batch, z_loss, with_aux=True, loss_chunk=loss_chunk)
+            total, parts, aux = objective(nnx.merge(graphdef, params, fixed), batch, teacher)
         return total, (parts, aux)
 
-    def step(params, rest, opt_state, batch, teacher=None):
+    def step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None):
         # Checked while tracing, before XLA compiles: float16 would need loss scaling.
-        check_trainable(getattr(nnx.merge(graphdef, params, rest), "cfg", None))
-        (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch, teacher)
+        fixed = rest if frozen is None else nnx.merge_state(rest, frozen)
+        check_trainable(getattr(nnx.merge(graphdef, params, fixed), "cfg", None))
+        (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, rest, batch, teacher, frozen, rng
+        )
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -164,9 +174,13 @@ def make_train_step(
             )
         new_rest = rest
         if update_rest:
-            model = nnx.merge(graphdef, new_params, rest)
+            model = nnx.merge(graphdef, new_params, rest, *[frozen] * (frozen is not None))
             model.update_state(aux)
-            new_rest = nnx.state(model, nnx.Not(nnx.Param))
+            if frozen is None:
+                new_rest = nnx.state(model, nnx.Not(nnx.Param))
+            else:  # the frozen base (params and quantized weights) is neither updated nor returned
+                paths = set(nnx.to_flat_state(rest).paths)
+                new_rest = nnx.state(model, lambda path, _: path in paths)
         # A finite loss and gradient can still give a non-finite update (a huge learning rate,
         # a NaN hyperparameter): check what would be kept, not only what it was built from.
         finite = (

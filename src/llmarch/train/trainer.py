@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,22 +27,24 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from llmarch import accounting, sharding
+from llmarch import accounting, logs, lora, sharding
 from llmarch.data import (
     PackedRows,
     batches_per_epoch,
-    load_documents,
-    load_tokenizer,
     make_batches,
-    pack_documents,
-    train_val_split,
 )
 from llmarch.model import Transformer
-from llmarch.run_format import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR
+from llmarch.run_format import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    DATA_REPORT_FILE,
+)
 from llmarch.train import metrics as metrics_lib
 from llmarch.train import run_dir
+from llmarch.train import summary as summary_lib
 from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
 from llmarch.train.config import TrainConfig
+from llmarch.train.data import RunData, load_data, load_rows  # noqa: F401 (load_rows: readers import it here)
 from llmarch.train.distill_step import distill_objective
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
 from llmarch.train.interrupt import graceful_stop
@@ -53,8 +57,17 @@ from llmarch.train.step import (
     masked_mean,
     token_losses,
 )
+from llmarch.train.trackers import open_trackers
 
 Sampler = Callable[[Any, np.ndarray, int, int], np.ndarray]
+logger = logging.getLogger(__name__)
+
+
+def _reporters(log: Callable[[str], None] | None, main: bool):
+    """``(info, warning)``: this module's logger, or the ``log`` callable given for both (a warning
+    marked as one). Only process 0 reports progress; every process reports its warnings."""
+    info, warning = (logger.info, logger.warning) if log is None else (log, lambda m: log(f"WARNING: {m}"))
+    return (info if main else lambda message: None), warning
 
 
 @dataclasses.dataclass
@@ -67,9 +80,11 @@ class TrainResult:
     rest: nnx.State
     graphdef: nnx.GraphDef
     train_rows: PackedRows
+    frozen: nnx.State | None = None  # a LoRA run's base (``params`` are its adapters)
 
     def model(self) -> Transformer:
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        """The trained model (a LoRA run's with its adapters: ``llmarch.lora.merge_lora`` merges them)."""
+        return nnx.merge(self.graphdef, self.params, self.rest, *[self.frozen] * (self.frozen is not None))
 
 
 def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
@@ -84,11 +99,27 @@ def _fingerprint(rows: PackedRows) -> str:
     return hashlib.blake2b(np.ascontiguousarray(rows.tokens).tobytes(), digest_size=16).hexdigest()
 
 
+def _lora_rngs(cfg: TrainConfig) -> nnx.Rngs:
+    """The adapters' initialization: drawn from the run's seed, apart from the model's."""
+    return nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 0x10BA))
+
+
 def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
-    """``(graphdef, tx, state)``: a fresh ``TrainState``, sharded on ``mesh`` by ``cfg.rules``."""
+    """``(graphdef, tx, state)``: a fresh ``TrainState``, sharded on ``mesh`` by ``cfg.rules``.
+
+    With ``cfg.lora`` the model carries adapters (``llmarch.lora.apply_lora``): ``state.params``
+    are the adapters alone (the optimizer's state is theirs) and ``state.frozen`` the base."""
+    frozen = None
     with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if cfg.lora is None:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    else:  # adapted (and QLoRA's base quantized) off the mesh, then placed by the same rules
+        with nnx.use_eager_sharding(False):
+            model = lora.apply_lora(model, cfg.lora, rngs=_lora_rngs(cfg))
+        graphdef, params, frozen, rest = lora.split(model)
+        if mesh is not None:
+            params, frozen, rest = (sharding.shard_state(s, mesh, cfg.rules) for s in (params, frozen, rest))
     tx = build_optimizer(cfg.optimizer, cfg.steps, model=cfg.model_config())  # + e.g. UltraMem's value LR
     state = TrainState(
         params=params,
@@ -97,6 +128,7 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
         step=jnp.int32(0),
         rng=jax.random.key_data(jax.random.key(cfg.seed)),
         skipped=jnp.int32(0),
+        frozen=frozen,
     )
     if mesh is None:  # committed, like every later step's outputs and a loaded teacher's
         # weights: a step fed committed and uncommitted arrays at once would compile twice
@@ -108,22 +140,53 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     return graphdef, tx, state
 
 
+def _place(new, old):
+    new = jnp.asarray(new)
+    if new.shape != old.shape:
+        raise ValueError(f"init_from weights of shape {new.shape} do not fit this run's {old.shape}")
+    return jax.device_put(new.astype(old.dtype), old.sharding)
+
+
 def start_from(state: TrainState, tx, params: nnx.State, rest: nnx.State) -> TrainState:
     """``state`` starting from the weights ``params``/``rest`` (laid out like its own), with a
     fresh optimizer state for them."""
-
-    def place(new, old):
-        new = jnp.asarray(new)
-        if new.shape != old.shape:
-            raise ValueError(f"init_from weights of shape {new.shape} do not fit this run's {old.shape}")
-        return jax.device_put(new.astype(old.dtype), old.sharding)
-
     try:
-        params = jax.tree.map(place, params, state.params)
-        rest = jax.tree.map(place, rest, state.rest)
+        params = jax.tree.map(_place, params, state.params)
+        rest = jax.tree.map(_place, rest, state.rest)
     except ValueError as e:  # a tree mismatch: the source is another architecture
         raise ValueError(f"TrainConfig.init_from's weights do not fit this run's model: {e}") from None
     return dataclasses.replace(state, params=params, rest=rest, opt_state=tx.init(params))
+
+
+def with_lora_base(
+    cfg: TrainConfig, state: TrainState, params: nnx.State, rest: nnx.State, *, fresh: bool
+) -> TrainState:
+    """A LoRA run's ``state`` whose frozen base is the plain model weights ``params``/``rest``
+    (``init_from``'s), adapted (and, QLoRA, quantized) as ``cfg.lora`` says; ``fresh``: also its
+    ``rest`` (a new run), else the checkpoint's ``rest`` is kept (a resumed run). The adapters and
+    the optimizer state are left as they are."""
+    with nnx.use_eager_sharding(False):  # shapes only: nothing is initialized
+        plain = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model_config(), rngs=nnx.Rngs(0))))
+    try:
+        model = nnx.merge(plain, params, rest)
+        _, _, frozen, new_rest = lora.split(lora.apply_lora(model, cfg.lora, rngs=_lora_rngs(cfg)))
+        frozen = jax.tree.map(_place, frozen, state.frozen)
+        new_rest = jax.tree.map(_place, new_rest, state.rest) if fresh else state.rest
+    except (ValueError, KeyError) as e:  # a tree mismatch: the source is another architecture
+        raise ValueError(f"TrainConfig.init_from's weights do not fit this run's model: {e}") from None
+    return dataclasses.replace(state, frozen=frozen, rest=new_rest)
+
+
+def _lora_inputs(cfg: TrainConfig, state: TrainState, step: int) -> dict[str, Any]:
+    """The train step's LoRA arguments: the frozen base, and the key of this step's dropout (from
+    the run's seed and the step, so a resumed run draws the same masks)."""
+    if state.frozen is None:
+        return {}
+    inputs = {"frozen": state.frozen}
+    if cfg.lora.dropout:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+        inputs["rng"] = jax.random.key_data(key)
+    return inputs
 
 
 class _OnPolicy:
@@ -193,22 +256,10 @@ def make_evaluator(
     return evaluate
 
 
-def load_rows(cfg: TrainConfig) -> tuple[PackedRows, PackedRows]:
-    """The run's training and validation rows."""
-    model_cfg = cfg.model_config()
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    documents = load_documents(cfg.data, text_field=cfg.text_field)
-    train_docs, val_docs = train_val_split(documents, cfg.val_fraction, seed=cfg.seed)
-    return tuple(
-        pack_documents(docs, tokenizer, seq_len=cfg.seq_len, model_vocab_size=model_cfg.vocab_size)
-        for docs in (train_docs, val_docs)
-    )
-
-
 def train(
     cfg: TrainConfig,
     *,
-    log=print,
+    log: Callable[[str], None] | None = None,
     init: Callable[[], tuple[nnx.State, nnx.State]] | None = None,
     teacher: nnx.Module | None = None,
     sampler: Sampler | None = None,
@@ -219,8 +270,11 @@ def train(
     passes them (the trainer sits below the Hugging Face and inference packages).
 
     Args:
+      log: receives every message (warnings prefixed ``WARNING:``); None: they go to the
+        ``llmarch.train.trainer`` logger (INFO and WARNING; ``llmarch.logs``).
       init: returns the ``(params, rest)`` a fresh run starts from (``cfg.init_from``'s weights);
-        called only when the run does not resume.
+        called only when the run does not resume, except by a LoRA run, whose base (not in its
+        checkpoints) it also gives when the run resumes.
       teacher: the distillation teacher (``cfg.distill``), run in inference mode.
       sampler: ``sampler(model, prompt [B,P], new_tokens, seed) -> [B,P+new]`` int32 numpy, for
         on-policy distillation steps (``cfg.distill.on_policy_fraction > 0``).
@@ -250,26 +304,28 @@ def train(
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
-    rows = load_rows(cfg)  # before the lock creates the directory: bad data leaves nothing behind
+    rows = load_data(cfg)  # before the lock creates the directory: bad data leaves nothing behind
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
-    lock = run_dir.lock(out)
+    # One writer per run directory: process 0 holds the lock for all processes of a run.
+    lock = run_dir.lock(out) if logs.is_main_process() else None
     try:
         return _train(cfg, out, rows, mesh, log, init, teacher, sampler)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _train(
-    cfg: TrainConfig, out: Path, rows: tuple[PackedRows, PackedRows], mesh, log, init, teacher, sampler
-) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher, sampler) -> TrainResult:
     model_cfg = cfg.model_config()
-    train_rows, val_rows = rows
+    main = logs.is_main_process()  # the process that writes files, bars and summaries
+    log, warning = _reporters(log, main)
+    train_rows, val_rows = rows.train_rows, rows.val_rows
     data_sharding = sharding.batch_sharding(mesh, cfg.rules) if mesh is not None else None
     if cfg.batch_size % jax.process_count():
         raise ValueError(
             f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {jax.process_count()} processes"
         )
-    train_iter = make_batches(train_rows, batch_size=cfg.batch_size, seed=cfg.seed)
+    train_iter = make_batches(rows.train_source, batch_size=cfg.batch_size, seed=cfg.seed)
     graphdef, tx, state = init_state(cfg, mesh)
     shardings = (
         jax.tree.map(lambda x: x.sharding, (state.params, state.rest, state.opt_state))
@@ -312,13 +368,22 @@ def _train(
     bar = None
     profiler = StepProfiler(cfg.profile_steps, out)
     try:
-        start = run_dir.start_step(ckpt, cfg.resume, config, data, log=log)
+        start = run_dir.start_step(ckpt, cfg.resume, config, data, log=warning)
         if start is not None:
             state = ckpt.restore(start, state, train_iter)
+            if cfg.lora is not None and init is not None:  # the base is not in the checkpoint
+                state = with_lora_base(cfg, state, *init(), fresh=False)
             log(f"resumed from {ckpt.step_dir(start)}")
+        elif init is not None and cfg.lora is not None:
+            state = with_lora_base(cfg, state, *init(), fresh=True)
+            log(f"starting from the weights of {cfg.init_from}")
         elif init is not None:
             state = start_from(state, tx, *init())
             log(f"starting from the weights of {cfg.init_from}")
+        if cfg.lora is not None:
+            trained = sum(x.size for x in jax.tree.leaves(state.params))
+            base = sum(x.size for x in jax.tree.leaves(state.frozen))
+            log(f"LoRA: training {trained:,} adapter parameters; the base's {base:,} stay frozen")
         start = int(state.step)
         if start >= cfg.steps:
             log(
@@ -326,8 +391,12 @@ def _train(
                 "(raise --steps to continue it)"
             )
         # Only now, with a fresh start or a verified restore, is the directory this run's.
-        atomic_write_text(out / CONFIG_FILE, cfg.to_json() + "\n")
-        log_file = metrics_lib.MetricsLog(out, start=start, tensorboard=cfg.tensorboard)
+        if main:
+            atomic_write_text(out / CONFIG_FILE, cfg.to_json() + "\n")
+            atomic_write_text(out / DATA_REPORT_FILE, json.dumps(rows.report(), indent=2) + "\n")
+        for line in rows.lines():  # what cleaning removed, how the epochs are augmented
+            log(line)
+        log_file = open_trackers(cfg, out, start=start, config=config)  # JSONL, TensorBoard, W&B
 
         flops_per_token = accounting.train_flops_per_token(model_cfg, cfg.seq_len, causal=True)
         peak = cfg.peak_flops or metrics_lib.peak_flops(jax.devices()[0].device_kind)
@@ -340,7 +409,7 @@ def _train(
 
         def warn(message: str) -> None:
             with tqdm.external_write_mode():  # above the progress bar, not through it
-                log(message)
+                warning(message)
 
         health = RunHealth(cfg.steps, cfg.max_skipped_fraction, warn=warn)
         losses: dict[int, float] = {}
@@ -358,7 +427,9 @@ def _train(
                 )
             log_file.sync()  # every point logged so far survives a kill, as the checkpoint does
             try:
-                ckpt.save(step, state, train_iter, config=config, data=data, force=True)  # no-op if saved
+                saved = ckpt.save(step, state, train_iter, config=config, data=data, force=True)
+                if saved:  # False: this step was saved already
+                    logger.debug("saved %s", ckpt.step_dir(step))
             except CheckpointError:
                 raise
             except Exception as e:  # e.g. a full disk: the run failed, the settings were fine
@@ -366,20 +437,26 @@ def _train(
                 raise TrainingError(f"saving {ckpt.step_dir(step)} failed ({first}); {last_good()}") from e
 
         if start < cfg.steps:
+            log(summary_lib.header(cfg, out, start, mesh))
             log(f"compiling the train step (step {start + 1} of {cfg.steps} waits for it)…")
-        with graceful_stop(log=log) as stop:
+        with graceful_stop(log=warning) as stop:
             for step in range(start + 1, cfg.steps + 1):
                 profiler.before(step)
                 tick = time.perf_counter()
                 batch = next(train_iter)
                 sampled = on_policy is not None and on_policy.due(step)
                 if sampled:  # GKD: the student's own continuations of the rows' prompts
-                    batch = on_policy.batch(batch, state.params, state.rest, step)
+                    batch = on_policy.batch(batch, state.params, state.rest_and_frozen(), step)
                 elif on_policy is not None:
                     batch = {**batch, "label_weight": np.ones(batch["inputs"].shape, np.float32)}
                 batch = _to_global(batch, data_sharding)
                 params, rest, opt_state, m = step_fn(
-                    state.params, state.rest, state.opt_state, batch, teacher_state
+                    state.params,
+                    state.rest,
+                    state.opt_state,
+                    batch,
+                    teacher_state,
+                    **_lora_inputs(cfg, state, step),  # a LoRA run: its frozen base, dropout key
                 )
                 skipped = state.skipped + (~m["finite"]).astype(jnp.int32)
                 state = dataclasses.replace(
@@ -408,7 +485,11 @@ def _train(
                     raise TrainingError(f"{e}; {last_good()}") from None
                 if bar is None:  # started once the first step is done: its ETA leaves out compiling
                     bar = tqdm(
-                        total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, mininterval=1.0
+                        total=cfg.steps,
+                        initial=step,
+                        desc="train",
+                        disable=not (cfg.progress and main and logs.show_progress()),
+                        mininterval=1.0,
                     )
                 else:
                     bar.update(1)
@@ -437,12 +518,12 @@ def _train(
                     log_file.write(step, record)
                     bar.set_postfix_str(metrics_lib.progress_text(record), refresh=False)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss = evaluate(params, state.rest)
+                    val_loss = evaluate(params, state.rest_and_frozen())
                     log_file.write(
                         step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))}
                     )
                     if not math.isfinite(val_loss):
-                        warn(f"WARNING: step {step}: the validation loss is {val_loss}")
+                        warn(f"step {step}: the validation loss is {val_loss}")
                 if step == cfg.steps or step % cfg.checkpoint_every == 0:
                     save(step, state)
                 if stop:  # checked after saving: the signal may arrive during the save
@@ -463,16 +544,19 @@ def _train(
         if log_file is not None:
             log_file.close()
         ckpt.close()
-    if val_loss is not None:
-        log(f"step {int(state.step)}: validation loss {val_loss:.4f}")
-    written = [METRICS_FILE, *([f"{TENSORBOARD_DIR}/"] if cfg.tensorboard else []), f"{CHECKPOINTS_DIR}/"]
-    log(f"wrote {out}: {', '.join(written)}")
-    if profiler.directory is not None:
-        first, last = profiler.traced
-        log(
-            f"profile of steps {first}-{last}: {profiler.directory} "
-            "(TensorBoard's profile tab; its perfetto_trace.json.gz opens in ui.perfetto.dev)"
-        )
+    files = {"checkpoints": f"{ckpt.step_dir(int(state.step))} (the latest)", **log_file.locations()}
+    files.update(summary_lib.other_files(out, profiler))  # the data report, a profile
+    final = losses[max(losses)] if losses else None
+    for line in summary_lib.lines(
+        out=out,
+        step=int(state.step),
+        steps=cfg.steps,
+        train_loss=final,
+        val_loss=val_loss,
+        skipped=int(state.skipped),
+        files=files,
+    ):
+        log(line)
     return TrainResult(
         step=int(state.step),
         losses=losses,
@@ -482,4 +566,5 @@ def _train(
         rest=state.rest,
         graphdef=graphdef,
         train_rows=train_rows,
+        frozen=state.frozen,
     )
