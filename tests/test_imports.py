@@ -24,25 +24,30 @@ PACKAGES = {
 LAYERING = [
     (
         "llmarch",
+        "llmarch.__main__",
         "llmarch.cli",
         "llmarch.cli_compress",
         "llmarch.cli_train",
+        "llmarch.cli_config",
         "llmarch.cli_serve",
         "llmarch.cli_export",
         "llmarch.cli_plot",
     ),
     ("llmarch.serve", "llmarch.serve."),  # `llmarch serve`: HTTP over the engine
     ("llmarch.export", "llmarch.export."),  # `llmarch export`: Hugging Face, GGUF, StableHLO
-    ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     # `llmarch quantize`/`prune`/`lowrank` and their outputs; fine-tuning and distilling from a
     # checkpoint (sources: loads what the trainer, below Hugging Face and inference, cannot)
     (
         "llmarch.demo",
+        "llmarch.demo_config",
         "llmarch.quant.convert",
         "llmarch.prune.convert",
         "llmarch.lowrank.convert",
         "llmarch.sources",
+        "llmarch.evaluation",  # `llmarch eval`: any checkpoint, any corpus
+        "llmarch.eval_harness",  # lm-evaluation-harness over the same checkpoints
     ),
+    ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     ("llmarch.inference",),
     ("llmarch.hf",),
     ("llmarch.train",),
@@ -50,6 +55,7 @@ LAYERING = [
     ("llmarch.presets", "llmarch.data", "llmarch.run_format"),
     ("llmarch.prune", "llmarch.prune.model", "llmarch.prune.structured"),  # walks the blocks as GPTQ does
     ("llmarch.lowrank", "llmarch.lowrank.model"),  # so does activation-aware SVD
+    ("llmarch.lora", "llmarch.lora.model"),  # adapters on a model's linears (QLoRA: quantize first)
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.model",),
@@ -58,13 +64,14 @@ LAYERING = [
     ("llmarch.config",),
     ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
     # every layer module; the quantized and the factorized Einsum (the model builds the latter)
-    ("llmarch.layers.", "llmarch.quant.linear", "llmarch.lowrank.layer"),
+    ("llmarch.layers.", "llmarch.quant.linear", "llmarch.lowrank.layer", "llmarch.lora.layer"),
     (
         "llmarch.quant.config",
         "llmarch.prune.config",
         "llmarch.prune.masks",
         "llmarch.lowrank.config",
         "llmarch.lowrank.svd",
+        "llmarch.lora.config",
         "llmarch.distill",
         "llmarch.distill.",
     ),
@@ -75,7 +82,7 @@ LAYERING = [
         "llmarch.quant.hessian",
     ),  # the quantized formats, below the ops
     ("llmarch.sharding",),
-    ("llmarch.axes", "llmarch.checks", "llmarch.machine", "llmarch.hub"),
+    ("llmarch.axes", "llmarch.checks", "llmarch.machine", "llmarch.hub", "llmarch.logs"),
     ("kernels_pallas", "kernels_cpu"),
 ]
 # The layers are the bottom of the model stack: they may not reach up into what assembles, trains,

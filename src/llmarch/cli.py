@@ -4,7 +4,6 @@ mistake, 1 for a failed run) instead of tracebacks."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -16,16 +15,16 @@ import sys
 import threading
 import traceback
 
-from llmarch import accounting, presets
-from llmarch.cli_train import TRAIN_FLAGS, add_train_switches, train_config
+from llmarch import accounting, logs, presets
+from llmarch.cli_config import HelpFormatter, OneLineParser, add_flags, given, walk
+from llmarch.cli_train import TRAIN_FLAGS, add_train_flags, train_config
+from llmarch.demo_config import DemoConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
     from llmarch import demo
 
-    fields = {f.name for f in dataclasses.fields(demo.DemoConfig)}
-    cfg = demo.DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    demo.run(cfg)
+    demo.main(DemoConfig(**given(args, [f.path for f in walk(DemoConfig)[0]])))
     return 0
 
 
@@ -46,22 +45,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from llmarch.quant.checkpoint import is_quantized_checkpoint
-    from llmarch.quant.convert import evaluate_quantized
-    from llmarch.train.evaluate import evaluate_run
+    from llmarch.evaluation import evaluate
     from llmarch.train.guard import TrainingError
 
-    if args.data is not None and not args.data.strip():
-        raise ValueError("--data '' is invalid: give a text file, a directory of texts or a .jsonl file")
-    if is_quantized_checkpoint(args.checkpoint):  # written by `llmarch quantize`
-        result = evaluate_quantized(args.checkpoint, data=args.data, batches=args.batches)
-        print(json.dumps(result, indent=2))
-        return 0
-    result = evaluate_run(args.checkpoint, data=args.data, batches=args.batches)
+    result = evaluate(
+        args.checkpoint,
+        data=args.data,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        bos=args.bos,
+        progress=logs.show_progress(),  # not with -q
+    )
     if not math.isfinite(result["loss"]):  # a broken model is not a result: no exit 0, no NaN "JSON"
+        which = f"checkpoint step {result['step']} of " if "step" in result else ""
         raise TrainingError(
-            f"checkpoint step {result['step']} of {args.checkpoint} gives a non-finite "
-            f"loss ({result['loss']}): its weights are broken"
+            f"{which}{args.checkpoint} gives a non-finite loss ({result['loss']}): its weights are broken"
         )
     print(json.dumps(result, indent=2))
     return 0
@@ -207,7 +208,7 @@ def _use_compile_cache(directory: pathlib.Path | None, *, explicit: bool) -> Non
     except OSError as e:
         if explicit:
             raise ValueError(f"--compile-cache {str(directory)!r} is invalid: {e}") from None
-        print(f"llmarch: warning: compilation cache off ({e}); see --compile-cache", file=sys.stderr)
+        logging.getLogger("llmarch.cli").warning(f"compilation cache off ({e}); see --compile-cache")
         return
     import jax
 
@@ -240,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the full traceback and library logs on an error",
     )
+    common.add_argument(
+        "--log-level",
+        choices=logs.LEVELS,
+        default=argparse.SUPPRESS,
+        help="the llmarch messages shown on stderr (default: info; overrides -v/-q)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="show debug messages"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="show warnings and errors only (-qq: errors only); a command's output still goes to stdout",
+    )
     cache = common.add_mutually_exclusive_group()
     cache.add_argument(
         "--compile-cache",
@@ -254,38 +271,73 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="compile everything anew (also: LLMARCH_COMPILE_CACHE=off)",
     )
-    parser = argparse.ArgumentParser(prog="llmarch", description=DESCRIPTION, epilog=EPILOG, parents=[common])
+    # One-line errors (`llmarch train: error: ...`, exit 2) for every command: subparsers share the class.
+    parser = OneLineParser(prog="llmarch", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"llmarch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", parents=[common], help="train a tiny model on the embedded corpus and sample from it"
+        "demo",
+        parents=[common],
+        help="train dense, MoE, UltraMem and MLA tiny models side by side and compare them",
+        description="Train tiny dense, MoE, UltraMem and MLA decoders (--models) on the embedded corpus "
+        "with the same data and steps, and print one table: parameters, activated parameters and "
+        "KV-cache bytes per token, validation loss, decode tokens/s through the Engine; the table "
+        "and the loss curves are written to OUT/demo.md and OUT/demo.png. --quick: train one model "
+        "(--preset), print its losses and sample text from it.",
+        formatter_class=HelpFormatter,
     )
-    demo.add_argument("--preset", choices=[n for n in presets.names() if n.startswith("tiny-")])
-    demo.add_argument("--steps", type=int)
-    demo.add_argument("--batch-size", type=int)
-    demo.add_argument("--seq-len", type=int)
-    demo.add_argument("--learning-rate", type=float)
-    demo.add_argument("--seed", type=int)
-    demo.add_argument("--sample-tokens", type=int)
-    demo.add_argument("--prompt")
-    demo.add_argument("--out-dir", help="keep the run (checkpoints, metrics) here; default: a temp dir")
+    # The same names as train's (--out, --lr) and generate's (--max-tokens) for the same things.
+    add_flags(
+        demo,
+        DemoConfig,
+        aliases={"out_dir": ["--out"], "learning_rate": ["--lr"], "sample_tokens": ["--max-tokens"]},
+        helps={
+            **{field: text for _, field, _, text in TRAIN_FLAGS if "." not in field},  # the same words
+            "out_dir": "keep the runs (checkpoints, metrics), demo.md and demo.png here; null: a "
+            "temporary directory",
+            "learning_rate": "peak learning rate",
+            "sample_tokens": "--quick: tokens sampled after training",
+            "preset": "--quick's model (see `llmarch presets`)",
+        },
+        choices={
+            (DemoConfig, field): [n for n in presets.names() if n.startswith("tiny-")]
+            for field in ("preset", "models")
+        },
+    )
     demo.set_defaults(func=_demo)
     train = sub.add_parser(
-        "train", parents=[common], help="train a model; resumes from the latest checkpoint in --out"
+        "train",
+        parents=[common],
+        help="train a model; resumes from the latest checkpoint in --out",
+        usage="%(prog)s [--config FILE] [--out DIR] [--FIELD VALUE ...] [--model.FIELD VALUE ...]",
+        description="Every TrainConfig field is a flag, nested ones by their dotted path "
+        "(--model.d-model 512, --optimizer.nesterov true); values are read as YAML. Precedence: "
+        "--config < the stored settings of a run in --out (without --config) < flags.",
+        formatter_class=HelpFormatter,
     )
-    train.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
-    for flag, field, kind, text in TRAIN_FLAGS:
-        train.add_argument(flag, dest=field.replace(".", "_"), type=kind, help=text)
-    add_train_switches(train)
+    add_train_flags(train)
     train.set_defaults(func=_train)
     evaluate = sub.add_parser(
-        "eval", parents=[common], help="evaluate a run's latest checkpoint on held-out data"
+        "eval",
+        parents=[common],
+        help="loss (nats/token), perplexity and bits per byte of a checkpoint on a corpus",
     )
     evaluate.add_argument(
-        "--checkpoint", required=True, help="a run directory of `llmarch train`, or of `llmarch quantize`"
+        "--checkpoint",
+        required=True,
+        help="an llmarch run, a Hugging Face directory or Hub id (org/name), or a quantized checkpoint",
     )
-    evaluate.add_argument("--data", help="evaluate on this corpus instead of the run's validation split")
-    evaluate.add_argument("--batches", type=int, default=16, help="batches to evaluate")
+    evaluate.add_argument(
+        "--data", help="a text file, directory of texts or .jsonl file (default: the run's validation split)"
+    )
+    evaluate.add_argument("--batches", type=int, default=16, help="batches to evaluate (from the start)")
+    evaluate.add_argument("--batch-size", type=int, help="rows per batch (default: the run's, else 8)")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per row (default: the run's, else up to 512)")
+    evaluate.add_argument("--tokenizer", help="'byte' or a tokenizer.json to read --data with")
+    evaluate.add_argument("--text-field", help="the text field of JSONL records (default: text)")
+    evaluate.add_argument(
+        "--bos", action="store_true", help="start every document of --data with BOS (Llama-style checkpoints)"
+    )
     evaluate.set_defaults(func=_eval)
     quant = sub.add_parser(
         "quantize", parents=[common], help="quantize a checkpoint's linear weights (RTN, GPTQ, AWQ, FP8)"
@@ -378,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         # ("Event loop is closed"); the one-line error already says what happened.
         threading.excepthook = lambda hook_args: None
         sys.unraisablehook = lambda hook_args: None
+    level = logs.level(
+        name=getattr(args, "log_level", None),
+        verbose=getattr(args, "verbose", 0),
+        quiet=getattr(args, "quiet", 0),
+    )
+    restore_logging = logs.configure(level)  # the library's messages, on stderr from process 0
     try:
         _use_compile_cache(
             compile_cache_dir(args), explicit=isinstance(getattr(args, "compile_cache", None), str)
@@ -391,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, e, 2, debug)
     except (TrainingError, RuntimeError) as e:  # the run failed; its message says why
         return _fail(args, e, 1, debug)
+    finally:
+        restore_logging()
 
 
 def _fail(args: argparse.Namespace, error: BaseException | str, code: int, debug: bool) -> int:
