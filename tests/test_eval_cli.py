@@ -16,8 +16,8 @@ from llmarch.cli import main
 from llmarch.data import ByteTokenizer, PackedRows
 from llmarch.export.hf import export_hf
 from llmarch.inference import SamplingParams
-from llmarch.train.evaluate import evaluate_run
 from llmarch.train.step import token_losses
+from llmarch.train.trainer import load_rows
 
 # Non-ASCII text, so that tokens (bytes) and characters differ; a JSONL file of documents.
 DOCS = [
@@ -78,11 +78,22 @@ def test_eval_counts_bytes_exactly_and_agrees_across_checkpoint_kinds(run, capsy
         assert other["loss"] == pytest.approx(ours["loss"], rel=1e-5)
 
 
-def test_eval_of_a_run_matches_the_trainers_evaluator(run, capsys):
+def test_eval_of_a_run_matches_a_plain_forward_on_its_validation_rows(run, capsys):
     run_dir, _, _ = run
     report = _eval(capsys, "--checkpoint", str(run_dir), "--batches", "1")
     assert report["data"] == "validation split of default" and report["tokens"] == 16 * 128
-    assert report["loss"] == pytest.approx(evaluate_run(run_dir, batches=1)["loss"], rel=1e-5)
+    # The reference: the model's log-softmax at every target of the first 16 validation rows (the
+    # default corpus is one document, so every position is scored), with none of eval's code.
+    loaded = evaluation.load(run_dir)
+    rows = load_rows(loaded.train)[1]
+    batch = {k: np.stack([rows[i][k] for i in range(16)]) for k in ("inputs", "targets", "mask")}
+    assert batch["mask"].all()
+    logits = jax.jit(lambda ids: loaded.model(ids))(batch["inputs"])
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1).mean()
+    assert report["loss"] == pytest.approx(float(nll), rel=1e-5)
 
 
 def test_bytes_of_other_tokenizers_are_decoded_per_document():

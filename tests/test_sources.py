@@ -10,9 +10,10 @@ from flax import nnx
 
 from llmarch import hf, sources
 from llmarch.cli import main
+from llmarch.evaluation import evaluate
 from llmarch.prune import sparsity
 from llmarch.train.config import TrainConfig
-from llmarch.train.evaluate import evaluate_run, restore_run
+from llmarch.train.evaluate import restore_run
 from llmarch.train.trainer import train
 
 QUIET = dict(progress=False, tensorboard=False)
@@ -50,7 +51,7 @@ def test_prune_writes_a_run_that_readers_use(pruned, capsys):
     assert reached["total"] == pytest.approx(0.5)
     derived = json.loads((pruned / sources.DERIVED_FILE).read_text())
     assert derived["how"]["prune"]["method"] == "wanda" and derived["report"]["sparsity"] == reached
-    assert np.isfinite(evaluate_run(pruned, batches=2)["loss"])
+    assert np.isfinite(evaluate(pruned, batches=2, progress=False)["loss"])
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(pruned), "--prompt", "The", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
@@ -145,7 +146,7 @@ def test_structured_prune_cli_shrinks_the_model(base, tmp_path, capsys):
     derived = json.loads((out / sources.DERIVED_FILE).read_text())
     assert derived["report"]["config_changes"]["attention.num_heads"] == [4, 2]
     assert cfg.keep_sparsity is False
-    assert np.isfinite(evaluate_run(out, batches=2)["loss"])
+    assert np.isfinite(evaluate(out, batches=2, progress=False)["loss"])
 
 
 def test_lowrank_cli_writes_a_factorized_run(base, tmp_path, capsys):
@@ -159,7 +160,7 @@ def test_lowrank_cli_writes_a_factorized_run(base, tmp_path, capsys):
     assert summary["param_ratio"] < 0.8
     count = sum(int(np.size(v.get_value())) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert count == summary["params"]
-    assert np.isfinite(evaluate_run(out, batches=2)["loss"])
+    assert np.isfinite(evaluate(out, batches=2, progress=False)["loss"])
     # the factors fine-tune: the run resumes from its step 0 with its own settings
     assert main(["train", "--out", str(out), "--steps", "2", "--eval-every", "2", "--no-tensorboard"]) == 0
     assert _model(out)[2] == 2

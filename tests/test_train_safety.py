@@ -17,12 +17,13 @@ import pytest
 from flax import nnx
 
 from llmarch import cli, presets
+from llmarch.evaluation import evaluate
 from llmarch.model import Transformer
 from llmarch.run_format import CONFIG_FILE, LOCK_FILE, MANIFEST
 from llmarch.train import metrics, run_dir, trackers
 from llmarch.train.checkpoint import Checkpointer, CheckpointError
 from llmarch.train.config import TrainConfig
-from llmarch.train.evaluate import evaluate_run, restore_run
+from llmarch.train.evaluate import restore_run
 from llmarch.train.guard import DEAD_STEPS, RunHealth, TrainingError
 from llmarch.train.optim import OptimizerConfig
 from llmarch.train.step import make_train_step
@@ -209,7 +210,7 @@ def test_corruption_is_detected_by_eval_generate_and_train(finished_run, tmp_pat
     _corrupt(run / "checkpoints" / "4")
     step_dir = str(run / "checkpoints" / "4")
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} is corrupted"):
-        evaluate_run(run, batches=1)
+        evaluate(run, batches=1, progress=False)
     for argv in (
         ["eval", "--checkpoint", str(run), "--batches", "1"],
         ["generate", "--checkpoint", str(run), "--prompt", "hi", "--max-tokens", "2"],
@@ -366,7 +367,7 @@ def test_metrics_log_is_rewritten_atomically_and_tolerates_a_torn_line(tmp_path)
 
 def test_eval_rejects_zero_batches(finished_run):
     with pytest.raises(ValueError, match="batches=0 is invalid"):
-        evaluate_run(finished_run[0], batches=0)
+        evaluate(finished_run[0], batches=0, progress=False)
 
 
 # Signals and kills, in real processes ----------------------------------------------------------

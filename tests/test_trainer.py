@@ -9,7 +9,7 @@ from llmarch import cli
 from llmarch.train import metrics
 from llmarch.train.checkpoint import CheckpointError
 from llmarch.train.config import TrainConfig
-from llmarch.train.evaluate import evaluate_run
+from llmarch.train.evaluate import restore_run
 from llmarch.train.optim import OPTIMIZERS, OptimizerConfig
 from llmarch.train.trainer import train
 
@@ -71,10 +71,10 @@ def test_every_optimizer_trains(tmp_path, name):
 
 def test_missing_runs_and_checkpoint_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate_run(tmp_path / "nowhere")
+        restore_run(tmp_path / "nowhere")
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="no train_config.json"):
-        evaluate_run(tmp_path / "empty_run")
+        restore_run(tmp_path / "empty_run")
     (tmp_path / "file_out").mkdir()
     (tmp_path / "file_out" / "checkpoints").write_text("not a directory")
     with pytest.raises(CheckpointError, match="not a directory"):

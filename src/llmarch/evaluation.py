@@ -16,13 +16,12 @@ its first text token is scored too), over the first ``batches`` batches of rows 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
@@ -32,9 +31,8 @@ from kernels_pallas.intmath import cdiv
 from llmarch import hub
 from llmarch.checks import check_positive
 from llmarch.data import ByteTokenizer, PackedRows, load_documents, load_tokenizer, pack_documents
-from llmarch.data.packing import ROW_KEYS
 from llmarch.run_format import CONFIG_FILE, existing_dir, is_run
-from llmarch.train.step import DEFAULT_LOSS_CHUNK, token_losses
+from llmarch.train.step import DEFAULT_LOSS_CHUNK
 
 logger = logging.getLogger(__name__)
 HF_SEQ_LEN, HF_BATCH = 512, 8  # rows of a checkpoint with no training run behind it
@@ -174,42 +172,6 @@ def scored_bytes(rows: PackedRows, tokenizer, n_rows: int) -> int:
     return total
 
 
-def nll_totals(
-    model: nnx.Module,
-    rows: PackedRows,
-    *,
-    batch_size: int,
-    batches: int,
-    loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
-    progress: bool = True,
-) -> tuple[float, int, int]:
-    """``(nats, tokens, rows)``: the summed next-token loss over the scored targets of the first
-    ``batches`` batches of ``rows`` in order, how many targets that is, and how many rows. The loss
-    is the training step's (``token_losses``); the last batch is padded, not recompiled."""
-    check_positive("", batches=batches, batch_size=batch_size)
-    batch_size = min(batch_size, len(rows))
-    n_rows = min(len(rows), batches * batch_size)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jax.jit
-    def step(params, rest, batch):
-        nll, _, _ = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
-        mask = batch["mask"].astype(jnp.float32)
-        return (nll * mask).sum(), mask.sum()
-
-    nats, tokens = 0.0, 0
-    # On a terminal only (tqdm: disable=None), as `llmarch eval` prints its JSON to stdout.
-    bar = tqdm(range(cdiv(n_rows, batch_size)), desc="eval", unit="batch", disable=None if progress else True)
-    for i in bar:
-        picked = [rows[j] for j in range(i * batch_size, min((i + 1) * batch_size, n_rows))]
-        picked += [rows.padding_row()] * (batch_size - len(picked))
-        batch = {k: jnp.asarray(np.stack([r[k] for r in picked])) for k in ROW_KEYS}
-        total, count = step(params, rest, batch)
-        nats, tokens = nats + float(total), tokens + int(count)
-        bar.set_postfix_str(f"loss {nats / max(tokens, 1):.4f}", refresh=False)
-    return nats, tokens, n_rows
-
-
 def evaluate(
     checkpoint: str | os.PathLike,
     *,
@@ -249,9 +211,17 @@ def evaluate(
     train = loaded.train
     size = batch_size or (train.batch_size if train is not None else HF_BATCH)
     chunk = train.loss_chunk if train is not None else DEFAULT_LOSS_CHUNK
-    nats, tokens, n_rows = nll_totals(
-        loaded.model, rows, batch_size=size, batches=batches, loss_chunk=chunk, progress=progress
+    from llmarch.train.trainer import make_nll_totals
+
+    graphdef, params, rest = nnx.split(loaded.model, nnx.Param, ...)
+    n_batches = min(batches, cdiv(len(rows), min(size, len(rows))))
+    # On a terminal only (tqdm: disable=None), as `llmarch eval` prints its JSON to stdout.
+    bar = functools.partial(
+        tqdm, total=n_batches, desc="eval", unit="batch", disable=None if progress else True
     )
+    totals = make_nll_totals(graphdef, rows, batch_size=size, batches=batches, loss_chunk=chunk, progress=bar)
+    nats, tokens = totals(params, rest)
+    n_rows = totals.rows
     size_in_bytes = scored_bytes(rows, tok, n_rows)
     logger.debug(
         "%s: %d rows of %d tokens, %d scored (%d bytes)",

@@ -79,7 +79,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
 
 
 def _load_run(root: Path):
-    """The newest verified checkpoint of an ``llmarch train`` run, restored as ``evaluate_run`` does."""
+    """The newest verified checkpoint of an ``llmarch train`` run, restored as ``llmarch eval`` does."""
     from llmarch.train.evaluate import restore_run
 
     cfg, graphdef, state, _ = restore_run(root, load_base=lambda path: load_for_inference(path)[0])

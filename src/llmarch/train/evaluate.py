@@ -1,22 +1,20 @@
-"""Evaluation of a finished (or running) training run from its directory."""
+"""A finished (or running) training run's newest verified checkpoint, restored from its directory
+(``llmarch.evaluation`` evaluates it)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
 from flax import nnx
 
-from llmarch.checks import check_positive
-from llmarch.data import load_documents, load_tokenizer, pack_documents
 from llmarch.run_format import CHECKPOINTS_DIR
 from llmarch.train.checkpoint import CheckpointError
 from llmarch.train.config import TrainConfig
 from llmarch.train.run_dir import latest_verified
-from llmarch.train.trainer import init_state, load_rows, make_evaluator, with_lora_base
+from llmarch.train.trainer import init_state, with_lora_base
 
 
 def _listing(run_dir) -> set[str]:
@@ -70,32 +68,3 @@ def _with_base(cfg: TrainConfig, state, load_base, run_dir):
         )
     _, params, rest = nnx.split(load_base(cfg.init_from), nnx.Param, ...)
     return with_lora_base(cfg, state, params, rest, fresh=False)
-
-
-def evaluate_run(
-    run_dir: str | os.PathLike, *, data: str | None = None, batches: int = 16, load_base=None
-) -> dict:
-    """Loss and perplexity of the latest checkpoint in ``run_dir`` (written by ``llmarch train``)
-    on the run's validation split, or on all of ``data`` when given; ``load_base``: see
-    ``restore_run``."""
-    check_positive("", batches=batches)
-    cfg, graphdef, state, step = restore_run(run_dir, load_base=load_base)
-    if data is None:
-        rows = load_rows(cfg)[1]
-    else:
-        rows = pack_documents(
-            load_documents(data, text_field=cfg.text_field),
-            load_tokenizer(cfg.tokenizer),
-            seq_len=cfg.seq_len,
-            model_vocab_size=cfg.model_config().vocab_size,
-        )
-    evaluate = make_evaluator(
-        graphdef, rows, batch_size=cfg.batch_size, batches=batches, loss_chunk=cfg.loss_chunk
-    )
-    loss = evaluate(state.params, state.rest_and_frozen())
-    return {
-        "step": step,
-        "data": data or f"validation split of {cfg.data}",
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-    }

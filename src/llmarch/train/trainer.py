@@ -54,7 +54,6 @@ from llmarch.train.state import TrainState
 from llmarch.train.step import (
     DEFAULT_LOSS_CHUNK,
     make_train_step,
-    masked_mean,
     token_losses,
 )
 from llmarch.train.trackers import open_trackers
@@ -224,7 +223,7 @@ class _OnPolicy:
         }
 
 
-def make_evaluator(
+def make_nll_totals(
     graphdef: nnx.GraphDef,
     rows: PackedRows,
     *,
@@ -232,26 +231,49 @@ def make_evaluator(
     batches: int,
     data_sharding=None,
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+    progress: Callable[[Any], Any] | None = None,
 ):
-    """``evaluate(params, rest) -> mean loss`` over the first ``batches`` batches of ``rows``
-    in order (token-weighted: padding and cross-document targets do not count); the loss is the
-    training step's (``token_losses`` with ``loss_chunk``)."""
+    """``totals(params, rest) -> (nats, tokens)``: the summed next-token loss over the scored
+    targets of the first ``batches`` batches of ``rows`` in order (padding and cross-document
+    targets do not count) and how many targets that is. The loss is the training step's
+    (``token_losses`` with ``loss_chunk``); the last batch is padded, not recompiled. ``progress``
+    wraps the batch loop (e.g. a ``tqdm`` bar), and is told the running loss if it has
+    ``set_postfix_str``. ``totals.rows`` is how many rows are read."""
 
     @jax.jit
     def eval_step(params, rest, batch):
         nll, _, _ = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
-        return masked_mean(nll, batch["mask"]), batch["mask"].sum()
+        mask = batch["mask"].astype(jnp.float32)
+        return (nll * mask).sum(), mask.sum()
 
     batch_size = min(batch_size, len(rows))
     batches = min(batches, batches_per_epoch(rows, batch_size, drop_remainder=False))
 
-    def evaluate(params, rest) -> float:
+    def totals(params, rest) -> tuple[float, int]:
         it = make_batches(rows, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
-        totals = np.zeros(2)
-        for _, batch in zip(range(batches), it, strict=False):
-            loss, count = eval_step(params, rest, _to_global(batch, data_sharding))
-            totals += (float(loss) * float(count), float(count))
-        return totals[0] / max(totals[1], 1.0)
+        loop = zip(range(batches), it, strict=False)
+        if progress is not None:
+            loop = progress(loop)
+        nats, tokens = 0.0, 0
+        for _, batch in loop:
+            total, count = eval_step(params, rest, _to_global(batch, data_sharding))
+            nats, tokens = nats + float(total), tokens + int(count)
+            if hasattr(loop, "set_postfix_str"):
+                loop.set_postfix_str(f"loss {nats / max(tokens, 1):.4f}", refresh=False)
+        return nats, tokens
+
+    totals.rows = min(len(rows), batches * batch_size)
+    return totals
+
+
+def make_evaluator(graphdef: nnx.GraphDef, rows: PackedRows, **kwargs):
+    """``evaluate(params, rest) -> mean loss`` (nats per scored token) over the batches that
+    ``make_nll_totals`` with the same arguments sums."""
+    totals = make_nll_totals(graphdef, rows, **kwargs)
+
+    def evaluate(params, rest) -> float:
+        nats, tokens = totals(params, rest)
+        return nats / max(tokens, 1)
 
     return evaluate
 
