@@ -474,5 +474,5 @@ def test_cli_unknown_format_is_one_line(exported, tmp_path):
     assert done.returncode == 2
     assert (
         done.stderr
-        == "llmarch export: error: --format 'onnx' is unknown; allowed: hf, gguf, stablehlo, run\n"
+        == "llmarch export: error: --format 'onnx' is unknown; allowed: hf, gguf, stablehlo, run, peft\n"
     )

@@ -3,8 +3,9 @@
 ``--format hf`` writes a Hugging Face directory (``llmarch.export.hf``), ``gguf`` one llama.cpp
 file (``llmarch.export.gguf``), ``stablehlo`` the prefill and decode steps as serialized XLA
 programs with their weights (``llmarch.export.stablehlo``), ``run`` a plain llmarch run (a LoRA
-run's adapters merged into its base: ``llmarch.export.run``). Each format's module is imported only
-when asked for.
+run's adapters merged into its base: ``llmarch.export.run``), ``peft`` a LoRA run's adapters as a
+Hugging Face PEFT adapter directory (``llmarch.export.peft``). Each format's module is imported
+only when asked for.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import json
 import re
 
-FORMATS = ("hf", "gguf", "stablehlo", "run")
+FORMATS = ("hf", "gguf", "stablehlo", "run", "peft")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -60,6 +61,10 @@ def _export(args: argparse.Namespace) -> int:
         from llmarch.export.run import export_run
 
         summary = export_run(args.checkpoint, args.out, dtype=args.dtype)
+    elif args.format == "peft":
+        from llmarch.export.peft import export_peft
+
+        summary = export_peft(args.checkpoint, args.out, dtype=args.dtype)
     else:
         summary = _stablehlo(args)
     print(json.dumps(summary, indent=2))
@@ -119,7 +124,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],
-        help="write a checkpoint for other runtimes: Hugging Face, GGUF, StableHLO, a run (LoRA merged)",
+        help="write a checkpoint for other runtimes: Hugging Face, GGUF, StableHLO, a run (LoRA merged), "
+        "a PEFT adapter (LoRA)",
     )
     export.add_argument(
         "--checkpoint",
@@ -130,12 +136,13 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--out",
         required=True,
-        help="hf, stablehlo: a new or empty directory (or an earlier export); gguf: FILE.gguf; run: a new or "
-        "empty directory",
+        help="hf, stablehlo: a new or empty directory (or an earlier export); gguf: FILE.gguf; run, peft: a "
+        "new or empty directory",
     )
     export.add_argument(
         "--dtype",
-        help="hf, stablehlo, run: float32, bfloat16 or float16 (default: as stored); gguf: f32, f16 or q8_0",
+        help="hf, stablehlo, run, peft (the adapters): float32, bfloat16 or float16 (default: as stored); "
+        "gguf: f32, f16 or q8_0",
     )
     export.add_argument(
         "--max-shard-size", help="hf: the largest weights file, e.g. 5GB (the default) or 500MB"
