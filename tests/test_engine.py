@@ -265,3 +265,16 @@ def test_bucketed_steps_compile_once_per_bucket():
     assert compiled_programs() - before == engine.stats["step_shapes"]  # no new program
     assert [o.token_ids for o in first] == [o.token_ids for o in second]
     assert engine.stats["steps"] > 2 * engine.stats["step_shapes"]  # most steps reuse a program
+
+
+def test_an_engine_on_committed_weights_compiles_each_step_shape_once():
+    """Weights a trainer or a loader placed on a device are committed arrays, as every step's
+    output pools are: pools created uncommitted made the second request's step a new program."""
+    model = _model("tiny-dense")
+    graphdef, state = nnx.split(model)
+    committed = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    engine = Engine(committed, max_num_seqs=2, max_len=64)
+    engine.generate([[1, 2, 3, 4]], _greedy(4))
+    before = compiled_programs()
+    engine.generate([[1, 2, 3, 4]], _greedy(4))
+    assert compiled_programs() == before

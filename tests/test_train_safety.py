@@ -463,11 +463,11 @@ def test_repeated_kill_9_still_gives_the_uninterrupted_result(tmp_path):
 
 def test_tensorboard_points_are_on_disk_before_close(tmp_path):
     log = metrics.MetricsLog(tmp_path, tensorboard=True)
-    log.write(1, {"a_distinctive_tag": 1.5})
+    log.log(1, {"a_distinctive_tag": 1.5})
     log.sync()
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and b"a_distinctive_tag" in events[0].read_bytes()  # a kill -9 now loses nothing
-    log.write(2, {"another_tag": 2.5})
+    log.log(2, {"another_tag": 2.5})
     log.close()
     assert any(b"another_tag" in p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.*"))
 

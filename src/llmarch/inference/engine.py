@@ -90,6 +90,11 @@ class Engine:
         **overrides,
     ):
         cfg = model.cfg if cfg is None else cfg
+        if not isinstance(cfg, ModelConfig):  # e.g. Engine(model, EngineConfig(...))
+            raise ValueError(
+                f"cfg={type(cfg).__name__}(...) is invalid: must be the model's ModelConfig or None; "
+                "an EngineConfig goes in config="
+            )
         if cfg != model.cfg:
             raise ValueError(f"cfg {cfg.name!r} is not the model's config {model.cfg.name!r}")
         config = dataclasses.replace(config or EngineConfig(), **overrides)
@@ -129,6 +134,8 @@ class Engine:
         self.pools = paged_cache.init_pools(model, num_pages, config.page_size, self.kv_dtype)
         if self.mesh is not None:
             self.pools = placement.place_pools(self.kinds, self.pools, self.mesh)
+        else:  # committed, as every step's output pools are: else the second step compiles again
+            self.pools = jax.device_put(self.pools, self._leaves[0].devices().pop())
         # Why prefix caching is off (None: it is on): turned off, or unsafe for this model.
         off = None if config.enable_prefix_caching else "EngineConfig.enable_prefix_caching=False"
         self.prefix_caching_off = off or prefix_cache.unsafe_reason(cfg)

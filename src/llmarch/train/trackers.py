@@ -206,8 +206,6 @@ class Trackers:
         for t in self.trackers:
             t.log(step, metrics)
 
-    write = log  # the name MetricsLog used
-
     def sync(self) -> None:
         for t in self.trackers:
             t.sync()

@@ -537,11 +537,11 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
                                 tokens_per_s / jax.device_count(), flops_per_token, peak
                             )
                     busy, busy_steps = 0.0, 0
-                    log_file.write(step, record)
+                    log_file.log(step, record)
                     bar.set_postfix_str(metrics_lib.progress_text(record), refresh=False)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val_loss = evaluate(params, state.rest_and_frozen())
-                    log_file.write(
+                    log_file.log(
                         step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))}
                     )
                     if not math.isfinite(val_loss):
