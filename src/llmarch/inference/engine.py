@@ -33,10 +33,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kernels_pallas.intmath import next_pow2
 from llmarch import accounting
 from llmarch.config import ModelConfig
-from llmarch.inference import paged_cache, placement, prefix_cache, sampling
+from llmarch.inference import paged_cache, placement, prefix_cache, step_batch
 from llmarch.inference.block_manager import BlockManager, pages_for
 from llmarch.inference.detokenize import TextStream
 from llmarch.inference.engine_config import EngineConfig
@@ -44,22 +43,9 @@ from llmarch.inference.outputs import Completion, RequestOutput, TokenEvent
 from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
-from llmarch.inference.step_batch import StepBatch
 from llmarch.inference.step_program import program, run_decode, run_step
 from llmarch.layers import kv_quant
-from llmarch.layers.paged import AttentionGroup
 from llmarch.model import with_unstacked_layers
-
-
-def _bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
-    """The smallest bucket >= max(n, lo), capped at hi (0 stays 0). Buckets are the powers of
-    two and, when ``fine``, the points 1.5x between them (…, 16, 24, 32, 48, 64, …): at most a
-    third of a step is padding, for about twice as many programs as powers of two alone."""
-    if n == 0:
-        return 0
-    n = max(n, lo)
-    power = next_pow2(n)
-    return min(hi, 3 * power // 4 if fine and n <= 3 * power // 4 and power >= 4 else power)
 
 
 def _unstack(choice: bool | None, model) -> bool:
@@ -272,90 +258,6 @@ class Engine:
 
     # The step ----------------------------------------------------------------------------
 
-    def _batch(self, plan: Plan) -> tuple[StepBatch, tuple[int, ...]]:
-        """The step's padded arrays and its bucket ``(N, Rd, Rp, Tc)``."""
-        c, ps = self.config, self.config.page_size
-        plan.decode.sort(key=lambda seq: seq.num_computed)  # shortest first: see _step
-        dec, pre = plan.decode, plan.prefill
-        W = self.max_pages_per_seq  # attention loops over the pages in use, not the width
-        if c.fixed_shapes:
-            N, Rd, Rp, Tc = c.max_num_batched_tokens, c.max_num_seqs, c.max_prefill_rows, c.max_prefill_chunk
-        else:  # fine buckets for decode-only steps (the steady state), coarse ones with prefill
-            Rd = _bucket(len(dec), c.min_decode_rows, c.max_num_seqs, fine=not pre)
-            # A decode-only step feeds one token per row and no more: every padding token would
-            # be a row of every matmul (at batch 1, min_tokens=16 made 16x the FLOPs).
-            N = _bucket(plan.num_tokens, c.min_tokens, c.max_num_batched_tokens) if pre else Rd
-            Rp = c.max_prefill_rows if pre else 0
-            Tc = _bucket(max((e - s for _, s, e in pre), default=0), c.min_chunk, c.max_prefill_chunk)
-        tokens, positions, slots = np.zeros(N, np.int32), np.full(N, -1, np.int32), np.zeros(N, np.int32)
-        # Host arrays, filled in place below (the dataclass is frozen, its arrays are not).
-        decode = AttentionGroup(
-            index=np.zeros((Rd, 1), np.int32),
-            positions=np.full((Rd, 1), -1, np.int32),
-            tables=np.zeros((Rd, W), np.int32),
-            lengths=np.zeros(Rd, np.int32),
-        )
-        prefill = AttentionGroup(
-            index=np.zeros((Rp, Tc), np.int32),
-            positions=np.full((Rp, Tc), -1, np.int32),
-            tables=np.zeros((Rp, W), np.int32),
-            lengths=np.zeros(Rp, np.int32),
-        )
-        logits_at = np.zeros(Rd + Rp, np.int32)
-        params: list = [None] * (Rd + Rp)
-        seeds, samples, counters = [0] * (Rd + Rp), [0] * (Rd + Rp), [0] * (Rd + Rp)
-
-        def place(i: int, seq: Seq, start: int, end: int) -> np.ndarray:
-            """Puts tokens [start, end) of seq at flat indices i..; returns their positions."""
-            pos = np.arange(start, end)
-            tokens[i : i + len(pos)] = seq.tokens[start:end]
-            positions[i : i + len(pos)] = pos
-            pages = np.asarray(seq.pages)
-            slots[i : i + len(pos)] = pages[pos // ps] * ps + pos % ps
-            return pos
-
-        def sample_row(r: int, seq: Seq, flat: int) -> None:
-            logits_at[r] = flat
-            if not seq.is_parent:
-                params[r], seeds[r] = seq.request.params, seq.request.seed
-                samples[r], counters[r] = seq.sample_index, seq.num_generated
-
-        i = 0
-        first = Rd - len(dec)  # padding rows first, then the shortest: see _step's groups
-        for r, seq in enumerate(dec, start=first):
-            place(i, seq, seq.num_computed, seq.num_computed + 1)
-            decode.index[r, 0], decode.positions[r, 0] = i, seq.num_computed
-            decode.tables[r, : len(seq.pages)], decode.lengths[r] = seq.pages, seq.num_computed + 1
-            sample_row(r, seq, i)
-            i += 1
-        for r, (seq, start, end) in enumerate(pre):
-            pos = place(i, seq, start, end)
-            prefill.index[r, : len(pos)] = np.arange(i, i + len(pos))
-            prefill.positions[r, : len(pos)] = pos
-            prefill.tables[r, : len(seq.pages)], prefill.lengths[r] = seq.pages, end
-            if end == len(seq.tokens):
-                sample_row(Rd + r, seq, i + len(pos) - 1)
-            i += len(pos)
-        C = Rd + Rp
-        if len(plan.copies) > C:
-            raise RuntimeError(f"{len(plan.copies)} page copies in one step, more than its {C} rows")
-        copy_src, copy_dst = np.zeros(C, np.int32), np.zeros(C, np.int32)
-        for k, (src, dst) in enumerate(plan.copies):
-            copy_src[k], copy_dst[k] = src, dst
-        batch = StepBatch(
-            tokens=tokens,
-            positions=positions,
-            slots=slots,
-            decode=decode,
-            prefill=prefill,
-            logits_at=logits_at,
-            copy_src=copy_src,
-            copy_dst=copy_dst,
-            rows=sampling.host_rows(params, seeds, samples, counters),
-        )
-        self.counters["padded_tokens"] += N - plan.num_tokens
-        return batch, (N, Rd, Rp, Tc)
-
     def _decode_steps(self, plan: Plan) -> int:
         """How many decode steps to run in this dispatch: ``EngineConfig.decode_steps`` when the
         step only decodes, nothing waits to be admitted (it would wait for the whole dispatch)
@@ -394,7 +296,8 @@ class Engine:
             )
         start = time.perf_counter()
         steps = self._decode_steps(plan)
-        batch, shape = self._batch(plan)
+        batch, shape = step_batch.build(plan, self.config, self.max_pages_per_seq)
+        self.counters["padded_tokens"] += batch.tokens.shape[0] - plan.num_tokens
         self.shapes.add((*shape, steps > 1))  # the decode loop is a program of its own
         with placement.ambient(self.mesh):  # traced with the mesh's rules: GSPMD splits the step
             if steps > 1:
