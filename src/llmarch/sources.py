@@ -119,7 +119,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if not same_tokenizer(cfg.tokenizer, src.tokenizer):
             raise ValueError(
                 f"TrainConfig.tokenizer={cfg.tokenizer!r} is not the tokenizer of init_from="
-                f"{cfg.init_from!r} ({src.tokenizer}): train with the tokenizer the weights were trained with"
+                f"{cfg.init_from!r} ({src.tokenizer}): train with the tokenizer the weights were trained "
+                f"with, tokenizer={src.tokenizer or 'byte'!r} (llmarch train --init-from picks it itself)"
             )
         keep = cfg.keep_sparsity
         if keep is None:  # a LoRA run's merged weights are dense: it keeps no sparsity
