@@ -5,21 +5,25 @@ the public wrapper ``<op>(..., *, block_sizes=None, interpret=False)`` with a fr
 ``BlockSizes`` whose ``default(target)`` gives per-target tiles. Layers never call these
 directly; ``llmarch.ops`` dispatches to them.
 
-=====================  ==========================================  ======================
-file                   wrapper(s)                                  backward
-=====================  ==========================================  ======================
-flash_attention.py     ``flash_attention`` (spec:                  ``custom_vjp``: dq and
-                       ``attention_reference``)                    dk/dv kernels
-grouped_matmul.py      ``gmm``, ``tgmm`` (``gmm_reference``,       ``custom_vjp``: gmm of
-                       ``tgmm_reference``; ``gmm_xla`` for ops)    d out, tgmm
-memory_lookup.py       ``memory_lookup``                           ``custom_vjp``: gather-
-                                                                   dot, scatter-add
-paged_attention.py     ``paged_attention``                         none (decoding)
-mla_decode.py          ``mla_decode``                              none (decoding)
-cross_entropy.py       ``cross_entropy`` (spec:                    ``custom_vjp``: dx, dW
-                       ``cross_entropy_reference``;                kernels (TPU), one
-                       ``cross_entropy_xla`` for ops)              atomic kernel (GPU)
-=====================  ==========================================  ======================
+==========================  ==========================================  ======================
+file                        wrapper(s)                                  backward
+==========================  ==========================================  ======================
+flash_attention.py          ``flash_attention`` (spec:                  ``custom_vjp``: dq and
+                            ``attention_reference``)                    dk/dv kernels
+grouped_matmul.py           ``gmm``, ``tgmm`` (``gmm_reference``,       ``custom_vjp``: gmm of
+                            ``tgmm_reference``; ``gmm_xla`` for ops)    d out, tgmm
+memory_lookup.py            ``memory_lookup``                           ``custom_vjp``: gather-
+                                                                        dot, scatter-add
+paged_attention.py          ``paged_attention``                         none (decoding)
+mla_decode.py               ``mla_decode``                              none (decoding)
+cross_entropy.py            ``cross_entropy`` (spec:                    ``custom_vjp``: dx, dW
+                            ``cross_entropy_reference``;                kernels (TPU), one
+                            ``cross_entropy_xla`` for ops)              atomic kernel (GPU)
+quantized_matmul.py         ``quantized_matmul``                        none (inference)
+                            (``quantized_matmul_reference``)
+fp8_blockwise_matmul.py     ``fp8_blockwise_matmul`` (e4m3, 1x128 /     none yet (forward)
+                            128x128 scales, DeepSeek-V3 recipe)
+==========================  ==========================================  ======================
 
 Each kernel is built for a *target*, TPU (Mosaic) or GPU (Pallas' Triton backend), which
 differ in tiling rules, compiler params and scalar prefetch; ``_common.dispatch`` picks the

@@ -127,9 +127,9 @@ def test_weight_names_use_the_alphabet():
 @pytest.mark.parametrize(
     "source, leak",
     [
-        ('import jax.numpy as jnp\njnp.einsum("MK,EKO->EMO", a, b)', "EKO"),
-        ('import jax\njax.numpy.einsum("BTO,DO->BTD", a, b)', "BTO"),
-        ('class M:\n    def f(self, x):\n        return self.w_q_dnh("BTD,DNO->BTNO", x)', "DNO"),
+        ('import jax.numpy as jnp\njnp.einsum("MK,EKo->EMo", a, b)', "EKo"),
+        ('import jax\njax.numpy.einsum("BTo,Do->BTD", a, b)', "BTo"),
+        ('class M:\n    def f(self, x):\n        return self.w_q_dnh("BTD,DNo->BTNo", x)', "DNo"),
         ('EQN = "ab,bc->ac"\n', "ab"),
     ],
 )

@@ -49,6 +49,7 @@ LAYERING = [
     ),
     ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     ("llmarch.inference",),
+    ("llmarch.vision", "llmarch.vision.hf"),  # the vision package exports its Hugging Face loader
     ("llmarch.hf",),
     ("llmarch.train",),
     ("llmarch.quant.checkpoint",),
@@ -59,6 +60,7 @@ LAYERING = [
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.model",),
+    ("llmarch.vision.",),  # vision towers (SigLIP): layers assembled like the decoder
     ("llmarch.quant.targets",),  # a model's Einsum/MoE/Embed layers seen as matrices
     ("llmarch.accounting",),
     ("llmarch.config",),
@@ -80,6 +82,7 @@ LAYERING = [
         "llmarch.quant.matmul",
         "llmarch.quant.tensor",
         "llmarch.quant.hessian",
+        "llmarch.quant.fp8_blockwise",
     ),  # the quantized formats, below the ops
     ("llmarch.sharding",),
     ("llmarch.axes", "llmarch.checks", "llmarch.machine", "llmarch.hub", "llmarch.logs"),

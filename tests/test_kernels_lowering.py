@@ -14,6 +14,7 @@ from jax import export
 
 from kernels_pallas import cross_entropy as ce
 from kernels_pallas import flash_attention as fa
+from kernels_pallas import fp8_blockwise_matmul as f8
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas import memory_lookup as ml
 from kernels_pallas import mla_decode as md
@@ -124,10 +125,19 @@ def _cross_entropy(transpose_w):
     return _loss_and_grads(f, (0, 1)), (sds((B, D)), w, sds((B,), I32)), {"tpu": 3, "cuda": 2}
 
 
+def _fp8_blockwise_matmul():
+    """DeepSeek-V3's FP8 GEMM at a 7168-wide projection: 4096 tokens, e4m3 operands, 128-scales."""
+    M, K, N = 4096, 7168, 2048
+    F8, F32 = jnp.float8_e4m3fn, jnp.float32
+    args = (sds((M, K), F8), sds((M, K // 128), F32), sds((K, N), F8), sds((K // 128, N // 128), F32))
+    return f8.fp8_blockwise_matmul, args, 1  # forward only
+
+
 KERNELS = {
     "cross_entropy": lambda: _cross_entropy(False),
     "cross_entropy_lm_head": lambda: _cross_entropy(True),
     "flash_attention": _flash,
+    "fp8_blockwise_matmul": _fp8_blockwise_matmul,
     "grouped_matmul": _gmm,
     "memory_lookup": _memory_lookup,
     "memory_lookup_grouped": _memory_lookup_grouped,

@@ -35,6 +35,8 @@ ALPHABET = {
     "k": "MoE top-k: the routed choices of one token",
     # low-rank factorization (llmarch.lowrank): W [K, N] ~ A [K, r] · B [r, N]; the papers' r
     "r": "rank of a factorized linear weight",
+    # vision towers (llmarch.vision): a patch flattened as (channel, row, column); T counts patches
+    "O": "pixels of one image patch: channels x patch rows x patch columns",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

@@ -46,6 +46,11 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   ``kernels_cpu.quantized_matmul.MAX_ROWS`` rows of x: decoding, unsharded; FP8 too):
   ``kernels_cpu.quantized_matmul``, dequantizing in registers. Otherwise FP8 weights take the
   XLA path.
+- ``fp8_blockwise_matmul(xq [..., K], xs [..., K/128], wq [K, N], ws [K/128, N/128])`` -> ``[..., N]``:
+  DeepSeek-V3's FP8 GEMM (e4m3 operands, 1×128 activation tiles and 128×128 weight blocks, each
+  chunk's sum promoted into float32). XLA: ``llmarch.quant.fp8_blockwise``'s bit-exact reference
+  (a specification: it holds ``M×128×N`` products per chunk); Pallas:
+  ``kernels_pallas.fp8_blockwise_matmul`` (forward only, ``promote_every=128``).
 """
 
 from __future__ import annotations
@@ -295,3 +300,42 @@ def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
             "kernels_cpu.quantized_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
         )
     return fn(x2, qt).reshape(*lead, qt.shape[-1])
+
+
+def fp8_blockwise_matmul(
+    xq, xs, wq, ws, *, promote_every: int = 128, out_dtype=jnp.float32, impl: Impl | str | None = None
+) -> jax.Array:
+    """``[..., N]``: DeepSeek-V3's blockwise-scaled FP8 product; see
+    ``llmarch.quant.fp8_blockwise.fp8_blockwise_matmul_reference``."""
+    _, fn = resolve("fp8_blockwise_matmul", impl)
+    return fn(xq, xs, wq, ws, promote_every=promote_every, out_dtype=out_dtype)
+
+
+def _fp8_blockwise_matmul_xla(xq, xs, wq, ws, **kwargs) -> jax.Array:
+    from llmarch.quant.fp8_blockwise import fp8_blockwise_matmul_reference
+
+    return fp8_blockwise_matmul_reference(xq, xs, wq, ws, **kwargs)
+
+
+def _fp8_blockwise_matmul_pallas(xq, xs, wq, ws, *, promote_every, out_dtype, interpret=False) -> jax.Array:
+    from kernels_pallas.fp8_blockwise_matmul import CHUNK
+    from kernels_pallas.fp8_blockwise_matmul import fp8_blockwise_matmul as kernel
+
+    if promote_every != CHUNK:
+        raise ValueError(
+            f"promote_every={promote_every} is invalid for the Pallas kernel: it promotes every {CHUNK}"
+        )
+    lead = xq.shape[:-1]
+    y = kernel(
+        xq.reshape(-1, xq.shape[-1]),
+        xs.reshape(-1, xs.shape[-1]),
+        wq,
+        ws,
+        out_dtype=out_dtype,
+        interpret=interpret,
+    )
+    return y.reshape(*lead, wq.shape[-1])
+
+
+register("fp8_blockwise_matmul", Impl.XLA, _fp8_blockwise_matmul_xla)
+register("fp8_blockwise_matmul", Impl.PALLAS, _fp8_blockwise_matmul_pallas)
