@@ -37,6 +37,8 @@ ALPHABET = {
     "r": "rank of a factorized linear weight",
     # vision towers (llmarch.vision): a patch flattened as (channel, row, column); T counts patches
     "O": "pixels of one image patch: channels x patch rows x patch columns",
+    # vision-language models (llmarch.vision.llava): the tower's width where it meets the decoder's D
+    "d": "vision tower width, the input of a multimodal projector",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

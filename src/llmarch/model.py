@@ -267,6 +267,7 @@ class Transformer(nnx.Module):
         return_aux: bool = False,
         logits_at: jax.Array | None = None,
         return_hidden: bool = False,
+        embeddings: jax.Array | None = None,
     ) -> jax.Array | ModelOutput:
         """Logits of ``tokens [B,T]``.
 
@@ -287,6 +288,9 @@ class Transformer(nnx.Module):
             holds the final-normed states ``[B,T,D]`` and whose ``logits`` is None. The training
             loss projects them itself, a vocabulary chunk at a time (``llmarch.ops.cross_entropy``
             with ``output_projection()``), so the ``[B,T,V]`` logits never exist.
+          embeddings: ``[B,T,D]`` input embeddings to use instead of looking ``tokens`` up (which
+            still give the shape and are checked): a multimodal model (``llmarch.vision.llava``)
+            writes image features over its placeholder tokens' embeddings and passes them here.
         Returns:
           ``[B,T,V]`` logits (float32 unless ``cfg.logits_dtype`` says otherwise) when neither a
           cache nor ``return_aux`` nor ``return_hidden`` is given; otherwise a ``ModelOutput`` of
@@ -296,7 +300,15 @@ class Transformer(nnx.Module):
         check_inputs(self.cfg, tokens, positions, segment_ids, cache)
         if positions is None:
             positions = segment_positions(segment_ids, tokens.shape)
-        x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
+        if embeddings is None:
+            x = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))
+        elif np.shape(embeddings) != (*np.shape(tokens), self.cfg.d_model):
+            raise ValueError(
+                f"embeddings has shape {np.shape(embeddings)}: expected [B, T, d_model] = "
+                f"{(*np.shape(tokens), self.cfg.d_model)}"
+            )
+        else:
+            x = embeddings.astype(jnp.dtype(self.cfg.dtype))
         x = sharding.constrain(x, _ACTIVATION)
         new_cache: list = []
         # An OrderedDict, not a dict: jax keeps its key order through jit and grad (a dict's keys
