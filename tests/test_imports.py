@@ -49,7 +49,8 @@ LAYERING = [
     ),
     ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     ("llmarch.inference",),
-    ("llmarch.vision", "llmarch.vision.hf"),  # the vision package exports its Hugging Face loader
+    # the vision package exports its Hugging Face loader; LLaVA builds on llmarch.model and llmarch.hf
+    ("llmarch.vision", "llmarch.vision.hf", "llmarch.vision.llava", "llmarch.vision.llava_hf"),
     ("llmarch.hf",),
     ("llmarch.train",),
     ("llmarch.quant.checkpoint",),
@@ -66,7 +67,14 @@ LAYERING = [
     ("llmarch.config",),
     ("llmarch.layers", "llmarch.layers.kinds"),  # the registry and the curated package __init__
     # every layer module; the quantized and the factorized Einsum (the model builds the latter)
-    ("llmarch.layers.", "llmarch.quant.linear", "llmarch.lowrank.layer", "llmarch.lora.layer"),
+    # (and the FP8 training GEMMs, which Einsum calls under an FP8 precision policy)
+    (
+        "llmarch.layers.",
+        "llmarch.quant.linear",
+        "llmarch.quant.fp8_linear",
+        "llmarch.lowrank.layer",
+        "llmarch.lora.layer",
+    ),
     (
         "llmarch.quant.config",
         "llmarch.prune.config",

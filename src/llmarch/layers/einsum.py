@@ -34,6 +34,9 @@ class Einsum(nnx.Module):
     model is written out as an einsum in the axis alphabet at its call site.
     """
 
+    # An FP8 training recipe (``llmarch.train.fp8.install`` sets it; static, so in the graphdef).
+    fp8: str | None = None
+
     def __init__(
         self,
         shape: Sequence[int],
@@ -53,6 +56,10 @@ class Einsum(nnx.Module):
         return self.w[...]
 
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        if self.fp8 is not None:  # quantized from the float32 master weight (llmarch.quant.fp8_linear)
+            from llmarch.quant.fp8_linear import fp8_einsum
+
+            return fp8_einsum(eqn, x, self.w[...], recipe=self.fp8)
         # Weights are cast to the activation dtype: the compute dtype is the input's.
         return contract(eqn, x, self.w[...].astype(x.dtype))
 

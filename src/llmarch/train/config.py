@@ -174,7 +174,8 @@ class TrainConfig:
             )
         if self.model is None and self.preset not in presets.names():
             raise ValueError(f"TrainConfig.preset={self.preset!r} is unknown; allowed: {presets.names()}")
-        policy(self.precision)
+        if policy(self.precision).fp8 is not None and self.lora is not None:  # LoRA layers bypass FP8
+            raise ValueError(f"TrainConfig.precision={self.precision!r} is invalid with lora: use 'bf16'")
         sharding.rules(self.rules)
         if self.mesh is not None:
             sharding.parse_mesh_spec(self.mesh)

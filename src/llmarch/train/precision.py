@@ -18,6 +18,7 @@ import dataclasses
 from llmarch.config import DTYPES, ModelConfig
 
 TRAINABLE_DTYPES = tuple(d for d in DTYPES if d != "float16")
+FP8_RECIPES = ("blockwise", "tensor")  # llmarch.quant.fp8_linear.RECIPES, without importing jax code
 _NO_FLOAT16 = (
     "float16 training needs loss scaling, which llmarch does not do; use 'bfloat16' "
     "(float32's exponent range at float16's size)"
@@ -29,8 +30,12 @@ class Precision:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     output_dtype: str = "float32"  # the logits' dtype
+    # FP8 GEMMs for the blocks' linear layers (llmarch.quant.fp8_linear.RECIPES; llmarch.train.fp8).
+    fp8: str | None = None
 
     def __post_init__(self):
+        if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"Precision.fp8={self.fp8!r} is invalid; allowed: {FP8_RECIPES} or None")
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
             value = getattr(self, name)
             if value == "float16":
@@ -43,6 +48,13 @@ class Precision:
             param_dtype=self.param_dtype, dtype=self.compute_dtype, logits_dtype=self.output_dtype
         )
 
+    def prepare(self, model) -> None:
+        """Switches ``model``'s block linears to FP8 when the policy says so (in place)."""
+        if self.fp8 is not None:
+            from llmarch.train.fp8 import install
+
+            install(model, self.fp8)
+
 
 POLICIES = {
     "float32": Precision(),
@@ -51,6 +63,10 @@ POLICIES = {
     "bf16-logits": Precision(compute_dtype="bfloat16", output_dtype="bfloat16"),
     # Everything in bfloat16 (memory-lean; optimizer state follows the parameters).
     "pure-bf16": Precision("bfloat16", "bfloat16", "bfloat16"),
+    # bf16 plus DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 online scales) in the blocks' linears.
+    "fp8": Precision(compute_dtype="bfloat16", fp8="blockwise"),
+    # bf16 plus FP8 GEMMs with one current scale per tensor: the coarse-scaling comparison.
+    "fp8-tensor": Precision(compute_dtype="bfloat16", fp8="tensor"),
 }
 
 

@@ -49,6 +49,7 @@ from llmarch.train.distill_step import distill_objective
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
 from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import build_optimizer, learning_rate_schedule
+from llmarch.train.precision import policy
 from llmarch.train.profile import StepProfiler
 from llmarch.train.state import TrainState
 from llmarch.train.step import (
@@ -111,6 +112,7 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     frozen = None
     with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+    policy(cfg.precision).prepare(model)  # FP8 policies switch the blocks' linears (static)
     if cfg.lora is None:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     else:  # adapted (and QLoRA's base quantized) off the mesh, then placed by the same rules
