@@ -269,6 +269,24 @@ def _place(state: nnx.State) -> nnx.State:
     return sharding.shard_state(state, jax.sharding.get_mesh(), rules)
 
 
+def read_source(path_or_state_dict: Any, config: Any, config_type: str) -> tuple[Any, Any, Path | None]:
+    """``(tensors, config, root)`` of a checkpoint directory (its ``config.json`` unless ``config``
+    is given) or of a state dict (``config``, a ``config_type`` or a HF config dict, required);
+    ``root`` is None for a state dict."""
+    if isinstance(path_or_state_dict, Mapping):
+        if config is None:
+            raise ValueError(
+                f"config=None is invalid with a state dict: pass a {config_type} or a HF config dict"
+            )
+        return path_or_state_dict, config, None
+    root = existing_dir(path_or_state_dict, HF_CHECKPOINT)
+    if config is None:
+        if not (root / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{root / CONFIG_FILE} does not exist: a checkpoint needs {CONFIG_FILE}")
+        config = read_json(root / CONFIG_FILE)
+    return CheckpointTensors(root, weight_files(root)), config, root
+
+
 def load_siglip_vision(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     *,
@@ -291,21 +309,7 @@ def load_siglip_vision(
     overrides = {} if use_head is None else {"use_head": use_head}
     if dtype is not None:
         overrides |= {"dtype": dtype_name(dtype), "param_dtype": dtype_name(dtype)}
-    if isinstance(path_or_state_dict, Mapping):
-        if config is None:
-            raise ValueError(
-                "config=None is invalid with a state dict: pass a VisionConfig or a HF config dict"
-            )
-        tensors = path_or_state_dict
-    else:
-        root = existing_dir(path_or_state_dict, HF_CHECKPOINT)
-        if config is None:
-            if not (root / CONFIG_FILE).is_file():
-                raise FileNotFoundError(
-                    f"{root / CONFIG_FILE} does not exist: a checkpoint needs {CONFIG_FILE}"
-                )
-            config = read_json(root / CONFIG_FILE)
-        tensors = CheckpointTensors(root, weight_files(root))
+    tensors, config, _ = read_source(path_or_state_dict, config, "VisionConfig")
     try:
         cfg = (
             config.replace(**overrides)

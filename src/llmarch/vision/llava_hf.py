@@ -32,16 +32,11 @@ from llmarch.hf.convert import _place, from_hf_tensors, to_hf_tensors
 from llmarch.hf.fields import read_bool, read_int, read_object
 from llmarch.hf.files import (
     CONFIG_FILE,
-    HF_CHECKPOINT,
-    CheckpointTensors,
     listed,
-    weight_files,
     write_checkpoint,
 )
 from llmarch.hf.pretrained import dtype_name
 from llmarch.hf.rules import Linear, Same
-from llmarch.json_config import read_json
-from llmarch.run_format import existing_dir
 from llmarch.vision import hf as vhf
 from llmarch.vision.llava import Llava, LlavaConfig
 
@@ -212,22 +207,7 @@ def load_llava(
     Returns:
       ``(model, cfg)``.
     """
-    root = None
-    if isinstance(path_or_state_dict, Mapping):
-        if config is None:
-            raise ValueError(
-                "config=None is invalid with a state dict: pass a LlavaConfig or a HF config dict"
-            )
-        tensors = path_or_state_dict
-    else:
-        root = existing_dir(path_or_state_dict, HF_CHECKPOINT)
-        if config is None:
-            if not (root / CONFIG_FILE).is_file():
-                raise FileNotFoundError(
-                    f"{root / CONFIG_FILE} does not exist: a checkpoint needs {CONFIG_FILE}"
-                )
-            config = read_json(root / CONFIG_FILE)
-        tensors = CheckpointTensors(root, weight_files(root))
+    tensors, config, root = vhf.read_source(path_or_state_dict, config, "LlavaConfig")
     try:
         cfg = config if isinstance(config, LlavaConfig) else config_from_hf(config, name=_name(root))
         if dtype is not None:
