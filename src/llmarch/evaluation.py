@@ -16,7 +16,6 @@ its first text token is scored too), over the first ``batches`` batches of rows 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ import tokenizers
 from flax import nnx
 from tqdm.auto import tqdm
 
-from kernels_pallas.intmath import cdiv
 from llmarch import hub
 from llmarch.checks import check_positive
 from llmarch.data import ByteTokenizer, PackedRows, load_documents, load_tokenizer, pack_documents
@@ -214,11 +212,10 @@ def evaluate(
     from llmarch.train.trainer import make_nll_totals
 
     graphdef, params, rest = nnx.split(loaded.model, nnx.Param, ...)
-    n_batches = min(batches, cdiv(len(rows), min(size, len(rows))))
-    # On a terminal only (tqdm: disable=None), as `llmarch eval` prints its JSON to stdout.
-    bar = functools.partial(
-        tqdm, total=n_batches, desc="eval", unit="batch", disable=None if progress else True
-    )
+
+    def bar(loop):  # on a terminal only (tqdm: disable=None), as `llmarch eval` prints JSON to stdout
+        return tqdm(loop, total=totals.batches, desc="eval", unit="batch", disable=None if progress else True)
+
     totals = make_nll_totals(graphdef, rows, batch_size=size, batches=batches, loss_chunk=chunk, progress=bar)
     nats, tokens = totals(params, rest)
     n_rows = totals.rows

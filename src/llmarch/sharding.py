@@ -197,6 +197,15 @@ def shard_state(state: nnx.State, mesh: Mesh, table: Rules | str) -> nnx.State:
     return jax.device_put(state, state_shardings(state, mesh, table))
 
 
+def place(state: nnx.State) -> nnx.State:
+    """``state`` on the default device, or sharded by its variables' logical names on the mesh of
+    an enclosing ``use(mesh, rules)``: where a loader puts the weights it has just read."""
+    mesh, table = ambient()
+    if mesh.empty or not table:
+        return jax.device_put(state)
+    return shard_state(state, jax.sharding.get_mesh(), table)
+
+
 def constrain_state(state: nnx.State, mesh: Mesh | AbstractMesh, table: Rules | str) -> nnx.State:
     """Shards ``state`` as ``table`` says, eagerly or under a trace (Auto mesh axes)."""
     shardings = state_shardings(state, mesh, table)

@@ -49,7 +49,6 @@ from llmarch.hf import architectures
 from llmarch.hf.plan import tensor_plan
 from llmarch.hf.rules import Linear
 from llmarch.lora import LoraConfig, LoRAEinsum, QLoRAEinsum, role
-from llmarch.train.config import TrainConfig
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -163,15 +162,9 @@ def adapter_config(lcfg: LoraConfig, target_modules: list[str], base: str | None
 def _adapted_model(root: Path) -> tuple[nnx.Module, int]:
     """The run's newest checkpoint as an adapted model; its base is the seed's (never read: only
     the adapters are exported), so ``init_from`` is not loaded."""
-    from llmarch.train.run_dir import latest_verified
-    from llmarch.train.trainer import init_state
+    from llmarch.train.evaluate import restore_run
 
-    cfg, ckpt, step = latest_verified(root, TrainConfig.from_dict)
-    try:
-        graphdef, _, state = init_state(cfg, mesh=None)
-        state = ckpt.restore(step, state)
-    finally:
-        ckpt.close()
+    _, graphdef, state, step = restore_run(root, seed_base=True)
     return nnx.merge(graphdef, state.params, state.rest_and_frozen()), step
 
 

@@ -110,11 +110,4 @@ def from_hf_tensors(
     if unfilled:
         raise ValueError(f"model variables with no HF tensor: {listed(unfilled)}")
     state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
-    return nnx.merge(graphdef, _place(state))
-
-
-def _place(state: nnx.State) -> nnx.State:
-    mesh, rules = sharding.ambient()
-    if mesh.empty or not rules:
-        return jax.device_put(state)
-    return sharding.shard_state(state, jax.sharding.get_mesh(), rules)
+    return nnx.merge(graphdef, sharding.place(state))

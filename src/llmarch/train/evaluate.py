@@ -27,14 +27,18 @@ def _listing(run_dir) -> set[str]:
 logger = logging.getLogger(__name__)
 
 
-def restore_run(run_dir: str | os.PathLike, *, log=None, attempts: int = 5, load_base=None):
+def restore_run(
+    run_dir: str | os.PathLike, *, log=None, attempts: int = 5, load_base=None, seed_base: bool = False
+):
     """``(cfg, graphdef, state, step)`` of the newest verified checkpoint of a training run,
     restored on one device; see ``llmarch.train.run_dir.latest_verified`` for what is checked.
 
     A LoRA run's checkpoints hold its adapters, not its base: ``load_base(path)`` returns the
     plain model at its ``init_from`` (``llmarch.inference.loading.load_for_inference(path)[0]``,
     which the trainer, below Hugging Face and inference, cannot call), and the state comes back
-    with that base as ``state.frozen``. A LoRA run without ``init_from`` has the seed's base.
+    with that base as ``state.frozen``. A LoRA run without ``init_from`` has the seed's base, as
+    has any LoRA run with ``seed_base=True``, for a reader of the adapters alone (PEFT export),
+    which then skips reading ``init_from``.
 
     A trainer may be saving into the run and rotating old steps away meanwhile: a failure while
     the checkpoint directory's listing changed is retried (up to ``attempts`` times); one while
@@ -49,7 +53,9 @@ def restore_run(run_dir: str | os.PathLike, *, log=None, attempts: int = 5, load
                 state = ckpt.restore(step, state)
             finally:
                 ckpt.close()
-            return cfg, graphdef, _with_base(cfg, state, load_base, run_dir), step
+            if not seed_base:
+                state = _with_base(cfg, state, load_base, run_dir)
+            return cfg, graphdef, state, step
         except (CheckpointError, OSError):
             if attempt == attempts - 1 or _listing(run_dir) == before:
                 raise

@@ -240,7 +240,8 @@ def make_nll_totals(
     targets do not count) and how many targets that is. The loss is the training step's
     (``token_losses`` with ``loss_chunk``); the last batch is padded, not recompiled. ``progress``
     wraps the batch loop (e.g. a ``tqdm`` bar), and is told the running loss if it has
-    ``set_postfix_str``. ``totals.rows`` is how many rows are read."""
+    ``set_postfix_str``. ``totals.batches`` and ``totals.rows`` are how many batches and rows are
+    read (``batches`` clamped to the rows there are)."""
 
     @jax.jit
     def eval_step(params, rest, batch):
@@ -264,6 +265,7 @@ def make_nll_totals(
                 loop.set_postfix_str(f"loss {nats / max(tokens, 1):.4f}", refresh=False)
         return nats, tokens
 
+    totals.batches = batches
     totals.rows = min(len(rows), batches * batch_size)
     return totals
 

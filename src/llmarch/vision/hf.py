@@ -175,7 +175,8 @@ def config_to_hf(cfg: VisionConfig) -> dict[str, Any]:
     return {"architectures": [HF_CLASS], "model_type": MODEL_TYPE, **fields, "dtype": cfg.param_dtype}
 
 
-def _numpy(w: Any) -> np.ndarray:
+def to_numpy(w: Any) -> np.ndarray:
+    """A checkpoint tensor (torch or array-like) as a numpy array; bfloat16 torch tensors as float32."""
     if hasattr(w, "detach"):  # a torch tensor; numpy has no bfloat16, so that one goes via float32
         w = w.detach().cpu()
         w = w.float() if str(w.dtype) == "torch.bfloat16" else w
@@ -214,7 +215,7 @@ def from_hf(tensors: Mapping[str, Any], cfg: VisionConfig, *, prefix: str | None
     D = cfg.hidden_size
     for fused, split in FUSED.items():
         if fused in ours:
-            w = _numpy(tensors[ours[fused]])
+            w = to_numpy(tensors[ours[fused]])
             if w.shape[0] != 3 * D:
                 raise ValueError(
                     f"tensor {prefix}{fused} has shape {w.shape}: the config needs [{3 * D}, ...]"
@@ -234,7 +235,7 @@ def from_hf(tensors: Mapping[str, Any], cfg: VisionConfig, *, prefix: str | None
     for name, (path, layer, t) in table.items():
         target = variables[path].get_value()
         shape = tuple(target.shape[layer is not None :])
-        w = _numpy(tensors[hf[name]] if isinstance(hf[name], str) else hf[name])
+        w = to_numpy(tensors[hf[name]] if isinstance(hf[name], str) else hf[name])
         if w.shape != t.hf_shape(shape):
             raise ValueError(
                 f"tensor {prefix}{name} has shape {w.shape}: the config needs {t.hf_shape(shape)}"
@@ -245,7 +246,7 @@ def from_hf(tensors: Mapping[str, Any], cfg: VisionConfig, *, prefix: str | None
         else:
             values.setdefault(path, np.empty(target.shape, target.dtype))[layer] = w
     state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
-    return nnx.merge(graphdef, _place(state))
+    return nnx.merge(graphdef, sharding.place(state))
 
 
 def to_hf(model: SiglipVision, *, prefix: str = "") -> dict[str, np.ndarray]:
@@ -259,14 +260,6 @@ def to_hf(model: SiglipVision, *, prefix: str = "") -> dict[str, np.ndarray]:
         if split.format("q") in out:
             out[fused] = np.concatenate([out.pop(split.format(x)) for x in "qkv"])
     return {prefix + name: w for name, w in out.items()}
-
-
-def _place(state: nnx.State) -> nnx.State:
-    """On the default device, or sharded by the variables' logical names under ``sharding.use``."""
-    mesh, rules = sharding.ambient()
-    if mesh.empty or not rules:
-        return jax.device_put(state)
-    return sharding.shard_state(state, jax.sharding.get_mesh(), rules)
 
 
 def read_source(path_or_state_dict: Any, config: Any, config_type: str) -> tuple[Any, Any, Path | None]:

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from llmarch import sharding
 from llmarch.hf.config_json import config_from_hf as text_config_from_hf
 from llmarch.hf.config_json import config_to_hf as text_config_to_hf
-from llmarch.hf.convert import _place, from_hf_tensors, to_hf_tensors
+from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
 from llmarch.hf.fields import read_bool, read_int, read_object
 from llmarch.hf.files import (
     CONFIG_FILE,
@@ -168,7 +169,7 @@ def from_hf(tensors: Mapping[str, Any], cfg: LlavaConfig) -> Llava:
     values = {}
     for name, (path, t) in table.items():
         target = variables[path].get_value()
-        w = vhf._numpy(tensors[proj_names[name]])
+        w = vhf.to_numpy(tensors[proj_names[name]])
         if w.shape != t.hf_shape(target.shape):
             raise ValueError(
                 f"tensor {proj_names[name]} has shape {w.shape}: the config needs {t.hf_shape(target.shape)}"
@@ -176,7 +177,7 @@ def from_hf(tensors: Mapping[str, Any], cfg: LlavaConfig) -> Llava:
         values[path] = t.from_hf(w, target.shape).astype(target.dtype)
     state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
     model.vision, model.language_model = vision, language_model
-    model.projector = nnx.merge(graphdef, _place(state))
+    model.projector = nnx.merge(graphdef, sharding.place(state))
     return model
 
 
