@@ -36,6 +36,7 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
 # Flags that belong to one format: given for another, they are an error rather than ignored.
 _FORMAT_FLAGS = {
     "max_shard_size": ("--max-shard-size", "hf"),
+    "fp8": ("--fp8", "hf"),
     "tokenizer_pre": ("--tokenizer-pre", "gguf"),
     "batch": ("--batch", "stablehlo"),
     "max_len": ("--max-len", "stablehlo"),
@@ -54,7 +55,9 @@ def _export(args: argparse.Namespace) -> int:
         from llmarch.export.hf import export_hf
 
         size = parse_size(args.max_shard_size) if args.max_shard_size is not None else 5 * 10**9
-        summary = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=size)
+        summary = export_hf(
+            args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=size, fp8=bool(args.fp8)
+        )
     elif args.format == "gguf":
         summary = _gguf(args)
     elif args.format == "run":
@@ -146,6 +149,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     export.add_argument(
         "--max-shard-size", help="hf: the largest weights file, e.g. 5GB (the default) or 500MB"
+    )
+    export.add_argument(
+        "--fp8",
+        action="store_true",
+        default=None,  # None when absent: a format-specific flag (_FORMAT_FLAGS)
+        help="hf: DeepSeek-V3's FP8 layout, the layers' linears as e4m3 with 128x128 weight_scale_inv blocks",
     )
     export.add_argument(
         "--tokenizer-pre",

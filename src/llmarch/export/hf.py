@@ -92,6 +92,7 @@ def export_hf(
     *,
     dtype: Any = None,
     max_shard_bytes: int = 5 * 10**9,
+    fp8: bool = False,
 ) -> dict[str, Any]:
     """Writes ``checkpoint`` as the Hugging Face directory ``out``; returns a summary (source,
     architecture, dtype, files, bytes, whether a tokenizer was written).
@@ -102,6 +103,8 @@ def export_hf(
       dtype: the weights' dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``; None: as the source
         stores them (a run's parameter dtype; a Hugging Face checkpoint's ``dtype``).
       max_shard_bytes: the largest weights file; past it the weights are sharded with an index.
+      fp8: write DeepSeek's published FP8 layout (``hf.save_pretrained(..., fp8=True)``): the layers'
+        linears as e4m3 with 128×128 ``weight_scale_inv`` blocks, the rest in ``dtype``.
 
     Raises:
       FileNotFoundError: no such checkpoint (or Hub id that can be fetched).
@@ -130,6 +133,7 @@ def export_hf(
             max_shard_bytes=max_shard_bytes,
             tokenizer=tokenizer,
             chat_template=_chat_template(src, tokenizer),
+            fp8=fp8,
         )
         if from_hf:
             _carry_over(src.root, staging)
@@ -148,6 +152,7 @@ def export_hf(
         "out": str(out),
         "architecture": hf_config["architectures"][0],
         "dtype": cfg.param_dtype,
+        "fp8": fp8,
         "tokenizer": (out / TOKENIZER_FILE).is_file(),
         "files": files,
         "bytes": sum((out / f).stat().st_size for f in files),

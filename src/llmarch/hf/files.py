@@ -21,6 +21,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 HF_CHECKPOINT = f"a Hugging Face checkpoint directory ({CONFIG_FILE} + *.safetensors)"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# safetensors dtype names of the float8 formats (FP8 checkpoints, e.g. DeepSeek-V3's e4m3 weights).
+FLOAT8 = {"F8_E4M3": jax.numpy.float8_e4m3fn, "F8_E5M2": jax.numpy.float8_e5m2}
 
 
 def listed(names: list[str], limit: int = 12) -> str:
@@ -45,6 +47,8 @@ class CheckpointTensors(Mapping[str, np.ndarray]):
         with jax.default_device(jax.devices("cpu")[0]):
             try:
                 with safe_open(self._files[name], framework="flax") as f:
+                    if f.get_slice(name).get_dtype() in FLOAT8:  # safetensors' readers lack float8
+                        return _read_raw(self._files[name], name)
                     return np.asarray(f.get_tensor(name))
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"tensor {name} in {self._files[name]} cannot be read: {e}") from None
@@ -54,6 +58,18 @@ class CheckpointTensors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def _read_raw(file: Path, name: str) -> np.ndarray:
+    """Tensor ``name`` of a float8 dtype (``FLOAT8``), read from the safetensors layout: an 8-byte
+    little-endian header size, a JSON header of ``{name: {dtype, shape, data_offsets}}``, the data."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[name]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + size + begin)
+        data = f.read(end - begin)
+    return np.frombuffer(data, FLOAT8[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _tensor_names(file: Path) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.hf.architecture import Architecture
+from llmarch.hf.mtp import mtp_entries
 from llmarch.hf.rules import Linear, Rule, Same, Table, Transform, table_of
 from llmarch.model import run_layout
 
@@ -96,4 +97,5 @@ def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, An
                 for suffix, rules in table.items()
                 for sub, t in (rules if isinstance(rules, list) else [rules])
             ]
-    return plan
+    # DeepSeek's MTP modules after the layers (empty until llmarch's model has them: llmarch.hf.mtp)
+    return plan + mtp_entries(cfg, hf_config)

@@ -12,13 +12,9 @@ import numpy as np
 from llmarch.config import DTYPES, ModelConfig
 from llmarch.hf.config_json import config_from_hf, config_to_hf
 from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
-from llmarch.hf.files import (
-    CONFIG_FILE,
-    HF_CHECKPOINT,
-    CheckpointTensors,
-    weight_files,
-    write_checkpoint,
-)
+from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, weight_files, write_checkpoint
+from llmarch.hf.fp8 import Fp8Format, checkpoint_tensors, quantize_tensors, read_format
+from llmarch.hf.mtp import without_mtp
 from llmarch.hf.tokenizer import token_ids, tokenizer_config, write_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
@@ -40,6 +36,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
     """Loads a Hugging Face checkpoint directory of a supported architecture (Llama, Mixtral,
     DeepSeek-V3, Qwen3, Qwen3-MoE: ``llmarch.hf.ARCHITECTURES``).
 
+    DeepSeek's published layout is read too (``llmarch.hf.fp8``, ``llmarch.hf.mtp``): FP8 e4m3 weights
+    with ``weight_scale_inv`` blocks (``quantization_config`` in ``config.json``) are dequantized to
+    the parameter dtype; the MTP layers (``model.layers.{num_hidden_layers}.*``) are skipped with a
+    logged warning while llmarch's model has no MTP modules.
+
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or its shards and
         ``model.safetensors.index.json``).
@@ -59,6 +60,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
     hf_config = read_json(config_path)
     try:
         cfg = config_from_hf(hf_config, name=root.resolve().name)
+        fp8 = read_format(hf_config)
     except ValueError as e:  # name the file: "config.json x=..." or "ModelConfig.x=... (from it)"
         message = str(e)
         message = (
@@ -69,7 +71,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
         raise ValueError(message) from None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype_name(dtype), param_dtype=dtype_name(dtype))
-    return from_hf_tensors(CheckpointTensors(root, weight_files(root)), cfg, hf_config=hf_config), cfg
+    files = without_mtp(weight_files(root), hf_config, cfg, root)
+    return from_hf_tensors(checkpoint_tensors(root, files, fp8), cfg, hf_config=hf_config), cfg
 
 
 def save_pretrained(
@@ -81,6 +84,7 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 10**9,
     tokenizer: Any = None,
     chat_template: str | None = None,
+    fp8: bool = False,
 ) -> None:
     """Writes ``config.json`` and safetensors weights that transformers' ``from_pretrained`` of the
     architecture's class loads; with a ``tokenizer``, also what ``AutoTokenizer`` and ``generate``
@@ -95,6 +99,12 @@ def save_pretrained(
     left by an earlier save in ``path`` are removed first, so that a stale index cannot shadow the
     new weights.
 
+    With ``fp8=True`` the weights are written in DeepSeek's published FP8 layout (``llmarch.hf.fp8``):
+    the decoder layers' attention and FFN linears as float8_e4m3fn with float32 ``weight_scale_inv``
+    per 128×128 block (partial blocks at the edges), the rest in the parameter dtype, and
+    ``quantization_config`` in ``config.json``; ``load_pretrained`` and transformers
+    (``FineGrainedFP8Config``) read it back, dequantized.
+
     Raises:
       ValueError: a model Hugging Face cannot hold (quantized, factorized, or a block kind or config
         field the architecture lacks), or ``cfg`` not describing ``model``.
@@ -102,6 +112,8 @@ def save_pretrained(
     """
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
+    if not isinstance(fp8, bool):
+        raise ValueError(f"fp8={fp8!r} is invalid: must be True (DeepSeek's FP8 layout) or False")
     quant = getattr(model, "quant_config", None)  # set by llmarch.quant on a quantized model
     if quant is not None:
         raise ValueError(
@@ -123,6 +135,9 @@ def save_pretrained(
             f"(cfg.name={cfg.name!r}, model.cfg.name={model.cfg.name!r})"
         )
     tensors = to_hf_tensors(model, cfg, architecture=architecture)
+    if fp8:
+        tensors = quantize_tensors(tensors)
+        hf_config["quantization_config"] = Fp8Format().hf_config()
     if tokenizer is not None:
         hf_config.update(token_ids(tokenizer))
     write_checkpoint(Path(path), hf_config, tensors, max_shard_bytes)
