@@ -142,6 +142,31 @@ def test_logits_match_transformers(checkpoint, loaded):
     assert np.abs(other[0, :2] - got[0, :2]).max() < 1e-6 and np.abs(other[0, 18:] - got[0, 18:]).max() > 1e-3
 
 
+def test_hf_load_pretrained_and_engine_greedy_equal_transformers_generate(checkpoint):
+    """``llmarch.hf.load_pretrained`` dispatches a LLaVA directory; the ``Engine`` serving it
+    (image features at prefill, paged decode) generates transformers' greedy tokens."""
+    from llmarch import hf
+    from llmarch.inference import Engine, SamplingParams
+    from llmarch.vision.llava import Llava
+
+    ref, path = checkpoint
+    model, cfg = hf.load_pretrained(path)
+    assert isinstance(model, Llava) and cfg.image_token_id == IMAGE
+    tokens, pixels = _inputs()
+    prompt, image = tokens[1, :36], pixels[1:]  # its 16 placeholders from position 20
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.from_numpy(prompt[None]).long(),
+            pixel_values=torch.from_numpy(image),
+            max_new_tokens=8,
+            do_sample=False,
+        )
+    want = out[0, len(prompt) :].tolist()
+    engine = Engine(model, page_size=8, max_prefill_chunk=16, max_num_batched_tokens=64)
+    got = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), images=[image])
+    assert got[0].token_ids == want
+
+
 def test_default_strategy_and_last_layer_from_a_state_dict():
     """HF's "default" drops each image's first token (15 placeholders of 16 patches); layer -1 is the
     last block's output before the final LayerNorm. A transformers 5 state dict (model.* names)."""

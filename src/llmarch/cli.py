@@ -97,6 +97,26 @@ def _ids(text: str) -> list[int]:
         raise ValueError(f"token ids {text!r} must be integers separated by commas or spaces") from None
 
 
+def _with_images(model, checkpoint: str, prompt, paths: list[str], tokenizer) -> tuple[list, list]:
+    """``([prompt ids], [pixel_values])`` for ``generate --image``: the images read and normalized as
+    the checkpoint's processor says, each single ``<image>`` placeholder expanded to its tokens."""
+    import numpy as np
+
+    from llmarch.inference.images import expand_placeholders
+    from llmarch.vision.llava import Llava
+    from llmarch.vision.preprocess import ImageProcessing
+
+    if not isinstance(model, Llava):
+        raise ValueError(f"--image needs a vision-language (LLaVA) checkpoint; {checkpoint} is text-only")
+    vcfg = model.cfg
+    root = pathlib.Path(checkpoint)  # its preprocessor_config.json, when it has one
+    process = ImageProcessing.for_tower(vcfg.vision, root if root.is_dir() else None)
+    pixels = np.stack([process(p) for p in paths])
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    ids = expand_placeholders(list(ids), vcfg.image_token_id, vcfg.image_tokens, len(paths))
+    return [ids], [pixels]
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Serves the prompts with the inference engine and prints each completion."""
     import time
@@ -108,11 +128,16 @@ def _generate(args: argparse.Namespace) -> int:
     prompts: list = list(args.prompt or []) + [_ids(t) for t in args.prompt_ids or []]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or --prompt-ids IDS")
-    model, cfg, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype)
+    if args.image and len(prompts) != 1:
+        raise ValueError(f"--image goes with exactly one prompt; got {len(prompts)} prompts")
+    model, cfg, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype, vision=True)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer: pass --tokenizer, or --prompt-ids")
+    images = None
+    if args.image:
+        prompts, images = _with_images(model, args.checkpoint, prompts[0], args.image, tokenizer)
     stop = tuple(_ids(args.stop_ids)) if args.stop_ids else ()
     if tokenizer is not None and not args.ignore_eos and tokenizer.eos_id < cfg.vocab_size:
         stop += (tokenizer.eos_id,)
@@ -143,7 +168,7 @@ def _generate(args: argparse.Namespace) -> int:
     tokens = 0  # generated tokens, counted from what was printed
     if args.stream:
         single = len(prompts) == 1 and args.n == 1
-        for event in engine.stream(prompts, params):
+        for event in engine.stream(prompts, params, images=images):
             tokens += 1
             piece = event.text if event.text is not None else f" {event.token_id}"
             print(
@@ -153,7 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
             )
         print()
     else:
-        for out in engine.generate(prompts, params):
+        for out in engine.generate(prompts, params, images=images):
             for c in out.completions:
                 tokens += len(c.token_ids)
                 body = c.text if c.text is not None else " ".join(map(str, c.token_ids))
@@ -386,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's)")
     gen.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument(
+        "--image",
+        action="append",
+        help="an image file for a LLaVA checkpoint's prompt (repeat for several, in order); the prompt "
+        "holds one <image> placeholder per image",
+    )
     gen.add_argument("--mesh", help="devices to split the model over, e.g. tensor=2 (default: one device)")
     gen.add_argument(
         "--no-prefix-caching",

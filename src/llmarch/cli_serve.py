@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import socket
 import sys
 
@@ -98,7 +99,7 @@ def _build_app(args: argparse.Namespace, limits, api_key: str | None):
     from llmarch.inference.loading import load_for_inference
     from llmarch.serve import ChatTemplate, create_app
 
-    model, cfg, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype)
+    model, cfg, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype, vision=True)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     template = None
@@ -113,6 +114,12 @@ def _build_app(args: argparse.Namespace, limits, api_key: str | None):
     stops = (() if tokenizer is None else (tokenizer.eos_id,)) + _generation_eos(args.checkpoint)
     stops = tuple(i for i in dict.fromkeys(stops) if 0 <= i < cfg.vocab_size)
     engine = Engine(model, cfg, tokenizer=tokenizer, config=_engine_config(args, cfg))
+    processing = None
+    if engine.images is not None:  # a LLaVA checkpoint: its preprocessor_config.json, if any
+        from llmarch.vision.preprocess import ImageProcessing
+
+        root = pathlib.Path(args.checkpoint)
+        processing = ImageProcessing.for_tower(engine.images.cfg.vision, root if root.is_dir() else None)
     return create_app(
         engine,
         model_name=args.served_model_name or args.checkpoint,
@@ -121,6 +128,7 @@ def _build_app(args: argparse.Namespace, limits, api_key: str | None):
         chat_template=template,
         stop_token_ids=stops,
         drain_timeout=args.drain_timeout,
+        image_processing=processing,
     )
 
 

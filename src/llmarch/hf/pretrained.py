@@ -48,6 +48,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
         both float32, whatever the checkpoint's dtype (parameters are kept in float32).
     Returns:
       ``(model, cfg)``; ``cfg.hf_model_type`` records the architecture, for ``save_pretrained``.
+      A ``LlavaForConditionalGeneration`` checkpoint (SigLIP tower, Llama decoder) gives a
+      ``llmarch.vision.llava.Llava`` and its ``LlavaConfig``: ``model(tokens, images=pixel_values)``.
     Raises:
       FileNotFoundError: for a missing directory (or a file in its place), config or weights file.
       ValueError: naming the file, for one that is not valid JSON or safetensors, an unsupported or
@@ -58,6 +60,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: a checkpoint needs {CONFIG_FILE}")
     hf_config = read_json(config_path)
+    if hf_config.get("model_type") == "llava":  # a vision-language model: llmarch.vision.llava
+        from llmarch.vision.llava_hf import load_llava
+
+        return load_llava(root, dtype=dtype)
     try:
         cfg = config_from_hf(hf_config, name=root.resolve().name)
         fp8 = read_format(hf_config)
@@ -105,6 +111,9 @@ def save_pretrained(
     ``quantization_config`` in ``config.json``; ``load_pretrained`` and transformers
     (``FineGrainedFP8Config``) read it back, dequantized.
 
+    A ``llmarch.vision.llava.Llava`` (with its ``LlavaConfig``) is written as
+    ``LlavaForConditionalGeneration`` (``llmarch.vision.llava_hf.save_llava``).
+
     Raises:
       ValueError: a model Hugging Face cannot hold (quantized, factorized, or a block kind or config
         field the architecture lacks), or ``cfg`` not describing ``model``.
@@ -112,6 +121,19 @@ def save_pretrained(
     """
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
+    from llmarch.vision.llava import Llava
+
+    if isinstance(model, Llava):  # LlavaForConditionalGeneration: llmarch.vision.llava_hf
+        given = {"architecture": architecture, "tokenizer": tokenizer, "chat_template": chat_template}
+        extra = [k for k, v in {**given, "fp8": fp8 or None}.items() if v is not None]
+        if extra or cfg != model.cfg:
+            raise ValueError(
+                f"save_pretrained of a Llava takes its own LlavaConfig and none of {extra or ['cfg']}: "
+                "it writes LlavaForConditionalGeneration's config and weights (llmarch.vision.llava_hf)"
+            )
+        from llmarch.vision.llava_hf import save_llava
+
+        return save_llava(model, path, max_shard_bytes=max_shard_bytes)
     if not isinstance(fp8, bool):
         raise ValueError(f"fp8={fp8!r} is invalid: must be True (DeepSeek's FP8 layout) or False")
     quant = getattr(model, "quant_config", None)  # set by llmarch.quant on a quantized model

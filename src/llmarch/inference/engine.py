@@ -20,6 +20,10 @@ On CPU the layers run over per-layer copies of their weights (``unstack_layers``
 
 Lower level: ``add_request`` (validated before anything changes, so a bad request never
 disturbs the ones in flight), ``step``, ``has_unfinished``, ``abort``, ``stats``.
+
+A vision-language model (``llmarch.vision.llava.Llava``) is served the same way: its decoder runs
+the steps, and a request's ``images`` are encoded when it is queued (``images``), their features
+taking the place of the prompt's placeholder tokens at prefill.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from flax import nnx
 
 from llmarch import accounting
 from llmarch.config import ModelConfig
+from llmarch.inference import images as image_inputs
 from llmarch.inference import paged_cache, placement, prefix_cache, step_batch
 from llmarch.inference.block_manager import BlockManager, pages_for
 from llmarch.inference.detokenize import TextStream
@@ -60,8 +65,9 @@ class Engine:
 
     Args:
       model: a ``Transformer`` (dense/GQA, MLA, MoE, memory layers: any block whose attention
-        kind has a paged cache).
-      cfg: its config (default ``model.cfg``).
+        kind has a paged cache), or a ``Llava`` (``llmarch.vision.llava``), whose requests may
+        carry images.
+      cfg: its (decoder's) config (default ``model.cfg``, a Llava's ``language_model.cfg``).
       tokenizer: optional; lets prompts be strings and completions carry text.
       config: an ``EngineConfig``; keyword overrides replace its fields.
     """
@@ -75,6 +81,11 @@ class Engine:
         config: EngineConfig | None = None,
         **overrides,
     ):
+        from llmarch.vision.llava import Llava
+
+        self.images = image_inputs.ImageEncoder(model) if isinstance(model, Llava) else None
+        if self.images is not None:
+            model = model.language_model
         cfg = model.cfg if cfg is None else cfg
         if not isinstance(cfg, ModelConfig):  # e.g. Engine(model, EngineConfig(...))
             raise ValueError(
@@ -176,12 +187,19 @@ class Engine:
             )
         return ids.astype(int).tolist()
 
-    def _make_request(self, prompt, params: SamplingParams | None, request_id: str | None) -> Request:
+    def _make_request(
+        self, prompt, params: SamplingParams | None, request_id: str | None, images=None
+    ) -> Request:
         """A validated request; raises ValueError (changing nothing) for a bad one."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
+        if images is not None and self.images is None:
+            raise ValueError(
+                "images were given, but this engine's model has no vision tower: serve a "
+                "llmarch.vision.llava.Llava to pass images"
+            )
         params.check(self.cfg.vocab_size, self.config.max_logprobs)
         if len(ids) >= self.max_len:
             raise ValueError(
@@ -202,18 +220,25 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         seed = int(self._rng.integers(2**63)) if params.seed is None else params.seed
-        return Request(request_id, ids, params, seed, time.perf_counter())
+        request = Request(request_id, ids, params, seed, time.perf_counter())
+        if self.images is not None:  # placeholders without images are refused here too
+            if images is not None or self.images.cfg.image_token_id in ids:
+                request.embeds, request.embed_mask, request.hash_root = self.images.encode(ids, images)
+        return request
 
     def add_request(
-        self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None
+        self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None, images=None
     ) -> str:
-        """Queues one request (token ids, or text with a tokenizer); returns its id.
+        """Queues one request (token ids, or text with a tokenizer); returns its id. ``images``:
+        a vision-language engine's ``pixel_values [N,C,H,W]`` (or one ``[C,H,W]``) for the prompt's
+        ``N * image_tokens`` placeholders.
 
         Raises:
           ValueError: empty prompt, prompt too long for ``max_len``, unknown stop token,
-            ``max_tokens <= 0`` (in ``SamplingParams``), ...; requests in flight are untouched.
+            ``max_tokens <= 0`` (in ``SamplingParams``), images that do not match the prompt's
+            placeholders (or for a text-only model), ...; requests in flight are untouched.
         """
-        return self._enqueue(self._make_request(prompt, params, request_id))
+        return self._enqueue(self._make_request(prompt, params, request_id, images))
 
     def _enqueue(self, request: Request) -> str:
         request.arrival_time = time.perf_counter()
@@ -266,6 +291,8 @@ class Engine:
         c, bm = self.config, self.block_manager
         if c.decode_steps == 1 or plan.prefill or plan.copies or self.scheduler.waiting:
             return 1
+        if any(step_batch.has_embeds(s, s.num_computed, s.num_computed + 1) for s in plan.decode):
+            return 1  # a recomputed image placeholder: the loop feeds sampled tokens only
         steps = min(c.decode_steps, *(s.request.params.max_tokens - s.num_generated for s in plan.decode))
         if steps <= 1:
             return 1
@@ -433,18 +460,22 @@ class Engine:
             [float(g) for g in gaps],
         )
 
-    def _requests_for(self, prompts, params) -> list[Request]:
+    def _requests_for(self, prompts, params, images=None) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
             prompts = [prompts]
+            images = None if images is None else [images]
         prompts = list(prompts)
         if isinstance(params, SamplingParams) or params is None:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts: one each")
         requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for i, (prompt, p, im) in enumerate(zip(prompts, params, images, strict=True)):
             try:
-                requests.append(self._make_request(prompt, p, None))
+                requests.append(self._make_request(prompt, p, None, im))
             except ValueError as e:
                 raise ValueError(f"request {i}: {e}") from None
         return requests
@@ -496,19 +527,22 @@ class Engine:
             yield from events
 
     def stream(
-        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *, images=None
     ) -> Iterator[TokenEvent]:
-        """Queues the prompts (all validated first) and yields their tokens as they come."""
-        ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
+        """Queues the prompts (all validated first) and yields their tokens as they come;
+        ``images`` as in ``generate``."""
+        ids = [self._enqueue(r) for r in self._requests_for(prompts, params, images)]
         wanted = set(ids)
         for event in self._run(ids):
             if event.request_id in wanted:
                 yield event
 
     def generate(
-        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *, images=None
     ) -> list[RequestOutput]:
         """Generates for every prompt (token ids, or text with a tokenizer); one output each.
+        ``images`` (a vision-language engine): one entry per prompt, its ``pixel_values`` or None
+        (for a single prompt, its pixel values).
 
         All prompts are validated before any is queued: a bad one raises ValueError naming its
         index, and nothing changes. Requests already in flight keep running alongside.
@@ -517,7 +551,7 @@ class Engine:
           RuntimeError: naming the unfinished requests and their states, if a step can schedule
             nothing while some are unfinished (a bug: it never loops forever instead).
         """
-        ids = [self._enqueue(r) for r in self._requests_for(prompts, params)]
+        ids = [self._enqueue(r) for r in self._requests_for(prompts, params, images)]
         for _ in self._run(ids):
             pass
         return [self.output(i) for i in ids]

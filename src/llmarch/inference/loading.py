@@ -38,7 +38,9 @@ def _hf_tokenizer(root: Path):
         ) from None
 
 
-def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[nnx.Module, ModelConfig, Any]:
+def load_for_inference(
+    path: str | os.PathLike, *, dtype: Any = None, vision: bool = False
+) -> tuple[nnx.Module, ModelConfig, Any]:
     """``(model, cfg, tokenizer or None)`` from a checkpoint directory.
 
     ``path`` is either a run directory written by ``llmarch train`` (its latest checkpoint and
@@ -47,6 +49,10 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
     ``dtype`` (e.g. ``"bfloat16"``) becomes the dtype of the parameters and of the computation,
     for either kind; None keeps a run's dtypes as trained and loads a Hugging Face checkpoint in
     float32.
+
+    ``vision``: the caller serves vision-language models too (``Engine`` does), so a Hugging Face
+    LLaVA checkpoint loads as a ``llmarch.vision.llava.Llava``, with its decoder's config as ``cfg``;
+    without it such a checkpoint is refused with a one-line error.
 
     Raises:
       FileNotFoundError: no such directory, not a directory, or neither kind of checkpoint in it.
@@ -70,6 +76,15 @@ def load_for_inference(path: str | os.PathLike, *, dtype: Any = None) -> tuple[n
             model = _with_dtype(model, cfg.replace(dtype=name, param_dtype=name))
         return model, model.cfg, tokenizer
     if (root / hf.CONFIG_FILE).is_file():
+        if read_json(root / hf.CONFIG_FILE).get("model_type") == "llava":
+            if not vision:
+                raise ValueError(
+                    f"{root} is a vision-language (LLaVA) checkpoint: `llmarch generate` serves it; "
+                    "this command reads text-only models"
+                )
+            model, lcfg = hf.load_pretrained(root, dtype=name)
+            tokenizer = _hf_tokenizer(root) if (root / TOKENIZER_FILE).is_file() else None
+            return model, lcfg.text, tokenizer
         model, cfg = hf.load_pretrained(root, dtype=name)
         tokenizer = _hf_tokenizer(root) if (root / TOKENIZER_FILE).is_file() else None
         return model, cfg, tokenizer

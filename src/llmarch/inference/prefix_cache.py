@@ -18,9 +18,12 @@ tables stay append-only, as in vLLM).
 What else a page's contents depend on, and why reuse is exact here (``unsafe_reason``):
 
 - The model's weights, ``EngineConfig.kv_cache_dtype`` and the page size are fixed per engine,
-  and each engine has its own pool and table, so they need not enter the hash. Nothing per request
-  changes keys and values today (no adapters, no multimodal inputs); anything that did would have
-  to enter the chain (as vLLM hashes LoRA ids and a per-request salt).
+  and each engine has its own pool and table, so they need not enter the hash. Images do change
+  keys and values per request: their features stand in for placeholder tokens that are the same
+  ids for every image. A request with images starts its chain from ``root_for_images`` (the
+  images' bytes hashed into ``ROOT``) instead of ``ROOT``, so its pages are found again only by a
+  request with the same images and tokens (vLLM hashes each image into the pages it covers, which
+  also shares the text before it; a whole-request root is simpler and as exact).
 - Positions: a prefix always starts at position 0, so a page always sits at the same positions
   (RoPE, including scaled RoPE, is a function of the position alone).
 - Quantized caches (int8/fp8) scale each token and head separately, stored in the same page slot:
@@ -50,20 +53,30 @@ if TYPE_CHECKING:  # annotations only
 ROOT = hashlib.sha256(b"llmarch prefix cache v1").digest()  # the hash "before" the first page
 
 
-def extend_hashes(hashes: list[bytes], tokens: list[int], page_size: int, num_pages: int) -> list[bytes]:
-    """Extends ``hashes`` (the chain hashes of the first full pages of ``tokens``) in place to
-    ``num_pages`` pages; returns it. Pages past ``len(tokens) // page_size`` are not full and
-    have no hash."""
+def extend_hashes(
+    hashes: list[bytes], tokens: list[int], page_size: int, num_pages: int, root: bytes = ROOT
+) -> list[bytes]:
+    """Extends ``hashes`` (the chain hashes of the first full pages of ``tokens``, from ``root``)
+    in place to ``num_pages`` pages; returns it. Pages past ``len(tokens) // page_size`` are not
+    full and have no hash."""
     if num_pages * page_size > len(tokens):
         raise ValueError(
             f"num_pages={num_pages} is invalid: {len(tokens)} tokens fill only "
             f"{len(tokens) // page_size} pages of {page_size}"
         )
     for j in range(len(hashes), num_pages):
-        parent = hashes[j - 1] if j else ROOT
+        parent = hashes[j - 1] if j else root
         block = np.asarray(tokens[j * page_size : (j + 1) * page_size], "<i8").tobytes()
         hashes.append(hashlib.sha256(parent + block).digest())
     return hashes
+
+
+def root_for_images(images: np.ndarray) -> bytes:
+    """The chain's root for a request with ``images`` (pixel values, any shape): their dtype,
+    shape and bytes hashed into ``ROOT``."""
+    images = np.ascontiguousarray(images)
+    head = f"images {images.dtype.str} {images.shape}".encode()
+    return hashlib.sha256(ROOT + head + images.tobytes()).digest()
 
 
 def unsafe_reason(cfg: ModelConfig) -> str | None:

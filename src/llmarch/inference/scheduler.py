@@ -42,6 +42,8 @@ import dataclasses
 import enum
 import itertools
 
+import numpy as np
+
 from llmarch.inference import prefix_cache
 from llmarch.inference.block_manager import BlockManager, OutOfPages
 from llmarch.inference.sampling import SamplingParams
@@ -68,6 +70,11 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_time: float | None = None
+    # Image inputs (a vision-language engine): ``embeds [len(prompt), D]`` float32 holds the image
+    # features at the placeholder positions that ``embed_mask [len(prompt)]`` marks; None: text only.
+    embeds: np.ndarray | None = None
+    embed_mask: np.ndarray | None = None
+    hash_root: bytes = prefix_cache.ROOT  # its prefix-cache chain's root (prefix_cache.root_for_images)
 
     @property
     def finished(self) -> bool:
@@ -226,7 +233,9 @@ class Scheduler:
         full = num_computed // self.bm.page_size
         if self.bm.cache is None or full <= seq.num_cached:
             return
-        hashes = prefix_cache.extend_hashes(seq.hashes, seq.tokens, self.bm.page_size, full)
+        hashes = prefix_cache.extend_hashes(
+            seq.hashes, seq.tokens, self.bm.page_size, full, seq.request.hash_root
+        )
         for j in range(seq.num_cached, full):
             self.bm.cache_page(seq.pages[j], hashes[j])
         seq.num_cached = full
@@ -237,7 +246,8 @@ class Scheduler:
         if self.bm.cache is None or seq.pages:
             return []
         usable = (len(seq.tokens) - 1) // self.bm.page_size
-        return self.bm.lookup(prefix_cache.extend_hashes(seq.hashes, seq.tokens, self.bm.page_size, usable))
+        root, ps = seq.request.hash_root, self.bm.page_size
+        return self.bm.lookup(prefix_cache.extend_hashes(seq.hashes, seq.tokens, ps, usable, root))
 
     # Scheduling --------------------------------------------------------------------------
 

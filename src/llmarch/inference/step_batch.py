@@ -38,6 +38,10 @@ class StepBatch:
         page, copied onto itself).
       copy_dst: int32 ``[R]`` where each ``copy_src`` page goes.
       rows: the sampling parameters per row, ``sampling.host_rows``'s ``name -> [R]`` arrays.
+      embeds: float32 ``[N, D]`` input embeddings (image features) for the tokens ``embed_mask``
+        ``[N]`` marks, which take them instead of their token's embedding; both None when no
+        token of the step has one (every step of a text-only engine), so those steps compile
+        and run as before.
     """
 
     tokens: Array
@@ -49,6 +53,15 @@ class StepBatch:
     copy_src: Array
     copy_dst: Array
     rows: dict[str, Array]
+    embeds: Array | None = None
+    embed_mask: Array | None = None
+
+
+def has_embeds(seq: Seq, start: int, end: int) -> bool:
+    """Whether any of ``seq``'s positions ``[start, end)`` takes an input embedding (an image
+    feature) instead of its token's."""
+    mask = seq.request.embed_mask
+    return mask is not None and bool(mask[start : min(end, len(mask))].any())
 
 
 def bucket(n: int, lo: int, hi: int, *, fine: bool = True) -> int:
@@ -96,6 +109,12 @@ def build(plan: Plan, c: EngineConfig, max_pages_per_seq: int) -> tuple[StepBatc
     logits_at = np.zeros(Rd + Rp, np.int32)
     params: list = [None] * (Rd + Rp)
     seeds, samples, counters = [0] * (Rd + Rp), [0] * (Rd + Rp), [0] * (Rd + Rp)
+    images = [seq for seq in dec if has_embeds(seq, seq.num_computed, seq.num_computed + 1)]
+    images += [seq for seq, a, b in pre if has_embeds(seq, a, b)]
+    embeds = embed_mask = None
+    if images:
+        embeds = np.zeros((N, images[0].request.embeds.shape[1]), np.float32)
+        embed_mask = np.zeros(N, bool)
 
     def place(i: int, seq: Seq, start: int, end: int) -> np.ndarray:
         """Puts tokens [start, end) of seq at flat indices i..; returns their positions."""
@@ -104,6 +123,10 @@ def build(plan: Plan, c: EngineConfig, max_pages_per_seq: int) -> tuple[StepBatc
         positions[i : i + len(pos)] = pos
         pages = np.asarray(seq.pages)
         slots[i : i + len(pos)] = pages[pos // ps] * ps + pos % ps
+        if embeds is not None and has_embeds(seq, start, end):
+            request, stop = seq.request, min(end, len(seq.request.prompt))
+            embeds[i : i + stop - start] = request.embeds[start:stop]
+            embed_mask[i : i + stop - start] = request.embed_mask[start:stop]
         return pos
 
     def sample_row(r: int, seq: Seq, flat: int) -> None:
@@ -144,5 +167,7 @@ def build(plan: Plan, c: EngineConfig, max_pages_per_seq: int) -> tuple[StepBatc
         copy_src=copy_src,
         copy_dst=copy_dst,
         rows=sampling.host_rows(params, seeds, samples, counters),
+        embeds=embeds,
+        embed_mask=embed_mask,
     )
     return batch, (N, Rd, Rp, Tc)

@@ -66,11 +66,17 @@ def _forward(program: Program, leaves, pools, batch: StepBatch):
         jax.tree.map(lambda v, a=a, b=b: v[a:b], decode) for a, b in zip(bounds, bounds[1:], strict=False)
     ]
     meta = PageMeta(slots=batch.slots, groups=(*split, batch.prefill))
-    out = program.model(leaves)(
+    model = program.model(leaves)
+    embeddings = None
+    if batch.embeds is not None:  # image features over their placeholders (llmarch.vision.llava)
+        x = model.embed.encode(batch.tokens[None], jnp.dtype(model.cfg.dtype))
+        embeddings = jnp.where(batch.embed_mask[None, :, None], batch.embeds[None].astype(x.dtype), x)
+    out = model(
         batch.tokens[None],
         positions=batch.positions[None],
         cache=paged_cache.attach(program.kinds, pools, meta),
         logits_at=batch.logits_at[None],
+        embeddings=embeddings,
     )
     sampled = sampling.sample_rows(out.logits[0], batch.rows, num_logprobs=program.num_logprobs)
     return [c.pools for c in out.cache], sampled

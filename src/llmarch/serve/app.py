@@ -23,6 +23,7 @@ import hmac
 import logging
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,6 +31,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from llmarch.inference.images import expand_placeholders
 from llmarch.serve.chat import ChatTemplate
 from llmarch.serve.metrics import ServerMetrics
 from llmarch.serve.protocol import (
@@ -44,6 +46,7 @@ from llmarch.serve.protocol import (
 from llmarch.serve.responses import Formatter
 from llmarch.serve.session import Session
 from llmarch.serve.worker import EngineWorker
+from llmarch.vision.preprocess import ImageProcessing, decode_data_url
 
 log = logging.getLogger("llmarch.serve")
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -149,9 +152,13 @@ class ServerState:
         chat_template: ChatTemplate | None,
         stop_token_ids: tuple[int, ...] | None,
         metrics: ServerMetrics,
+        image_processing: ImageProcessing | None = None,
     ):
         self.engine, self.model_name, self.api_key, self.limits = engine, model_name, api_key, limits
         self.tokenizer, self.chat_template, self.metrics = engine.tokenizer, chat_template, metrics
+        if image_processing is None and engine.images is not None:  # SigLIP's settings at the tower's size
+            image_processing = ImageProcessing.for_tower(engine.images.cfg.vision)
+        self.image_processing = image_processing
         vocab = engine.cfg.vocab_size
         if stop_token_ids is None:  # the tokenizer's EOS ends a completion, unless ignore_eos
             eos = getattr(self.tokenizer, "eos_id", None)
@@ -207,8 +214,23 @@ class ServerState:
             out.append(self._check_length(p, "prompt"))
         return out
 
-    def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
-        """Token ids of a conversation (runs in a worker thread)."""
+    def _image_marker(self) -> str:
+        """The text that the tokenizer reads as the model's one image placeholder token."""
+        token_id = self.engine.images.cfg.image_token_id
+        hf = getattr(self.tokenizer, "hf_tokenizer", None)
+        marker = hf.id_to_token(token_id) if hf is not None else self.tokenizer.decode([token_id])
+        if not marker or [int(t) for t in self.chat_template.encode_text(marker)] != [token_id]:
+            raise APIError(
+                400,
+                f"this model's tokenizer has no text for its image placeholder (id {token_id}) that it "
+                "reads back as that one token: images cannot be placed in a chat",
+                param="messages",
+            )
+        return marker
+
+    def chat_ids(self, body: ChatCompletionRequest) -> tuple[list[int], np.ndarray | None]:
+        """Token ids of a conversation and the pixel values of its images (None: it has none),
+        whose placeholders the ids hold expanded (runs in a worker thread)."""
         if self.tokenizer is None or self.chat_template is None:
             raise APIError(
                 400,
@@ -217,11 +239,20 @@ class ServerState:
                 param="messages",
                 code="no_chat_template",
             )
-        try:
-            ids = self.chat_template.encode(body.messages_as_dicts())
+        parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
+        images = any(p.get("type") == "image_url" for p in parts)
+        marker = self._image_marker() if images and self.engine.images is not None else None
+        pixels = None
+        try:  # image parts are refused here unless the model takes images (marker)
+            ids = self.chat_template.encode(body.messages_as_dicts(marker))
+            urls = [url for m in body.messages for url in m.image_urls()]
+            if urls:  # the chat's images, in order: each <image> marker becomes its tokens
+                pixels = np.stack([self.image_processing(decode_data_url(url)) for url in urls])
+                c = self.engine.images.cfg
+                ids = expand_placeholders([int(t) for t in ids], c.image_token_id, c.image_tokens, len(urls))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self._check_length(ids, "messages")
+        return self._check_length(ids, "messages"), pixels
 
     def params(self, body, *, max_tokens: int, logprobs: int | None, logprobs_field: str = "logprobs"):
         if body.stop and self.tokenizer is None:
@@ -248,8 +279,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _respond(server: ServerState, request: Request, body, prompts, params, fmt: Formatter) -> Response:
-    session = Session(server.worker, prompts, params, body.stop, has_text=server.tokenizer is not None)
+async def _respond(
+    server: ServerState, request: Request, body, prompts, params, fmt: Formatter, images=None
+) -> Response:
+    session = Session(
+        server.worker, prompts, params, body.stop, has_text=server.tokenizer is not None, images=images
+    )
     if body.stream:
         await session.open()
         return StreamingResponse(
@@ -290,6 +325,7 @@ def create_app(
     stop_token_ids: tuple[int, ...] | None = None,
     drain_timeout: float | None = 60.0,
     metrics: ServerMetrics | None = None,
+    image_processing: ImageProcessing | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` (an ``llmarch.inference.Engine``, which only the app's engine
     thread uses once the app has started).
@@ -303,6 +339,9 @@ def create_app(
         (None: the tokenizer's EOS).
       drain_timeout: at shutdown, seconds to let requests in flight finish before aborting them.
       metrics: where to count (default: a registry of the app's own).
+      image_processing: how a vision-language engine's chat images become pixel values (default:
+        ``ImageProcessing.for_tower``, SigLIP's settings); chat messages carry images as
+        ``image_url`` parts with inline ``data:`` URLs.
     """
     if not model_name:
         raise ValueError(f"model_name={model_name!r} is invalid: give the name clients will use")
@@ -316,6 +355,7 @@ def create_app(
         chat_template=chat_template,
         stop_token_ids=stop_token_ids,
         metrics=metrics or ServerMetrics(),
+        image_processing=image_processing,
     )
 
     @contextlib.asynccontextmanager
@@ -390,7 +430,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
-        ids = await run_in_threadpool(server.chat_ids, body)
+        ids, pixels = await run_in_threadpool(server.chat_ids, body)
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         if max_tokens is None:  # as much as the context leaves
             max_tokens = engine.max_len - len(ids)
@@ -403,6 +443,6 @@ def create_app(
             return_token_ids=body.return_token_ids,
             include_usage=body.include_usage,
         )
-        return await _respond(server, request, body, [ids], params, fmt)
+        return await _respond(server, request, body, [ids], params, fmt, images=[pixels])
 
     return app

@@ -187,7 +187,8 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    """One message; ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts."""
+    """One message; ``content`` is a string or a list of parts: ``{"type": "text", "text": ...}``,
+    and for a vision-language model ``{"type": "image_url", "image_url": {"url": "data:..."}}``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -195,19 +196,47 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
-    def text(self) -> str | None:
-        """The content as one string (text parts joined by newlines)."""
+    def text(self, image_marker: str | None = None) -> str | None:
+        """The content as one string, its parts joined by newlines, each image part written as
+        ``image_marker`` (None: image parts are refused)."""
         if self.content is None or isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif part.get("type") == "image_url" and image_marker is not None:
+                image_url(part)  # checked here, read by the caller
+                parts.append(image_marker)
+            else:
+                allowed = "{'type': 'text', 'text': str}" + (
+                    " and {'type': 'image_url', 'image_url': {'url': str}}" if image_marker else ""
+                )
                 raise ValueError(
                     f"a {self.role} message has a content part of type {part.get('type')!r}: "
-                    "only {'type': 'text', 'text': str} parts are supported"
+                    f"only {allowed} parts are supported"
+                    + (
+                        ""
+                        if image_marker or part.get("type") != "image_url"
+                        else " (the model takes no images)"
+                    )
                 )
-            parts.append(part["text"])
         return "\n".join(parts)
+
+    def image_urls(self) -> list[str]:
+        """The URLs of its image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [image_url(p) for p in self.content if p.get("type") == "image_url"]
+
+
+def image_url(part: dict[str, Any]) -> str:
+    """The URL of an ``image_url`` content part (OpenAI's ``{"url": ..., "detail": ...}``)."""
+    inner = part.get("image_url")
+    url = inner.get("url") if isinstance(inner, dict) else inner
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"an image_url part needs image_url.url, a string; got {inner!r:.80}")
+    return url
 
 
 class ChatCompletionRequest(_Request):
@@ -234,11 +263,12 @@ class ChatCompletionRequest(_Request):
             raise ValueError("top_logprobs needs logprobs=true")
         return self
 
-    def messages_as_dicts(self) -> list[dict]:
-        """The messages as the chat template reads them (content flattened to a string)."""
+    def messages_as_dicts(self, image_marker: str | None = None) -> list[dict]:
+        """The messages as the chat template reads them (content flattened to a string, each image
+        part as ``image_marker``; None: image parts are refused)."""
         out = []
         for m in self.messages:
-            message = {"role": m.role, "content": m.text()}
+            message = {"role": m.role, "content": m.text(image_marker)}
             if m.name is not None:
                 message["name"] = m.name
             out.append(message)

@@ -28,6 +28,7 @@ class Session:
       params: their sampling parameters.
       stops: stop strings.
       has_text: whether the engine has a tokenizer (events carry text).
+      images: per prompt, its pixel values for a vision-language engine, or None.
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class Session:
         stops: tuple[str, ...] = (),
         *,
         has_text: bool = True,
+        images: list | None = None,
     ):
         self.worker, self.prompts, self.params = worker, prompts, params
+        self.images = [None] * len(prompts) if images is None else images
         n = params.n
         self.trackers = [
             [CompletionTracker(k * n + i, stops, has_text=has_text) for i in range(n)]
@@ -72,7 +75,8 @@ class Session:
             request: nothing of it runs), 500 (the engine failed).
         """
         try:
-            self.request_ids = self.worker.submit([(p, self.params) for p in self.prompts], self._sink)
+            requests = [(p, self.params, im) for p, im in zip(self.prompts, self.images, strict=True)]
+            self.request_ids = self.worker.submit(requests, self._sink)
         except Overloaded as e:
             raise APIError(429, str(e), code="queue_full") from None
         except Unavailable as e:

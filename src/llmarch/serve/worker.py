@@ -134,8 +134,9 @@ class EngineWorker:
         with self._cond:
             return self._running
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]], sink: Sink) -> list[str]:
-        """Queues a group of requests (token ids, params); returns their engine request ids.
+    def submit(self, requests: list[tuple], sink: Sink) -> list[str]:
+        """Queues a group of requests (token ids, params[, pixel values or None]); returns their
+        engine request ids.
         Whether the engine accepts them comes to ``sink`` (``Accepted`` or ``Rejected``).
 
         Raises:
@@ -216,11 +217,11 @@ class EngineWorker:
 
     def _add(self, command: _Submit) -> None:
         added = []
-        for member, (rid, (prompt, params)) in enumerate(
+        for member, (rid, (prompt, params, *images)) in enumerate(
             zip(command.request_ids, command.requests, strict=True)
         ):
-            try:
-                self.engine.add_request(prompt, params, request_id=rid)
+            try:  # a vision-language engine encodes the request's images here, on this thread
+                self.engine.add_request(prompt, params, request_id=rid, images=images[0] if images else None)
             except (ValueError, TypeError) as e:
                 for other in added:
                     self.engine.abort(other)
@@ -233,7 +234,7 @@ class EngineWorker:
             added.append(rid)
             self._live[rid] = _Live(member, params, command.sink, command.submitted)
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(sum(len(p) for p, _ in command.requests))
+            self.metrics.prompt_tokens.inc(sum(len(p) for p, *_ in command.requests))
         command.sink(Accepted(list(command.request_ids)))
 
     def _abort(self, request_ids: list[str]) -> None:
