@@ -206,13 +206,13 @@ def test_published_layout_has_partial_blocks(published):
 def test_load_matches_transformers_on_dequantized_weights(published, caplog):
     fp8_dir, _, deq_dir, tensors = published
     with caplog.at_level(logging.WARNING, logger="llmarch.hf.mtp"):
-        model, cfg = hf.load_pretrained(fp8_dir)
+        model, cfg = hf.load_pretrained(fp8_dir, mtp=False)
     mtp = [n for n in tensors if n.startswith("model.layers.2.")]
     assert len(mtp) == 53  # 6 module tensors, 26 of the MoE decoder layer, 21 FP8 scales
     [record] = caplog.records
     assert f"skipped {len(mtp)} multi-token prediction tensors" in record.getMessage()
     assert "num_nextn_predict_layers=1: model.layers.2-2.*" in record.getMessage()
-    assert "does not map MTP modules yet" in record.getMessage()
+    assert "built with ModelConfig.mtp_depth=0" in record.getMessage()
 
     # The partial block [128:136, 128:160] of q_a_proj holds exactly q · its scale.
     name = "model.layers.0.self_attn.q_a_proj.weight"
@@ -392,7 +392,7 @@ def test_quantize_matches_fp8_blockwise_on_whole_blocks():
 
 def test_dequantizes_to_the_parameter_dtype(published):
     fp8_dir, _, deq_dir, _ = published
-    model, _ = hf.load_pretrained(fp8_dir, dtype="bfloat16")
+    model, _ = hf.load_pretrained(fp8_dir, dtype="bfloat16", mtp=False)
     want, _ = hf.load_pretrained(deq_dir, dtype="bfloat16")  # the torch-dequantized weights
     flat = dict(nnx.to_flat_state(nnx.state(want)))
     for path, var in nnx.to_flat_state(nnx.state(model)):
@@ -409,27 +409,57 @@ def test_cli_export_writes_the_fp8_layout(published, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(fp8_dir), "--out", str(out), "--fp8"]) == 0
     assert json.loads(capsys.readouterr().out)["fp8"] is True
     saved = safetensors_torch.load_file(out / hf.WEIGHTS_FILE)
-    published_main = {n: t for n, t in tensors.items() if not n.startswith("model.layers.2.")}  # no MTP
-    assert saved.keys() == published_main.keys()
-    for name, t in published_main.items():  # dequantized and quantized again: the same e4m3 bytes
+    assert saved.keys() == tensors.keys()  # the MTP layer included
+    copies = {"model.layers.2.embed_tokens.weight": "model.embed_tokens.weight"}
+    copies["model.layers.2.shared_head.head.weight"] = "lm_head.weight"
+    for name, t in tensors.items():  # dequantized and quantized again: the same e4m3 bytes
         if t.dtype == torch.float8_e4m3fn:
             assert torch.equal(saved[name].view(torch.uint8), t.view(torch.uint8)), name
+        elif name in copies:  # the MTP layer's copies of the embedding and head are the shared ones
+            assert torch.equal(saved[name], tensors[copies[name]]), name
     gguf = ["--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--fp8"]
     assert main(["export", "--checkpoint", str(fp8_dir), *gguf]) == 2
     assert "--fp8 applies to --format hf, not gguf" in capsys.readouterr().err
 
 
-def test_models_with_mtp_modules_are_refused_until_mapped():
-    import dataclasses
+def test_mtp_layers_load_as_the_models_mtp_modules_and_save_back(published, tmp_path):
+    """The published MTP layer becomes ``model.mtp[0]`` (``mtp_depth`` from the tensors held); the main
+    logits are those of the model without it; saved in the FP8 layout and read back, every variable is
+    unchanged up to the requantization, and ``num_nextn_predict_layers`` says so."""
+    fp8_dir, *_, tensors = published
+    model, cfg = hf.load_pretrained(fp8_dir)
+    plain, _ = hf.load_pretrained(fp8_dir, mtp=False)
+    assert cfg.mtp_depth == 1 and len(model.mtp) == 1
+    layer = "model.layers.2."
 
+    def deq(name):
+        return torch_dequantize(tensors[name], tensors[name + "_scale_inv"]).numpy()
+
+    m = model.mtp[0]
+    np.testing.assert_array_equal(np.asarray(m.eh_proj.w.get_value()), deq(layer + "eh_proj.weight").T)
+    np.testing.assert_array_equal(np.asarray(m.enorm.scale.get_value()), tensors[layer + "enorm.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(m.norm.scale.get_value()), tensors[layer + "shared_head.norm.weight"]
+    )
+    tokens = _tokens()
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(plain(tokens)))  # copies lose
+    hf.save_pretrained(model, cfg, tmp_path, fp8=True)
+    assert json.loads((tmp_path / hf.CONFIG_FILE).read_text())["num_nextn_predict_layers"] == 1
+    back, back_cfg = hf.load_pretrained(tmp_path)
+    assert back_cfg.mtp_depth == 1
+    want = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, var in nnx.to_flat_state(nnx.state(back)):  # requantized: a scale may move by an ulp
+        np.testing.assert_allclose(var.get_value(), want[path].get_value(), rtol=1e-6, err_msg=str(path))
+
+
+def test_mtp_tensors_only_for_deepseek_and_whole():
     import llmarch
-    from llmarch.hf import mtp
+    from llmarch.hf import architectures, mtp
 
-    cfg = llmarch.presets.get("tiny-deepseek")
-    assert mtp.mtp_entries(cfg, {}) == []
-    if "mtp_depth" not in {f.name for f in dataclasses.fields(cfg)}:
-        pytest.skip("ModelConfig has no mtp_depth")
-    with pytest.raises(
-        ValueError, match=r"ModelConfig.mtp_depth=1 has no Hugging Face tensors in llmarch yet"
-    ):
-        mtp.mtp_entries(cfg.replace(mtp_depth=1), {})
+    cfg = llmarch.presets.get("tiny-dense").replace(mtp_depth=1)
+    with pytest.raises(ValueError, match=r"only DeepSeek-V3 checkpoints hold MTP modules, not 'llama'"):
+        mtp.mtp_entries(cfg, architectures.of_config(cfg), {})
+    config = {"num_hidden_layers": 2, "num_nextn_predict_layers": 2}
+    with pytest.raises(ValueError, match=r"only layers \[2\] of model.layers.2-3 have tensors"):
+        mtp.depth_held({"model.layers.2.enorm.weight": 0}, config)
+    assert mtp.depth_held({"model.layers.1.x": 0}, config) == 0

@@ -119,7 +119,7 @@ def _loss_and_grads(model, tokens, segment_ids):
 # Every tiny preset, so each block kind is covered as it lands. (MLA's absorbed path runs in
 # test_cached_decoding_pallas_equals_xla, where "auto" picks it.)
 # Skipped for time: presets that only combine kinds covered by others.
-REDUNDANT = {"tiny-deepseek"}  # MLA + MoE: tiny-mla and tiny-moe
+REDUNDANT = {"tiny-deepseek", "tiny-deepseek-mtp"}  # MLA + MoE: tiny-mla and tiny-moe (MTP: test_mtp)
 TINY = [n for n in llmarch.presets.names() if n.startswith("tiny-") and n not in REDUNDANT]
 
 

@@ -82,6 +82,47 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MTPParamCounts:
+    """Parameters of the multi-token-prediction modules (``ModelConfig.mtp_depth``), all depths,
+    apart from ``param_counts`` (the main model: DeepSeek-V3's 671B leaves them out).
+
+    ``total`` is what the modules add to a model here: each depth's projection ``M_k`` ``[2D, D]``,
+    its block's attention and FFN, and five norms (``enorm``, ``hnorm``, the block's two and the
+    final norm before the shared head). The modules share the embedding and the output head with
+    the main model, so those are counted there; DeepSeek's published checkpoint stores a copy of
+    both in each MTP layer (``embed_tokens``, ``shared_head.head``), which ``published`` adds
+    (``shared_copies``): its "14B" of MTP modules.
+    """
+
+    projection: int
+    attention: int
+    ffn: int  # the block's FFN (an MoE: every expert, as param_counts counts them)
+    norms: int
+    shared_copies: int  # a [V,D] embedding and a [D,V] head per depth (not built here)
+
+    @property
+    def total(self) -> int:
+        return self.projection + self.attention + self.ffn + self.norms
+
+    @property
+    def published(self) -> int:
+        return self.total + self.shared_copies
+
+
+def mtp_param_counts(cfg: ModelConfig) -> MTPParamCounts:
+    """The MTP modules' parameters (all zero for ``mtp_depth=0``); see ``MTPParamCounts``."""
+    depth, D, V = cfg.mtp_depth, cfg.d_model, cfg.vocab_size
+    block = cfg.mtp_block_config
+    return MTPParamCounts(
+        projection=depth * 2 * D * D,
+        attention=depth * kinds.attention(block.attention).params(cfg),
+        ffn=depth * kinds.ffn(block.ffn).params(cfg, False),
+        norms=depth * 5 * D,
+        shared_copies=depth * 2 * V * D,
+    )
+
+
 def active_param_counts(cfg: ModelConfig) -> ParamCounts:
     """The parameters one token activates: as ``param_counts``, but an MoE FFN counts its router,
     shared experts and ``top_k`` of its routed experts (the convention of Mixtral's 12.9B of 46.7B
@@ -238,3 +279,40 @@ def decode_traffic(
         sparse += kind_sparse
     kv = kv_cache_bytes_per_token(cfg, kv_cache_dtype or dtype) * context_len * B
     return DecodeTraffic(dense=dense * nbytes, sparse=sparse * nbytes, kv_cache=kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class EPExchangeBytes:
+    """Bytes of one device's dropless expert-parallel all-to-all buffers, for one MoE layer and one
+    direction (the combine sends the same shapes back), ``n`` tokens per device, ``ep`` expert shards
+    of ``E_l = E/ep`` experts (``llmarch.layers.moe_parallel`` / ``moe_ragged``)."""
+
+    padded_send: int  # [E,C=n,D]: every expert a slot for each of the n tokens
+    padded_recv: int  # [ep,E_l,n,D]: the same count of rows
+    ragged_send: int  # [n·k,D]: exactly the routed copies
+    ragged_recv_worst: int  # [ep·n·min(k,E_l),D]: the static buffer that is dropless for any routing
+    ragged_recv_balanced: int  # [n·k,D]: what a device receives on average (perfect balance)
+
+
+def ep_exchange_bytes(
+    cfg: ModelConfig, tokens_per_device: int, ep: int, dtype: str = "bfloat16"
+) -> EPExchangeBytes:
+    """The padded and the ragged exchange's buffers for ``cfg``'s MoE at ``tokens_per_device`` and EP
+    degree ``ep``, activations in ``dtype``. The padded path holds ``E/k`` times the routed rows on
+    both sides; the ragged path sends exactly ``n·k`` rows, but a static receive buffer that never
+    drops must hold ``ep·n·min(k,E_l)``: ``min(k,E_l)/E_l`` of the padded one, no saving once
+    ``E_l <= k`` (a smaller ``recv_rows`` trades that for counted drops on overflow)."""
+    check_positive("ep_exchange_bytes", tokens_per_device=tokens_per_device, ep=ep)
+    if cfg.moe is None:
+        raise ValueError("ep_exchange_bytes: cfg.moe is None: allowed: a config with MoE blocks")
+    E, k, n = cfg.moe.num_experts, cfg.moe.top_k, tokens_per_device
+    if E % ep:
+        raise ValueError(f"ep_exchange_bytes: ep={ep} is invalid: must divide num_experts={E}")
+    row = cfg.d_model * jnp.dtype(dtype).itemsize
+    return EPExchangeBytes(
+        padded_send=E * n * row,
+        padded_recv=E * n * row,
+        ragged_send=n * k * row,
+        ragged_recv_worst=ep * n * min(k, E // ep) * row,
+        ragged_recv_balanced=n * k * row,
+    )

@@ -39,6 +39,8 @@ ALPHABET = {
     "O": "pixels of one image patch: channels x patch rows x patch columns",
     # vision-language models (llmarch.vision.llava): the tower's width where it meets the decoder's D
     "d": "vision tower width, the input of a multimodal projector",
+    # multi-token prediction (llmarch.layers.mtp): a module's input [RMSNorm(Emb(t)); RMSNorm(h)]
+    "c": "MTP projection input: an embedding and a hidden state concatenated, 2·D wide",
 }
 
 # Logical names of parameter axes. The rules in llmarch.sharding map them to mesh axes;

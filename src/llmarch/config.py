@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-from llmarch.checks import article, check_choice, check_positive, fail
+from llmarch.checks import article, check_choice, check_int, check_positive, fail
 from llmarch.json_config import build as _build
 from llmarch.layers import kinds
 from llmarch.layers.configs import (  # noqa: F401  (re-exported: configs are built from here)
@@ -182,6 +182,12 @@ class ModelConfig:
     # Linear weights stored as low-rank factors (llmarch.lowrank.factorize_model writes it; the
     # Transformer builds those weights factorized). None: every weight dense.
     low_rank: tuple[LowRankWeight, ...] | None = None
+    # DeepSeek-V3's multi-token prediction (V3 §2.2, ``llmarch.layers.mtp``): ``mtp_depth`` sequential
+    # modules after the decoder, module k predicting the token k+1 beyond the next one; each has its
+    # own block (of ``mtp_block``'s kinds; None: the last decoder block's) and shares the embedding
+    # and output head. 0: none. Inference drops them unless asked (``Transformer.mtp_hidden``).
+    mtp_depth: int = 0
+    mtp_block: BlockConfig | None = None
 
     def __post_init__(self):
         check_positive(
@@ -223,6 +229,7 @@ class ModelConfig:
                 "must be a non-empty string (a transformers model_type) or None",
             )
         self._check_skip_layers()
+        self._check_mtp()
         self._check_kinds()
         self._check_low_rank()
 
@@ -235,7 +242,36 @@ class ModelConfig:
             used.setdefault(f"blocks use ffn {b.ffn!r}", kinds.ffn(b.ffn))
         if self.skip_kind is not None:
             used[f"skip_kind {self.skip_kind!r}"] = kinds.skip(self.skip_kind)
+        if self.mtp_depth:
+            b = self.mtp_block_config
+            used.setdefault(f"mtp_block uses attention {b.attention!r}", kinds.attention(b.attention))
+            used.setdefault(f"mtp_block uses ffn {b.ffn!r}", kinds.ffn(b.ffn))
         return list(used.items())
+
+    @property
+    def mtp_block_config(self) -> BlockConfig:
+        """The kinds of each multi-token-prediction module's block: ``mtp_block``, or the last
+        decoder block's (DeepSeek-V3's MTP layer is an MoE block like its last layer)."""
+        return self.mtp_block if self.mtp_block is not None else self.layer_blocks[-1]
+
+    def _check_mtp(self) -> None:
+        check_int("ModelConfig", "mtp_depth", self.mtp_depth, low=0)
+        if self.mtp_block is not None and not isinstance(self.mtp_block, BlockConfig):
+            fail("ModelConfig", "mtp_block", self.mtp_block, "must be a BlockConfig or None")
+        if self.mtp_block is not None and not self.mtp_depth:
+            fail(
+                "ModelConfig",
+                "mtp_block",
+                self.mtp_block,
+                "must be None with mtp_depth=0 (there are no multi-token-prediction modules)",
+            )
+        if self.mtp_depth >= self.max_seq_len:
+            fail(
+                "ModelConfig",
+                "mtp_depth",
+                self.mtp_depth,
+                f"must be < max_seq_len={self.max_seq_len} (module k predicts k+1 tokens ahead)",
+            )
 
     def _check_kinds(self) -> None:
         """Each sub-config is given exactly when a used kind needs it, then each kind's own checks."""

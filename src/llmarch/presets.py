@@ -106,9 +106,17 @@ def _tiny_deepseek() -> ModelConfig:
     )
 
 
+def _tiny_deepseek_mtp() -> ModelConfig:
+    """tiny-deepseek with DeepSeek-V3's multi-token prediction: one MTP module (an MLA + MoE block
+    like the last layer's), sharing the embedding and output head."""
+    return _tiny_deepseek().replace(mtp_depth=1, name="tiny-deepseek-mtp")
+
+
 # DeepSeek's published shapes: MoE FFNs after the first `first_k_dense_replace` dense layers
 # (3 in V3, 1 in V2-Lite). Totals: 671B (V3, the main model without its multi-token-prediction
-# module) and 15.7B (V2-Lite); activated per token 37B and 2.4B (llmarch.accounting).
+# module) and 15.7B (V2-Lite); activated per token 37B and 2.4B (llmarch.accounting). V3's one MTP
+# module (mtp_depth=1, an MLA + MoE block) adds 11.6B of its own, 13.5B with the copies of the
+# embedding and head its checkpoint stores: the report's "14B" (accounting.mtp_param_counts).
 _DEEPSEEK_YARN = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0)
 
 
@@ -146,6 +154,7 @@ def _deepseek_v3() -> ModelConfig:
         max_seq_len=163_840,
         norm_eps=1e-6,
         dtype="bfloat16",
+        mtp_depth=1,
         name="deepseek-v3",
     )
 
@@ -233,6 +242,7 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-mla": _tiny_mla,
     "tiny-moe": _tiny_moe,
     "tiny-deepseek": _tiny_deepseek,
+    "tiny-deepseek-mtp": _tiny_deepseek_mtp,
     "small-20m": _small_20m,
     "llama3-8b": lambda: _llama3("llama3-8b", d_model=4096, num_layers=32, num_heads=32, ffn_dim=14_336),
     "llama3.1-8b": lambda: _llama3(

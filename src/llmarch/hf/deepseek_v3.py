@@ -194,7 +194,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         m.rope_theta,
         first_k_dense_replace=_first_k_dense(cfg),
         **_moe_to_hf(cfg),
-        num_nextn_predict_layers=0,
+        num_nextn_predict_layers=cfg.mtp_depth,  # written as model.layers.{L + d}: llmarch.hf.mtp
         num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_heads,
         q_lora_rank=m.q_lora_rank,

@@ -7,10 +7,11 @@ previous depth's hidden state), ``eh_proj`` (``[D, 2D]``, FP8 in the published f
 layer (``self_attn.*``, ``mlp.*``, its norms) and ``shared_head.norm``/``shared_head.head`` (copies
 of the final norm and output head). transformers' ``DeepseekV3ForCausalLM`` does not load them.
 
-llmarch reads them only where ``mtp_entries`` maps them onto the model's MTP modules
-(``llmarch.layers.mtp``, ``ModelConfig.mtp_depth``). That mapping is not written yet, so
-``without_mtp`` skips them with a logged warning naming how many and why (the main model's logits
-do not use them), and exporting a model with MTP modules is refused.
+``mtp_entries`` maps them onto the model's MTP modules (``llmarch.layers.mtp``,
+``ModelConfig.mtp_depth``): ``load_pretrained`` builds the model with ``mtp_depth`` set from the
+layers the checkpoint holds, and ``save_pretrained`` writes them (``num_nextn_predict_layers``), for
+DeepSeek-V3 only. Loading with ``mtp=False`` skips them (``without_mtp``), with a logged warning
+naming how many and why: the main model's next-token logits do not use them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llmarch.config import ModelConfig
 from llmarch.hf.fields import read_int
 
 if TYPE_CHECKING:
+    from llmarch.hf.architecture import Architecture
     from llmarch.hf.plan import Entry
 
 logger = logging.getLogger(__name__)
@@ -43,31 +45,69 @@ def mtp_tensor_names(names: list[str] | Mapping[str, Any], hf_config: Mapping[st
     return sorted(name for name in names if prefixes and name.startswith(prefixes))
 
 
-def mtp_entries(cfg: ModelConfig, hf_config: Mapping[str, Any]) -> list[Entry]:
-    """The tensor-plan entries (``llmarch.hf.plan.Entry``) of the MTP modules of llmarch's model of
-    ``cfg``: ``tensor_plan`` appends them after the layers'.
+def mtp_entries(
+    cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, Any]
+) -> tuple[list[Entry], list[Entry]]:
+    """``(copies, own)``: the tensor-plan entries (``llmarch.hf.plan.Entry``) of the MTP modules of
+    llmarch's model of ``cfg`` (``ModelConfig.mtp_depth``; none without). Depth ``d`` is checkpoint
+    layer ``L + d`` (``model.layers.{L + d}.``):
 
-    None yet: this is the one function to write to import and export them. llmarch's model holds
-    them as ``mtp[d]`` (``llmarch.layers.mtp.MTPModule``: ``enorm``, ``hnorm``, ``eh_proj``, a
-    one-layer ``block`` run, ``norm``), which maps as ``model.layers.{L + d}.`` + ``enorm.weight`` ->
-    ``("mtp", d, "enorm", "scale")``, ``hnorm.weight``, ``eh_proj.weight`` (``Linear()``),
-    ``shared_head.norm.weight`` -> ``norm``, and the architecture's block tables
-    (``plan.block_tensors`` of ``cfg.mtp_block_config``) under ``("mtp", d, "block", "layers")`` at
-    layer 0; ``embed_tokens`` and ``shared_head.head`` are copies of the shared embedding and head.
-    ``config_from_hf`` would then set ``mtp_depth`` when a checkpoint holds the tensors (transformers
-    writes ``num_nextn_predict_layers=1`` into checkpoints without them).
+    - own: ``enorm.weight``, ``hnorm.weight``, ``eh_proj.weight`` (``[D, 2D]``, our ``w [2D, D]``
+      transposed), ``shared_head.norm.weight`` (the module's ``norm``), and the decoder-layer
+      tensors of ``cfg.mtp_block_config`` (the architecture's block table) filling layer 0 of the
+      module's one-block run ``("mtp", d, "block", "layers", ...)``;
+    - copies: ``embed_tokens.weight`` and ``shared_head.head.weight``, the shared embedding and
+      output head again, as DeepSeek's checkpoints store them (and vLLM and SGLang read them).
+      ``tensor_plan`` puts them before the main model's entries, so on import the main tensors win.
+    """
+    from llmarch.hf.plan import LAYER_PREFIX, Entry, block_tensors
+    from llmarch.hf.rules import Linear, Same
+
+    if cfg.mtp_depth and arch.model_type != "deepseek_v3":
+        raise ValueError(
+            f"ModelConfig.mtp_depth={cfg.mtp_depth}: only DeepSeek-V3 checkpoints hold MTP modules, "
+            f"not {arch.model_type!r}; allowed: 0 (cfg.replace(mtp_depth=0) and a model without them)"
+        )
+    copies: list[Entry] = []
+    own: list[Entry] = []
+    table = block_tensors(cfg.mtp_block_config, cfg, arch, hf_config) if cfg.mtp_depth else {}
+    head = (("embed", "table_vd"), Same()) if cfg.tie_embeddings else (("lm_head", "w"), Linear())
+    for d in range(cfg.mtp_depth):
+        prefix = LAYER_PREFIX.format(cfg.num_layers + d)
+        copies += [
+            Entry(prefix + "embed_tokens.weight", ("embed", "table_vd"), None, Same()),
+            Entry(prefix + "shared_head.head.weight", head[0], None, head[1]),
+        ]
+        own += [
+            Entry(prefix + "enorm.weight", ("mtp", d, "enorm", "scale"), None, Same()),
+            Entry(prefix + "hnorm.weight", ("mtp", d, "hnorm", "scale"), None, Same()),
+            Entry(prefix + "eh_proj.weight", ("mtp", d, "eh_proj", "w"), None, Linear()),
+            Entry(prefix + "shared_head.norm.weight", ("mtp", d, "norm", "scale"), None, Same()),
+        ]
+        own += [
+            Entry(prefix + suffix, ("mtp", d, "block", "layers", *sub), 0, t)
+            for suffix, rules in table.items()
+            for sub, t in (rules if isinstance(rules, list) else [rules])
+        ]
+    return copies, own
+
+
+def depth_held(files: Mapping[str, Any], hf_config: Mapping[str, Any]) -> int:
+    """The MTP depth a checkpoint's tensors hold: ``num_nextn_predict_layers`` when every such layer
+    has tensors in ``files``, 0 when none has (transformers writes ``num_nextn_predict_layers=1``
+    into checkpoints without them).
 
     Raises:
-      ValueError: for ``cfg.mtp_depth > 0``, until the mapping exists.
+      ValueError: some MTP layers present and others missing.
     """
-    depth = getattr(cfg, "mtp_depth", 0)
-    if depth:
+    layers = mtp_layers(hf_config)
+    present = [i for i in layers if any(n.startswith(f"model.layers.{i}.") for n in files)]
+    if present and len(present) != len(layers):
         raise ValueError(
-            f"ModelConfig.mtp_depth={depth} has no Hugging Face tensors in llmarch yet "
-            "(llmarch.hf.mtp.mtp_entries); allowed: 0, e.g. cfg.replace(mtp_depth=0) and the model without "
-            "its MTP modules"
+            f"{DEPTH_FIELD}={len(layers)} but only layers {present} of model.layers.{layers.start}-"
+            f"{layers.stop - 1} have tensors: a checkpoint holds all its MTP layers or none"
         )
-    return []
+    return len(present)
 
 
 def without_mtp(
@@ -76,15 +116,10 @@ def without_mtp(
     """``files`` (tensor name -> file) less the MTP tensors llmarch's model does not hold, each
     skip announced by a warning on ``llmarch.hf.mtp``'s logger; never silent."""
     names = mtp_tensor_names(files, hf_config)
-    held = {e.name for e in mtp_entries(cfg, hf_config)}
+    held = set(names) if cfg.mtp_depth else set()  # with MTP modules, mtp_entries maps every one
     skipped = [name for name in names if name not in held]
     if skipped:
-        why = (
-            "llmarch's ModelConfig has no MTP modules"
-            if not hasattr(cfg, "mtp_depth")
-            else "llmarch.hf does not map MTP modules yet (llmarch.hf.mtp.mtp_entries), so the model is "
-            f"built with ModelConfig.mtp_depth={cfg.mtp_depth}"
-        )
+        why = "the model is built with ModelConfig.mtp_depth=0"
         layers = mtp_layers(hf_config)
         logger.warning(
             "%s: skipped %d multi-token prediction tensors (%s=%d: model.layers.%d-%d.*): %s; the main "

@@ -83,7 +83,8 @@ def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, An
     ``hf_config``: the ``config.json`` dict read (on import) or written (on export).
     """
     check_blocks(cfg, arch)
-    plan = [
+    copies, mtp = mtp_entries(cfg, arch, hf_config)  # DeepSeek's MTP layers after the decoder's
+    plan = copies + [
         Entry(name, path, None, t)
         for name, (path, t) in MODEL_TENSORS.items()
         if not (name == LM_HEAD and cfg.tie_embeddings)
@@ -97,5 +98,4 @@ def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, An
                 for suffix, rules in table.items()
                 for sub, t in (rules if isinstance(rules, list) else [rules])
             ]
-    # DeepSeek's MTP modules after the layers (empty until llmarch's model has them: llmarch.hf.mtp)
-    return plan + mtp_entries(cfg, hf_config)
+    return plan + mtp

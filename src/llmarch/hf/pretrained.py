@@ -14,7 +14,7 @@ from llmarch.hf.config_json import config_from_hf, config_to_hf
 from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
 from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, weight_files, write_checkpoint
 from llmarch.hf.fp8 import Fp8Format, checkpoint_tensors, quantize_tensors, read_format
-from llmarch.hf.mtp import without_mtp
+from llmarch.hf.mtp import depth_held, without_mtp
 from llmarch.hf.tokenizer import token_ids, tokenizer_config, write_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
@@ -32,14 +32,17 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Transformer, ModelConfig]:
+def load_pretrained(
+    path: str | os.PathLike, *, dtype: Any = None, mtp: bool = True
+) -> tuple[Transformer, ModelConfig]:
     """Loads a Hugging Face checkpoint directory of a supported architecture (Llama, Mixtral,
     DeepSeek-V3, Qwen3, Qwen3-MoE: ``llmarch.hf.ARCHITECTURES``).
 
     DeepSeek's published layout is read too (``llmarch.hf.fp8``, ``llmarch.hf.mtp``): FP8 e4m3 weights
     with ``weight_scale_inv`` blocks (``quantization_config`` in ``config.json``) are dequantized to
-    the parameter dtype; the MTP layers (``model.layers.{num_hidden_layers}.*``) are skipped with a
-    logged warning while llmarch's model has no MTP modules.
+    the parameter dtype; the multi-token-prediction layers (``model.layers.{num_hidden_layers + d}.*``)
+    become the model's MTP modules (``ModelConfig.mtp_depth``), or, with ``mtp=False``, are skipped
+    with a logged warning.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or its shards and
@@ -77,7 +80,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Tran
         raise ValueError(message) from None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype_name(dtype), param_dtype=dtype_name(dtype))
-    files = without_mtp(weight_files(root), hf_config, cfg, root)
+    files = weight_files(root)
+    if not isinstance(mtp, bool):
+        raise ValueError(f"mtp={mtp!r} is invalid: must be True (load the MTP layers) or False (skip them)")
+    depth = depth_held(files, hf_config) if mtp else 0
+    if depth:
+        cfg = cfg.replace(mtp_depth=depth)
+    files = without_mtp(files, hf_config, cfg, root)
     return from_hf_tensors(checkpoint_tensors(root, files, fp8), cfg, hf_config=hf_config), cfg
 
 

@@ -234,6 +234,25 @@ class SpeculativeDecoder:
             )
         return ids.astype(int).tolist()
 
+    def _decode_batch(self, seq, n, limit, stops, rows, *, width):
+        """The jitted decode of a batch: ``(seq, n, stopped, proposed, accepted, rounds)`` (see
+        ``_decode``); a drafting mode other than a draft model overrides it."""
+        t_def, t_state = nnx.split(self.target)
+        d_def, d_state = nnx.split(self.draft)
+        return _decode(
+            t_state,
+            d_state,
+            seq,
+            n,
+            limit,
+            stops,
+            rows,
+            target_def=t_def,
+            draft_def=d_def,
+            gamma=self.gamma,
+            width=width,
+        )
+
     def generate(
         self, prompts, params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[SpeculativeOutput]:
@@ -261,20 +280,13 @@ class SpeculativeDecoder:
         rows = sampling.host_rows(params, seeds, [0] * B, [0] * B)
         del rows["counter"], rows["logprobs"]  # the counter is a row's generated count, on device
         n = np.asarray(lengths, np.int32)
-        t_def, t_state = nnx.split(self.target)
-        d_def, d_state = nnx.split(self.draft)
         seq, n, stopped, proposed, accepted, rounds = jax.device_get(
-            _decode(
-                t_state,
-                d_state,
+            self._decode_batch(
                 jnp.asarray(seq),
                 jnp.asarray(n),
                 jnp.asarray(n + np.array([s.max_tokens for s in params], np.int32)),
                 jnp.asarray(stops),
                 rows,
-                target_def=t_def,
-                draft_def=d_def,
-                gamma=gamma,
                 width=min(next_pow2(max(lengths)), S) if max(lengths) > 1 else 1,
             )
         )

@@ -52,6 +52,13 @@ class TrainConfig:
     # Vocabulary entries per step of the fused cross entropy (the [B,T,V] logits never exist,
     # see llmarch.train.step.token_losses); None: the plain loss over the whole logits.
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+    # DeepSeek-V3's multi-token prediction, for a model with ModelConfig.mtp_depth > 0: the loss adds
+    # λ · mean over depths of the MTP losses (llmarch.train.step.mtp_losses), λ = mtp_loss_weight,
+    # and from step mtp_loss_weight_step on, mtp_loss_weight_later (the report: 0.3, then 0.1 for
+    # the last third of its tokens). Both 0: the MTP modules are not trained (nor run).
+    mtp_loss_weight: float = 0.3
+    mtp_loss_weight_later: float | None = None
+    mtp_loss_weight_step: int | None = None
     nan_policy: str = "skip"  # skip the update and count it, or stop with an error
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of `steps`: the run fails
     resume: str = "auto"  # auto, must, never, fallback: see llmarch.train.run_dir.start_step
@@ -139,6 +146,7 @@ class TrainConfig:
             )
         _check("z_loss", self.z_loss, "must be a finite number >= 0", lambda x: x >= 0)
         check_loss_chunk("TrainConfig", self.loss_chunk)
+        self._check_mtp()
         _check("val_fraction", self.val_fraction, "must be in (0, 1)", lambda x: 0 < x < 1)
         _check("max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]", lambda x: 0 <= x <= 1)
         if self.peak_flops is not None:
@@ -186,6 +194,32 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
             )
+
+    def _check_mtp(self) -> None:
+        _check("mtp_loss_weight", self.mtp_loss_weight, "must be a finite number >= 0", lambda x: x >= 0)
+        later, switch = self.mtp_loss_weight_later, self.mtp_loss_weight_step
+        if later is not None:
+            _check("mtp_loss_weight_later", later, "must be a finite number >= 0, or None", lambda x: x >= 0)
+        if switch is not None:
+            check_int("TrainConfig", "mtp_loss_weight_step", switch, high=INT32_MAX)
+        if (later is None) != (switch is None):
+            raise ValueError(
+                f"TrainConfig.mtp_loss_weight_later={later!r} and mtp_loss_weight_step={switch!r} are "
+                "invalid: give both (the weight and the step it starts at) or neither"
+            )
+
+    def mtp_weight(self, step: int) -> float:
+        """λ of multi-token prediction at ``step`` (1-based): ``mtp_loss_weight``, then
+        ``mtp_loss_weight_later`` from ``mtp_loss_weight_step`` on."""
+        if self.mtp_loss_weight_step is not None and step >= self.mtp_loss_weight_step:
+            return float(self.mtp_loss_weight_later)
+        return float(self.mtp_loss_weight)
+
+    def trains_mtp(self, model: ModelConfig) -> bool:
+        """Whether the train step runs ``model``'s MTP modules: it has some, some λ is > 0, and the
+        objective is the plain one (distillation trains the main head only)."""
+        weights = (self.mtp_loss_weight, self.mtp_loss_weight_later or 0.0)
+        return model.mtp_depth > 0 and any(weights) and self.distill is None
 
     def _check_lora_and_chat(self) -> None:
         if self.lora is not None and not isinstance(self.lora, LoraConfig):

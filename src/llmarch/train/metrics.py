@@ -32,7 +32,7 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 # A train step's own outputs (``llmarch.train.step``); everything else it returns is the layers'.
-STEP_OUTPUTS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite", "distill_loss")
+STEP_OUTPUTS = ("loss", "z_loss", "aux_loss", "grad_norm", "finite", "distill_loss", "mtp_loss")
 
 
 def aux_loss_active(cfg: ModelConfig) -> bool:

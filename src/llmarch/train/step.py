@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from flax import nnx
 
 from llmarch import ops
 from llmarch.checks import fail
+from llmarch.layers.mtp import targets_and_mask
 from llmarch.lora.layer import dropout_key
 from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
 from llmarch.train.guard import all_finite
@@ -69,25 +71,64 @@ def token_losses(
     ``cfg.impl`` says). Its matmuls run in the compute dtype with float32 accumulation, so the
     logits are never rounded to a bfloat16 ``cfg.logits_dtype``. ``None``: the plain loss.
     """
+    nll, lse, aux, _ = _token_losses(model, batch, loss_chunk, trunk=False)
+    return nll, lse, aux
+
+
+def _token_losses(
+    model: Transformer, batch: Batch, loss_chunk: int | None, *, trunk: bool
+) -> tuple[jax.Array, jax.Array, AuxByModule, jax.Array | None]:
+    """``token_losses`` and, with ``trunk``, the states before the final norm (MTP's ``h^0``)."""
     call = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), return_aux=True)
     targets = batch["targets"]
-    if loss_chunk is None:
+    if loss_chunk is None and not trunk:
         out = model(batch["inputs"], **call)
         logits = out.logits.astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return nll, jax.nn.logsumexp(logits, axis=-1), out.aux
+        return nll, jax.nn.logsumexp(logits, axis=-1), out.aux, None
     out = model(batch["inputs"], **call, return_hidden=True)
+    nll, lse = _head_losses(model, out.hidden, targets, loss_chunk)
+    return nll, lse, out.aux, out.trunk
+
+
+def _head_losses(
+    model: Transformer, hidden: jax.Array, targets: jax.Array, loss_chunk: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """``(nll, lse)`` ``[B,T]`` of final-normed ``hidden [B,T,D]`` through the output head: fused
+    over vocabulary chunks (``llmarch.ops.cross_entropy``), or, with no ``loss_chunk``, plainly."""
+    if loss_chunk is None:
+        logits = model.head(hidden).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return nll, jax.nn.logsumexp(logits, axis=-1)
     w, transposed = model.output_projection()
-    B, T, D = out.hidden.shape
+    B, T, D = hidden.shape
     nll, lse = ops.cross_entropy(
-        out.hidden.reshape(B * T, D),  # [B·T,D]
+        hidden.reshape(B * T, D),  # [B·T,D]
         w,
         targets.reshape(B * T),
         transpose_w=transposed,
         chunk=loss_chunk,
         impl=model.cfg.impl,
     )
-    return nll.reshape(B, T), lse.reshape(B, T), out.aux
+    return nll.reshape(B, T), lse.reshape(B, T)
+
+
+def mtp_losses(
+    model: Transformer, batch: Batch, trunk: jax.Array, loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+) -> tuple[jax.Array, AuxByModule]:
+    """``(L_MTP^k for k = 1..D [D], aux)``: each multi-token-prediction depth's mean cross entropy
+    (DeepSeek-V3 §2.2) over the positions whose target ``t_{i+k+1}`` the row holds, the main loss
+    counts, and lies in position i's own document (``layers.mtp.targets_and_mask``), through the
+    shared output head a vocabulary chunk at a time as the main loss; ``aux``: the MTP blocks'."""
+    hidden, aux = model.mtp_hidden(
+        trunk, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
+    losses = []
+    for k, h in enumerate(hidden, start=1):
+        targets, mask = targets_and_mask(batch["targets"], k, batch.get("mask"), batch.get("segment_ids"))
+        nll, _ = _head_losses(model, model.mtp[k - 1].norm(h), targets, loss_chunk)
+        losses.append(masked_mean(nll, mask))
+    return jnp.stack(losses), aux
 
 
 def loss_fn(
@@ -99,17 +140,31 @@ def loss_fn(
     *,
     with_aux: bool = False,
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+    mtp_weight: jax.Array | float | None = None,
 ) -> tuple[jax.Array, Any]:
     """Cross entropy, plus ``z_loss · mean(logsumexp(logits)²)`` (PaLM's z-loss, which keeps the
     softmax normalizer near 1 so bf16 logits do not drift), plus the layers' aux losses;
     returns ``(total, parts)``, or ``(total, (parts, aux))`` with ``with_aux`` (the layers' aux
-    by module path, see ``Transformer.__call__``). ``loss_chunk``: see ``token_losses``."""
-    nll, lse, aux = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
+    by module path, see ``Transformer.__call__``). ``loss_chunk``: see ``token_losses``.
+
+    ``mtp_weight``: λ of DeepSeek-V3's multi-token prediction: for a model with MTP modules the
+    objective adds ``λ · mean_k L_MTP^k`` (``mtp_losses``; ``parts["mtp_loss"]`` is that mean,
+    unweighted) and the MTP blocks' own aux losses; None (or a model without MTP): no MTP at all."""
+    model = nnx.merge(graphdef, params, rest)
+    with_mtp = mtp_weight is not None and getattr(model, "mtp", None) is not None
+    nll, lse, aux, trunk = _token_losses(model, batch, loss_chunk, trunk=with_mtp)
     ce = masked_mean(nll, batch.get("mask"))
     z = masked_mean(jnp.square(lse), batch.get("mask"))
+    total = ce + z_loss * z
+    if with_mtp:
+        per_depth, mtp_aux = mtp_losses(model, batch, trunk, loss_chunk)
+        aux = collections.OrderedDict({**aux, **mtp_aux})  # after the decoder's, in layer order
+        total = total + mtp_weight * per_depth.mean()
     extra = aux_loss(aux)  # the layers' own weighted losses (e.g. MoE load balancing)
     parts = {"loss": ce, "z_loss": z, "aux_loss": extra}
-    return ce + z_loss * z + extra, ((parts, aux) if with_aux else parts)
+    if with_mtp:
+        parts["mtp_loss"] = per_depth.mean()
+    return total + extra, ((parts, aux) if with_aux else parts)
 
 
 def make_train_step(
@@ -123,9 +178,10 @@ def make_train_step(
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
     keep_zeros: bool = False,
     objective: Objective | None = None,
+    mtp_loss_weight: float | None = None,
 ) -> StepFn:
-    """``step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None) -> (params,
-    opt_state, metrics)``, jitted.
+    """``step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None, mtp_weight=None)
+    -> (params, opt_state, metrics)``, jitted.
 
     ``params`` are the model's ``nnx.Param`` variables (``nnx.split(model, nnx.Param, ...)``);
     ``rest`` is any other state, passed through unchanged; with ``update_rest`` the step returns
@@ -144,24 +200,37 @@ def make_train_step(
     at the first call (``llmarch.train.precision.check_trainable``): there is no loss scaling.
     ``frozen``: weights the forward pass reads but the step neither differentiates nor returns (a
     LoRA run's base, ``llmarch.lora.split``; ``params`` are then the adapters). ``rng``: the key
-    data of this step's LoRA dropout (None: no dropout).
+    data of this step's LoRA dropout (None: no dropout). ``mtp_loss_weight``: λ of multi-token
+    prediction (``loss_fn``'s ``mtp_weight``) for a model with MTP modules; a step's ``mtp_weight``
+    overrides it (a traced scalar: a schedule such as DeepSeek-V3's 0.3 then 0.1 does not
+    recompile); both None: the MTP modules are not trained. Not used with an ``objective``.
     """
     check_loss_chunk("", loss_chunk)
 
-    def loss(params, rest, batch, teacher, frozen, rng):
+    def loss(params, rest, batch, teacher, frozen, rng, mtp_weight):
         fixed = rest if frozen is None else nnx.merge_state(rest, frozen)
         with dropout_key(rng):  # LoRA adapters' dropout: on in the train step only
             if objective is None:
-                return loss_fn(graphdef, params, fixed, batch, z_loss, with_aux=True, loss_chunk=loss_chunk)
+                return loss_fn(
+                    graphdef,
+                    params,
+                    fixed,
+                    batch,
+                    z_loss,
+                    with_aux=True,
+                    loss_chunk=loss_chunk,
+                    mtp_weight=mtp_weight,
+                )
             total, parts, aux = objective(nnx.merge(graphdef, params, fixed), batch, teacher)
         return total, (parts, aux)
 
-    def step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None):
+    def step(params, rest, opt_state, batch, teacher=None, frozen=None, rng=None, mtp_weight=None):
         # Checked while tracing, before XLA compiles: float16 would need loss scaling.
         fixed = rest if frozen is None else nnx.merge_state(rest, frozen)
         check_trainable(getattr(nnx.merge(graphdef, params, fixed), "cfg", None))
+        weight = mtp_loss_weight if mtp_weight is None else mtp_weight
         (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, rest, batch, teacher, frozen, rng
+            params, rest, batch, teacher, frozen, rng, weight
         )
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)

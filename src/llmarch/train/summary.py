@@ -28,8 +28,11 @@ def header(cfg, out: Path, start: int, mesh: jax.sharding.Mesh | None) -> str:
     origin = f"resuming at step {start}" if start else "from scratch"
     if cfg.init_from and not start:
         origin = f"from {cfg.init_from}"
+    params = f"{accounting.param_count(model):,} parameters"
+    if model.mtp_depth:  # the main model's, then its multi-token-prediction modules'
+        params += f" + {accounting.mtp_param_counts(model).total:,} in {model.mtp_depth} MTP module(s)"
     return (
-        f"training {name} ({accounting.param_count(model):,} parameters) on {where}: "
+        f"training {name} ({params}) on {where}: "
         f"{cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} tokens, {origin}; run directory {out}"
     )
 

@@ -366,6 +366,9 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
             teacher_state = sharding.shard_state(teacher_state, mesh, cfg.rules)
 
         objective = distill_objective(cfg.distill, teacher_graphdef, z_loss=cfg.z_loss)
+        if model_cfg.mtp_depth:
+            warning("distillation trains the main output head only: the MTP modules stay as they are")
+    mtp = cfg.trains_mtp(model_cfg)
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -376,6 +379,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
         loss_chunk=cfg.loss_chunk,
         keep_zeros=bool(cfg.keep_sparsity),
         objective=objective,
+        mtp_loss_weight=cfg.mtp_loss_weight if mtp else None,
     )
     on_policy = _OnPolicy(cfg, graphdef, sampler) if cfg.distill and cfg.distill.on_policy_fraction else None
     evaluate = make_evaluator(
@@ -432,6 +436,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
         schedule = learning_rate_schedule(cfg.optimizer, cfg.steps // accum or 1)
         # Loss terms with a coefficient of 0 are constants, not curves: logged only when active.
         terms = ("z_loss",) * bool(cfg.z_loss) + ("aux_loss",) * metrics_lib.aux_loss_active(model_cfg)
+        terms += ("mtp_loss",) * mtp
 
         def warn(message: str) -> None:
             with tqdm.external_write_mode():  # above the progress bar, not through it
@@ -483,6 +488,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
                     batch,
                     teacher_state,
                     **_lora_inputs(cfg, state, step),  # a LoRA run: its frozen base, dropout key
+                    **({"mtp_weight": cfg.mtp_weight(step)} if mtp else {}),  # λ's schedule: no recompile
                 )
                 skipped = state.skipped + (~m["finite"]).astype(jnp.int32)
                 state = dataclasses.replace(
