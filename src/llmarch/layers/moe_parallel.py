@@ -15,8 +15,10 @@ axis). A step (GShard, Lepikhin et al. 2020):
 ``C = ceil(capacity_factor·n·k/E)`` per (source device, expert) for ``strategy="capacity"`` (a
 per-device capacity, so what is dropped differs from the single-device path once anything is),
 and ``C = n`` for ``"dropless"``, the most one device can send one expert: exact, at ``E/k`` times
-the memory of the routed copies. (``jax.lax.ragged_all_to_all`` would send exact counts, but XLA:CPU
-does not implement it; the padded exchange runs everywhere.)
+the memory of the routed copies. Dropless EP's ``exchange="ragged"`` (``moe_ragged``, the default on
+TPU/GPU) sends exactly the routed rows with ``jax.lax.ragged_all_to_all``; XLA:CPU does not implement
+that collective, so there the padded exchange is the default (and ``"emulated"`` runs the ragged
+bookkeeping over an ``all_gather`` stand-in, for tests).
 
 Overlap (COMET, Zhang et al., MLSys 2025, expressed with JAX collectives): with ``ep_chunks = c > 1``
 the capacity dimension is split into c chunks, each dispatched, computed and combined on its
@@ -37,6 +39,7 @@ from jax.sharding import PartitionSpec
 from kernels_pallas.intmath import round_up
 from llmarch import axes, sharding
 from llmarch.layers import moe_dispatch as dispatch
+from llmarch.layers import moe_ragged
 from llmarch.layers.configs import MoEConfig
 from llmarch.layers.moe_dispatch import ExpertWeights
 
@@ -66,7 +69,7 @@ def check_experts_divide(cfg: MoEConfig, mesh, table: sharding.Rules) -> None:
         )
 
 
-def exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> jax.Array:
+def padded_exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int) -> jax.Array:
     """``[ep,E_l,C,D] -> [ep,E_l,C,D]``: dispatch, the local experts, combine; in ``chunks`` chunks of
     the C slots (chunk i's GEMMs independent of chunk i+1's all-to-all, so they may overlap)."""
     size = buffers.shape[2] // chunks
@@ -91,15 +94,26 @@ def parallel_moe(
     mesh,
     table: sharding.Rules,
     impl: str | None = None,
+    exchange: str | None = None,
+    recv_rows: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``([B·T,D], dropped)``: the routed experts of ``x [B·T,D]`` under ``mesh``, tokens split over the
     batch axes; with an ``expert`` axis of size ep > 1 the experts are split ep ways (EP).
 
     Without EP each device runs ``strategy`` on its own tokens (a local sort for dropless).
+    ``exchange`` (dropless EP only; None: ``moe_ragged.default_exchange(cfg.ep_chunks)``):
+    ``"padded"`` (``[E,n,D]`` capacity buffers, chunked by ``cfg.ep_chunks``), ``"ragged"``
+    (``jax.lax.ragged_all_to_all``, one exchange, a receive buffer of ``recv_rows`` rows per device,
+    None: the worst case) or ``"emulated"`` (the ragged path over ``all_gather``, for CPU tests);
+    the padded exchange is dropless at its own size and ignores ``recv_rows``.
     Raises ValueError when B·T is not divisible by the token shards or E by ep.
     """
     token_axes, ep_axis, ep, shards = layout(mesh, table)
     check_experts_divide(cfg, mesh, table)
+    how = moe_ragged.default_exchange(cfg.ep_chunks) if exchange is None else exchange
+    moe_ragged.check_exchange(how)
+    if recv_rows is not None and recv_rows < 1:
+        raise ValueError(f"recv_rows={recv_rows} is invalid: allowed: None (the worst case) or >= 1")
     num_tokens, D = x.shape
     if num_tokens % shards:
         raise ValueError(
@@ -119,12 +133,25 @@ def parallel_moe(
                 x, experts, gates, w, dispatch.capacity_of(n, k, E, cfg.capacity_factor)
             )
             return out, dropped[None]
+        if strategy == "dropless" and how != "padded":
+            out, dropped = moe_ragged.ragged_moe(
+                x,
+                experts,
+                gates,
+                w,
+                axis=ep_axis,
+                ep=ep,
+                recv_rows=recv_rows,
+                emulate=how == "emulated",
+                impl=impl,
+            )
+            return out, dropped[None]
         capacity = n if strategy == "dropless" else dispatch.capacity_of(n, k, E, cfg.capacity_factor)
         padded = round_up(capacity, chunks)  # C rounded up to whole chunks; the rest stays empty
         slot, keep = dispatch.slots(experts, E, capacity)
         slot = jnp.where(keep, slot, padded)  # dropped copies go past the buffer
         buffers = dispatch.to_buffers(x, experts, slot, E, padded).reshape(ep, E // ep, padded, D)
-        y = exchange(buffers, w, ep_axis, chunks).reshape(E, padded, D)
+        y = padded_exchange(buffers, w, ep_axis, chunks).reshape(E, padded, D)
         return dispatch.from_buffers(y, experts, slot, keep, gates), jnp.sum(~keep, dtype=jnp.int32)[None]
 
     out, dropped = jax.shard_map(
