@@ -10,6 +10,8 @@ for the emulation (the ``ragged_on_cpu`` fixture), up to the whole MoE layer. Th
 exported for tpu and cuda at DeepSeek-V3's MoE shapes (forward and backward).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,3 +312,30 @@ def test_moe_layer_on_the_ragged_default_equals_single_device(devices, ragged_on
     assert "ragged_all_to_all" in jaxpr  # the ragged path ran, not the padded one
     np.testing.assert_allclose(got, want, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, want_grads)
+
+
+def test_moe_config_picks_the_exchange(devices):
+    """``MoEConfig.ep_exchange`` reaches the layer ("emulated" runs the ragged bookkeeping on CPU;
+    "padded" never does), and bad values are refused by name."""
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="emulated")
+    with nnx.use_eager_sharding(False):
+        layer = MoE(D, cfg, rngs=nnx.Rngs(0), init_std=0.3)
+    x = jax.random.normal(jax.random.key(4), (8, 8, D))
+    mesh = sharding.make_mesh("expert=8")
+    outs = {}
+    for how in ("emulated", "padded"):
+        layer.moe = dataclasses.replace(cfg, ep_exchange=how)
+        graphdef, state = nnx.split(layer)
+
+        def run(s, x, graphdef=graphdef):
+            return nnx.merge(graphdef, s)(x)[0]
+
+        with sharding.use(mesh, "ep"):
+            outs[how] = np.asarray(jax.jit(run)(state, x))
+            jaxpr = str(jax.make_jaxpr(run)(state, x))
+        assert ("all_gather" in jaxpr) == (how == "emulated"), how
+    np.testing.assert_allclose(outs["emulated"], outs["padded"], atol=1e-5)
+    with pytest.raises(ValueError, match=r"MoEConfig.ep_exchange='fast' is invalid"):
+        MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="fast")
+    with pytest.raises(ValueError, match=r"ep_exchange='ragged'.*cannot pipeline ep_chunks=2"):
+        MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="ragged", ep_chunks=2)

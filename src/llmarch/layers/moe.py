@@ -130,8 +130,18 @@ class MoE(nnx.Module):
         if not mesh.empty and table:
             _, _, ep, shards = moe_parallel.layout(mesh, table)
             if ep > 1 or (shards > 1 and x.shape[0] % shards == 0):
+                exchange = None if m.ep_exchange == "auto" else m.ep_exchange
                 return moe_parallel.parallel_moe(
-                    x, experts, gates, w, m, strategy=strategy, mesh=mesh, table=table, impl=impl
+                    x,
+                    experts,
+                    gates,
+                    w,
+                    m,
+                    strategy=strategy,
+                    mesh=mesh,
+                    table=table,
+                    impl=impl,
+                    exchange=exchange,
                 )
         if strategy == "dropless":
             return dispatch.dropless(x, experts, gates, w, impl=impl), jnp.zeros((), jnp.int32)
