@@ -454,11 +454,11 @@ def test_mtp_layers_load_as_the_models_mtp_modules_and_save_back(published, tmp_
 
 def test_mtp_tensors_only_for_deepseek_and_whole():
     import llmarch
-    from llmarch.hf import architectures, mtp
+    from llmarch.hf import architectures, mtp, plan
 
     cfg = llmarch.presets.get("tiny-dense").replace(mtp_depth=1)
     with pytest.raises(ValueError, match=r"only DeepSeek-V3 checkpoints hold MTP modules, not 'llama'"):
-        mtp.mtp_entries(cfg, architectures.of_config(cfg), {})
+        plan.mtp_entries(cfg, architectures.of_config(cfg), {})
     config = {"num_hidden_layers": 2, "num_nextn_predict_layers": 2}
     with pytest.raises(ValueError, match=r"only layers \[2\] of model.layers.2-3 have tensors"):
         mtp.depth_held({"model.layers.2.enorm.weight": 0}, config)

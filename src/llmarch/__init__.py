@@ -1,6 +1,8 @@
 """llmarch: the architectures and techniques of LLM training and inference, in JAX."""
 
-from llmarch import accounting, config, hf, ops, presets, sharding
+# vision: imported for its registration of LLaVA with llmarch.hf (load_pretrained/save_pretrained),
+# which sits below it and cannot import it.
+from llmarch import accounting, config, hf, ops, presets, sharding, vision
 from llmarch.config import AttentionConfig, BlockConfig, ModelConfig, RopeScaling
 from llmarch.model import Transformer
 
@@ -16,4 +18,5 @@ __all__ = [
     "ops",
     "presets",
     "sharding",
+    "vision",
 ]

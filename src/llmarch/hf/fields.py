@@ -11,8 +11,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+
 from llmarch.checks import check_int
-from llmarch.config import RopeScaling, YarnScaling
+from llmarch.config import DTYPES, RopeScaling, YarnScaling
 
 
 def read_value(hf: Mapping[str, Any], key: str, default: Any, prefix: str) -> Any:
@@ -121,3 +124,14 @@ def read_yarn(source: Mapping[str, Any], field: str, max_positions: int) -> Yarn
         mscale=read_float(source, "mscale", 0.0, prefix=at),
         mscale_all_dim=read_float(source, "mscale_all_dim", 0.0, prefix=at),
     )
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name in ``DTYPES`` of a dtype (or dtype name) for parameters and computation."""
+    try:
+        name = np.dtype(jax.numpy.dtype(dtype)).name
+    except TypeError:  # not a dtype at all, e.g. "float33"
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {DTYPES}")
+    return name

@@ -7,7 +7,7 @@ previous depth's hidden state), ``eh_proj`` (``[D, 2D]``, FP8 in the published f
 layer (``self_attn.*``, ``mlp.*``, its norms) and ``shared_head.norm``/``shared_head.head`` (copies
 of the final norm and output head). transformers' ``DeepseekV3ForCausalLM`` does not load them.
 
-``mtp_entries`` maps them onto the model's MTP modules (``llmarch.layers.mtp``,
+``llmarch.hf.plan.mtp_entries`` maps them onto the model's MTP modules (``llmarch.layers.mtp``,
 ``ModelConfig.mtp_depth``): ``load_pretrained`` builds the model with ``mtp_depth`` set from the
 layers the checkpoint holds, and ``save_pretrained`` writes them (``num_nextn_predict_layers``), for
 DeepSeek-V3 only. Loading with ``mtp=False`` skips them (``without_mtp``), with a logged warning
@@ -19,14 +19,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmarch.config import ModelConfig
 from llmarch.hf.fields import read_int
-
-if TYPE_CHECKING:
-    from llmarch.hf.architecture import Architecture
-    from llmarch.hf.plan import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -43,53 +39,6 @@ def mtp_tensor_names(names: list[str] | Mapping[str, Any], hf_config: Mapping[st
     """The names (of ``names``) under an MTP layer's prefix ``model.layers.{L + d}.``."""
     prefixes = tuple(f"model.layers.{i}." for i in mtp_layers(hf_config))
     return sorted(name for name in names if prefixes and name.startswith(prefixes))
-
-
-def mtp_entries(
-    cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, Any]
-) -> tuple[list[Entry], list[Entry]]:
-    """``(copies, own)``: the tensor-plan entries (``llmarch.hf.plan.Entry``) of the MTP modules of
-    llmarch's model of ``cfg`` (``ModelConfig.mtp_depth``; none without). Depth ``d`` is checkpoint
-    layer ``L + d`` (``model.layers.{L + d}.``):
-
-    - own: ``enorm.weight``, ``hnorm.weight``, ``eh_proj.weight`` (``[D, 2D]``, our ``w [2D, D]``
-      transposed), ``shared_head.norm.weight`` (the module's ``norm``), and the decoder-layer
-      tensors of ``cfg.mtp_block_config`` (the architecture's block table) filling layer 0 of the
-      module's one-block run ``("mtp", d, "block", "layers", ...)``;
-    - copies: ``embed_tokens.weight`` and ``shared_head.head.weight``, the shared embedding and
-      output head again, as DeepSeek's checkpoints store them (and vLLM and SGLang read them).
-      ``tensor_plan`` puts them before the main model's entries, so on import the main tensors win.
-    """
-    from llmarch.hf.plan import LAYER_PREFIX, Entry, block_tensors
-    from llmarch.hf.rules import Linear, Same
-
-    if cfg.mtp_depth and arch.model_type != "deepseek_v3":
-        raise ValueError(
-            f"ModelConfig.mtp_depth={cfg.mtp_depth}: only DeepSeek-V3 checkpoints hold MTP modules, "
-            f"not {arch.model_type!r}; allowed: 0 (cfg.replace(mtp_depth=0) and a model without them)"
-        )
-    copies: list[Entry] = []
-    own: list[Entry] = []
-    table = block_tensors(cfg.mtp_block_config, cfg, arch, hf_config) if cfg.mtp_depth else {}
-    head = (("embed", "table_vd"), Same()) if cfg.tie_embeddings else (("lm_head", "w"), Linear())
-    for d in range(cfg.mtp_depth):
-        prefix = LAYER_PREFIX.format(cfg.num_layers + d)
-        copies += [
-            Entry(prefix + "embed_tokens.weight", ("embed", "table_vd"), None, Same()),
-            Entry(prefix + "shared_head.head.weight", head[0], None, head[1]),
-        ]
-        own += [
-            Entry(prefix + "enorm.weight", ("mtp", d, "enorm", "scale"), None, Same()),
-            Entry(prefix + "hnorm.weight", ("mtp", d, "hnorm", "scale"), None, Same()),
-            Entry(prefix + "eh_proj.weight", ("mtp", d, "eh_proj", "w"), None, Linear()),
-            Entry(prefix + "shared_head.norm.weight", ("mtp", d, "norm", "scale"), None, Same()),
-        ]
-        own += [
-            Entry(prefix + suffix, ("mtp", d, "block", "layers", *sub), 0, t)
-            for suffix, rules in table.items()
-            for sub, t in (rules if isinstance(rules, list) else [rules])
-        ]
-    return copies, own
 
 
 def depth_held(files: Mapping[str, Any], hf_config: Mapping[str, Any]) -> int:

@@ -14,7 +14,6 @@ from typing import Any
 
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.hf.architecture import Architecture
-from llmarch.hf.mtp import mtp_entries
 from llmarch.hf.rules import Linear, Rule, Same, Table, Transform, table_of
 from llmarch.model import run_layout
 
@@ -99,3 +98,47 @@ def tensor_plan(cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, An
                 for sub, t in (rules if isinstance(rules, list) else [rules])
             ]
     return plan + mtp
+
+
+def mtp_entries(
+    cfg: ModelConfig, arch: Architecture, hf_config: Mapping[str, Any]
+) -> tuple[list[Entry], list[Entry]]:
+    """``(copies, own)``: the tensor-plan entries (``llmarch.hf.plan.Entry``) of the MTP modules of
+    llmarch's model of ``cfg`` (``ModelConfig.mtp_depth``; none without). Depth ``d`` is checkpoint
+    layer ``L + d`` (``model.layers.{L + d}.``):
+
+    - own: ``enorm.weight``, ``hnorm.weight``, ``eh_proj.weight`` (``[D, 2D]``, our ``w [2D, D]``
+      transposed), ``shared_head.norm.weight`` (the module's ``norm``), and the decoder-layer
+      tensors of ``cfg.mtp_block_config`` (the architecture's block table) filling layer 0 of the
+      module's one-block run ``("mtp", d, "block", "layers", ...)``;
+    - copies: ``embed_tokens.weight`` and ``shared_head.head.weight``, the shared embedding and
+      output head again, as DeepSeek's checkpoints store them (and vLLM and SGLang read them).
+      ``tensor_plan`` puts them before the main model's entries, so on import the main tensors win.
+    """
+    if cfg.mtp_depth and arch.model_type != "deepseek_v3":
+        raise ValueError(
+            f"ModelConfig.mtp_depth={cfg.mtp_depth}: only DeepSeek-V3 checkpoints hold MTP modules, "
+            f"not {arch.model_type!r}; allowed: 0 (cfg.replace(mtp_depth=0) and a model without them)"
+        )
+    copies: list[Entry] = []
+    own: list[Entry] = []
+    table = block_tensors(cfg.mtp_block_config, cfg, arch, hf_config) if cfg.mtp_depth else {}
+    head = (("embed", "table_vd"), Same()) if cfg.tie_embeddings else (("lm_head", "w"), Linear())
+    for d in range(cfg.mtp_depth):
+        prefix = LAYER_PREFIX.format(cfg.num_layers + d)
+        copies += [
+            Entry(prefix + "embed_tokens.weight", ("embed", "table_vd"), None, Same()),
+            Entry(prefix + "shared_head.head.weight", head[0], None, head[1]),
+        ]
+        own += [
+            Entry(prefix + "enorm.weight", ("mtp", d, "enorm", "scale"), None, Same()),
+            Entry(prefix + "hnorm.weight", ("mtp", d, "hnorm", "scale"), None, Same()),
+            Entry(prefix + "eh_proj.weight", ("mtp", d, "eh_proj", "w"), None, Linear()),
+            Entry(prefix + "shared_head.norm.weight", ("mtp", d, "norm", "scale"), None, Same()),
+        ]
+        own += [
+            Entry(prefix + suffix, ("mtp", d, "block", "layers", *sub), 0, t)
+            for suffix, rules in table.items()
+            for sub, t in (rules if isinstance(rules, list) else [rules])
+        ]
+    return copies, own

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-
-from llmarch.config import DTYPES, ModelConfig
+from llmarch.config import ModelConfig
 from llmarch.hf.config_json import config_from_hf, config_to_hf
 from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
+from llmarch.hf.fields import dtype_name
 from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, weight_files, write_checkpoint
 from llmarch.hf.fp8 import Fp8Format, checkpoint_tensors, quantize_tensors, read_format
 from llmarch.hf.mtp import depth_held, without_mtp
@@ -21,15 +21,27 @@ from llmarch.model import Transformer
 from llmarch.run_format import existing_dir
 
 
-def dtype_name(dtype: Any) -> str:
-    """The name in ``DTYPES`` of a dtype (or dtype name) for parameters and computation."""
-    try:
-        name = np.dtype(jax.numpy.dtype(dtype)).name
-    except TypeError:  # not a dtype at all, e.g. "float33"
-        name = None
-    if name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {DTYPES}")
-    return name
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family whose checkpoints are not a decoder-only ``Transformer``'s, by ``config.json``
+    ``model_type``: ``load(root, dtype=) -> (model, cfg)``, ``save(model, path, max_shard_bytes=)``,
+    and the class of its models. Families built on this package register themselves
+    (``register_family``), since it cannot import them: ``llmarch.vision`` registers LLaVA, and
+    ``import llmarch`` imports it, so ``load_pretrained`` reads every family once llmarch is imported.
+    """
+
+    model_type: str
+    load: Callable[..., tuple[Any, Any]]
+    save: Callable[..., None]
+    model_class: type
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    """Makes ``load_pretrained`` and ``save_pretrained`` handle ``family``'s checkpoints and models."""
+    FAMILIES[family.model_type] = family
 
 
 def load_pretrained(
@@ -63,10 +75,9 @@ def load_pretrained(
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: a checkpoint needs {CONFIG_FILE}")
     hf_config = read_json(config_path)
-    if hf_config.get("model_type") == "llava":  # a vision-language model: llmarch.vision.llava
-        from llmarch.vision.llava_hf import load_llava
-
-        return load_llava(root, dtype=dtype)
+    family = FAMILIES.get(hf_config.get("model_type"))
+    if family is not None:  # not a decoder-only Transformer: e.g. LLaVA (llmarch.vision)
+        return family.load(root, dtype=dtype)
     try:
         cfg = config_from_hf(hf_config, name=root.resolve().name)
         fp8 = read_format(hf_config)
@@ -130,19 +141,16 @@ def save_pretrained(
     """
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is invalid: must be a positive int")
-    from llmarch.vision.llava import Llava
-
-    if isinstance(model, Llava):  # LlavaForConditionalGeneration: llmarch.vision.llava_hf
+    family = next((f for f in FAMILIES.values() if isinstance(model, f.model_class)), None)
+    if family is not None:  # e.g. a Llava: its family writes its own config and weights
         given = {"architecture": architecture, "tokenizer": tokenizer, "chat_template": chat_template}
         extra = [k for k, v in {**given, "fp8": fp8 or None}.items() if v is not None]
         if extra or cfg != model.cfg:
             raise ValueError(
-                f"save_pretrained of a Llava takes its own LlavaConfig and none of {extra or ['cfg']}: "
-                "it writes LlavaForConditionalGeneration's config and weights (llmarch.vision.llava_hf)"
+                f"save_pretrained of a {family.model_class.__name__} takes its own config (model.cfg) "
+                f"and none of {extra or ['another cfg']}: it writes {family.model_type!r} checkpoints"
             )
-        from llmarch.vision.llava_hf import save_llava
-
-        return save_llava(model, path, max_shard_bytes=max_shard_bytes)
+        return family.save(model, path, max_shard_bytes=max_shard_bytes)
     if not isinstance(fp8, bool):
         raise ValueError(f"fp8={fp8!r} is invalid: must be True (DeepSeek's FP8 layout) or False")
     quant = getattr(model, "quant_config", None)  # set by llmarch.quant on a quantized model

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from llmarch import sharding
+from llmarch.hf.fields import dtype_name
 from llmarch.hf.files import (
     CONFIG_FILE,
     HF_CHECKPOINT,
@@ -45,7 +46,6 @@ from llmarch.hf.files import (
     weight_files,
     write_checkpoint,
 )
-from llmarch.hf.pretrained import dtype_name
 from llmarch.hf.rules import Linear, Same
 from llmarch.json_config import read_json
 from llmarch.run_format import existing_dir

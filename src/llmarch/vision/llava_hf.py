@@ -30,13 +30,13 @@ from llmarch import sharding
 from llmarch.hf.config_json import config_from_hf as text_config_from_hf
 from llmarch.hf.config_json import config_to_hf as text_config_to_hf
 from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
-from llmarch.hf.fields import read_bool, read_int, read_object
+from llmarch.hf.fields import dtype_name, read_bool, read_int, read_object
 from llmarch.hf.files import (
     CONFIG_FILE,
     listed,
     write_checkpoint,
 )
-from llmarch.hf.pretrained import dtype_name
+from llmarch.hf.pretrained import Family, register_family
 from llmarch.hf.rules import Linear, Same
 from llmarch.vision import hf as vhf
 from llmarch.vision.llava import Llava, LlavaConfig
@@ -230,3 +230,7 @@ def save_llava(model: Llava, path: str | os.PathLike, *, max_shard_bytes: int = 
     """Writes ``config.json`` and safetensors that ``LlavaForConditionalGeneration.from_pretrained``
     loads (the tower without its MAP head: ``vision_use_head: false``)."""
     write_checkpoint(Path(path), config_to_hf(model.cfg), to_hf(model), max_shard_bytes)
+
+
+# llmarch.hf.load_pretrained / save_pretrained read and write LLaVA directories through this.
+register_family(Family("llava", load=load_llava, save=save_llava, model_class=Llava))
