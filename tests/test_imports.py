@@ -49,8 +49,15 @@ LAYERING = [
     ),
     ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
     ("llmarch.inference",),
-    # the vision package exports its Hugging Face loader; LLaVA builds on llmarch.model and llmarch.hf
-    ("llmarch.vision", "llmarch.vision.hf", "llmarch.vision.llava", "llmarch.vision.llava_hf"),
+    # the vision package exports its Hugging Face loader; LLaVA builds on llmarch.model and llmarch.hf,
+    # and its training step on llmarch.train's loss and update guard
+    (
+        "llmarch.vision",
+        "llmarch.vision.hf",
+        "llmarch.vision.llava",
+        "llmarch.vision.llava_hf",
+        "llmarch.vision.train",
+    ),
     ("llmarch.hf",),
     ("llmarch.train",),
     ("llmarch.quant.checkpoint",),
