@@ -93,6 +93,7 @@ LAYERING = [
         "llmarch.distill.",
     ),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
+    ("llmarch.ring_attention",),  # context parallelism: an op over the ambient mesh, below ops
     (
         "llmarch.quant.matmul",
         "llmarch.quant.tensor",

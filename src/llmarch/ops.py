@@ -17,7 +17,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
 - ``attention(q [B,T,N,H], k, v [B,S,K,H], *, q_positions, kv_positions, ...)`` -> ``[B,T,N,H]``:
   causal-by-position softmax attention with GQA, window and segment ids (training, prefill,
   decoding against a contiguous cache). Pallas: flash attention, forward and backward. XLA:
-  ``attention_xla``, the reference's function with a hand-written backward pass.
+  ``attention_xla``, the reference's function with a hand-written backward pass. Under a mesh
+  whose rules split the sequence over ``context`` (``llmarch.ring_attention.context_size() > 1``)
+  it runs as op ``ring_attention`` instead: the same function, K/V chunks passed around a ring.
 - ``grouped_matmul(lhs [rows,in], rhs [E,in,out], group_sizes [E], *, transpose_rhs=False)`` ->
   ``[rows,out]``: rows sorted by expert, row of group e times ``rhs[e]``; rows past
   ``sum(group_sizes)`` are zero. Dropless MoE: the rows are the ``n·k`` routed token copies,
@@ -73,6 +75,7 @@ from kernels_pallas.mla_decode import mla_decode as mla_decode_kernel
 from kernels_pallas.mla_decode import mla_decode_xla
 from kernels_pallas.paged_attention import paged_attention as paged_attention_kernel
 from kernels_pallas.paged_attention import paged_attention_xla
+from llmarch import ring_attention as _ring
 
 
 class Impl(enum.Enum):
@@ -97,6 +100,9 @@ _REGISTRY: dict[str, dict[Impl, Callable]] = {
     "cross_entropy": {Impl.XLA: cross_entropy_xla, Impl.PALLAS: cross_entropy_kernel},
     # UltraMem's grouped read; its XLA entry is registered by llmarch.layers.memory_lookup.
     "memory_lookup_grouped": {Impl.PALLAS: memory_lookup_grouped},
+    # Context parallelism (llmarch.ring_attention): a shard_map ring whose blocks are jnp, with its
+    # own custom_vjp; ops.attention takes it when the ambient mesh splits the sequence.
+    "ring_attention": {Impl.XLA: _ring.ring_attention},
 }
 
 _KERNEL_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
@@ -146,8 +152,9 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
 
 def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array:
     """Attention of ``q [B,T,N,H]`` over ``k, v [B,S,K,H]``; see
-    ``kernels_pallas.flash_attention.attention_reference``."""
-    _, fn = resolve("attention", impl)
+    ``kernels_pallas.flash_attention.attention_reference``. Ring attention when the ambient mesh
+    and rules split the sequence over ``context`` (then ``impl`` resolves op ``ring_attention``)."""
+    _, fn = resolve("ring_attention" if _ring.context_size() > 1 else "attention", impl)
     return fn(q, k, v, **kwargs)
 
 

@@ -1,10 +1,11 @@
 """Meshes, logical-axis rules, and the shardings of model state, batches and activations.
 
 Model code names logical axes (``llmarch.axes``); the rules here map them to the mesh axes
-``data, fsdp, tensor, expert, stage``. Every mesh axis is ``Auto``: the compiler propagates
-shardings between the constraints that we place at block boundaries, and shardings are not
-part of array types (with Explicit axes every op's sharding must type-check, which fights
-einsum-heavy model code; shard_map regions reshard their inputs themselves).
+``data, fsdp, tensor, expert, stage``, and ``context`` where a spec names it (context parallelism:
+the sequence split over it, attention as a ring, ``llmarch.ring_attention``). Every mesh axis is
+``Auto``: the compiler propagates shardings between the constraints that we place at block
+boundaries, and shardings are not part of array types (with Explicit axes every op's sharding must
+type-check, which fights einsum-heavy model code; shard_map regions reshard their inputs themselves).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 from llmarch import axes
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
+# Context parallelism's axis. A mesh has it only when its spec names it, so a mesh without it keeps
+# the five axes that code and tests index by position; it comes last, so the five keep their
+# devices and ring neighbours are adjacent devices.
+CONTEXT = "context"
+OPTIONAL_AXES = (CONTEXT,)
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -40,6 +46,9 @@ _EP = {axes.EXPERT: "expert"}
 # splits FFN hidden units, and as expert parallelism splits the experts.
 _TP[axes.MEMORY_ROWS] = "tensor"
 _EP[axes.MEMORY_ROWS] = "expert"
+# Context parallelism: every activation's sequence split over ``context``; attention is a ring
+# (llmarch.ring_attention), everything else in a block is per token.
+_CP = {axes.SEQ: CONTEXT}
 
 
 def _rules(*parts: Mapping[str, str | tuple[str, ...] | None], batch=_DATA) -> Rules:
@@ -59,6 +68,8 @@ RULES: dict[str, Rules] = {
     # One serving replica (llmarch.inference.placement): the model split, the weights never
     # gathered per step (no FSDP); tokens spread over expert for the expert-parallel MoE layer.
     "serve": _rules(_TP, _EP, batch=(*_DATA, "expert")),
+    "cp": _rules(_CP),
+    "fsdp_cp": _rules(_FSDP, _CP),
 }
 
 
@@ -83,8 +94,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     else:
         sizes = dict(spec)
     for name, size in sizes.items():
-        if name not in MESH_AXES:
-            raise ValueError(f"mesh axis {name!r} is unknown; allowed: {MESH_AXES}")
+        if name not in MESH_AXES + OPTIONAL_AXES:
+            raise ValueError(f"mesh axis {name!r} is unknown; allowed: {MESH_AXES + OPTIONAL_AXES}")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"mesh axis {name}={size!r} is invalid: must be a positive integer")
     return sizes
@@ -113,10 +124,12 @@ def fit_mesh_spec(spec: str | Mapping[str, int], device_count: int | None = None
 
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with all five axes (those not in ``spec`` have size 1), every axis ``Auto``."""
+    """A mesh with all five axes of ``MESH_AXES`` (those not in ``spec`` have size 1), then the
+    optional ones that ``spec`` names (``context``), every axis ``Auto``."""
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
-    shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+    names = MESH_AXES + tuple(name for name in OPTIONAL_AXES if name in sizes)
+    shape = tuple(sizes.get(name, 1) for name in names)
     if math.prod(shape) != len(devices):
         raise ValueError(
             f"mesh {sizes} needs {math.prod(shape)} devices but {len(devices)} are given; "
@@ -128,7 +141,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
                 else ""
             )
         )
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch import ring_attention as ring
 from llmarch.checks import check_layer
 from llmarch.layers import kv_quant
 from llmarch.layers.cache import KVCacheLike
@@ -87,7 +88,11 @@ class Attention(nnx.Module):
         documents). With a cache, their keys and values are first written to the slots of
         their positions, then the queries attend over the whole cache: causality on slot
         positions hides both the future and the slots not yet written.
+
+        Under a mesh whose rules split the sequence over ``context``, ``ops.attention`` is ring
+        attention (``llmarch.ring_attention``); a cache there is a ``ValueError``.
         """
+        ring.check_no_cache(cache, "Attention")
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)  # [H/2]
         q, k = self.w_q_dnh("BTD,DNH->BTNH", x), self.w_k_dkh("BTD,DKH->BTKH", x)
         if self.qk_norm:

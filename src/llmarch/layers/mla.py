@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmarch import axes, ops
+from llmarch import ring_attention as ring
 from llmarch.checks import check_layer
 from llmarch.layers import kv_quant
 from llmarch.layers.cache import LatentCacheLike, ReadableLatentCache
@@ -161,8 +162,11 @@ class MLA(nnx.Module):
 
         As ``Attention``: with a cache, the tokens' ``c_KV, k_R`` are first written to the slots
         of their positions, then the queries attend over all slots (causality on slot positions
-        hides the unwritten ones). ``path`` overrides ``MLAConfig.path`` for this call.
+        hides the unwritten ones). ``path`` overrides ``MLAConfig.path`` for this call. Under a
+        mesh that splits the sequence over ``context`` both paths attend as a ring (through
+        ``ops.attention``); a cache there is a ``ValueError``.
         """
+        ring.check_no_cache(cache, "MLA")
         m = self.config
         path = check_path(m.path if path is None else path)
         inv_freq = (
