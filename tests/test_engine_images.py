@@ -100,7 +100,7 @@ def test_text_requests_still_run_beside_image_ones(llava):
 @pytest.mark.parametrize(
     "prompt, images, match",
     [
-        (_prompt(0), None, "image placeholders .* but images=None"),
+        (_prompt(0), None, "holds 4 image placeholders .id 319. but no images were given"),
         (_prompt(0), np.zeros((2, 3, 16, 16), np.float32), "for 2 images"),
         (_prompt(0), np.zeros((1, 3, 8, 8), np.float32), "8x8 pixels"),
         (_prompt(0), np.zeros((1, 3, 16, 16), np.uint8), "dtype uint8"),
@@ -237,3 +237,31 @@ def test_image_parts_for_a_text_model_are_refused():
     with pytest.raises(ValueError, match="takes no images"):
         message.text()
     assert message.text("<image>") == "hi\n<image>"
+
+
+def test_hostile_images_are_refused_in_one_line(tmp_path, llava):
+    """A few-KB PNG of 400M pixels (a decompression bomb), a directory, a non-image data URL, and
+    pixel values that only overflow in float32 are refused before anything decodes or compiles."""
+    from PIL import Image
+
+    from llmarch.vision.preprocess import ImageProcessing, decode_data_url
+
+    big, bomb = tmp_path / "big.png", tmp_path / "bomb.png"
+    Image.new("1", (8000, 8000)).save(big, optimize=True)  # over our cap, under PIL's
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)  # over PIL's own bomb limit
+    process = ImageProcessing(size=16)
+    with pytest.raises(ValueError, match="8000x8000 pixels: more than the 40,000,000 allowed"):
+        process(big)
+    with pytest.raises(ValueError, match="cannot be read as an image: .*decompression bomb"):
+        process(bomb)
+    with pytest.raises(ValueError, match="is not a file"):
+        process(tmp_path)
+    png = "data:image/png;base64," + __import__("base64").b64encode(big.read_bytes()).decode()
+    with pytest.raises(ValueError, match="8000x8000 pixels"):
+        decode_data_url(png)
+    with pytest.raises(ValueError, match="is not an image"):
+        decode_data_url(png.replace("data:image/png", "data:text/plain"))
+    engine = Engine(llava, page_size=4)
+    huge = np.full((1, 3, 16, 16), 1e300, np.float64)
+    with pytest.raises(ValueError, match=r"non-finite pixel values \(in float32\)"):
+        engine.add_request(_prompt(0), GREEDY, images=huge)

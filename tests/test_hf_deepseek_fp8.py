@@ -300,6 +300,13 @@ SCALE = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
 WEIGHT = SCALE.removesuffix("_scale_inv")
 
 
+def _nan_byte(tensors):
+    """e4m3's NaN (0x7F) written into the weight's first byte."""
+    w = tensors[WEIGHT].clone()
+    w.view(torch.uint8)[0, 0] = 0x7F
+    tensors[WEIGHT] = w
+
+
 @pytest.mark.parametrize(
     "config_edit, tensors_edit, match",
     [
@@ -331,6 +338,12 @@ WEIGHT = SCALE.removesuffix("_scale_inv")
         ),
         (None, lambda t: t.pop(WEIGHT), rf"scale a weight it lacks: {SCALE}"),
         ("drop", None, r"are FP8 block scales .* has no quantization_config"),
+        (None, _nan_byte, rf"{WEIGHT} .* dequantizes to nan at \(0, 0\) \(block \(0, 0\)\)"),
+        (
+            None,
+            lambda t: t.update({SCALE: torch.full_like(t[SCALE], 1e38)}),
+            rf"{WEIGHT} .* dequantizes to -?inf .*weights must be finite",
+        ),
     ],
     ids=[
         "quant-method",
@@ -345,6 +358,8 @@ WEIGHT = SCALE.removesuffix("_scale_inv")
         "weight-not-fp8",
         "orphan-scale",
         "no-quantization-config",
+        "weight-nan-byte",
+        "scale-overflows",
     ],
 )
 def test_corrupted_fp8_checkpoints_fail_in_one_line(published, tmp_path, config_edit, tensors_edit, match):

@@ -14,6 +14,7 @@ from flax import nnx
 import llmarch
 from llmarch import accounting
 from llmarch.config import BlockConfig, ModelConfig
+from llmarch.lora import LoraConfig
 from llmarch.train import metrics
 from llmarch.train.config import TrainConfig
 from llmarch.train.evaluate import restore_run
@@ -366,3 +367,38 @@ def test_without_mtp_drops_the_modules_and_keeps_the_logits():
     tokens = jnp.arange(T)[None] % 300
     np.testing.assert_array_equal(plain(tokens), model(tokens))
     assert model.mtp is not None  # the original keeps them
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(mtp_loss_weight=0.0), "mtp_loss_weight=0.0 gives them no loss, yet weight decay"),
+        (
+            dict(mtp_loss_weight_later=0.0, mtp_loss_weight_step=5),
+            "mtp_loss_weight_later=0 ends their loss",
+        ),
+        (dict(lora=LoraConfig(rank=4)), "LoRA adapts the decoder only"),
+    ],
+)
+def test_runs_that_would_leave_mtp_modules_untrained_are_refused(tmp_path, changes, match):
+    """Refused before any data is read or anything compiles (``TrainConfig.check_mtp_training``)."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), preset="tiny-deepseek-mtp", steps=1, **changes)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    TrainConfig(out_dir="x", preset="tiny-deepseek", mtp_loss_weight=0.0).check_mtp_training()  # no MTP
+
+
+def test_quantize_and_prune_refuse_mtp_modules_they_do_not_cover():
+    from llmarch.model import Transformer, without_mtp
+    from llmarch.prune import PruneConfig, prune
+    from llmarch.quant import QuantConfig, quantize
+
+    cfg = llmarch.presets.get("tiny-deepseek-mtp")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"mtp_depth=1: quantize does not cover multi-token-prediction"):
+        quantize(model, cfg, QuantConfig(method="rtn", bits=8), progress=False)
+    with pytest.raises(ValueError, match=r"mtp_depth=1: prune does not cover"):
+        prune(model, cfg, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    plain = without_mtp(model)
+    assert quantize(plain, plain.cfg, QuantConfig(method="rtn", bits=8), progress=False) is not None

@@ -114,7 +114,8 @@ def dequantize(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> 
     partial blocks."""
     rows, cols = q.shape
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)[:rows, :cols]
-    return q.astype(np.float32) * s
+    with np.errstate(over="ignore", invalid="ignore"):  # the loader reports non-finite results itself
+        return q.astype(np.float32) * s
 
 
 def quantize(w: np.ndarray, block: int = TILE) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +194,15 @@ class Fp8CheckpointTensors(CheckpointTensors):
                 f"tensor {scale_name} in {where} holds {scale[tuple(bad)]} at block "
                 f"{tuple(int(i) for i in bad)}: block scales must be finite and >= 0"
             )
-        return dequantize(w, scale, self.fmt.block)
+        out = dequantize(w, scale, self.fmt.block)
+        if not np.all(np.isfinite(out)):  # e4m3's NaN bytes (0x7F, 0xFF), or a scale that overflows
+            bad = np.argwhere(~np.isfinite(out))[0]
+            block = tuple(int(i) // b for i, b in zip(bad, self.fmt.block, strict=True))
+            raise ValueError(
+                f"tensor {name} in {self.file(name)} dequantizes to {out[tuple(bad)]} at "
+                f"{tuple(int(i) for i in bad)} (block {block}): weights must be finite"
+            )
+        return out
 
 
 def checkpoint_tensors(root: Path, files: Mapping[str, Path], fmt: Fp8Format | None) -> CheckpointTensors:

@@ -10,7 +10,7 @@ of the final norm and output head). transformers' ``DeepseekV3ForCausalLM`` does
 ``llmarch.hf.plan.mtp_entries`` maps them onto the model's MTP modules (``llmarch.layers.mtp``,
 ``ModelConfig.mtp_depth``): ``load_pretrained`` builds the model with ``mtp_depth`` set from the
 layers the checkpoint holds, and ``save_pretrained`` writes them (``num_nextn_predict_layers``), for
-DeepSeek-V3 only. Loading with ``mtp=False`` skips them (``without_mtp``), with a logged warning
+DeepSeek-V3 only. Loading with ``mtp=False`` skips them (``skip_mtp_tensors``), with a logged warning
 naming how many and why: the main model's next-token logits do not use them.
 """
 
@@ -59,7 +59,7 @@ def depth_held(files: Mapping[str, Any], hf_config: Mapping[str, Any]) -> int:
     return len(present)
 
 
-def without_mtp(
+def skip_mtp_tensors(
     files: Mapping[str, Path], hf_config: Mapping[str, Any], cfg: ModelConfig, root: Path
 ) -> dict[str, Path]:
     """``files`` (tensor name -> file) less the MTP tensors llmarch's model does not hold, each

@@ -14,7 +14,7 @@ from llmarch.hf.convert import from_hf_tensors, to_hf_tensors
 from llmarch.hf.fields import dtype_name
 from llmarch.hf.files import CONFIG_FILE, HF_CHECKPOINT, weight_files, write_checkpoint
 from llmarch.hf.fp8 import Fp8Format, checkpoint_tensors, quantize_tensors, read_format
-from llmarch.hf.mtp import depth_held, without_mtp
+from llmarch.hf.mtp import depth_held, skip_mtp_tensors
 from llmarch.hf.tokenizer import token_ids, tokenizer_config, write_tokenizer
 from llmarch.json_config import read_json
 from llmarch.model import Transformer
@@ -97,7 +97,7 @@ def load_pretrained(
     depth = depth_held(files, hf_config) if mtp else 0
     if depth:
         cfg = cfg.replace(mtp_depth=depth)
-    files = without_mtp(files, hf_config, cfg, root)
+    files = skip_mtp_tensors(files, hf_config, cfg, root)
     return from_hf_tensors(checkpoint_tensors(root, files, fp8), cfg, hf_config=hf_config), cfg
 
 

@@ -47,14 +47,20 @@ class ImageEncoder:
         from llmarch.vision.llava import check_inputs
 
         tokens = np.asarray(prompt, np.int32)[None]
-        if images is None:  # placeholders without images: check_inputs says how many are missing
-            check_inputs(self.cfg, tokens, None)
+        if images is None:  # the caller checked that the prompt holds placeholders
+            found, token = int(np.sum(tokens == self.cfg.image_token_id)), self.cfg.image_token_id
+            raise ValueError(
+                f"the prompt holds {found} image placeholders (id {token}) but no images were given: pass "
+                "images= (llmarch generate --image FILE, one per <image>), or leave the placeholders out"
+            )
         pixels = np.asarray(images)
         if pixels.ndim == 3:
             pixels = pixels[None]
         check_inputs(self.cfg, tokens, pixels)
+        with np.errstate(over="ignore"):  # values past float32's range become inf: refused below
+            pixels = pixels.astype(np.float32)  # the tower's input
         if not np.isfinite(pixels).all():
-            raise ValueError("images hold non-finite pixel values: expected finite floats")
+            raise ValueError("images hold non-finite pixel values (in float32): expected finite floats")
         features = _features(self._graphdef, self._state, pixels)  # [N,P,D]
         features = np.asarray(jax.device_get(features), np.float32)
         mask = tokens[0] == self.cfg.image_token_id

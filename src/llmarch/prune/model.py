@@ -37,6 +37,12 @@ def prune(
       ValueError: a quantized model, missing or bad calibration rows, or a pattern whose m does
         not divide a weight's input dimension (naming the weight).
     """
+    if getattr(cfg, "mtp_depth", 0):
+        raise ValueError(
+            f"ModelConfig.mtp_depth={cfg.mtp_depth}: prune does not cover multi-token-prediction modules "
+            "(only some of their weights would change); allowed: a model without them, "
+            "llmarch.model.without_mtp(model)"
+        )
     if not isinstance(pcfg, PruneConfig):
         raise TypeError(f"pcfg must be a PruneConfig, got {type(pcfg).__name__}")
     if is_quantized(model):

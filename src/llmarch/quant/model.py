@@ -47,6 +47,12 @@ def quantize(
       ValueError: an already quantized model, or a group size not dividing a weight's K (naming
         the weight).
     """
+    if getattr(cfg, "mtp_depth", 0):
+        raise ValueError(
+            f"ModelConfig.mtp_depth={cfg.mtp_depth}: quantize does not cover multi-token-prediction modules "
+            "(only some of their weights would change); allowed: a model without them, "
+            "llmarch.model.without_mtp(model)"
+        )
     if not isinstance(qcfg, QuantConfig):
         raise TypeError(f"qcfg must be a QuantConfig, got {type(qcfg).__name__}")
     if is_quantized(model):

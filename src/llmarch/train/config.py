@@ -215,6 +215,33 @@ class TrainConfig:
             return float(self.mtp_loss_weight_later)
         return float(self.mtp_loss_weight)
 
+    def check_mtp_training(self) -> None:
+        """Refuses runs that would give the model's MTP modules no loss yet still change them
+        (AdamW's weight decay shrinks every parameter it holds, gradient or not), or train the
+        decoder through MTP modules frozen at their first values (LoRA adapts the decoder only)."""
+        depth = self.model_config().mtp_depth
+        if not depth:
+            return
+        if self.lora is not None:
+            raise ValueError(
+                f"TrainConfig.lora with a model of mtp_depth={depth}: LoRA adapts the decoder only, so "
+                "its MTP modules would stay frozen while their loss trains the adapters; allowed: "
+                "mtp_depth=0 (--model.mtp-depth 0), or full fine-tuning"
+            )
+        why = None
+        if self.distill is not None:
+            why = "distillation trains the main output head only"
+        elif not self.mtp_loss_weight and not self.mtp_loss_weight_later:
+            why = f"TrainConfig.mtp_loss_weight={self.mtp_loss_weight} gives them no loss"
+        elif self.mtp_loss_weight_later == 0:
+            why = "TrainConfig.mtp_loss_weight_later=0 ends their loss"
+        if why is not None:
+            raise ValueError(
+                f"the model has mtp_depth={depth} multi-token-prediction modules and {why}, yet weight "
+                "decay would still change them; allowed: mtp_depth=0 (--model.mtp-depth 0), or an MTP "
+                "loss weight > 0 throughout, without distill"
+            )
+
     def trains_mtp(self, model: ModelConfig) -> bool:
         """Whether the train step runs ``model``'s MTP modules: it has some, some λ is > 0, and the
         objective is the plain one (distillation trains the main head only)."""

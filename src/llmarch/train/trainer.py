@@ -327,6 +327,7 @@ def train(
         raise ValueError("TrainConfig.distill needs its teacher: train through llmarch.sources.train(cfg)")
     if cfg.distill is not None and cfg.distill.on_policy_fraction > 0 and sampler is None:
         raise ValueError("TrainConfig.distill.on_policy_fraction > 0 needs a sampler (llmarch.sources.train)")
+    cfg.check_mtp_training()
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
@@ -366,8 +367,6 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
             teacher_state = sharding.shard_state(teacher_state, mesh, cfg.rules)
 
         objective = distill_objective(cfg.distill, teacher_graphdef, z_loss=cfg.z_loss)
-        if model_cfg.mtp_depth:
-            warning("distillation trains the main output head only: the MTP modules stay as they are")
     mtp = cfg.trains_mtp(model_cfg)
     step_fn = make_train_step(
         graphdef,

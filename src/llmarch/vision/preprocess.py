@@ -23,6 +23,9 @@ from llmarch.json_config import read_json
 from llmarch.vision.config import VisionConfig
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# The most pixels an image may have before it is decoded (PIL reads the size from the header first):
+# a few KB of PNG can hold 179M pixels, about half a GB decoded, which one request must not cost.
+MAX_PIXELS = 40_000_000
 # PIL's resampling filters by name, and the integer codes transformers stores in `resample`.
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -85,13 +88,11 @@ class ImageProcessing:
         """
         if isinstance(image, (str, os.PathLike)):
             path = Path(image)
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(f"image {path} does not exist")
-            try:
-                with Image.open(path) as opened:
-                    image = opened.copy()
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"image {path} cannot be read as an image: {e}") from None
+            if not path.is_file():
+                raise ValueError(f"image {path} is not a file: give an image file")
+            image = _decode(lambda: Image.open(path), f"image {path}")
         elif isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim not in (2, 3):
                 raise ValueError(
@@ -125,9 +126,27 @@ def decode_data_url(url: str) -> Image.Image:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise ValueError(f"image data URL {header[:60]!r}... must be base64: data:<type>;base64,<bytes>")
+    if not header.startswith("data:image/"):
+        raise ValueError(
+            f"data URL {header[:60]!r}... is not an image: expected data:image/<type>;base64,..."
+        )
     try:
         raw = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(raw)) as opened:
-            return opened.copy()
-    except (binascii.Error, UnidentifiedImageError, OSError) as e:
+    except binascii.Error as e:
         raise ValueError(f"image data URL {header[:60]!r}... does not hold a readable image: {e}") from None
+    return _decode(lambda: Image.open(io.BytesIO(raw)), f"image data URL {header[:60]!r}...")
+
+
+def _decode(open_image, what: str) -> Image.Image:
+    """The decoded image ``open_image()`` opens, its size checked against ``MAX_PIXELS`` before any
+    pixel is decoded; a one-line ValueError naming ``what`` for anything unreadable or too large."""
+    try:
+        with open_image() as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(
+                    f"{what} is {width}x{height} pixels: more than the {MAX_PIXELS:,} allowed (MAX_PIXELS)"
+                )
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{what} cannot be read as an image: {e}") from None
