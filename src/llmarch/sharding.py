@@ -80,6 +80,14 @@ def rules(name: str) -> Rules:
     return RULES[name]
 
 
+def with_stage_layers(table: Rules | str) -> Rules:
+    """``table`` with the stacked ``layers`` axis of scanned blocks split over ``stage``: under
+    pipeline parallelism (``llmarch.pipeline``) each stage's layers, and their optimizer state,
+    live on that stage's devices only."""
+    table = rules(table) if isinstance(table, str) else table
+    return tuple((name, "stage" if name == axes.LAYERS else target) for name, target in table)
+
+
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     """``"data=2,fsdp=2,tensor=2"`` -> ``{"data": 2, "fsdp": 2, "tensor": 2}``, validated."""
     if isinstance(spec, str):
