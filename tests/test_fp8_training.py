@@ -131,10 +131,10 @@ def test_targets_leave_embedding_head_router_and_routed_experts_unquantized():
 
 
 def test_policies_and_validation(tmp_path):
-    with pytest.raises(ValueError, match=r"allowed: \[.*'fp8', 'fp8-tensor'"):
-        precision.policy("fp8-delayed")
+    with pytest.raises(ValueError, match=r"allowed: \[.*'fp8', 'fp8-delayed', 'fp8-tensor'"):
+        precision.policy("fp8-blocky")
     assert precision.policy("fp8").fp8 == "blockwise" and precision.policy("fp8").compute_dtype == "bfloat16"
-    assert precision.FP8_RECIPES == RECIPES
+    assert precision.FP8_RECIPES == fp8.RECIPES == (*RECIPES, "delayed")
     with pytest.raises(ValueError, match="invalid with lora"):
         TrainConfig(out_dir=str(tmp_path), precision="fp8", lora=LoraConfig())
     from llmarch import lora
@@ -157,3 +157,24 @@ def test_fp8_training_tracks_bf16(tmp_path):
         np.testing.assert_allclose(losses[name], losses["bf16"], rtol=5e-3)
         assert not np.array_equal(losses[name], losses["bf16"])
     assert losses["fp8"][-1] < losses["fp8"][0]
+
+
+@pytest.mark.parametrize("shape", [(128, 128, 256), (96, 200, 130)])
+def test_chunked_promotion_equals_the_reference_path_to_float32_rounding(shape):
+    """``chunked_promotion()`` (Fprop/Dgrad by per-chunk dots, for long CPU experiments) gives the
+    default path's y, dx and dw to float32 rounding of the output's scale."""
+    from llmarch.quant.fp8_linear import chunked_promotion
+
+    M, K, N = shape
+    kx, kw, kg = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(kx, (M, K), jnp.float32)
+    w = jax.random.normal(kw, (K, N), jnp.float32) * 0.05
+    g = jax.random.normal(kg, (M, N), jnp.float32)
+    y, vjp = jax.vjp(fp8_linear, x, w)
+    with chunked_promotion():
+        cy, cvjp = jax.vjp(fp8_linear, x, w)
+        chunked = (cy, *cvjp(g))
+    for got, want in zip(chunked, (y, *vjp(g)), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * float(jnp.abs(want).max())
+        )

@@ -18,6 +18,7 @@ from llmarch.hf.files import CheckpointTensors, listed
 from llmarch.hf.plan import Entry, tensor_plan
 from llmarch.hf.rules import Expert, Part
 from llmarch.model import Transformer
+from llmarch.quant.fp8_delayed import FP8Meta
 
 # Old checkpoints carry RoPE's inverse frequencies as buffers; we recompute them from the config.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
@@ -36,7 +37,8 @@ def to_hf_tensors(
     """The model's weights as contiguous numpy arrays under HF names (HF layouts) of the
     architecture ``cfg`` exports as (see ``config_to_hf``)."""
     cfg = model.cfg if cfg is None else cfg
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    # FP8 delayed-scaling amax histories are training state, not weights: never exported.
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(FP8Meta))))
     plan = tensor_plan(
         cfg, architectures.of_config(cfg, architecture), config_to_hf(cfg, architecture=architecture)
     )

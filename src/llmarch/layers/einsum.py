@@ -35,6 +35,7 @@ class Einsum(nnx.Module):
     """
 
     # An FP8 training recipe (``llmarch.train.fp8.install`` sets it; static, so in the graphdef).
+    # "delayed" also gives the layer an ``fp8_meta`` variable (llmarch.quant.fp8_delayed.FP8Meta).
     fp8: str | None = None
 
     def __init__(
@@ -56,6 +57,10 @@ class Einsum(nnx.Module):
         return self.w[...]
 
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        if self.fp8 == "delayed":  # per-tensor delayed scales from the layer's amax history
+            from llmarch.quant.fp8_delayed import fp8_delayed_einsum
+
+            return fp8_delayed_einsum(eqn, x, self.w[...], self.fp8_meta[...])
         if self.fp8 is not None:  # quantized from the float32 master weight (llmarch.quant.fp8_linear)
             from llmarch.quant.fp8_linear import fp8_einsum
 

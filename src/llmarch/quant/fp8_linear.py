@@ -25,19 +25,24 @@ Recipes (the ``recipe`` argument):
     bit-exact reference on CPU, the Pallas kernel on TPU/GPU).
     V3 keeps the FP8 activation of Fprop and re-tiles it for Wgrad; here ``x`` is saved in the
     compute dtype and quantized afresh along M (one rounding, not two).
+    ``chunked_promotion()`` runs Fprop and Dgrad through ``promoted_matmul`` as well (equal to the
+    reference to float32 rounding, ~50x faster on a CPU, where ``llmarch.ops`` runs the bit-exact
+    reference whose ``[M, 128, N]`` products dominate a step): for long CPU experiments.
 
   Sizes that are not multiples of 128 (K and N for Fprop/Dgrad, M for Wgrad) are zero-padded to
   the next multiple and the result sliced back. Zeros change no tile's amax, so this equals
   quantizing the ragged last tile on its own: exact, it costs only the padded FLOPs.
 
 - ``"tensor"``: per-tensor *current* scaling for comparison: one E4M3 scale per operand from its
-  own amax at this step (not TransformerEngine's delayed amax history, which would need state),
-  dequantized products summed in float32. Gradients use E4M3 too (TE's default uses E5M2), so the
-  only difference from ``"blockwise"`` is the scale granularity.
+  own amax at this step, dequantized products summed in float32 (TransformerEngine's *delayed*
+  scaling, from an amax history carried as state, is ``llmarch.quant.fp8_delayed``). Gradients
+  use E4M3 too (TE's default uses E5M2), so the only difference from ``"blockwise"`` is the scale
+  granularity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -64,18 +69,39 @@ def _pad(a: jax.Array, axis: int, multiple: int = fb.TILE) -> jax.Array:
 # --- blockwise (DeepSeek-V3) ---------------------------------------------------------------------
 
 
+_CHUNKED = [False]  # set by chunked_promotion(); read while tracing
+
+
+@contextlib.contextmanager
+def chunked_promotion():
+    """Within it (while a step is traced), the blockwise recipe's Fprop and Dgrad run
+    ``promoted_matmul`` instead of ``llmarch.ops.fp8_blockwise_matmul`` (module docstring)."""
+    before, _CHUNKED[0] = _CHUNKED[0], True
+    try:
+        yield
+    finally:
+        _CHUNKED[0] = before
+
+
+def _block_matmul(aq, a_s, bq, b_s):
+    """float32 ``aq · bq``: ``a_s`` per 1×128 tile, ``b_s`` per 128×128 block."""
+    if _CHUNKED[0]:  # one scale per block column, repeated over its 128 columns
+        return promoted_matmul(aq, a_s, bq, jnp.repeat(b_s, fb.TILE, axis=1))
+    return ops.fp8_blockwise_matmul(aq, a_s, bq, b_s)
+
+
 def _blockwise_fprop(x, w):
     """``(y float32 [M, N], (wq, ws))``: the weight's quantization is kept for Dgrad."""
     N = w.shape[1]
     xq, xs = fb.quantize_activation_tiles(_pad(x, 1))  # [M, Kp], [M, Kp/128]
     wq, ws = fb.quantize_weight_blocks(_pad(_pad(w, 0), 1))  # [Kp, Np], [Kp/128, Np/128]
-    return ops.fp8_blockwise_matmul(xq, xs, wq, ws)[:, :N], (wq, ws)
+    return _block_matmul(xq, xs, wq, ws)[:, :N], (wq, ws)
 
 
 def _blockwise_dgrad(g, wq, ws, K):
     """float32 ``dx [M, K] = dy · wᵀ``, ``dy`` in 1×128 tiles along N."""
     gq, gs = fb.quantize_activation_tiles(_pad(g, 1))  # [M, Np], [M, Np/128]
-    return ops.fp8_blockwise_matmul(gq, gs, wq.T, ws.T)[:, :K]
+    return _block_matmul(gq, gs, wq.T, ws.T)[:, :K]
 
 
 def _blockwise_wgrad(x, g):

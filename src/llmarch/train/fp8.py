@@ -12,7 +12,9 @@ layers' projections and tables, norms, softmax and losses.
 
 The switch is a static attribute ``Einsum.fp8`` (the recipe's name), so it lives in the model's
 graphdef: a jitted step traced for an FP8 model cannot be reused for a plain one, and the
-parameters (and so checkpoints and optimizer state) are the same as without FP8.
+parameters (and so optimizer state) are the same as without FP8. The ``"delayed"`` recipe
+(``llmarch.quant.fp8_delayed``) also gives each target an ``fp8_meta`` variable, its amax
+histories (``[L, 3, H]`` in a scanned run), which the train step carries and checkpoints keep.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from llmarch.layers.attention import Attention
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.ffn import SwiGLU
 from llmarch.layers.mla import MLA
-from llmarch.quant.fp8_linear import RECIPES
+from llmarch.model import BlockRun
+from llmarch.quant import fp8_delayed
+from llmarch.quant.fp8_linear import RECIPES as STATELESS_RECIPES
+
+RECIPES = (*STATELESS_RECIPES, fp8_delayed.RECIPE)  # the recipes an Einsum layer can take
 
 _PARENTS = (Attention, MLA, SwiGLU)  # the modules whose linear layers run in FP8
 
@@ -55,15 +61,33 @@ def targets(model: nnx.Module) -> list[str]:
     return found
 
 
-def install(model: nnx.Module, recipe: str) -> list[str]:
-    """Sets ``recipe`` (one of ``llmarch.quant.fp8_linear.RECIPES``) on ``targets(model)``, in
-    place; returns their paths."""
+def install(model: nnx.Module, recipe: str, *, history: int = fp8_delayed.DEFAULT_HISTORY) -> list[str]:
+    """Sets ``recipe`` (one of ``RECIPES``) on ``targets(model)``, in place; returns their paths.
+
+    ``"delayed"`` also gives each target a fresh ``FP8Meta`` of ``history`` steps (ValueError
+    unless 1..``fp8_delayed.MAX_HISTORY``); the other recipes ignore ``history``."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe={recipe!r} is unknown; allowed: {RECIPES}")
+    if recipe == fp8_delayed.RECIPE:
+        fp8_delayed.check_history(history)
     paths = targets(model)
     for path in paths:
-        _walk(model, path).fp8 = recipe
+        layer = _walk(model, path)
+        layer.fp8 = recipe
+        if recipe == fp8_delayed.RECIPE:
+            layer.fp8_meta = fp8_delayed.init_meta(history, _stacked(model, path))
     return paths
+
+
+def _stacked(model: nnx.Module, path: str) -> tuple[int, ...]:
+    """``(L,)`` when the layer at ``path`` lives in a scanned ``BlockRun`` (its variables carry a
+    leading layers axis), else ``()``."""
+    keys = path.split("/")
+    for i in range(len(keys) - 1):
+        node = _walk(model, "/".join(keys[:i])) if i else model
+        if isinstance(node, BlockRun) and keys[i] == "layers" and not isinstance(node.layers, nnx.List):
+            return (node.count,)
+    return ()
 
 
 def _is_linear(name: Any) -> bool:

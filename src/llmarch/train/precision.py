@@ -18,7 +18,9 @@ import dataclasses
 from llmarch.config import DTYPES, ModelConfig
 
 TRAINABLE_DTYPES = tuple(d for d in DTYPES if d != "float16")
-FP8_RECIPES = ("blockwise", "tensor")  # llmarch.quant.fp8_linear.RECIPES, without importing jax code
+FP8_RECIPES = ("blockwise", "tensor", "delayed")  # llmarch.train.fp8.RECIPES, without importing jax code
+FP8_HISTORY = 16  # llmarch.quant.fp8_delayed.DEFAULT_HISTORY
+FP8_MAX_HISTORY = 4096  # llmarch.quant.fp8_delayed.MAX_HISTORY
 _NO_FLOAT16 = (
     "float16 training needs loss scaling, which llmarch does not do; use 'bfloat16' "
     "(float32's exponent range at float16's size)"
@@ -30,12 +32,19 @@ class Precision:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     output_dtype: str = "float32"  # the logits' dtype
-    # FP8 GEMMs for the blocks' linear layers (llmarch.quant.fp8_linear.RECIPES; llmarch.train.fp8).
+    # FP8 GEMMs for the blocks' linear layers (llmarch.train.fp8.RECIPES; llmarch.train.fp8).
     fp8: str | None = None
+    # Steps of amax history behind the "delayed" recipe's scales (llmarch.quant.fp8_delayed).
+    fp8_history: int = FP8_HISTORY
 
     def __post_init__(self):
         if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
             raise ValueError(f"Precision.fp8={self.fp8!r} is invalid; allowed: {FP8_RECIPES} or None")
+        h = self.fp8_history
+        if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= FP8_MAX_HISTORY:
+            raise ValueError(
+                f"Precision.fp8_history={h!r} is invalid: it must be an int from 1 to {FP8_MAX_HISTORY}"
+            )
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
             value = getattr(self, name)
             if value == "float16":
@@ -53,7 +62,7 @@ class Precision:
         if self.fp8 is not None:
             from llmarch.train.fp8 import install
 
-            install(model, self.fp8)
+            install(model, self.fp8, history=self.fp8_history)
 
 
 POLICIES = {
@@ -67,13 +76,19 @@ POLICIES = {
     "fp8": Precision(compute_dtype="bfloat16", fp8="blockwise"),
     # bf16 plus FP8 GEMMs with one current scale per tensor: the coarse-scaling comparison.
     "fp8-tensor": Precision(compute_dtype="bfloat16", fp8="tensor"),
+    # bf16 plus FP8 GEMMs with TransformerEngine's per-tensor delayed scales (an amax history per
+    # operand, carried across steps as model state; llmarch.quant.fp8_delayed).
+    "fp8-delayed": Precision(compute_dtype="bfloat16", fp8="delayed"),
 }
 
 
-def policy(name: str) -> Precision:
+def policy(name: str, *, fp8_history: int | None = None) -> Precision:
+    """The policy ``name``; ``fp8_history`` (if given) replaces its amax history length."""
     if name not in POLICIES:
         raise ValueError(f"precision={name!r} is unknown; allowed: {sorted(POLICIES)}")
-    return POLICIES[name]
+    if fp8_history is None:
+        return POLICIES[name]
+    return dataclasses.replace(POLICIES[name], fp8_history=fp8_history)
 
 
 def check_trainable(cfg: ModelConfig) -> None:

@@ -16,6 +16,7 @@ from llmarch.checks import fail
 from llmarch.layers.mtp import targets_and_mask
 from llmarch.lora.layer import dropout_key
 from llmarch.model import AuxByModule, Transformer, aux_loss, aux_metrics
+from llmarch.quant import fp8_delayed
 from llmarch.train.guard import all_finite
 from llmarch.train.precision import check_trainable
 
@@ -229,9 +230,25 @@ def make_train_step(
         fixed = rest if frozen is None else nnx.merge_state(rest, frozen)
         check_trainable(getattr(nnx.merge(graphdef, params, fixed), "cfg", None))
         weight = mtp_loss_weight if mtp_weight is None else mtp_weight
-        (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, rest, batch, teacher, frozen, rng, weight
-        )
+        # FP8 delayed scaling: the amax histories (FP8Meta, in rest) are differentiated too, and
+        # their "gradient" is the history after this step, which replaces them below; the
+        # optimizer never sees it (llmarch.quant.fp8_delayed).
+        delayed = fp8_delayed.has_meta(rest)
+        if delayed and not update_rest:
+            raise ValueError(
+                "a model under --precision fp8-delayed needs make_train_step(update_rest=True): its "
+                "amax histories are state the step returns in rest"
+            )
+        if delayed:
+            meta, others = fp8_delayed.split_meta(rest)
+            with_meta = lambda p, m, *a: loss(p, nnx.merge_state(others, m), *a)  # noqa: E731
+            (_, (parts, aux)), (grads, new_meta) = jax.value_and_grad(with_meta, (0, 1), has_aux=True)(
+                params, meta, batch, teacher, frozen, rng, weight
+            )
+        else:
+            (_, (parts, aux)), grads = jax.value_and_grad(loss, has_aux=True)(
+                params, rest, batch, teacher, frozen, rng, weight
+            )
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -250,6 +267,8 @@ def make_train_step(
             else:  # the frozen base (params and quantized weights) is neither updated nor returned
                 paths = set(nnx.to_flat_state(rest).paths)
                 new_rest = nnx.state(model, lambda path, _: path in paths)
+            if delayed:  # overwritten with their "gradient" (above)
+                new_rest = nnx.merge_state(new_rest, new_meta)
         # A finite loss and gradient can still give a non-finite update (a huge learning rate,
         # a NaN hyperparameter): check what would be kept, not only what it was built from.
         finite = (
