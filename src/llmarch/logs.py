@@ -27,16 +27,19 @@ def show_progress() -> bool:
 
 
 def process_index() -> int:
-    """``jax.process_index()``, without starting jax to ask: before jax's backends exist (or
-    without jax imported) this is process 0's view, so a log line never initializes a backend
-    before ``jax.distributed.initialize`` could run."""
+    """``jax.process_index()``, without starting jax to ask: once ``jax.distributed.initialize``
+    ran, the id it was given; before that and before jax's backends exist (or without jax
+    imported) this is process 0's view, so a log line never initializes a backend before
+    ``jax.distributed.initialize`` could run."""
     if "jax" not in sys.modules:
         return 0
     import jax
 
     try:
-        from jax._src import xla_bridge
+        from jax._src import distributed, xla_bridge
 
+        if distributed.global_state.client is not None:  # joined (jax.distributed), backends or not
+            return distributed.global_state.process_id
         if not xla_bridge.backends_are_initialized():
             return 0
     except (ImportError, AttributeError):  # a jax without that helper: ask directly

@@ -191,6 +191,9 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
         )
+        # Every process saves (orbax writes each one's shards and grain each one's iterator
+        # state); process 0 alone seals the step. Rotation is collective too: orbax's delete waits
+        # for every process (the primary deletes), so all of them call it, after the seal.
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
@@ -202,8 +205,8 @@ class Checkpointer:
                 "files": _files(self.step_dir(step)),
             }
             atomic_write_text(self.step_dir(step) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            for old in [s for s in self.steps() if s < step][: max(len(self.steps()) - self.keep, 0)]:
-                self.manager.delete(old)
+        for old in [s for s in self.steps() if s < step][: max(len(self.steps()) - self.keep, 0)]:
+            self.manager.delete(old)
         return True
 
     def restore(self, step: int, target: Any, data_iterator: grain.DatasetIterator | None = None) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import jax
 
 from llmarch.json_config import json_kind, read_json
 from llmarch.run_format import (
@@ -21,6 +22,7 @@ from llmarch.run_format import (
     MANIFEST,
     existing_dir,
 )
+from llmarch.train import distributed
 from llmarch.train.checkpoint import Checkpointer, CheckpointError
 
 RESUME_MODES = ("auto", "must", "never", "fallback")
@@ -79,6 +81,27 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 def start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = None, *, log) -> int | None:
+    """The checkpoint to resume from under ``mode`` (None: a fresh start), verified; see
+    ``_start_step``. In a multi-process run process 0 decides alone (it may set checkpoints aside)
+    and tells the others, which then see the directory as it left it."""
+    if jax.process_count() == 1:
+        return _start_step(ckpt, mode, config, data, log=log)
+    error, step = None, None
+    if jax.process_index() == 0:
+        try:
+            step = _start_step(ckpt, mode, config, data, log=log)
+        except Exception as e:  # noqa: BLE001 (raised below, once the others know)
+            error = e
+    agreed = distributed.from_main(-2 if error is not None else -1 if step is None else step)
+    if error is not None:
+        raise error
+    if agreed == -2:
+        raise CheckpointError(f"process 0 cannot resume from {ckpt.directory} (it says why)")
+    ckpt.manager.reload()
+    return None if agreed == -1 else agreed
+
+
+def _start_step(ckpt: Checkpointer, mode: str, config: dict, data: dict | None = None, *, log) -> int | None:
     """The checkpoint to resume from under ``mode`` (None: a fresh start), verified.
 
     ``auto`` resumes from the newest checkpoint and fails if it is corrupted; ``must`` also
