@@ -4,6 +4,7 @@ Each record becomes one row of ``seq_len`` next-token pairs over the sequence::
 
     BOS  <image> x P  prompt  caption  EOS  PAD ...
 
+(``CaptionFormat(bos=False)`` leaves the BOS out, so a prompt written as text reproduces the prefix.)
 ``inputs`` and ``targets`` are that sequence and its shift by one; ``mask`` is 1 exactly where the
 target is a caption token or the EOS that ends it (never a placeholder, the prompt or padding), so the
 loss trains the model to describe the image and to stop. ``pixel_values`` is the image as the SigLIP
@@ -123,12 +124,15 @@ class CaptionFormat:
       image_tokens: placeholders per image (``LlavaConfig.image_tokens``).
       seq_len: T, the row length; a record that does not fit is a ValueError, never truncated.
       prompt: the text between the image and the caption.
+      bos: whether rows start with the tokenizer's BOS (False: with the placeholders, so a prompt
+        written as text, ``"<image>Caption: "``, is the training prefix exactly).
     """
 
     image_token_id: int
     image_tokens: int
     seq_len: int
     prompt: str = PROMPT
+    bos: bool = True
 
     def __post_init__(self):
         check_int("CaptionFormat", "image_token_id", self.image_token_id, low=0)
@@ -136,6 +140,8 @@ class CaptionFormat:
         check_int("CaptionFormat", "seq_len", self.seq_len, low=self.image_tokens + 2)
         if not isinstance(self.prompt, str):
             fail("CaptionFormat", "prompt", self.prompt, "must be a str")
+        if not isinstance(self.bos, bool):
+            fail("CaptionFormat", "bos", self.bos, "must be True or False")
 
     def check(self, tokenizer: Tokenizer, model_vocab_size: int | None = None) -> None:
         """ValueError unless the placeholder is outside the tokenizer's ids and inside the model's."""
@@ -155,12 +161,11 @@ class CaptionFormat:
             )
 
     def prefix(self, tokenizer: Tokenizer) -> np.ndarray:
-        """``int32 [1 + P + len(prompt)]``: BOS, the placeholders and the prompt; what a captioner
-        is given, and what precedes the caption in every training row."""
+        """``int32 [1 + P + len(prompt)]``: BOS (when ``bos``), the placeholders and the prompt; what
+        a captioner is given, and what precedes the caption in every training row."""
         placeholders = np.full(self.image_tokens, self.image_token_id, np.int32)
-        return np.concatenate([[tokenizer.bos_id], placeholders, tokenizer.encode(self.prompt)]).astype(
-            np.int32
-        )
+        bos = [tokenizer.bos_id] if self.bos else []
+        return np.concatenate([bos, placeholders, tokenizer.encode(self.prompt)]).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A synthetic captioning set: 1-3 coloured shapes on a plain background, each named in the caption.
 
 Every image places its shapes in distinct slots of four, ``left``, ``right``, ``top`` and ``bottom``
-(the centres of the image's left, right, upper and lower quarters), each a ``circle``, ``square`` or
+(``layout`` "quarters": the centres of the image's left, right, upper and lower halves; "thirds": the
+outer middle cells of a 3x3 grid, see ``LAYOUTS``), each a ``circle``, ``square`` or
 (upward) ``triangle`` of one colour, with a random size and a small random offset. The caption names
 the shapes in the fixed slot order left, right, top, bottom::
 
@@ -37,8 +38,19 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")  # also the order in which a caption names them
 PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
-# Each slot's centre as fractions of (height, width).
-CENTRES = {"left": (0.5, 0.25), "right": (0.5, 0.75), "top": (0.25, 0.5), "bottom": (0.75, 0.5)}
+# Each slot's centre as fractions of (height, width), per layout: "quarters", the centres of the
+# image's left, right, upper and lower halves; "thirds", the centres of the outer middle cells of a
+# 3x3 grid, so that a vision tower with 3x3 patches sees each shape whole, in one patch (with a 4x4
+# grid, the "quarters" slots sit on patch corners: each shape is cut in four and the four central
+# patches each hold quarters of two shapes).
+LAYOUTS = {
+    "quarters": {"left": (0.5, 0.25), "right": (0.5, 0.75), "top": (0.25, 0.5), "bottom": (0.75, 0.5)},
+    "thirds": {"left": (0.5, 1 / 6), "right": (0.5, 5 / 6), "top": (1 / 6, 0.5), "bottom": (5 / 6, 0.5)},
+}
+CENTRES = LAYOUTS["quarters"]
+# The largest half-extent + jitter per layout that keeps neighbouring slots' shapes apart (quarters)
+# or each shape inside its grid cell (thirds).
+MAX_EXTENT = {"quarters": 0.125, "thirds": 1 / 6}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +84,8 @@ class ShapesConfig:
       jitter: the largest offset of a shape from its slot's centre, as a fraction of ``image_size``;
         at most a third of ``min_size``, so the slot's centre stays inside every shape (a triangle's
         half-width at its centre row is half its size).
+      layout: where the slots are (``LAYOUTS``): "quarters" or "thirds"; with "thirds",
+        ``max_size + jitter`` must stay within a sixth, each shape inside its cell of a 3x3 grid.
     """
 
     image_size: int = 32
@@ -85,9 +99,13 @@ class ShapesConfig:
     min_size: float = 0.09
     max_size: float = 0.125
     jitter: float = 0.02
+    layout: str = "quarters"
 
     def __post_init__(self):
         owner = "ShapesConfig"
+        if self.layout not in LAYOUTS:
+            fail(owner, "layout", self.layout, f"must be one of {tuple(LAYOUTS)}")
+        extent = MAX_EXTENT[self.layout]
         check_int(owner, "image_size", self.image_size, low=16)
         check_int(owner, "num_examples", self.num_examples)
         check_int(owner, "seed", self.seed, low=0, high=2**32 - 1)
@@ -104,13 +122,23 @@ class ShapesConfig:
                     fail(owner, field, names, f"{name!r} is unknown; allowed names are {allowed}")
         check_int(owner, "background", self.background, low=0, high=255)
         check_number(owner, "min_size", self.min_size, "must be in (0, 0.125]", lambda v: 0 < v <= 0.125)
-        check_number(
-            owner,
-            "max_size",
-            self.max_size,
-            f"must be in [min_size={self.min_size}, 0.125] (larger shapes of neighbouring slots overlap)",
-            lambda v: self.min_size <= v <= 0.125,
-        )
+        if self.layout == "quarters":
+            check_number(
+                owner,
+                "max_size",
+                self.max_size,
+                f"must be in [min_size={self.min_size}, 0.125] (larger shapes of neighbouring slots overlap)",
+                lambda v: self.min_size <= v <= 0.125,
+            )
+        else:
+            check_number(
+                owner,
+                "max_size",
+                self.max_size,
+                f"must be in [min_size={self.min_size}, 1/6 - jitter = {extent - self.jitter:.4f}] (a "
+                "larger shape leaves its grid cell)",
+                lambda v: self.min_size <= v <= extent - self.jitter,
+            )
         check_number(
             owner,
             "jitter",
@@ -166,7 +194,7 @@ def draw(shapes: list[Shape], sizes: np.ndarray, offsets: np.ndarray, cfg: Shape
     image = np.full((n, n, 3), cfg.background, np.uint8)
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5  # pixel centres, [H, W] each
     for s, size, (dy, dx) in zip(shapes, sizes, offsets, strict=True):
-        fy, fx = CENTRES[s.position]
+        fy, fx = LAYOUTS[cfg.layout][s.position]
         cy, cx = fy * n + dy, fx * n + dx
         if s.shape == "circle":
             inside = (y - cy) ** 2 + (x - cx) ** 2 <= size**2
