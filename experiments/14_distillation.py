@@ -58,7 +58,8 @@ from llmarch.inference.generate import generate
 from llmarch.inference.loading import load_for_inference
 from llmarch.train import metrics
 from llmarch.train.config import TrainConfig
-from llmarch.train.trainer import load_rows, make_evaluator
+from llmarch.train.heldout import make_evaluator
+from llmarch.train.trainer import load_rows
 
 HERE = pathlib.Path(__file__).resolve().parent
 # key -> (label, DistillConfig fields; None: labels only). GKD's λ and prompt: command line.

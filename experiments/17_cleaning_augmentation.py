@@ -48,8 +48,9 @@ from llmarch import machine
 from llmarch.data import AugmentConfig, ByteTokenizer, CleanConfig, pack_documents
 from llmarch.data.augment import find_wordnet_dir
 from llmarch.train.config import TrainConfig
+from llmarch.train.heldout import make_evaluator
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.trainer import make_evaluator, train
+from llmarch.train.trainer import train
 
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE.parent / ".." / "shared" / "data" / "tinyshakespeare.txt"

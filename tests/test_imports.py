@@ -32,6 +32,7 @@ LAYERING = [
         "llmarch.cli_serve",
         "llmarch.cli_export",
         "llmarch.cli_plot",
+        "llmarch.cli_plan",
     ),
     ("llmarch.serve", "llmarch.serve."),  # `llmarch serve`: HTTP over the engine
     ("llmarch.export", "llmarch.export."),  # `llmarch export`: Hugging Face, GGUF, StableHLO
@@ -48,6 +49,7 @@ LAYERING = [
         "llmarch.eval_harness",  # lm-evaluation-harness over the same checkpoints
     ),
     ("llmarch.plot",),  # `llmarch plot`: runs' metrics.jsonl curves
+    ("llmarch.plan", "llmarch.plan."),  # `llmarch plan`: the cost model and layout search
     ("llmarch.inference",),
     # the vision package exports its Hugging Face loader; LLaVA builds on llmarch.model and llmarch.hf,
     # and its training step on llmarch.train's loss and update guard
@@ -57,6 +59,7 @@ LAYERING = [
         "llmarch.vision.llava",
         "llmarch.vision.llava_hf",
         "llmarch.vision.train",
+        "llmarch.vision.captioning",  # the shapes captioner end to end: writes a Hugging Face checkpoint
     ),
     ("llmarch.hf",),
     ("llmarch.train",),
@@ -67,6 +70,7 @@ LAYERING = [
     ("llmarch.lora", "llmarch.lora.model"),  # adapters on a model's linears (QLoRA: quantize first)
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
+    ("llmarch.pipeline", "llmarch.pipeline_schedule"),  # pipeline stages over the model's blocks
     ("llmarch.model",),
     ("llmarch.vision.",),  # vision towers (SigLIP): layers assembled like the decoder
     ("llmarch.quant.targets",),  # a model's Einsum/MoE/Embed layers seen as matrices
@@ -79,6 +83,7 @@ LAYERING = [
         "llmarch.layers.",
         "llmarch.quant.linear",
         "llmarch.quant.fp8_linear",
+        "llmarch.quant.fp8_delayed",
         "llmarch.lowrank.layer",
         "llmarch.lora.layer",
     ),

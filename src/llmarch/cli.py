@@ -17,7 +17,7 @@ import traceback
 
 from llmarch import accounting, logs, presets
 from llmarch.cli_config import HelpFormatter, OneLineParser, add_flags, given, walk
-from llmarch.cli_train import TRAIN_FLAGS, add_train_flags, train_config
+from llmarch.cli_train import TRAIN_FLAGS, add_train_flags, start_distributed, train_config
 from llmarch.demo_config import DemoConfig
 
 
@@ -38,6 +38,14 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.task == "shapes-captions":  # a LLaVA captioner of the synthetic shapes set
+        from llmarch.cli_train import shapes_run_config
+        from llmarch.vision.captioning import run_shapes
+
+        report = run_shapes(shapes_run_config(args), progress=lambda line: print(line, flush=True))
+        keys = ("held_out_loss", "exact", "position", "colour", "shape", "both")
+        print(json.dumps({k: round(report[k], 4) for k in keys}))
+        return 0
     from llmarch.sources import train
 
     train(train_config(args))
@@ -112,7 +120,15 @@ def _with_images(model, checkpoint: str, prompt, paths: list[str], tokenizer) ->
     root = pathlib.Path(checkpoint)  # its preprocessor_config.json, when it has one
     process = ImageProcessing.for_tower(vcfg.vision, root if root.is_dir() else None)
     pixels = np.stack([process(p) for p in paths])
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    if isinstance(prompt, str):  # text is text to the tokenizer: each "<image>" marker is the id itself
+        pieces = prompt.split("<image>")
+        ids = [
+            t
+            for k, piece in enumerate(pieces)
+            for t in [vcfg.image_token_id] * (k > 0) + list(tokenizer.encode(piece))
+        ]
+    else:
+        ids = prompt
     ids = expand_placeholders(list(ids), vcfg.image_token_id, vcfg.image_tokens, len(paths))
     return [ids], [pixels]
 
@@ -341,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     add_train_flags(train)
+    train.add_argument(
+        "--task",
+        choices=("text", "shapes-captions"),
+        default="text",
+        help="text: a language model on --data; shapes-captions: a tiny LLaVA captioner of the "
+        "synthetic shapes images (llmarch.vision.captioning; takes --out, --steps, --batch-size, --seed, "
+        "--lr, --warmup-steps, --weight-decay, --clip-norm, --log-every), served by `llmarch generate "
+        "--checkpoint OUT --image FILE --prompt '<image>Caption: '`",
+    )
     train.set_defaults(func=_train)
     evaluate = sub.add_parser(
         "eval",
@@ -436,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmarch import cli_plot
 
     cli_plot.add_parsers(sub, common)
+    from llmarch import cli_plan
+
+    cli_plan.add_parsers(sub, common)
     return parser
 
 
@@ -471,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         _use_compile_cache(
             compile_cache_dir(args), explicit=isinstance(getattr(args, "compile_cache", None), str)
         )
+        start_distributed(args)  # `train`/`distill` across processes: before anything starts jax
         return args.func(args)
     except TrainingInterrupted as e:
         return _fail(args, e, 128 + e.signum, debug)

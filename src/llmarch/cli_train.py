@@ -42,6 +42,7 @@ TRAIN_FLAGS = [
     ("--mesh", "mesh", str, "device mesh, e.g. data=2,fsdp=4"),
     ("--rules", "rules", str, "sharding rules preset (llmarch.sharding)"),
     ("--precision", "precision", str, "mixed-precision policy (llmarch.train.precision)"),
+    ("--fp8-history", "fp8_history", int, "amax history steps of --precision fp8-delayed"),
     ("--eval-every", "eval_every", int, "steps between evaluations"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
     ("--log-every", "log_every", int, "steps between metric records"),
@@ -209,6 +210,42 @@ def add_train_flags(
         if flag not in parser._option_string_actions:
             group = groups.get(field, parser)
             group.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=text)
+    add_distributed_flags(parser)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """How this process joins a multi-process run (``llmarch.train.distributed``): launch settings,
+    not the run's, so they are not TrainConfig fields (each process has its own ``--process-id``)."""
+    group = parser.add_argument_group(
+        "multi-process (jax.distributed; every process runs the same command)",
+        "Without these flags, a launcher's environment (SLURM srun, Open MPI, Cloud TPU VMs, "
+        "Kubernetes) is detected as jax.distributed.initialize() detects it; with neither, one process.",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port")
+    group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1")
+    group.add_argument(
+        "--no-distributed-detect",
+        dest="distributed_detect",
+        action="store_false",
+        help="do not read a launcher's environment: one process unless the flags above are given",
+    )
+
+
+def start_distributed(args: argparse.Namespace) -> bool:
+    """Joins a multi-process run as ``add_distributed_flags``' flags (or the launcher's environment)
+    say, before anything starts jax; False for commands without those flags and single-process runs."""
+    if not hasattr(args, "distributed_detect"):
+        return False
+    from llmarch.train import distributed
+
+    launch = distributed.Launch(
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        detect=args.distributed_detect,
+    )
+    return distributed.start(launch)
 
 
 def _model_base(data: dict) -> dict:
@@ -270,3 +307,37 @@ def train_config(args: argparse.Namespace, extra: dict | None = None):
         return TrainConfig.from_dict(data)
     except ValueError as e:
         raise ValueError(f"--config {config}: {e}" if config else str(e)) from None
+
+
+# `llmarch train --task shapes-captions`: the TrainConfig flags it takes, as ShapesRunConfig fields.
+SHAPES_FLAGS = {
+    "out_dir": "out_dir",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "log_every": "log_every",
+    "optimizer.learning_rate": "learning_rate",
+    "optimizer.warmup_steps": "warmup_steps",
+    "optimizer.weight_decay": "weight_decay",
+    "optimizer.clip_norm": "clip_norm",
+}
+
+
+def shapes_run_config(args: argparse.Namespace):
+    """The ``ShapesRunConfig`` of ``llmarch train --task shapes-captions``'s flags; any other training
+    flag (a preset, data, a mesh, ...) is refused by name rather than ignored."""
+    from llmarch import cli_config
+    from llmarch.vision.captioning import ShapesRunConfig
+
+    flags = cli_config.given(args, train_paths())
+    if getattr(args, "config", None):
+        raise ValueError("--config does not apply to --task shapes-captions: give its settings as flags")
+    flag = {field: name for name, field, _, _ in TRAIN_FLAGS}
+    named = lambda path: flag.get(path, "--" + path.replace("_", "-"))  # noqa: E731
+    other = sorted(named(p) for p in set(flags) - set(SHAPES_FLAGS))
+    if other:
+        allowed = ", ".join(named(p) for p in SHAPES_FLAGS)
+        raise ValueError(f"--task shapes-captions does not take {', '.join(other)}; it takes: {allowed}")
+    if "out_dir" not in flags:
+        raise ValueError("an output directory is required: --out DIR")
+    return ShapesRunConfig(**{SHAPES_FLAGS[path]: value for path, value in flags.items()})

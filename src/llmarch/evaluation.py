@@ -209,7 +209,7 @@ def evaluate(
     train = loaded.train
     size = batch_size or (train.batch_size if train is not None else HF_BATCH)
     chunk = train.loss_chunk if train is not None else DEFAULT_LOSS_CHUNK
-    from llmarch.train.trainer import make_nll_totals
+    from llmarch.train.heldout import make_nll_totals
 
     graphdef, params, rest = nnx.split(loaded.model, nnx.Param, ...)
 

@@ -17,9 +17,10 @@ from llmarch.data.clean import CleanConfig
 from llmarch.distill.config import DistillConfig
 from llmarch.json_config import dataclass_from_dict
 from llmarch.lora.config import LoraConfig
+from llmarch.pipeline_schedule import check_schedule_args
 from llmarch.train import run_dir
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.precision import policy
+from llmarch.train.precision import FP8_MAX_HISTORY, policy
 from llmarch.train.profile import parse_profile_steps
 from llmarch.train.step import DEFAULT_LOSS_CHUNK, check_loss_chunk
 
@@ -48,6 +49,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     optimizer: OptimizerConfig = OptimizerConfig()
     precision: str = "float32"
+    # Steps of amax history behind precision="fp8-delayed"'s per-tensor scales (ignored otherwise).
+    fp8_history: int = 16
     z_loss: float = 0.0
     # Vocabulary entries per step of the fused cross entropy (the [B,T,V] logits never exist,
     # see llmarch.train.step.token_losses); None: the plain loss over the whole logits.
@@ -64,6 +67,12 @@ class TrainConfig:
     resume: str = "auto"  # auto, must, never, fallback: see llmarch.train.run_dir.start_step
     mesh: str | None = None
     rules: str = "fsdp"
+    # Pipeline parallelism, used when the mesh has stage > 1 (llmarch.pipeline): the schedule
+    # ("gpipe", "1f1b", "interleaved"), microbatches per step (None: twice the stages) and chunks
+    # per device (virtual stages, "interleaved" only).
+    pipeline_schedule: str = "1f1b"
+    pipeline_microbatches: int | None = None
+    pipeline_virtual: int = 1
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float | None = None  # per device; None: from the device kind if known
@@ -106,6 +115,7 @@ class TrainConfig:
         ):
             check_int("TrainConfig", name, getattr(self, name), high=INT32_MAX)
         check_int("TrainConfig", "seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range
+        check_int("TrainConfig", "fp8_history", self.fp8_history, low=1, high=FP8_MAX_HISTORY)
         for name in ("out_dir", "preset", "data", "text_field", "tokenizer", "precision", "rules"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -185,8 +195,21 @@ class TrainConfig:
         if policy(self.precision).fp8 is not None and self.lora is not None:  # LoRA layers bypass FP8
             raise ValueError(f"TrainConfig.precision={self.precision!r} is invalid with lora: use 'bf16'")
         sharding.rules(self.rules)
+        check_schedule_args(
+            self.pipeline_schedule,
+            1,
+            1 if self.pipeline_microbatches is None else self.pipeline_microbatches,
+            self.pipeline_virtual,
+            owner="TrainConfig.pipeline_",
+        )
         if self.mesh is not None:
-            sharding.parse_mesh_spec(self.mesh)
+            stages = sharding.parse_mesh_spec(self.mesh).get("stage", 1)
+            if stages > 1 and policy(self.precision).fp8 == "delayed":  # one call per microbatch
+                raise ValueError(
+                    f"TrainConfig.precision='fp8-delayed' is invalid with a pipeline (mesh={self.mesh!r}): "
+                    "each layer runs once per microbatch, and its amax histories would be summed; "
+                    "use 'fp8' or 'fp8-tensor'"
+                )
         if self.model is None and self.init_from is not None:
             return  # the model is the source's: checked once llmarch.sources.train has read it
         cfg = self.model_config()

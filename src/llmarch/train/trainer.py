@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +28,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from llmarch import accounting, logs, lora, sharding
+from llmarch import accounting, logs, lora, pipeline, sharding
 from llmarch.data import (
     PackedRows,
-    batches_per_epoch,
     make_batches,
 )
 from llmarch.model import Transformer
@@ -39,28 +39,28 @@ from llmarch.run_format import (
     CONFIG_FILE,
     DATA_REPORT_FILE,
 )
+from llmarch.train import distributed, run_dir
 from llmarch.train import metrics as metrics_lib
-from llmarch.train import run_dir
 from llmarch.train import summary as summary_lib
 from llmarch.train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
 from llmarch.train.config import TrainConfig
 from llmarch.train.data import RunData, load_data, load_rows  # noqa: F401 (load_rows: readers import it here)
 from llmarch.train.distill_step import distill_objective
 from llmarch.train.guard import RunHealth, TrainingError, TrainingInterrupted, all_finite
+from llmarch.train.heldout import make_evaluator, to_global
 from llmarch.train.interrupt import graceful_stop
 from llmarch.train.optim import build_optimizer, learning_rate_schedule
 from llmarch.train.precision import policy
 from llmarch.train.profile import StepProfiler
 from llmarch.train.state import TrainState
 from llmarch.train.step import (
-    DEFAULT_LOSS_CHUNK,
     make_train_step,
-    token_losses,
 )
 from llmarch.train.trackers import open_trackers
 
 Sampler = Callable[[Any, np.ndarray, int, int], np.ndarray]
 logger = logging.getLogger(__name__)
+_all_finite = jax.jit(all_finite)
 
 
 def _reporters(log: Callable[[str], None] | None, main: bool):
@@ -87,12 +87,6 @@ class TrainResult:
         return nnx.merge(self.graphdef, self.params, self.rest, *[self.frozen] * (self.frozen is not None))
 
 
-def _to_global(batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
-    if data_sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
-
-
 def _fingerprint(rows: PackedRows) -> str:
     """A digest of the token stream the run trains or validates on: a resume on a corpus (or
     tokenizer) changed under the same path is caught, not silently trained on."""
@@ -110,9 +104,13 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
     With ``cfg.lora`` the model carries adapters (``llmarch.lora.apply_lora``): ``state.params``
     are the adapters alone (the optimizer's state is theirs) and ``state.frozen`` the base."""
     frozen = None
-    with sharding.use(mesh, cfg.rules) if mesh is not None else contextlib.nullcontext():
+    table = cfg.rules  # a pipeline's stages hold their own layers (and their optimizer state)
+    if mesh is not None and mesh.shape[pipeline.STAGE] > 1:
+        table = sharding.with_stage_layers(cfg.rules)
+    with sharding.use(mesh, table) if mesh is not None else contextlib.nullcontext():
         model = Transformer(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
-    policy(cfg.precision).prepare(model)  # FP8 policies switch the blocks' linears (static)
+    # FP8 policies switch the blocks' linears (static); fp8-delayed adds their amax histories
+    policy(cfg.precision, fp8_history=cfg.fp8_history).prepare(model)
     if cfg.lora is None:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     else:  # adapted (and QLoRA's base quantized) off the mesh, then placed by the same rules
@@ -120,7 +118,7 @@ def init_state(cfg: TrainConfig, mesh: jax.sharding.Mesh | None):
             model = lora.apply_lora(model, cfg.lora, rngs=_lora_rngs(cfg))
         graphdef, params, frozen, rest = lora.split(model)
         if mesh is not None:
-            params, frozen, rest = (sharding.shard_state(s, mesh, cfg.rules) for s in (params, frozen, rest))
+            params, frozen, rest = (sharding.shard_state(s, mesh, table) for s in (params, frozen, rest))
     tx = build_optimizer(cfg.optimizer, cfg.steps, model=cfg.model_config())  # + e.g. UltraMem's value LR
     state = TrainState(
         params=params,
@@ -225,63 +223,6 @@ class _OnPolicy:
         }
 
 
-def make_nll_totals(
-    graphdef: nnx.GraphDef,
-    rows: PackedRows,
-    *,
-    batch_size: int,
-    batches: int,
-    data_sharding=None,
-    loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
-    progress: Callable[[Any], Any] | None = None,
-):
-    """``totals(params, rest) -> (nats, tokens)``: the summed next-token loss over the scored
-    targets of the first ``batches`` batches of ``rows`` in order (padding and cross-document
-    targets do not count) and how many targets that is. The loss is the training step's
-    (``token_losses`` with ``loss_chunk``); the last batch is padded, not recompiled. ``progress``
-    wraps the batch loop (e.g. a ``tqdm`` bar), and is told the running loss if it has
-    ``set_postfix_str``. ``totals.batches`` and ``totals.rows`` are how many batches and rows are
-    read (``batches`` clamped to the rows there are)."""
-
-    @jax.jit
-    def eval_step(params, rest, batch):
-        nll, _, _ = token_losses(nnx.merge(graphdef, params, rest), batch, loss_chunk)
-        mask = batch["mask"].astype(jnp.float32)
-        return (nll * mask).sum(), mask.sum()
-
-    batch_size = min(batch_size, len(rows))
-    batches = min(batches, batches_per_epoch(rows, batch_size, drop_remainder=False))
-
-    def totals(params, rest) -> tuple[float, int]:
-        it = make_batches(rows, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
-        loop = zip(range(batches), it, strict=False)
-        if progress is not None:
-            loop = progress(loop)
-        nats, tokens = 0.0, 0
-        for _, batch in loop:
-            total, count = eval_step(params, rest, _to_global(batch, data_sharding))
-            nats, tokens = nats + float(total), tokens + int(count)
-            if hasattr(loop, "set_postfix_str"):
-                loop.set_postfix_str(f"loss {nats / max(tokens, 1):.4f}", refresh=False)
-        return nats, tokens
-
-    totals.batches = batches
-    totals.rows = min(len(rows), batches * batch_size)
-    return totals
-
-
-def make_evaluator(graphdef: nnx.GraphDef, rows: PackedRows, **kwargs):
-    """``evaluate(params, rest) -> mean loss`` (nats per scored token) over the batches that
-    ``make_nll_totals`` with the same arguments sums."""
-    totals = make_nll_totals(graphdef, rows, **kwargs)
-
-    def evaluate(params, rest) -> float:
-        nats, tokens = totals(params, rest)
-        return nats / max(tokens, 1)
-
-    return evaluate
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -333,6 +274,13 @@ def train(
         raise ValueError(f"TrainConfig.out_dir={str(out)!r} is an existing file: it must be a directory")
     rows = load_data(cfg)  # before the lock creates the directory: bad data leaves nothing behind
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
+    if mesh is not None and mesh.shape[pipeline.STAGE] > 1:  # refused before anything is built
+        pipeline.trainer_objective(cfg, cfg.model_config(), mesh)
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(
+            f"TrainConfig.mesh=None: a run over {jax.process_count()} processes needs a mesh over all "
+            f"{jax.device_count()} devices, e.g. --mesh data={jax.device_count()}"
+        )
     # One writer per run directory: process 0 holds the lock for all processes of a run.
     lock = run_dir.lock(out) if logs.is_main_process() else None
     try:
@@ -352,7 +300,15 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
         raise ValueError(
             f"TrainConfig.batch_size={cfg.batch_size} must divide evenly over {jax.process_count()} processes"
         )
-    train_iter = make_batches(rows.train_source, batch_size=cfg.batch_size, seed=cfg.seed)
+    # This process's block of every batch's rows: the rows its devices hold under the mesh.
+    block = (0, 1) if mesh is None else distributed.process_rows(data_sharding, cfg.batch_size, cfg.seq_len)
+    train_iter = make_batches(
+        rows.train_source,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        process_index=block[0],
+        process_count=block[1],
+    )
     graphdef, tx, state = init_state(cfg, mesh)
     shardings = (
         jax.tree.map(lambda x: x.sharding, (state.params, state.rest, state.opt_state))
@@ -368,6 +324,8 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
 
         objective = distill_objective(cfg.distill, teacher_graphdef, z_loss=cfg.z_loss)
     mtp = cfg.trains_mtp(model_cfg)
+    if mesh is not None and mesh.shape[pipeline.STAGE] > 1:  # the loss through a pipeline
+        objective = pipeline.trainer_objective(cfg, model_cfg, mesh)
     step_fn = make_train_step(
         graphdef,
         tx,
@@ -388,6 +346,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
         batches=cfg.eval_batches,
         data_sharding=data_sharding,
         loss_chunk=cfg.loss_chunk,
+        rows_block=block,
     )
 
     config = run_dir.as_dict(cfg)
@@ -451,7 +410,9 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
             return "no checkpoint exists" if step is None else f"the last checkpoint is {ckpt.step_dir(step)}"
 
         def save(step: int, state: TrainState) -> None:
-            if not bool(all_finite(state)):  # unreachable through the guarded step: never save it
+            # One program (not an eager op per leaf): with several processes, many small programs
+            # in flight at once can each hold the CPU threads another one's collectives wait for.
+            if not bool(_all_finite(state)):  # unreachable through the guarded step: never save it
                 raise TrainingError(
                     f"step {step}: the train state holds non-finite values; not saved; {last_good()}"
                 )
@@ -479,7 +440,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
                     batch = on_policy.batch(batch, state.params, state.rest_and_frozen(), step)
                 elif on_policy is not None:
                     batch = {**batch, "label_weight": np.ones(batch["inputs"].shape, np.float32)}
-                batch = _to_global(batch, data_sharding)
+                batch = to_global(batch, data_sharding, block[1])
                 params, rest, opt_state, m = step_fn(
                     state.params,
                     state.rest,
@@ -495,7 +456,7 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
                     params=params,
                     rest=rest,
                     opt_state=opt_state,
-                    step=jnp.int32(step),
+                    step=jax.device_put(np.int32(step), state.step.sharding),  # replicated like the rest
                     skipped=skipped,
                 )
                 loss = float(m["loss"])  # waits for the step
@@ -557,12 +518,14 @@ def _train(cfg: TrainConfig, out: Path, rows: RunData, mesh, log, init, teacher,
                         warn(f"step {step}: the validation loss is {val_loss}")
                 if step == cfg.steps or step % cfg.checkpoint_every == 0:
                     save(step, state)
-                if stop:  # checked after saving: the signal may arrive during the save
+                # Checked after saving (the signal may arrive during the save), and by every process
+                # at once: a signal that reached one process stops them all after this step.
+                if distributed.any_process(bool(stop)):
                     save(step, state)
                     raise TrainingInterrupted(
-                        f"stopped by {stop.name} after step {step}; saved {ckpt.step_dir(step)}; run the "
-                        "same command again to resume",
-                        stop.signum,
+                        f"stopped by {stop.name or 'a signal to another process'} after step {step}; saved "
+                        f"{ckpt.step_dir(step)}; run the same command again to resume",
+                        stop.signum or signal.SIGTERM,
                     )
         if val_loss is not None and not math.isfinite(val_loss):
             raise TrainingError(
