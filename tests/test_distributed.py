@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -211,6 +212,10 @@ def test_launch_settings_are_checked_before_jax_starts():
         distributed.Launch(coordinator="127.0.0.1:1234", num_processes=2, process_id=2)
     with pytest.raises(ValueError, match="--num-processes 0 is invalid"):
         distributed.Launch(num_processes=0)
+    with pytest.raises(ValueError, match="--num-processes '2' is invalid: it must be an integer"):
+        distributed.Launch(num_processes="2")
+    with pytest.raises(ValueError, match="--process-id True is invalid"):
+        distributed.Launch(process_id=True)
     assert distributed.Launch(coordinator="[::1]:80").coordinator == "[::1]:80"
     assert not distributed.Launch().given
     # No flags and no launcher's environment (or detection off): one process, nothing started.
@@ -218,6 +223,25 @@ def test_launch_settings_are_checked_before_jax_starts():
     if distributed.detected_launcher() is None:
         with pytest.raises(ValueError, match="--coordinator, --process-id not given and no launcher"):
             distributed.start(distributed.Launch(num_processes=2))
+
+
+def test_a_kubernetes_pod_is_not_taken_for_a_multi_process_launch(monkeypatch):
+    """jax's Kubernetes detector fires in any pod (hosted notebooks, CI runners): a one-process
+    `llmarch train` there must stay one process, not warn or bootstrap across pods."""
+    if (other := distributed.detected_launcher()) is not None:
+        pytest.skip(f"this machine has a {other} environment")
+    # A pod with the `kubernetes` package, as jax's K8sCluster detector sees one.
+    api = lambda *a, **k: types.SimpleNamespace()  # noqa: E731
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(load_incluster_config=lambda: None),
+        client=types.SimpleNamespace(
+            CoreV1Api=api, BatchV1Api=api, exceptions=types.SimpleNamespace(ApiException=Exception)
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "kubernetes", fake)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert distributed.detected_launcher() is None
+    assert not distributed.start(distributed.Launch())
 
 
 def test_bad_launch_flags_are_one_line_errors(tmp_path, capsys):

@@ -110,6 +110,12 @@ def test_balanced_partition_is_optimal():
     assert ps.balanced_partition([1, 4, 4, 4], 2) == [0, 2]
     with pytest.raises(ValueError, match="4 layers cannot be split into 3 stages"):
         ps.balanced_partition([1, 1, 1, 1], 3, [2])
+    with pytest.raises(ValueError, match="costs=\\[1, nan\\] is invalid"):  # never a silent split
+        ps.balanced_partition([1, float("nan")], 2)
+    with pytest.raises(ValueError, match="costs=\\[\\] is invalid"):
+        ps.balanced_partition([], 1)
+    with pytest.raises(ValueError, match="cuts=\\[0, 2\\] is invalid"):  # a cut at 0 is no cut
+        ps.balanced_partition([1, 1, 1], 2, [0, 2])
 
 
 def _batch(cfg, B=8, T=8, seed=0, packed=False):
@@ -204,6 +210,20 @@ def test_bad_splits_rejected():
         pipeline.check_pipeline(deepseek, {"stage": 2}, schedule="gpipe", microbatches=2)
     with pytest.raises(ValueError, match="schedule='pipedream'"):
         pipeline.check_pipeline(cfg, {"stage": 2}, schedule="pipedream", microbatches=2)
+
+
+def test_fp8_delayed_state_is_refused_by_the_pipeline(devices):
+    """Delayed scaling's amax histories are written once per call; a pipeline calls each layer once
+    per microbatch, so the sum of m rolled histories would replace them: refused, not corrupted."""
+    from llmarch.train.fp8 import install
+
+    cfg = llmarch.presets.get("tiny-dense").replace(num_layers=2)
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    install(model, "delayed", history=4)
+    batch = {"inputs": jnp.zeros((4, 8), jnp.int32), "targets": jnp.zeros((4, 8), jnp.int32)}
+    mesh = sharding.make_mesh("stage=2,data=4")
+    with pytest.raises(ValueError, match="FP8 delayed-scaling state"):
+        pipeline.pipeline_loss(model, batch, mesh=mesh, schedule="gpipe", microbatches=1)
 
 
 def test_trainer_pipeline_matches_one_device(tmp_path):

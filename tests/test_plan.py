@@ -245,6 +245,11 @@ def test_search_on_too_small_hardware_finds_nothing():
     assert found.ranked == () and found.too_big > 0
 
 
+def test_search_names_a_model_it_cannot_price_instead_of_counting_it_as_not_dividing():
+    with pytest.raises(ValueError, match="ffn kind 'pkm' has no activation model"):
+        search(presets.get("tiny-pkm"), get("h100"), 8, batch=8, seq_len=128)
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
@@ -255,6 +260,10 @@ def test_search_on_too_small_hardware_finds_nothing():
         (lambda: Layout(mesh={"data": 3}, batch=4, seq_len=8), "must be divisible by data*fsdp*expert=3"),
         (lambda: Layout(mesh={"pipeline": 2}, batch=4, seq_len=8), "mesh axis 'pipeline' is unknown"),
         (lambda: Layout(mesh={}, batch=4, seq_len=8, remat="some"), "Layout.remat='some' is invalid"),
+        (  # the schedules llmarch.pipeline builds: interleaved needs 2+ chunks per stage
+            lambda: Layout(mesh={"stage": 4}, batch=8, seq_len=8, schedule="interleaved"),
+            "Layout.virtual=1 is invalid for 'interleaved'",
+        ),
         (lambda: Layout(mesh={}, batch=4, seq_len=8, microbatches=2), "must be 1 without pipelining"),
         (lambda: Layout(mesh={}, batch=4, seq_len=8, virtual_stages=2), "unless schedule='interleaved'"),
         (
@@ -299,6 +308,10 @@ def test_cli_prints_the_table(capsys):
         (["--hardware", "tpu-v9", "--mesh", "data=2"], "hardware='tpu-v9' is unknown"),
         (["--hardware", "h100", "--mesh", "data=3", "--devices", "4"], "uses 3 devices but --devices is 4"),
         (["--hardware", "h100", "--search"], "--search needs --devices N"),
+        (
+            ["--hardware", "h100", "--search", "--devices", "4", "--microbatches", "2"],
+            "--microbatches does not apply to --search",
+        ),
         (["--hardware", "h100"], "give --mesh SPEC"),
         (["--hardware", "h100", "--mesh", "data=two"], "expected NAME=SIZE"),
     ],

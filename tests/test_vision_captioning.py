@@ -100,11 +100,28 @@ def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys, extra, match):
     assert match in err and len(err.splitlines()) == 1
 
 
+def test_cli_refuses_shapes_captions_across_processes(tmp_path, capsys, monkeypatch):
+    """Every process would train its own captioner into the same --out: refused."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert cli.main(["train", "--task", "shapes-captions", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs in one process" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_run_config_checks_fields():
     with pytest.raises(ValueError, match="patch_size=20 is invalid"):
         ShapesRunConfig(out_dir="x", patch_size=20)
     with pytest.raises(ValueError, match="warmup_steps=9 is invalid"):
         ShapesRunConfig(out_dir="x", steps=5, warmup_steps=9)
+    # optax's cosine needs a step after the warmup: warmup_steps == steps is refused by name
+    with pytest.raises(ValueError, match="warmup_steps=5 is invalid"):
+        ShapesRunConfig(out_dir="x", steps=5, warmup_steps=5)
+    # 64 image tokens leave no room for the prompt and caption in the rows
+    with pytest.raises(ValueError, match="patch_size=8 is invalid: gives 64 image tokens"):
+        ShapesRunConfig(out_dir="x", image_size=64, patch_size=8)
 
 
 def test_thirds_layout_puts_each_shape_inside_its_grid_cell():

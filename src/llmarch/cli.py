@@ -39,6 +39,10 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     if args.task == "shapes-captions":  # a LLaVA captioner of the synthetic shapes set
+        import jax
+
+        if jax.process_count() > 1:  # every process would train alone and write the same --out
+            raise ValueError("--task shapes-captions runs in one process: drop the multi-process settings")
         from llmarch.cli_train import shapes_run_config
         from llmarch.vision.captioning import run_shapes
 

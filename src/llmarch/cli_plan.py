@@ -32,6 +32,11 @@ def _plan(args: argparse.Namespace) -> int:
             raise ValueError("--search needs --devices N: the device count whose layouts to rank")
         if args.mesh is not None:
             raise ValueError("--search ranks meshes itself; give --devices N instead of --mesh")
+        if args.microbatches is not None:  # refused rather than ignored
+            raise ValueError(
+                "--microbatches does not apply to --search: each pipelined layout is priced with one "
+                "sequence per microbatch (the fewest bubbles); price a chosen --mesh with it instead"
+            )
         if args.top < 1:
             raise ValueError(f"--top {args.top} is invalid: must be >= 1")
         found = planner.search(cfg, hw, args.devices, batch=args.batch, seq_len=args.seq_len, **options)

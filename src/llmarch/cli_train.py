@@ -218,7 +218,7 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     not the run's, so they are not TrainConfig fields (each process has its own ``--process-id``)."""
     group = parser.add_argument_group(
         "multi-process (jax.distributed; every process runs the same command)",
-        "Without these flags, a launcher's environment (SLURM srun, Open MPI, Cloud TPU VMs, "
+        "Without these flags, a launcher's environment (SLURM srun, Open MPI, Cloud TPU VMs; not "
         "Kubernetes) is detected as jax.distributed.initialize() detects it; with neither, one process.",
     )
     group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port")

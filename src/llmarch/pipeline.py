@@ -18,7 +18,10 @@ Design (what runs where):
   rematerialization, one extra forward per microbatch), so a device's activation memory is
   ``Schedule.in_flight`` microbatch inputs ``[b,T,D]``: GPipe m, 1F1B at most p (``p - d`` on
   device d), interleaved ``(p-d-1)·2 + (v-1)·p + 1`` chunk inputs. ``cfg.remat`` still applies
-  inside a stage's backward.
+  inside a stage's backward. Not yet saved: every device also holds the whole embedded batch
+  ``x [m,b,T,D]`` and its gradient ``dx`` (the embedding runs outside the pipeline and ``dx`` is
+  summed over ``stage``), 2m microbatch inputs whatever the schedule, which swamps the 1F1B saving
+  until the embedding moves onto the first stage (Megatron's placement).
 - Every other mesh axis (data, fsdp, tensor, expert) splits the microbatch's rows inside the
   pipeline, where the weights are whole on each device (gathered once at the boundary, not per
   layer); their gradients are summed over those axes.
@@ -48,6 +51,7 @@ from llmarch import ops
 from llmarch.config import ModelConfig
 from llmarch.model import _REMAT_POLICIES, Transformer, run_layout, segment_positions
 from llmarch.pipeline_schedule import SCHEDULES, Schedule, build, check_schedule_args
+from llmarch.quant import fp8_delayed
 
 STAGE = "stage"
 
@@ -138,6 +142,11 @@ def pipeline_loss(
         virtual=virtual,
         batch_size=inputs.shape[0],
     )
+    if fp8_delayed.has_meta(nnx.state(model)):  # one call per microbatch: the histories would add
+        raise ValueError(
+            "a model with FP8 delayed-scaling state (precision 'fp8-delayed') cannot run in a pipeline: "
+            "each layer runs once per microbatch and its amax histories would be summed; use 'fp8'"
+        )
     m = microbatches
     seg = batch.get("segment_ids")
     pos = batch.get("positions")

@@ -255,7 +255,9 @@ def balanced_partition(costs: Sequence[float], parts: int, cuts: Sequence[int] |
       ValueError: when ``parts`` groups cannot be formed (fewer allowed cuts than groups).
     """
     n = len(costs)
-    allowed = sorted(set(range(1, n) if cuts is None else cuts) - {0})
+    if n == 0 or not all(isinstance(c, (int, float, np.number)) and 0 <= c < math.inf for c in costs):
+        raise ValueError(f"costs={list(costs)!r} is invalid: one finite cost >= 0 per layer, at least one")
+    allowed = sorted(set(range(1, n) if cuts is None else cuts))
     if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
         raise ValueError(f"parts={parts!r} is invalid: must be a positive integer")
     if any(not 0 < c < n for c in allowed):

@@ -16,12 +16,12 @@ from collections.abc import Mapping
 
 from llmarch.checks import check_choice, check_int, fail
 from llmarch.config import REMAT_POLICIES, ModelConfig
+from llmarch.pipeline_schedule import SCHEDULES, check_schedule_args
 from llmarch.sharding import parse_mesh_spec
 from llmarch.train.precision import POLICIES
 
 AXES = ("data", "fsdp", "tensor", "expert", "stage", "context")
 BATCH_AXES = ("data", "fsdp", "expert")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # Optimizer state per parameter, in units of the parameter dtype's bytes: AdamW keeps m and v,
 # SGD with momentum one buffer, Adafactor factored second moments (~0 per parameter) and momentum
 # off (optax.adafactor's default), Lion one momentum.
@@ -96,6 +96,10 @@ class Layout:
                 "microbatches",
                 self.microbatches,
                 f"must divide the {per_replica} sequences of each data replica (batch/(data*fsdp*expert))",
+            )
+        if self.stages > 1:  # the schedules llmarch.pipeline can build (interleaved: v >= 2, m % p == 0)
+            check_schedule_args(
+                self.schedule, self.stages, self.microbatches, self.virtual_stages, owner="Layout."
             )
 
     @property

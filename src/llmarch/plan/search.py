@@ -10,6 +10,7 @@ from llmarch.checks import check_int
 from llmarch.config import ModelConfig
 from llmarch.plan.hardware import Hardware
 from llmarch.plan.layout import AXES, Layout
+from llmarch.plan.memory import layer_elements
 from llmarch.plan.planner import Plan, peaks, plan
 
 SEARCH_AXES = ("data", "fsdp", "tensor", "expert", "stage")  # context only when asked
@@ -59,6 +60,9 @@ def search(
     # The options and the precision on this hardware are checked once, so that a bad one is its
     # own error rather than every layout "invalid".
     peaks(hw, Layout(mesh={}, batch=batch, seq_len=seq_len, **layout_options))
+    # and the model's blocks must have an activation model at all, else every layout would be
+    # counted as "does not divide" and the real reason hidden
+    layer_elements(cfg, 1, layout_options.get("remat", Layout.remat))
     fitting, considered, invalid, too_big = [], 0, 0, 0
     for mesh in factorizations(devices, tuple(dict.fromkeys(axes))):
         considered += 1

@@ -195,15 +195,15 @@ class TrainConfig:
         if policy(self.precision).fp8 is not None and self.lora is not None:  # LoRA layers bypass FP8
             raise ValueError(f"TrainConfig.precision={self.precision!r} is invalid with lora: use 'bf16'")
         sharding.rules(self.rules)
-        check_schedule_args(
+        stages = 1 if self.mesh is None else sharding.parse_mesh_spec(self.mesh).get("stage", 1)
+        check_schedule_args(  # against the mesh's stages, m defaulting as llmarch.pipeline's (2p)
             self.pipeline_schedule,
-            1,
-            1 if self.pipeline_microbatches is None else self.pipeline_microbatches,
+            stages,
+            2 * stages if self.pipeline_microbatches is None else self.pipeline_microbatches,
             self.pipeline_virtual,
             owner="TrainConfig.pipeline_",
         )
         if self.mesh is not None:
-            stages = sharding.parse_mesh_spec(self.mesh).get("stage", 1)
             if stages > 1 and policy(self.precision).fp8 == "delayed":  # one call per microbatch
                 raise ValueError(
                     f"TrainConfig.precision='fp8-delayed' is invalid with a pipeline (mesh={self.mesh!r}): "

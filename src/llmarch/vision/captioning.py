@@ -54,7 +54,8 @@ from llmarch.vision.llava import Llava, LlavaConfig
 from llmarch.vision.llava_hf import save_llava
 from llmarch.vision.train import greedy_captions, make_eval_loss, make_vlm_train_step, split_trainable
 
-SEQ_LEN = 48  # placeholders (16), the prompt (3) and the longest caption (20) with its EOS fit
+SEQ_LEN = 48  # rows: the image's placeholders, the prompt and the longest caption with its EOS
+PROMPT_TOKENS, CAPTION_TOKENS = 3, 21  # "Caption: " and the longest caption (20 BPE ids) with EOS
 BPE_VOCAB = 330
 IMAGE_MARKER = "<image>"  # how a text prompt names the image (`llmarch generate --prompt`)
 TRAIN_SEED, HELD_OUT_SEED = 1000, 2000  # the two ShapesDataset seeds: disjoint image sets
@@ -150,8 +151,9 @@ def train_captioner(
     (None: a twentieth of ``steps``) then cosine decay to a tenth; ``log(step, loss, seconds)``.
     """
     check_int("", "steps", steps)
-    warmup = max(steps // 20, 1) if warmup_steps is None else warmup_steps
-    check_int("", "warmup_steps", warmup, low=0, high=steps)
+    # optax's cosine needs a step after the warmup: at most steps - 1 of them (0 for a 1-step run)
+    warmup = min(max(steps // 20, 1), steps - 1) if warmup_steps is None else warmup_steps
+    check_int("", "warmup_steps", warmup, low=0, high=steps - 1)
     model = Llava(cfg, rngs=nnx.Rngs(seed))
     graphdef, params, frozen = split_trainable(model, "all")
     tx, step = _optimizer_and_step(graphdef, learning_rate, warmup, steps, weight_decay, clip_norm)
@@ -300,7 +302,7 @@ class ShapesRunConfig:
         check_int(owner, "batch_size", self.batch_size)
         check_number(owner, "learning_rate", self.learning_rate, "must be > 0", lambda v: v > 0)
         if self.warmup_steps is not None:
-            check_int(owner, "warmup_steps", self.warmup_steps, low=0, high=self.steps)
+            check_int(owner, "warmup_steps", self.warmup_steps, low=0, high=self.steps - 1)
         check_number(owner, "weight_decay", self.weight_decay, "must be >= 0", lambda v: v >= 0)
         check_number(owner, "clip_norm", self.clip_norm, "must be > 0", lambda v: v > 0)
         check_int(owner, "seed", self.seed, low=0, high=2**32 - 1)
@@ -313,6 +315,15 @@ class ShapesRunConfig:
         check_int(owner, "patch_size", self.patch_size)
         if self.image_size % self.patch_size:
             fail(owner, "patch_size", self.patch_size, f"must divide image_size={self.image_size}")
+        tokens = (self.image_size // self.patch_size) ** 2
+        if tokens + PROMPT_TOKENS + CAPTION_TOKENS > SEQ_LEN:
+            fail(
+                owner,
+                "patch_size",
+                self.patch_size,
+                f"gives {tokens} image tokens at image_size={self.image_size}; rows of {SEQ_LEN} hold "
+                f"at most {SEQ_LEN - PROMPT_TOKENS - CAPTION_TOKENS} beside the prompt and caption",
+            )
 
 
 def run_shapes(cfg: ShapesRunConfig, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
