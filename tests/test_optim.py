@@ -111,8 +111,10 @@ def test_precision_policy_reaches_the_model():
     assert model(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.bfloat16
     pure = policy("pure-bf16").apply(llmarch.presets.get("tiny-dense"))
     assert llmarch.Transformer(pure, rngs=nnx.Rngs(0)).embed.table_vd[...].dtype == jnp.bfloat16
-    with pytest.raises(ValueError, match="precision='fp8-delayed'"):  # fp8, fp8-tensor: test_fp8_training
-        policy("fp8-delayed")
+    # the FP8 policies' numerics are tested in test_fp8_training and test_fp8_delayed
+    assert policy("fp8-delayed").fp8 == "delayed" and policy("fp8-delayed").compute_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="precision='fp8-bogus' is unknown"):
+        policy("fp8-bogus")
     with pytest.raises(ValueError, match="compute_dtype='int4'"):
         Precision(compute_dtype="int4")
 
