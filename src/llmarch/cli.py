@@ -115,6 +115,7 @@ def _with_images(model, checkpoint: str, prompt, paths: list[str], tokenizer) ->
     import numpy as np
 
     from llmarch.inference.images import expand_placeholders
+    from llmarch.vision.captioning import IMAGE_MARKER
     from llmarch.vision.llava import Llava
     from llmarch.vision.preprocess import ImageProcessing
 
@@ -124,8 +125,8 @@ def _with_images(model, checkpoint: str, prompt, paths: list[str], tokenizer) ->
     root = pathlib.Path(checkpoint)  # its preprocessor_config.json, when it has one
     process = ImageProcessing.for_tower(vcfg.vision, root if root.is_dir() else None)
     pixels = np.stack([process(p) for p in paths])
-    if isinstance(prompt, str):  # text is text to the tokenizer: each "<image>" marker is the id itself
-        pieces = prompt.split("<image>")
+    if isinstance(prompt, str):  # text is text to the tokenizer: each IMAGE_MARKER is the id itself
+        pieces = prompt.split(IMAGE_MARKER)
         ids = [
             t
             for k, piece in enumerate(pieces)

@@ -20,7 +20,7 @@ from llmarch.lora.config import LoraConfig
 from llmarch.pipeline_schedule import check_schedule_args
 from llmarch.train import run_dir
 from llmarch.train.optim import OptimizerConfig
-from llmarch.train.precision import FP8_MAX_HISTORY, policy
+from llmarch.train.precision import FP8_HISTORY, FP8_MAX_HISTORY, policy
 from llmarch.train.profile import parse_profile_steps
 from llmarch.train.step import DEFAULT_LOSS_CHUNK, check_loss_chunk
 
@@ -50,7 +50,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     precision: str = "float32"
     # Steps of amax history behind precision="fp8-delayed"'s per-tensor scales (ignored otherwise).
-    fp8_history: int = 16
+    fp8_history: int = FP8_HISTORY
     z_loss: float = 0.0
     # Vocabulary entries per step of the fused cross entropy (the [B,T,V] logits never exist,
     # see llmarch.train.step.token_losses); None: the plain loss over the whole logits.
