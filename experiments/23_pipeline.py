@@ -92,7 +92,7 @@ table2 = "\n".join(
 )
 print(table2)
 
-text = f"""# 22: pipeline parallelism, bubble and activation memory per schedule
+text = f"""# 23: pipeline parallelism, bubble and activation memory per schedule
 
 {datetime.date.today()}; `python experiments/23_pipeline.py`; {machine.describe()}; 8 simulated CPU devices.
 
@@ -117,8 +117,10 @@ and its backward (chunks of `1/v` of a stage for interleaved; the stages column 
 
 - The buffer column is what the schedule allocates for stage inputs (kept for the backward's
   recompute) and incoming gradients: an SPMD program gives every device the busiest device's
-  slots. XLA's temporary memory adds the scan's other carries (the gradient accumulators, the
-  `[m,b,T,D]` embedding input and its gradient) and one stage's backward; at this toy size those
+  slots. XLA's temporary memory adds the scan's other carries (the gradient accumulators of the
+  stage's weights and of the embedding and head, which every device holds whole) and one stage's
+  backward; the pipeline's input is the token ids, embedded on the first stage (no `[m,b,T,D]`
+  embedded batch or its gradient on any device). At this toy size the weights' accumulators
   dominate, so the schedules' difference shows in the buffer column more than in the total
   (interleaved's total is the smallest: its chunk is half a stage, so the one backward running at a
   time holds half the intermediates).

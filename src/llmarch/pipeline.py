@@ -4,9 +4,11 @@ interleaved 1F1B) with ``jax.shard_map`` and ``jax.lax.ppermute`` between ring n
 
 Design (what runs where):
 
-- The embedding runs before the pipeline and the final norm, output head and loss run inside it on
-  the device of the last virtual stage, so a microbatch's loss gradient starts its backward pass as
-  soon as its forward pass ends (which is what lets 1F1B free activations early).
+- The embedding runs inside the pipeline on the device of the first virtual stage (Megatron's
+  placement: the pipeline's input is the token ids, and the first stage's backward writes the
+  embedding table's gradient), and the final norm, output head and loss on the device of the last
+  one, so a microbatch's loss gradient starts its backward pass as soon as its forward pass ends
+  (which is what lets 1F1B free activations early).
 - The run's stacked ``[L, ...]`` layer weights are viewed as ``[v, p, L/(pv), ...]`` with the ``p``
   axis split over ``stage``: device d holds virtual stages ``d, d+p, ...`` (one run of identical
   blocks, so every stage is the same program over its own slice of the weights).
@@ -18,10 +20,8 @@ Design (what runs where):
   rematerialization, one extra forward per microbatch), so a device's activation memory is
   ``Schedule.in_flight`` microbatch inputs ``[b,T,D]``: GPipe m, 1F1B at most p (``p - d`` on
   device d), interleaved ``(p-d-1)·2 + (v-1)·p + 1`` chunk inputs. ``cfg.remat`` still applies
-  inside a stage's backward. Not yet saved: every device also holds the whole embedded batch
-  ``x [m,b,T,D]`` and its gradient ``dx`` (the embedding runs outside the pipeline and ``dx`` is
-  summed over ``stage``), 2m microbatch inputs whatever the schedule, which swamps the 1F1B saving
-  until the embedding moves onto the first stage (Megatron's placement).
+  inside a stage's backward. The first stage keeps no input at all: its backward re-embeds the
+  microbatch's token ids.
 - Every other mesh axis (data, fsdp, tensor, expert) splits the microbatch's rows inside the
   pipeline, where the weights are whole on each device (gathered once at the boundary, not per
   layer); their gradients are summed over those axes.
@@ -57,7 +57,9 @@ STAGE = "stage"
 
 
 class _Head(nnx.Module):
-    """The modules after the last block (final norm, output projection), gathered for one split."""
+    """The modules outside the blocks: the embedding (the first stage's input, and the tied output
+    projection) and, after the last block, the final norm and the untied output projection;
+    gathered whole on every device."""
 
     def __init__(self, model: Transformer):
         self.norm, self.embed, self.lm_head = model.final_norm, model.embed, model.lm_head
@@ -154,8 +156,7 @@ def pipeline_loss(
     mask = batch.get("mask")
     w = jnp.ones(inputs.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     denom = jnp.maximum(w.sum(), 1.0) if mask is not None else jnp.float32(w.size)
-    x = model.embed.encode(inputs, jnp.dtype(cfg.dtype))  # [B,T,D]
-    mbs = {"targets": targets, "weights": w / denom, "positions": pos}
+    mbs = {"inputs": inputs, "targets": targets, "weights": w / denom, "positions": pos}
     if seg is not None:
         mbs["segment_ids"] = seg
     mbs = {k: _to_microbatches(v, m) for k, v in mbs.items()}  # each [m,b,T]
@@ -168,7 +169,7 @@ def pipeline_loss(
     head_leaves, head_def = jax.tree.flatten(st_head)
     sched = build(schedule, p, m, v)
     run = _make_run(cfg, mesh, sched, gd_layers, layer_def, gd_head, head_def, z_loss, loss_chunk)
-    out = run(layer_leaves, head_leaves, _to_microbatches(x, m), mbs)
+    out = run(layer_leaves, head_leaves, mbs)
     total, ce, z, aux = out[0], out[1], out[2], out[3]
     parts = {"loss": jax.lax.stop_gradient(ce), "z_loss": jax.lax.stop_gradient(z)}
     parts["aux_loss"] = jax.lax.stop_gradient(aux)
@@ -184,8 +185,8 @@ def _zero_cotangent(a):
 
 
 def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_def, z_loss, loss_chunk):
-    """The pipeline as a ``jax.custom_vjp`` over ``(layer_leaves, head_leaves, x [m,b,T,D], mbs)``
-    -> ``[total, ce, z, aux]``."""
+    """The pipeline as a ``jax.custom_vjp`` over ``(layer_leaves, head_leaves, mbs)`` (``mbs``: each
+    ``[m,b,T]``, the token ids among them) -> ``[total, ce, z, aux]``."""
     p, v, m = sched.stages, sched.virtual, sched.microbatches
     V = p * v
     names = mesh.axis_names
@@ -249,15 +250,21 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         z = jnp.sum(jnp.square(lse) * weights)
         return ce + z_loss * z, (ce, z)
 
-    def body(layer_leaves, head_leaves, x, mbs):
+    def embed_fn(head_leaves, tokens):
+        """The first stage's input: the embedded token ids ``[b,T] -> [b,T,D]``."""
+        head = nnx.merge(gd_head, jax.tree.unflatten(head_def, head_leaves))
+        return head.embed.encode(tokens, jnp.dtype(cfg.dtype))
+
+    def body(layer_leaves, head_leaves, mbs):
         d = jax.lax.axis_index(STAGE)
         local = [a[:, 0] for a in layer_leaves]  # [v, Lc, ...]
         is_float = [_is_float(a) for a in local]
         float_local = [a for a, f in zip(local, is_float, strict=True) if f]
         other_local = [a for a, f in zip(local, is_float, strict=True) if not f]
         seg_all = mbs.get("segment_ids")
-        b, T, D = x.shape[1:]
-        zeros_act = jnp.zeros((b, T, D), x.dtype)
+        b, T = mbs["inputs"].shape[1:]
+        dtype = jnp.dtype(cfg.dtype)
+        zeros_act = jnp.zeros((b, T, cfg.d_model), dtype)
 
         def chunk(leaves, c):
             return [jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False) for a in leaves]
@@ -266,11 +273,17 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             seg = None if seg_all is None else seg_all[i]
             return stage_fn(fl, chunk(other_local, c), is_float, xin, mbs["positions"][i], seg)
 
-        def idle(carry, c, i, xin, gslot, first, last):
+        def stage_input(carry, i, aslot, first):
+            """The first stage embeds microbatch i; the others read the slot it arrived in."""
+            return jax.lax.cond(
+                first, lambda: embed_fn(head_leaves, mbs["inputs"][i]), lambda: carry["act"][aslot]
+            )
+
+        def idle(carry, c, i, aslot, gslot, first, last):
             return carry, zeros_act, zeros_act
 
-        def forward(carry, c, i, xin, gslot, first, last):
-            y, aux = call_stage(chunk(float_local, c), c, xin, i)
+        def forward(carry, c, i, aslot, gslot, first, last):
+            y, aux = call_stage(chunk(float_local, c), c, stage_input(carry, i, aslot, first), i)
 
             def loss_grads():
                 (tot, (ce, z)), (dh, dy) = jax.value_and_grad(head_fn, argnums=(0, 1), has_aux=True)(
@@ -288,17 +301,23 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             carry["losses"] = carry["losses"] + jnp.concatenate([losses, aux_scale * aux[None]])
             return carry, y, zeros_act
 
-        def backward(carry, c, i, xin, gslot, first, last):
+        def backward(carry, c, i, aslot, gslot, first, last):
             dy = carry["grad"][gslot]
             f = lambda fl, xx: call_stage(fl, c, xx, i)  # noqa: E731
-            _, vjp = jax.vjp(f, chunk(float_local, c), xin)
+            _, vjp = jax.vjp(f, chunk(float_local, c), stage_input(carry, i, aslot, first))
             dfl, dx = vjp((dy, jnp.float32(aux_scale)))
+
+            def embedding_grads():  # the first stage: dx flows into the embedding table's rows
+                _, embed_vjp = jax.vjp(lambda hl: embed_fn(hl, mbs["inputs"][i]), head_leaves)
+                return embed_vjp(dx)[0]
+
+            dh = jax.lax.cond(first, embedding_grads, lambda: [jnp.zeros_like(a) for a in head_leaves])
             carry = dict(carry)
             carry["dlayers"] = [
                 jax.lax.dynamic_update_index_in_dim(acc, acc[c] + g, c, 0)
                 for acc, g in zip(carry["dlayers"], dfl, strict=True)
             ]
-            carry["dx"] = carry["dx"].at[i].add(jnp.where(first, dx, jnp.zeros_like(dx)))
+            carry["dhead"] = [a + g for a, g in zip(carry["dhead"], dh, strict=True)]
             return carry, zeros_act, dx
 
         def tick(state, row):
@@ -311,18 +330,16 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             carry["grad"] = carry["grad"].at[rg].set(recv_g)
             u = c * p + d
             first, last = u == 0, u == V - 1
-            xin = jnp.where(first, x[i], carry["act"][aslot])  # the stage input, kept for the backward
             carry, send_a, send_g = jax.lax.switch(
-                op, (idle, forward, backward), carry, c, i, xin, gslot, first, last
+                op, (idle, forward, backward), carry, c, i, aslot, gslot, first, last
             )
             return (carry, send_a, send_g), None
 
         carry = {
-            "act": jnp.zeros((sched.act_slots + 1, b, T, D), x.dtype),  # + 1: the "nothing" slot
-            "grad": jnp.zeros((sched.grad_slots + 1, b, T, D), x.dtype),
+            "act": jnp.zeros((sched.act_slots + 1, *zeros_act.shape), dtype),  # + 1: the "nothing" slot
+            "grad": jnp.zeros((sched.grad_slots + 1, *zeros_act.shape), dtype),
             "dlayers": [jnp.zeros_like(a) for a in float_local],
             "dhead": [jnp.zeros_like(a) for a in head_leaves],
-            "dx": jnp.zeros_like(x),
             "losses": jnp.zeros(4, jnp.float32),
         }
         (carry, _, _), _ = jax.lax.scan(tick, (carry, zeros_act, zeros_act), tables)
@@ -334,12 +351,11 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             (jax.lax.psum(next(it), rows) if rows else next(it))[:, None] if f else jnp.zeros_like(a)[:, None]
             for a, f in zip(local, is_float, strict=True)
         ]
-        dx = jax.lax.psum(carry["dx"], STAGE)  # only the first stage's is nonzero
         total = losses[0] + losses[3]
         out = jnp.stack([total, losses[1], losses[2], losses[3]])
-        return out, dlayers, dhead, dx
+        return out, dlayers, dhead
 
-    def run_all(layer_leaves, head_leaves, x, mbs):
+    def run_all(layer_leaves, head_leaves, mbs):
         layer_spec = [P(None, STAGE)] * len(layer_leaves)
         head_spec = [P()] * len(head_leaves)
         row = P(None, row_spec)
@@ -347,30 +363,30 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         fn = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(layer_spec, head_spec, row, mb_spec),
-            out_specs=(P(), layer_spec, head_spec, row),
+            in_specs=(layer_spec, head_spec, mb_spec),
+            out_specs=(P(), layer_spec, head_spec),
             check_vma=False,
         )
         # Inside, every axis is manual: the layers must not constrain activations to mesh axes.
         with nnx.logical_axis_rules(()):
-            return fn(layer_leaves, head_leaves, x, mbs)
+            return fn(layer_leaves, head_leaves, mbs)
 
     @jax.custom_vjp
-    def run(layer_leaves, head_leaves, x, mbs):
-        return run_all(layer_leaves, head_leaves, x, mbs)[0]
+    def run(layer_leaves, head_leaves, mbs):
+        return run_all(layer_leaves, head_leaves, mbs)[0]
 
-    def run_fwd(layer_leaves, head_leaves, x, mbs):
-        out, dl, dh, dx = run_all(layer_leaves, head_leaves, x, mbs)
+    def run_fwd(layer_leaves, head_leaves, mbs):
+        out, dl, dh = run_all(layer_leaves, head_leaves, mbs)
         dl = [g if _is_float(a) else None for g, a in zip(dl, layer_leaves, strict=True)]
-        return out, (dl, dh, dx, layer_leaves, mbs)
+        return out, (dl, dh, layer_leaves, mbs)
 
     def run_bwd(res, g):
-        dl, dh, dx, layer_leaves, mbs = res
+        dl, dh, layer_leaves, mbs = res
         scale = g[0]  # only the total is differentiated; the parts are reported, stop_gradient'ed
         dl = [
             _zero_cotangent(a) if gi is None else scale * gi for gi, a in zip(dl, layer_leaves, strict=True)
         ]
-        return dl, [scale * a for a in dh], scale * dx, jax.tree.map(_zero_cotangent, mbs)
+        return dl, [scale * a for a in dh], jax.tree.map(_zero_cotangent, mbs)
 
     run.defvjp(run_fwd, run_bwd)
     return run
