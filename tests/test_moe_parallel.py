@@ -59,14 +59,16 @@ def reference():
     return layer, x, cotangent, y, grads
 
 
-def _run_ep(layer, x, cotangent, spec, chunks, strategy):
+def _run_ep(layer, x, cotangent, spec, chunks, strategy, exchange="auto"):
     """``(y, dropped, grads)`` of ``layer`` (its weights) on ``mesh(spec)`` under the "ep" rules."""
     # capacity: per-device capacity of E/k·n slots, so nothing can be dropped and the results match
-    moe = MoEConfig(**{**layer.moe.__dict__, "ep_chunks": chunks, "capacity_factor": 4.0})
+    moe = MoEConfig(
+        **{**layer.moe.__dict__, "ep_chunks": chunks, "capacity_factor": 4.0, "ep_exchange": exchange}
+    )
     mesh = sharding.make_mesh(spec)
     with sharding.use(mesh, "ep"):
         with nnx.use_eager_sharding(False):
-            sharded = MoE(D, _cfg(ep_chunks=chunks).moe, rngs=nnx.Rngs(0), init_std=0.3)
+            sharded = MoE(D, _cfg(ep_chunks=chunks, ep_exchange=exchange).moe, rngs=nnx.Rngs(0), init_std=0.3)
         sharded.moe = moe
         graphdef, params, rest = nnx.split(sharded, nnx.Param, ...)
         params = sharding.shard_state(nnx.state(layer, nnx.Param), mesh, "ep")
@@ -84,31 +86,37 @@ def _run_ep(layer, x, cotangent, spec, chunks, strategy):
 
 @pytest.fixture(scope="module")
 def ep_run(reference):
-    """``run(spec, chunks, strategy)``: ``_run_ep`` of the reference layer, memoized per module."""
+    """``run(spec, chunks, strategy, exchange)``: ``_run_ep`` of the reference layer, memoized per
+    module."""
     layer, x, cotangent, _, _ = reference
     cache = {}
 
-    def run(spec, chunks, strategy):
-        if (spec, chunks, strategy) not in cache:
-            cache[spec, chunks, strategy] = _run_ep(layer, x, cotangent, spec, chunks, strategy)
-        return cache[spec, chunks, strategy]
+    def run(spec, chunks, strategy, exchange="auto"):
+        key = spec, chunks, strategy, exchange
+        if key not in cache:
+            cache[key] = _run_ep(layer, x, cotangent, *key)
+        return cache[key]
 
     return run
 
 
 CASES = [
-    ("expert=8", 1, "dropless"),
-    ("data=2,expert=4", 1, "dropless"),
-    ("expert=8", 2, "dropless"),
-    ("data=2,expert=4", 4, "capacity"),
-    ("data=8", 1, "dropless"),
+    ("expert=8", 1, "dropless", "auto"),
+    ("data=2,expert=4", 1, "dropless", "auto"),
+    ("expert=8", 2, "dropless", "auto"),
+    ("data=2,expert=4", 4, "capacity", "auto"),
+    ("data=8", 1, "dropless", "auto"),
+    ("expert=8", 1, "dropless", "ring"),  # COMET-style: the all-to-all as per-peer ppermute steps
+    ("data=2,expert=4", 1, "capacity", "ring"),
 ]
 
 
-@pytest.mark.parametrize("spec, chunks, strategy", CASES, ids=[f"{s}-c{c}-{st}" for s, c, st in CASES])
-def test_expert_parallel_equals_single_device(devices, reference, ep_run, spec, chunks, strategy):
+@pytest.mark.parametrize(
+    "spec, chunks, strategy, exchange", CASES, ids=[f"{s}-c{c}-{st}-{e}" for s, c, st, e in CASES]
+)
+def test_expert_parallel_equals_single_device(devices, reference, ep_run, spec, chunks, strategy, exchange):
     _, _, _, ref_y, ref_grads = reference
-    y, dropped, grads = ep_run(spec, chunks, strategy)
+    y, dropped, grads = ep_run(spec, chunks, strategy, exchange)
     assert int(dropped) == 0
     np.testing.assert_allclose(y, ref_y, atol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads, ref_grads)
@@ -128,10 +136,10 @@ def test_chunked_exchange_equals_unchunked(devices, ep_run, spec, chunks):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, want_grads)
 
 
-def _ep_forward(chunks):
+def _ep_forward(chunks, exchange="auto"):
     mesh = sharding.make_mesh("expert=8")
     with nnx.use_eager_sharding(False):
-        layer = MoE(D, _cfg(ep_chunks=chunks).moe, rngs=nnx.Rngs(0), init_std=0.3)
+        layer = MoE(D, _cfg(ep_chunks=chunks, ep_exchange=exchange).moe, rngs=nnx.Rngs(0), init_std=0.3)
     graphdef, state = nnx.split(layer)
     x = jax.ShapeDtypeStruct((8, 8, D), jnp.float32)
 
@@ -141,9 +149,9 @@ def _ep_forward(chunks):
     return mesh, forward, state, x
 
 
-def _compiled_ep_forward(chunks: int) -> str:
+def _compiled_ep_forward(chunks: int, exchange: str = "auto") -> str:
     """Optimized HLO of the layer's forward on expert=8 (64 tokens: C = 8 slots per device, dropless)."""
-    mesh, forward, state, x = _ep_forward(chunks)
+    mesh, forward, state, x = _ep_forward(chunks, exchange)
     with sharding.use(mesh, "ep"):
         return jax.jit(forward).lower(state, x).compile().as_text()
 
@@ -184,6 +192,22 @@ def test_compiled_exchange_is_split_into_independent_chunks(devices, chunks):
         others = set().union(*(p for d, p in parts.items() if d != c))
         for n in part:
             assert not g.ancestors(n) & others, (c, n, g.ancestors(n) & others)
+
+
+def test_ring_exchange_gives_every_transfer_independent_gemms(devices):
+    """COMET's overlap in the program's data flow (``exchange="ring"``): the all-to-all is 2(ep-1)
+    collective-permutes (dispatch and return per peer, none for the local step) and no all-to-all,
+    and each transfer has expert GEMMs that neither feed it nor wait for it, so a transfer can run
+    under them on any backend whose collective-permute is asynchronous (XLA:CPU's is not)."""
+    g = Dataflow(_compiled_ep_forward(1, "ring"))
+    sends = [n for n in g.op if g.op[n] in ("collective-permute", "collective-permute-done")]
+    assert not [n for n in g.op if g.op[n].startswith("all-to-all")]
+    assert len(sends) == 2 * (8 - 1), sends
+    gemms = [n for n in g.op if g.is_gemm(n)]
+    for n in sends:
+        before, after = g.ancestors(n), {m for m in g.op if n in g.ancestors(m)}
+        free = [m for m in gemms if m not in before and m not in after]
+        assert len(free) >= 2, (n, len(free))  # at least one other step's expert FFN
 
 
 @pytest.mark.slow

@@ -216,8 +216,8 @@ def test_worst_case_receive_rows():
 
 def test_bad_exchange_is_refused(devices):
     x, experts, gates, w, _ = _problem()
-    with pytest.raises(ValueError, match="exchange='ring'"):
-        _parallel("expert=8", "ring")[1](x, experts, gates, w)
+    with pytest.raises(ValueError, match="exchange='spiral'"):
+        _parallel("expert=8", "spiral")[1](x, experts, gates, w)
     with pytest.raises(ValueError, match="recv_rows=0"):
         _parallel("expert=8", "ragged", 0)[1](x, experts, gates, w)
 
@@ -337,5 +337,7 @@ def test_moe_config_picks_the_exchange(devices):
     np.testing.assert_allclose(outs["emulated"], outs["padded"], atol=1e-5)
     with pytest.raises(ValueError, match=r"MoEConfig.ep_exchange='fast' is invalid"):
         MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="fast")
-    with pytest.raises(ValueError, match=r"ep_exchange='ragged'.*cannot pipeline ep_chunks=2"):
+    with pytest.raises(ValueError, match=r"ep_exchange='ragged'.*cannot run with ep_chunks=2"):
         MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="ragged", ep_chunks=2)
+    with pytest.raises(ValueError, match=r"ep_exchange='ring'.*cannot run with ep_chunks=2"):
+        MoEConfig(num_experts=E, top_k=K, expert_dim=F, ep_exchange="ring", ep_chunks=2)

@@ -206,10 +206,13 @@ class MoEConfig:
     the rest; ``"dense"`` runs every expert on every token (a reference for tests). Under a mesh
     whose ``expert`` axis has size > 1 the experts are sharded and tokens travel by all-to-all
     (``llmarch.layers.moe_parallel``), in ``ep_chunks`` pipelined chunks (1: no overlap).
-    ``ep_exchange`` picks the dropless exchange: ``"padded"`` buffers of every expert shard's worst
-    case, ``"ragged"`` (``jax.lax.ragged_all_to_all``: only the routed rows move; TPU/GPU, not
-    XLA:CPU), ``"emulated"`` (the ragged path over ``all_gather``, for CPU tests), or ``"auto"``:
-    ragged on TPU/GPU with ``ep_chunks=1``, else padded (``llmarch.layers.moe_ragged``).
+    ``ep_exchange`` picks the exchange: ``"padded"`` buffers of every expert shard's worst case
+    (capacity buffers under ``"capacity"``), ``"ring"`` (the same buffers, the all-to-all decomposed
+    into per-peer ``ppermute`` steps, each beside expert GEMMs independent of it: COMET-style
+    overlap in the program; any strategy), ``"ragged"`` (``jax.lax.ragged_all_to_all``: only the
+    routed rows move; dropless; TPU/GPU, not XLA:CPU), ``"emulated"`` (the ragged path over
+    ``all_gather``, for CPU tests), or ``"auto"``: ragged on TPU/GPU with ``ep_chunks=1``, else
+    padded (``llmarch.layers.moe_ragged``).
     """
 
     num_experts: int  # E
@@ -244,14 +247,16 @@ class MoEConfig:
         check_int("MoEConfig", "num_shared_experts", self.num_shared_experts, low=0)
         check_choice("MoEConfig", "router", self.router, MOE_ROUTERS)
         check_choice("MoEConfig", "strategy", self.strategy, MOE_STRATEGIES)
-        check_choice("MoEConfig", "ep_exchange", self.ep_exchange, ("auto", "padded", "ragged", "emulated"))
-        if self.ep_exchange in ("ragged", "emulated") and self.ep_chunks > 1:
+        check_choice(
+            "MoEConfig", "ep_exchange", self.ep_exchange, ("auto", "padded", "ring", "ragged", "emulated")
+        )
+        if self.ep_exchange in ("ring", "ragged", "emulated") and self.ep_chunks > 1:
             fail(
                 "MoEConfig",
                 "ep_exchange",
                 self.ep_exchange,
-                f"cannot pipeline ep_chunks={self.ep_chunks} (the overlap is built on the padded "
-                "buffers); allowed with ep_chunks > 1: 'auto' or 'padded'",
+                f"cannot run with ep_chunks={self.ep_chunks} (chunks pipeline the padded all-to-all; "
+                "'ring' overlaps per peer instead); allowed with ep_chunks > 1: 'auto' or 'padded'",
             )
         if self.top_k > self.num_experts:
             fail("MoEConfig", "top_k", self.top_k, f"must be <= num_experts={self.num_experts}")

@@ -26,6 +26,16 @@ own. The chunks are independent, so the compiler may run chunk i's expert GEMMs 
 dispatch and chunk i−1's combine are in flight; XLA's latency-hiding scheduler does this on GPU
 and TPU, where all-to-all is an async start/done pair. The result is identical to ``c = 1``.
 ``llmarch.hlo.collective_schedule`` reads the compiled program to show what the compiler actually did.
+
+``exchange="ring"`` (``MoEConfig.ep_exchange``) decomposes the all-to-all itself, per peer, as COMET
+does at tile granularity: at step ``s = 0..ep-1`` device ``d`` sends its block for expert owner
+``(d+s) mod ep`` with a ``ppermute`` by ``s``, runs its experts on the block that arrived from
+``(d-s) mod ep``, and returns the results by a ``ppermute`` by ``-s`` (step 0 is local and moves
+nothing). Step ``s``'s GEMMs depend on step ``s``'s dispatch only, and step ``s+1``'s dispatch on
+nothing computed, so every one of the ``2(ep-1)`` transfers has expert GEMMs beside it that neither
+feed it nor wait for it: the overlap is in the program's data flow, for any scheduler to take
+(``tests/test_moe_parallel.py`` checks it in the compiled HLO). Same buffers, same results as the
+padded exchange, for both strategies.
 """
 
 from __future__ import annotations
@@ -83,6 +93,26 @@ def padded_exchange(buffers: jax.Array, w: ExpertWeights, axis: str, chunks: int
     return out[0] if chunks == 1 else jnp.concatenate(out, axis=2)
 
 
+def ring_exchange(buffers: jax.Array, w: ExpertWeights, axis: str) -> jax.Array:
+    """``[ep,E_l,C,D] -> [ep,E_l,C,D]`` as ``padded_exchange``, the all-to-all decomposed into ``ep``
+    per-peer steps of ``ppermute`` (see the module docstring): ``[j]`` in, the block for expert
+    owner ``j``; ``[j]`` out, what owner ``j``'s experts returned for it."""
+    ep = buffers.shape[0]
+    d = jax.lax.axis_index(axis)
+    blocks = jnp.roll(buffers, -d, axis=0)  # [s] = the block for owner (d+s) mod ep
+    out = []
+    for s in range(ep):  # unrolled: every step's ops visible at once
+        with jax.named_scope(f"ep_peer{s}"):
+            block = blocks[s]  # [E_l,C,D]
+            if s:  # to owner d+s; what arrives came from d-s, for this device's experts
+                block = jax.lax.ppermute(block, axis, [(i, (i + s) % ep) for i in range(ep)])
+            y = dispatch.expert_ffn(block, w)
+            if s:  # back to the device the tokens came from
+                y = jax.lax.ppermute(y, axis, [(i, (i - s) % ep) for i in range(ep)])
+            out.append(y)
+    return jnp.roll(jnp.stack(out), d, axis=0)  # [(d+s) mod ep] = step s's results
+
+
 def parallel_moe(
     x: jax.Array,
     experts: jax.Array,
@@ -102,7 +132,8 @@ def parallel_moe(
 
     Without EP each device runs ``strategy`` on its own tokens (a local sort for dropless).
     ``exchange`` (dropless EP only; None: ``moe_ragged.default_exchange(cfg.ep_chunks)``):
-    ``"padded"`` (``[E,n,D]`` capacity buffers, chunked by ``cfg.ep_chunks``), ``"ragged"``
+    ``"padded"`` (``[E,n,D]`` capacity buffers, chunked by ``cfg.ep_chunks``), ``"ring"`` (the same
+    buffers, the all-to-all as per-peer ``ppermute`` steps; any strategy), ``"ragged"``
     (``jax.lax.ragged_all_to_all``, one exchange, a receive buffer of ``recv_rows`` rows per device,
     None: the worst case) or ``"emulated"`` (the ragged path over ``all_gather``, for CPU tests);
     the padded exchange is dropless at its own size and ignores ``recv_rows``.
@@ -133,7 +164,7 @@ def parallel_moe(
                 x, experts, gates, w, dispatch.capacity_of(n, k, E, cfg.capacity_factor)
             )
             return out, dropped[None]
-        if strategy == "dropless" and how != "padded":
+        if strategy == "dropless" and how not in ("padded", "ring"):
             out, dropped = moe_ragged.ragged_moe(
                 x,
                 experts,
@@ -151,7 +182,11 @@ def parallel_moe(
         slot, keep = dispatch.slots(experts, E, capacity)
         slot = jnp.where(keep, slot, padded)  # dropped copies go past the buffer
         buffers = dispatch.to_buffers(x, experts, slot, E, padded).reshape(ep, E // ep, padded, D)
-        y = padded_exchange(buffers, w, ep_axis, chunks).reshape(E, padded, D)
+        if how == "ring":
+            y = ring_exchange(buffers, w, ep_axis)
+        else:
+            y = padded_exchange(buffers, w, ep_axis, chunks)
+        y = y.reshape(E, padded, D)
         return dispatch.from_buffers(y, experts, slot, keep, gates), jnp.sum(~keep, dtype=jnp.int32)[None]
 
     out, dropped = jax.shard_map(

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from llmarch import ops
 from llmarch.layers.moe_dispatch import ExpertWeights
 
-EXCHANGES = ("padded", "ragged", "emulated")
+EXCHANGES = ("padded", "ring", "ragged", "emulated")  # the first two: moe_parallel's
 _RAGGED_BACKENDS = ("tpu", "gpu", "cuda", "rocm")  # where XLA implements ragged-all-to-all
 
 
