@@ -132,6 +132,10 @@ CASES = [
     ("moe", "data=4,tensor=2", "tp", ("tensor",)),
     ("moe", "data=2,fsdp=2,tensor=2", "fsdp_tp", ("fsdp", "tensor")),
     ("mla", "data=2,fsdp=2,tensor=2", "fsdp_tp", ("fsdp", "tensor")),
+    # Megatron sequence parallelism's rules (the residual stream split over tensor), here without
+    # collective matmuls: XLA chooses the gathers (tests/test_collective_matmul.py has the rings)
+    ("moe", "data=4,tensor=2", "tp_sp", ("tensor",)),
+    ("mla", "data=2,fsdp=2,tensor=2", "fsdp_tp_sp", ("fsdp", "tensor")),
     ("moe", "data=2,expert=4", "ep", ("expert",)),
     ("moe", "data=2,expert=2,tensor=2", "hybrid", ("tensor", "expert")),
     ("mla", "data=2,expert=2,tensor=2", "hybrid", ("tensor", "expert")),
@@ -178,6 +182,10 @@ def _check_split(params: nnx.State, split: tuple[str, ...]) -> None:
 def _close(got, want, atol, rtol):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
+
+
+def test_every_rules_preset_is_in_the_matrix():
+    assert {preset for _, _, preset, _ in CASES} == set(sharding.RULES)
 
 
 @pytest.mark.parametrize("model, spec, preset, split", CASES, ids=[f"{m}-{s}-{r}" for m, s, r, _ in CASES])

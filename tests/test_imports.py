@@ -98,7 +98,9 @@ LAYERING = [
         "llmarch.distill.",
     ),
     ("llmarch.ops", "llmarch.hlo", "llmarch.json_config"),
-    ("llmarch.ring_attention",),  # context parallelism: an op over the ambient mesh, below ops
+    # context parallelism's ring attention and tensor parallelism's collective matmuls: ops over
+    # the ambient mesh, below ops
+    ("llmarch.ring_attention", "llmarch.collective_matmul"),
     (
         "llmarch.quant.matmul",
         "llmarch.quant.tensor",

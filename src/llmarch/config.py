@@ -188,6 +188,12 @@ class ModelConfig:
     # and output head. 0: none. Inference drops them unless asked (``Transformer.mtp_hidden``).
     mtp_depth: int = 0
     mtp_block: BlockConfig | None = None
+    # Tensor parallelism's SwiGLU FFN and MHA/GQA projections as collective matmuls
+    # (``llmarch.collective_matmul``): under a mesh whose rules split ``mlp``/``heads`` n > 1 ways,
+    # the all-gather and reduce-scatter around them become ppermute rings that overlap their
+    # matmuls (sequence split n ways, T % n == 0; attention with a KV cache stays plain). No effect
+    # without such a mesh. Rules ``tp_sp``/``fsdp_tp_sp`` keep the residual stream sequence-split.
+    collective_matmul: bool = False
 
     def __post_init__(self):
         check_positive(
@@ -227,6 +233,17 @@ class ModelConfig:
                 "hf_model_type",
                 self.hf_model_type,
                 "must be a non-empty string (a transformers model_type) or None",
+            )
+        if not isinstance(self.collective_matmul, bool):
+            fail("ModelConfig", "collective_matmul", self.collective_matmul, "must be a bool")
+        blocks = (*self.layer_blocks, *((self.mtp_block_config,) if self.mtp_depth else ()))
+        if self.collective_matmul and not any(b.ffn == "swiglu" or b.attention == "mha" for b in blocks):
+            fail(
+                "ModelConfig",
+                "collective_matmul",
+                True,
+                "applies to 'swiglu' FFN and 'mha' attention blocks, and no block has either (MoE, "
+                "memory and MLA layers keep their own exchanges)",
             )
         self._check_skip_layers()
         self._check_mtp()

@@ -49,6 +49,11 @@ _EP[axes.MEMORY_ROWS] = "expert"
 # Context parallelism: every activation's sequence split over ``context``; attention is a ring
 # (llmarch.ring_attention), everything else in a block is per token.
 _CP = {axes.SEQ: CONTEXT}
+# Megatron sequence parallelism (Korthikanti et al. 2022): the residual stream between sublayers split
+# over tensor along the sequence, so norms and residual adds run on T/n tokens and tensor-parallel
+# layers gather and scatter the sequence themselves; meant for ModelConfig.collective_matmul, whose
+# rings do that (llmarch.collective_matmul); without it XLA chooses the collectives.
+_SP = {axes.SEQ: "tensor"}
 
 
 def _rules(*parts: Mapping[str, str | tuple[str, ...] | None], batch=_DATA) -> Rules:
@@ -63,6 +68,8 @@ RULES: dict[str, Rules] = {
     "fsdp": _rules(_FSDP),
     "tp": _rules(_TP),
     "fsdp_tp": _rules(_FSDP, _TP),
+    "tp_sp": _rules(_TP, _SP),
+    "fsdp_tp_sp": _rules(_FSDP, _TP, _SP),
     "ep": _rules(_EP, batch=(*_DATA, "expert")),
     "hybrid": _rules(_FSDP, _TP, _EP, batch=(*_DATA, "expert")),
     # One serving replica (llmarch.inference.placement): the model split, the weights never

@@ -11,8 +11,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from llmarch import axes, ops
+from llmarch import axes, ops, sharding
+from llmarch import collective_matmul as cm
 from llmarch import ring_attention as ring
 from llmarch.checks import check_layer
 from llmarch.layers import kv_quant
@@ -35,10 +37,14 @@ class Attention(nnx.Module):
         init_std: float = 0.02,
         param_dtype: jnp.dtype = jnp.float32,
         impl: str = "auto",
+        collective_matmul: bool = False,
     ):
         check_layer(
             "Attention", cfg, AttentionConfig, d_model=d_model, init_std=init_std, param_dtype=param_dtype
         )
+        if not isinstance(collective_matmul, bool):
+            raise TypeError(f"Attention collective_matmul={collective_matmul!r} is invalid: must be a bool")
+        self.collective_matmul = collective_matmul  # static: in the graphdef
         a = cfg
         D, N, K, H = d_model, a.num_heads, a.num_kv_heads, a.head_dim
         init = nnx.initializers.normal(init_std)
@@ -91,14 +97,26 @@ class Attention(nnx.Module):
 
         Under a mesh whose rules split the sequence over ``context``, ``ops.attention`` is ring
         attention (``llmarch.ring_attention``); a cache there is a ``ValueError``.
+
+        With ``collective_matmul=True``, no cache, and rules that split the heads over a mesh axis
+        of ``n > 1`` devices, the projections are collective matmuls (Megatron's sequence-parallel
+        pattern, ``llmarch.collective_matmul``): ``x`` split ``n`` ways over the sequence,
+        ``all_gather_matmul`` for q, k, v (``[B,T/n,D] -> [B,T,N/n,H]``), attention on the local
+        heads, ``matmul_reduce_scatter`` for the output (``[B,T,N/n,H] -> [B,T/n,D]``).
         """
         ring.check_no_cache(cache, "Attention")
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)  # [H/2]
-        q, k = self.w_q_dnh("BTD,DNH->BTNH", x), self.w_k_dkh("BTD,DKH->BTKH", x)
+        axis = None
+        if self.collective_matmul and cache is None:
+            axis = cm.ring_axis("Attention", axes.HEADS)
+        if axis is not None:
+            q, k, v = self._gather_project(x, axis)
+        else:
+            q, k = self.w_q_dnh("BTD,DNH->BTNH", x), self.w_k_dkh("BTD,DKH->BTKH", x)
+            v = self.w_v_dkh("BTD,DKH->BTKH", x)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        v = self.w_v_dkh("BTD,DKH->BTKH", x)
         if cache is None:
             out = ops.attention(
                 q,
@@ -115,7 +133,42 @@ class Attention(nnx.Module):
         else:  # any KVCacheLike (layers/cache.py): contiguous here, paged in layers/paged.py
             cache = cache.write(positions, k, v)
             out = cache.attend(q, positions, impl=self.impl, sliding_window=self.sliding_window)
+        if axis is not None:
+            return self._scatter_project(out, axis), cache
         return self.w_o_nhd("BTNH,NHD->BTD", out), cache
+
+    def _gather_project(self, x: jax.Array, axis: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q ``[B,T,N,H]``, k, v ``[B,T,K,H]``, heads split over ``axis``, from ``x [B,T,D]`` by
+        one all-gather ring (x travels once; each step multiplies the chunk by all three)."""
+        cm.check_sequence("Attention", axis, x.shape[1])
+        layers = {"w_q_dnh": self.w_q_dnh, "w_k_dkh": self.w_k_dkh, "w_v_dkh": self.w_v_dkh}
+        cm.check_plain("Attention", layers)
+        batch = cm.batch_axes(x.shape[0], axis)
+        seq, heads = PartitionSpec(batch or None, axis), PartitionSpec(batch or None, None, axis)
+        w = PartitionSpec(None, axis)  # [D,N/n,H] and [D,K/n,H]
+
+        def project(x, w_q, w_k, w_v):  # x [B,T/n,D] -> [B,T,N/n,H], [B,T,K/n,H] x2
+            return cm.all_gather_matmul(x, (w_q, w_k, w_v), axis, eqn="BTD,DNH->BTNH")
+
+        run = jax.shard_map(
+            project, in_specs=(seq, w, w, w), out_specs=(heads,) * 3, axis_names={axis, *batch}
+        )
+        weights = (layer.w[...].astype(x.dtype) for layer in layers.values())
+        return run(sharding.constrain(x, cm.RESIDUAL), *weights)
+
+    def _scatter_project(self, out: jax.Array, axis: str) -> jax.Array:
+        """``[B,T,N,H]`` (heads split over ``axis``) -> ``[B,T,D]``, by one reduce-scatter ring."""
+        cm.check_plain("Attention", {"w_o_nhd": self.w_o_nhd})
+        batch = cm.batch_axes(out.shape[0], axis)
+        seq, heads = PartitionSpec(batch or None, axis), PartitionSpec(batch or None, None, axis)
+
+        def project(o, w_o):  # o [B,T,N/n,H], w_o [N/n,H,D] -> [B,T/n,D]
+            return cm.matmul_reduce_scatter(o, w_o, axis, eqn="BTNH,NHD->BTD")
+
+        run = jax.shard_map(
+            project, in_specs=(heads, PartitionSpec(axis)), out_specs=seq, axis_names={axis, *batch}
+        )
+        return sharding.constrain(run(out, self.w_o_nhd.w[...].astype(out.dtype)), cm.RESIDUAL)
 
 
 class KVCache(NamedTuple):

@@ -247,7 +247,9 @@ register_attention(
         name="mha",  # MHA, GQA and MQA, through num_kv_heads
         config_field="attention",
         config_type=AttentionConfig,
-        build=lambda cfg, rngs: Attention(cfg.d_model, cfg.attention, rngs=rngs, **_options(cfg)),
+        build=lambda cfg, rngs: Attention(
+            cfg.d_model, cfg.attention, rngs=rngs, collective_matmul=cfg.collective_matmul, **_options(cfg)
+        ),
         init_cache=lambda cfg, batch, max_len, dtype: Attention.init_cache(
             cfg.attention, batch, max_len, dtype
         ),
@@ -279,7 +281,13 @@ register_attention(
 
 
 def _swiglu(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU:
-    return SwiGLU(cfg.d_model, cfg.ffn_dim, rngs=rngs, **_options(cfg, impl=False))
+    return SwiGLU(
+        cfg.d_model,
+        cfg.ffn_dim,
+        rngs=rngs,
+        collective_matmul=cfg.collective_matmul,
+        **_options(cfg, impl=False),
+    )
 
 
 def _swiglu_params(cfg: ModelConfig, active: bool) -> int:  # gate, up [D,F] and down [F,D]
