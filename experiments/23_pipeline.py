@@ -8,6 +8,8 @@ interleaved 1F1B, counted in the schedules llmarch runs and read off the compile
 2. On 8 simulated CPU devices (stage=4, data=2), a tiny dense model's pipelined loss and gradient
    (``llmarch.pipeline.pipeline_loss``) compiled per schedule: XLA's temporary memory per device,
    the buffer slots the schedule allocates, and the loss against one device's.
+3. On stage=2, tensor=2, data=2: the per-device memory of the compiled pipeline with ``tensor`` a
+   tensor-parallel axis inside the stages ("tp" rules) against ``tensor`` as a row split ("dp").
 
 Writes experiments/results/23_pipeline.md.
 
@@ -92,6 +94,41 @@ table2 = "\n".join(
 )
 print(table2)
 
+# 3. tensor inside the stages: a model axis (the "tp" rules) against one more row split ("dp") ------------
+
+TP_MESH, TP_M = "stage=2,tensor=2,data=2", 4
+tp_mesh = sharding.make_mesh(TP_MESH)
+rows3 = []
+for rules in ("dp", "tp"):
+    table = sharding.with_stage_layers(rules)  # the trainer's placement: each stage's layers on its devices
+    placed = sharding.shard_state(params, tp_mesh, table)
+
+    def loss(params, rules=rules):
+        mdl = nnx.merge(gd, params, rest)
+        return pipeline.pipeline_loss(
+            mdl, batch, mesh=tp_mesh, schedule="1f1b", microbatches=TP_M, rules=rules
+        )[0]
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(placed).compile()
+    mem = compiled.memory_analysis()
+    row_axes, model_axes = pipeline.stage_axes(dict(tp_mesh.shape), sharding.rules(rules))
+    value, _ = compiled(placed)
+    program = compiled.as_text()
+    rows3.append(
+        f"| {rules} | {', '.join(model_axes) or '—'} | {', '.join(row_axes)} "
+        f"| {mem.argument_size_in_bytes / 1024:.0f} | {mem.output_size_in_bytes / 1024:.0f} "
+        f"| {mem.temp_size_in_bytes / 1024:.0f} | {program.count(' all-reduce(')} | {float(value):.6f} |"
+    )
+table3 = "\n".join(
+    [
+        "| rules | model axes in a stage | row axes | arguments KiB per device | outputs (gradients) KiB "
+        "| XLA temp KiB | all-reduce ops | pipelined loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+        *rows3,
+    ]
+)
+print(table3)
+
 text = f"""# 23: pipeline parallelism, bubble and activation memory per schedule
 
 {datetime.date.today()}; `python experiments/23_pipeline.py`; {machine.describe()}; 8 simulated CPU devices.
@@ -127,6 +164,31 @@ and its backward (chunks of `1/v` of a stage for interleaved; the stages column 
 - Every schedule recomputes a stage's forward in its backward from the kept input (stage-level
   rematerialization), so activation memory is inputs only; the cost is one extra forward per
   microbatch and stage.
+
+## 3. Tensor parallelism inside the stages ({TP_MESH}, 1F1B, m={TP_M}, the same model and batch)
+
+The pipeline's `shard_map` is manual over `stage` and the row axes only; `tensor` stays automatic
+when the rules name it ("tp": heads, FFN hidden units and vocabulary over `tensor`), so each
+stage's weights, their gradients and its per-layer activations are split over it and XLA inserts
+the Megatron all-reduces. Under "dp" (no rule names `tensor`) it is one more split of the
+microbatch rows, as every non-stage axis was before: weights and gradients whole on each device.
+Parameters placed by `with_stage_layers(rules)`, as the trainer places them.
+
+{table3}
+
+- One-device loss: {ref:.6f}. The arguments (the parameters) and outputs (their gradients) are
+  what each device holds of the model: with `tensor` a model axis, half a stage's, where as a row
+  axis it held the whole stage. The added all-reduces are tensor parallelism's (the compiled
+  program's op names): the attention and FFN output projections' partial sums in the forward, its
+  recompute and the backward, and the embedding lookup and log-sum-exp over the vocabulary split
+  over `tensor`; the row split needs only the gradients' and losses' sums.
+- XLA's temporary memory (the scan's gradient accumulators and buffer slots, and one stage's
+  backward with the layers' kept intermediates) moves the other way at this toy width (D=64): the
+  accumulators halve, but the microbatch rows are split 2 ways instead of 4, and without sequence
+  parallelism the residual stream and the norms' activations are whole over `tensor` (Megatron's
+  trade: weights split, the `[b,T,D]` activations replicated), so the buffer slots and the
+  backward's `[b,T,D]`-sized intermediates double. The weights' share grows with the width
+  (weights and their gradients scale as D², those activations as D).
 """
 RESULTS.write_text(text)
 print(f"wrote {RESULTS}")

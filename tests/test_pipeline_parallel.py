@@ -1,8 +1,11 @@
 """Pipeline parallelism (llmarch.pipeline, llmarch.pipeline_schedule) on 8 simulated CPU devices:
 the schedules' tables (bubble, activation counts, dependencies), balanced partitions against brute
-force, and loss and gradients equal to the one-device model for GPipe, 1F1B and interleaved 1F1B."""
+force, and loss and gradients equal to the one-device model for GPipe, 1F1B and interleaved 1F1B,
+with tensor and expert splitting the stages' weights (not their rows) where the rules name them."""
 
+import dataclasses
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +134,7 @@ def _batch(cfg, B=8, T=8, seed=0, packed=False):
 
 
 def _pipelined_grads(model, batch, spec, **kw):
+    """``((total, parts), grads), compiled program's text``."""
     gd, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = sharding.make_mesh(spec)
     params = sharding.shard_state(params, mesh, "fsdp")  # born FSDP-sharded, as the trainer's
@@ -138,7 +142,13 @@ def _pipelined_grads(model, batch, spec, **kw):
     def loss(params):
         return pipeline.pipeline_loss(nnx.merge(gd, params, rest), batch, mesh=mesh, **kw)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params).compile()
+    return compiled(params), compiled.as_text()
+
+
+def _has_shard(program: str, *dims: int) -> bool:
+    """Whether the compiled program holds a float32 array whose trailing dimensions are ``dims``."""
+    return re.search(r"f32\[(\d+,)*" + ",".join(map(str, dims)) + r"\]", program) is not None
 
 
 def _assert_close(tree_a, tree_b, rtol):
@@ -152,6 +162,8 @@ DENSE = [
     ("stage=4,data=2", dict(schedule="gpipe", microbatches=2), False),
     ("stage=4,data=2", dict(schedule="1f1b", microbatches=4), True),
     ("stage=2,data=2,fsdp=2", dict(schedule="interleaved", microbatches=2, virtual=2), True),
+    # tensor parallelism inside the stages (the "tp" rules: no rules in effect), rows over data
+    ("stage=2,tensor=2,data=2", dict(schedule="1f1b", microbatches=2), True),
 ]
 
 
@@ -164,36 +176,55 @@ def test_dense_equals_one_device(spec, kw, packed):
     (ref, parts), ref_grads = jax.value_and_grad(lambda p: loss_fn(gd, p, rest, batch, 1e-3), has_aux=True)(
         params
     )
-    (total, got), grads = _pipelined_grads(model, batch, spec, z_loss=1e-3, loss_chunk=128, **kw)
+    ((total, got), grads), program = _pipelined_grads(model, batch, spec, z_loss=1e-3, loss_chunk=128, **kw)
     np.testing.assert_allclose(total, ref, rtol=1e-5)
     np.testing.assert_allclose(got["loss"], parts["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["z_loss"], parts["z_loss"], rtol=1e-5)
     _assert_close(grads, ref_grads, 2e-4)
+    D, F, N, H = cfg.d_model, cfg.ffn_dim, cfg.attention.num_heads, cfg.attention.head_dim
+    # A stage's weights per device: F and the heads halved over tensor (were tensor a row axis,
+    # as before, every device would hold [D,F] and [D,N,H] whole and no such shard would exist).
+    split = _has_shard(program, D, F // 2) and _has_shard(program, D, N // 2, H)
+    assert split == ("tensor" in spec)
 
 
-def test_moe_equals_microbatched_one_device():
+MOE = [
+    ("stage=4,data=2", None, 2),  # rows over data: 2 sub-batches per microbatch
+    # tensor and expert split the model inside the stages (the hybrid rules): the whole microbatch
+    # is one batch, as one device sees it (were they row axes, 4 sub-batches of 1 row)
+    ("stage=2,tensor=2,expert=2", "hybrid", 1),
+]
+
+
+@pytest.mark.parametrize("spec,rules,ways", MOE)
+def test_moe_equals_microbatched_one_device(spec, rules, ways):
     """MoE routing and its load-balancing loss depend on which tokens share a batch: the pipeline
-    equals one device that accumulates over the same sub-batches (microbatch x data shard)."""
+    equals one device that accumulates over the same sub-batches (microbatch x row shard)."""
     cfg = llmarch.presets.get("tiny-moe").replace(num_layers=4, blocks=moe_blocks(4), max_seq_len=16)
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(1))
     batch = _batch(cfg, seed=1)
     gd, params, rest = nnx.split(model, nnx.Param, ...)
-    m, ways = 2, 2
+    m, rows = 2, 8 // (2 * ways)
 
     def ref(params):
         totals = []
         for i in range(m):
-            rows = jax.tree.map(lambda a, i=i: a[i::m], batch)  # microbatch i (pipeline._to_microbatches)
+            mb = jax.tree.map(lambda a, i=i: a[i::m], batch)  # microbatch i (pipeline._to_microbatches)
             for k in range(ways):
-                sub = jax.tree.map(lambda a, k=k: a[k * 2 : (k + 1) * 2], rows)
+                sub = jax.tree.map(lambda a, k=k: a[k * rows : (k + 1) * rows], mb)
                 totals.append(loss_fn(gd, params, rest, sub)[0])
         return jnp.mean(jnp.stack(totals))
 
     ref_loss, ref_grads = jax.value_and_grad(ref)(params)
-    (total, parts), grads = _pipelined_grads(model, batch, "stage=4,data=2", schedule="1f1b", microbatches=m)
+    ((total, parts), grads), program = _pipelined_grads(
+        model, batch, spec, schedule="1f1b", microbatches=m, rules=rules
+    )
     assert float(parts["aux_loss"]) > 0
     np.testing.assert_allclose(total, ref_loss, rtol=1e-5)
     _assert_close(grads, ref_grads, 2e-4)
+    # The experts' weights per device [E/2, D, F/2]: the experts over expert, their F over tensor.
+    E, D, F = cfg.moe.num_experts, cfg.d_model, cfg.moe.expert_dim
+    assert _has_shard(program, E // 2, D, F // 2) == ("expert" in spec)
 
 
 def test_bad_splits_rejected():
@@ -205,6 +236,21 @@ def test_bad_splits_rejected():
         pipeline.check_pipeline(
             cfg.replace(num_layers=8), mesh, schedule="1f1b", microbatches=4, batch_size=12
         )
+    # tensor splits the rows only where no rule names it: B=4, m=2 fits 2 row shards, not 4
+    tp_mesh = {"stage": 2, "tensor": 2, "data": 2}
+    pipeline.check_pipeline(cfg, tp_mesh, schedule="1f1b", microbatches=2, batch_size=4, rules="tp")
+    with pytest.raises(ValueError, match=r"split 4 ways over the mesh's row axes \('tensor', 'data'\)"):
+        pipeline.check_pipeline(cfg, tp_mesh, schedule="1f1b", microbatches=2, batch_size=4, rules="dp")
+    # a layer's own ppermute ring runs in some stages' branch only: refused where its axis splits
+    # the model (on XLA:CPU it paired with other branches' permutes: wrong losses)
+    ring = cfg.replace(num_layers=8, collective_matmul=True)
+    with pytest.raises(ValueError, match="ModelConfig.collective_matmul=True is not supported inside"):
+        pipeline.check_pipeline(ring, tp_mesh, schedule="1f1b", microbatches=2, rules="tp")
+    pipeline.check_pipeline(ring, tp_mesh, schedule="1f1b", microbatches=2, rules="dp")  # no ring
+    moe = llmarch.presets.get("tiny-moe").replace(num_layers=2, blocks=moe_blocks(2))
+    moe = moe.replace(moe=dataclasses.replace(moe.moe, ep_exchange="ring"))
+    with pytest.raises(ValueError, match="MoEConfig.ep_exchange='ring' is not supported inside"):
+        pipeline.check_pipeline(moe, {"stage": 2, "expert": 2}, schedule="gpipe", microbatches=2, rules="ep")
     deepseek = llmarch.presets.get("tiny-deepseek")  # a dense layer, then MoE layers: two runs
     with pytest.raises(ValueError, match="2 runs of blocks"):
         pipeline.check_pipeline(deepseek, {"stage": 2}, schedule="gpipe", microbatches=2)

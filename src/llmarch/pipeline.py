@@ -22,47 +22,92 @@ Design (what runs where):
   device d), interleaved ``(p-d-1)·2 + (v-1)·p + 1`` chunk inputs. ``cfg.remat`` still applies
   inside a stage's backward. The first stage keeps no input at all: its backward re-embeds the
   microbatch's token ids.
-- Every other mesh axis (data, fsdp, tensor, expert) splits the microbatch's rows inside the
-  pipeline, where the weights are whole on each device (gathered once at the boundary, not per
-  layer); their gradients are summed over those axes.
+- The ``shard_map`` is manual over ``stage`` and the row axes only (``stage_axes``). ``tensor`` and
+  ``expert`` stay automatic wherever the rules map a logical axis to them (the "tp", "hybrid", ...
+  presets; ``pipeline_loss``'s ``rules``): inside a stage the layers run under the rules
+  restricted to them (``stage_rules``), so a stage's weights, their gradients and the per-layer
+  activations are split over them as outside a pipeline (Megatron tensor parallelism: heads, FFN
+  hidden units and vocabulary over ``tensor``, XLA inserting the all-reduces; the experts over
+  ``expert``, the MoE layer's own all-to-all shard_map nested inside; a layer's own ppermute ring
+  over them, collective matmul or the MoE ring exchange, is refused: ``check_pipeline``). Every
+  other axis of size > 1 (data, fsdp; tensor or expert where no rule names them) splits the
+  microbatch's rows, with the weights whole over it (gathered once at the boundary, not per
+  layer: fsdp is no weight split inside a stage), and the gradients summed over it.
 - The whole pipeline is one ``jax.custom_vjp`` whose forward computes the loss *and* every
   gradient by the schedule; its backward scales them by the cotangent. ``jax.grad`` of a loss
   built on ``pipeline_loss`` therefore runs the schedule's order, not autodiff's.
 
 The loss equals the one-device loss of the whole batch (the token mean); layers' aux losses (MoE
-load balancing) are computed per microbatch and per data shard and averaged, as gradient
-accumulation would.
+load balancing) are computed per microbatch and per row shard (not per tensor or expert shard:
+those see the whole microbatch) and averaged, as gradient accumulation would.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llmarch import ops
+from llmarch import ops, sharding
 from llmarch.config import ModelConfig
 from llmarch.model import _REMAT_POLICIES, Transformer, run_layout, segment_positions
 from llmarch.pipeline_schedule import SCHEDULES, Schedule, build, check_schedule_args
 from llmarch.quant import fp8_delayed
 
 STAGE = "stage"
+TENSOR = "tensor"
+EXPERT = "expert"
 
 
 class _Head(nnx.Module):
     """The modules outside the blocks: the embedding (the first stage's input, and the tied output
-    projection) and, after the last block, the final norm and the untied output projection;
-    gathered whole on every device."""
+    projection) and, after the last block, the final norm and the untied output projection; on
+    every device, whole over the row axes and split over the model axes (the vocabulary over
+    ``tensor``)."""
 
     def __init__(self, model: Transformer):
         self.norm, self.embed, self.lm_head = model.final_norm, model.embed, model.lm_head
+
+
+def _rules_of(rules: sharding.Rules | str | None) -> sharding.Rules:
+    """``rules`` as a table; None: the rules in effect, or the "tp" preset when none are."""
+    if rules is None:
+        rules = sharding.ambient()[1] or "tp"
+    return sharding.rules(rules) if isinstance(rules, str) else tuple(rules)
+
+
+def _targets(target) -> tuple[str, ...]:
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def stage_axes(
+    mesh_shape: Mapping[str, int], rules: sharding.Rules
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(row axes, model axes)`` inside the stages: ``tensor`` and ``expert`` (size > 1) are model
+    axes where ``rules`` map a logical axis to them (the heads, FFN hidden units and vocabulary:
+    Megatron tensor parallelism, left to the compiler; the experts: expert parallelism), and every
+    other axis but ``stage`` of size > 1 splits the microbatches' rows."""
+    used = {t for _, target in rules for t in _targets(target)}
+    model = tuple(a for a in (TENSOR, EXPERT) if mesh_shape.get(a, 1) > 1 and a in used)
+    rows = tuple(a for a, n in mesh_shape.items() if a != STAGE and n > 1 and a not in model)
+    return rows, model
+
+
+def stage_rules(rules: sharding.Rules, model_axes: tuple[str, ...]) -> sharding.Rules:
+    """``rules`` restricted to ``model_axes`` (``stage_axes``): what the layers see inside a
+    stage, where the other mesh axes are manual (the stage's own and the rows' shards)."""
+    out = []
+    for name, target in rules:
+        kept = tuple(t for t in _targets(target) if t in model_axes)
+        out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
+    return tuple(out)
 
 
 def check_pipeline(
@@ -73,8 +118,10 @@ def check_pipeline(
     microbatches: int,
     virtual: int = 1,
     batch_size: int | None = None,
+    rules: sharding.Rules | str | None = None,
 ) -> None:
-    """Raises ValueError naming the field for what the pipeline cannot run, before any compilation."""
+    """Raises ValueError naming the field for what the pipeline cannot run, before any compilation.
+    ``rules``: as ``pipeline_loss``'s (they decide whether tensor and expert split rows or the model)."""
     p = mesh_shape.get(STAGE, 1)
     check_schedule_args(schedule, p, microbatches, virtual)
     layout = run_layout(cfg)
@@ -91,12 +138,29 @@ def check_pipeline(
         )
     if cfg.mtp_depth:
         raise ValueError(f"mtp_depth={cfg.mtp_depth} is not supported with pipeline stages (stage={p})")
+    rows, model_axes = stage_axes(mesh_shape, _rules_of(rules))
+    # A layer's own ppermute ring inside a stage runs in one branch of the tick's lax.switch, which
+    # only the devices of some stages take, but it lowers to a collective-permute over every device:
+    # on XLA:CPU (jax 0.10.2) the permutes of different branches then pair up wrongly (wrong losses,
+    # measured) or wait forever. XLA's own collectives (all-reduce, all-to-all) are unaffected.
+    rings = {
+        TENSOR: ("ModelConfig.collective_matmul", cfg.collective_matmul, "False"),
+        EXPERT: ("MoEConfig.ep_exchange", cfg.moe.ep_exchange if cfg.moe else None, "'padded'"),
+    }
+    for axis, (field, value, instead) in rings.items():
+        if axis in model_axes and value in (True, "ring"):
+            raise ValueError(
+                f"{field}={value!r} is not supported inside pipeline stages that split the model over "
+                f"'{axis}' (mesh {axis}={mesh_shape[axis]}, stage={p}): its ppermute ring runs in only "
+                f"some stages' branch of the schedule; set it to {instead}, or use rules that name no "
+                f"'{axis}' (then {axis} splits the rows)"
+            )
     if batch_size is not None:
-        ways = math.prod(n for a, n in mesh_shape.items() if a != STAGE)
+        ways = math.prod(mesh_shape[a] for a in rows)
         if batch_size % (microbatches * ways):
             raise ValueError(
                 f"batch_size={batch_size} cannot be split into microbatches={microbatches} of rows split "
-                f"{ways} ways over the mesh's other axes: it must be a multiple of {microbatches * ways}"
+                f"{ways} ways over the mesh's row axes {rows}: it must be a multiple of {microbatches * ways}"
             )
 
 
@@ -120,6 +184,7 @@ def pipeline_loss(
     virtual: int = 1,
     z_loss: float = 0.0,
     loss_chunk: int | None = None,
+    rules: sharding.Rules | str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(total, parts)`` as ``llmarch.train.step.loss_fn`` gives them (``parts``: loss, z_loss,
     aux_loss), computed by a pipeline over ``mesh``'s ``stage`` axis.
@@ -130,12 +195,16 @@ def pipeline_loss(
       mesh: the device mesh (``llmarch.sharding.make_mesh``); ``stage`` of any size (1 runs the
         schedule on one stage).
       schedule: "gpipe", "1f1b" or "interleaved" (``llmarch.pipeline_schedule.SCHEDULES``).
-      microbatches: m; B must be a multiple of m times the product of the other mesh axes.
+      microbatches: m; B must be a multiple of m times the product of the row axes (``stage_axes``).
       virtual: chunks per device for "interleaved" (v >= 2).
       z_loss, loss_chunk: as in ``loss_fn`` (``loss_chunk`` None: plain float32 logits).
+      rules: the logical-axis rules (a table or a ``llmarch.sharding.RULES`` name) whose ``tensor``
+        and ``expert`` entries the stages run under (``stage_axes``, ``stage_rules``); None: those
+        in effect (``llmarch.sharding.use``), or the "tp" preset when none are.
     """
     cfg = model.cfg
     inputs, targets = batch["inputs"], batch["targets"]
+    table = _rules_of(rules)
     check_pipeline(
         cfg,
         dict(mesh.shape),
@@ -143,6 +212,7 @@ def pipeline_loss(
         microbatches=microbatches,
         virtual=virtual,
         batch_size=inputs.shape[0],
+        rules=table,
     )
     if fp8_delayed.has_meta(nnx.state(model)):  # one call per microbatch: the histories would add
         raise ValueError(
@@ -164,16 +234,36 @@ def pipeline_loss(
     gd_layers, st_layers = nnx.split(model.runs[0].layers)
     gd_head, st_head = nnx.split(_Head(model))
     p, v = mesh.shape[STAGE], virtual
+    rows, model_axes = stage_axes(dict(mesh.shape), table)
+    inner = stage_rules(table, model_axes)
+    # Each leaf's split over the model axes inside a stage (raising ValueError, by path, for a
+    # dimension they do not divide): the layers' [L, ...] (L whole: stage is manual there).
+    layer_specs, head_specs = (_specs(st, mesh, inner) for st in (st_layers, st_head))
     layer_leaves, layer_def = jax.tree.flatten(st_layers)
     layer_leaves = [a.reshape(v, p, a.shape[0] // (p * v), *a.shape[1:]) for a in layer_leaves]
     head_leaves, head_def = jax.tree.flatten(st_head)
     sched = build(schedule, p, m, v)
-    run = _make_run(cfg, mesh, sched, gd_layers, layer_def, gd_head, head_def, z_loss, loss_chunk)
+    run = _make_run(
+        cfg,
+        mesh,
+        sched,
+        (gd_layers, layer_def, layer_specs),
+        (gd_head, head_def, head_specs),
+        (rows, model_axes, inner),
+        z_loss,
+        loss_chunk,
+    )
     out = run(layer_leaves, head_leaves, mbs)
     total, ce, z, aux = out[0], out[1], out[2], out[3]
     parts = {"loss": jax.lax.stop_gradient(ce), "z_loss": jax.lax.stop_gradient(z)}
     parts["aux_loss"] = jax.lax.stop_gradient(aux)
     return total, parts
+
+
+def _specs(state: nnx.State, mesh: jax.sharding.Mesh, inner: sharding.Rules) -> list[P]:
+    """Each leaf's PartitionSpec under ``inner`` (model axes only), in ``jax.tree.leaves`` order."""
+    shardings = sharding.state_shardings(state, mesh, inner)
+    return [s.spec for s in jax.tree.leaves(shardings)]
 
 
 def _is_float(a) -> bool:
@@ -184,15 +274,18 @@ def _zero_cotangent(a):
     return jnp.zeros_like(a) if _is_float(a) else np.zeros(np.shape(a), jax.dtypes.float0)
 
 
-def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_def, z_loss, loss_chunk):
+def _make_run(cfg, mesh, sched: Schedule, layers, head, axes_, z_loss, loss_chunk):
     """The pipeline as a ``jax.custom_vjp`` over ``(layer_leaves, head_leaves, mbs)`` (``mbs``: each
-    ``[m,b,T]``, the token ids among them) -> ``[total, ce, z, aux]``."""
+    ``[m,b,T]``, the token ids among them) -> ``[total, ce, z, aux]``. ``layers``, ``head``: each
+    ``(graphdef, treedef, per-leaf specs over the model axes)``; ``axes_``: ``(row axes, model axes,
+    the rules inside a stage)`` (``stage_axes``, ``stage_rules``)."""
+    gd_layers, layer_def, layer_specs = layers
+    gd_head, head_def, head_specs = head
+    rows, model_axes, inner = axes_
     p, v, m = sched.stages, sched.virtual, sched.microbatches
     V = p * v
-    names = mesh.axis_names
-    rows = tuple(a for a in names if a != STAGE and mesh.shape[a] > 1)  # split the microbatch rows
     ways = math.prod(mesh.shape[a] for a in rows)
-    aux_scale = 1.0 / (m * ways)  # aux losses: the mean over microbatches and data shards
+    aux_scale = 1.0 / (m * ways)  # aux losses: the mean over microbatches and row shards
     row_spec = rows if rows else None
     tables = tuple(
         jnp.asarray(t)
@@ -232,8 +325,12 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         if loss_chunk is None:
             logits = head.embed.attend(h) if head.lm_head is None else head.lm_head("BTD,DV->BTV", h)
             logits = logits.astype(cfg.logits_dtype).astype(jnp.float32)
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
             lse = jax.nn.logsumexp(logits, axis=-1)
+            # The target's logit by a one-hot contraction, not a gather: with V over one model axis
+            # and B over another, XLA's SPMD partitioner (jax 0.10.2) aborts on that gather in a
+            # partly manual program ("Check failed: ... num_devices_per_group"); the sum is exact.
+            picked = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1]), axis=-1)  # [B,T]
+            nll = lse - picked
         else:
             b, t, dm = h.shape
             wt, tr = (head.embed.table(), False) if head.lm_head is None else (head.lm_head.weight(), True)
@@ -255,11 +352,23 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         head = nnx.merge(gd_head, jax.tree.unflatten(head_def, head_leaves))
         return head.embed.encode(tokens, jnp.dtype(cfg.dtype))
 
+    def split(a, spec):  # the model axes' split of a weight (or a gradient) inside the stage
+        return jax.lax.with_sharding_constraint(a, spec) if model_axes else a
+
     def body(layer_leaves, head_leaves, mbs):
         d = jax.lax.axis_index(STAGE)
-        local = [a[:, 0] for a in layer_leaves]  # [v, Lc, ...]
+        # [v, Lc, ...], split over the model axes as the layer's names say ([L, ...] -> [v, Lc, ...])
+        local_specs = [P(None, *s) for s in layer_specs]
+        local = [split(a[:, 0], s) for a, s in zip(layer_leaves, local_specs, strict=True)]
+        head_leaves = [split(a, s) for a, s in zip(head_leaves, head_specs, strict=True)]
         is_float = [_is_float(a) for a in local]
         float_local = [a for a, f in zip(local, is_float, strict=True) if f]
+        float_specs = [s for s, f in zip(local_specs, is_float, strict=True) if f]
+
+        def accumulate(accs, grads, specs):
+            # Pinned to the weights' split: the scan's carries never left to sharding propagation.
+            return [split(a + g, s) for a, g, s in zip(accs, grads, specs, strict=True)]
+
         other_local = [a for a, f in zip(local, is_float, strict=True) if not f]
         seg_all = mbs.get("segment_ids")
         b, T = mbs["inputs"].shape[1:]
@@ -297,7 +406,7 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             losses, dh, dy = jax.lax.cond(last, loss_grads, nothing)
             carry = dict(carry)
             carry["grad"] = carry["grad"].at[gslot].set(dy)  # a dummy slot unless last
-            carry["dhead"] = [a + g for a, g in zip(carry["dhead"], dh, strict=True)]
+            carry["dhead"] = accumulate(carry["dhead"], dh, head_specs)
             carry["losses"] = carry["losses"] + jnp.concatenate([losses, aux_scale * aux[None]])
             return carry, y, zeros_act
 
@@ -314,10 +423,10 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             dh = jax.lax.cond(first, embedding_grads, lambda: [jnp.zeros_like(a) for a in head_leaves])
             carry = dict(carry)
             carry["dlayers"] = [
-                jax.lax.dynamic_update_index_in_dim(acc, acc[c] + g, c, 0)
-                for acc, g in zip(carry["dlayers"], dfl, strict=True)
+                split(jax.lax.dynamic_update_index_in_dim(acc, acc[c] + g, c, 0), spec)
+                for acc, g, spec in zip(carry["dlayers"], dfl, float_specs, strict=True)
             ]
-            carry["dhead"] = [a + g for a, g in zip(carry["dhead"], dh, strict=True)]
+            carry["dhead"] = accumulate(carry["dhead"], dh, head_specs)
             return carry, zeros_act, dx
 
         def tick(state, row):
@@ -338,8 +447,8 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         carry = {
             "act": jnp.zeros((sched.act_slots + 1, *zeros_act.shape), dtype),  # + 1: the "nothing" slot
             "grad": jnp.zeros((sched.grad_slots + 1, *zeros_act.shape), dtype),
-            "dlayers": [jnp.zeros_like(a) for a in float_local],
-            "dhead": [jnp.zeros_like(a) for a in head_leaves],
+            "dlayers": [split(jnp.zeros_like(a), s) for a, s in zip(float_local, float_specs, strict=True)],
+            "dhead": [split(jnp.zeros_like(a), s) for a, s in zip(head_leaves, head_specs, strict=True)],
             "losses": jnp.zeros(4, jnp.float32),
         }
         (carry, _, _), _ = jax.lax.scan(tick, (carry, zeros_act, zeros_act), tables)
@@ -356,6 +465,7 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
         return out, dlayers, dhead
 
     def run_all(layer_leaves, head_leaves, mbs):
+        # Specs name the manual axes only: a weight keeps its split over the model axes.
         layer_spec = [P(None, STAGE)] * len(layer_leaves)
         head_spec = [P()] * len(head_leaves)
         row = P(None, row_spec)
@@ -365,10 +475,11 @@ def _make_run(cfg, mesh, sched: Schedule, gd_layers, layer_def, gd_head, head_de
             mesh=mesh,
             in_specs=(layer_spec, head_spec, mb_spec),
             out_specs=(P(), layer_spec, head_spec),
+            axis_names=frozenset(a for a in mesh.axis_names if a not in model_axes),
             check_vma=False,
         )
-        # Inside, every axis is manual: the layers must not constrain activations to mesh axes.
-        with nnx.logical_axis_rules(()):
+        # Inside, the layers constrain activations to the model axes only (none: every axis manual).
+        with nnx.logical_axis_rules(inner if model_axes else ()):
             return fn(layer_leaves, head_leaves, mbs)
 
     @jax.custom_vjp
@@ -403,10 +514,12 @@ def train_objective(
     z_loss: float,
     loss_chunk: int | None,
     unsupported: tuple[str, ...] = (),
+    rules: sharding.Rules | str | None = None,
 ):
     """The trainer's objective (``llmarch.train.step.Objective``) on a mesh with ``stage > 1``:
-    ``pipeline_loss`` with ``microbatches`` (None: twice the stages). ``unsupported``: the
-    TrainConfig features in use that the pipeline cannot run (refused here, by name).
+    ``pipeline_loss`` with ``microbatches`` (None: twice the stages) under ``rules`` (as
+    ``pipeline_loss``'s). ``unsupported``: the TrainConfig features in use that the pipeline
+    cannot run (refused here, by name).
 
     Raises:
       ValueError: naming the field, before anything compiles.
@@ -424,8 +537,15 @@ def train_objective(
             "loads, which the pipeline does not return; set it to 0 or use stage=1"
         )
     m = 2 * p if microbatches is None else microbatches
+    table = _rules_of(rules)  # fixed now: the step runs outside the trainer's sharding context
     check_pipeline(
-        cfg, dict(mesh.shape), schedule=schedule, microbatches=m, virtual=virtual, batch_size=batch_size
+        cfg,
+        dict(mesh.shape),
+        schedule=schedule,
+        microbatches=m,
+        virtual=virtual,
+        batch_size=batch_size,
+        rules=table,
     )
 
     def objective(model: Transformer, batch: dict[str, jax.Array], teacher: Any):
@@ -438,6 +558,7 @@ def train_objective(
             virtual=virtual,
             z_loss=z_loss,
             loss_chunk=loss_chunk,
+            rules=table,
         )
         return total, parts, collections.OrderedDict()  # no per-layer aux leaves the pipeline
 
@@ -446,7 +567,7 @@ def train_objective(
 
 def trainer_objective(train_cfg: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh):
     """``train_objective`` for a ``llmarch.train.config.TrainConfig`` (read by attribute: the
-    trainer sits above this module): its pipeline fields, batch size, z-loss and loss chunk, and
+    trainer sits above this module): its pipeline fields, batch size, z-loss, loss chunk and rules, and
     the features the pipeline refuses (distillation, LoRA, multi-token prediction)."""
     used = {
         "distill": train_cfg.distill is not None,
@@ -463,7 +584,16 @@ def trainer_objective(train_cfg: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh)
         z_loss=train_cfg.z_loss,
         loss_chunk=train_cfg.loss_chunk,
         unsupported=tuple(name for name, on in used.items() if on),
+        rules=train_cfg.rules,
     )
 
 
-__all__ = ["SCHEDULES", "check_pipeline", "pipeline_loss", "train_objective", "trainer_objective"]
+__all__ = [
+    "SCHEDULES",
+    "check_pipeline",
+    "pipeline_loss",
+    "stage_axes",
+    "stage_rules",
+    "train_objective",
+    "trainer_objective",
+]
