@@ -159,17 +159,14 @@ _SPLIT = {
 }
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry or ())
-
-
 def _check_split(params: nnx.State, split: tuple[str, ...]) -> None:
     """The parameters of ``_SPLIT[axis]`` for each axis in ``split`` are split over it (their spec
     names it and a device holds only a part), and no parameter is split over another model axis."""
     seen = {axis: 0 for axis in split}
     for path, var in nnx.to_flat_state(params):
         path, value = "/".join(map(str, path)), var.get_value()
-        named = {a for e in value.sharding.spec for a in _mesh_axes(e) if value.sharding.mesh.shape[a] > 1}
+        sizes = value.sharding.mesh.shape
+        named = {a for e in value.sharding.spec for a in sharding.spec_axes(e) if sizes[a] > 1}
         assert named <= set(split), (path, value.sharding.spec, split)
         for axis in split:
             if path.endswith(_SPLIT[axis]):

@@ -71,6 +71,7 @@ LAYERING = [
     ("llmarch.quant", "llmarch.quant.model", "llmarch.quant.gptq", "llmarch.quant.awq"),
     ("llmarch.quant.calibrate",),  # walks the model's blocks
     ("llmarch.pipeline", "llmarch.pipeline_schedule"),  # pipeline stages over the model's blocks
+    ("llmarch.mtp",),  # runs the model's multi-token-prediction modules (training, drafting)
     ("llmarch.model",),
     ("llmarch.vision.",),  # vision towers (SigLIP): layers assembled like the decoder
     ("llmarch.quant.targets",),  # a model's Einsum/MoE/Embed layers seen as matrices

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import llmarch
-from llmarch import accounting
+from llmarch import accounting, mtp
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.lora import LoraConfig
 from llmarch.train import metrics
@@ -99,7 +99,7 @@ def test_causal_chain():
     @jax.jit
     def hidden(state, tokens):
         m = nnx.merge(graphdef, state)
-        return jnp.stack(m.mtp_hidden(m(tokens, return_hidden=True).trunk, tokens)[0])  # [k,B,T,D]
+        return jnp.stack(mtp.hidden(m, m(tokens, return_hidden=True).trunk, tokens)[0])  # [k,B,T,D]
 
     tokens = jax.random.randint(jax.random.key(0), (1, T), 0, cfg.vocab_size)
     base = hidden(state, tokens)
@@ -155,7 +155,7 @@ def test_cached_mtp_step_equals_full_sequence(preset):
     cfg = llmarch.presets.get(preset).replace(mtp_depth=depth)
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(2))
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
-    full = model.mtp_hidden(model(tokens, return_hidden=True).trunk, tokens)[0]
+    full = mtp.hidden(model, model(tokens, return_hidden=True).trunk, tokens)[0]
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -167,12 +167,12 @@ def test_cached_mtp_step_equals_full_sequence(preset):
         h, hidden, new = out.trunk, [], []
         for k in range(1, depth + 1):
             ahead = jax.lax.dynamic_slice(tokens, (0, i + k), (1, 1))  # t_{i+k}
-            h, c, _ = m.mtp_step(k, h, ahead, pos, cache=mtp_cache[k - 1])
+            h, c, _ = mtp.step(m, k, h, ahead, pos, cache=mtp_cache[k - 1])
             hidden.append(h[:, 0])
             new.append(c)
         return out.cache, new, hidden
 
-    cache, mtp_cache = model.init_cache(1, T), model.init_mtp_cache(1, T)
+    cache, mtp_cache = model.init_cache(1, T), mtp.init_cache(model, 1, T)
     for i in range(T - depth):
         cache, mtp_cache, hidden = decode(state, cache, mtp_cache, tokens, i)
         for k in range(depth):
@@ -226,12 +226,12 @@ def test_deepseek_v3_accounting_671b_main_plus_14b_mtp():
     v3 = llmarch.presets.get("deepseek-v3")
     assert v3.mtp_depth == 1 and v3.mtp_block_config == v3.layer_blocks[-1]  # MLA + MoE
     assert accounting.param_count(v3) == 671_026_404_352  # the main model: the report's 671B
-    mtp = accounting.mtp_param_counts(v3)
-    assert mtp.projection == 2 * 7168 * 7168
-    assert mtp.total == 11_610_067_968  # the module's own weights
+    counts = accounting.mtp_param_counts(v3)
+    assert counts.projection == 2 * 7168 * 7168
+    assert counts.total == 11_610_067_968  # the module's own weights
     # With the embedding and head copies the published checkpoint stores in its MTP layer: "14B".
-    assert mtp.published == 13_463_426_048
-    assert accounting.param_count(v3) + mtp.published == pytest.approx(685e9, rel=0.002)
+    assert counts.published == 13_463_426_048
+    assert accounting.param_count(v3) + counts.published == pytest.approx(685e9, rel=0.002)
     assert accounting.mtp_param_counts(llmarch.presets.get("tiny-deepseek")).total == 0
 
 

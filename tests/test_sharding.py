@@ -87,6 +87,23 @@ def test_logical_to_spec():
         sharding.logical_to_spec(("rows",), table, axes_)
 
 
+def test_spec_axes_logical_axes_on_mesh_and_batch_axes(devices):
+    assert sharding.spec_axes(None) == ()
+    assert sharding.spec_axes("tensor") == ("tensor",)
+    assert sharding.spec_axes(("data", "fsdp")) == ("data", "fsdp")
+    assert sharding.logical_axes_on_mesh("batch") == ()  # no mesh, no rules: unsharded
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    assert sharding.logical_axes_on_mesh("batch", mesh, "fsdp_tp") == ("data", "fsdp")
+    assert sharding.logical_axes_on_mesh("mlp", mesh, "fsdp_tp") == ("tensor",)
+    assert sharding.logical_axes_on_mesh("expert", mesh, "fsdp_tp") == ()
+    with sharding.use(mesh, "fsdp_tp"):  # the ambient mesh and rules
+        assert sharding.logical_axes_on_mesh("embed") == ("fsdp",)
+        assert sharding.batch_axes(8) == ("data", "fsdp")
+        assert sharding.batch_axes(8, exclude="fsdp") == ("data",)
+        assert sharding.batch_axes(6) == ()  # 2·2 rows do not divide 6: the batch stays whole
+        assert sharding.batch_axes(6, exclude="fsdp") == ("data",)
+
+
 def test_make_mesh_fills_missing_axes(devices):
     mesh = sharding.make_mesh("data=2,tensor=4")
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1, "stage": 1}

@@ -41,14 +41,13 @@ a free axis of the activation and of the output, absent from ``w``.
 The layers that ring (``layers.ffn.SwiGLU``, ``layers.attention.Attention``, under
 ``ModelConfig.collective_matmul``) find their axis with ``ring_axis`` (the mesh axis the ambient
 rules split ``mlp``/``heads`` over), check the sequence with ``check_sequence`` and their weights
-with ``check_plain``, make the batch axes manual too (``batch_axes``), and constrain their input
+with ``check_plain``, make the batch axes manual too (``sharding.batch_axes``), and constrain their input
 and output to ``RESIDUAL``, so that the rules (``tp``: replicated; ``tp_sp``: sequence-split)
 decide the residual stream's layout between sublayers.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -68,18 +67,14 @@ def ring_axis(layer: str, logical: str = axes.MLP) -> str | None:
     """The mesh axis that the ambient rules split ``logical`` (a layer's tensor-parallel axis:
     ``mlp``, ``heads``) over, if it has more than one device; None (the layer's plain path) with
     no mesh, no rules, or ``logical`` unsplit. ``layer`` names the caller in errors."""
-    mesh, table = sharding.ambient()
-    if mesh.empty or not table:
-        return None
-    entry = sharding.logical_to_spec((logical,), table, mesh.axis_names)[0]
-    targets = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    targets = sharding.logical_axes_on_mesh(logical)
     if len(targets) > 1:
         raise ValueError(
             f"{layer} collective_matmul=True rings over one mesh axis, but the rules split "
             f"{logical!r} over {targets}; map it to one axis (e.g. rules 'tp') or set "
             "collective_matmul=False"
         )
-    return targets[0] if targets and mesh.shape[targets[0]] > 1 else None
+    return targets[0] if targets and jax.sharding.get_abstract_mesh().shape[targets[0]] > 1 else None
 
 
 def check_sequence(layer: str, axis: str, length: int) -> None:
@@ -91,15 +86,6 @@ def check_sequence(layer: str, axis: str, length: int) -> None:
             f"{n}: sequence length T={length} must be a multiple of it (decoding one token at a "
             "time cannot run so: use a config with collective_matmul=False there)"
         )
-
-
-def batch_axes(batch: int, axis: str) -> tuple[str, ...]:
-    """The mesh axes the ambient rules split the batch over (manual in a layer's shard_map, so
-    each device rings only its own rows), if they divide ``batch``."""
-    mesh, table = sharding.ambient()
-    entry = sharding.logical_to_spec((axes.BATCH,), table, mesh.axis_names)[0]
-    found = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a != axis)
-    return found if batch % math.prod(mesh.shape[a] for a in found) == 0 else ()
 
 
 def check_plain(layer: str, einsums: dict) -> None:

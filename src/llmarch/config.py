@@ -185,7 +185,7 @@ class ModelConfig:
     # DeepSeek-V3's multi-token prediction (V3 §2.2, ``llmarch.layers.mtp``): ``mtp_depth`` sequential
     # modules after the decoder, module k predicting the token k+1 beyond the next one; each has its
     # own block (of ``mtp_block``'s kinds; None: the last decoder block's) and shares the embedding
-    # and output head. 0: none. Inference drops them unless asked (``Transformer.mtp_hidden``).
+    # and output head. 0: none. Inference drops them unless asked (``llmarch.mtp`` runs them).
     mtp_depth: int = 0
     mtp_block: BlockConfig | None = None
     # Tensor parallelism's SwiGLU FFN and MHA/GQA projections as collective matmuls

@@ -26,7 +26,7 @@ from llmarch.layers.cache import Pooled
 from llmarch.layers.einsum import Einsum
 from llmarch.layers.embed import Embed
 from llmarch.layers.mla import MLA, check_path
-from llmarch.layers.mtp import build_mtp, shift_left
+from llmarch.layers.mtp import build_mtp
 from llmarch.layers.norms import RMSNorm
 
 _REMAT_POLICIES = {
@@ -194,7 +194,8 @@ class Transformer(nnx.Module):
                 )
             )
             # Multi-token prediction: each depth's block a one-block run (the decoder's caches,
-            # remat and layer-axis sharding), built here since layers do not import the decoder.
+            # remat and layer-axis sharding), built here since layers do not import the decoder;
+            # ``__call__`` never runs them: ``llmarch.mtp`` does, for training and drafting.
             make = lambda: BlockRun(cfg, cfg.mtp_block_config, 1, rngs=rngs)  # noqa: E731
             self.mtp = nnx.data(build_mtp(cfg, make, rngs=rngs))
             if cfg.low_rank is not None:  # weights stored as low-rank factors (llmarch.lowrank)
@@ -224,63 +225,6 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             return self.embed.table(), False
         return self.lm_head.weight(), True
-
-    def init_mtp_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> list:
-        """Each multi-token-prediction module's own decoding cache (its block's, as ``init_cache``
-        makes a run's), one list entry per depth; for ``mtp_step``."""
-        if self.mtp is None:
-            raise ValueError(f"model {self.cfg.name!r} has no MTP modules (ModelConfig.mtp_depth=0)")
-        max_len = self.cfg.max_seq_len if max_len is None else max_len
-        check_positive("", batch_size=batch_size, max_len=max_len)
-        dtype = kv_quant.storage_dtype("auto" if dtype is None else dtype, self.cfg.dtype, owner="")
-        return [m.block.init_cache(self.cfg, batch_size, max_len, dtype) for m in self.mtp]
-
-    def mtp_step(
-        self,
-        k: int,
-        h: jax.Array,
-        tokens: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        cache: Any = None,
-    ) -> tuple[jax.Array, Any, Aux]:
-        """MTP depth ``k`` (1..mtp_depth): ``(h^k [B,T,D], cache, aux)`` from ``h = h^{k-1}``
-        ``[B,T,D]`` (``h^0``: ``ModelOutput.trunk``) and ``tokens [B,T]`` = ``t_{i+k}``, aligned
-        with h's positions ``positions [B,T]``. With ``cache`` (``init_mtp_cache()[k-1]``) the
-        positions are also the slots written, as in ``__call__``: the decoding form."""
-        if self.mtp is None or not 1 <= k <= len(self.mtp):
-            raise ValueError(f"k={k} is invalid: must be in [1, mtp_depth={self.cfg.mtp_depth}]")
-        emb = self.embed.encode(tokens, jnp.dtype(self.cfg.dtype))  # the shared embedding
-        with jax.named_scope(f"mtp{k}"):
-            h, (cache, aux) = self.mtp[k - 1](h, emb, positions, segment_ids, cache)
-        return h, cache, aux
-
-    def mtp_hidden(
-        self,
-        trunk: jax.Array,
-        tokens: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> tuple[list[jax.Array], AuxByModule]:
-        """Every MTP depth over a whole row, for training: ``([h^1, ..., h^D], aux)``, each
-        ``[B,T,D]``, from ``trunk = h^0`` and the model's input ``tokens [B,T]``. Depth k at
-        position i reads ``tokens[i+k]`` (``layers.mtp.shift_left``; meaningless, and to be masked,
-        for the last k positions); ``aux`` is keyed by ``mtp_aux_key``. Logits: ``mtp_logits``."""
-        if positions is None:
-            positions = segment_positions(segment_ids, tokens.shape)
-        hidden, aux = [trunk], collections.OrderedDict()
-        for k in range(1, self.cfg.mtp_depth + 1):
-            h, _, aux[mtp_aux_key(k - 1)] = self.mtp_step(
-                k, hidden[-1], shift_left(tokens, k), positions, segment_ids
-            )
-            hidden.append(h)
-        return hidden[1:], aux
-
-    def mtp_logits(self, k: int, h: jax.Array) -> jax.Array:
-        """``[B,T,V]`` logits of depth k (position i: ``t_{i+k+1}``): ``h^k`` through the module's
-        own final norm (``mtp[k-1].norm``), then the shared output head."""
-        return self.head(self.mtp[k - 1].norm(h))
 
     def head(self, x: jax.Array) -> jax.Array:
         """The output head: final-normed ``x [B,T,D]`` -> logits ``[B,T,V]`` in ``cfg.logits_dtype``."""
@@ -355,9 +299,10 @@ class Transformer(nnx.Module):
             serving step does for the last token of each sequence.
           return_hidden: stop before the output projection: a ``ModelOutput`` whose ``hidden``
             holds the final-normed states ``[B,T,D]``, ``trunk`` the states before the final norm
-            (``h^0`` of multi-token prediction, ``mtp_hidden``) and whose ``logits`` is None. The training
-            loss projects them itself, a vocabulary chunk at a time (``llmarch.ops.cross_entropy``
-            with ``output_projection()``), so the ``[B,T,V]`` logits never exist.
+            (``h^0`` of multi-token prediction, ``llmarch.mtp.hidden``) and whose ``logits`` is
+            None. The training loss projects them itself, a vocabulary chunk at a time
+            (``llmarch.ops.cross_entropy`` with ``output_projection()``), so the ``[B,T,V]``
+            logits never exist.
           embeddings: ``[B,T,D]`` input embeddings to use instead of looking ``tokens`` up (which
             still give the shape and are checked): a multimodal model (``llmarch.vision.llava``)
             writes image features over its placeholder tokens' embeddings and passes them here.

@@ -83,10 +83,6 @@ def _rules_of(rules: sharding.Rules | str | None) -> sharding.Rules:
     return sharding.rules(rules) if isinstance(rules, str) else tuple(rules)
 
 
-def _targets(target) -> tuple[str, ...]:
-    return (target,) if isinstance(target, str) else tuple(target or ())
-
-
 def stage_axes(
     mesh_shape: Mapping[str, int], rules: sharding.Rules
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -94,7 +90,7 @@ def stage_axes(
     axes where ``rules`` map a logical axis to them (the heads, FFN hidden units and vocabulary:
     Megatron tensor parallelism, left to the compiler; the experts: expert parallelism), and every
     other axis but ``stage`` of size > 1 splits the microbatches' rows."""
-    used = {t for _, target in rules for t in _targets(target)}
+    used = {t for _, target in rules for t in sharding.spec_axes(target)}
     model = tuple(a for a in (TENSOR, EXPERT) if mesh_shape.get(a, 1) > 1 and a in used)
     rows = tuple(a for a, n in mesh_shape.items() if a != STAGE and n > 1 and a not in model)
     return rows, model
@@ -105,7 +101,7 @@ def stage_rules(rules: sharding.Rules, model_axes: tuple[str, ...]) -> sharding.
     stage, where the other mesh axes are manual (the stage's own and the rows' shards)."""
     out = []
     for name, target in rules:
-        kept = tuple(t for t in _targets(target) if t in model_axes)
+        kept = tuple(t for t in sharding.spec_axes(target) if t in model_axes)
         out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
     return tuple(out)
 

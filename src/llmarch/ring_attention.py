@@ -34,7 +34,6 @@ ring ``Tc = T/C`` and ``Sc = S/C`` are the local chunks.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -63,11 +62,7 @@ class _Static(NamedTuple):
 def context_size() -> int:
     """The number of sequence chunks the ambient mesh and rules ask for: the size of the
     ``context`` axis when the rules map the logical ``seq`` axis to it, else 1 (no ring)."""
-    mesh, table = sharding.ambient()
-    if mesh.empty or not table or CONTEXT not in mesh.axis_names:
-        return 1
-    entry = sharding.logical_to_spec((axes.SEQ,), table, mesh.axis_names)[0]
-    targets = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    targets = sharding.logical_axes_on_mesh(axes.SEQ)
     if CONTEXT not in targets:
         return 1
     if targets != (CONTEXT,):
@@ -75,7 +70,7 @@ def context_size() -> int:
             f"rules map logical axis 'seq' to mesh axes {targets}: context parallelism allows "
             f"only {CONTEXT!r} on the sequence"
         )
-    return mesh.shape[CONTEXT]
+    return jax.sharding.get_abstract_mesh().shape[CONTEXT]
 
 
 def check_no_cache(cache, layer: str) -> None:
@@ -140,7 +135,7 @@ def ring_attention(
         raise ValueError(f"query heads N={q.shape[2]} must be a multiple of KV heads K={k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if batch_axes is None:
-        batch_axes = _batch_axes(mesh, q.shape[0], axis)
+        batch_axes = sharding.batch_axes(q.shape[0], axis)
     batch_axes = tuple(batch_axes)
     manual = (axis, *batch_axes)
     static = _Static(axis, size, float(scale), bool(causal), sliding_window, bool(skip_masked_blocks), manual)
@@ -150,16 +145,6 @@ def ring_attention(
     body = functools.partial(_ring, static)
     run = jax.shard_map(body, in_specs=in_specs, out_specs=seq, axis_names=set(manual))
     return run(q, k, v, masks)
-
-
-def _batch_axes(mesh, batch: int, axis: str) -> tuple[str, ...]:
-    """The mesh axes that the ambient rules split the batch over, if they divide ``batch``."""
-    _, table = sharding.ambient()
-    if not table:
-        return ()
-    entry = sharding.logical_to_spec((axes.BATCH,), table, mesh.axis_names)[0]
-    found = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a != axis)
-    return found if batch % math.prod(mesh.shape[a] for a in found) == 0 else ()
 
 
 # The ring, per device (inside the shard_map) ------------------------------------------------------

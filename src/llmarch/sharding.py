@@ -174,6 +174,37 @@ def ambient() -> tuple[AbstractMesh, Rules]:
     return jax.sharding.get_abstract_mesh(), tuple(flax_spmd.get_logical_axis_rules())
 
 
+def spec_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (or one rules target): None, a mesh axis name or a
+    tuple of them, as a tuple (``None -> ()``, ``"tensor" -> ("tensor",)``)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def logical_axes_on_mesh(
+    logical: str, mesh: Mesh | AbstractMesh | None = None, table: Rules | str | None = None
+) -> tuple[str, ...]:
+    """The axes of ``mesh`` that ``table`` maps the logical axis ``logical`` to (its entry of
+    ``logical_to_spec``); by default the ambient mesh and rules (``ambient``). () with an empty
+    mesh or no rules: unsharded."""
+    if mesh is None or table is None:
+        ambient_mesh, ambient_table = ambient()
+        mesh = ambient_mesh if mesh is None else mesh
+        table = ambient_table if table is None else table
+    if mesh.empty or not table:
+        return ()
+    table = rules(table) if isinstance(table, str) else table
+    return spec_axes(logical_to_spec((logical,), table, mesh.axis_names)[0])
+
+
+def batch_axes(batch: int, exclude: str | None = None) -> tuple[str, ...]:
+    """The ambient mesh axes that the ambient rules split a batch of ``batch`` rows over, less
+    ``exclude`` (a ring's own axis), or () where they do not divide ``batch``: the axes a
+    ``shard_map`` around a ring makes manual too, so that each device works on its own rows only."""
+    mesh = jax.sharding.get_abstract_mesh()
+    found = tuple(a for a in logical_axes_on_mesh(axes.BATCH, mesh) if a != exclude)
+    return found if batch % math.prod(mesh.shape[a] for a in found) == 0 else ()
+
+
 def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec over the axes that ``mesh_axes`` has.
 
@@ -186,8 +217,7 @@ def logical_to_spec(names: Sequence[str | None], table: Rules, mesh_axes: Sequen
     for name in names:
         if name is not None and name not in lookup:
             raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(lookup)}")
-        target = lookup.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = spec_axes(lookup.get(name) if name is not None else None)
         kept = tuple(t for t in targets if t in mesh_axes and t not in used)
         used.update(kept)
         spec.append(kept[0] if len(kept) == 1 else (kept or None))
@@ -198,7 +228,7 @@ def _check_divisible(
     path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | AbstractMesh
 ) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
-        mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        mesh_axes = spec_axes(entry)
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
         if size % ways:
             raise ValueError(

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmarch import mtp
 from llmarch.inference import sampling
 from llmarch.inference.speculative import _DRAFT, SpeculativeDecoder, _acceptance, _draw
 from llmarch.layers.mtp import shift_left
@@ -66,7 +67,7 @@ def _decode(state, seq, n, limit, stops, rows, *, graphdef, width):
     rowsB = jnp.arange(B)
     start = n
     sampled = jnp.any(rows["temperature"] > 0)
-    t_cache, m_cache = model.init_cache(B, S), model.init_mtp_cache(B, S)[0]
+    t_cache, m_cache = model.init_cache(B, S), mtp.init_cache(model, B, S)[0]
 
     # Prefill: the target over the prompts (junk past a row's end is rewritten before it is read),
     # the first token from the target at each row's last position, then the MTP module over the
@@ -78,9 +79,9 @@ def _decode(state, seq, n, limit, stops, rows, *, graphdef, width):
     first, _ = _pick(logits, rows, _keys(rows, jnp.zeros_like(n), _FIRST), sampled)
     seq = seq.at[rowsB, n].set(first)
     ahead = shift_left(seq, 1)[:, :width]  # t_{q+1}
-    h, m_cache, _ = model.mtp_step(1, out.trunk, ahead, positions, cache=m_cache)
+    h, m_cache, _ = mtp.step(model, 1, out.trunk, ahead, positions, cache=m_cache)
     d, q = _pick(
-        model.mtp_logits(1, h[rowsB, last][:, None])[:, 0],
+        mtp.logits(model, 1, h[rowsB, last][:, None])[:, 0],
         rows,
         _keys(rows, jnp.ones_like(n), _DRAFT),
         sampled,
@@ -122,9 +123,9 @@ def _decode(state, seq, n, limit, stops, rows, *, graphdef, width):
         seq = seq.at[rowsB[:, None], at].set(tokens, mode="drop")
         # The MTP module over the same two positions, each with the token after it (t_n = tokens[0],
         # t_{n+1} = tokens[1], junk when only one was produced: that slot is rewritten next round).
-        h, m_cache, _ = model.mtp_step(1, out.trunk, tokens, pos, cache=m_cache)
+        h, m_cache, _ = mtp.step(model, 1, out.trunk, tokens, pos, cache=m_cache)
         new_n = jnp.where(active, n + keep, n)
-        mtp_logits = model.mtp_logits(1, h[rowsB, jnp.clip(accepted, 0, 1)][:, None])[:, 0]
+        mtp_logits = mtp.logits(model, 1, h[rowsB, jnp.clip(accepted, 0, 1)][:, None])[:, 0]
         d_next, q_next = _pick(mtp_logits, rows, _keys(rows, new_n - start, _DRAFT), sampled)
         return (
             out.cache,

@@ -143,7 +143,7 @@ class Attention(nnx.Module):
         cm.check_sequence("Attention", axis, x.shape[1])
         layers = {"w_q_dnh": self.w_q_dnh, "w_k_dkh": self.w_k_dkh, "w_v_dkh": self.w_v_dkh}
         cm.check_plain("Attention", layers)
-        batch = cm.batch_axes(x.shape[0], axis)
+        batch = sharding.batch_axes(x.shape[0], axis)
         seq, heads = PartitionSpec(batch or None, axis), PartitionSpec(batch or None, None, axis)
         w = PartitionSpec(None, axis)  # [D,N/n,H] and [D,K/n,H]
 
@@ -159,7 +159,7 @@ class Attention(nnx.Module):
     def _scatter_project(self, out: jax.Array, axis: str) -> jax.Array:
         """``[B,T,N,H]`` (heads split over ``axis``) -> ``[B,T,D]``, by one reduce-scatter ring."""
         cm.check_plain("Attention", {"w_o_nhd": self.w_o_nhd})
-        batch = cm.batch_axes(out.shape[0], axis)
+        batch = sharding.batch_axes(out.shape[0], axis)
         seq, heads = PartitionSpec(batch or None, axis), PartitionSpec(batch or None, None, axis)
 
         def project(o, w_o):  # o [B,T,N/n,H], w_o [N/n,H,D] -> [B,T/n,D]

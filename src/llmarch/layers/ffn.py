@@ -60,7 +60,7 @@ class SwiGLU(nnx.Module):
         cm.check_sequence("SwiGLU", axis, x.shape[1])
         layers = {"w_gate_df": self.w_gate_df, "w_up_df": self.w_up_df, "w_down_fd": self.w_down_fd}
         cm.check_plain("SwiGLU", layers)
-        batch = cm.batch_axes(x.shape[0], axis)
+        batch = sharding.batch_axes(x.shape[0], axis)
         seq = PartitionSpec(batch or None, axis)  # [B,T,D]: T split n ways
         w_gate, w_up, w_down = (layer.w[...].astype(x.dtype) for layer in layers.values())
 

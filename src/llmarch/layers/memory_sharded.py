@@ -23,12 +23,8 @@ from llmarch.layers.memory_lookup import read_values
 
 def memory_axes() -> tuple[str, ...]:
     """The mesh axes (of size > 1) that the active mesh and rules shard value-table rows over."""
-    mesh, table = sharding.ambient()
-    if mesh.empty or not table:
-        return ()
-    entry = sharding.logical_to_spec((axes.MEMORY_ROWS,), table, mesh.axis_names)[0]
-    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    return tuple(a for a in names if mesh.shape[a] > 1)
+    mesh = jax.sharding.get_abstract_mesh()
+    return tuple(a for a in sharding.logical_axes_on_mesh(axes.MEMORY_ROWS, mesh) if mesh.shape[a] > 1)
 
 
 def sharded_read_values(

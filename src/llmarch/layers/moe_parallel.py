@@ -54,14 +54,10 @@ from llmarch.layers.configs import MoEConfig
 from llmarch.layers.moe_dispatch import ExpertWeights
 
 
-def _axes_of(entry) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry or ())
-
-
 def layout(mesh, table: sharding.Rules) -> tuple[tuple[str, ...], str | None, int, int]:
     """``(token axes, expert axis, its size ep, token shards)`` of ``mesh`` under ``table``."""
-    token_axes = _axes_of(sharding.logical_to_spec((axes.BATCH,), table, mesh.axis_names)[0])
-    expert = _axes_of(sharding.logical_to_spec((axes.EXPERT,), table, mesh.axis_names)[0])
+    token_axes = sharding.logical_axes_on_mesh(axes.BATCH, mesh, table)
+    expert = sharding.logical_axes_on_mesh(axes.EXPERT, mesh, table)
     if len(expert) > 1:
         raise ValueError(f"rules map logical axis 'expert' to {expert}: allowed: one mesh axis or none")
     ep_axis = expert[0] if expert and mesh.shape[expert[0]] > 1 else None

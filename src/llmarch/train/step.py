@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llmarch import ops
+from llmarch import mtp, ops
 from llmarch.checks import fail
 from llmarch.layers.mtp import targets_and_mask
 from llmarch.lora.layer import dropout_key
@@ -121,8 +121,8 @@ def mtp_losses(
     (DeepSeek-V3 §2.2) over the positions whose target ``t_{i+k+1}`` the row holds, the main loss
     counts, and lies in position i's own document (``layers.mtp.targets_and_mask``), through the
     shared output head a vocabulary chunk at a time as the main loss; ``aux``: the MTP blocks'."""
-    hidden, aux = model.mtp_hidden(
-        trunk, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    hidden, aux = mtp.hidden(
+        model, trunk, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
     )
     losses = []
     for k, h in enumerate(hidden, start=1):
