@@ -10,6 +10,8 @@ checked against, and falls back to that path when no compiler is present.
 file                   op
 =====================  ==========================================================
 quantized_matmul.cc    ``quantized_matmul``: integer and FP8 weights, few rows (decoding)
+dense_matmul.cc        ``weight_matmul``: float32 weights, 2 to 8 rows (small-batch decoding)
+                       and one row of an LM head-sized weight
 =====================  ==========================================================
 
 ``build.py`` compiles and loads the library.

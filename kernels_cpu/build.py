@@ -28,8 +28,8 @@ import warnings
 import jax
 import jaxlib
 
-SOURCES = ("quantized_matmul.cc",)
-HANDLERS = ("llmarch_quantized_matmul",)
+SOURCES = ("quantized_matmul.cc", "dense_matmul.cc")
+HANDLERS = ("llmarch_quantized_matmul", "llmarch_dense_matmul")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17")
 FLAGS += ("-shared", "-fPIC", "-w")
 

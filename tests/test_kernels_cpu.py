@@ -126,6 +126,11 @@ FALLBACK = """
     q, s, z = rtn(jnp.ones((8, 4)), 8, None, True)
     qt = QuantizedTensor(q, s, z, 8, None, "int", (8, 4))
     print("value:", float(ops.quantized_matmul(jnp.ones((1, 8)), qt).sum()))
+    import jax
+    from llmarch.layers.einsum import contract
+    dense = lambda x: contract("BTD,DF->BTF", x, jnp.ones((16, 8)))
+    print("dense kernel:", "llmarch_dense_matmul" in jax.jit(dense).lower(jnp.ones((2, 1, 16))).as_text())
+    print("dense value:", float(dense(jnp.ones((1, 1, 16))).sum()))
 """
 
 
@@ -134,6 +139,7 @@ def test_turned_off_kernels_fall_back_to_xla():
     assert out.returncode == 0, out.stderr
     assert "reason: LLMARCH_CPU_KERNELS=0" in out.stdout
     assert "value: 32.0" in out.stdout
+    assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
 
 
 def test_a_failing_build_warns_once_and_falls_back(tmp_path):
@@ -142,6 +148,7 @@ def test_a_failing_build_warns_once_and_falls_back(tmp_path):
     assert "reason: building kernels_cpu-" in out.stdout
     assert "llmarch CPU kernels unavailable, using the XLA paths" in out.stdout
     assert "value: 32.0" in out.stdout
+    assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 

@@ -48,6 +48,12 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   ``kernels_cpu.quantized_matmul.MAX_ROWS`` rows of x: decoding, unsharded; FP8 too):
   ``kernels_cpu.quantized_matmul``, dequantizing in registers. Otherwise FP8 weights take the
   XLA path.
+- ``weight_matmul(x [M, K], w [K, N])`` -> ``[M, N]``: a layer's plain weight product
+  (``llmarch.layers.einsum.contract`` reaches it). XLA: ``jnp.dot``; CPU (float32,
+  ``kernels_cpu.dense_matmul.MIN_ROWS`` to ``MAX_ROWS`` rows: a small batch's decode step, or
+  one row of a weight past the last-level cache, e.g. the LM head; unsharded):
+  ``kernels_cpu.dense_matmul``, which streams the weight in contiguous row bands. No Pallas
+  kernel: on TPU/GPU XLA's own GEMM is the fast path.
 - ``fp8_blockwise_matmul(xq [..., K], xs [..., K/128], wq [K, N], ws [K/128, N/128])`` -> ``[..., N]``:
   DeepSeek-V3's FP8 GEMM (e4m3 operands, 1×128 activation tiles and 128×128 weight blocks, each
   chunk's sum promoted into float32). XLA: ``llmarch.quant.fp8_blockwise``'s bit-exact reference
@@ -316,6 +322,44 @@ def fp8_blockwise_matmul(
     ``llmarch.quant.fp8_blockwise.fp8_blockwise_matmul_reference``."""
     _, fn = resolve("fp8_blockwise_matmul", impl)
     return fn(xq, xs, wq, ws, promote_every=promote_every, out_dtype=out_dtype)
+
+
+def _weight_matmul_cpu(x, w) -> jax.Array:
+    from kernels_cpu.dense_matmul import dense_matmul
+
+    return dense_matmul(x, w)
+
+
+register("weight_matmul", Impl.XLA, jnp.dot)
+register("weight_matmul", Impl.CPU, _weight_matmul_cpu)
+
+
+def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype, w_elements: int = 0) -> bool:
+    """Whether ``weight_matmul``'s CPU kernel takes ``m`` rows: the CPU backend, an unsharded
+    program (the FFI call is opaque to the partitioner), float32 operands, few rows, and the
+    kernel built on this machine (``LLMARCH_CPU_KERNELS=0`` turns it off)."""
+    from kernels_cpu.dense_matmul import supports
+
+    mesh = jax.sharding.get_abstract_mesh()
+    unsharded = mesh.empty or mesh.size == 1
+    return jax.default_backend() == "cpu" and unsharded and supports(m, x_dtype, w_dtype, w_elements)
+
+
+def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
+    """``[M, N]``: ``x [M, K] @ w [K, N]``, a layer's weight product. ``"auto"`` takes the CPU
+    kernel where ``weight_matmul_kernel_serves`` (a decode step on CPU) and XLA's dot otherwise."""
+    if impl is None or impl == "auto":
+        serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
+        impl = Impl.CPU if serves else Impl.XLA
+    chosen, fn = resolve("weight_matmul", impl)
+    if chosen is Impl.CPU and not weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size):
+        raise ValueError(
+            f"impl='cpu' cannot take this weight_matmul (M={x.shape[0]}, {x.dtype} x {w.dtype}, backend "
+            f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
+            "kernels_cpu.dense_matmul.MIN_ROWS to MAX_ROWS rows (one for a weight of ONE_ROW_MIN_ELEMENTS), "
+            "unsharded, on the CPU backend, when built"
+        )
+    return fn(x, w)
 
 
 def _fp8_blockwise_matmul_xla(xq, xs, wq, ws, **kwargs) -> jax.Array:

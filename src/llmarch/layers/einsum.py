@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmarch import sharding
+from llmarch import ops, sharding
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -78,6 +79,13 @@ def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     plain weight contraction (no batch axes, output = the input's free axes then the weight's)
     is therefore one ``dot_general`` over the weight's axis order, its operands pure bitcasts;
     anything else goes to ``jnp.einsum``.
+
+    A plain contraction whose contracted axes are the input's last ones (in the weight's order)
+    and its weight's first ones is a matrix product ``[M, K] @ [K, N]`` up to bitcasts. On CPU,
+    unsharded, it runs as exactly that 2-D product: given ``[B,T,D] x [D,F]``, XLA:CPU's backward
+    pass writes each weight gradient's ``[B,T,F]`` operand transposed through a strided copy
+    (``copy_bitcast_fusion``, ~20% of a small Llama's train step), which the 2-D form avoids;
+    with few rows (a decode step) it runs ``llmarch.ops.weight_matmul``'s C++ kernel.
     """
     inputs, out = eqn.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
@@ -92,5 +100,18 @@ def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     )
     if not plain:
         return jnp.einsum(eqn, x, w)
+    free, k = lhs[: len(lhs) - len(shared)], len(shared)
+    if lhs[len(free) :] == rhs[:k] == "".join(shared) and _unsharded_cpu():  # [M, K] @ [K, N]
+        m = math.prod(x.shape[: len(free)])
+        x2, w2 = x.reshape(m, -1), w.reshape(math.prod(w.shape[:k]), -1)
+        y = ops.weight_matmul(x2, w2)  # the CPU kernel for a small batch's decode step
+        return y.reshape(*x.shape[: len(free)], *w.shape[k:])
     dims = ((tuple(lhs.index(c) for c in shared), tuple(rhs.index(c) for c in shared)), ((), ()))
     return jax.lax.dot_general(x, w, dims)
+
+
+def _unsharded_cpu() -> bool:
+    """The CPU backend with no mesh of several devices: where a weight product may be flattened
+    to 2-D (a reshape that merges axes a mesh could split) and reach the CPU kernel."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
