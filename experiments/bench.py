@@ -100,7 +100,7 @@ def bench_train(ctx: Context) -> Row:
     hf_model, model, cfg = random_llama(
         vocab=V, d_model=256, layers=4, heads=8, kv_heads=4, ffn=688, max_len=T
     )
-    opt_cfg = OptimizerConfig()  # AdamW, clip 1.0; the peer gets the same
+    opt_cfg = OptimizerConfig().resolved()  # AdamW (torch.optim's defaults), clip 1.0; the peer gets the same
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = build_optimizer(opt_cfg, 1000, model=cfg)
     step = make_train_step(graphdef, tx, donate=True, update_rest=True)  # as the trainer builds it
