@@ -89,6 +89,17 @@ def experiment(name: str):
 # -- 1. train step ----------------------------------------------------------------------------------
 
 
+def torch_adamw(parameters, opt_cfg):
+    """The PyTorch peer's optimizer: ``torch.optim.AdamW`` with ``opt_cfg``'s resolved
+    hyperparameters (None means the optimizer's default, so resolve first)."""
+    import torch
+
+    c = opt_cfg.resolved()
+    return torch.optim.AdamW(
+        parameters, lr=c.learning_rate, betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay
+    )
+
+
 def bench_train(ctx: Context) -> Row:
     import torch
 
@@ -117,10 +128,7 @@ def bench_train(ctx: Context) -> Row:
         return float(jax.block_until_ready(metrics["loss"]))
 
     hf_model.train()
-    opt = torch.optim.AdamW(
-        hf_model.parameters(), lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
-        weight_decay=opt_cfg.weight_decay,
-    )  # fmt: skip
+    opt = torch_adamw(hf_model.parameters(), opt_cfg)
     inputs, targets = torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:])
 
     def torch_step():

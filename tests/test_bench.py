@@ -129,3 +129,20 @@ def test_llama_cpp_computes_the_same_logits(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(np.asarray(llm.scores[: len(ids)]), expected, atol=1e-3)
+
+
+def test_torch_peer_gets_the_resolved_adamw_hyperparameters():
+    """The train row's peer: None in OptimizerConfig means "the optimizer's default" and must be
+    resolved before torch sees it (a bare config once made the whole row fail)."""
+    torch = pytest.importorskip("torch")
+    from llmarch.train.optim import OptimizerConfig
+
+    opt = bench.torch_adamw([torch.nn.Parameter(torch.zeros(2))], OptimizerConfig())
+    group = opt.param_groups[0]
+    want = OptimizerConfig().resolved()
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
+        want.learning_rate,
+        (want.b1, want.b2),
+        want.eps,
+        want.weight_decay,
+    )
