@@ -176,9 +176,28 @@ def test_model_config_impl_reaches_ops(monkeypatch):
     cfg = llmarch.presets.get("tiny-dense").replace(impl="pallas")
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
     requested, resolve = [], ops.resolve
-    monkeypatch.setattr(ops, "resolve", lambda op, impl=None: (requested.append(impl), resolve(op, impl))[1])
+    record = lambda op, impl=None: (requested.append((op, impl)), resolve(op, impl))[1]  # noqa: E731
+    monkeypatch.setattr(ops, "resolve", record)
     model(jnp.zeros((1, 4), jnp.int32))
-    assert requested and set(requested) == {"pallas"}
+    layer_ops = {impl for op, impl in requested if op != "weight_matmul"}
+    weight_ops = {impl for op, impl in requested if op == "weight_matmul"}
+    assert layer_ops == {"pallas"}
+    # No Pallas weight product: XLA's dot is the accelerator's matmul kernel (and never CPU's FFI).
+    assert weight_ops == {ops.Impl.XLA}
+
+
+def test_model_config_impl_xla_keeps_the_cpu_kernel_out():
+    """impl="xla" reaches the weight products: a 2-row decode step, which "auto" gives to the CPU
+    kernel, lowers with no custom call (an exported artifact must hold none)."""
+    cfg = llmarch.presets.get("tiny-dense")
+    x = jnp.zeros((2, 1), jnp.int32)
+    texts = {}
+    for impl in ("auto", "xla"):
+        model = llmarch.Transformer(cfg.replace(impl=impl), rngs=nnx.Rngs(0))
+        texts[impl] = jax.jit(lambda m, x: m(x)).lower(model, x).as_text()
+    if ops.weight_matmul_kernel_serves(2, jnp.float32, jnp.float32):
+        assert "custom_call" in texts["auto"]
+    assert "custom_call" not in texts["xla"]
 
 
 _LONE = {  # each layer from its own sub-config and explicit dimensions: no ModelConfig, no mesh

@@ -23,7 +23,7 @@ from llmarch.checks import check_positive
 from llmarch.config import BlockConfig, ModelConfig
 from llmarch.layers import kinds, kv_quant
 from llmarch.layers.cache import Pooled
-from llmarch.layers.einsum import Einsum
+from llmarch.layers.einsum import Einsum, use_impl
 from llmarch.layers.embed import Embed
 from llmarch.layers.mla import MLA, check_path
 from llmarch.layers.mtp import build_mtp
@@ -202,6 +202,7 @@ class Transformer(nnx.Module):
                 from llmarch.lowrank.layer import build_factorized
 
                 build_factorized(self, cfg.low_rank, rngs=rngs, init_std=cfg.init_std, param_dtype=pd)
+        use_impl(self, cfg.impl)  # the weight products' ops follow the config as the layers' do
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = None) -> list:
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens.

@@ -347,7 +347,10 @@ def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype, w_elements: int = 0) -
 
 def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
     """``[M, N]``: ``x [M, K] @ w [K, N]``, a layer's weight product. ``"auto"`` takes the CPU
-    kernel where ``weight_matmul_kernel_serves`` (a decode step on CPU) and XLA's dot otherwise."""
+    kernel where ``weight_matmul_kernel_serves`` (a decode step on CPU) and XLA's dot otherwise;
+    ``"pallas"`` takes XLA's dot, which on an accelerator is already its matrix unit's kernel."""
+    if impl in (Impl.PALLAS, "pallas"):
+        impl = Impl.XLA
     if impl is None or impl == "auto":
         serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
         impl = Impl.CPU if serves else Impl.XLA

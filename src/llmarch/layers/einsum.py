@@ -38,6 +38,9 @@ class Einsum(nnx.Module):
     # An FP8 training recipe (``llmarch.train.fp8.install`` sets it; static, so in the graphdef).
     # "delayed" also gives the layer an ``fp8_meta`` variable (llmarch.quant.fp8_delayed.FP8Meta).
     fp8: str | None = None
+    # The op implementation its weight product asks for (``ops.weight_matmul``'s ``impl``; None:
+    # "auto"); a model sets it on all of its layers from ``ModelConfig.impl`` (``use_impl``).
+    impl: str | None = None
 
     def __init__(
         self,
@@ -67,10 +70,19 @@ class Einsum(nnx.Module):
 
             return fp8_einsum(eqn, x, self.w[...], recipe=self.fp8)
         # Weights are cast to the activation dtype: the compute dtype is the input's.
-        return contract(eqn, x, self.w[...].astype(x.dtype))
+        return contract(eqn, x, self.w[...].astype(x.dtype), impl=self.impl)
 
 
-def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def use_impl(module: nnx.Module, impl: str | None) -> None:
+    """Sets ``impl`` (an ``ops`` implementation name; None or "auto": the default) on every
+    ``Einsum`` in ``module``, in place: ``"xla"`` keeps the CPU kernel out of its programs (an
+    exported artifact's custom calls must be stable), ``"cpu"`` asks for it."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Einsum):
+            node.impl = None if impl == "auto" else impl
+
+
+def contract(eqn: str, x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:
     """``jnp.einsum(eqn, x, w)``, with the contracted axes listed in the order ``w`` stores them.
 
     ``jnp.einsum`` may list two or more contracted axes in another order than the weight's
@@ -85,7 +97,8 @@ def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     unsharded, it runs as exactly that 2-D product: given ``[B,T,D] x [D,F]``, XLA:CPU's backward
     pass writes each weight gradient's ``[B,T,F]`` operand transposed through a strided copy
     (``copy_bitcast_fusion``, ~20% of a small Llama's train step), which the 2-D form avoids;
-    with few rows (a decode step) it runs ``llmarch.ops.weight_matmul``'s C++ kernel.
+    with few rows (a decode step) it runs ``llmarch.ops.weight_matmul``'s C++ kernel (``impl``:
+    that op's request).
     """
     inputs, out = eqn.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
@@ -104,7 +117,7 @@ def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     if lhs[len(free) :] == rhs[:k] == "".join(shared) and _unsharded_cpu():  # [M, K] @ [K, N]
         m = math.prod(x.shape[: len(free)])
         x2, w2 = x.reshape(m, -1), w.reshape(math.prod(w.shape[:k]), -1)
-        y = ops.weight_matmul(x2, w2)  # the CPU kernel for a small batch's decode step
+        y = ops.weight_matmul(x2, w2, impl=impl)  # the CPU kernel for a small batch's decode step
         return y.reshape(*x.shape[: len(free)], *w.shape[k:])
     dims = ((tuple(lhs.index(c) for c in shared), tuple(rhs.index(c) for c in shared)), ((), ()))
     return jax.lax.dot_general(x, w, dims)
