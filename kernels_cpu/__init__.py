@@ -12,6 +12,8 @@ file                   op
 quantized_matmul.cc    ``quantized_matmul``: integer and FP8 weights, few rows (decoding)
 dense_matmul.cc        ``weight_matmul``: float32 weights, 2 to 8 rows (small-batch decoding)
                        and one row of an LM head-sized weight
+paged_attention.cc     ``paged_attention`` and ``mla_decode``: a float32 paged cache, up to 16
+                       query positions per row (decode steps, speculative verification)
 =====================  ==========================================================
 
 ``build.py`` compiles and loads the library.

@@ -28,8 +28,13 @@ import warnings
 import jax
 import jaxlib
 
-SOURCES = ("quantized_matmul.cc", "dense_matmul.cc")
-HANDLERS = ("llmarch_quantized_matmul", "llmarch_dense_matmul")
+SOURCES = ("quantized_matmul.cc", "dense_matmul.cc", "paged_attention.cc")
+HANDLERS = (
+    "llmarch_quantized_matmul",
+    "llmarch_dense_matmul",
+    "llmarch_paged_attention",
+    "llmarch_paged_attention2",
+)
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17")
 FLAGS += ("-shared", "-fPIC", "-w")
 

@@ -131,6 +131,11 @@ FALLBACK = """
     dense = lambda x: contract("BTD,DF->BTF", x, jnp.ones((16, 8)))
     print("dense kernel:", "llmarch_dense_matmul" in jax.jit(dense).lower(jnp.ones((2, 1, 16))).as_text())
     print("dense value:", float(dense(jnp.ones((1, 1, 16))).sum()))
+    ones, idx = jnp.ones((4, 2, 1, 8)), jnp.zeros((1, 2), jnp.int32)
+    paged = lambda q: ops.paged_attention(q, ones, ones, idx, jnp.array([3]), jnp.array([[2]]))
+    paged_text = jax.jit(paged).lower(jnp.ones((1, 1, 2, 8))).as_text()
+    print("paged kernel:", "llmarch_paged_attention" in paged_text)
+    print("paged value:", float(paged(jnp.ones((1, 1, 2, 8))).sum()))
 """
 
 
@@ -140,6 +145,7 @@ def test_turned_off_kernels_fall_back_to_xla():
     assert "reason: LLMARCH_CPU_KERNELS=0" in out.stdout
     assert "value: 32.0" in out.stdout
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
+    assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
 
 
 def test_a_failing_build_warns_once_and_falls_back(tmp_path):
@@ -149,6 +155,7 @@ def test_a_failing_build_warns_once_and_falls_back(tmp_path):
     assert "llmarch CPU kernels unavailable, using the XLA paths" in out.stdout
     assert "value: 32.0" in out.stdout
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
+    assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 

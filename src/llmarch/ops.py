@@ -34,10 +34,13 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   v_scales=None)`` -> ``[B,T,N,H]``: decode
   steps and chunked-prefill chunks in one batch (position -1 pads a row's queries). Its XLA
   entry (and ``mla_decode``'s) is a blocked online-softmax loop over the pages, not the
-  reference, which gathers whole tables.
+  reference, which gathers whole tables. CPU (a float32 cache, at most
+  ``kernels_cpu.paged_attention.MAX_T`` query positions per row, unsharded; not differentiable):
+  ``kernels_cpu.paged_attention``, each row's visible positions read once, page by page.
 - ``mla_decode(q_latent [B,T,N,A], q_rope [B,T,N,R], c_kv_pages [pages,page_size,A],
   k_rope_pages [pages,page_size,R], block_tables, lengths, q_positions, *, scale)`` -> ``[B,T,N,A]``:
-  absorbed MLA over the paged latent cache, output in the latent space.
+  absorbed MLA over the paged latent cache, output in the latent space; CPU as
+  ``paged_attention`` (the same kernel, keys in two parts).
 - ``cross_entropy(x [B,D], w [V,D] (or [D,V] with transpose_w), labels [B], *, chunk)`` ->
   ``(nll [B], lse [B])``: the LM head's loss terms without the ``[B,V]`` logits, differentiable in
   x and w. XLA: ``chunk`` vocabulary entries per step of a loop; Pallas: tiles of its own.
@@ -203,12 +206,72 @@ def paged_attention(
     The XLA loop reads them as stored; the Pallas kernels read float pages, so they get the
     pools dequantized first (correct, without the bandwidth saving).
     """
+    impl = _paged_cpu_auto(impl, q.shape[1], k_scales, q, k_pages, v_pages)
     chosen, fn = resolve("paged_attention", impl)
+    _check_paged_cpu(chosen, "paged_attention", q.shape[1], k_scales, q, k_pages, v_pages)
     if k_scales is not None and chosen is Impl.XLA:
         kwargs.update(k_scales=k_scales, v_scales=v_scales)
     elif k_scales is not None:
         k_pages, v_pages = _dequantized(k_pages, k_scales, q.dtype), _dequantized(v_pages, v_scales, q.dtype)
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
+
+
+def _paged_kernel_serves(T: int, scales, *operands) -> bool:
+    """Whether the CPU paged-attention kernel takes this call: the CPU backend, an unsharded
+    program, float32 queries and pools (a quantized cache stays on the XLA loop, which applies
+    its scales), few query positions per row, and the kernel built on this machine."""
+    from kernels_cpu.paged_attention import supports
+
+    mesh = jax.sharding.get_abstract_mesh()
+    unsharded = mesh.empty or mesh.size == 1
+    cpu = jax.default_backend() == "cpu" and unsharded and scales is None
+    return cpu and supports(T, *(a.dtype for a in operands))
+
+
+def _paged_cpu_auto(impl, T: int, scales, *operands):
+    """``"auto"`` for the paged ops: their CPU kernel where it serves, else the usual default."""
+    if (impl is None or impl == "auto") and _paged_kernel_serves(T, scales, *operands):
+        return Impl.CPU
+    return impl
+
+
+def _check_paged_cpu(chosen: Impl, op: str, T: int, scales, *operands) -> None:
+    if chosen is Impl.CPU and not _paged_kernel_serves(T, scales, *operands):
+        raise ValueError(
+            f"impl='cpu' cannot take this {op} (T={T}, {[str(a.dtype) for a in operands]}, "
+            f"{'quantized' if scales is not None else 'float'} cache, backend {jax.default_backend()}): "
+            "the CPU kernel takes float32 queries and pools and 1 to "
+            "kernels_cpu.paged_attention.MAX_T query positions, unsharded, on the CPU backend, when built"
+        )
+
+
+def _paged_attention_cpu(
+    q, k_pages, v_pages, block_tables, lengths, q_positions, *, sliding_window=None, scale=None
+):
+    from kernels_cpu.paged_attention import paged_attention as kernel
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return kernel(
+        (q,),
+        (k_pages,),
+        v_pages,
+        block_tables,
+        lengths,
+        q_positions,
+        scale=scale,
+        sliding_window=sliding_window,
+    )
+
+
+def _mla_decode_cpu(q_latent, q_rope, c_kv_pages, k_rope_pages, block_tables, lengths, q_positions, *, scale):
+    from kernels_cpu.paged_attention import paged_attention as kernel
+
+    c, r = c_kv_pages[:, :, None], k_rope_pages[:, :, None]  # [P,ps,1,A], [P,ps,1,R]: one KV head
+    return kernel((q_latent, q_rope), (c, r), c, block_tables, lengths, q_positions, scale=scale)
+
+
+register("paged_attention", Impl.CPU, _paged_attention_cpu)
+register("mla_decode", Impl.CPU, _mla_decode_cpu)
 
 
 def mla_decode(
@@ -228,7 +291,11 @@ def mla_decode(
     """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference`` (XLA:
     ``mla_decode_xla``). ``c_kv_scales, k_rope_scales [pages,page_size,1]``: a quantized latent
     cache, handled as ``paged_attention``'s scales are."""
+    impl = _paged_cpu_auto(impl, q_latent.shape[1], c_kv_scales, q_latent, q_rope, c_kv_pages, k_rope_pages)
     chosen, fn = resolve("mla_decode", impl)
+    _check_paged_cpu(
+        chosen, "mla_decode", q_latent.shape[1], c_kv_scales, q_latent, q_rope, c_kv_pages, k_rope_pages
+    )
     kwargs = {}
     if c_kv_scales is not None and chosen is Impl.XLA:
         kwargs = dict(c_kv_scales=c_kv_scales, k_rope_scales=k_rope_scales)

@@ -1,0 +1,389 @@
+// Decode attention over a paged float32 KV cache: a decode step's (or a speculative verify's)
+// few queries per row against the pages its block table lists, with an online softmax.
+//
+// XLA:CPU runs the blocked loop of kernels_pallas/_paged_xla.py as a while loop of many small
+// thunks per block of pages (gathers, batched dots of a few rows, masks, exps): the 56M Llama's
+// batch-1 token spent ~1.15 ms outside products on 2.4 MB of cache, and 32 rows of ~100 positions
+// ran at ~1.3 GB/s over their cache (experiments/results/bench.md, 27_cpu_paged_attention.md).
+// Here one task takes one row (or, with fewer rows than twice the threads, one of up to 8 parts
+// of its pages: flash-decoding's split, merged afterwards) and walks its visible positions once,
+// page by page, each page's contiguous [ps, K, H] block front to back with the next page
+// prefetched: each key is read once and scored against every query that shares it (the GQA
+// heads of its KV head, times the row's T positions), each value read once and added into their
+// accumulators.
+//
+// Keys may come in two parts whose scores add (absorbed MLA: q_A·c_KV + q_R·k_R), so the same
+// loop serves ops.mla_decode; values are a third pool (MLA passes c_KV again).
+//
+// Determinism: a task owns its outputs, and a row's parts are merged in part order, so results do
+// not depend on which thread ran what. Threads: tasks come from one atomic counter shared by the caller and helper
+// tasks on XLA's intra-op pool; the caller waits only for tasks already taken (a helper that
+// starts late finds none left), as in dense_matmul.cc.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxT = 16;      // query positions per row: past this a chunk is compute-bound
+constexpr int64_t kMaxSplits = 8;  // parts one row's pages may be split into (batch-1 decoding)
+constexpr int64_t kMinSplitPages = 4;  // pages per part at least: a part's merge costs < its reads
+
+struct Part {  // one key part: q [B,T,N,H] and its pool [pages,ps,K,H]
+  const float* q;
+  const float* k;
+  int64_t H;
+};
+
+struct Problem {
+  Part parts[2];
+  int64_t num_parts;
+  const float* v;  // [pages, ps, K, Hv]
+  const int32_t* tables;  // [B, max_pages]
+  const int32_t* lengths;  // [B]
+  const int32_t* qpos;  // [B, T]; -1: padding
+  float* out;  // [B, T, N, Hv]
+  float* partial;  // [B, splits, Q, Hv + 2]: each part's accumulators, then its max and denominator
+  int64_t B, T, N, K, G, Hv, ps, pages, max_pages, splits, window;
+  float scale;
+};
+
+// e^x for x <= 0 (a softmax weight), vectorizable: x = n ln2 + r with |r| <= ln2/2, e^r by its
+// degree-6 Taylor polynomial (relative error < 2e-7 on that interval), 2^n put in the exponent.
+// Below -87 (past float's normal range, and -inf: a masked score) it is exactly 0.
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::nearbyint(xc * 1.44269504f);
+  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts: exact n·ln2_hi
+  float e = 1.f / 720;
+  e = e * r + 1.f / 120;
+  e = e * r + 1.f / 24;
+  e = e * r + 1.f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.f ? 0.f : e * scale;
+}
+
+// q·k over H floats: lane sums of 16, then a halving tree. gcc's "omp simd reduction" ends each
+// dot with a store and 16 dependent scalar adds: about a third of this kernel's samples in a
+// perf profile of 32 rows at H=64.
+inline float dot(const float* q, const float* k, int64_t H) {
+  float lanes[16] = {};
+  int64_t h = 0;
+  for (; h + 16 <= H; h += 16)
+#pragma omp simd
+    for (int64_t j = 0; j < 16; ++j) lanes[j] += q[h + j] * k[h + j];
+  for (int64_t j = 0; h < H; ++h, ++j) lanes[j] += q[h] * k[h];
+  for (int64_t w = 8; w >= 1; w /= 2)
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  return lanes[0];
+}
+
+// The positions row b's queries see, [first, last] (last = -1: none).
+void visible_range(const Problem& p, int64_t b, int64_t& first, int64_t& last) {
+  const int32_t* qp = p.qpos + b * p.T;
+  const int64_t length = p.lengths[b];
+  last = -1, first = std::numeric_limits<int64_t>::max();
+  for (int64_t t = 0; t < p.T; ++t) {
+    if (qp[t] < 0) continue;
+    last = std::max<int64_t>(last, std::min<int64_t>(qp[t], length - 1));
+    first = std::min<int64_t>(first, p.window > 0 ? std::max<int64_t>(0, qp[t] - p.window + 1) : 0);
+  }
+}
+
+// Brings a page's rows into L2 ahead of its turn. The pool is far larger than the LLC in serving
+// and pages come in table order, not address order, so the hardware prefetchers cannot run ahead.
+void prefetch_page(const Problem& p, int64_t page) {
+  if (page < 0 || page >= p.pages) return;
+  auto lines = [](const float* base, int64_t floats) {
+    const char* c = reinterpret_cast<const char*>(base);
+    for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 2);
+  };
+  for (int64_t c = 0; c < p.num_parts; ++c) {
+    const int64_t width = p.ps * p.K * p.parts[c].H;
+    lines(p.parts[c].k + page * width, width);
+  }
+  lines(p.v + page * p.ps * p.K * p.Hv, p.ps * p.K * p.Hv);
+}
+
+// Task (b, split): every query of row b (Q = T x N, query i = t * N + n) over the split's share
+// of the row's pages, read front to back: a page's [ps, K, H] block is contiguous.
+void task(const Problem& p, int64_t index) {
+  const int64_t b = index / p.splits, split = index % p.splits;
+  const int64_t Q = p.T * p.N;
+  const int32_t* qp = p.qpos + b * p.T;
+  int64_t first, last;
+  visible_range(p, b, first, last);
+  // Scratch kept by the thread between tasks (grown, never shrunk): no allocation per task.
+  thread_local std::vector<float> q_local[2], acc, top, denom, scores;
+  for (int64_t c = 0; c < p.num_parts; ++c) {  // queries, pre-scaled: q_local[c][i * H + h]
+    const Part& part = p.parts[c];
+    if (q_local[c].size() < static_cast<size_t>(Q * part.H)) q_local[c].resize(Q * part.H);
+    const float* src = part.q + b * Q * part.H;  // [T, N, H] of row b: already query-major
+    for (int64_t j = 0; j < Q * part.H; ++j) q_local[c][j] = src[j] * p.scale;
+  }
+  acc.assign(Q * p.Hv, 0.f);
+  top.assign(Q, -std::numeric_limits<float>::infinity());
+  denom.assign(Q, 0.f);
+  if (scores.size() < static_cast<size_t>(Q * p.ps)) scores.resize(Q * p.ps);
+
+  int64_t page_lo = 0, page_hi = -1;  // this split's pages, inclusive
+  if (last >= 0) {
+    const int64_t first_page = first / p.ps, pages = last / p.ps - first_page + 1;
+    const int64_t per = (pages + p.splits - 1) / p.splits;
+    page_lo = first_page + split * per;
+    page_hi = std::min(last / p.ps, page_lo + per - 1);
+  }
+  const int32_t* table = p.tables + b * p.max_pages;
+  if (page_lo <= page_hi) prefetch_page(p, table[page_lo]);
+  for (int64_t page_i = page_lo; page_i <= page_hi; ++page_i) {
+    if (page_i < page_hi) prefetch_page(p, table[page_i + 1]);
+    const int64_t page = table[page_i];
+    if (page < 0 || page >= p.pages) continue;  // never in a valid table
+    const int64_t s0 = std::max<int64_t>(0, first - page_i * p.ps);
+    const int64_t s1 = std::min<int64_t>(p.ps, last - page_i * p.ps + 1);
+    for (int64_t s = s0; s < s1; ++s) {  // scores of the page's slots, masked ones -inf
+      const int64_t pos = page_i * p.ps + s;
+      for (int64_t i = 0; i < Q; ++i) scores[i * p.ps + s] = 0.f;
+      for (int64_t c = 0; c < p.num_parts; ++c) {
+        const int64_t H = p.parts[c].H;
+        const float* slot = p.parts[c].k + (page * p.ps + s) * p.K * H;
+        for (int64_t kh = 0; kh < p.K; ++kh) {
+          const float* key = slot + kh * H;
+          for (int64_t t = 0; t < p.T; ++t)
+            for (int64_t n = kh * p.G; n < (kh + 1) * p.G; ++n) {
+              const int64_t i = t * p.N + n;
+              const float* q = q_local[c].data() + i * H;
+              scores[i * p.ps + s] += dot(q, key, H);
+            }
+        }
+      }
+      for (int64_t t = 0; t < p.T; ++t)
+        if (pos > qp[t] || (p.window > 0 && qp[t] - pos >= p.window))
+          for (int64_t n = 0; n < p.N; ++n)
+            scores[(t * p.N + n) * p.ps + s] = -std::numeric_limits<float>::infinity();
+    }
+    for (int64_t i = 0; i < Q; ++i) {  // online softmax over the page
+      float* sc = scores.data() + i * p.ps;
+      float m = top[i];
+      for (int64_t s = s0; s < s1; ++s) m = std::max(m, sc[s]);
+      if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible yet for this query
+        for (int64_t s = s0; s < s1; ++s) sc[s] = 0.f;
+        continue;
+      }
+      const float rescale = std::exp(top[i] - m);  // exp(-inf) = 0 on the first visible page
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t s = s0; s < s1; ++s) {
+        sc[s] = exp_nonpositive(sc[s] - m);
+        sum += sc[s];
+      }
+      denom[i] = denom[i] * rescale + sum;
+      top[i] = m;
+      if (rescale != 1.f) {
+        float* a = acc.data() + i * p.Hv;
+#pragma omp simd
+        for (int64_t h = 0; h < p.Hv; ++h) a[h] *= rescale;
+      }
+    }
+    for (int64_t s = s0; s < s1; ++s) {  // the page's values into the accumulators
+      const float* slot = p.v + (page * p.ps + s) * p.K * p.Hv;
+      for (int64_t kh = 0; kh < p.K; ++kh) {
+        const float* val = slot + kh * p.Hv;
+        for (int64_t t = 0; t < p.T; ++t)
+          for (int64_t n = kh * p.G; n < (kh + 1) * p.G; ++n) {
+            const int64_t i = t * p.N + n;
+            const float w = scores[i * p.ps + s];
+            if (w == 0.f) continue;
+            float* a = acc.data() + i * p.Hv;
+#pragma omp simd
+            for (int64_t h = 0; h < p.Hv; ++h) a[h] += w * val[h];
+          }
+      }
+    }
+  }
+  if (p.splits == 1) {  // the row's result: normalized here
+    for (int64_t i = 0; i < Q; ++i) {
+      float* dst = p.out + (b * Q + i) * p.Hv;
+      const float inv = denom[i] > 0.f ? 1.f / denom[i] : 0.f;  // no visible key: zeros
+      for (int64_t h = 0; h < p.Hv; ++h) dst[h] = acc[i * p.Hv + h] * inv;
+    }
+    return;
+  }
+  float* part = p.partial + (b * p.splits + split) * Q * (p.Hv + 2);
+  std::copy(acc.begin(), acc.begin() + Q * p.Hv, part);
+  std::copy(top.begin(), top.begin() + Q, part + Q * p.Hv);
+  std::copy(denom.begin(), denom.begin() + Q, part + Q * (p.Hv + 1));
+}
+
+// Row b's splits combined in split order (the same bits whoever ran which split).
+void merge(const Problem& p, int64_t b) {
+  const int64_t Q = p.T * p.N, stride = Q * (p.Hv + 2);
+  const float* parts = p.partial + b * p.splits * stride;
+  for (int64_t i = 0; i < Q; ++i) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < p.splits; ++j) m = std::max(m, parts[j * stride + Q * p.Hv + i]);
+    float* dst = p.out + (b * Q + i) * p.Hv;
+    std::fill(dst, dst + p.Hv, 0.f);
+    if (m == -std::numeric_limits<float>::infinity()) continue;  // no visible key: zeros
+    float l = 0.f;
+    for (int64_t j = 0; j < p.splits; ++j) {
+      const float* part = parts + j * stride;
+      const float top = part[Q * p.Hv + i];
+      if (top == -std::numeric_limits<float>::infinity()) continue;
+      const float w = std::exp(top - m);
+      l += w * part[Q * (p.Hv + 1) + i];
+#pragma omp simd
+      for (int64_t h = 0; h < p.Hv; ++h) dst[h] += w * part[i * p.Hv + h];
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int64_t h = 0; h < p.Hv; ++h) dst[h] *= inv;
+  }
+}
+
+// Runs fn(0 .. count-1) on the caller and helper tasks of XLA's intra-op pool.
+template <typename Fn>
+void parallel(ffi::ThreadPool& pool, int64_t count, Fn fn) {
+  if (count <= 0) return;
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [fn, count](State& st) {
+    for (int64_t i; (i = st.next.fetch_add(1)) < count;) {
+      fn(i);
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run] { run(*state); });
+  run(*state);
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+ffi::Error Run(ffi::ThreadPool pool, Problem p) {
+  // Rows are the parallel work; with fewer rows than twice the threads, each row's pages are
+  // split too (flash-decoding), when the longest row has enough of them.
+  const int64_t threads = pool.num_threads() + 1;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    int64_t first, last;
+    visible_range(p, b, first, last);
+    if (last >= 0) longest = std::max(longest, last / p.ps - first / p.ps + 1);
+  }
+  p.splits = 1;
+  if (p.B < 2 * threads)
+    p.splits = std::clamp<int64_t>(std::min((2 * threads + p.B - 1) / p.B, longest / kMinSplitPages), 1,
+                                   kMaxSplits);
+  std::vector<float> partial;
+  if (p.splits > 1) {
+    partial.resize(p.B * p.splits * p.T * p.N * (p.Hv + 2));
+    p.partial = partial.data();
+  }
+  parallel(pool, p.B * p.splits, [&p](int64_t i) { task(p, i); });
+  if (p.splits > 1) parallel(pool, p.B, [&p](int64_t b) { merge(p, b); });
+  return ffi::Error::Success();
+}
+
+// Shapes: q [B,T,N,H_c], k [pages,ps,K,H_c] per part, v [pages,ps,K,Hv], tables [B,max_pages],
+// lengths [B], qpos [B,T], out [B,T,N,Hv]. The Python side checks them; this checks what would
+// make the loops read out of bounds.
+ffi::Error Setup(Problem& p, int64_t num_parts, const ffi::Buffer<ffi::F32>* qs,
+                 const ffi::Buffer<ffi::F32>* ks, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
+                 ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> qpos, ffi::ResultBuffer<ffi::F32> out,
+                 float scale, int64_t window) {
+  const auto qd = qs[0].dimensions(), vd = v.dimensions(), td = tables.dimensions();
+  if (qd.size() != 4 || vd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention: q, pools must be rank 4, tables rank 2");
+  p.B = qd[0], p.T = qd[1], p.N = qd[2];
+  p.pages = vd[0], p.ps = vd[1], p.K = vd[2], p.Hv = vd[3];
+  p.max_pages = td[1];
+  if (p.K == 0 || p.N % p.K != 0 || td[0] != p.B || p.T > kMaxT)
+    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes");
+  p.G = p.N / p.K;
+  p.num_parts = num_parts;
+  for (int64_t c = 0; c < num_parts; ++c) {
+    const auto a = qs[c].dimensions(), k = ks[c].dimensions();
+    if (a.size() != 4 || k.size() != 4 || a[0] != p.B || a[1] != p.T || a[2] != p.N || k[0] != p.pages ||
+        k[1] != p.ps || k[2] != p.K || k[3] != a[3])
+      return ffi::Error::InvalidArgument("paged_attention: a key part's shapes disagree");
+    p.parts[c] = Part{qs[c].typed_data(), ks[c].typed_data(), a[3]};
+  }
+  p.v = v.typed_data();
+  p.tables = tables.typed_data();
+  p.lengths = lengths.typed_data();
+  p.qpos = qpos.typed_data();
+  p.out = out->typed_data();
+  p.scale = scale;
+  p.window = window;
+  p.partial = nullptr;
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lengths,
+                          ffi::Buffer<ffi::S32> qpos, ffi::ResultBuffer<ffi::F32> out, float scale,
+                          int64_t window) {
+  Problem p;
+  const ffi::Buffer<ffi::F32> qs[1] = {q}, ks[1] = {k};
+  if (auto e = Setup(p, 1, qs, ks, v, tables, lengths, qpos, out, scale, window); e.failure()) return e;
+  return Run(pool, p);
+}
+
+ffi::Error PagedAttention2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q1, ffi::Buffer<ffi::F32> k1,
+                           ffi::Buffer<ffi::F32> q2, ffi::Buffer<ffi::F32> k2, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lengths,
+                           ffi::Buffer<ffi::S32> qpos, ffi::ResultBuffer<ffi::F32> out, float scale,
+                           int64_t window) {
+  Problem p;
+  const ffi::Buffer<ffi::F32> qs[2] = {q1, q2}, ks[2] = {k1, k2};
+  if (auto e = Setup(p, 2, qs, ks, v, tables, lengths, qpos, out, scale, window); e.failure()) return e;
+  return Run(pool, p);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmarch_paged_attention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_positions
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmarch_paged_attention2, PagedAttention2,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, first part
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its key pool
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, second part
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its key pool
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_positions
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window"));

@@ -1,0 +1,115 @@
+"""Paged decode attention on CPU (``kernels_cpu.paged_attention``, C++ through XLA's FFI) against
+``paged_attention_reference`` / ``mla_decode_reference``, and its dispatch from ``llmarch.ops``.
+
+The batch is ``test_kernels_paged``'s: decode rows (one query, the rest padding at -1) beside a
+chunked-prefill row, lengths that cut pages partway, garbage table entries past each row's pages.
+Tolerance: float32, 2e-5 of the largest expected magnitude (summation order differs).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels_cpu import needs_kernels
+from test_kernels_paged import _batch, _gqa
+
+from kernels_cpu import paged_attention as cp
+from kernels_pallas import mla_decode as md
+from kernels_pallas import paged_attention as pa
+from llmarch import ops
+
+
+def _assert_close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("N,K,window", [(4, 2, None), (4, 2, 3), (8, 1, None), (2, 2, 1)])
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_paged_kernel_matches_reference(N, K, window, page_size):
+    q, k_pages, v_pages = _gqa(jnp.float32, N=N, K=K, page_size=page_size)
+    tables, lengths, q_pos = _batch(page_size)
+    tables = jnp.where(tables == 999, 0, tables)  # garbage entries inside the pool: still never read
+    got = jax.jit(lambda *a: cp.paged_attention((a[0],), (a[1],), *a[2:], scale=0.3, sliding_window=window))(
+        q, k_pages, v_pages, tables, lengths, q_pos
+    )
+    want = pa.paged_attention_reference(
+        q, k_pages, v_pages, tables, lengths, q_pos, sliding_window=window, scale=0.3
+    )
+    _assert_close(got, want)
+    np.testing.assert_array_equal(np.asarray(got)[0, 1:], 0)  # padding query slots get zeros
+
+
+@needs_kernels
+def test_paged_kernel_two_parts_is_mla_decode():
+    A, R, N, ps, pages = 24, 8, 6, 4, 16
+    k = jax.random.split(jax.random.key(3), 4)
+    ql, qr = jax.random.normal(k[0], (3, 3, N, A)), jax.random.normal(k[1], (3, 3, N, R))
+    c_kv, k_r = jax.random.normal(k[2], (pages, ps, A)), jax.random.normal(k[3], (pages, ps, R))
+    tables, lengths, q_pos = _batch(ps)
+    tables = jnp.where(tables == 999, 0, tables)
+    got = jax.jit(lambda *a: ops.mla_decode(*a, scale=0.2, impl="cpu"))(
+        ql, qr, c_kv, k_r, tables, lengths, q_pos
+    )
+    want = md.mla_decode_reference(ql, qr, c_kv, k_r, tables, lengths, q_pos, scale=0.2)
+    _assert_close(got, want)
+
+
+@needs_kernels
+def test_ops_auto_takes_the_kernel_for_float_decode_only():
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(4)
+    args = (q, k_pages, v_pages, tables, lengths, q_pos)
+    text = jax.jit(lambda *a: ops.paged_attention(*a)).lower(*args).as_text()
+    assert "llmarch_paged_attention" in text
+    xla = jax.jit(lambda *a: ops.paged_attention(*a, impl="xla")).lower(*args).as_text()
+    assert "custom_call" not in xla
+    _assert_close(jax.jit(lambda *a: ops.paged_attention(*a))(*args), pa.paged_attention_reference(*args))
+    # bfloat16 and a quantized cache's pools stay on the XLA loop
+    bf = [a.astype(jnp.bfloat16) for a in args[:3]]
+    text = jax.jit(lambda *a: ops.paged_attention(*a)).lower(*bf, *args[3:]).as_text()
+    assert "llmarch_paged_attention" not in text
+    scales = jnp.ones((*k_pages.shape[:3], 1), jnp.float32)
+    quant = jax.jit(lambda *a: ops.paged_attention(*a, k_scales=scales, v_scales=scales))(
+        q, k_pages.astype(jnp.int8), v_pages.astype(jnp.int8), *args[3:]
+    )
+    assert np.isfinite(np.asarray(quant)).all()
+
+
+@needs_kernels
+def test_kernel_is_deterministic_under_vmap_and_scan():
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(4)
+    f = jax.jit(lambda q: ops.paged_attention(q, k_pages, v_pages, tables, lengths, q_pos, impl="cpu"))
+    first = np.asarray(f(q))
+    for _ in range(3):
+        assert np.array_equal(np.asarray(f(q)), first)
+    stacked = jnp.stack([q, 2 * q])
+    got = jax.vmap(f)(stacked)
+    _, scanned = jax.lax.scan(lambda c, x: (c, f(x)), 0, stacked)
+    for out in (got, scanned):
+        np.testing.assert_array_equal(np.asarray(out[0]), first)
+        _assert_close(out[1], f(2 * q))
+
+
+@needs_kernels
+def test_kernel_rejects_what_it_cannot_take():
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(4)
+    with pytest.raises(ValueError, match="T=17"):
+        cp.paged_attention(
+            (jnp.zeros((3, 17, 4, 16)),),
+            (k_pages,),
+            v_pages,
+            tables,
+            lengths,
+            jnp.zeros((3, 17), jnp.int32),
+            scale=1.0,
+        )
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        cp.paged_attention((q,), (k_pages,), v_pages, tables, lengths, q_pos, scale=1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="impl='cpu' cannot take"):
+        ops.paged_attention(q.astype(jnp.bfloat16), k_pages, v_pages, tables, lengths, q_pos, impl="cpu")
