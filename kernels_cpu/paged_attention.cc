@@ -106,6 +106,8 @@ void visible_range(const Problem& p, int64_t b, int64_t& first, int64_t& last) {
     last = std::max<int64_t>(last, std::min<int64_t>(qp[t], length - 1));
     first = std::min<int64_t>(first, p.window > 0 ? std::max<int64_t>(0, qp[t] - p.window + 1) : 0);
   }
+  last = std::min(last, p.max_pages * p.ps - 1);  // the table holds no position past its pages
+  if (first > last) last = -1;
 }
 
 // Brings a page's rows into L2 ahead of its turn. The pool is far larger than the LLC in serving

@@ -96,6 +96,18 @@ def test_kernel_is_deterministic_under_vmap_and_scan():
 
 
 @needs_kernels
+def test_lengths_past_the_table_read_only_its_pages():
+    """A length and query position beyond the table's pages: the reference sees the table's
+    positions only, and so does the kernel (it must not read past the row's table entries)."""
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables = jnp.array([[3, 1], [2, 0], [5, 4]], jnp.int32)  # 2 pages of 4: positions 0..7
+    lengths = jnp.array([10_000, 6, 9], jnp.int32)
+    q_pos = jnp.array([[9_999, -1, -1], [2, 3, 5], [8, 7, -1]], jnp.int32)
+    args = (q, k_pages, v_pages, tables, lengths, q_pos)
+    _assert_close(ops.paged_attention(*args, impl="cpu"), pa.paged_attention_reference(*args))
+
+
+@needs_kernels
 def test_kernel_rejects_what_it_cannot_take():
     q, k_pages, v_pages = _gqa(jnp.float32)
     tables, lengths, q_pos = _batch(4)
