@@ -194,8 +194,9 @@ def _train_profile(run_step: Callable[[], object], hlo: str, goal_s: float, ctx:
         f"take {parts['span'] - parts['dots']:.0f} ms now. Closing that gap means CPU code XLA does "
         "not generate (products fused with their neighbours and backward passes, layouts chosen for "
         "them): Pallas compiles no CPU kernels (CPU runs it only in interpret mode), so it would take "
-        "hand-written C++ kernels through XLA's FFI (`kernels_cpu`, which has the decode-time "
-        "quantized matmul only) for every product of the forward and backward pass.\n"
+        "hand-written C++ kernels through XLA's FFI (`kernels_cpu`, whose kernels serve decoding "
+        "only: weight products of few rows, paged attention) for every product of the forward and "
+        "backward pass.\n"
     )
 
 
@@ -299,7 +300,9 @@ def _decode_profile(model, cfg, prompt: list[int], n: int, peer_s: float, ctx: C
         f"({parts['dots'] / parts['span']:.0%}); largest other kinds: {_kinds(parts, ())}; no "
         f"thunk running {parts['idle']:.2f} ms. llama.cpp's whole token takes {peer_s * 1e3:.2f} ms "
         f"in this run, so the products alone take {parts['dots'] / (peer_s * 1e3):.0%} of it. "
-        "Each product is one XLA dot thunk; its rate, weight bytes over its time, is what XLA:CPU's "
+        "`ffi_call` is `kernels_cpu`: the LM head's one-row product (`dense_matmul`, its weight past "
+        "the last-level cache) and paged attention, one call per layer. "
+        "Each other product is one XLA dot thunk; its rate, weight bytes over its time, is what XLA:CPU's "
         "matrix-vector product reaches at that shape (the table; `alone`: the same product jitted "
         "by itself over 256 MB of copies of the weight, so it streams from memory as in the step, "
         "best of 10).\n\n" + "\n".join(lines) + "\n"
