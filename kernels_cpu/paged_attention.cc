@@ -5,8 +5,8 @@
 // thunks per block of pages (gathers, batched dots of a few rows, masks, exps): the 56M Llama's
 // batch-1 token spent ~1.15 ms outside products on 2.4 MB of cache, and 32 rows of ~100 positions
 // ran at ~1.3 GB/s over their cache (experiments/results/bench.md, 27_cpu_paged_attention.md).
-// Here one task takes one row (or, with fewer rows than twice the threads, one of up to 8 parts
-// of its pages: flash-decoding's split, merged afterwards) and walks its visible positions once,
+// Here one task takes one part of a row (8 pages of its visible positions: flash-decoding's split,
+// merged afterwards, so a long row at small batch runs on every thread) and walks them once,
 // page by page, each page's contiguous [ps, K, H] block front to back with the next page
 // prefetched: each key is read once and scored against every query that shares it (the GQA
 // heads of its KV head, times the row's T positions), each value read once and added into their
@@ -15,8 +15,9 @@
 // Keys may come in two parts whose scores add (absorbed MLA: q_A·c_KV + q_R·k_R), so the same
 // loop serves ops.mla_decode; values are a third pool (MLA passes c_KV again).
 //
-// Determinism: a task owns its outputs, and a row's parts are merged in part order, so results do
-// not depend on which thread ran what. Threads: tasks come from one atomic counter shared by the caller and helper
+// Determinism: a task owns its outputs, a row's parts are fixed by the row alone and merged in part
+// order, so a row's result does not depend on which thread ran what, on the thread count, or on
+// the other rows of the batch. Threads: tasks come from one atomic counter shared by the caller and helper
 // tasks on XLA's intra-op pool; the caller waits only for tasks already taken (a helper that
 // starts late finds none left), as in dense_matmul.cc.
 
@@ -37,8 +38,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxT = 16;      // query positions per row: past this a chunk is compute-bound
-constexpr int64_t kMaxSplits = 8;  // parts one row's pages may be split into (batch-1 decoding)
-constexpr int64_t kMinSplitPages = 4;  // pages per part at least: a part's merge costs < its reads
+// A row's pages are read in parts of kPartPages (flash-decoding's split: parallel work for a long
+// row at small batch), merged in part order. The parts depend on the row alone, never on the
+// batch or the thread count, so a row's result is the same bits in any batch on any machine.
+constexpr int64_t kPartPages = 8;
 
 struct Part {  // one key part: q [B,T,N,H] and its pool [pages,ps,K,H]
   const float* q;
@@ -110,10 +113,13 @@ void visible_range(const Problem& p, int64_t b, int64_t& first, int64_t& last) {
   if (first > last) last = -1;
 }
 
+// The pool page a table entry names, clamped into the pool as the reference's gather_pages does
+// (a valid table holds no entry outside it).
+inline int64_t pool_page(const Problem& p, int64_t entry) { return std::clamp<int64_t>(entry, 0, p.pages - 1); }
+
 // Brings a page's rows into L2 ahead of its turn. The pool is far larger than the LLC in serving
 // and pages come in table order, not address order, so the hardware prefetchers cannot run ahead.
 void prefetch_page(const Problem& p, int64_t page) {
-  if (page < 0 || page >= p.pages) return;
   auto lines = [](const float* base, int64_t floats) {
     const char* c = reinterpret_cast<const char*>(base);
     for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 2);
@@ -148,17 +154,14 @@ void task(const Problem& p, int64_t index) {
 
   int64_t page_lo = 0, page_hi = -1;  // this split's pages, inclusive
   if (last >= 0) {
-    const int64_t first_page = first / p.ps, pages = last / p.ps - first_page + 1;
-    const int64_t per = (pages + p.splits - 1) / p.splits;
-    page_lo = first_page + split * per;
-    page_hi = std::min(last / p.ps, page_lo + per - 1);
+    page_lo = first / p.ps + split * kPartPages;
+    page_hi = std::min(last / p.ps, page_lo + kPartPages - 1);
   }
   const int32_t* table = p.tables + b * p.max_pages;
-  if (page_lo <= page_hi) prefetch_page(p, table[page_lo]);
+  if (page_lo <= page_hi) prefetch_page(p, pool_page(p, table[page_lo]));
   for (int64_t page_i = page_lo; page_i <= page_hi; ++page_i) {
-    if (page_i < page_hi) prefetch_page(p, table[page_i + 1]);
-    const int64_t page = table[page_i];
-    if (page < 0 || page >= p.pages) continue;  // never in a valid table
+    if (page_i < page_hi) prefetch_page(p, pool_page(p, table[page_i + 1]));
+    const int64_t page = pool_page(p, table[page_i]);
     const int64_t s0 = std::max<int64_t>(0, first - page_i * p.ps);
     const int64_t s1 = std::min<int64_t>(p.ps, last - page_i * p.ps + 1);
     for (int64_t s = s0; s < s1; ++s) {  // scores of the page's slots, masked ones -inf
@@ -185,7 +188,7 @@ void task(const Problem& p, int64_t index) {
     for (int64_t i = 0; i < Q; ++i) {  // online softmax over the page
       float* sc = scores.data() + i * p.ps;
       float m = top[i];
-      for (int64_t s = s0; s < s1; ++s) m = std::max(m, sc[s]);
+      for (int64_t s = s0; s < s1; ++s) m = sc[s] > m || sc[s] != sc[s] ? sc[s] : m;  // NaN sticks
       if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible yet for this query
         for (int64_t s = s0; s < s1; ++s) sc[s] = 0.f;
         continue;
@@ -241,7 +244,10 @@ void merge(const Problem& p, int64_t b) {
   const float* parts = p.partial + b * p.splits * stride;
   for (int64_t i = 0; i < Q; ++i) {
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < p.splits; ++j) m = std::max(m, parts[j * stride + Q * p.Hv + i]);
+    for (int64_t j = 0; j < p.splits; ++j) {
+      const float top = parts[j * stride + Q * p.Hv + i];
+      m = top > m || top != top ? top : m;  // NaN sticks
+    }
     float* dst = p.out + (b * Q + i) * p.Hv;
     std::fill(dst, dst + p.Hv, 0.f);
     if (m == -std::numeric_limits<float>::infinity()) continue;  // no visible key: zeros
@@ -281,19 +287,19 @@ void parallel(ffi::ThreadPool& pool, int64_t count, Fn fn) {
 }
 
 ffi::Error Run(ffi::ThreadPool pool, Problem p) {
-  // Rows are the parallel work; with fewer rows than twice the threads, each row's pages are
-  // split too (flash-decoding), when the longest row has enough of them.
-  const int64_t threads = pool.num_threads() + 1;
+  // Rows, and parts of kPartPages of each row's pages, are the parallel work.
+  if (p.B == 0) return ffi::Error::Success();
+  if (p.pages == 0 || p.ps == 0) {  // no keys at all: every query sees nothing
+    std::fill(p.out, p.out + p.B * p.T * p.N * p.Hv, 0.f);
+    return ffi::Error::Success();
+  }
   int64_t longest = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     int64_t first, last;
     visible_range(p, b, first, last);
     if (last >= 0) longest = std::max(longest, last / p.ps - first / p.ps + 1);
   }
-  p.splits = 1;
-  if (p.B < 2 * threads)
-    p.splits = std::clamp<int64_t>(std::min((2 * threads + p.B - 1) / p.B, longest / kMinSplitPages), 1,
-                                   kMaxSplits);
+  p.splits = std::max<int64_t>(1, (longest + kPartPages - 1) / kPartPages);
   std::vector<float> partial;
   if (p.splits > 1) {
     partial.resize(p.B * p.splits * p.T * p.N * (p.Hv + 2));
@@ -317,7 +323,10 @@ ffi::Error Setup(Problem& p, int64_t num_parts, const ffi::Buffer<ffi::F32>* qs,
   p.B = qd[0], p.T = qd[1], p.N = qd[2];
   p.pages = vd[0], p.ps = vd[1], p.K = vd[2], p.Hv = vd[3];
   p.max_pages = td[1];
-  if (p.K == 0 || p.N % p.K != 0 || td[0] != p.B || p.T > kMaxT)
+  const auto ld = lengths.dimensions(), pd = qpos.dimensions(), od = out->dimensions();
+  if (p.K == 0 || p.N % p.K != 0 || td[0] != p.B || p.T > kMaxT || ld.size() != 1 || ld[0] != p.B ||
+      pd.size() != 2 || pd[0] != p.B || pd[1] != p.T || od.size() != 4 || od[0] != p.B || od[1] != p.T ||
+      od[2] != p.N || od[3] != p.Hv)
     return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes");
   p.G = p.N / p.K;
   p.num_parts = num_parts;

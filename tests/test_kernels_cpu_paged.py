@@ -107,6 +107,79 @@ def test_lengths_past_the_table_read_only_its_pages():
     _assert_close(ops.paged_attention(*args, impl="cpu"), pa.paged_attention_reference(*args))
 
 
+def _long_rows(B=3, pages_per_row=30, ps=4, N=4, K=2, H=8, T=2, seed=5):
+    """Rows long enough to be read in several parts (kPartPages = 8 pages each)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    pages = B * pages_per_row + 1
+    q = jax.random.normal(k[0], (B, T, N, H))
+    k_pages, v_pages = (jax.random.normal(x, (pages, ps, K, H)) for x in k[1:3])
+    tables = jax.random.permutation(k[3], pages)[: B * pages_per_row].reshape(B, pages_per_row)
+    lengths = jnp.array([pages_per_row * ps - 3 - 9 * b for b in range(B)], jnp.int32)
+    q_pos = jnp.stack([lengths - 2, lengths - 1], axis=1)
+    return q, k_pages, v_pages, tables.astype(jnp.int32), lengths, q_pos
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [None, 1, 5, 40])
+def test_rows_read_in_parts_match_reference(window):
+    args = _long_rows()
+    got = ops.paged_attention(*args, impl="cpu", sliding_window=window)
+    _assert_close(got, pa.paged_attention_reference(*args, sliding_window=window))
+
+
+@needs_kernels
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """A row's parts are fixed by the row alone: its bits are the same alone and in any batch."""
+    q, k_pages, v_pages, tables, lengths, q_pos = _long_rows(B=4)
+    batch = np.asarray(ops.paged_attention(q, k_pages, v_pages, tables, lengths, q_pos, impl="cpu"))
+    for b in range(4):
+        alone = ops.paged_attention(
+            q[b : b + 1],
+            k_pages,
+            v_pages,
+            tables[b : b + 1],
+            lengths[b : b + 1],
+            q_pos[b : b + 1],
+            impl="cpu",
+        )
+        np.testing.assert_array_equal(np.asarray(alone)[0], batch[b])
+
+
+@needs_kernels
+def test_nan_scores_and_odd_tables_read_as_the_reference_does():
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(4)
+    # a NaN key in row 0's first page: its query's output is NaN, as the reference's is
+    nan_keys = k_pages.at[tables[0, 0], 0, 0, 0].set(jnp.nan)
+    args = (q, nan_keys, v_pages, tables, lengths, q_pos)
+    got, want = ops.paged_attention(*args, impl="cpu"), pa.paged_attention_reference(*args)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(np.asarray(got)[0, 0]).any()
+    # table entries outside the pool: clamped into it, as the reference's gather_pages does
+    odd = tables.at[0, 1].set(-1).at[2, 0].set(99)
+    args = (q, k_pages, v_pages, odd, lengths, q_pos)
+    _assert_close(ops.paged_attention(*args, impl="cpu"), pa.paged_attention_reference(*args))
+
+
+@needs_kernels
+def test_what_the_kernel_cannot_take_stays_on_xla_under_auto():
+    """A traced scale, a window of 0 or a fractional one: auto takes the XLA loop (the reference's
+    answers), impl="cpu" says why it cannot."""
+    q, k_pages, v_pages = _gqa(jnp.float32)
+    tables, lengths, q_pos = _batch(4)
+    args = (q, k_pages, v_pages, tables, lengths, q_pos)
+    traced = jax.jit(lambda s: ops.paged_attention(*args, scale=s))
+    assert "llmarch_paged_attention" not in traced.lower(0.5).as_text()
+    _assert_close(traced(0.5), pa.paged_attention_reference(*args, scale=0.5))
+    for window in (0, 3.5):
+        _assert_close(
+            ops.paged_attention(*args, sliding_window=window),
+            pa.paged_attention_reference(*args, sliding_window=window),
+        )
+    with pytest.raises(ValueError, match="concrete scale"):
+        jax.jit(lambda s: ops.paged_attention(*args, scale=s, impl="cpu"))(0.5)
+
+
 @needs_kernels
 def test_kernel_rejects_what_it_cannot_take():
     q, k_pages, v_pages = _gqa(jnp.float32)
@@ -123,5 +196,7 @@ def test_kernel_rejects_what_it_cannot_take():
         )
     with pytest.raises(ValueError, match="sliding_window=0"):
         cp.paged_attention((q,), (k_pages,), v_pages, tables, lengths, q_pos, scale=1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="float32"):
+        cp.paged_attention((q.astype(jnp.bfloat16),), (k_pages,), v_pages, tables, lengths, q_pos, scale=1.0)
     with pytest.raises(ValueError, match="impl='cpu' cannot take"):
         ops.paged_attention(q.astype(jnp.bfloat16), k_pages, v_pages, tables, lengths, q_pos, impl="cpu")

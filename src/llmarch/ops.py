@@ -206,9 +206,13 @@ def paged_attention(
     The XLA loop reads them as stored; the Pallas kernels read float pages, so they get the
     pools dequantized first (correct, without the bandwidth saving).
     """
-    impl = _paged_cpu_auto(impl, q.shape[1], k_scales, q, k_pages, v_pages)
+    static = dict(  # the kernel's compile-time attributes (None: the default scale)
+        scale=1.0 if kwargs.get("scale") is None else kwargs["scale"],
+        sliding_window=kwargs.get("sliding_window"),
+    )
+    impl = _paged_cpu_auto(impl, q.shape[1], k_scales, q, k_pages, v_pages, **static)
     chosen, fn = resolve("paged_attention", impl)
-    _check_paged_cpu(chosen, "paged_attention", q.shape[1], k_scales, q, k_pages, v_pages)
+    _check_paged_cpu(chosen, "paged_attention", q.shape[1], k_scales, q, k_pages, v_pages, **static)
     if k_scales is not None and chosen is Impl.XLA:
         kwargs.update(k_scales=k_scales, v_scales=v_scales)
     elif k_scales is not None:
@@ -216,7 +220,7 @@ def paged_attention(
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
 
 
-def _paged_kernel_serves(T: int, scales, *operands) -> bool:
+def _paged_kernel_serves(T: int, scales, *operands, scale=1.0, sliding_window=None) -> bool:
     """Whether the CPU paged-attention kernel takes this call: the CPU backend, an unsharded
     program, float32 queries and pools (a quantized cache stays on the XLA loop, which applies
     its scales), few query positions per row, and the kernel built on this machine."""
@@ -225,23 +229,24 @@ def _paged_kernel_serves(T: int, scales, *operands) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     unsharded = mesh.empty or mesh.size == 1
     cpu = jax.default_backend() == "cpu" and unsharded and scales is None
-    return cpu and supports(T, *(a.dtype for a in operands))
+    return cpu and supports(T, *(a.dtype for a in operands), scale=scale, sliding_window=sliding_window)
 
 
-def _paged_cpu_auto(impl, T: int, scales, *operands):
+def _paged_cpu_auto(impl, T: int, scales, *operands, **static):
     """``"auto"`` for the paged ops: their CPU kernel where it serves, else the usual default."""
-    if (impl is None or impl == "auto") and _paged_kernel_serves(T, scales, *operands):
+    if (impl is None or impl == "auto") and _paged_kernel_serves(T, scales, *operands, **static):
         return Impl.CPU
     return impl
 
 
-def _check_paged_cpu(chosen: Impl, op: str, T: int, scales, *operands) -> None:
-    if chosen is Impl.CPU and not _paged_kernel_serves(T, scales, *operands):
+def _check_paged_cpu(chosen: Impl, op: str, T: int, scales, *operands, **static) -> None:
+    if chosen is Impl.CPU and not _paged_kernel_serves(T, scales, *operands, **static):
         raise ValueError(
             f"impl='cpu' cannot take this {op} (T={T}, {[str(a.dtype) for a in operands]}, "
             f"{'quantized' if scales is not None else 'float'} cache, backend {jax.default_backend()}): "
-            "the CPU kernel takes float32 queries and pools and 1 to "
-            "kernels_cpu.paged_attention.MAX_T query positions, unsharded, on the CPU backend, when built"
+            "the CPU kernel takes float32 queries and pools, 1 to kernels_cpu.paged_attention.MAX_T "
+            "query positions, a concrete scale and no window or an int one >= 1, unsharded, on the CPU "
+            "backend, when built"
         )
 
 
@@ -291,11 +296,10 @@ def mla_decode(
     """Absorbed-MLA attention over a paged latent cache; see ``mla_decode_reference`` (XLA:
     ``mla_decode_xla``). ``c_kv_scales, k_rope_scales [pages,page_size,1]``: a quantized latent
     cache, handled as ``paged_attention``'s scales are."""
-    impl = _paged_cpu_auto(impl, q_latent.shape[1], c_kv_scales, q_latent, q_rope, c_kv_pages, k_rope_pages)
+    operands = (q_latent, q_rope, c_kv_pages, k_rope_pages)
+    impl = _paged_cpu_auto(impl, q_latent.shape[1], c_kv_scales, *operands, scale=scale)
     chosen, fn = resolve("mla_decode", impl)
-    _check_paged_cpu(
-        chosen, "mla_decode", q_latent.shape[1], c_kv_scales, q_latent, q_rope, c_kv_pages, k_rope_pages
-    )
+    _check_paged_cpu(chosen, "mla_decode", q_latent.shape[1], c_kv_scales, *operands, scale=scale)
     kwargs = {}
     if c_kv_scales is not None and chosen is Impl.XLA:
         kwargs = dict(c_kv_scales=c_kv_scales, k_rope_scales=k_rope_scales)
