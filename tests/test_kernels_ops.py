@@ -41,7 +41,10 @@ DEFAULT_IMPL = ops.Impl.PALLAS if ON_ACCELERATOR else ops.Impl.XLA
 
 @pytest.mark.parametrize("op", OPS)
 def test_dispatch_follows_the_backend(op):
-    assert ops.available(op) == (ops.Impl.XLA, ops.Impl.PALLAS)
+    # The paged ops also have a CPU kernel (kernels_cpu), which their op functions, not resolve's
+    # default, take under "auto" (tests/test_kernels_cpu_paged.py).
+    cpu = (ops.Impl.CPU,) if op in ("paged_attention", "mla_decode") else ()
+    assert ops.available(op) == (ops.Impl.XLA, ops.Impl.PALLAS, *cpu)
     assert ops.resolve(op)[0] is DEFAULT_IMPL, jax.default_backend()
     assert ops.resolve(op, "auto")[0] is DEFAULT_IMPL
     assert ops.resolve(op, "xla") == (ops.Impl.XLA, ops._REGISTRY[op][ops.Impl.XLA])
