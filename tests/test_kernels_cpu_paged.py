@@ -11,19 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_kernels_cpu import needs_kernels
+from test_kernels_cpu_dense import _assert_close
 from test_kernels_paged import _batch, _gqa
 
 from kernels_cpu import paged_attention as cp
 from kernels_pallas import mla_decode as md
 from kernels_pallas import paged_attention as pa
 from llmarch import ops
-
-
-def _assert_close(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    scale = max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
 
 
 @needs_kernels

@@ -220,15 +220,20 @@ def paged_attention(
     return fn(q, k_pages, v_pages, block_tables, lengths, q_positions, **kwargs)
 
 
+def cpu_unsharded() -> bool:
+    """The CPU backend with no mesh of several devices: where the ``kernels_cpu`` FFI calls may
+    run (opaque to the SPMD partitioner) and a weight product may be flattened to 2-D."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
 def _paged_kernel_serves(T: int, scales, *operands, scale=1.0, sliding_window=None) -> bool:
     """Whether the CPU paged-attention kernel takes this call: the CPU backend, an unsharded
     program, float32 queries and pools (a quantized cache stays on the XLA loop, which applies
     its scales), few query positions per row, and the kernel built on this machine."""
     from kernels_cpu.paged_attention import supports
 
-    mesh = jax.sharding.get_abstract_mesh()
-    unsharded = mesh.empty or mesh.size == 1
-    cpu = jax.default_backend() == "cpu" and unsharded and scales is None
+    cpu = cpu_unsharded() and scales is None
     return cpu and supports(T, *(a.dtype for a in operands), scale=scale, sliding_window=sliding_window)
 
 
@@ -357,13 +362,7 @@ def _cpu_kernel_serves(m: int, qt) -> bool:
     to the partitioner), integer or FP8 weights, few rows, and the kernel built on this machine."""
     from kernels_cpu.quantized_matmul import supports
 
-    mesh = jax.sharding.get_abstract_mesh()
-    unsharded = mesh.empty or mesh.size == 1
-    return (
-        jax.default_backend() == "cpu"
-        and unsharded
-        and supports(m, bits=qt.bits, kind=qt.kind, K=qt.K, group_size=qt.group_size)
-    )
+    return cpu_unsharded() and supports(m, bits=qt.bits, kind=qt.kind, K=qt.K, group_size=qt.group_size)
 
 
 def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
@@ -411,9 +410,7 @@ def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype, w_elements: int = 0) -
     kernel built on this machine (``LLMARCH_CPU_KERNELS=0`` turns it off)."""
     from kernels_cpu.dense_matmul import supports
 
-    mesh = jax.sharding.get_abstract_mesh()
-    unsharded = mesh.empty or mesh.size == 1
-    return jax.default_backend() == "cpu" and unsharded and supports(m, x_dtype, w_dtype, w_elements)
+    return cpu_unsharded() and supports(m, x_dtype, w_dtype, w_elements)
 
 
 def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:

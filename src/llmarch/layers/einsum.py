@@ -124,7 +124,6 @@ def contract(eqn: str, x: jax.Array, w: jax.Array, *, impl: str | None = None) -
 
 
 def _unsharded_cpu() -> bool:
-    """The CPU backend with no mesh of several devices: where a weight product may be flattened
-    to 2-D (a reshape that merges axes a mesh could split) and reach the CPU kernel."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+    """Where a weight product may be flattened to 2-D (a reshape that merges axes a mesh could
+    split) and reach the CPU kernel: ``ops.cpu_unsharded`` (experiment 26 switches this)."""
+    return ops.cpu_unsharded()
