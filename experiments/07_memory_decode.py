@@ -52,16 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
-    """Part 2: median decode-step ms of the UltraMem layer and each MoE strategy at each B, over
-    interleaved repeats. Returns ``rows`` (``(B, {name: ms}, fastest MoE)``) and the sizes."""
-    D = d_model
-    mem = MemoryConfig(
+def ultramem_config(d_model: int, num_keys: int) -> MemoryConfig:
+    """The UltraMem layer measured here (TDQKR r=2, 2 cores, IVE W=4, raw scores, values D/2)."""
+    return MemoryConfig(
         num_keys=num_keys,
         topk=32,
         num_heads=2,
         key_dim=128,
-        value_dim=D // 2,
+        value_dim=d_model // 2,
         score="raw",
         output_proj=True,
         tucker_rank=2,
@@ -70,6 +68,13 @@ def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
         key_norm=True,
         value_init_std=0.02,
     )
+
+
+def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
+    """Part 2: median decode-step ms of the UltraMem layer and each MoE strategy at each B, over
+    interleaved repeats. Returns ``rows`` (``(B, {name: ms}, fastest MoE)``) and the sizes."""
+    D = d_model
+    mem = ultramem_config(D, num_keys)
     base = dict(
         vocab_size=256,
         d_model=D,

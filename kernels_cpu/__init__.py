@@ -14,6 +14,8 @@ dense_matmul.cc        ``weight_matmul``: float32 weights, 2 to 8 rows (small-ba
                        and one row of an LM head-sized weight
 paged_attention.cc     ``paged_attention`` and ``mla_decode``: a float32 paged cache, up to 16
                        query positions per row (decode steps, speculative verification)
+top_k.cc               ``top_k``: float32 rows (memory-layer searches, MoE routing, sampling)
+pool.h                 the parallel loop every kernel runs its tasks with
 =====================  ==========================================================
 
 ``build.py`` compiles and loads the library.

@@ -28,12 +28,14 @@ import warnings
 import jax
 import jaxlib
 
-SOURCES = ("quantized_matmul.cc", "dense_matmul.cc", "paged_attention.cc")
+SOURCES = ("quantized_matmul.cc", "dense_matmul.cc", "paged_attention.cc", "top_k.cc")
+HEADERS = ("pool.h",)  # included by the sources: part of the cache key too
 HANDLERS = (
     "llmarch_quantized_matmul",
     "llmarch_dense_matmul",
     "llmarch_paged_attention",
     "llmarch_paged_attention2",
+    "llmarch_top_k",
 )
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17")
 FLAGS += ("-shared", "-fPIC", "-w")
@@ -84,7 +86,7 @@ def load() -> ctypes.CDLL | None:
         return None
     here = pathlib.Path(__file__).parent
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         key.update(here.joinpath(source).read_bytes())
     key.update(f"{compiler}\n{' '.join(FLAGS)}\n".encode())
     key.update(f"{jaxlib.__version__}\n{_cpu_signature()}".encode())

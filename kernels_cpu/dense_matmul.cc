@@ -12,18 +12,13 @@
 // threads the pool has), each band writes its own partial, and the partials are added in band
 // order, so a call's result does not depend on scheduling: the same input gives the same bits.
 //
-// Threads: bands are taken from one atomic counter by the calling thread and by helper tasks on
-// XLA's intra-op pool. The caller waits only for bands already taken, never for a task still
-// queued, so several of these calls running at once on the pool cannot deadlock (a helper that
-// starts late finds no band left and returns), as in quantized_matmul.cc.
+// Threads: the bands are pool.h's tasks, run by the calling thread and helpers on XLA's pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -101,21 +96,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   // done, and a thread runs one call at a time.
   thread_local std::vector<float> extra;
   if (extra.size() < static_cast<size_t>((bands - 1) * M * N)) extra.resize((bands - 1) * M * N);
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
   const Problem p{x.typed_data(), w.typed_data(), out, extra.data(), M, K, N, band_rows};
-  auto run = [p, bands](State& st) {
-    for (int64_t b; (b = st.next.fetch_add(1)) < bands;) {
-      band(p, b);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), bands - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run] { run(*state); });
-  run(*state);
-  while (state->done.load(std::memory_order_acquire) < bands) std::this_thread::yield();
+  llmarch::parallel_for(pool, bands, [&p](int64_t b) { band(p, b); });
   for (int64_t b = 1; b < bands; ++b) {  // in band order: the same bits whoever ran which band
     const float* src = extra.data() + (b - 1) * M * N;
 #pragma omp simd

@@ -18,19 +18,16 @@
 // Determinism: a task owns its outputs, a row's parts are fixed by the row alone and merged in part
 // order, so a row's result does not depend on which thread ran what, on the thread count, or on
 // the other rows of the batch. Threads: tasks come from one atomic counter shared by the caller and helper
-// tasks on XLA's intra-op pool; the caller waits only for tasks already taken (a helper that
-// starts late finds none left), as in dense_matmul.cc.
+// tasks on XLA's intra-op pool (pool.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -266,26 +263,6 @@ void merge(const Problem& p, int64_t b) {
   }
 }
 
-// Runs fn(0 .. count-1) on the caller and helper tasks of XLA's intra-op pool.
-template <typename Fn>
-void parallel(ffi::ThreadPool& pool, int64_t count, Fn fn) {
-  if (count <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [fn, count](State& st) {
-    for (int64_t i; (i = st.next.fetch_add(1)) < count;) {
-      fn(i);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run] { run(*state); });
-  run(*state);
-  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
-
 ffi::Error Run(ffi::ThreadPool pool, Problem p) {
   // Rows, and parts of kPartPages of each row's pages, are the parallel work.
   if (p.B == 0) return ffi::Error::Success();
@@ -305,8 +282,8 @@ ffi::Error Run(ffi::ThreadPool pool, Problem p) {
     partial.resize(p.B * p.splits * p.T * p.N * (p.Hv + 2));
     p.partial = partial.data();
   }
-  parallel(pool, p.B * p.splits, [&p](int64_t i) { task(p, i); });
-  if (p.splits > 1) parallel(pool, p.B, [&p](int64_t b) { merge(p, b); });
+  llmarch::parallel_for(pool, p.B * p.splits, [&p](int64_t i) { task(p, i); });
+  if (p.splits > 1) llmarch::parallel_for(pool, p.B, [&p](int64_t b) { merge(p, b); });
   return ffi::Error::Success();
 }
 

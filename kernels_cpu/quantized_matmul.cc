@@ -13,19 +13,15 @@
 // per group of K / G logical rows (FP8's square blocks arrive expanded along N);
 // zero [G, N] float32 (the zero point; [0, N] when symmetric).
 //
-// Threads: N is cut into tiles of kTile columns taken from one atomic counter by the calling
-// thread and by helper tasks on XLA's intra-op pool. The caller waits only for tiles already
-// taken, never for a task still queued, so several of these calls running at once on the pool
-// cannot deadlock (a helper that starts late finds no tile left and returns).
+// Threads: N is cut into tiles of kTile columns, pool.h's tasks, run by the calling thread and
+// helpers on XLA's intra-op pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
-#include <thread>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -123,21 +119,10 @@ void tile(const Problem& p, int64_t n0, int64_t n1) {
 
 template <int kBits, bool kSigned>
 void run(ffi::ThreadPool& pool, const Problem& p) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
   const int64_t tiles = (p.N + kTile - 1) / kTile;
-  auto state = std::make_shared<State>();
-  auto work = [p, tiles](State& st) {
-    for (int64_t t; (t = st.next.fetch_add(1)) < tiles;) {
-      tile<kBits, kSigned>(p, t * kTile, std::min(p.N, (t + 1) * kTile));
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, work] { work(*state); });
-  work(*state);
-  while (state->done.load(std::memory_order_acquire) < tiles) std::this_thread::yield();
+  llmarch::parallel_for(pool, tiles, [&p](int64_t t) {
+    tile<kBits, kSigned>(p, t * kTile, std::min(p.N, (t + 1) * kTile));
+  });
 }
 
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,

@@ -136,6 +136,9 @@ FALLBACK = """
     paged_text = jax.jit(paged).lower(jnp.ones((1, 1, 2, 8))).as_text()
     print("paged kernel:", "llmarch_paged_attention" in paged_text)
     print("paged value:", float(paged(jnp.ones((1, 1, 2, 8))).sum()))
+    top = lambda x: ops.top_k(x, 2)
+    print("top_k kernel:", "llmarch_top_k" in jax.jit(top).lower(jnp.ones((3, 5))).as_text())
+    print("top_k value:", top(jnp.arange(5.0))[1].tolist())
 """
 
 
@@ -146,6 +149,7 @@ def test_turned_off_kernels_fall_back_to_xla():
     assert "value: 32.0" in out.stdout
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
     assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
+    assert "top_k kernel: False" in out.stdout and "top_k value: [4, 3]" in out.stdout
 
 
 def test_a_failing_build_warns_once_and_falls_back(tmp_path):
@@ -156,6 +160,7 @@ def test_a_failing_build_warns_once_and_falls_back(tmp_path):
     assert "value: 32.0" in out.stdout
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
     assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
+    assert "top_k kernel: False" in out.stdout and "top_k value: [4, 3]" in out.stdout
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 

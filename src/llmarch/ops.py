@@ -57,6 +57,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   one row of a weight past the last-level cache, e.g. the LM head; unsharded):
   ``kernels_cpu.dense_matmul``, which streams the weight in contiguous row bands. No Pallas
   kernel: on TPU/GPU XLA's own GEMM is the fast path.
+- ``top_k(x [..., n], k)`` -> ``(values [..., k], indices [..., k] int32)``: ``jax.lax.top_k``, which
+  is also its XLA entry and specification. CPU (float32, unsharded): ``kernels_cpu.top_k``, the
+  same bits (ties, NaNs) from one pass per row; no Pallas kernel (XLA's TopK on accelerators).
 - ``fp8_blockwise_matmul(xq [..., K], xs [..., K/128], wq [K, N], ws [K/128, N/128])`` -> ``[..., N]``:
   DeepSeek-V3's FP8 GEMM (e4m3 operands, 1×128 activation tiles and 128×128 weight blocks, each
   chunk's sum promoted into float32). XLA: ``llmarch.quant.fp8_blockwise``'s bit-exact reference
@@ -72,6 +75,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels_pallas._attention_xla import attention_xla
 from kernels_pallas.cross_entropy import DEFAULT_CHUNK, cross_entropy_xla
@@ -461,3 +465,42 @@ def _fp8_blockwise_matmul_pallas(xq, xs, wq, ws, *, promote_every, out_dtype, in
 
 register("fp8_blockwise_matmul", Impl.XLA, _fp8_blockwise_matmul_xla)
 register("fp8_blockwise_matmul", Impl.PALLAS, _fp8_blockwise_matmul_pallas)
+
+
+def top_k_kernel_serves(x_dtype) -> bool:
+    """Whether ``top_k``'s CPU kernel takes a selection: the CPU backend, an unsharded program
+    (the FFI call is opaque to the partitioner), float32, and the kernel built on this machine."""
+    from kernels_cpu.top_k import supports
+
+    return cpu_unsharded() and supports(x_dtype)
+
+
+def top_k(x, k: int, *, impl: Impl | str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(values [..., k], indices [..., k] int32)``: ``jax.lax.top_k`` of ``x [..., n]``, the ``k``
+    largest of each row, best first (ties: the lower index first). ``"auto"`` takes the CPU kernel
+    where ``top_k_kernel_serves`` and ``jax.lax.top_k`` otherwise; both give the same bits."""
+    n = x.shape[-1] if x.ndim else 0
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k <= n:
+        raise ValueError(f"top_k: k={k!r} must be an int in [0, {n}] (the last axis of x {x.shape})")
+    k = int(k)
+    if impl in (Impl.PALLAS, "pallas"):  # no Pallas selection kernel: XLA's TopK is the accelerator's
+        impl = Impl.XLA
+    if impl is None or impl == "auto":
+        impl = Impl.CPU if top_k_kernel_serves(x.dtype) else Impl.XLA
+    chosen, fn = resolve("top_k", impl)
+    if chosen is Impl.CPU and not top_k_kernel_serves(x.dtype):
+        raise ValueError(
+            f"impl='cpu' cannot take this top_k ({x.dtype}, backend {jax.default_backend()}): the CPU "
+            "kernel takes float32, unsharded, on the CPU backend, when built"
+        )
+    return fn(x, k)
+
+
+def _top_k_cpu(x, k: int) -> tuple[jax.Array, jax.Array]:
+    from kernels_cpu.top_k import top_k as kernel
+
+    return kernel(x, k)
+
+
+register("top_k", Impl.XLA, jax.lax.top_k)
+register("top_k", Impl.CPU, _top_k_cpu)

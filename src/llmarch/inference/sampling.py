@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmarch import ops
+
 _SEED_BITS = 32
 
 
@@ -217,7 +219,7 @@ def sample(
         logp = jax.nn.log_softmax(logits, axis=-1)
         out = {"logprobs": jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]}
         if num_logprobs:
-            out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logp, num_logprobs)
+            out["top_logprobs"], out["top_ids"] = ops.top_k(logp, num_logprobs)
         return out
 
     if want_logprobs is None:

@@ -139,11 +139,13 @@ class MemoryLayer(nnx.Module):
         s_row = jnp.einsum("BTNH,NPZH->BTNPZ", q_row, k_row.astype(jnp.float32))
         s_col = jnp.einsum("BTNH,NPZH->BTNPZ", q_col, k_col.astype(jnp.float32))
         if m.tucker_rank == 0:
-            scores, slots = product_key_search(s_row[..., 0], s_col[..., 0], m.topk)
+            scores, slots = product_key_search(s_row[..., 0], s_col[..., 0], m.topk, impl=self.impl)
             core_scores = scores[..., None]
         else:
             u, v = leading_singular_vectors(self.cores_xnzy[...], self.tucker_ref[...])
-            scores, core_scores, slots = tucker_search(s_row, s_col, self.cores_xnzy[...], u, v, m.topk)
+            scores, core_scores, slots = tucker_search(
+                s_row, s_col, self.cores_xnzy[...], u, v, m.topk, impl=self.impl
+            )
         if m.score == "softmax":
             return jax.nn.softmax(scores, axis=-1)[..., None], slots
         return core_scores, slots

@@ -22,21 +22,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llmarch import ops
 
-def product_key_search(s_row: jax.Array, s_col: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+
+def product_key_search(
+    s_row: jax.Array, s_col: jax.Array, k: int, *, impl: str | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The ``k`` best slots of the additive grid ``s_row[i] + s_col[j]``, exactly.
 
     Args:
       s_row, s_col: ``[..., P]`` row and column scores.
       k: slots to return, ``k <= P``.
+      impl: ``llmarch.ops.top_k``'s request for the selections (None: auto).
     Returns:
       ``(scores [..., k], slots [..., k])``, best first; ``slot = i·P + j``.
     """
     P = s_row.shape[-1]
-    top_row, i_row = jax.lax.top_k(s_row.astype(jnp.float32), k)  # [..., I]
-    top_col, i_col = jax.lax.top_k(s_col.astype(jnp.float32), k)  # [..., J]
+    top_row, i_row = ops.top_k(s_row.astype(jnp.float32), k, impl=impl)  # [..., I]
+    top_col, i_col = ops.top_k(s_col.astype(jnp.float32), k, impl=impl)  # [..., J]
     grid = top_row[..., :, None] + top_col[..., None, :]  # [..., I, J]
-    scores, flat = jax.lax.top_k(grid.reshape(*grid.shape[:-2], k * k), k)  # [..., k]
+    scores, flat = ops.top_k(grid.reshape(*grid.shape[:-2], k * k), k, impl=impl)  # [..., k]
     return scores, _slots(i_row, i_col, flat, k, P)
 
 
@@ -48,7 +53,14 @@ def brute_force_search(s_row: jax.Array, s_col: jax.Array, k: int) -> tuple[jax.
 
 
 def tucker_search(
-    s_row: jax.Array, s_col: jax.Array, cores: jax.Array, u: jax.Array, v: jax.Array, k: int
+    s_row: jax.Array,
+    s_col: jax.Array,
+    cores: jax.Array,
+    u: jax.Array,
+    v: jax.Array,
+    k: int,
+    *,
+    impl: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """TDQKR: the ``k`` best of ``Σ_c S_row C_c S_colᵀ`` among the candidates that ``u, v`` pick.
 
@@ -57,6 +69,7 @@ def tucker_search(
       cores: ``[X, N, Z, Y]`` the Tucker cores ``C_c`` of each head.
       u, v: ``[N, Z]`` leading left/right singular vectors of ``Σ_c C_c`` (no gradient).
       k: slots per head (m), ``k <= P``.
+      impl: ``llmarch.ops.top_k``'s request for the selections (None: auto).
     Returns:
       ``(scores [..., N, k], core_scores [..., N, k, X], slots [..., N, k])``: the summed grid
       score of each chosen slot (best first), its per-core parts (multi-core scoring), its slot.
@@ -64,15 +77,15 @@ def tucker_search(
     P = s_row.shape[-2]
     s_row, s_col = s_row.astype(jnp.float32), s_col.astype(jnp.float32)
     u, v = jax.lax.stop_gradient(u).astype(jnp.float32), jax.lax.stop_gradient(v).astype(jnp.float32)
-    _, i_row = jax.lax.top_k(jnp.einsum("...NPZ,NZ->...NP", s_row, u), k)  # [..., N, I]
-    _, i_col = jax.lax.top_k(jnp.einsum("...NPZ,NZ->...NP", s_col, v), k)  # [..., N, J]
+    _, i_row = ops.top_k(jnp.einsum("...NPZ,NZ->...NP", s_row, u), k, impl=impl)  # [..., N, I]
+    _, i_col = ops.top_k(jnp.einsum("...NPZ,NZ->...NP", s_col, v), k, impl=impl)  # [..., N, J]
     rows = jnp.take_along_axis(s_row, i_row[..., None], axis=-2)  # [..., N, I, Z]
     cols = jnp.take_along_axis(s_col, i_col[..., None], axis=-2)  # [..., N, J, Y]
     cores = cores.astype(jnp.float32)
     # The candidates are ranked by the summed grid, Σ_c C_c taken first (the specification's
     # form, and X times less work); the per-core scores are then needed for the k winners only.
     grid = jnp.einsum("...NIZ,NZY,...NJY->...NIJ", rows, cores.sum(0), cols)
-    scores, flat = jax.lax.top_k(grid.reshape(*grid.shape[:-2], k * k), k)  # [..., N, k]
+    scores, flat = ops.top_k(grid.reshape(*grid.shape[:-2], k * k), k, impl=impl)  # [..., N, k]
     row_won = jnp.take_along_axis(rows, (flat // k)[..., None], axis=-2)  # [..., N, k, Z]
     col_won = jnp.take_along_axis(cols, (flat % k)[..., None], axis=-2)  # [..., N, k, Y]
     core_scores = jnp.einsum("...NIZ,XNZY,...NIY->...NIX", row_won, cores, col_won)  # [..., N, k, X]

@@ -92,7 +92,8 @@ class MoE(nnx.Module):
         """The routing of ``x [B,T,D]``: experts and gates ``[B,T,k]``, all in float32."""
         w = self.w_router_de.w[...].astype(jnp.float32)
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), w)  # l = u W_r
-        return routing.route(logits, None if self.bias_e is None else self.bias_e[...], self.moe)
+        bias = None if self.bias_e is None else self.bias_e[...]
+        return routing.route(logits, bias, self.moe, impl=self.impl)
 
     def __call__(
         self, x: jax.Array, *, strategy: str | None = None, impl: str | None = None

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmarch import ops
 from llmarch.layers.configs import MoEConfig
 
 
@@ -42,8 +43,9 @@ class Routing(NamedTuple):
     logits: jax.Array  # [..., E] float32: the router logits l
 
 
-def route(logits: jax.Array, bias: jax.Array | None, cfg: MoEConfig) -> Routing:
-    """Routes tokens from their router ``logits [..., E]`` (float32) and bias ``b [E]`` (or None).
+def route(logits: jax.Array, bias: jax.Array | None, cfg: MoEConfig, *, impl: str | None = None) -> Routing:
+    """Routes tokens from their router ``logits [..., E]`` (float32) and bias ``b [E]`` (or None);
+    ``impl``: ``llmarch.ops.top_k``'s request for the selections (None: auto).
 
     Returns:
       ``Routing`` with experts and gates ``[..., k]``.
@@ -55,20 +57,20 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: MoEConfig) -> Routing:
         scores = jax.nn.sigmoid(logits)  # s_i = σ(u_t·e_i)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)  # s_i + b_i
     if cfg.n_group > 1:
-        choice = _limit_to_groups(choice, cfg.n_group, cfg.topk_group)
-    _, experts = jax.lax.top_k(choice, cfg.top_k)  # [..., k]
+        choice = _limit_to_groups(choice, cfg.n_group, cfg.topk_group, impl)
+    _, experts = ops.top_k(choice, cfg.top_k, impl=impl)  # [..., k]
     gates = jnp.take_along_axis(scores, experts, axis=-1)  # from the unbiased s_i
     if cfg.norm_topk:
         gates = gates / (gates.sum(-1, keepdims=True) + 1e-20)
     return Routing(experts.astype(jnp.int32), gates * cfg.route_scale, scores, logits)
 
 
-def _limit_to_groups(choice: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+def _limit_to_groups(choice: jax.Array, n_group: int, topk_group: int, impl: str | None) -> jax.Array:
     """``choice [..., E]`` with every expert outside the ``topk_group`` best groups set to -inf."""
     *lead, E = choice.shape
     grouped = choice.reshape(*lead, n_group, E // n_group)
-    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [..., n_group]: sum of the top-2
-    _, keep = jax.lax.top_k(group_scores, topk_group)
+    group_scores = ops.top_k(grouped, 2, impl=impl)[0].sum(-1)  # [..., n_group]: sum of the top-2
+    _, keep = ops.top_k(group_scores, topk_group, impl=impl)
     allowed = jnp.any(keep[..., :, None] == jnp.arange(n_group), axis=-2)  # [..., n_group]
     return jnp.where(allowed[..., None], grouped, -jnp.inf).reshape(*lead, E)
 
