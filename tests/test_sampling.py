@@ -63,6 +63,28 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_the_models():
     np.testing.assert_allclose(out["top_logprobs"][:, 0], jnp.max(logp, -1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_tokens_are_argmax(dtype):
+    """The two-reduction argmax picks jnp.argmax's index everywhere: ties (the first), NaN (the
+    first NaN wins), signed zeros, all -inf, and random rows of a vocabulary's width."""
+    special = jnp.array(
+        [
+            [1.0, 3.0, jnp.nan, 3.0, jnp.nan],
+            [-0.0, 0.0, -1.0, 0.0, -0.0],
+            [-jnp.inf] * 5,
+            [1.0, jnp.inf, 2.0, jnp.inf, 0.0],
+            [2.0, 2.0, 2.0, 2.0, 2.0],
+            [-5.0, -4.0, -jnp.nan, -4.0, -3.0],
+        ],
+        dtype,
+    )
+    rows = jnp.round(jax.random.normal(jax.random.key(0), (3, 4, 32000)) * 8).astype(dtype)  # ties
+    for x in (special, rows):
+        got = jax.jit(sampling.greedy_tokens)(x)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+
+
 def test_row_seeds_are_reproducible_and_independent_of_other_rows():
     params = [SamplingParams(temperature=1.0, seed=s) for s in (3, 2**40 + 3, 3)]
     logits = jax.random.normal(jax.random.key(3), (3, 1000))

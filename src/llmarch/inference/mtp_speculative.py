@@ -48,7 +48,7 @@ def _pick(logits, rows, keys, sampled):
         return _draw(q, keys), q
 
     def greedy(logits):
-        return jnp.argmax(logits, -1).astype(jnp.int32), jnp.zeros_like(logits)
+        return sampling.greedy_tokens(logits), jnp.zeros_like(logits)
 
     return jax.lax.cond(sampled, sample, greedy, logits.astype(jnp.float32))
 
@@ -110,7 +110,7 @@ def _decode(state, seq, n, limit, stops, rows, *, graphdef, width):
             return _acceptance(p.reshape(B, 2, V), q[:, None], d[:, None], keys, gamma=1)
 
         def greedy(logits):
-            best = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,2]
+            best = sampling.greedy_tokens(logits)  # [B,2]
             accepted = (d == best[:, 0]).astype(jnp.int32)
             return accepted, best[rowsB, accepted]
 

@@ -91,7 +91,7 @@ def _round(target, draft, t_cache, d_cache, seq, n, count, rows, *, gamma):
             q = sampling.probabilities(logits, temp, top_k, top_p)
             return _draw(q, keys(_DRAFT, j)), q
 
-        greedy = lambda logits: (jnp.argmax(logits, -1).astype(jnp.int32), jnp.zeros_like(logits))  # noqa: E731
+        greedy = lambda logits: (sampling.greedy_tokens(logits), jnp.zeros_like(logits))  # noqa: E731
         return jax.lax.cond(sampled, sample, greedy, logits)
 
     # The draft re-feeds the last two tokens (a fully accepted round left its last proposal
@@ -124,7 +124,7 @@ def _round(target, draft, t_cache, d_cache, seq, n, count, rows, *, gamma):
             return _acceptance(p.reshape(B, gamma + 1, V), q, d, keys, gamma=gamma)
 
         def greedy(logits):  # the rule above on one-hot p and q, without them
-            best = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,gamma+1]
+            best = sampling.greedy_tokens(logits)  # [B,gamma+1]
             accepted = jnp.sum(jnp.cumprod(d == best[:, :gamma], axis=1), axis=1)
             return accepted, best[jnp.arange(B), accepted]
 
