@@ -15,6 +15,8 @@ dense_matmul.cc        ``weight_matmul``: float32 weights, 2 to 8 rows (small-ba
 paged_attention.cc     ``paged_attention`` and ``mla_decode``: a float32 paged cache, up to 16
                        query positions per row (decode steps, speculative verification)
 top_k.cc               ``top_k``: float32 rows (memory-layer searches, MoE routing, sampling)
+memory_read.cc         the memory layers' value read (``layers.memory_lookup.read_values``):
+                       PKM, UltraMem's IVE blocks and MCS cores, a float32 table
 pool.h                 the parallel loop every kernel runs its tasks with
 =====================  ==========================================================
 

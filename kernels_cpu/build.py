@@ -28,7 +28,7 @@ import warnings
 import jax
 import jaxlib
 
-SOURCES = ("quantized_matmul.cc", "dense_matmul.cc", "paged_attention.cc", "top_k.cc")
+SOURCES = ("quantized_matmul.cc", "dense_matmul.cc", "paged_attention.cc", "top_k.cc", "memory_read.cc")
 HEADERS = ("pool.h",)  # included by the sources: part of the cache key too
 HANDLERS = (
     "llmarch_quantized_matmul",
@@ -36,6 +36,7 @@ HANDLERS = (
     "llmarch_paged_attention",
     "llmarch_paged_attention2",
     "llmarch_top_k",
+    "llmarch_memory_read",
 )
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++17")
 FLAGS += ("-shared", "-fPIC", "-w")

@@ -139,6 +139,10 @@ FALLBACK = """
     top = lambda x: ops.top_k(x, 2)
     print("top_k kernel:", "llmarch_top_k" in jax.jit(top).lower(jnp.ones((3, 5))).as_text())
     print("top_k value:", top(jnp.arange(5.0))[1].tolist())
+    from llmarch.layers.memory_lookup import read_values
+    read = lambda t: read_values(t, jnp.array([[0, 2]]), jnp.ones((1, 2, 1)), None, 1)
+    print("read kernel:", "llmarch_memory_read" in jax.jit(read).lower(jnp.ones((3, 4))).as_text())
+    print("read value:", float(read(jnp.ones((3, 4))).sum()))
 """
 
 
@@ -150,6 +154,7 @@ def test_turned_off_kernels_fall_back_to_xla():
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
     assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
     assert "top_k kernel: False" in out.stdout and "top_k value: [4, 3]" in out.stdout
+    assert "read kernel: False" in out.stdout and "read value: 8.0" in out.stdout
 
 
 def test_a_failing_build_warns_once_and_falls_back(tmp_path):
@@ -161,6 +166,7 @@ def test_a_failing_build_warns_once_and_falls_back(tmp_path):
     assert "dense kernel: False" in out.stdout and "dense value: 128.0" in out.stdout
     assert "paged kernel: False" in out.stdout and "paged value: 16.0" in out.stdout
     assert "top_k kernel: False" in out.stdout and "top_k value: [4, 3]" in out.stdout
+    assert "read kernel: False" in out.stdout and "read value: 8.0" in out.stdout
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 

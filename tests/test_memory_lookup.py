@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kernels_cpu import needs_kernels
 
 from llmarch import ops
 from llmarch.layers.memory_lookup import grouped_lookup, read_values, virtual_to_physical
@@ -50,8 +51,30 @@ def test_plain_read_is_ops_memory_lookup():
         read_values(table, rows, weights, None, 1)[:, 0],
         ops.memory_lookup(table, rows, weights[..., 0]),
         rtol=1e-6,
+        atol=1e-6,  # on CPU the read is kernels_cpu.memory_read's: another summation order
     )
     assert ops.Impl.XLA in ops.available("memory_lookup_grouped")  # registered by memory_lookup
+
+
+@needs_kernels
+@pytest.mark.parametrize("X,W", [(1, 1), (3, 1), (1, 4), (2, 4)])
+def test_cpu_kernel_read_equals_xla(X, W):
+    """On CPU "auto" reads through kernels_cpu.memory_read (one FFI call, no [B,J,U] buffer); the
+    same sums as the XLA read, out-of-range indices taken alike (negative rows count from the
+    end, the rest clamp; a block outside [0, W) adds nothing), and "xla" keeps the FFI out."""
+    table, rows, weights, blocks = _inputs(X, W, seed=7)
+    rows = rows.at[0, :3].set(jnp.array([-1, M + 5, -M - 3], jnp.int32))
+    if blocks is not None:
+        blocks = blocks.at[1, :2].set(jnp.array([-1, W], jnp.int32))
+    read = jax.jit(lambda *a, impl=None: read_values(*a, W, impl=impl), static_argnames="impl")
+    assert "llmarch_memory_read" in read.lower(table, rows, weights, blocks).as_text()
+    assert "llmarch_memory_read" not in read.lower(table, rows, weights, blocks, impl="xla").as_text()
+    want = read(table, rows, weights, blocks, impl="xla")
+    np.testing.assert_allclose(read(table, rows, weights, blocks), want, rtol=1e-5, atol=1e-6)
+    b16 = table.astype(jnp.bfloat16)
+    assert "llmarch_memory_read" not in read.lower(b16, rows, weights, blocks).as_text()  # XLA's read
+    with pytest.raises(ValueError, match="impl='cpu' cannot take this memory read"):
+        read_values(b16, rows, weights, blocks, W, impl="cpu")
 
 
 @pytest.mark.parametrize("X,W", [(1, 1), (2, 4)])

@@ -467,6 +467,14 @@ register("fp8_blockwise_matmul", Impl.XLA, _fp8_blockwise_matmul_xla)
 register("fp8_blockwise_matmul", Impl.PALLAS, _fp8_blockwise_matmul_pallas)
 
 
+def memory_read_kernel_serves(table_dtype, weights_dtype) -> bool:
+    """Whether the memory layers' value read (``llmarch.layers.memory_lookup.read_values``) takes
+    its CPU kernel: the CPU backend, unsharded, float32 table and weights, the kernel built."""
+    from kernels_cpu.memory_read import supports
+
+    return cpu_unsharded() and supports(table_dtype, weights_dtype)
+
+
 def top_k_kernel_serves(x_dtype) -> bool:
     """Whether ``top_k``'s CPU kernel takes a selection: the CPU backend, an unsharded program
     (the FFI call is opaque to the partitioner), float32, and the kernel built on this machine."""

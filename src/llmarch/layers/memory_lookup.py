@@ -25,11 +25,18 @@ import jax.numpy as jnp
 from llmarch import ops
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def gather_weighted_sum(
-    table: jax.Array, rows: jax.Array, weights: jax.Array, blocks: jax.Array | None, num_blocks: int
+    table: jax.Array,
+    rows: jax.Array,
+    weights: jax.Array,
+    blocks: jax.Array | None,
+    num_blocks: int,
+    cpu_kernel: bool = False,
 ) -> jax.Array:
-    """``[B,W,U]``: the XLA read, MCS and IVE included (see ``read_values`` for the arguments).
+    """``[B,W,U]``: the XLA read, MCS and IVE included (see ``read_values`` for the arguments);
+    with ``cpu_kernel``, its forward is ``kernels_cpu.memory_read`` (the same sums, each picked
+    row read once, nothing materialized) and its backward the same as XLA's.
 
     Each picked row is gathered once, already scaled chunk by chunk by its core weights (XLA fuses
     the scaling into the gather), and lands in its block through a ``[B,J,W]`` one-hot batched
@@ -38,6 +45,10 @@ def gather_weighted_sum(
     onto the projection's weight and copy that at every step). Backward: a scatter-add into the
     picked rows only.
     """
+    if cpu_kernel:
+        from kernels_cpu.memory_read import memory_read
+
+        return memory_read(table, rows, weights, blocks, num_blocks)
     B, J, X = weights.shape
     M, U = table.shape
     picked = table[rows].astype(jnp.float32)  # [B,J,U]: only the picked rows
@@ -54,12 +65,13 @@ def gather_weighted_sum(
     return out.astype(table.dtype)
 
 
-def _gws_fwd(table, rows, weights, blocks, num_blocks):
+def _gws_fwd(table, rows, weights, blocks, num_blocks, cpu_kernel):
     # Residuals: the inputs only (the table is a parameter, kept anyway); rows are re-gathered.
-    return gather_weighted_sum(table, rows, weights, blocks, num_blocks), (table, rows, weights, blocks)
+    out = gather_weighted_sum(table, rows, weights, blocks, num_blocks, cpu_kernel)
+    return out, (table, rows, weights, blocks)
 
 
-def _gws_bwd(num_blocks, res, d_out):
+def _gws_bwd(num_blocks, cpu_kernel, res, d_out):
     table, rows, weights, blocks = res
     B, J, X = weights.shape
     M, U = table.shape
@@ -109,11 +121,21 @@ def read_values(
       weights: float ``[B,J,X]`` the weight of each pick for each core's chunk (X=1: plain).
       blocks: int ``[B,J]`` virtual block of each pick, or None when ``num_blocks == 1``.
       num_blocks: W (1 without IVE).
-      impl: ``llmarch.ops`` implementation ("auto", "xla", "pallas" or None).
+      impl: ``llmarch.ops`` implementation ("auto", "xla", "pallas", "cpu" or None). On CPU,
+        "auto" takes ``kernels_cpu.memory_read`` where ``ops.memory_read_kernel_serves``.
     Returns:
       ``[B,W,U]`` in the table's dtype: chunk ``c`` of ``out[b,w]`` is
       ``Σ_{j in block w} weights[b,j,c]·table[rows[b,j], chunk c]``.
     """
+    kernel = ops.memory_read_kernel_serves(table.dtype, weights.dtype)
+    if impl in (None, "auto", "cpu", ops.Impl.CPU) and kernel:
+        return gather_weighted_sum(table, rows, weights, blocks, num_blocks, True)
+    if impl in ("cpu", ops.Impl.CPU):
+        raise ValueError(
+            f"impl='cpu' cannot take this memory read ({table.dtype} table, {weights.dtype} weights, "
+            f"backend {jax.default_backend()}): the CPU kernel takes float32, unsharded, on the CPU "
+            "backend, when built"
+        )
     op = "memory_lookup" if num_blocks == 1 else "memory_lookup_grouped"
     if ops.resolve(op, impl)[0] is ops.Impl.XLA:
         return gather_weighted_sum(table, rows, weights, blocks, num_blocks)
