@@ -28,7 +28,8 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   for PKM/UltraMem (J = heads × top-m). Differentiable in table (touched rows) and weights.
   ``memory_lookup_grouped(table, indices, weights, blocks [B,J], num_blocks)`` -> ``[B,W,D]``
   (UltraMem's value expansion) has its Pallas kernel here and its XLA version in
-  ``llmarch.layers.memory_lookup``.
+  ``llmarch.layers.memory_lookup``, whose ``read_values`` takes ``kernels_cpu.memory_read`` on
+  CPU (a float32 table, unsharded: ``memory_read_kernel_serves``).
 - ``paged_attention(q [B,T,N,H], k_pages, v_pages [pages,page_size,K,H], block_tables [B,max_pages],
   lengths [B], q_positions [B,T], *, sliding_window=None, scale=None, k_scales=None,
   v_scales=None)`` -> ``[B,T,N,H]``: decode

@@ -1,9 +1,11 @@
 """Reading the value table: weighted sums of the picked rows, with UltraMem's MCS and IVE.
 
-Every read gathers only the picked rows (never a one-hot matmul, never a score over all M rows),
+Every read gathers only the picked rows (never a score over all M rows),
 and its backward pass scatter-adds into only the picked rows of the table's gradient:
 
-- XLA (the CPU default): ``gather_weighted_sum`` does the whole read, MCS and IVE included, with
+- CPU (the default there: a float32 table, unsharded): ``kernels_cpu.memory_read``, each picked
+  row read once and added into its block's output; backward as XLA's below.
+- XLA: ``gather_weighted_sum`` does the whole read, MCS and IVE included, with
   an explicit ``custom_vjp``: each picked row gathered once and scaled chunk by chunk, pooled per
   virtual block in the ``[B,W,U]`` order the projection reads (no transpose before it); backward,
   a scatter-add into the picked rows. ``grouped_lookup`` (one weight per pick) is it as the XLA
