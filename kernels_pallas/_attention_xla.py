@@ -109,17 +109,21 @@ def _attention_bwd(scale, causal, window, residuals, d_out):
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,H]
     doh = _heads_major(d_out, K)  # [B,K,G,T,H]
     p = jnp.exp(_scores(qh, kh, _mask(masks, causal, window), scale) - lse)  # [B,K,G,T,S]
-    dv = jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(v.dtype), doh, preferred_element_type=jnp.float32)
+    # dV and dK contract the [T,S] matrices over (G, T), their major axes: written as [H, S]
+    # products (the small [T,H] operand transposed, the [T,S] one read as stored), XLA:CPU
+    # copies no [B,K,G,T,S] matrix into another layout first (two such copies a layer, ~1/6 of
+    # a small Llama's train step), only [T,H]-sized operands and results.
+    dv = jnp.einsum("BKGTH,BKGTS->BKHS", doh, p.astype(v.dtype), preferred_element_type=jnp.float32)
     dp = jnp.einsum("BKGTH,BKSH->BKGTS", doh, vh, preferred_element_type=jnp.float32)
     # rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax Jacobian's correction term, from [T,H] arrays.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,T,N]
     delta = delta.reshape(B, T, K, N // K).transpose(0, 2, 3, 1)[..., None]  # [B,K,G,T,1]
     ds = (p * (dp - delta) * scale).astype(q.dtype)  # [B,K,G,T,S]
     dq = jnp.einsum("BKGTS,BKSH->BKGTH", ds, kh, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("BKGTS,BKGTH->BKSH", ds, qh, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("BKGTH,BKGTS->BKHS", qh, ds, preferred_element_type=jnp.float32)
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = dv.transpose(0, 2, 1, 3).astype(v.dtype)
+    dk = dk.transpose(0, 3, 1, 2).astype(k.dtype)  # [B,K,H,S] -> [B,S,K,H]
+    dv = dv.transpose(0, 3, 1, 2).astype(v.dtype)
     return dq, dk, dv, jax.tree.map(lambda _: None, masks)
 
 
