@@ -104,6 +104,11 @@ def test_ops_top_k_rejects_a_bad_k(k):
         ops.top_k(jnp.ones((2, 64)), k)
 
 
+def test_ops_top_k_rejects_a_scalar():
+    with pytest.raises(ValueError, match="x must have at least one axis"):
+        ops.top_k(jnp.float32(1.0), 0)
+
+
 @needs_kernels
 def test_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="must be float32"):

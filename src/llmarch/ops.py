@@ -488,7 +488,9 @@ def top_k(x, k: int, *, impl: Impl | str | None = None) -> tuple[jax.Array, jax.
     """``(values [..., k], indices [..., k] int32)``: ``jax.lax.top_k`` of ``x [..., n]``, the ``k``
     largest of each row, best first (ties: the lower index first). ``"auto"`` takes the CPU kernel
     where ``top_k_kernel_serves`` and ``jax.lax.top_k`` otherwise; both give the same bits."""
-    n = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0:
+        raise ValueError(f"top_k: x must have at least one axis (rows along the last), got shape {x.shape}")
+    n = x.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k <= n:
         raise ValueError(f"top_k: k={k!r} must be an int in [0, {n}] (the last axis of x {x.shape})")
     k = int(k)
