@@ -12,7 +12,9 @@
 //
 // Indices as XLA's gather takes them: a negative row counts from the end, then every row is
 // clamped into the table; a pick whose block is outside [0, W) adds nothing (its one-hot row is
-// zero). Each batch row's sum runs over j in order on one thread: the same bits on any thread.
+// zero). A pick adds to its own block only, so an inf or NaN stays there (XLA's one-hot matmul
+// spreads it, as 0·inf, to every block of the row). Each batch row's sum runs over j in order on
+// one thread: the same bits on any thread.
 
 #include <algorithm>
 #include <cstdint>

@@ -29,11 +29,15 @@ def memory_read(
     ``llmarch.layers.memory_lookup.gather_weighted_sum``."""
     if load() is None:
         raise RuntimeError("the CPU kernels are unavailable; check kernels_cpu.build.unavailable()")
-    U, (B, J), X = table.shape[-1], rows.shape, weights.shape[-1]
-    if table.ndim != 2 or weights.shape != (B, J, X) or U % X or num_blocks < 1:
+    shapes_ok = table.ndim == 2 and rows.ndim == 2 and weights.ndim == 3 and weights.shape[-1] > 0
+    if shapes_ok:
+        U, (B, J), X = table.shape[1], rows.shape, weights.shape[-1]
+        shapes_ok = weights.shape == (B, J, X) and U % X == 0
+    if not shapes_ok or num_blocks < 1 or (blocks is None and num_blocks > 1):
         raise ValueError(
             f"memory_read: table {table.shape}, rows {rows.shape} and weights {weights.shape} must be "
-            f"[M,U], [B,J] and [B,J,X] with X dividing U, and num_blocks={num_blocks} must be >= 1"
+            f"[M,U], [B,J] and [B,J,X] with X dividing U, and num_blocks={num_blocks} must be >= 1 "
+            f"(blocks {None if blocks is None else blocks.shape} given: required when num_blocks > 1)"
         )
     if blocks is None:
         blocks = jnp.zeros((B, J), jnp.int32)

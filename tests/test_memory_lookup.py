@@ -71,6 +71,10 @@ def test_cpu_kernel_read_equals_xla(X, W):
     assert "llmarch_memory_read" not in read.lower(table, rows, weights, blocks, impl="xla").as_text()
     want = read(table, rows, weights, blocks, impl="xla")
     np.testing.assert_allclose(read(table, rows, weights, blocks), want, rtol=1e-5, atol=1e-6)
+    if W > 1:  # a NaN stays in its pick's block (XLA's one-hot matmul spreads it to the whole row)
+        nan_row = np.asarray(read(table, rows, weights.at[2, 0].set(jnp.nan), blocks)[2])  # [W,U]
+        block = int(blocks[2, 0])
+        assert np.isnan(nan_row[block]).all() and not np.isnan(np.delete(nan_row, block, 0)).any()
     b16 = table.astype(jnp.bfloat16)
     assert "llmarch_memory_read" not in read.lower(b16, rows, weights, blocks).as_text()  # XLA's read
     with pytest.raises(ValueError, match="impl='cpu' cannot take this memory read"):

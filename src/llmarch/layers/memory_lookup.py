@@ -38,7 +38,10 @@ def gather_weighted_sum(
 ) -> jax.Array:
     """``[B,W,U]``: the XLA read, MCS and IVE included (see ``read_values`` for the arguments);
     with ``cpu_kernel``, its forward is ``kernels_cpu.memory_read`` (the same sums, each picked
-    row read once, nothing materialized) and its backward the same as XLA's.
+    row read once, nothing materialized) and its backward the same as XLA's. One difference,
+    for non-finite values only: the one-hot matmul below multiplies every pick by 0 for the
+    blocks it is not in, so an inf or NaN in one block's pick makes NaN in every block of its
+    row; the kernel keeps it in its own block, as the sum's definition does.
 
     Each picked row is gathered once, already scaled chunk by chunk by its core weights (XLA fuses
     the scaling into the gather), and lands in its block through a ``[B,J,W]`` one-hot batched
@@ -129,8 +132,8 @@ def read_values(
       ``[B,W,U]`` in the table's dtype: chunk ``c`` of ``out[b,w]`` is
       ``Σ_{j in block w} weights[b,j,c]·table[rows[b,j], chunk c]``.
     """
-    kernel = ops.memory_read_kernel_serves(table.dtype, weights.dtype)
-    if impl in (None, "auto", "cpu", ops.Impl.CPU) and kernel:
+    wants_kernel = impl in (None, "auto", "cpu", ops.Impl.CPU)  # asked first: "xla" never builds it
+    if wants_kernel and ops.memory_read_kernel_serves(table.dtype, weights.dtype):
         return gather_weighted_sum(table, rows, weights, blocks, num_blocks, True)
     if impl in ("cpu", ops.Impl.CPU):
         raise ValueError(

@@ -88,23 +88,24 @@ class MoE(nnx.Module):
         # weight(): a quantized model's experts (llmarch.quant) are dequantized here, in the step
         return ExpertWeights(self.w_gate_edf.weight(), self.w_up_edf.weight(), self.w_down_efd.weight())
 
-    def route(self, x: jax.Array) -> routing.Routing:
-        """The routing of ``x [B,T,D]``: experts and gates ``[B,T,k]``, all in float32."""
+    def route(self, x: jax.Array, *, impl: str | None = None) -> routing.Routing:
+        """The routing of ``x [B,T,D]``: experts and gates ``[B,T,k]``, all in float32; ``impl``
+        (of the top-k selections, ``llmarch.ops.top_k``) overrides ``self.impl``."""
         w = self.w_router_de.w[...].astype(jnp.float32)
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), w)  # l = u W_r
         bias = None if self.bias_e is None else self.bias_e[...]
-        return routing.route(logits, bias, self.moe, impl=self.impl)
+        return routing.route(logits, bias, self.moe, impl=self.impl if impl is None else impl)
 
     def __call__(
         self, x: jax.Array, *, strategy: str | None = None, impl: str | None = None
     ) -> tuple[jax.Array, dict]:
         """``(y [B,T,D], aux)``; ``strategy`` overrides ``MoEConfig.strategy`` and ``impl`` (of the
-        grouped matmuls) ``cfg.impl`` for this call."""
+        grouped matmuls and the routing's top-k) ``cfg.impl`` for this call."""
         m = self.moe
         impl = self.impl if impl is None else impl
         B, T, D = x.shape
         with jax.named_scope("router"):
-            r = self.route(x)
+            r = self.route(x, impl=impl)
         strategy = m.strategy if strategy is None else strategy
         with jax.named_scope("experts"):
             y, dropped = self.experts(
