@@ -164,6 +164,18 @@ def resolve(op: str, impl: Impl | str | None = None) -> tuple[Impl, Callable]:
     return chosen, fn
 
 
+def _resolve_cpu(op: str, impl: Impl | str | None, serves: bool, refusal: str) -> tuple[Impl, Callable]:
+    """``resolve`` for an op whose CPU kernel takes only some calls (``serves``: this one):
+    ``"auto"`` takes the kernel where it serves and ``resolve``'s default otherwise; an explicit
+    ``"cpu"`` where it does not serve is refused with ``refusal``, before anything is traced."""
+    if (impl is None or impl == "auto") and serves:
+        impl = Impl.CPU
+    chosen, fn = resolve(op, impl)
+    if chosen is Impl.CPU and not serves:
+        raise ValueError(refusal)
+    return chosen, fn
+
+
 def attention(q, k, v, *, impl: Impl | str | None = None, **kwargs) -> jax.Array:
     """Attention of ``q [B,T,N,H]`` over ``k, v [B,S,K,H]``; see
     ``kernels_pallas.flash_attention.attention_reference``. Ring attention when the ambient mesh
@@ -215,9 +227,9 @@ def paged_attention(
         scale=1.0 if kwargs.get("scale") is None else kwargs["scale"],
         sliding_window=kwargs.get("sliding_window"),
     )
-    impl = _paged_cpu_auto(impl, q.shape[1], k_scales, q, k_pages, v_pages, **static)
-    chosen, fn = resolve("paged_attention", impl)
-    _check_paged_cpu(chosen, "paged_attention", q.shape[1], k_scales, q, k_pages, v_pages, **static)
+    serves = _paged_kernel_serves(q.shape[1], k_scales, q, k_pages, v_pages, **static)
+    refusal = _paged_refusal("paged_attention", q.shape[1], k_scales, q, k_pages, v_pages)
+    chosen, fn = _resolve_cpu("paged_attention", impl, serves, refusal)
     if k_scales is not None and chosen is Impl.XLA:
         kwargs.update(k_scales=k_scales, v_scales=v_scales)
     elif k_scales is not None:
@@ -242,22 +254,14 @@ def _paged_kernel_serves(T: int, scales, *operands, scale=1.0, sliding_window=No
     return cpu and supports(T, *(a.dtype for a in operands), scale=scale, sliding_window=sliding_window)
 
 
-def _paged_cpu_auto(impl, T: int, scales, *operands, **static):
-    """``"auto"`` for the paged ops: their CPU kernel where it serves, else the usual default."""
-    if (impl is None or impl == "auto") and _paged_kernel_serves(T, scales, *operands, **static):
-        return Impl.CPU
-    return impl
-
-
-def _check_paged_cpu(chosen: Impl, op: str, T: int, scales, *operands, **static) -> None:
-    if chosen is Impl.CPU and not _paged_kernel_serves(T, scales, *operands, **static):
-        raise ValueError(
-            f"impl='cpu' cannot take this {op} (T={T}, {[str(a.dtype) for a in operands]}, "
-            f"{'quantized' if scales is not None else 'float'} cache, backend {jax.default_backend()}): "
-            "the CPU kernel takes float32 queries and pools, 1 to kernels_cpu.paged_attention.MAX_T "
-            "query positions, a concrete scale and no window or an int one >= 1, unsharded, on the CPU "
-            "backend, when built"
-        )
+def _paged_refusal(op: str, T: int, scales, *operands) -> str:
+    return (
+        f"impl='cpu' cannot take this {op} (T={T}, {[str(a.dtype) for a in operands]}, "
+        f"{'quantized' if scales is not None else 'float'} cache, backend {jax.default_backend()}): "
+        "the CPU kernel takes float32 queries and pools, 1 to kernels_cpu.paged_attention.MAX_T "
+        "query positions, a concrete scale and no window or an int one >= 1, unsharded, on the CPU "
+        "backend, when built"
+    )
 
 
 def _paged_attention_cpu(
@@ -307,9 +311,10 @@ def mla_decode(
     ``mla_decode_xla``). ``c_kv_scales, k_rope_scales [pages,page_size,1]``: a quantized latent
     cache, handled as ``paged_attention``'s scales are."""
     operands = (q_latent, q_rope, c_kv_pages, k_rope_pages)
-    impl = _paged_cpu_auto(impl, q_latent.shape[1], c_kv_scales, *operands, scale=scale)
-    chosen, fn = resolve("mla_decode", impl)
-    _check_paged_cpu(chosen, "mla_decode", q_latent.shape[1], c_kv_scales, *operands, scale=scale)
+    T = q_latent.shape[1]
+    serves = _paged_kernel_serves(T, c_kv_scales, *operands, scale=scale)
+    refusal = _paged_refusal("mla_decode", T, c_kv_scales, *operands)
+    chosen, fn = _resolve_cpu("mla_decode", impl, serves, refusal)
     kwargs = {}
     if c_kv_scales is not None and chosen is Impl.XLA:
         kwargs = dict(c_kv_scales=c_kv_scales, k_rope_scales=k_rope_scales)
@@ -375,18 +380,16 @@ def quantized_matmul(x, qt, *, impl: Impl | str | None = None) -> jax.Array:
     ``llmarch.quant.QuantizedTensor``), dequantized tile by tile from its stored form."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    serves = _cpu_kernel_serves(x2.shape[0], qt)
     auto = impl is None or impl == "auto"
-    if auto and _cpu_kernel_serves(x2.shape[0], qt):
-        impl = Impl.CPU
-    elif qt.kind == "fp8" and impl not in (Impl.CPU, "cpu"):  # Pallas takes integer weights only
-        impl = Impl.XLA
-    chosen, fn = resolve("quantized_matmul", impl)
-    if chosen is Impl.CPU and not _cpu_kernel_serves(x2.shape[0], qt):
-        raise ValueError(
-            f"impl='cpu' cannot take this quantized_matmul (M={x2.shape[0]}, {qt.kind} {qt.bits}-bit, "
-            f"backend {jax.default_backend()}): the CPU kernel takes integer or FP8 weights and at most "
-            "kernels_cpu.quantized_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
-        )
+    if qt.kind == "fp8" and impl not in (Impl.CPU, "cpu") and not (auto and serves):
+        impl = Impl.XLA  # Pallas takes integer weights only
+    refusal = (
+        f"impl='cpu' cannot take this quantized_matmul (M={x2.shape[0]}, {qt.kind} {qt.bits}-bit, "
+        f"backend {jax.default_backend()}): the CPU kernel takes integer or FP8 weights and at most "
+        "kernels_cpu.quantized_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
+    )
+    chosen, fn = _resolve_cpu("quantized_matmul", impl, serves, refusal)
     return fn(x2, qt).reshape(*lead, qt.shape[-1])
 
 
@@ -424,17 +427,14 @@ def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
     ``"pallas"`` takes XLA's dot, which on an accelerator is already its matrix unit's kernel."""
     if impl in (Impl.PALLAS, "pallas"):
         impl = Impl.XLA
-    if impl is None or impl == "auto":
-        serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
-        impl = Impl.CPU if serves else Impl.XLA
-    chosen, fn = resolve("weight_matmul", impl)
-    if chosen is Impl.CPU and not weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size):
-        raise ValueError(
-            f"impl='cpu' cannot take this weight_matmul (M={x.shape[0]}, {x.dtype} x {w.dtype}, backend "
-            f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
-            "kernels_cpu.dense_matmul.MIN_ROWS to MAX_ROWS rows (one for a weight of ONE_ROW_MIN_ELEMENTS), "
-            "unsharded, on the CPU backend, when built"
-        )
+    refusal = (
+        f"impl='cpu' cannot take this weight_matmul (M={x.shape[0]}, {x.dtype} x {w.dtype}, backend "
+        f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
+        "kernels_cpu.dense_matmul.MIN_ROWS to MAX_ROWS rows (one for a weight of ONE_ROW_MIN_ELEMENTS), "
+        "unsharded, on the CPU backend, when built"
+    )
+    serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
+    _, fn = _resolve_cpu("weight_matmul", impl, serves, refusal)
     return fn(x, w)
 
 
@@ -496,14 +496,11 @@ def top_k(x, k: int, *, impl: Impl | str | None = None) -> tuple[jax.Array, jax.
     k = int(k)
     if impl in (Impl.PALLAS, "pallas"):  # no Pallas selection kernel: XLA's TopK is the accelerator's
         impl = Impl.XLA
-    if impl is None or impl == "auto":
-        impl = Impl.CPU if top_k_kernel_serves(x.dtype) else Impl.XLA
-    chosen, fn = resolve("top_k", impl)
-    if chosen is Impl.CPU and not top_k_kernel_serves(x.dtype):
-        raise ValueError(
-            f"impl='cpu' cannot take this top_k ({x.dtype}, backend {jax.default_backend()}): the CPU "
-            "kernel takes float32, unsharded, on the CPU backend, when built"
-        )
+    refusal = (
+        f"impl='cpu' cannot take this top_k ({x.dtype}, backend {jax.default_backend()}): the CPU "
+        "kernel takes float32, unsharded, on the CPU backend, when built"
+    )
+    _, fn = _resolve_cpu("top_k", impl, top_k_kernel_serves(x.dtype), refusal)
     return fn(x, k)
 
 
