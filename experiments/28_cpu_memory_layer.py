@@ -27,6 +27,7 @@ Writes experiments/results/28_cpu_memory_layer.md.
 
 import argparse
 import datetime
+import functools
 import importlib
 import pathlib
 import sys
@@ -54,19 +55,24 @@ OP_CASES = [  # (what, shape, k)
 ]
 
 
+def xla_and_kernel(fn, args, repeats: int) -> tuple[dict, dict]:
+    """``(seconds, outputs)`` of ``fn(*args, impl=...)`` jitted for ``"xla"`` and ``"cpu"`` (the
+    kernel): each compiled and run once, then timed in interleaved rounds."""
+    calls, outs = {}, {}
+    for impl in ("xla", "cpu"):
+        f = jax.jit(functools.partial(fn, impl=impl))
+        outs[impl] = jax.block_until_ready(f(*args))
+        calls[impl] = lambda f=f: jax.block_until_ready(f(*args))
+    return interleaved_medians(calls, repeats), outs
+
+
 def op_table(repeats: int) -> list[str]:
     rows = ["| selection | x | k | XLA TopK µs | kernel µs | speedup |", "|---|---|---|---|---|---|"]
     for what, shape, k in OP_CASES:
         x = jax.random.normal(jax.random.key(len(rows)), shape, jnp.float32)
-        calls = {}
-        for impl in ("xla", "cpu"):
-            f = jax.jit(lambda x, k=k, impl=impl: ops.top_k(x, k, impl=impl))
-            jax.block_until_ready(f(x))
-            calls[impl] = lambda f=f, x=x: jax.block_until_ready(f(x))
-        pairs = zip(ops.top_k(x, k, impl="xla"), ops.top_k(x, k), strict=True)
-        same = all(np.array_equal(a, b) for a, b in pairs)
+        t, outs = xla_and_kernel(lambda x, impl, k=k: ops.top_k(x, k, impl=impl), (x,), repeats)
+        same = all(np.array_equal(a, b) for a, b in zip(outs["xla"], outs["cpu"], strict=True))
         assert same, f"{what}: the kernel's selection differs from XLA's"
-        t = interleaved_medians(calls, repeats)
         rows.append(
             f"| {what} | {list(shape)} | {k} | {t['xla'] * 1e6:,.0f} | {t['cpu'] * 1e6:,.0f} | "
             f"{t['xla'] / t['cpu']:.2f}× |"
@@ -84,13 +90,9 @@ def read_table(batches, repeats: int) -> list[str]:
         picks = jax.random.randint(k[0], (B, J), 0, M)
         weights = jax.random.normal(k[1], (B, J, X), jnp.float32)
         blocks = jax.random.randint(k[2], (B, J), 0, W)
-        calls, outs = {}, {}
-        for impl in ("xla", "cpu"):
-            f = jax.jit(lambda t, r, w, b, impl=impl: memory_lookup.read_values(t, r, w, b, W, impl=impl))
-            outs[impl] = jax.block_until_ready(f(table, picks, weights, blocks))
-            calls[impl] = lambda f=f, a=(table, picks, weights, blocks): jax.block_until_ready(f(*a))
+        read = lambda t, r, w, b, impl: memory_lookup.read_values(t, r, w, b, W, impl=impl)  # noqa: E731
+        t, outs = xla_and_kernel(read, (table, picks, weights, blocks), repeats)
         np.testing.assert_allclose(outs["cpu"], outs["xla"], rtol=1e-5, atol=1e-5)
-        t = interleaved_medians(calls, repeats)
         rows.append(f"| {B} | {t['xla'] * 1e6:,.0f} | {t['cpu'] * 1e6:,.0f} | {t['xla'] / t['cpu']:.2f}× |")
         print(rows[-1], flush=True)
     return rows

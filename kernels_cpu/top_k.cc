@@ -49,7 +49,7 @@ inline int32_t unpack_index(int64_t e) { return static_cast<int32_t>(~static_cas
 void row(const float* x, int64_t n, int64_t k, std::vector<int64_t>& buf, float* values,
          int32_t* indices) {
   const int64_t cap = std::min(n, 4 * k);
-  buf.resize(cap + 1);  // + 1: the branch-free append writes one past the count
+  buf.resize(cap + 1);  // + 1: a spare slot, so the branch-free append never needs a bounds check
   int64_t* b = buf.data();
   int64_t held = 0, bar = INT64_MIN;  // bar: the k-th best entry after the last cut
   auto cut = [&] {
