@@ -4,10 +4,12 @@ XLA:CPU runs a program as a graph of thunks (a dot, a fusion, a while loop, ...)
 profiler, records each thunk's start and end on the thread that ran it. ``trace`` collects those
 events for some calls of a function; ``breakdown`` turns them into wall time by kind of thunk
 (each kind's time is the union of its intervals over both cores, so work running concurrently on
-two threads is not counted twice, and ``idle`` is the time no thunk ran); ``dot_shapes`` reads the
-shapes of every dot in the optimized HLO so each can be timed alone (``lone_dot_seconds``): the
-rate XLA reaches on the same matrix product with nothing else running, the roofline the program's
-dots are measured against.
+two threads is not counted twice, and ``idle`` is the time no thunk ran; ``ffi_kinds`` names each
+``kernels_cpu`` call by its kernel, where the profiler only says ``ffi_call``); ``dot_shapes``
+reads the shapes of every matrix product in the optimized HLO (XLA's dots and
+``kernels_cpu.dense_matmul`` calls) so each can be timed alone (``lone_dot_seconds``): the rate
+the same product reaches with nothing else running, the roofline the program's products are
+measured against.
 
 Used by ``experiments/bench.py`` to explain the goals it does not meet.
 """
@@ -80,23 +82,35 @@ def union_ns(intervals) -> int:
 
 
 def is_dot(kind: str) -> bool:
-    """A matrix product: XLA's own dot thunk, or a dot fused for XNNPACK/YNNPACK."""
-    return kind == "dot" or kind.startswith(("ynn_fusion", "xnn_fusion"))
+    """A matrix product: XLA's own dot thunk, a dot fused for XNNPACK/YNNPACK, or the
+    ``dense_matmul`` kernel (as ``ffi_kinds`` names it)."""
+    return kind in ("dot", "dense_matmul") or kind.startswith(("ynn_fusion", "xnn_fusion"))
 
 
-def breakdown(events: list[Event], per: int = 1) -> dict[str, float]:
+_FFI = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* custom-call\(.*custom_call_target="llmarch_(\w+)"')
+
+
+def ffi_kinds(hlo: str) -> dict[str, str]:
+    """``{thunk name: kernel}`` for every ``kernels_cpu`` call of optimized HLO text
+    (``"ffi_call.3": "dense_matmul"``), for ``breakdown``'s ``kinds``."""
+    return {m[1]: m[2] for m in map(_FFI.match, hlo.splitlines()) if m}
+
+
+def breakdown(events: list[Event], per: int = 1, kinds: dict[str, str] | None = None) -> dict[str, float]:
     """Milliseconds of wall time per ``per`` (e.g. per step) by thunk kind, largest first, with
     ``span`` (first start to last end), ``dots`` (all matrix products together) and ``idle``
-    (no thunk running on either core: dispatch, waits, the runtime between thunks)."""
+    (no thunk running on either core: dispatch, waits, the runtime between thunks). ``kinds``
+    renames some thunks' kind by name (``ffi_kinds``)."""
+    kinds = kinds or {}
     leaves = [e for e in events if e.kind not in _CONTAINERS]
     by_kind = collections.defaultdict(list)
     for e in leaves:
-        by_kind[e.kind].append((e.start, e.end))
+        by_kind[kinds.get(e.name, e.kind)].append((e.start, e.end))
     span = max(e.end for e in events) - events[0].start
-    out = {"span": span, "dots": union_ns([(e.start, e.end) for e in leaves if is_dot(e.kind)])}
+    products = [iv for kind, ivs in by_kind.items() if is_dot(kind) for iv in ivs]
+    out = {"span": span, "dots": union_ns(products)}
     out["idle"] = span - union_ns([(e.start, e.end) for e in leaves])
-    kinds = {k: union_ns(v) for k, v in by_kind.items()}
-    out.update(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    out.update(sorted(((k, union_ns(v)) for k, v in by_kind.items()), key=lambda kv: -kv[1]))
     return {k: v / 1e6 / per for k, v in out.items()}
 
 
@@ -105,6 +119,7 @@ class DotShape:
     lhs: tuple[int, ...]
     rhs: tuple[int, ...]
     dims: tuple  # ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))
+    kernel: bool = False  # kernels_cpu.dense_matmul's [M, K] @ [K, N], not XLA's dot
 
     @property
     def flops(self) -> int:
@@ -129,8 +144,9 @@ def _dims(attrs: str, name: str) -> tuple[int, ...]:
 
 
 def dot_shapes(hlo: str) -> dict[str, DotShape]:
-    """Every float32 dot of optimized HLO text (fused computations included), by the name of the
-    thunk that runs it: the dot itself, or the fusion that calls the computation it sits in."""
+    """Every float32 matrix product of optimized HLO text (fused computations included), by the
+    name of the thunk that runs it: the dot itself, the fusion that calls the computation it sits
+    in, or the ``dense_matmul`` kernel's call."""
     shapes = {
         m[1]: tuple(int(d) for d in m[2].split(",") if d) for m in map(_SHAPE.match, hlo.splitlines()) if m
     }
@@ -152,11 +168,18 @@ def dot_shapes(hlo: str) -> dict[str, DotShape]:
             2
         ] in in_computation:
             dots[m[1]] = in_computation[m[2]]
+    for line in hlo.splitlines():  # the kernel's calls: x [M, K], w [K, N], as its operands' layouts
+        if 'custom_call_target="llmarch_dense_matmul"' in line:
+            name = _FFI.match(line)[1]
+            x, w = re.findall(r"f32\[([\d,]+)\]", line.split("operand_layout_constraints=")[1])[:2]
+            shape = [tuple(int(d) for d in s.split(",")) for s in (x, w)]
+            dots[name] = DotShape(shape[0], shape[1], (((1,), (0,)), ((), ())), kernel=True)
     return dots
 
 
 def lone_dot_seconds(shape: DotShape, repeats: int = 10, stream_bytes: int = 0) -> float:
-    """Best seconds of one jitted ``dot_general`` of ``shape`` with nothing else in the program.
+    """Best seconds of one jitted product of ``shape`` (XLA's ``dot_general``, or the
+    ``dense_matmul`` kernel for a kernel call) with nothing else in the program.
 
     With ``stream_bytes``, the product runs over enough distinct copies of its right operand to
     read that many bytes (one program, the copies in turn), and the time per product is returned:
@@ -167,7 +190,12 @@ def lone_dot_seconds(shape: DotShape, repeats: int = 10, stream_bytes: int = 0) 
     a = jax.numpy.asarray(rng.standard_normal(shape.lhs, np.float32))
     copies = max(1, stream_bytes // shape.rhs_bytes)
     bs = [jax.numpy.asarray(rng.standard_normal(shape.rhs, np.float32)) for _ in range(copies)]
-    f = jax.jit(lambda a, bs: [jax.lax.dot_general(a, b, shape.dims) for b in bs])
+    if shape.kernel:
+        from kernels_cpu.dense_matmul import dense_matmul
+
+        f = jax.jit(lambda a, bs: [dense_matmul(a, b) for b in bs])
+    else:
+        f = jax.jit(lambda a, bs: [jax.lax.dot_general(a, b, shape.dims) for b in bs])
     jax.block_until_ready(f(a, bs))
     best = math.inf
     for _ in range(repeats):

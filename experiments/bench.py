@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_common import Row, interleaved_medians, load_average, random_llama, replace_section, table
 from _gguf import llama_cpp_runner
-from _profile import breakdown, dot_table, is_dot, trace
+from _profile import breakdown, dot_table, ffi_kinds, is_dot, trace
 from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -267,8 +267,8 @@ def bench_decode(ctx: Context) -> Row:
 
 
 def _decode_profile(model, cfg, prompt: list[int], n: int, peer_s: float, ctx: Context) -> str:
-    """Where a batch-1 decode token's time goes: thunks by kind, and each weight's
-    matrix-vector product inside the step against the same product timed alone."""
+    """Where a batch-1 decode token's time goes: thunks by kind (``kernels_cpu`` calls by
+    kernel), and each weight's product inside the step against the same product timed alone."""
     from llmarch.inference import Engine, SamplingParams
 
     engine = Engine(model, cfg, max_num_seqs=1, max_len=len(prompt) + n, min_decode_rows=1)
@@ -278,34 +278,38 @@ def _decode_profile(model, cfg, prompt: list[int], n: int, peer_s: float, ctx: C
     def run():
         engine.generate([prompt], params)
 
-    parts = breakdown(trace(run, 1), per=n)
     hlo = _decode_hlo(engine, prompt, params)
+    events = trace(run, 1)
+    parts = breakdown(events, per=n, kinds=ffi_kinds(hlo))
     # The weights' products only (not attention's), each alone over 256 MB of copies: streamed.
-    dots = dot_table(trace(run, 1), hlo, per=n, stream_bytes=256 * 2**20, min_rhs_bytes=2**20)
+    dots = dot_table(events, hlo, per=n, stream_bytes=256 * 2**20, min_rhs_bytes=2**20)
     lines = [
-        "| weight [K, N] | per token | µs inside the step | GB/s | µs alone | GB/s alone |",
-        "|---|---|---|---|---|---|",
+        "| weight [K, N] | by | per token | µs inside the step | GB/s | µs alone | GB/s alone |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in dots[:8]:
         sh = r["shape"]
         lines.append(
-            f"| {list(sh.rhs)} | {r['count']:.0f} | {r['median_s'] * 1e6:.0f} | "
-            f"{sh.rhs_bytes / r['median_s'] / 1e9:.1f} | {r['lone_s'] * 1e6:.0f} | "
-            f"{sh.rhs_bytes / r['lone_s'] / 1e9:.1f} |"
+            f"| {list(sh.rhs)} | {'kernel' if sh.kernel else 'XLA'} | {r['count']:.0f} | "
+            f"{r['median_s'] * 1e6:.0f} | {sh.rhs_bytes / r['median_s'] / 1e9:.1f} | "
+            f"{r['lone_s'] * 1e6:.0f} | {sh.rhs_bytes / r['lone_s'] / 1e9:.1f} |"
         )
+    weights = sum(r["shape"].rhs_bytes * r["count"] for r in dots)
+    rate = weights / (parts["dots"] / 1e3)  # bytes/s
     return (
         "### Batch-1 decode: where the time goes\n\n"
         f"Profile of one {n}-token `Engine` run (`jax.profiler`, XLA:CPU thunks, per token): "
-        f"{parts['span']:.2f} ms a token; matrix-vector products {parts['dots']:.2f} ms "
-        f"({parts['dots'] / parts['span']:.0%}); largest other kinds: {_kinds(parts, ())}; no "
-        f"thunk running {parts['idle']:.2f} ms. llama.cpp's whole token takes {peer_s * 1e3:.2f} ms "
-        f"in this run, so the products alone take {parts['dots'] / (peer_s * 1e3):.0%} of it. "
-        "`ffi_call` is `kernels_cpu`: the LM head's one-row product (`dense_matmul`, its weight past "
-        "the last-level cache) and paged attention, one call per layer. "
-        "Each other product is one XLA dot thunk; its rate, weight bytes over its time, is what XLA:CPU's "
-        "matrix-vector product reaches at that shape (the table; `alone`: the same product jitted "
-        "by itself over 256 MB of copies of the weight, so it streams from memory as in the step, "
-        "best of 10).\n\n" + "\n".join(lines) + "\n"
+        f"{parts['span']:.2f} ms a token; weight products {parts['dots']:.2f} ms "
+        f"({parts['dots'] / parts['span']:.0%}; {weights / 1e6:.0f} MB of weights at "
+        f"{rate / 1e9:.1f} GB/s, {rate / ctx.bandwidth:.0%} of the measured bandwidth); other kinds: "
+        f"{_kinds(parts, ())}; no thunk running "
+        f"{parts['idle']:.2f} ms. llama.cpp's whole token takes {peer_s * 1e3:.2f} ms in this run, "
+        f"so the products alone take {parts['dots'] / (peer_s * 1e3):.0%} of it. Products of one to "
+        "eight rows run on `kernels_cpu.dense_matmul` (`kernel`), which reads each weight in "
+        "contiguous row bands on both cores; `paged_attention` is the C++ paged-attention kernel, "
+        "one call per layer. The table gives each weight's rate inside the step (weight bytes over "
+        "its thunk's time) and alone: the same product jitted by itself over 256 MB of copies of the "
+        "weight, so it streams from memory as in the step, best of 10.\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -1,13 +1,12 @@
 """``x [M, K] @ w [K, N]`` in float32 with few rows (a decode step's weight products) on CPU: the
 C++ kernel ``dense_matmul.cc`` (see its header for why and how), called through ``jax.ffi``.
 
-``llmarch.layers.einsum.contract`` sends a plain weight contraction here when it has
-``MIN_ROWS`` to ``MAX_ROWS`` rows (one row for a weight past the last-level cache's size),
-float32 operands, an unsharded program and the CPU backend; everything else (prefill, training,
-larger batches: compute-bound, where XLA's GEMM is the faster way) stays on ``jnp.dot``, which
-is also the specification the tests compare against. Differentiable: the backward pass is XLA's
-(``dx = g wᵀ``, ``dw = xᵀ g``), so a small forward under ``jax.grad`` works, though no training
-step has so few rows.
+``llmarch.layers.einsum.contract`` sends a plain weight contraction here when it has 1 to
+``MAX_ROWS`` rows, float32 operands, an unsharded program and the CPU backend; everything else
+(prefill, training, larger batches: compute-bound, where XLA's GEMM is the faster way) stays on
+``jnp.dot``, which is also the specification the tests compare against. Differentiable: the
+backward pass is XLA's (``dx = g wᵀ``, ``dw = xᵀ g``), so a small forward under ``jax.grad``
+works, though no training step has so few rows.
 """
 
 from __future__ import annotations
@@ -18,23 +17,19 @@ import jax.numpy as jnp
 from kernels_cpu.build import load
 
 MAX_ROWS = 8  # kMaxRows in dense_matmul.cc: past 8 rows the product is compute-bound
-# The fewest rows dispatch sends here, and the one-row exception. From 2 rows XLA runs a GEMM
-# whose panels stream the weight slowly (the 56M Llama's decode forward: 1.49x faster with the
-# kernel at 2 rows, 1.14x at 4). At one row XLA's matrix-vector product is as fast on the
-# blocks' weights (0.7-1.06x of it: the kernel's bands and thread hand-off cost more than they
-# gain on 0.5-3 MB), and slower on a weight far larger than the last-level cache, the LM head
-# ([512, 32000]: 1.19x). experiments/26_cpu_weight_products.py measures both.
-MIN_ROWS = 2
-ONE_ROW_MIN_ELEMENTS = 2**23  # 32 MiB of float32: one row takes the kernel from this size
+# One row included: a decode step streams every weight of the model, so even a block's small
+# weight ([512, 512], 1 MB) comes from memory, not from cache, and the kernel's contiguous bands
+# beat XLA's matrix-vector product there. The bench's batch-1 `Engine` decode of the 56M Llama
+# ran 1.06-1.7x faster in tokens/s with every one-row product on the kernel than with only the
+# LM head's (five interleaved pairs of runs, AMD EPYC Zen 5); experiments/26_cpu_weight_products.py
+# times the decode forward both ways.
 
 
-def supports(m: int, x_dtype, w_dtype, w_elements: int = 0) -> bool:
-    """Whether dispatch sends ``m`` rows of these dtypes here: float32, ``MIN_ROWS <= m <=
-    MAX_ROWS`` (or one row of a weight of at least ``ONE_ROW_MIN_ELEMENTS``), and the kernel
-    built on this machine (``dense_matmul`` itself takes any 1 to ``MAX_ROWS`` rows)."""
+def supports(m: int, x_dtype, w_dtype) -> bool:
+    """Whether dispatch sends ``m`` rows of these dtypes here: float32, ``1 <= m <= MAX_ROWS``,
+    and the kernel built on this machine."""
     f32 = jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32
-    rows = MIN_ROWS <= m <= MAX_ROWS or (m == 1 and w_elements >= ONE_ROW_MIN_ELEMENTS)
-    return f32 and rows and load() is not None
+    return f32 and 1 <= m <= MAX_ROWS and load() is not None
 
 
 def _call(x: jax.Array, w: jax.Array) -> jax.Array:

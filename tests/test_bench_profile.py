@@ -48,3 +48,36 @@ def test_trace_and_breakdown_of_a_program():
     table = profile.dot_table(events, f.lower(x, w).compile().as_text(), per=2)
     assert sum(r["count"] for r in table) == 2  # two products per call
     assert all(r["lone_s"] > 0 and r["median_s"] > 0 for r in table)
+
+
+def test_kernel_calls_are_named_and_counted_as_products():
+    """A ``kernels_cpu.dense_matmul`` call shows as ``ffi_call`` to the profiler: ``ffi_kinds``
+    names it by its kernel, ``dot_shapes`` reads its operands, and ``breakdown`` counts it as a
+    product."""
+    import pytest
+
+    from kernels_cpu.build import load
+    from kernels_cpu.dense_matmul import dense_matmul
+
+    if load() is None:
+        pytest.skip("the CPU kernels are not built on this machine")
+    f = jax.jit(lambda x, w: jnp.tanh(dense_matmul(x, w)))
+    x, w = jnp.ones((2, 128)), jnp.ones((128, 256))
+    f(x, w).block_until_ready()
+    hlo = f.lower(x, w).compile().as_text()
+    kinds = profile.ffi_kinds(hlo)
+    assert list(kinds.values()) == ["dense_matmul"]
+    (name,) = kinds
+    shape = profile.dot_shapes(hlo)[name]
+    assert (shape.lhs, shape.rhs, shape.kernel, shape.flops) == (
+        (2, 128),
+        (128, 256),
+        True,
+        2 * 2 * 128 * 256,
+    )
+    events = profile.trace(lambda: f(x, w).block_until_ready(), 2)
+    parts = profile.breakdown(events, per=2, kinds=kinds)
+    assert parts["dense_matmul"] > 0 and parts["dots"] >= parts["dense_matmul"]
+    assert "ffi_call" not in parts
+    (row,) = profile.dot_table(events, hlo, per=2)
+    assert row["count"] == 1 and row["lone_s"] > 0

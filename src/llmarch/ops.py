@@ -54,8 +54,7 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   XLA path.
 - ``weight_matmul(x [M, K], w [K, N])`` -> ``[M, N]``: a layer's plain weight product
   (``llmarch.layers.einsum.contract`` reaches it). XLA: ``jnp.dot``; CPU (float32,
-  ``kernels_cpu.dense_matmul.MIN_ROWS`` to ``MAX_ROWS`` rows: a small batch's decode step, or
-  one row of a weight past the last-level cache, e.g. the LM head; unsharded):
+  1 to ``kernels_cpu.dense_matmul.MAX_ROWS`` rows: a small batch's decode step; unsharded):
   ``kernels_cpu.dense_matmul``, which streams the weight in contiguous row bands. No Pallas
   kernel: on TPU/GPU XLA's own GEMM is the fast path.
 - ``top_k(x [..., n], k)`` -> ``(values [..., k], indices [..., k] int32)``: ``jax.lax.top_k``, which
@@ -412,13 +411,13 @@ register("weight_matmul", Impl.XLA, jnp.dot)
 register("weight_matmul", Impl.CPU, _weight_matmul_cpu)
 
 
-def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype, w_elements: int = 0) -> bool:
+def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype) -> bool:
     """Whether ``weight_matmul``'s CPU kernel takes ``m`` rows: the CPU backend, an unsharded
     program (the FFI call is opaque to the partitioner), float32 operands, few rows, and the
     kernel built on this machine (``LLMARCH_CPU_KERNELS=0`` turns it off)."""
     from kernels_cpu.dense_matmul import supports
 
-    return cpu_unsharded() and supports(m, x_dtype, w_dtype, w_elements)
+    return cpu_unsharded() and supports(m, x_dtype, w_dtype)
 
 
 def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
@@ -430,10 +429,10 @@ def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
     refusal = (
         f"impl='cpu' cannot take this weight_matmul (M={x.shape[0]}, {x.dtype} x {w.dtype}, backend "
         f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
-        "kernels_cpu.dense_matmul.MIN_ROWS to MAX_ROWS rows (one for a weight of ONE_ROW_MIN_ELEMENTS), "
+        "1 to kernels_cpu.dense_matmul.MAX_ROWS rows, "
         "unsharded, on the CPU backend, when built"
     )
-    serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
+    serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype)
     _, fn = _resolve_cpu("weight_matmul", impl, serves, refusal)
     return fn(x, w)
 
