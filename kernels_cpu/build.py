@@ -7,6 +7,7 @@ directory shared by different machines never loads a library built for another C
 ``$LLMARCH_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/llmarch/kernels_cpu``, ``~/.cache/...``),
 written to a temporary name and renamed, so concurrent builds cannot load a half-written file.
 
+``LLMARCH_CPU_WARM_THREADS=0`` keeps the kernels' parallel loop on XLA's pool (``pool.h``).
 ``LLMARCH_CPU_KERNELS=0`` turns the kernels off; without a C++ compiler (``$CXX``, else ``c++``)
 they are unavailable. Either way ``load()`` returns None with the reason in ``unavailable()``,
 and callers take their XLA path.

@@ -187,3 +187,34 @@ def test_fp8_weights_match_the_xla_path(block, M):
 def test_fp8_blocks_that_do_not_divide_k_stay_on_xla():
     qt = quantize_tensor(jnp.ones((80, 64)), method="fp8", fp8_block=32)  # K=80: a partial block
     assert not _uses_kernel(lambda x: ops.quantized_matmul(x, qt), jnp.ones((1, 80)))
+
+
+WARM = """
+    import hashlib, os
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels_cpu.dense_matmul import dense_matmul
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 1408), np.float32))
+    ws = [jnp.asarray(rng.standard_normal((1408, 700), np.float32)) for _ in range(4)]
+    f = jax.jit(lambda x, ws: [dense_matmul(x, w) for w in ws])
+    bits = lambda ys: hashlib.sha256(b"".join(np.asarray(y).tobytes() for y in ys)).hexdigest()
+    print("digest:", bits(f(x, ws)))
+    assert all(bits(f(x, ws)) == bits(f(x, ws)) for _ in range(20))
+    pid = os.fork()  # a child has none of the parent's warm threads: XLA's pool, same bits
+    if pid == 0:
+        os._exit(0 if bits(f(x, ws)) == bits(f(x, ws)) else 3)
+    print("child:", os.waitpid(pid, 0)[1])
+"""
+
+
+@needs_kernels
+def test_warm_threads_change_no_bits_and_survive_fork():
+    """The kernels' warm helper threads (pool.h) take tasks, never the result: the same bits with
+    them, without them (``LLMARCH_CPU_WARM_THREADS=0``: XLA's pool only), and in a forked child."""
+    warm = _subprocess(WARM)
+    cold = _subprocess(WARM, LLMARCH_CPU_WARM_THREADS="0")
+    for out in (warm, cold):
+        assert out.returncode == 0, out.stderr
+        assert "child: 0" in out.stdout
+    digest = [line for line in warm.stdout.splitlines() if line.startswith("digest:")]
+    assert digest and digest[0] in cold.stdout
