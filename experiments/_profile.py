@@ -120,6 +120,7 @@ class DotShape:
     rhs: tuple[int, ...]
     dims: tuple  # ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))
     kernel: bool = False  # kernels_cpu.dense_matmul's [M, K] @ [K, N], not XLA's dot
+    more: tuple[tuple[int, ...], ...] = ()  # a kernel call's further weights [K, N_i], sharing x
 
     @property
     def flops(self) -> int:
@@ -127,11 +128,13 @@ class DotShape:
         free = math.prod(d for i, d in enumerate(self.lhs) if i not in lc and i not in lb)
         (_, rc), (_, rb) = self.dims
         rfree = math.prod(d for i, d in enumerate(self.rhs) if i not in rc and i not in rb)
-        return 2 * math.prod(self.lhs[i] for i in lb) * free * rfree * math.prod(self.lhs[i] for i in lc)
+        k = math.prod(self.lhs[i] for i in lc)
+        extra = sum(math.prod(w) for w in self.more) // k  # further weights' output columns
+        return 2 * math.prod(self.lhs[i] for i in lb) * free * (rfree + extra) * k
 
     @property
-    def rhs_bytes(self) -> int:  # float32: the weight a matrix-vector product streams
-        return 4 * math.prod(self.rhs)
+    def rhs_bytes(self) -> int:  # float32: the weights a matrix-vector product streams
+        return 4 * (math.prod(self.rhs) + sum(math.prod(w) for w in self.more))
 
 
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = f32\[([\d,]*)\]")
@@ -171,9 +174,11 @@ def dot_shapes(hlo: str) -> dict[str, DotShape]:
     for line in hlo.splitlines():  # the kernel's calls: x [M, K], w [K, N], as its operands' layouts
         if 'custom_call_target="llmarch_dense_matmul"' in line:
             name = _FFI.match(line)[1]
-            x, w = re.findall(r"f32\[([\d,]+)\]", line.split("operand_layout_constraints=")[1])[:2]
-            shape = [tuple(int(d) for d in s.split(",")) for s in (x, w)]
-            dots[name] = DotShape(shape[0], shape[1], (((1,), (0,)), ((), ())), kernel=True)
+            operands = line.split("operand_layout_constraints=")[1].split("}}")[0]
+            x, w, *more = [
+                tuple(int(d) for d in s.split(",")) for s in re.findall(r"f32\[([\d,]+)\]", operands)
+            ]
+            dots[name] = DotShape(x, w, (((1,), (0,)), ((), ())), kernel=True, more=tuple(more))
     return dots
 
 
@@ -189,12 +194,16 @@ def lone_dot_seconds(shape: DotShape, repeats: int = 10, stream_bytes: int = 0) 
     rng = np.random.default_rng(0)
     a = jax.numpy.asarray(rng.standard_normal(shape.lhs, np.float32))
     copies = max(1, stream_bytes // shape.rhs_bytes)
-    bs = [jax.numpy.asarray(rng.standard_normal(shape.rhs, np.float32)) for _ in range(copies)]
-    if shape.kernel:
-        from kernels_cpu.dense_matmul import dense_matmul
+    if shape.kernel:  # each copy: the call's weights, together
+        from kernels_cpu.dense_matmul import dense_matmuls
 
-        f = jax.jit(lambda a, bs: [dense_matmul(a, b) for b in bs])
+        bs = [
+            [jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (shape.rhs, *shape.more)]
+            for _ in range(copies)
+        ]
+        f = jax.jit(lambda a, bs: [dense_matmuls(a, b) for b in bs])
     else:
+        bs = [jax.numpy.asarray(rng.standard_normal(shape.rhs, np.float32)) for _ in range(copies)]
         f = jax.jit(lambda a, bs: [jax.lax.dot_general(a, b, shape.dims) for b in bs])
     jax.block_until_ready(f(a, bs))
     best = math.inf

@@ -284,13 +284,14 @@ def _decode_profile(model, cfg, prompt: list[int], n: int, peer_s: float, ctx: C
     # The weights' products only (not attention's), each alone over 256 MB of copies: streamed.
     dots = dot_table(events, hlo, per=n, stream_bytes=256 * 2**20, min_rhs_bytes=2**20)
     lines = [
-        "| weight [K, N] | by | per token | µs inside the step | GB/s | µs alone | GB/s alone |",
+        "| weights [K, N] | by | per token | µs inside the step | GB/s | µs alone | GB/s alone |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in dots[:8]:
         sh = r["shape"]
         lines.append(
-            f"| {list(sh.rhs)} | {'kernel' if sh.kernel else 'XLA'} | {r['count']:.0f} | "
+            f"| {' + '.join(str(list(w)) for w in (sh.rhs, *sh.more))} | "
+            f"{'kernel' if sh.kernel else 'XLA'} | {r['count']:.0f} | "
             f"{r['median_s'] * 1e6:.0f} | {sh.rhs_bytes / r['median_s'] / 1e9:.1f} | "
             f"{r['lone_s'] * 1e6:.0f} | {sh.rhs_bytes / r['lone_s'] / 1e9:.1f} |"
         )
@@ -306,10 +307,11 @@ def _decode_profile(model, cfg, prompt: list[int], n: int, peer_s: float, ctx: C
         f"{parts['idle']:.2f} ms. llama.cpp's whole token takes {peer_s * 1e3:.2f} ms in this run, "
         f"so the products alone take {parts['dots'] / (peer_s * 1e3):.0%} of it. Products of one to "
         "eight rows run on `kernels_cpu.dense_matmul` (`kernel`), which reads each weight in "
-        "contiguous row bands on both cores; `paged_attention` is the C++ paged-attention kernel, "
-        "one call per layer. The table gives each weight's rate inside the step (weight bytes over "
-        "its thunk's time) and alone: the same product jitted by itself over 256 MB of copies of the "
-        "weight, so it streams from memory as in the step, best of 10.\n\n" + "\n".join(lines) + "\n"
+        "contiguous row bands on both cores, the weights sharing an input (q, k and v; gate and up) "
+        "in one call; `paged_attention` is the C++ paged-attention kernel, "
+        "one call per layer. The table gives each call's rate inside the step (weight bytes over "
+        "its thunk's time) and alone: the same call jitted by itself over 256 MB of copies of the "
+        "weights, so it streams from memory as in the step, best of 10.\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -32,34 +32,55 @@ def supports(m: int, x_dtype, w_dtype) -> bool:
     return f32 and 1 <= m <= MAX_ROWS and load() is not None
 
 
-def _call(x: jax.Array, w: jax.Array) -> jax.Array:
+def _call(x: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return jax.ffi.ffi_call(
         "llmarch_dense_matmul",
-        jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+        tuple(jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32) for w in ws),
         vmap_method="sequential",
-    )(x, w)
+    )(x, *ws)
+
+
+def _check(x: jax.Array, ws: tuple[jax.Array, ...]) -> None:
+    if load() is None:
+        raise RuntimeError("the CPU kernels are unavailable; check kernels_cpu.build.unavailable()")
+    if not ws:
+        raise ValueError("dense_matmuls: ws is empty; give at least one weight")
+    shapes = [w.shape for w in ws]
+    if x.ndim != 2 or any(len(s) != 2 or s[0] != x.shape[1] for s in shapes):
+        raise ValueError(f"dense_matmul: x {x.shape} and w {shapes} must be [M, K] and [K, N]")
+    if not 0 < x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x has M={x.shape[0]} rows; the CPU kernel takes 1 to {MAX_ROWS}")
+
+
+def dense_matmuls(x: jax.Array, ws) -> tuple[jax.Array, ...]:
+    """``tuple(x @ w for w in ws)``, float32, ``x [M, K]`` with ``M <= MAX_ROWS`` and each ``w``
+    ``[K, N_i]``: one kernel call for all of them (products sharing an input: q, k and v; gate
+    and up), each result the same bits as ``dense_matmul(x, w)`` (call ``supports`` first).
+    Differentiable: the backward pass is XLA's (``dx = Σ g_i w_iᵀ``, ``dw_i = xᵀ g_i``)."""
+    ws = tuple(ws)
+    _check(x, ws)
+    return _products(x, ws)
 
 
 @jax.custom_vjp
+def _products(x: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return _call(x, ws)
+
+
+def _forward(x, ws):
+    return _call(x, ws), (x, ws)
+
+
+def _backward(saved, gs):
+    x, ws = saved
+    return sum(g @ w.T for g, w in zip(gs, ws, strict=True)), tuple(x.T @ g for g in gs)
+
+
+_products.defvjp(_forward, _backward)
+
+
 def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``[M, N]`` float32: ``x [M, K] @ w [K, N]``, float32 accumulation, ``M <= MAX_ROWS``
     (call ``supports`` first)."""
-    if load() is None:
-        raise RuntimeError("the CPU kernels are unavailable; check kernels_cpu.build.unavailable()")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"dense_matmul: x {x.shape} and w {w.shape} must be [M, K] and [K, N]")
-    if not 0 < x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"x has M={x.shape[0]} rows; the CPU kernel takes 1 to {MAX_ROWS}")
-    return _call(x, w)
-
-
-def _forward(x, w):
-    return dense_matmul(x, w), (x, w)
-
-
-def _backward(saved, g):
-    x, w = saved
-    return g @ w.T, x.T @ g
-
-
-dense_matmul.defvjp(_forward, _backward)
+    (y,) = dense_matmuls(x, (w,))
+    return y

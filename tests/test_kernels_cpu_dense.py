@@ -104,3 +104,69 @@ def test_impl_cpu_rejects_what_the_kernel_does_not_take():
         ops.weight_matmul(jnp.ones((9, 16)), jnp.ones((16, 4)), impl="cpu")
     with pytest.raises(ValueError, match="impl='cpu' cannot take this weight_matmul"):
         ops.weight_matmul(jnp.ones((1, 16), jnp.bfloat16), jnp.ones((16, 4), jnp.bfloat16), impl="cpu")
+
+
+@needs_kernels
+def test_dense_matmuls_one_call_for_weights_sharing_x():
+    """Several weights in one call: each result the same bits as its own call, the gradient
+    XLA's, and the errors of a bad call named before any compilation."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, 600)).astype(np.float32))
+    ws = [jnp.asarray(rng.normal(size=(600, n)).astype(np.float32)) for n in (512, 100, 2100)]
+    ys = jax.jit(cd.dense_matmuls)(x, ws)
+    for y, w in zip(ys, ws, strict=True):
+        assert np.array_equal(np.asarray(y), np.asarray(jax.jit(cd.dense_matmul)(x, w)))
+        _assert_close(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64))
+    # A loss linear in each y (sin would amplify the last bits in which the two sums differ).
+    c = [jnp.asarray(rng.normal(size=(2, w.shape[1])).astype(np.float32)) for w in ws]
+
+    def loss(x, ws, product=None):
+        ys = cd.dense_matmuls(x, ws) if product is None else [x @ w for w in ws]
+        return sum(jnp.sum(ci * y) for ci, y in zip(c, ys, strict=True))
+
+    want = jax.grad(lambda x, ws: loss(x, ws, jnp.dot), argnums=(0, 1))(x, ws)
+    got = jax.grad(loss, argnums=(0, 1))(x, ws)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        _assert_close(g, r)
+    with pytest.raises(ValueError, match="ws is empty"):
+        cd.dense_matmuls(x, [])
+    with pytest.raises(ValueError, match=r"must be \[M, K\] and \[K, N\]"):
+        cd.dense_matmuls(x, [ws[0], jnp.ones((599, 4))])
+    with pytest.raises(ValueError, match="ws is empty"):
+        ops.weight_matmuls(x, [])
+
+
+@needs_kernels
+def test_apply_shared_fuses_plain_einsums_and_leaves_the_rest():
+    """q, k and v (or gate and up) of a decode step: one kernel call, the same values as each
+    layer alone; LoRA-adapted, quantized or FP8 layers, and prefill rows, take their own path."""
+    from flax import nnx
+
+    import llmarch
+    from llmarch.layers.einsum import Einsum, apply_shared
+
+    a = Einsum((16, 4, 8), (None, None, None), rngs=nnx.Rngs(0))
+    b = Einsum((16, 2, 8), (None, None, None), rngs=nnx.Rngs(1))
+    calls = [(a, "BTD,DNH->BTNH"), (b, "BTD,DKH->BTKH")]
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(1, 1, 16)).astype(np.float32))
+    text = jax.jit(lambda x: apply_shared(x, calls)).lower(x).as_text()
+    assert text.count("llmarch_dense_matmul") == 1
+    for y, (layer, eqn) in zip(apply_shared(x, calls), calls, strict=True):
+        assert np.array_equal(np.asarray(y), np.asarray(layer(eqn, x)))
+    prefill = jnp.ones((2, 9, 16))  # 18 rows: XLA's GEMM, each layer alone
+    assert "llmarch_dense_matmul" not in jax.jit(lambda x: apply_shared(x, calls)).lower(prefill).as_text()
+    cfg = llmarch.presets.get("tiny-dense")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    text = jax.jit(lambda m, t: m(t)).lower(model, jnp.zeros((1, 1), jnp.int32)).compile().as_text()
+    # Per block: q/k/v, the output, gate/up, down; then the LM head.
+    assert text.count("llmarch_dense_matmul") == 4 * cfg.num_layers + 1
+    seen = []
+    original = Einsum.__call__
+    Einsum.__call__ = lambda self, eqn, x: (seen.append(eqn), original(self, eqn, x))[1]
+    try:  # a tool wrapping Einsum.__call__ (quant targets, calibration, LoRA) sees every call
+        apply_shared(x, calls)
+    finally:
+        Einsum.__call__ = original
+    assert seen == [eqn for _, eqn in calls]
+    a.fp8 = "tensor"  # not a plain Einsum product any more: its own path
+    assert jax.jit(lambda x: apply_shared(x, calls)).lower(x).as_text().count("llmarch_dense_matmul") == 1

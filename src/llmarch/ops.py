@@ -57,6 +57,9 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   1 to ``kernels_cpu.dense_matmul.MAX_ROWS`` rows: a small batch's decode step; unsharded):
   ``kernels_cpu.dense_matmul``, which streams the weight in contiguous row bands. No Pallas
   kernel: on TPU/GPU XLA's own GEMM is the fast path.
+- ``weight_matmuls(x [M, K], (w_1 [K, N_1], ...))`` -> ``(y_1, ...)``: weight products sharing
+  their input (``llmarch.layers.einsum.apply_shared``: q, k and v; gate and up); the CPU kernel
+  reads every weight in one call.
 - ``top_k(x [..., n], k)`` -> ``(values [..., k], indices [..., k] int32)``: ``jax.lax.top_k``, which
   is also its XLA entry and specification. CPU (float32, unsharded): ``kernels_cpu.top_k``, the
   same bits (ties, NaNs) from one pass per row; no Pallas kernel (XLA's TopK on accelerators).
@@ -407,8 +410,16 @@ def _weight_matmul_cpu(x, w) -> jax.Array:
     return dense_matmul(x, w)
 
 
+def _weight_matmuls_cpu(x, ws) -> tuple[jax.Array, ...]:
+    from kernels_cpu.dense_matmul import dense_matmuls
+
+    return dense_matmuls(x, ws)
+
+
 register("weight_matmul", Impl.XLA, jnp.dot)
 register("weight_matmul", Impl.CPU, _weight_matmul_cpu)
+register("weight_matmuls", Impl.XLA, lambda x, ws: tuple(jnp.dot(x, w) for w in ws))
+register("weight_matmuls", Impl.CPU, _weight_matmuls_cpu)
 
 
 def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype) -> bool:
@@ -420,21 +431,38 @@ def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype) -> bool:
     return cpu_unsharded() and supports(m, x_dtype, w_dtype)
 
 
+def _weight_refusal(op: str, x, ws) -> str:
+    dtypes = " x ".join(str(a.dtype) for a in (x, *ws))
+    return (
+        f"impl='cpu' cannot take this {op} (M={x.shape[0]}, {dtypes}, backend "
+        f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
+        "1 to kernels_cpu.dense_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
+    )
+
+
 def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
     """``[M, N]``: ``x [M, K] @ w [K, N]``, a layer's weight product. ``"auto"`` takes the CPU
     kernel where ``weight_matmul_kernel_serves`` (a decode step on CPU) and XLA's dot otherwise;
     ``"pallas"`` takes XLA's dot, which on an accelerator is already its matrix unit's kernel."""
     if impl in (Impl.PALLAS, "pallas"):
         impl = Impl.XLA
-    refusal = (
-        f"impl='cpu' cannot take this weight_matmul (M={x.shape[0]}, {x.dtype} x {w.dtype}, backend "
-        f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
-        "1 to kernels_cpu.dense_matmul.MAX_ROWS rows, "
-        "unsharded, on the CPU backend, when built"
-    )
     serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype)
-    _, fn = _resolve_cpu("weight_matmul", impl, serves, refusal)
+    _, fn = _resolve_cpu("weight_matmul", impl, serves, _weight_refusal("weight_matmul", x, (w,)))
     return fn(x, w)
+
+
+def weight_matmuls(x, ws, *, impl: Impl | str | None = None) -> tuple[jax.Array, ...]:
+    """``tuple(weight_matmul(x, w) for w in ws)``: weight products sharing their input ``x [M, K]``
+    (q, k and v; gate and up), each ``w [K, N_i]``. The CPU kernel, where it serves, reads them all
+    in one call: one hand-off to its threads instead of one per weight, the same bits."""
+    ws = tuple(ws)
+    if not ws:
+        raise ValueError("weight_matmuls: ws is empty; give at least one weight")
+    if impl in (Impl.PALLAS, "pallas"):
+        impl = Impl.XLA
+    serves = all(weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype) for w in ws)
+    _, fn = _resolve_cpu("weight_matmuls", impl, serves, _weight_refusal("weight_matmuls", x, ws))
+    return tuple(fn(x, ws))
 
 
 def _fp8_blockwise_matmul_xla(xq, xs, wq, ws, **kwargs) -> jax.Array:

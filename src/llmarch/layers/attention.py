@@ -20,7 +20,7 @@ from llmarch.checks import check_layer
 from llmarch.layers import kv_quant
 from llmarch.layers.cache import KVCacheLike
 from llmarch.layers.configs import AttentionConfig
-from llmarch.layers.einsum import Einsum
+from llmarch.layers.einsum import Einsum, apply_shared
 from llmarch.layers.norms import RMSNorm
 from llmarch.layers.rope import apply_rope, inverse_frequencies
 
@@ -112,8 +112,9 @@ class Attention(nnx.Module):
         if axis is not None:
             q, k, v = self._gather_project(x, axis)
         else:
-            q, k = self.w_q_dnh("BTD,DNH->BTNH", x), self.w_k_dkh("BTD,DKH->BTKH", x)
-            v = self.w_v_dkh("BTD,DKH->BTKH", x)
+            projections = [(self.w_q_dnh, "BTD,DNH->BTNH"), (self.w_k_dkh, "BTD,DKH->BTKH")]
+            projections.append((self.w_v_dkh, "BTD,DKH->BTKH"))
+            q, k, v = apply_shared(x, projections)  # one CPU kernel call in a decode step
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)

@@ -73,6 +73,9 @@ class Einsum(nnx.Module):
         return contract(eqn, x, self.w[...].astype(x.dtype), impl=self.impl)
 
 
+_EINSUM_CALL = Einsum.__call__  # as defined here, not wrapped
+
+
 def use_impl(module: nnx.Module, impl: str | None) -> None:
     """Sets ``impl`` (an ``ops`` implementation name; None or "auto": the default) on every
     ``Einsum`` in ``module``, in place: ``"xla"`` keeps the CPU kernel out of its programs (an
@@ -113,14 +116,60 @@ def contract(eqn: str, x: jax.Array, w: jax.Array, *, impl: str | None = None) -
     )
     if not plain:
         return jnp.einsum(eqn, x, w)
-    free, k = lhs[: len(lhs) - len(shared)], len(shared)
-    if lhs[len(free) :] == rhs[:k] == "".join(shared) and _unsharded_cpu():  # [M, K] @ [K, N]
-        m = math.prod(x.shape[: len(free)])
-        x2, w2 = x.reshape(m, -1), w.reshape(math.prod(w.shape[:k]), -1)
+    if (k := _matrix_k(eqn, x, w)) is not None:  # [M, K] @ [K, N]
+        x2, w2 = _as_matrices(x, w, k)
         y = ops.weight_matmul(x2, w2, impl=impl)  # the CPU kernel for a small batch's decode step
-        return y.reshape(*x.shape[: len(free)], *w.shape[k:])
+        return y.reshape(*x.shape[: x.ndim - k], *w.shape[k:])
     dims = ((tuple(lhs.index(c) for c in shared), tuple(rhs.index(c) for c in shared)), ((), ()))
     return jax.lax.dot_general(x, w, dims)
+
+
+def _matrix_k(eqn: str, x: jax.Array, w: jax.Array) -> int | None:
+    """How many axes a plain contraction ``eqn`` contracts when it is ``[M, K] @ [K, N]`` up to
+    bitcasts (x's last axes are w's first, in order) on an unsharded CPU program; else None."""
+    inputs, out = eqn.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    shared = "".join(c for c in rhs if c in lhs)
+    k = len(shared)
+    matrix = (
+        k > 0
+        and "." not in eqn
+        and len(set(lhs)) == len(lhs) == x.ndim
+        and len(set(rhs)) == len(rhs) == w.ndim
+        and lhs[len(lhs) - k :] == rhs[:k] == shared
+        and out == lhs[: len(lhs) - k] + rhs[k:]
+    )
+    return k if matrix and _unsharded_cpu() else None
+
+
+def _as_matrices(x: jax.Array, w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``x`` as ``[M, K]`` and ``w`` as ``[K, N]``, ``k`` axes contracted (bitcasts)."""
+    m = math.prod(x.shape[: x.ndim - k])
+    return x.reshape(m, -1), w.reshape(math.prod(w.shape[:k]), -1)
+
+
+def apply_shared(x: jax.Array, calls: Sequence[tuple[Einsum, str]]) -> list[jax.Array]:
+    """``[layer(eqn, x) for layer, eqn in calls]``: several weights applied to one input (q, k and
+    v; gate and up). Where each is a plain ``Einsum``'s ``[M, K] @ [K, N]`` of the same ``K`` on an
+    unsharded CPU program, one ``ops.weight_matmuls`` takes them all: in a decode step, one call of
+    the CPU kernel (one hand-off to its threads) instead of one per weight, the same bits."""
+    layers = [layer for layer, _ in calls]
+    shared = (
+        len(calls) > 1
+        and all(type(layer) is Einsum and layer.fp8 is None for layer in layers)
+        # Tools that find or calibrate layers by wrapping Einsum.__call__ (llmarch.quant's
+        # targets and calibration, LoRA) must see each call: while wrapped, no fusing.
+        and Einsum.__call__ is _EINSUM_CALL
+        and len({layer.impl for layer in layers}) == 1
+    )
+    if shared:
+        ws = [layer.w[...].astype(x.dtype) for layer in layers]  # as Einsum.__call__ casts
+        ks = {_matrix_k(eqn, x, w) for (_, eqn), w in zip(calls, ws, strict=True)}
+        if len(ks) == 1 and (k := ks.pop()) is not None:  # x's same last k axes: one [M, K]
+            x2 = _as_matrices(x, ws[0], k)[0]
+            ys = ops.weight_matmuls(x2, [_as_matrices(x, w, k)[1] for w in ws], impl=layers[0].impl)
+            return [y.reshape(*x.shape[: x.ndim - k], *w.shape[k:]) for y, w in zip(ys, ws, strict=True)]
+    return [layer(eqn, x) for layer, eqn in calls]
 
 
 def _unsharded_cpu() -> bool:

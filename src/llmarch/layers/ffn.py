@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 from llmarch import axes, sharding
 from llmarch import collective_matmul as cm
 from llmarch.checks import check_layer
-from llmarch.layers.einsum import Einsum
+from llmarch.layers.einsum import Einsum, apply_shared
 
 
 class SwiGLU(nnx.Module):
@@ -51,8 +51,7 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.collective_matmul and (axis := cm.ring_axis("SwiGLU", axes.MLP)) is not None:
             return self._collective(x, axis)
-        gate = self.w_gate_df("BTD,DF->BTF", x)
-        up = self.w_up_df("BTD,DF->BTF", x)
+        gate, up = apply_shared(x, [(self.w_gate_df, "BTD,DF->BTF"), (self.w_up_df, "BTD,DF->BTF")])
         return self.w_down_fd("BTF,FD->BTD", jax.nn.silu(gate) * up)
 
     def _collective(self, x: jax.Array, axis: str) -> jax.Array:
