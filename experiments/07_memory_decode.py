@@ -158,6 +158,8 @@ def decode_latency(batches, repeats: int, d_model: int, num_keys: int) -> dict:
     um_params = {jax.tree_util.keystr(k): v.size for k, v in jax.tree_util.tree_leaves_with_path(um_state)}
     return dict(
         rows=rows,
+        # The UltraMem step's optimized HLO at an input like x (a profile names its thunks by it).
+        ultramem_hlo=lambda x: um_step.lower(um_state, x).compile().as_text(),
         bandwidth=big.nbytes / statistics.median(probe_times["matvec"]),  # bytes/s
         flop_rate=2 * 1024**3 / statistics.median(probe_times["matmul"]),  # FLOP/s
         big_nbytes=big.nbytes,
