@@ -87,3 +87,30 @@ def test_repeated_generate_calls_reuse_the_compiled_steps():
     sizes = gen_module._prefill._cache_size(), gen_module._decode._cache_size()
     np.testing.assert_array_equal(generate(model, prompt, 4), first)
     assert (gen_module._prefill._cache_size(), gen_module._decode._cache_size()) == sizes
+
+
+def test_for_decoding_unstacks_once_per_set_of_weights_and_keeps_the_function():
+    """``for_decoding`` (what generate and SpeculativeDecoder run on CPU): the unstacked copy, whose
+    cache is a list of per-layer caches updated in place, gives the stacked model's logits; it is
+    reused while the model's arrays are the same and made anew after an update."""
+    from llmarch.model import for_decoding
+
+    cfg = llmarch.presets.get("tiny-gqa")
+    model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))
+    copy = for_decoding(model)
+    assert copy is not model and for_decoding(model) is copy and for_decoding(copy) is copy
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    caches = {"stacked": model.init_cache(2, 8), "unstacked": copy.init_cache(2, 8)}
+    run = caches["unstacked"][0]
+    assert isinstance(run, list) and len(run) == cfg.num_layers  # one cache per layer
+    logits = {}
+    for name, m in (("stacked", model), ("unstacked", copy)):
+        out = m(tokens[:, :6], positions=pos[:, :6], cache=caches[name])
+        out = m(tokens[:, 6:], positions=pos[:, 6:], cache=out.cache)
+        logits[name] = out.logits
+    np.testing.assert_allclose(logits["unstacked"], logits["stacked"], atol=1e-5)
+    np.testing.assert_allclose(logits["stacked"][:, 0], model(tokens)[:, 6], atol=1e-5)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    nnx.update(model, jax.tree.map(lambda p: p * 2, params))  # a training step replaces the arrays
+    assert for_decoding(model) is not copy

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -98,8 +99,12 @@ class BlockRun(nnx.Module):
         self.layers = nnx.merge(graphdef, stacked)  # a Block whose every variable has an L axis
 
     def init_cache(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
-        """The run's decoding cache: one layer's cache stacked ``count`` times."""
+        """The run's decoding cache: one layer's cache stacked ``count`` times, or for unstacked
+        layers (``with_unstacked_layers``) a list of ``count`` separate ones, which each layer
+        updates in place (a stacked one would be sliced and stacked anew at every step)."""
         one = kinds.attention(self.block.attention).init_cache(cfg, batch_size, max_len, dtype)
+        if isinstance(self.layers, nnx.List):
+            return [jax.tree.map(jnp.zeros_like, one) for _ in range(self.count)]
         return jax.tree.map(lambda x: jnp.zeros((self.count, *x.shape), x.dtype), one)
 
     def __call__(
@@ -136,18 +141,22 @@ class BlockRun(nnx.Module):
 
     def _unrolled(self, x, positions, segment_ids, cache):
         """The layers one after another (a Python loop): each reads its own parameter arrays."""
-        pooled = isinstance(cache, Pooled)
+        pooled, listed = isinstance(cache, Pooled), isinstance(cache, list)  # listed: init_cache's
         caches, auxes = [], []
         for i, block in enumerate(self.layers):
             if pooled:
                 layer_cache = cache.for_layer(jnp.int32(i))
+            elif listed:
+                layer_cache = cache[i]
             else:
                 layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
             x, (layer_cache, aux) = block(x, positions, segment_ids, layer_cache)
             cache = layer_cache.for_layer(jnp.int32(i + 1)) if pooled else cache
             caches.append(layer_cache)
             auxes.append(aux)
-        if not pooled and cache is not None:
+        if listed:
+            cache = caches
+        elif not pooled and cache is not None:
             cache = jax.tree.map(lambda *c: jnp.stack(c), *caches)
         return x, (cache, jax.tree.map(lambda *a: jnp.stack(a), *auxes))
 
@@ -486,7 +495,10 @@ def check_inputs(cfg: ModelConfig, tokens, positions=None, segment_ids=None, cac
     if cache is not None and positions is None:
         raise ValueError("positions are required with a cache: they are the slots to write")
     # Every cache kind says how many slots it holds; None: it places tokens itself (paged).
-    slots = None if cache is None else (cache[0] if isinstance(cache, list) else cache).num_slots
+    first = cache
+    while isinstance(first, list):  # the model's cache: a list per run (a run's unstacked: per layer)
+        first = first[0]
+    slots = None if first is None else first.num_slots
     if slots is not None:
         if shape[1] > slots:
             raise ValueError(f"tokens has sequence length {shape[1]}, more than the cache's {slots} slots")
@@ -523,6 +535,38 @@ def with_unstacked_layers(model: Transformer) -> Transformer:
     for run in new.runs:
         run.unstack()
     return new
+
+
+def weights_on_cpu(model: nnx.Module) -> bool:
+    """Whether every array of ``model`` lives on a CPU device."""
+    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
+
+
+# model -> (weak references to its arrays when copied, its unstacked copy): see for_decoding.
+_DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def for_decoding(model: Transformer) -> Transformer:
+    """``model`` as a token-by-token decoding loop over a contiguous cache (``generate``,
+    ``SpeculativeDecoder``) should run it: on CPU, ``with_unstacked_layers(model)``, whose step
+    reads each weight once and updates each layer's cache in place, where a scan over stacked
+    layers copies every layer's slice of every weight and stacks the cache anew at each step;
+    elsewhere, or already unstacked, the model itself.
+
+    The copy is kept for the next call while the model's arrays are the same objects (jax arrays
+    are immutable: a training update replaces them, and the next call copies anew)."""
+    if not isinstance(model, Transformer) or not weights_on_cpu(model):
+        return model
+    if all(isinstance(run.layers, nnx.List) for run in model.runs):
+        return model
+    leaves = jax.tree.leaves(nnx.state(model))
+    cached = _DECODING_COPIES.get(model)
+    if cached is not None and len(cached[0]) == len(leaves):
+        if all(ref() is leaf for ref, leaf in zip(cached[0], leaves, strict=True)):
+            return cached[1]
+    copy = with_unstacked_layers(model)
+    _DECODING_COPIES[model] = ([weakref.ref(leaf) for leaf in leaves], copy)
+    return copy
 
 
 def with_mla_path(model: Transformer, path: str) -> Transformer:

@@ -50,14 +50,12 @@ from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_program import program, run_decode, run_step
 from llmarch.layers import kv_quant
-from llmarch.model import with_unstacked_layers
+from llmarch.model import weights_on_cpu, with_unstacked_layers
 
 
 def _unstack(choice: bool | None, model) -> bool:
     """EngineConfig.unstack_layers resolved: None means "when the weights live on CPU"."""
-    if choice is not None:
-        return choice
-    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
+    return choice if choice is not None else weights_on_cpu(model)
 
 
 class Engine:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from llmarch.inference.sampling import sample_logits
 from llmarch.layers import kv_quant
-from llmarch.model import Transformer, check_inputs
+from llmarch.model import Transformer, check_inputs, for_decoding
 
 
 def generate(
@@ -57,7 +57,8 @@ def generate(
         raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1]")
     check_inputs(model.cfg, prompt)
     cache_dtype = kv_quant.storage_dtype(kv_cache_dtype, model.cfg.dtype, owner="").name
-    graphdef, state = nnx.split(model)
+    # On CPU, unstacked layers: a scan over stacked ones copies every layer's weights per step.
+    graphdef, state = nnx.split(for_decoding(model) if use_cache else model)
     # The state flattened once: a jitted call flattens an nnx.State pytree (sorting its keys)
     # every time, about a millisecond per step for a small model; a list of arrays costs nothing.
     leaves, treedef = jax.tree.flatten(state)

@@ -37,6 +37,7 @@ from kernels_pallas.intmath import next_pow2
 from llmarch.checks import check_positive
 from llmarch.inference import sampling
 from llmarch.inference.sampling import SamplingParams
+from llmarch.model import for_decoding
 
 _DRAFT, _ACCEPT, _FINAL = 0, 1, 2  # key streams of a round
 
@@ -237,8 +238,9 @@ class SpeculativeDecoder:
     def _decode_batch(self, seq, n, limit, stops, rows, *, width):
         """The jitted decode of a batch: ``(seq, n, stopped, proposed, accepted, rounds)`` (see
         ``_decode``); a drafting mode other than a draft model overrides it."""
-        t_def, t_state = nnx.split(self.target)
-        d_def, d_state = nnx.split(self.draft)
+        # On CPU, unstacked layers: a scan over stacked ones copies every layer's weights per step.
+        t_def, t_state = nnx.split(for_decoding(self.target))
+        d_def, d_state = nnx.split(for_decoding(self.draft))
         return _decode(
             t_state,
             d_state,
