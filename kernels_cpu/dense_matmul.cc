@@ -127,7 +127,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   const int64_t count = bands * static_cast<int64_t>(p.weights.size());
   // Task t: weight t / bands, band t % bands (each weight's bands in turn, so concurrent tasks
   // stream different parts of one weight).
-  llmarch::parallel_for(pool, count, [&p, bands](int64_t t) { band(p, p.weights[t / bands], t % bands); });
+  llmarch::parallel_for(
+      pool, count, [&p, bands](int64_t t) { band(p, p.weights[t / bands], t % bands); }, /*warm=*/true);
   for (const Weight& wt : p.weights) {  // in band order: the same bits whoever ran which band
     for (int64_t b = 1; b < bands; ++b) {
       const float* src = p.extra + (b - 1) * p.extra_stride + wt.extra;

@@ -282,8 +282,8 @@ ffi::Error Run(ffi::ThreadPool pool, Problem p) {
     partial.resize(p.B * p.splits * p.T * p.N * (p.Hv + 2));
     p.partial = partial.data();
   }
-  llmarch::parallel_for(pool, p.B * p.splits, [&p](int64_t i) { task(p, i); });
-  if (p.splits > 1) llmarch::parallel_for(pool, p.B, [&p](int64_t b) { merge(p, b); });
+  llmarch::parallel_for(pool, p.B * p.splits, [&p](int64_t i) { task(p, i); }, /*warm=*/true);
+  if (p.splits > 1) llmarch::parallel_for(pool, p.B, [&p](int64_t b) { merge(p, b); }, /*warm=*/true);
   return ffi::Error::Success();
 }
 

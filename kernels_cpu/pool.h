@@ -1,8 +1,8 @@
 // One parallel loop for every kernel here: tasks 0..count-1, taken from one atomic counter by the
 // calling thread and by helpers.
 //
-// The helpers: this library's own warm threads (one per core beyond the first), and failing those
-// XLA's intra-op pool (ffi::ThreadPool). A decode step runs dozens of kernel calls of 20-80 µs
+// The helpers: this library's own warm threads (one per core beyond the first) for the kernels
+// that ask (`warm`), else XLA's intra-op pool (ffi::ThreadPool). A decode step runs dozens of kernel calls of 20-80 µs
 // each, one after another; a helper woken from sleep for each call arrives after the caller has
 // done the work alone (measured: a chain of 1 MB weight products ran as fast with no helper as
 // with XLA's pool), so the second core sat idle. The warm threads spin for a short while after
@@ -51,7 +51,7 @@ struct Tasks {
 // The warm threads. Never destroyed (a detached thread may outlive static destructors at exit).
 class WarmPool {
  public:
-  static constexpr auto kSpin = std::chrono::microseconds(300);  // spin this long after a call
+  static constexpr auto kSpin = std::chrono::microseconds(100);  // spin this long after a call
 
   static WarmPool& get() {
     static WarmPool* pool = new WarmPool();
@@ -116,16 +116,21 @@ class WarmPool {
   std::condition_variable wake_;
 };
 
+// `warm`: the call may take the warm threads. Only kernels that run one after another in a
+// decode step ask (dense_matmul, quantized_matmul, paged_attention): in a program whose thunks
+// run concurrently (an UltraMem layer's searches and reads) a spinning thread is one more thread
+// than cores, and a task it took waits for its time slice (top_k inside experiment 07's layer
+// ran 0.7 ms with XLA's pool, 1.9 ms with warm threads).
 template <typename Fn>
-void parallel_for(xla::ffi::ThreadPool& pool, int64_t count, Fn fn) {
+void parallel_for(xla::ffi::ThreadPool& pool, int64_t count, Fn fn, bool warm = false) {
   if (count <= 0) return;
   if (count == 1) return fn(0);
   const std::function<void(int64_t)> body = fn;
   Tasks local;
   local.count = count;
   local.fn = &body;
-  if (WarmPool::get().run(local)) return;
-  // Another call holds the warm threads: XLA's pool. Shared, not on the stack: a helper may start
+  if (warm && WarmPool::get().run(local)) return;
+  // Not asked, or another call holds the warm threads: XLA's pool. Shared, not on the stack: a helper may start
   // after this call has returned.
   auto tasks = std::make_shared<Tasks>();
   auto shared_fn = std::make_shared<const std::function<void(int64_t)>>(fn);

@@ -120,9 +120,9 @@ void tile(const Problem& p, int64_t n0, int64_t n1) {
 template <int kBits, bool kSigned>
 void run(ffi::ThreadPool& pool, const Problem& p) {
   const int64_t tiles = (p.N + kTile - 1) / kTile;
-  llmarch::parallel_for(pool, tiles, [&p](int64_t t) {
-    tile<kBits, kSigned>(p, t * kTile, std::min(p.N, (t + 1) * kTile));
-  });
+  llmarch::parallel_for(
+      pool, tiles, [&p](int64_t t) { tile<kBits, kSigned>(p, t * kTile, std::min(p.N, (t + 1) * kTile)); },
+      /*warm=*/true);
 }
 
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
