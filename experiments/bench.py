@@ -550,7 +550,11 @@ def bench_exp10(ctx: Context) -> Row:
 
 def _forward_call(model, B: int, L: int, S: int) -> Callable[[], object]:
     """A blocking call of one jitted ``model`` forward of ``L`` tokens per row over a KV cache of
-    ``S`` positions, half full: a decode step (L=1) or a verification (L=γ+1)."""
+    ``S`` positions, half full: a decode step (L=1) or a verification (L=γ+1). The model runs as
+    ``generate`` and ``SpeculativeDecoder`` run it (``llmarch.model.for_decoding``)."""
+    from llmarch.model import for_decoding
+
+    model = for_decoding(model)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, t, p, c: nnx.merge(graphdef, st)(t, positions=p, cache=c).logits)
     tokens = jnp.zeros((B, L), jnp.int32)
@@ -600,10 +604,10 @@ def _exp10_profile(trained: dict, prompts: np.ndarray, m: dict, n: int, ctx: Con
         f"One round is γ draft steps and one target forward over γ + 1 tokens per row (B={B}). Timed "
         f"alone here, each as one jitted forward over a cache of {S} positions: a draft step costs "
         f"c′ = {c_fused:.3f} target steps ({med['draft'] * 1e3:.2f} against {med['target'] * 1e3:.2f} ms; "
-        f"the formula's c = {m['c']:.3f} is measured with `generate`, which returns to the host after "
-        "every token, as the target-only baseline does), and a verification costs v target steps, "
-        "where the formula assumes v = 1 (a step that reads the weights once, whatever its few "
-        "tokens). The target's weights "
+        f"the formula's c = {m['c']:.3f} is the ratio of whole `generate` calls, draft over target, "
+        "which the target-only baseline is: one dispatch per token, their sampling included), and a "
+        "verification costs v target steps, where the formula assumes v = 1 (a step that reads the "
+        "weights once, whatever its few tokens). The target's weights "
         f"({sum(x.size for x in jax.tree.leaves(nnx.state(target, nnx.Param))) * 4 / 1e6:.1f} MB) fit "
         "in this CPU's last-level cache, so its steps are bound by compute and overhead rather than "
         f"by reading weights from memory: v = {min(vs):.2f}–{max(vs):.2f} here. The formula "
