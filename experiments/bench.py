@@ -551,8 +551,8 @@ def bench_exp10(ctx: Context) -> Row:
 def _forward_call(model, B: int, L: int, S: int) -> Callable[[], object]:
     """A blocking call of one jitted ``model`` forward of ``L`` tokens per row over a KV cache of
     ``S`` positions, half full: a decode step (L=1) or a verification (L=γ+1). The model runs as
-    ``generate`` and ``SpeculativeDecoder`` run it (``llmarch.model.for_decoding``)."""
-    from llmarch.model import for_decoding
+    ``generate`` and ``SpeculativeDecoder`` run it (``llmarch.inference.unstacked.for_decoding``)."""
+    from llmarch.inference.unstacked import for_decoding
 
     model = for_decoding(model)
     graphdef, state = nnx.split(model)

@@ -2,12 +2,13 @@
 // calling thread and by helpers.
 //
 // The helpers: this library's own warm threads (one per core beyond the first) for the kernels
-// that ask (`warm`), else XLA's intra-op pool (ffi::ThreadPool). A decode step runs dozens of kernel calls of 20-80 µs
-// each, one after another; a helper woken from sleep for each call arrives after the caller has
-// done the work alone (measured: a chain of 1 MB weight products ran as fast with no helper as
-// with XLA's pool), so the second core sat idle. The warm threads spin for a short while after
-// each call (kSpin) and so are already running when the next call comes; then they sleep on a
-// condition variable and cost nothing when no kernel runs (training, prefill).
+// that ask (`warm`), else XLA's intra-op pool (ffi::ThreadPool). A decode step runs dozens of
+// kernel calls of 20-80 µs each, one after another; a helper woken from sleep for each call
+// arrives after the caller has done the work alone (measured: a chain of 1 MB weight products
+// ran as fast with no helper as with XLA's pool), so the second core sat idle. The warm threads
+// spin for a short while after each call (kSpin) and so are already running when the next call
+// comes; then they sleep on a condition variable and cost nothing when no kernel runs
+// (training, prefill).
 //
 // The caller works too and then waits only for tasks already taken, never for a helper still
 // queued: several kernels running at once (XLA runs independent thunks concurrently) cannot
@@ -57,8 +58,6 @@ class WarmPool {
     static WarmPool* pool = new WarmPool();
     return *pool;
   }
-
-  int64_t threads() const { return threads_; }
 
   // Runs `tasks` on the calling thread and the warm threads; false (nothing run) if another call
   // holds them.
@@ -125,15 +124,17 @@ template <typename Fn>
 void parallel_for(xla::ffi::ThreadPool& pool, int64_t count, Fn fn, bool warm = false) {
   if (count <= 0) return;
   if (count == 1) return fn(0);
-  const std::function<void(int64_t)> body = fn;
-  Tasks local;
-  local.count = count;
-  local.fn = &body;
-  if (warm && WarmPool::get().run(local)) return;
-  // Not asked, or another call holds the warm threads: XLA's pool. Shared, not on the stack: a helper may start
-  // after this call has returned.
-  auto tasks = std::make_shared<Tasks>();
+  if (warm) {
+    const std::function<void(int64_t)> body = fn;
+    Tasks local;
+    local.count = count;
+    local.fn = &body;
+    if (WarmPool::get().run(local)) return;
+  }
+  // Not asked, or another call holds the warm threads: XLA's pool. Shared, not on the stack: a
+  // helper may start after this call has returned.
   auto shared_fn = std::make_shared<const std::function<void(int64_t)>>(fn);
+  auto tasks = std::make_shared<Tasks>();
   tasks->count = count;
   tasks->fn = shared_fn.get();
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);

@@ -93,7 +93,7 @@ def test_for_decoding_unstacks_once_per_set_of_weights_and_keeps_the_function():
     """``for_decoding`` (what generate and SpeculativeDecoder run on CPU): the unstacked copy, whose
     cache is a list of per-layer caches updated in place, gives the stacked model's logits; it is
     reused while the model's arrays are the same and made anew after an update."""
-    from llmarch.model import for_decoding
+    from llmarch.inference.unstacked import for_decoding
 
     cfg = llmarch.presets.get("tiny-gqa")
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import weakref
 from typing import Any
 
 import jax
@@ -535,38 +534,6 @@ def with_unstacked_layers(model: Transformer) -> Transformer:
     for run in new.runs:
         run.unstack()
     return new
-
-
-def weights_on_cpu(model: nnx.Module) -> bool:
-    """Whether every array of ``model`` lives on a CPU device."""
-    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
-
-
-# model -> (weak references to its arrays when copied, its unstacked copy): see for_decoding.
-_DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def for_decoding(model: Transformer) -> Transformer:
-    """``model`` as a token-by-token decoding loop over a contiguous cache (``generate``,
-    ``SpeculativeDecoder``) should run it: on CPU, ``with_unstacked_layers(model)``, whose step
-    reads each weight once and updates each layer's cache in place, where a scan over stacked
-    layers copies every layer's slice of every weight and stacks the cache anew at each step;
-    elsewhere, or already unstacked, the model itself.
-
-    The copy is kept for the next call while the model's arrays are the same objects (jax arrays
-    are immutable: a training update replaces them, and the next call copies anew)."""
-    if not isinstance(model, Transformer) or not weights_on_cpu(model):
-        return model
-    if all(isinstance(run.layers, nnx.List) for run in model.runs):
-        return model
-    leaves = jax.tree.leaves(nnx.state(model))
-    cached = _DECODING_COPIES.get(model)
-    if cached is not None and len(cached[0]) == len(leaves):
-        if all(ref() is leaf for ref, leaf in zip(cached[0], leaves, strict=True)):
-            return cached[1]
-    copy = with_unstacked_layers(model)
-    _DECODING_COPIES[model] = ([weakref.ref(leaf) for leaf in leaves], copy)
-    return copy
 
 
 def with_mla_path(model: Transformer, path: str) -> Transformer:

@@ -49,8 +49,9 @@ from llmarch.inference.sampling import SamplingParams
 from llmarch.inference.scheduler import Plan, Request, Scheduler, Status
 from llmarch.inference.scheduler import Sequence as Seq
 from llmarch.inference.step_program import program, run_decode, run_step
+from llmarch.inference.unstacked import weights_on_cpu
 from llmarch.layers import kv_quant
-from llmarch.model import weights_on_cpu, with_unstacked_layers
+from llmarch.model import with_unstacked_layers
 
 
 def _unstack(choice: bool | None, model) -> bool:

@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 
 from llmarch.inference.sampling import sample_logits
+from llmarch.inference.unstacked import for_decoding
 from llmarch.layers import kv_quant
-from llmarch.model import Transformer, check_inputs, for_decoding
+from llmarch.model import Transformer, check_inputs
 
 
 def generate(

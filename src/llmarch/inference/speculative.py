@@ -37,7 +37,7 @@ from kernels_pallas.intmath import next_pow2
 from llmarch.checks import check_positive
 from llmarch.inference import sampling
 from llmarch.inference.sampling import SamplingParams
-from llmarch.model import for_decoding
+from llmarch.inference.unstacked import for_decoding
 
 _DRAFT, _ACCEPT, _FINAL = 0, 1, 2  # key streams of a round
 

@@ -167,7 +167,7 @@ def apply_shared(x: jax.Array, calls: Sequence[tuple[Einsum, str]]) -> list[jax.
         ks = {_matrix_k(eqn, x, w) for (_, eqn), w in zip(calls, ws, strict=True)}
         if len(ks) == 1 and (k := ks.pop()) is not None:  # x's same last k axes: one [M, K]
             x2 = _as_matrices(x, ws[0], k)[0]
-            ys = ops.weight_matmuls(x2, [_as_matrices(x, w, k)[1] for w in ws], impl=layers[0].impl)
+            ys = ops.weight_matmuls(x2, [w.reshape(x2.shape[1], -1) for w in ws], impl=layers[0].impl)
             return [y.reshape(*x.shape[: x.ndim - k], *w.shape[k:]) for y, w in zip(ys, ws, strict=True)]
     return [layer(eqn, x) for layer, eqn in calls]
 
