@@ -194,3 +194,28 @@ def test_kernel_rejects_what_it_cannot_take():
         cp.paged_attention((q.astype(jnp.bfloat16),), (k_pages,), v_pages, tables, lengths, q_pos, scale=1.0)
     with pytest.raises(ValueError, match="impl='cpu' cannot take"):
         ops.paged_attention(q.astype(jnp.bfloat16), k_pages, v_pages, tables, lengths, q_pos, impl="cpu")
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [None, 3])
+def test_contiguous_cache_attends_through_the_kernel_in_place(window):
+    """``KVCache.attend`` on CPU: the paged kernel over the cache as B pages of S slots gives
+    XLA's causal attention over every slot, junk past each row's last position included (what a
+    rejected speculative proposal leaves), for one and several queries per row; a bfloat16 cache
+    and impl="xla" stay on XLA's attention."""
+    from llmarch.layers.attention import KVCache
+
+    B, T, S, N, K, H = 3, 3, 16, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (B, T, N, H))
+    cache = KVCache(jax.random.normal(keys[1], (B, S, K, H)), jax.random.normal(keys[2], (B, S, K, H)))
+    positions = jnp.array([[0, 1, 2], [5, 6, 7], [13, 14, 15]], jnp.int32)
+    for t in (1, T):
+        args = (q[:, :t], positions[:, :t])
+        auto = jax.jit(lambda q, p: cache.attend(q, p, sliding_window=window))
+        assert "llmarch_paged_attention" in auto.lower(*args).as_text()
+        want = cache.attend(*args, impl="xla", sliding_window=window)
+        _assert_close(auto(*args), want)
+    half = KVCache(cache.k.astype(jnp.bfloat16), cache.v.astype(jnp.bfloat16))
+    bf16 = jax.jit(lambda q, p: half.attend(q.astype(jnp.bfloat16), p))
+    assert "llmarch_paged_attention" not in bf16.lower(q, positions).as_text()

@@ -193,6 +193,12 @@ class KVCache(NamedTuple):
     ) -> jax.Array:
         """``q [B,T,N,H]`` at ``positions [B,T]`` over all slots: causality on slot positions
         hides both the future and the slots not yet written."""
+        if impl in (None, "auto"):  # on CPU, the paged-attention kernel where it serves
+            out = ops.contiguous_attention_cpu(
+                q, self.k.astype(q.dtype), self.v.astype(q.dtype), positions, sliding_window=sliding_window
+            )
+            if out is not None:
+                return out
         kv_positions = jnp.broadcast_to(jnp.arange(self.k.shape[1]), self.k.shape[:2])  # [B,S]
         return ops.attention(
             q,
