@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import interleaved_medians
 
 from llmarch import accounting, machine, presets
 from llmarch.config import AttentionConfig
@@ -104,16 +105,6 @@ def make_prompts(text, batch: int, prompt_len: int) -> np.ndarray:
     return np.stack([text[s : s + prompt_len] for s in starts]).astype(np.int32)  # [B, prompt_len]
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def overlap(target, draft, tokens: np.ndarray, prompt_len: int, temperature: float) -> float:
     """α of the paper: mean over generated positions of Σ_x min(p(x), q(x)) (greedy: one-hots)."""
     t_logits, d_logits = target(jnp.asarray(tokens)), draft(jnp.asarray(tokens))
@@ -130,34 +121,45 @@ def measure(target, draft, prompts: np.ndarray, N: int, gammas, temperatures, re
     """Target-only and draft-only decoding times (``base`` per temperature, ``t_draft``, their
     cost ratio ``c``), then, per temperature and γ, a row of ``results``: (temperature, γ,
     acceptance, its formula, α, tokens/round, formula, round cost, formula, speedup, formula,
-    seconds)."""
-    base = {}
-    for temperature in temperatures:
-        base[temperature] = median_time(
-            lambda t=temperature: generate(target, prompts, N, temperature=t, seed=0), repeats
-        )
-    t_draft = median_time(lambda: generate(draft, prompts, N, temperature=max(temperatures), seed=0), repeats)
-    c = t_draft / base[max(temperatures)]
+    seconds).
+
+    Every run is timed in interleaved rounds (each one compiled first): a speedup and c are
+    ratios of times taken side by side, so load from other processes falls on both."""
     batch, prompt_len = prompts.shape  # [B, prompt_len]
+    runs = {
+        ("base", t): (lambda t=t: generate(target, prompts, N, temperature=t, seed=0)) for t in temperatures
+    }
+    runs["draft"] = lambda: generate(draft, prompts, N, temperature=max(temperatures), seed=0)
+    specs, outs = {}, {}
+    for temperature in temperatures:
+        for gamma in gammas:
+            spec = specs[temperature, gamma] = SpeculativeDecoder(target, draft, gamma=gamma)
+            params = [SamplingParams(max_tokens=N, temperature=temperature, seed=i) for i in range(batch)]
+
+            def run(spec=spec, params=params, key=(temperature, gamma)):
+                spec.stats.update(rounds=0, proposed=0, accepted=0)
+                outs[key] = spec.generate(list(prompts), params)
+
+            runs[temperature, gamma] = run
+    for fn in runs.values():
+        fn()  # compile
+    times = interleaved_medians(runs, repeats)
+    base = {t: times["base", t] for t in temperatures}
+    t_draft = times["draft"]
+    c = t_draft / base[max(temperatures)]
     results = []
     for temperature in temperatures:
         for gamma in gammas:
-            spec = SpeculativeDecoder(target, draft, gamma=gamma)
-            params = [SamplingParams(max_tokens=N, temperature=temperature, seed=i) for i in range(batch)]
-            outs = []
-
-            def run(spec=spec, params=params, outs=outs):
-                spec.stats.update(rounds=0, proposed=0, accepted=0)
-                outs[:] = spec.generate(list(prompts), params)
-
-            seconds = median_time(run, repeats)
+            spec, seconds = specs[temperature, gamma], times[temperature, gamma]
             rate = spec.acceptance_rate
             # Rounds per row: the batch runs until its longest row is done, so count per row.
-            rounds = [o.proposed / gamma for o in outs]
+            rounds = [o.proposed / gamma for o in outs[temperature, gamma]]
             tokens_per_round = float(
-                np.mean([len(o.token_ids) / r for o, r in zip(outs, rounds, strict=True)])
+                np.mean([len(o.token_ids) / r for o, r in zip(outs[temperature, gamma], rounds, strict=True)])
             )
-            generated = np.concatenate([prompts, np.array([o.token_ids[:N] for o in outs])], axis=1)
+            generated = np.concatenate(
+                [prompts, np.array([o.token_ids[:N] for o in outs[temperature, gamma]])], axis=1
+            )
             alpha = overlap(target, draft, generated, prompt_len, temperature)
             e_tokens = (1 - alpha ** (gamma + 1)) / (1 - alpha)
             e_rate = (e_tokens - 1) / gamma  # accepted / proposed: a round proposes γ, accepts E − 1
