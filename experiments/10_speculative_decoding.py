@@ -221,7 +221,9 @@ def main(argv=None) -> None:
         f"validation loss {val_losses['draft']:.3f}; both trained {args.steps} steps on tinyshakespeare "
         "(byte tokens, 16 x 128 per step, AdamW 3e-3). "
         f"{args.batch} prompts of {args.prompt_len} bytes from the training text, {N} new tokens each, "
-        f"generated together; times are medians of {args.repeats} runs after a compile run.",
+        f"generated together; times are medians of {args.repeats} interleaved rounds (target-only, "
+        "draft-only and every (temperature, γ) run once per round, each compiled first), so every "
+        "ratio is of times taken side by side.",
         "",
         f"Target-only decoding (`llmarch.inference.generate`, KV cache): {base[1.0]:.2f} s at T=1, "
         f"{base[0.0]:.2f} s greedy; draft-only {t_draft:.2f} s, so c = {c:.3f} (the paper's cost "
