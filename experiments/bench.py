@@ -581,10 +581,9 @@ def _exp10_profile(trained: dict, prompts: np.ndarray, m: dict, n: int, ctx: Con
         calls[f"verify{g}"] = _forward_call(target, B, g + 1, S)
     med = interleaved_medians(calls, ctx.reps(30, 5))
     c_fused = med["draft"] / med["target"]
-    weights = {
-        name: sum(x.size for x in jax.tree.leaves(nnx.state(mod, nnx.Param)))
-        for name, mod in trained.items()
-        if name in ("target", "draft")
+    weights = {  # parameters of each model
+        name: sum(x.size for x in jax.tree.leaves(nnx.state(trained[name], nnx.Param)))
+        for name in ("target", "draft")
     }
 
     def roof(name: str, tokens: int) -> float:
@@ -620,7 +619,7 @@ def _exp10_profile(trained: dict, prompts: np.ndarray, m: dict, n: int, ctx: Con
         "which the target-only baseline is: one dispatch per token, their sampling included), and a "
         "verification costs v target steps, where the formula assumes v = 1 (a step that reads the "
         "weights once, whatever its few tokens). The target's weights "
-        f"({sum(x.size for x in jax.tree.leaves(nnx.state(target, nnx.Param))) * 4 / 1e6:.1f} MB) fit "
+        f"({weights['target'] * 4 / 1e6:.1f} MB) fit "
         "in this CPU's last-level cache, so its steps are bound by compute and overhead rather than "
         f"by reading weights from memory: v = {min(vs):.2f}–{max(vs):.2f} here. The formula "
         f"with c′ and v, E / (γ·c′ + v), gives at most **{best_parts:.2f}×** over the γ measured; a "

@@ -193,17 +193,16 @@ class KVCache(NamedTuple):
     ) -> jax.Array:
         """``q [B,T,N,H]`` at ``positions [B,T]`` over all slots: causality on slot positions
         hides both the future and the slots not yet written."""
+        k, v = self.k.astype(q.dtype), self.v.astype(q.dtype)
         if impl in (None, "auto"):  # on CPU, the paged-attention kernel where it serves
-            out = ops.contiguous_attention_cpu(
-                q, self.k.astype(q.dtype), self.v.astype(q.dtype), positions, sliding_window=sliding_window
-            )
+            out = ops.contiguous_attention_cpu(q, k, v, positions, sliding_window=sliding_window)
             if out is not None:
                 return out
-        kv_positions = jnp.broadcast_to(jnp.arange(self.k.shape[1]), self.k.shape[:2])  # [B,S]
+        kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])  # [B,S]
         return ops.attention(
             q,
-            self.k.astype(q.dtype),
-            self.v.astype(q.dtype),
+            k,
+            v,
             impl=impl,
             q_positions=positions,
             kv_positions=kv_positions,
