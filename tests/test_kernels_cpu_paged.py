@@ -122,6 +122,20 @@ def test_rows_read_in_parts_match_reference(window):
 
 
 @needs_kernels
+@pytest.mark.parametrize("ps,H,K,T", [(20, 72, 2, 5), (32, 64, 4, 1), (13, 16, 1, 3), (16, 40, 2, 2)])
+def test_slot_blocks_and_head_tails_match_reference(ps, H, K, T):
+    """The kernel scores and sums slots 16 at a time: pages longer, shorter and not a multiple
+    of 16 slots, head sizes with and without a tail past a multiple of 16, all against the
+    reference, with a window that starts inside a block."""
+    q, k_pages, v_pages, tables, lengths, _ = _long_rows(pages_per_row=6, ps=ps, N=4, K=K, H=H, T=T)
+    q_pos = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None]
+    args = (q, k_pages, v_pages, tables, lengths, q_pos)
+    for window in (None, 23):
+        got = ops.paged_attention(*args, impl="cpu", sliding_window=window)
+        _assert_close(got, pa.paged_attention_reference(*args, sliding_window=window))
+
+
+@needs_kernels
 def test_a_rows_result_does_not_depend_on_its_batch():
     """A row's parts are fixed by the row alone: its bits are the same alone and in any batch."""
     q, k_pages, v_pages, tables, lengths, q_pos = _long_rows(B=4)
