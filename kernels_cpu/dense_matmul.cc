@@ -1,5 +1,6 @@
 // x [M, K] @ w [K, N] in float32 with few rows M: the weight products of a batch-1 to batch-8
-// decode step, where every weight is read from memory once per token and nothing else matters.
+// decode step, where every weight is read from memory once per token and nothing else matters;
+// and, past 8 rows (up to 64), the register tiles further down, where computing bounds it.
 //
 // XLA:CPU's matrix-vector product on the decode step's shapes ([512, 512] to [512, 32000])
 // streams its weight at 60-85% of the rate this kernel reaches (experiments/results/bench.md):
@@ -22,6 +23,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -29,7 +34,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;    // x's rows: beyond this the product is compute-bound (XLA's GEMM)
+constexpr int64_t kMaxRows = 64;   // x's rows taken at all (past this: prefill, XLA's GEMM)
+constexpr int64_t kStreamRows = 8; // up to this many rows: weight row bands (bound by reading w)
+constexpr int64_t kTileRows = 8;   // past it: register tiles of 8 rows x kPanel columns
+constexpr int64_t kPanel = 32;     // columns per tile and per task (two AVX-512 vectors)
+constexpr int64_t kAhead = 32;     // w rows prefetched ahead in a tile
 constexpr int64_t kRows = 8;       // weight rows read together (streams) per pass
 constexpr int64_t kMaxBands = 8;   // partial outputs: at most 8 x M x N floats of extra traffic
 constexpr int64_t kMinBand = 64;   // rows per band at least, so a band's partial costs < 1/64
@@ -86,6 +95,92 @@ void band(const Problem& p, const Weight& wt, int64_t b) {
   }
 }
 
+// Past kStreamRows rows a product is bound by computing, not by reading w (a speculative
+// verification of 8 rows x 5 tokens, a batch-32 decode step): XLA's GEMM ran [40,256]x[256,768]
+// at 110-150 GFLOP/s of this CPU's ~365. Here a task is a panel of kPanel columns of one weight,
+// all M rows, computed in register tiles of up to 8 rows x 32 columns: per k, two vectors of w
+// and 8 broadcasts of x feed 16 independent FMAs, and the panel's [K, 32] slice of w is reread
+// from L1/L2 by each tile. Each output is one task's, summed over k in order: the same bits
+// whoever runs which panel.
+#if defined(__AVX512F__)
+template <int MR>
+void tile(const float* x, int64_t K, const float* w, int64_t N, int64_t j0, float* y) {
+  const int64_t left = N - j0;
+  const __mmask16 m0 = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+  __m512 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const float* wk = w + j0;
+  for (int64_t k = 0; k < K; ++k, wk += N) {
+    // w's rows are N floats apart: past a page apart for a wide w, where the hardware
+    // prefetchers stop, so fetch the panel's row kAhead steps ahead (in bounds: k < K - kAhead).
+    if (k + kAhead < K) {
+      _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * N), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * N + 16), _MM_HINT_T0);
+    }
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, wk), b1 = _mm512_maskz_loadu_ps(m1, wk + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * K + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(y + r * N + j0, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * N + j0 + 16, m1, acc[r][1]);
+  }
+}
+#endif
+
+// Rows [m0, m0 + mr) of one weight's panel at column j0: y = x @ w there.
+void panel_rows(const Problem& p, const Weight& wt, int64_t j0, int64_t m0, int64_t mr) {
+  const float* x = p.x + m0 * p.K;
+  float* y = wt.out + m0 * wt.N;
+#if defined(__AVX512F__)
+  switch (mr) {
+    case 8: return tile<8>(x, p.K, wt.w, wt.N, j0, y);
+    case 7: return tile<7>(x, p.K, wt.w, wt.N, j0, y);
+    case 6: return tile<6>(x, p.K, wt.w, wt.N, j0, y);
+    case 5: return tile<5>(x, p.K, wt.w, wt.N, j0, y);
+    case 4: return tile<4>(x, p.K, wt.w, wt.N, j0, y);
+    case 3: return tile<3>(x, p.K, wt.w, wt.N, j0, y);
+    case 2: return tile<2>(x, p.K, wt.w, wt.N, j0, y);
+    default: return tile<1>(x, p.K, wt.w, wt.N, j0, y);
+  }
+#else
+  const int64_t j1 = std::min(wt.N, j0 + kPanel);
+  for (int64_t r = 0; r < mr; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t k = 0; k < p.K; ++k) {
+      const float xv = x[r * p.K + k];
+      const float* wk = wt.w + k * wt.N;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += xv * wk[j];
+    }
+    std::copy(acc, acc + (j1 - j0), y + r * wt.N + j0);
+  }
+#endif
+}
+
+// The tiled path: tasks are (weight, panel) pairs, each weight's panels in turn.
+void tiled(ffi::ThreadPool& pool, const Problem& p) {
+  std::vector<int64_t> first(p.weights.size() + 1, 0);  // first task of each weight
+  for (size_t i = 0; i < p.weights.size(); ++i)
+    first[i + 1] = first[i] + (p.weights[i].N + kPanel - 1) / kPanel;
+  llmarch::parallel_for(
+      pool, first.back(),
+      [&p, &first](int64_t t) {
+        const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+        const int64_t j0 = (t - first[i]) * kPanel;
+        for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
+          panel_rows(p, p.weights[i], j0, m0, std::min(kTileRows, p.M - m0));
+      },
+      /*warm=*/true);
+}
+
 // x [M, K] @ w_i [K, N_i] for each weight: one call, one set of bands over all of them (a band
 // is the same rows k0..k1 of every weight), so products sharing an input (q, k, v; gate and up)
 // cost one hand-off to the helper threads, not one each.
@@ -95,7 +190,7 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   if (xd.size() != 2) return ffi::Error::InvalidArgument("dense_matmul: x must be [M, K]");
   const int64_t M = xd[0], K = xd[1];
   if (M < 1 || M > kMaxRows)
-    return ffi::Error::InvalidArgument("dense_matmul: x must have 1 to 8 rows");
+    return ffi::Error::InvalidArgument("dense_matmul: x must have 1 to 64 rows");
   if (ws.size() < 1 || ws.size() != ys.size())
     return ffi::Error::InvalidArgument("dense_matmul: one result per weight, at least one weight");
   Problem p{x.typed_data(), {}, nullptr, M, K, 0, 0};
@@ -112,6 +207,10 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   }
   if (K == 0) {
     for (const Weight& wt : p.weights) std::fill(wt.out, wt.out + M * wt.N, 0.f);
+    return ffi::Error::Success();
+  }
+  if (M > kStreamRows) {
+    tiled(pool, p);
     return ffi::Error::Success();
   }
   const int64_t bands = std::clamp<int64_t>(K / kMinBand, 1, kMaxBands);

@@ -1,12 +1,15 @@
-"""``x [M, K] @ w [K, N]`` in float32 with few rows (a decode step's weight products) on CPU: the
-C++ kernel ``dense_matmul.cc`` (see its header for why and how), called through ``jax.ffi``.
+"""``x [M, K] @ w [K, N]`` in float32 with few rows (a decode step's or a speculative
+verification's weight products) on CPU: the C++ kernel ``dense_matmul.cc`` (see its header for why
+and how), called through ``jax.ffi``.
 
-``llmarch.layers.einsum.contract`` sends a plain weight contraction here when it has 1 to
-``MAX_ROWS`` rows, float32 operands, an unsharded program and the CPU backend; everything else
-(prefill, training, larger batches: compute-bound, where XLA's GEMM is the faster way) stays on
-``jnp.dot``, which is also the specification the tests compare against. Differentiable: the
-backward pass is XLA's (``dx = g wᵀ``, ``dw = xᵀ g``), so a small forward under ``jax.grad``
-works, though no training step has so few rows.
+``llmarch.layers.einsum.contract`` sends a plain weight contraction here when ``supports`` it:
+float32 operands, an unsharded program, the CPU backend, and 1 to ``STREAM_ROWS`` rows (any
+weight: the kernel streams it in row bands) or up to ``MAX_ROWS`` rows of a weight of at most
+``TILED_MAX_BYTES`` (register tiles; a larger weight, an LM head, streams from memory as fast
+through XLA's GEMM). Everything else (prefill, training: compute-bound at many rows, where XLA's
+GEMM is the faster way) stays on ``jnp.dot``, which is also the specification the tests compare
+against. Differentiable: the backward pass is XLA's (``dx = g wᵀ``, ``dw = xᵀ g``), so a small
+forward under ``jax.grad`` works, though no training step has so few rows.
 """
 
 from __future__ import annotations
@@ -16,20 +19,27 @@ import jax.numpy as jnp
 
 from kernels_cpu.build import load
 
-MAX_ROWS = 8  # kMaxRows in dense_matmul.cc: past 8 rows the product is compute-bound
+STREAM_ROWS = 8  # kStreamRows in dense_matmul.cc: up to here, weight row bands
 # One row included: a decode step streams every weight of the model, so even a block's small
 # weight ([512, 512], 1 MB) comes from memory, not from cache, and the kernel's contiguous bands
 # beat XLA's matrix-vector product there. The bench's batch-1 `Engine` decode of the 56M Llama
 # ran 1.06-1.7x faster in tokens/s with every one-row product on the kernel than with only the
 # LM head's (five interleaved pairs of runs, AMD EPYC Zen 5); experiments/26_cpu_weight_products.py
 # times the decode forward both ways.
+MAX_ROWS = 64  # kMaxRows: past STREAM_ROWS, register tiles of 8 rows x 32 columns
+# Register tiles beat XLA's GEMM 1.4-4x at 9-64 rows on a block's weights ([256,768] to
+# [1536,512]: experiment 10's verification, a batch-32 decode step) but only tie it on a 65 MB
+# LM head, whose reading from memory bounds both: such weights stay on XLA.
+TILED_MAX_BYTES = 16 << 20
 
 
-def supports(m: int, x_dtype, w_dtype) -> bool:
-    """Whether dispatch sends ``m`` rows of these dtypes here: float32, ``1 <= m <= MAX_ROWS``,
-    and the kernel built on this machine."""
+def supports(m: int, x_dtype, w_dtype, w_size: int = 0) -> bool:
+    """Whether dispatch sends ``m`` rows of these dtypes, times a weight of ``w_size`` elements,
+    here: float32, and ``1 <= m <= STREAM_ROWS``, or ``m <= MAX_ROWS`` with the weight at most
+    ``TILED_MAX_BYTES``; and the kernel built on this machine."""
     f32 = jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32
-    return f32 and 1 <= m <= MAX_ROWS and load() is not None
+    rows = 1 <= m <= STREAM_ROWS or (m <= MAX_ROWS and 4 * w_size <= TILED_MAX_BYTES)
+    return f32 and rows and load() is not None
 
 
 def _call(x: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:

@@ -43,6 +43,19 @@ def test_dense_matmul_matches_float64(M, K, N):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,K,N", [(9, 70, 33), (16, 1408, 512), (40, 256, 100), (64, 37, 1), (23, 300, 65)])
+def test_register_tiles_match_float64(M, K, N):
+    """Past 8 rows: tiles of 8 rows (and a ragged last one) x 32 columns (and a ragged last
+    panel), w's rows prefetched ahead (K past and short of the prefetch distance)."""
+    x, w = _operands(M, K, N, seed=M)
+    got = jax.jit(cd.dense_matmul)(jnp.asarray(x), jnp.asarray(w))
+    _assert_close(got, x.astype(np.float64) @ w.astype(np.float64))
+    # A row's bits do not depend on the other rows (each output is one panel's, summed over k in order).
+    again = jax.jit(cd.dense_matmul)(jnp.asarray(x[M - 9 :]), jnp.asarray(w))
+    assert np.array_equal(np.asarray(again), np.asarray(got)[M - 9 :])
+
+
+@needs_kernels
 def test_dense_matmul_is_deterministic_and_differentiable():
     x, w = (jnp.asarray(a) for a in _operands(4, 700, 300, seed=1))
     f = jax.jit(cd.dense_matmul)
@@ -81,7 +94,11 @@ def test_contract_sends_decode_rows_to_the_kernel_and_the_rest_to_xla():
     assert _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((2, 1, 16)))
     assert _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((1, 1, 16)))  # one row
     assert _uses_kernel(lambda x: contract("BTNH,NHD->BTD", x, w_nhd), jnp.ones((2, 4, 4, 8)))  # 8 rows
-    assert not _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((3, 3, 16)))  # 9
+    assert _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((8, 5, 16)))  # 40: tiles
+    assert not _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((5, 13, 16)))  # 65
+    big = jax.ShapeDtypeStruct((1024, 4097), jnp.float32)  # past TILED_MAX_BYTES: 9 rows stay on XLA
+    assert not _uses_kernel(lambda x, w: contract("BTD,DF->BTF", x, w), jnp.ones((3, 3, 1024)), big)
+    assert _uses_kernel(lambda x, w: contract("BTD,DF->BTF", x, w), jnp.ones((2, 4, 1024)), big)  # 8 rows
     bf16 = jnp.ones((1, 1, 16), jnp.bfloat16)
     assert not _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh.astype(x.dtype)), bf16)
     # Not [M, K] @ [K, N] up to bitcasts (the weight's contracted axis is not its first): XLA.
@@ -101,7 +118,7 @@ def test_sharded_programs_stay_on_xla():
 
 def test_impl_cpu_rejects_what_the_kernel_does_not_take():
     with pytest.raises(ValueError, match="impl='cpu' cannot take this weight_matmul"):
-        ops.weight_matmul(jnp.ones((9, 16)), jnp.ones((16, 4)), impl="cpu")
+        ops.weight_matmul(jnp.ones((65, 16)), jnp.ones((16, 4)), impl="cpu")
     with pytest.raises(ValueError, match="impl='cpu' cannot take this weight_matmul"):
         ops.weight_matmul(jnp.ones((1, 16), jnp.bfloat16), jnp.ones((16, 4), jnp.bfloat16), impl="cpu")
 
@@ -153,7 +170,7 @@ def test_apply_shared_fuses_plain_einsums_and_leaves_the_rest():
     assert text.count("llmarch_dense_matmul") == 1
     for y, (layer, eqn) in zip(apply_shared(x, calls), calls, strict=True):
         assert np.array_equal(np.asarray(y), np.asarray(layer(eqn, x)))
-    prefill = jnp.ones((2, 9, 16))  # 18 rows: XLA's GEMM, each layer alone
+    prefill = jnp.ones((2, 33, 16))  # 66 rows: XLA's GEMM, each layer alone
     assert "llmarch_dense_matmul" not in jax.jit(lambda x: apply_shared(x, calls)).lower(prefill).as_text()
     cfg = llmarch.presets.get("tiny-dense")
     model = llmarch.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -53,10 +53,11 @@ Ops and their layouts (axis letters as in ``llmarch.axes``):
   ``kernels_cpu.quantized_matmul``, dequantizing in registers. Otherwise FP8 weights take the
   XLA path.
 - ``weight_matmul(x [M, K], w [K, N])`` -> ``[M, N]``: a layer's plain weight product
-  (``llmarch.layers.einsum.contract`` reaches it). XLA: ``jnp.dot``; CPU (float32,
-  1 to ``kernels_cpu.dense_matmul.MAX_ROWS`` rows: a small batch's decode step; unsharded):
-  ``kernels_cpu.dense_matmul``, which streams the weight in contiguous row bands. No Pallas
-  kernel: on TPU/GPU XLA's own GEMM is the fast path.
+  (``llmarch.layers.einsum.contract`` reaches it). XLA: ``jnp.dot``; CPU (float32, unsharded;
+  1 to ``kernels_cpu.dense_matmul.STREAM_ROWS`` rows: a small batch's decode step, the weight
+  streamed in contiguous row bands; up to ``MAX_ROWS`` rows of a weight of at most
+  ``TILED_MAX_BYTES``: a speculative verification or a larger batch's step, in register tiles):
+  ``kernels_cpu.dense_matmul``. No Pallas kernel: on TPU/GPU XLA's own GEMM is the fast path.
 - ``weight_matmuls(x [M, K], (w_1 [K, N_1], ...))`` -> ``(y_1, ...)``: weight products sharing
   their input (``llmarch.layers.einsum.apply_shared``: q, k and v; gate and up); the CPU kernel
   reads every weight in one call.
@@ -441,13 +442,14 @@ register("weight_matmuls", Impl.XLA, lambda x, ws: tuple(jnp.dot(x, w) for w in 
 register("weight_matmuls", Impl.CPU, _weight_matmuls_cpu)
 
 
-def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype) -> bool:
-    """Whether ``weight_matmul``'s CPU kernel takes ``m`` rows: the CPU backend, an unsharded
-    program (the FFI call is opaque to the partitioner), float32 operands, few rows, and the
-    kernel built on this machine (``LLMARCH_CPU_KERNELS=0`` turns it off)."""
+def weight_matmul_kernel_serves(m: int, x_dtype, w_dtype, w_size: int = 0) -> bool:
+    """Whether ``weight_matmul``'s CPU kernel takes ``m`` rows times a weight of ``w_size``
+    elements: the CPU backend, an unsharded program (the FFI call is opaque to the partitioner),
+    float32 operands, few rows (``kernels_cpu.dense_matmul.supports``), and the kernel built on
+    this machine (``LLMARCH_CPU_KERNELS=0`` turns it off)."""
     from kernels_cpu.dense_matmul import supports
 
-    return cpu_unsharded() and supports(m, x_dtype, w_dtype)
+    return cpu_unsharded() and supports(m, x_dtype, w_dtype, w_size)
 
 
 def _weight_refusal(op: str, x, ws) -> str:
@@ -455,7 +457,8 @@ def _weight_refusal(op: str, x, ws) -> str:
     return (
         f"impl='cpu' cannot take this {op} (M={x.shape[0]}, {dtypes}, backend "
         f"{jax.default_backend()}): the CPU kernel takes float32 operands and "
-        "1 to kernels_cpu.dense_matmul.MAX_ROWS rows, unsharded, on the CPU backend, when built"
+        "1 to kernels_cpu.dense_matmul.STREAM_ROWS rows (up to MAX_ROWS for a weight of at most "
+        "TILED_MAX_BYTES), unsharded, on the CPU backend, when built"
     )
 
 
@@ -465,7 +468,7 @@ def weight_matmul(x, w, *, impl: Impl | str | None = None) -> jax.Array:
     ``"pallas"`` takes XLA's dot, which on an accelerator is already its matrix unit's kernel."""
     if impl in (Impl.PALLAS, "pallas"):
         impl = Impl.XLA
-    serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype)
+    serves = weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size)
     _, fn = _resolve_cpu("weight_matmul", impl, serves, _weight_refusal("weight_matmul", x, (w,)))
     return fn(x, w)
 
@@ -479,7 +482,7 @@ def weight_matmuls(x, ws, *, impl: Impl | str | None = None) -> tuple[jax.Array,
         raise ValueError("weight_matmuls: ws is empty; give at least one weight")
     if impl in (Impl.PALLAS, "pallas"):
         impl = Impl.XLA
-    serves = all(weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype) for w in ws)
+    serves = all(weight_matmul_kernel_serves(x.shape[0], x.dtype, w.dtype, w.size) for w in ws)
     _, fn = _resolve_cpu("weight_matmuls", impl, serves, _weight_refusal("weight_matmuls", x, ws))
     return tuple(fn(x, ws))
 
