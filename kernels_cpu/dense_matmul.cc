@@ -39,6 +39,8 @@ constexpr int64_t kStreamRows = 8; // up to this many rows: weight row bands (bo
 constexpr int64_t kTileRows = 8;   // past it: register tiles of 8 rows x kPanel columns
 constexpr int64_t kPanel = 32;     // columns per tile and per task (two AVX-512 vectors)
 constexpr int64_t kAhead = 32;     // w rows prefetched ahead in a tile
+constexpr int64_t kDepth = 256;    // k per pass over a panel: its [256, 32] of w (32 KB) and the
+                                   // tile's [8, 256] of x (8 KB) stay in L1 across the row tiles
 constexpr int64_t kRows = 8;       // weight rows read together (streams) per pass
 constexpr int64_t kMaxBands = 8;   // partial outputs: at most 8 x M x N floats of extra traffic
 constexpr int64_t kMinBand = 64;   // rows per band at least, so a band's partial costs < 1/64
@@ -104,15 +106,18 @@ void band(const Problem& p, const Weight& wt, int64_t b) {
 // whoever runs which panel.
 #if defined(__AVX512F__)
 template <int MR>
-void tile(const float* x, int64_t K, const float* w, int64_t N, int64_t j0, float* y) {
+void tile(const float* x, int64_t K, const float* w, int64_t N, int64_t j0, float* y, int64_t k0, int64_t k1) {
   const int64_t left = N - j0;
   const __mmask16 m0 = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
   const __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
   __m512 acc[MR][2];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const float* wk = w + j0;
-  for (int64_t k = 0; k < K; ++k, wk += N) {
+  for (int r = 0; r < MR; ++r) {  // k0 > 0: the sums so far, from y (the same order of additions)
+    acc[r][0] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * N + j0);
+    acc[r][1] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * N + j0 + 16);
+  }
+  const float* wk = w + k0 * N + j0;
+  for (int64_t k = k0; k < k1; ++k, wk += N) {
     // w's rows are N floats apart: past a page apart for a wide w, where the hardware
     // prefetchers stop, so fetch the panel's row kAhead steps ahead (in bounds: k < K - kAhead).
     if (k + kAhead < K) {
@@ -135,26 +140,28 @@ void tile(const float* x, int64_t K, const float* w, int64_t N, int64_t j0, floa
 }
 #endif
 
-// Rows [m0, m0 + mr) of one weight's panel at column j0: y = x @ w there.
-void panel_rows(const Problem& p, const Weight& wt, int64_t j0, int64_t m0, int64_t mr) {
+// Rows [m0, m0 + mr) of one weight's panel at column j0, k in [k0, k1): y = x @ w there (k0 = 0)
+// or y += it, adding each k in order, so k blocks give the same bits as one pass.
+void panel_rows(const Problem& p, const Weight& wt, int64_t j0, int64_t m0, int64_t mr, int64_t k0, int64_t k1) {
   const float* x = p.x + m0 * p.K;
   float* y = wt.out + m0 * wt.N;
 #if defined(__AVX512F__)
   switch (mr) {
-    case 8: return tile<8>(x, p.K, wt.w, wt.N, j0, y);
-    case 7: return tile<7>(x, p.K, wt.w, wt.N, j0, y);
-    case 6: return tile<6>(x, p.K, wt.w, wt.N, j0, y);
-    case 5: return tile<5>(x, p.K, wt.w, wt.N, j0, y);
-    case 4: return tile<4>(x, p.K, wt.w, wt.N, j0, y);
-    case 3: return tile<3>(x, p.K, wt.w, wt.N, j0, y);
-    case 2: return tile<2>(x, p.K, wt.w, wt.N, j0, y);
-    default: return tile<1>(x, p.K, wt.w, wt.N, j0, y);
+    case 8: return tile<8>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 7: return tile<7>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 6: return tile<6>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 5: return tile<5>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 4: return tile<4>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 3: return tile<3>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    case 2: return tile<2>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
+    default: return tile<1>(x, p.K, wt.w, wt.N, j0, y, k0, k1);
   }
 #else
   const int64_t j1 = std::min(wt.N, j0 + kPanel);
   for (int64_t r = 0; r < mr; ++r) {
     float acc[kPanel] = {};
-    for (int64_t k = 0; k < p.K; ++k) {
+    if (k0 > 0) std::copy(y + r * wt.N + j0, y + r * wt.N + j1, acc);
+    for (int64_t k = k0; k < k1; ++k) {
       const float xv = x[r * p.K + k];
       const float* wk = wt.w + k * wt.N;
 #pragma omp simd
@@ -175,8 +182,9 @@ void tiled(ffi::ThreadPool& pool, const Problem& p) {
       [&p, &first](int64_t t) {
         const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
         const int64_t j0 = (t - first[i]) * kPanel;
-        for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
-          panel_rows(p, p.weights[i], j0, m0, std::min(kTileRows, p.M - m0));
+        for (int64_t k0 = 0; k0 < p.K; k0 += kDepth)  // a block of w's panel and x's rows stays in L1
+          for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
+            panel_rows(p, p.weights[i], j0, m0, std::min(kTileRows, p.M - m0), k0, std::min(p.K, k0 + kDepth));
       },
       /*warm=*/true);
 }

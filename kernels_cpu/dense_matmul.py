@@ -27,10 +27,11 @@ STREAM_ROWS = 8  # kStreamRows in dense_matmul.cc: up to here, weight row bands
 # LM head's (five interleaved pairs of runs, AMD EPYC Zen 5); experiments/26_cpu_weight_products.py
 # times the decode forward both ways.
 MAX_ROWS = 64  # kMaxRows: past STREAM_ROWS, register tiles of 8 rows x 32 columns
-# Register tiles beat XLA's GEMM 1.4-4x at 9-64 rows on a block's weights ([256,768] to
-# [1536,512]: experiment 10's verification, a batch-32 decode step) but only tie it on a 65 MB
-# LM head, whose reading from memory bounds both: such weights stay on XLA.
-TILED_MAX_BYTES = 16 << 20
+# Register tiles beat XLA's GEMM 1.1-4x at 9-64 rows on a block's weights ([256,768] to
+# [1536,512]: experiment 10's verification, a batch-32 decode step) but only tie it from ~8 MB
+# ([2048,1024]: experiment 07's UltraMem output product; a 65 MB LM head, where reading the
+# weight from memory bounds both): such weights stay on XLA.
+TILED_MAX_BYTES = 4 << 20
 
 
 def supports(m: int, x_dtype, w_dtype, w_size: int = 0) -> bool:

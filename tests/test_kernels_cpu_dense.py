@@ -43,10 +43,11 @@ def test_dense_matmul_matches_float64(M, K, N):
 
 
 @needs_kernels
-@pytest.mark.parametrize("M,K,N", [(9, 70, 33), (16, 1408, 512), (40, 256, 100), (64, 37, 1), (23, 300, 65)])
+@pytest.mark.parametrize("M,K,N", [(9, 70, 33), (16, 1408, 512), (40, 256, 100), (64, 37, 1), (23, 600, 65)])
 def test_register_tiles_match_float64(M, K, N):
     """Past 8 rows: tiles of 8 rows (and a ragged last one) x 32 columns (and a ragged last
-    panel), w's rows prefetched ahead (K past and short of the prefetch distance)."""
+    panel), w's rows prefetched ahead (K past and short of the prefetch distance), K in passes
+    of 256 (one, several, a ragged last)."""
     x, w = _operands(M, K, N, seed=M)
     got = jax.jit(cd.dense_matmul)(jnp.asarray(x), jnp.asarray(w))
     _assert_close(got, x.astype(np.float64) @ w.astype(np.float64))
@@ -96,9 +97,11 @@ def test_contract_sends_decode_rows_to_the_kernel_and_the_rest_to_xla():
     assert _uses_kernel(lambda x: contract("BTNH,NHD->BTD", x, w_nhd), jnp.ones((2, 4, 4, 8)))  # 8 rows
     assert _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((8, 5, 16)))  # 40: tiles
     assert not _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh), jnp.ones((5, 13, 16)))  # 65
-    big = jax.ShapeDtypeStruct((1024, 4097), jnp.float32)  # past TILED_MAX_BYTES: 9 rows stay on XLA
+    big = jax.ShapeDtypeStruct((1024, 1025), jnp.float32)  # past TILED_MAX_BYTES: 9 rows stay on XLA
     assert not _uses_kernel(lambda x, w: contract("BTD,DF->BTF", x, w), jnp.ones((3, 3, 1024)), big)
     assert _uses_kernel(lambda x, w: contract("BTD,DF->BTF", x, w), jnp.ones((2, 4, 1024)), big)  # 8 rows
+    at_most = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)  # 4 MB: tiles
+    assert _uses_kernel(lambda x, w: contract("BTD,DF->BTF", x, w), jnp.ones((3, 3, 1024)), at_most)
     bf16 = jnp.ones((1, 1, 16), jnp.bfloat16)
     assert not _uses_kernel(lambda x: contract("BTD,DNH->BTNH", x, w_dnh.astype(x.dtype)), bf16)
     # Not [M, K] @ [K, N] up to bitcasts (the weight's contracted axis is not its first): XLA.
