@@ -125,24 +125,33 @@ inline __m512 reduce16(__m512 v[16]) {
 }
 
 // q [H] against keys key + j * stride, j < n <= 16 (lanes past n: junk, not to be stored). C:
-// H / 16 when that is at most 8 (q then stays in registers beside the 16 partials), else 0.
+// H / 16 when that is at most 8 (q then stays in registers beside the 16 partials), else 0 (a
+// chunk of q at a time, loaded once for the 16 slots). Either way the 16 slots' sums are 16
+// independent chains of FMAs, not one chain per slot after another.
 template <int C>
 inline __m512 block_scores(const float* q, const float* key, int64_t stride, int64_t n, int64_t H) {
-  __m512 v[16], qc[C > 0 ? C : 1];
+  __m512 v[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) v[j] = _mm512_setzero_ps();
+  if constexpr (C > 0) {
+    __m512 qc[C];
 #pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q + 16 * c);
 #pragma GCC unroll 16  // unrolled, the 16 slots' chains of C dependent FMAs interleave
-  for (int j = 0; j < 16; ++j) {
-    const float* k = key + (j < n ? j : 0) * stride;  // past n: slot 0 again, in bounds
-    v[j] = _mm512_setzero_ps();
-    if constexpr (C > 0) {
+    for (int j = 0; j < 16; ++j) {
+      const float* k = key + (j < n ? j : 0) * stride;  // past n: slot 0 again, in bounds
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) v[j] = _mm512_fmadd_ps(qc[c], _mm512_loadu_ps(k + 16 * c), v[j]);
-    } else {
-      for (int64_t h = 0; h < H; h += 16) {
-        const __mmask16 m = H - h >= 16 ? 0xffff : static_cast<__mmask16>((1u << (H - h)) - 1);
-        v[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h), _mm512_maskz_loadu_ps(m, k + h), v[j]);
-      }
+    }
+  } else {  // a wide head (MLA's latent): one chunk of q at a time against all 16 slots
+    const float* keys[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) keys[j] = key + (j < n ? j : 0) * stride;  // past n: slot 0, in bounds
+    for (int64_t h = 0; h < H; h += 16) {
+      const __mmask16 m = H - h >= 16 ? 0xffff : static_cast<__mmask16>((1u << (H - h)) - 1);
+      const __m512 qh = _mm512_maskz_loadu_ps(m, q + h);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) v[j] = _mm512_fmadd_ps(qh, _mm512_maskz_loadu_ps(m, keys[j] + h), v[j]);
     }
   }
   return reduce16(v);
@@ -158,20 +167,26 @@ inline __m512 block_scores_any(const float* q, const float* key, int64_t stride,
   }
 }
 
-// a [Hv] += sum over j < n of w[j] * (val + j * stride)[Hv], 16 columns at a time in a register.
+// a [Hv] += sum over j < n of w[j] * (val + j * stride)[Hv], 64 columns (4 vectors: 4
+// independent chains of FMAs over the slots) at a time in registers.
 inline void block_values(float* a, const float* w, const float* val, int64_t stride, int64_t n, int64_t Hv) {
-  for (int64_t h = 0; h < Hv; h += 16) {
-    const __mmask16 m = Hv - h >= 16 ? 0xffff : static_cast<__mmask16>((1u << (Hv - h)) - 1);
-    __m512 r = _mm512_maskz_loadu_ps(m, a + h);
-    if (n == 16) {  // a whole block: a fixed trip count, unrolled
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j)
-        r = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, val + j * stride + h), r);
-    } else {
-      for (int64_t j = 0; j < n; ++j)
-        r = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, val + j * stride + h), r);
+  for (int64_t h = 0; h < Hv; h += 64) {
+    __mmask16 m[4];
+    __m512 r[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = Hv - h - 16 * c;
+      m[c] = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      r[c] = _mm512_maskz_loadu_ps(m[c], a + h + 16 * c);
     }
-    _mm512_mask_storeu_ps(a + h, m, r);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 wj = _mm512_set1_ps(w[j]);
+      const float* v = val + j * stride + h;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) r[c] = _mm512_fmadd_ps(wj, _mm512_maskz_loadu_ps(m[c], v + 16 * c), r[c]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(a + h + 16 * c, m[c], r[c]);
   }
 }
 #endif
