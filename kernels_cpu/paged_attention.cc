@@ -7,10 +7,10 @@
 // ran at ~1.3 GB/s over their cache (experiments/results/bench.md, 27_cpu_paged_attention.md).
 // Here one task takes one part of a row (8 pages of its visible positions: flash-decoding's split,
 // merged afterwards, so a long row at small batch runs on every thread) and walks them once,
-// page by page, each page's contiguous [ps, K, H] block front to back with the next page
-// prefetched: each key is read once and scored against every query that shares it (the GQA
-// heads of its KV head, times the row's T positions), each value read once and added into their
-// accumulators.
+// page by page, each page's contiguous [ps, K, H] block front to back, 16 slots at a time, the
+// slots about to be read prefetched: each key is read from memory once and scored against every
+// query that shares it (the GQA heads of its KV head, times the row's T positions), each value
+// read once and added into their accumulators.
 //
 // Keys may come in two parts whose scores add (absorbed MLA: q_A·c_KV + q_R·k_R), so the same
 // loop serves ops.mla_decode; values are a third pool (MLA passes c_KV again).
